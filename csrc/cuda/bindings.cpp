@@ -1,0 +1,177 @@
+// Python bindings of the fsdp4bit CUDA extension. Every argument check, allocation and exception lives
+// here (host compiler); the .cu launchers behind launch.h receive validated raw pointers and never throw.
+#include <torch/extension.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstring>
+#include <optional>
+#include <tuple>
+
+#include "launch.h"
+
+namespace fsdp4bit {
+namespace {
+
+FloatType float_type(at::ScalarType t, const char* name) {
+  switch (t) {
+    case at::kFloat: return FloatType::kF32;
+    case at::kHalf: return FloatType::kF16;
+    case at::kBFloat16: return FloatType::kBF16;
+    default: TORCH_CHECK_TYPE(false, name, " must be float16, bfloat16 or float32, got ", t);
+  }
+}
+
+int log2_blocksize(int64_t bs) {
+  TORCH_CHECK_VALUE(bs >= 32 && bs <= 4096 && (bs & (bs - 1)) == 0, "blocksize must be a power of two in [32, 4096], got ", bs);
+  int l = 0;
+  while ((int64_t(1) << l) < bs) ++l;
+  return l;
+}
+
+void check_on(const at::Tensor& t, const at::Device& dev, const char* name) {
+  TORCH_CHECK(t.device() == dev, name, " must be on ", dev, ", got ", t.device());
+}
+
+bool aligned(const void* p, uintptr_t a) { return reinterpret_cast<uintptr_t>(p) % a == 0; }
+
+Code16 make_code(const at::Tensor& code) {
+  TORCH_CHECK(code.device().is_cpu() && code.scalar_type() == at::kFloat && code.numel() == 16,
+              "code must be a CPU float32 tensor of 16 entries");
+  Code16 c{};
+  std::memcpy(c.v, code.contiguous().data_ptr<float>(), sizeof(c.v));
+  return c;
+}
+
+Scales make_scales(const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+                   const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
+                   int64_t nblocks, int64_t nested_bs, const at::Device& dev) {
+  Scales s{};
+  check_on(absmax, dev, "absmax");
+  TORCH_CHECK(absmax.is_contiguous() && absmax.dim() == 1, "absmax must be a contiguous 1-D tensor");
+  TORCH_CHECK(absmax.numel() >= nblocks, "absmax has ", absmax.numel(), " entries, need ", nblocks);
+  if (nested_absmax.has_value()) {
+    TORCH_CHECK(nested_code.has_value() && offset.has_value(), "nested_absmax needs nested_code and offset");
+    TORCH_CHECK(absmax.scalar_type() == at::kByte, "absmax must be uint8 when nested_absmax is given");
+    TORCH_CHECK(nested_bs >= 1, "nested_blocksize must be positive");
+    const auto& na = *nested_absmax;
+    const auto& nc = *nested_code;
+    const auto& off = *offset;
+    check_on(na, dev, "nested_absmax");
+    check_on(nc, dev, "nested_code");
+    check_on(off, dev, "offset");
+    TORCH_CHECK(na.scalar_type() == at::kFloat && na.is_contiguous() && na.numel() >= (nblocks + nested_bs - 1) / nested_bs,
+                "nested_absmax must be a contiguous float32 tensor of ceil(blocks / nested_blocksize) entries");
+    TORCH_CHECK(nc.scalar_type() == at::kFloat && nc.is_contiguous() && nc.numel() == 256,
+                "nested_code must be a contiguous float32 tensor of 256 entries");
+    TORCH_CHECK(off.scalar_type() == at::kFloat && off.numel() == 1, "offset must be a one-element float32 tensor");
+    s.absmax_q = absmax.data_ptr<uint8_t>();
+    s.nested_absmax = na.data_ptr<float>();
+    s.nested_code = nc.data_ptr<float>();
+    s.offset = off.data_ptr<float>();
+    s.nested_bs = nested_bs;
+  } else {
+    TORCH_CHECK(absmax.scalar_type() == at::kFloat, "absmax must be float32 without double quantization");
+    s.absmax_f = absmax.data_ptr<float>();
+  }
+  return s;
+}
+
+void check_packed(const at::Tensor& packed, int64_t n, const at::Device& dev) {
+  check_on(packed, dev, "packed");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 1 && packed.is_contiguous(),
+              "packed must be a contiguous 1-D uint8 tensor");
+  TORCH_CHECK(packed.numel() >= (n + 1) / 2, "packed has ", packed.numel(), " bytes, need ", (n + 1) / 2);
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_4bit(const at::Tensor& A, int64_t blocksize, const at::Tensor& mids,
+                                                 const at::Tensor& enc) {
+  TORCH_CHECK(A.is_cuda(), "A must be a CUDA tensor");
+  TORCH_CHECK(A.is_contiguous(), "A must be contiguous");
+  const FloatType ft = float_type(A.scalar_type(), "A");
+  log2_blocksize(blocksize);
+  TORCH_CHECK(mids.device().is_cpu() && mids.scalar_type() == at::kFloat && mids.numel() == 15,
+              "mids must be a CPU float32 tensor of 15 midpoints");
+  TORCH_CHECK(enc.device().is_cpu() && enc.scalar_type() == at::kByte && enc.numel() == 16,
+              "enc must be a CPU uint8 tensor of 16 codes");
+  QuantTables tab{};
+  std::memcpy(tab.mids, mids.contiguous().data_ptr<float>(), 15 * sizeof(float));
+  tab.mids[15] = 2.0f;
+  std::memcpy(tab.enc, enc.contiguous().data_ptr<uint8_t>(), 16);
+  bool identity = true;
+  for (int i = 0; i < 16; ++i) {
+    TORCH_CHECK(tab.enc[i] < 16, "enc entries must be < 16");
+    identity = identity && tab.enc[i] == i;
+  }
+  const c10::cuda::CUDAGuard guard(A.device());
+  const int64_t n = A.numel();
+  auto packed = at::empty({(n + 1) / 2}, A.options().dtype(at::kByte));
+  auto absmax = at::empty({(n + blocksize - 1) / blocksize}, A.options().dtype(at::kFloat));
+  if (n == 0) return {packed, absmax};
+  launch_quantize(A.data_ptr(), ft, n, int(blocksize), tab, identity, aligned(A.data_ptr(), 16),
+                  packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {packed, absmax};
+}
+
+at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+                           const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
+                           int64_t blocksize, int64_t nested_blocksize, const at::Tensor& code, int64_t numel,
+                           at::ScalarType dtype) {
+  TORCH_CHECK(packed.is_cuda(), "packed must be a CUDA tensor");
+  TORCH_CHECK_VALUE(numel >= 0, "numel must be non-negative");
+  const at::Device dev = packed.device();
+  const FloatType ft = float_type(dtype, "dtype");
+  const int log2bs = log2_blocksize(blocksize);
+  check_packed(packed, numel, dev);
+  const Code16 c = make_code(code);
+  const int64_t nblocks = (numel + blocksize - 1) / blocksize;
+  const Scales sc = make_scales(absmax, nested_absmax, nested_code, offset, nblocks, nested_blocksize, dev);
+  const c10::cuda::CUDAGuard guard(dev);
+  auto out = at::empty({numel}, packed.options().dtype(dtype));
+  if (numel == 0) return out;
+  launch_dequantize(packed.data_ptr<uint8_t>(), numel, c, sc, nested_absmax.has_value(), log2bs,
+                    aligned(packed.data_ptr(), 8), out.data_ptr(), ft, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor gemv_4bit(const at::Tensor& A, const at::Tensor& packed, const at::Tensor& absmax,
+                     const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
+                     const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t nested_blocksize,
+                     const at::Tensor& code, int64_t N, int64_t K) {
+  TORCH_CHECK(A.is_cuda(), "A must be a CUDA tensor");
+  const at::Device dev = A.device();
+  const FloatType ft = float_type(A.scalar_type(), "A");
+  TORCH_CHECK(A.dim() == 2 && A.size(1) == K && A.is_contiguous(), "A must be a contiguous (M, K) tensor, K = ", K);
+  TORCH_CHECK_VALUE(N >= 0 && K >= 0, "shape must be non-negative");
+  TORCH_CHECK_VALUE(K % 32 == 0, "the fused CUDA gemv needs K % 32 == 0, got K = ", K);
+  const int64_t M = A.size(0);
+  TORCH_CHECK_VALUE(M >= 1 && M <= 8, "the fused CUDA gemv takes 1 to 8 rows of A, got ", M);
+  const int log2bs = log2_blocksize(blocksize);
+  check_packed(packed, N * K, dev);
+  TORCH_CHECK(aligned(packed.data_ptr(), 16), "the fused CUDA gemv needs packed 16-byte aligned");
+  TORCH_CHECK(aligned(A.data_ptr(), 16), "the fused CUDA gemv needs A 16-byte aligned");
+  const Code16 c = make_code(code);
+  const int64_t nblocks = (N * K + blocksize - 1) / blocksize;
+  const Scales sc = make_scales(absmax, nested_absmax, nested_code, offset, nblocks, nested_blocksize, dev);
+  const c10::cuda::CUDAGuard guard(dev);
+  auto out = at::empty({M, N}, A.options());
+  if (N == 0) return out;
+  if (K == 0) return out.zero_();
+  launch_gemv(A.data_ptr(), ft, packed.data_ptr<uint8_t>(), c, sc, nested_absmax.has_value(), log2bs, M, N, K,
+              out.data_ptr(), c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+}  // namespace fsdp4bit
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fsdp4bit CUDA kernels (blockwise 4-bit quantize, dequantize with fused double quant, fused gemv)";
+  m.def("quantize_4bit", &fsdp4bit::quantize_4bit, "blockwise 4-bit quantize -> (packed uint8, float32 absmax)");
+  m.def("dequantize_4bit", &fsdp4bit::dequantize_4bit, "blockwise 4-bit dequantize -> flat tensor of numel in dtype");
+  m.def("gemv_4bit", &fsdp4bit::gemv_4bit, "A (M, K) @ W(N, K).T with W 4-bit, M <= 8, K % 32 == 0 -> (M, N)");
+}

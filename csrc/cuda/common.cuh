@@ -1,0 +1,82 @@
+// Shared pieces of the fsdp4bit CUDA kernels: code tables passed by value, dtype conversions, the
+// per-block float32 scale (double quant fused), and host-side argument checks.
+//
+// Bit-exactness with fsdp4bit/reference.py: the same float32 operations in the same order, with the
+// IEEE-rounded intrinsics (__fmul_rn, __fadd_rn, __fdiv_rn) wherever nvcc could otherwise fuse a
+// multiply-add or approximate a division.
+#pragma once
+
+#include "launch.h"
+
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace fsdp4bit {
+
+constexpr float kTiny = 1e-38f;  // float32 rounding of the reference's 1e-38 (a subnormal)
+
+// Copy a by-value table into shared memory with compile-time indices only (a run-time index into a
+// kernel parameter would copy the whole struct to the local-memory stack of every thread).
+template <typename T, int N>
+__device__ __forceinline__ void copy_table(T* dst, const T (&src)[N]) {
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) dst[i] = src[i];
+  }
+}
+
+// ------------------------------------------------------------------------- dtype helpers
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+
+// 8 consecutive elements starting at e (a multiple of 8) as float32; out-of-range elements read as 0.
+template <typename T>
+__device__ __forceinline__ void load8(const T* __restrict__ x, int64_t e, int64_t n, bool vec_ok, float (&v)[8]) {
+  if (vec_ok && e + 8 <= n) {
+    if constexpr (sizeof(T) == 2) {
+      const uint4 raw = __ldcs(reinterpret_cast<const uint4*>(x + e));
+      const T* h = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[j] = to_f32(h[j]);
+    } else {
+      const float4 a = __ldcs(reinterpret_cast<const float4*>(x + e));
+      const float4 b = __ldcs(reinterpret_cast<const float4*>(x + e + 4));
+      v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+      v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = (e + j < n) ? to_f32(x[e + j]) : 0.0f;
+  }
+}
+
+// ------------------------------------------------------------------------- per-block float32 scale
+// scale of block b; `s_ncode` is the nested code in shared memory and `off` the offset (when nested)
+template <bool NESTED>
+__device__ __forceinline__ float block_scale(const Scales& sc, const float* s_ncode, float off, int64_t b) {
+  if constexpr (NESTED) {
+    return __fadd_rn(__fmul_rn(s_ncode[sc.absmax_q[b]], __ldg(sc.nested_absmax + b / sc.nested_bs)), off);
+  } else {
+    return __ldg(sc.absmax_f + b);
+  }
+}
+
+template <bool NESTED>
+__device__ __forceinline__ void load_scale_tables(const Scales& sc, float* s_ncode, float& off) {
+  if constexpr (NESTED) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) s_ncode[i] = __ldg(sc.nested_code + i);
+    off = __ldg(sc.offset);
+  }
+}
+
+}  // namespace fsdp4bit

@@ -1,0 +1,22 @@
+// Launcher of the fused gemv: one dispatch on the A dtype (the instantiations live in gemv_<dtype>.cu).
+#include "gemv.cuh"
+
+namespace fsdp4bit {
+
+void launch_gemv(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code, const Scales& sc, bool nested,
+                 int log2bs, int64_t M, int64_t N, int64_t K, void* out, cudaStream_t stream) {
+  switch (dtype) {
+    case FloatType::kF32:
+      gemv_dispatch(static_cast<const float*>(A), packed, code, sc, nested, log2bs, M, N, K, static_cast<float*>(out), stream);
+      break;
+    case FloatType::kF16:
+      gemv_dispatch(static_cast<const __half*>(A), packed, code, sc, nested, log2bs, M, N, K, static_cast<__half*>(out), stream);
+      break;
+    case FloatType::kBF16:
+      gemv_dispatch(static_cast<const __nv_bfloat16*>(A), packed, code, sc, nested, log2bs, M, N, K,
+                    static_cast<__nv_bfloat16*>(out), stream);
+      break;
+  }
+}
+
+}  // namespace fsdp4bit

@@ -1,0 +1,39 @@
+// Plain-C++ interface between the host bindings (bindings.cpp, compiled by the host compiler: every
+// argument check and every exception lives there) and the kernel launchers in the .cu files, which take
+// validated raw pointers and never throw.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace fsdp4bit {
+
+enum class FloatType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+struct QuantTables {
+  float mids[16];   // 15 sorted midpoints (+1 unused)
+  uint8_t enc[16];  // bucket index -> 4-bit code
+};
+
+struct Code16 {
+  float v[16];
+};
+
+struct Scales {
+  const float* absmax_f;
+  const uint8_t* absmax_q;
+  const float* nested_absmax;
+  const float* nested_code;  // device, 256 entries
+  const float* offset;       // device, 1 entry
+  int64_t nested_bs;
+};
+
+void launch_quantize(const void* x, FloatType dtype, int64_t n, int blocksize, const QuantTables& tab, bool identity,
+                     bool vec_ok, uint8_t* out, float* absmax, cudaStream_t stream);
+void launch_dequantize(const uint8_t* packed, int64_t n, const Code16& code, const Scales& sc, bool nested, int log2bs,
+                       bool vec_ok, void* out, FloatType dtype, cudaStream_t stream);
+void launch_gemv(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code, const Scales& sc, bool nested,
+                 int log2bs, int64_t M, int64_t N, int64_t K, void* out, cudaStream_t stream);
+
+}  // namespace fsdp4bit

@@ -1,0 +1,239 @@
+"""Public 4-bit functional API, named and shaped as bitsandbytes.functional's 4-bit subset."""
+
+from __future__ import annotations
+
+import torch
+
+from . import ops
+from .codebooks import (
+    NESTED_BLOCKSIZE,
+    STORAGE_DTYPES,
+    check_blocksize,
+    check_float_dtype,
+    check_quant_storage,
+    check_quant_type,
+    get_4bit_code,
+    get_dynamic_map,
+)
+from .quant_state import QuantState
+from .tensor_ops import plain
+
+__all__ = [
+    "QuantState",
+    "quantize_4bit",
+    "dequantize_4bit",
+    "quantize_nf4",
+    "quantize_fp4",
+    "dequantize_nf4",
+    "dequantize_fp4",
+    "gemv_4bit",
+    "quantize_blockwise",
+    "dequantize_blockwise",
+    "get_4bit_type",
+    "packed_bytes",
+]
+
+
+def get_4bit_type(typename: str, device: torch.device | str | None = None, blocksize: int = 64) -> torch.Tensor:
+    """The 16-entry float32 code table of ``typename`` ("nf4" or "fp4")."""
+    return get_4bit_code(typename, device)
+
+
+def packed_bytes(packed: torch.Tensor) -> torch.Tensor:
+    """Flat uint8 view of packed 4-bit data in any storage dtype (a view: bytes are never converted)."""
+    if not isinstance(packed, torch.Tensor):
+        raise TypeError(f"packed weight must be a torch.Tensor, got {type(packed).__name__}")
+    if packed.dtype not in STORAGE_DTYPES:
+        raise TypeError(f"packed weight dtype must be one of {STORAGE_DTYPES}, got {packed.dtype}")
+    flat = plain(packed)
+    flat = flat.reshape(-1) if flat.is_contiguous() else flat.contiguous().reshape(-1)
+    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
+
+
+def _check_input(A: object, name: str = "A") -> torch.Tensor:
+    if not isinstance(A, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(A).__name__}")
+    if not A.is_floating_point():
+        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {A.dtype}")
+    check_float_dtype(A.dtype, f"{name}.dtype")
+    if A.numel() == 0:
+        raise ValueError(f"{name} must not be empty (shape {tuple(A.shape)})")
+    return A
+
+
+def quantize_blockwise(
+    A: torch.Tensor, code: torch.Tensor | None = None, blocksize: int = 4096
+) -> tuple[torch.Tensor, QuantState]:
+    """8-bit blockwise quantization with the dynamic map (bitsandbytes' double-quant format for absmax)."""
+    _check_input(A)
+    if code is None:
+        code = get_dynamic_map(A.device)
+    q, absmax = ops.quantize_blockwise(A.reshape(-1), code, blocksize)
+    return q.view(A.shape), QuantState(absmax=absmax, code=code, blocksize=blocksize, dtype=A.dtype)
+
+
+def dequantize_blockwise(A: torch.Tensor, quant_state: QuantState) -> torch.Tensor:
+    """Inverse of :func:`quantize_blockwise`, float32 values."""
+    from .reference import dequantize_blockwise as _deq
+
+    return _deq(A, quant_state.absmax, quant_state.code, quant_state.blocksize).view(A.shape)
+
+
+def quantize_4bit(
+    A: torch.Tensor,
+    absmax: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    blocksize: int | None = None,
+    compress_statistics: bool = False,
+    quant_type: str = "fp4",
+    quant_storage: torch.dtype = torch.uint8,
+) -> tuple[torch.Tensor, QuantState]:
+    """Quantize ``A`` blockwise to 4 bits: returns (packed [(ceil(n/2)/itemsize), 1] in quant_storage, QuantState)."""
+    blocksize = 64 if blocksize is None else blocksize
+    _check_input(A)
+    check_blocksize(blocksize)
+    check_quant_type(quant_type)
+    check_quant_storage(quant_storage)
+    packed, stats = ops.quantize_4bit(A, blocksize, quant_type)
+    itemsize = quant_storage.itemsize
+    if packed.numel() % itemsize:
+        packed = torch.nn.functional.pad(packed, (0, itemsize - packed.numel() % itemsize))
+    packed = packed.view(quant_storage).unsqueeze(1)
+    code = get_4bit_code(quant_type, A.device)
+    if compress_statistics:
+        offset = stats.mean()
+        qabsmax, state2 = quantize_blockwise(stats - offset, blocksize=NESTED_BLOCKSIZE)
+        state = QuantState(qabsmax, A.shape, code, blocksize, quant_type, A.dtype, offset, state2)
+    else:
+        state = QuantState(stats, A.shape, code, blocksize, quant_type, A.dtype)
+    if out is not None:
+        out = out.copy_(packed)
+    if absmax is not None:
+        state.absmax = absmax.copy_(state.absmax)
+    return (out if out is not None else packed), state
+
+
+def quantize_nf4(
+    A: torch.Tensor,
+    blocksize: int | None = None,
+    compress_statistics: bool = False,
+    quant_storage: torch.dtype = torch.uint8,
+):
+    """:func:`quantize_4bit` with quant_type="nf4"."""
+    return quantize_4bit(A, None, None, blocksize, compress_statistics, "nf4", quant_storage)
+
+
+def quantize_fp4(
+    A: torch.Tensor,
+    blocksize: int | None = None,
+    compress_statistics: bool = False,
+    quant_storage: torch.dtype = torch.uint8,
+):
+    """:func:`quantize_4bit` with quant_type="fp4"."""
+    return quantize_4bit(A, None, None, blocksize, compress_statistics, "fp4", quant_storage)
+
+
+def as_quant_state(state: object, name: str = "quant_state") -> QuantState:
+    """``state`` as our QuantState; a bitsandbytes QuantState (or anything with ``as_dict``) is converted."""
+    if isinstance(state, QuantState):
+        return state
+    if hasattr(state, "as_dict") and hasattr(state, "absmax"):
+        return QuantState.from_dict(state.as_dict(packed=True), device=state.absmax.device)
+    raise TypeError(f"{name} must be a QuantState, got {type(state).__name__}")
+
+
+def check_packed_matches(packed: torch.Tensor, quant_state: QuantState, name: str = "A") -> torch.Tensor:
+    """Flat uint8 bytes of ``packed`` after checking their count against ``quant_state`` (ValueError if not)."""
+    data = packed_bytes(packed)
+    need = (quant_state.numel + 1) // 2
+    itemsize = packed.dtype.itemsize
+    if data.numel() != need and data.numel() != -(-need // itemsize) * itemsize:
+        raise ValueError(
+            f"{name} holds {data.numel()} packed bytes but quant_state (shape {tuple(quant_state.shape)}) needs {need}"
+        )
+    return data
+
+
+def dequantize_4bit(
+    A: torch.Tensor,
+    quant_state: QuantState | None = None,
+    absmax: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    blocksize: int | None = None,
+    quant_type: str = "fp4",
+) -> torch.Tensor:
+    """Dequantize packed 4-bit ``A`` to the original shape and dtype (a [1, n] transposed view gives the transpose back)."""
+    if quant_state is None:
+        if absmax is None or out is None:
+            raise ValueError("dequantize_4bit needs quant_state, or both absmax and out")
+        quant_state = QuantState(absmax, out.shape, None, 64 if blocksize is None else blocksize, quant_type, out.dtype)
+    quant_state = as_quant_state(quant_state)
+    check_blocksize(quant_state.blocksize, "quant_state.blocksize")
+    check_quant_type(quant_state.quant_type)
+    check_float_dtype(quant_state.dtype, "quant_state.dtype")
+    data = check_packed_matches(A, quant_state)
+    absmax_t, nested_absmax, nested_code, offset = quant_state.absmax_tensors()
+    result = ops.dequantize_4bit(
+        data,
+        absmax_t,
+        nested_absmax,
+        nested_code,
+        offset,
+        quant_state.blocksize,
+        quant_state.state2.blocksize if quant_state.nested else NESTED_BLOCKSIZE,
+        quant_state.quant_type,
+        list(quant_state.shape),
+        quant_state.dtype,
+    )
+    if out is not None:
+        result = out.copy_(result)
+    if A.dim() == 2 and A.shape[0] == 1 and A.shape[1] > 1 and result.dim() == 2:
+        return result.t()
+    return result
+
+
+def dequantize_nf4(A: torch.Tensor, quant_state: QuantState | None = None, **kwargs) -> torch.Tensor:
+    """:func:`dequantize_4bit` with quant_type="nf4"."""
+    return dequantize_4bit(A, quant_state, quant_type="nf4", **kwargs)
+
+
+def dequantize_fp4(A: torch.Tensor, quant_state: QuantState | None = None, **kwargs) -> torch.Tensor:
+    """:func:`dequantize_4bit` with quant_type="fp4"."""
+    return dequantize_4bit(A, quant_state, quant_type="fp4", **kwargs)
+
+
+def gemv_4bit(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    out: torch.Tensor | None = None,
+    transposed_A: bool = False,
+    transposed_B: bool = False,
+    state: QuantState | None = None,
+) -> torch.Tensor:
+    """``A @ W.T`` where W is the 4-bit weight ``B`` (packed, either orientation) described by ``state``."""
+    if state is None:
+        raise ValueError("gemv_4bit needs state=, the QuantState returned by quantize_4bit")
+    state = as_quant_state(state, "state")
+    _check_input(A)
+    data = check_packed_matches(B, state, "B")
+    if len(state.shape) != 2:
+        raise ValueError(f"gemv_4bit needs a 2-D weight, quant_state.shape is {tuple(state.shape)}")
+    if A.shape[-1] != state.shape[1]:
+        raise ValueError(
+            f"A has {A.shape[-1]} features in its last dim but the 4-bit weight has shape {tuple(state.shape)} "
+            f"(needs {state.shape[1]})"
+        )
+    absmax_t, nested_absmax, nested_code, offset = state.absmax_tensors()
+    result = ops.gemv_4bit(
+        A,
+        data,
+        absmax_t,
+        nested_absmax,
+        nested_code,
+        offset,
+        state.blocksize,
+        state.state2.blocksize if state.nested else NESTED_BLOCKSIZE,
+        state.quant_type,
+        list(state.shape),
+    )
+    return out.copy_(result) if out is not None else result

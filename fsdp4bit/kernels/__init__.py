@@ -1,0 +1,75 @@
+"""Native kernels (csrc/), built on first use and looked up per device type.
+
+``native_for(device)`` returns the kernels for a device (an object with ``quantize_4bit``,
+``dequantize_4bit`` and ``gemv_4bit``, the signatures ``fsdp4bit.ops`` calls) or None, in which case the
+plain-PyTorch reference runs. None comes back for device types with no native build (e.g. ``meta``),
+when ``FSDP4BIT_NO_NATIVE=1`` is set, and when the build fails; a failed build warns once per process
+and device type, saying why and what to install. ``backend_name(device)`` says which path runs.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+
+import torch
+
+from ._build import BuildError, build_cpu, build_cuda
+from ._native import NativeOps
+
+__all__ = ["NativeOps", "backend_name", "build_seconds", "native_for", "native_disabled"]
+
+_BUILT: dict[str, NativeOps | None] = {}
+_LOCK = threading.Lock()
+
+
+def native_disabled() -> bool:
+    """True when ``FSDP4BIT_NO_NATIVE`` is set to anything but "" or "0": the reference path is forced."""
+    return os.environ.get("FSDP4BIT_NO_NATIVE", "") not in ("", "0")
+
+
+def _build(device_type: str) -> NativeOps | None:
+    try:
+        if device_type == "cpu":
+            ext, seconds = build_cpu()
+        else:
+            if not torch.cuda.is_available():
+                return None
+            ext, seconds = build_cuda()
+        return NativeOps(ext, device_type, seconds)
+    except Exception as exc:  # noqa: BLE001 - any build failure means: use the reference, and say why
+        reason = str(exc) if isinstance(exc, BuildError) else f"{type(exc).__name__}: {exc}"
+        warnings.warn(
+            f"fsdp4bit: the native {device_type.upper()} kernels could not be built, so the plain-PyTorch "
+            f"reference (correct, slower) will run on {device_type}. Reason: {reason.strip()[:2000]}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def native_for(device: torch.device | str) -> NativeOps | None:
+    """The native kernels for ``device``'s type, building them on first use; None means: use the reference."""
+    device_type = torch.device(device).type
+    if device_type not in ("cpu", "cuda") or native_disabled():
+        return None
+    ops = _BUILT.get(device_type, ...)
+    if ops is ...:
+        with _LOCK:
+            ops = _BUILT.get(device_type, ...)
+            if ops is ...:
+                ops = _BUILT[device_type] = _build(device_type)
+    return ops
+
+
+def backend_name(device: torch.device | str) -> str:
+    """"native-cpu", "native-cuda" or "reference": which path the ops take for ``device``."""
+    ops = native_for(device)
+    return "reference" if ops is None else f"native-{ops.device_type}"
+
+
+def build_seconds(device: torch.device | str) -> float | None:
+    """Seconds the first ``native_for`` call for this device type spent building or loading, if it ran."""
+    ops = _BUILT.get(torch.device(device).type)
+    return None if ops is None or ops is ... else ops.build_seconds

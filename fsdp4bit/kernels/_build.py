@@ -1,0 +1,172 @@
+"""Builds the native extensions in csrc/ on first use, with torch.utils.cpp_extension.load (ninja).
+
+Why on first use: the CPU build is tuned for the CPU it runs on (-march=native) and the CUDA build for the
+GPUs present (one -gencode per compute capability), so no wheel has to carry binaries for every target.
+Builds are cached under ``$FSDP4BIT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/fsdp4bit`` or ``~/.cache/fsdp4bit``)
+in a folder keyed by a hash of the sources, the flags, the torch version, the compiler and the target
+(CPU feature flags or GPU archs), so a cache shared between different machines never hands out a binary
+built for another CPU. torch's own file lock serialises concurrent builds (e.g. several ranks at once).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+CPU_SOURCES = (CSRC / "cpu" / "fsdp4bit_cpu.cpp",)
+CUDA_SOURCES = tuple(
+    CSRC / "cuda" / name
+    for name in (
+        "bindings.cpp",
+        "quantize.cu",
+        "dequantize.cu",
+        "gemv.cu",
+        "gemv_f32.cu",
+        "gemv_f16.cu",
+        "gemv_bf16.cu",
+    )
+)
+CUDA_HEADERS = tuple(CSRC / "cuda" / h for h in ("common.cuh", "gemv.cuh", "launch.h"))
+
+# -ffp-contract=off: a fused multiply-add would round differently from the reference's separate ops.
+_CPU_CFLAGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
+_CUDA_CFLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+
+
+class BuildError(RuntimeError):
+    """The extension could not be built; the message says why and what to install."""
+
+
+def _cache_root() -> Path:
+    env = os.environ.get("FSDP4BIT_CACHE_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "fsdp4bit"
+
+
+def _cpu_target() -> tuple[list[str], str]:
+    """(arch flags, target id): -march=native on x86-64, keyed by the CPU's feature flags."""
+    machine = platform.machine().lower()
+    flags: list[str] = []
+    ident = machine
+    if machine in ("x86_64", "amd64"):
+        flags = ["-march=native"]
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("flags"):
+                    ident += ":" + line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            flags = []  # unknown CPU: stay portable
+    return flags, ident
+
+
+def _compiler_version(cmd: str) -> str:
+    try:
+        return subprocess.run([cmd, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return ""
+
+
+def _key(sources: tuple[Path, ...], *parts: str) -> str:
+    h = hashlib.sha256()
+    for src in sources:
+        h.update(src.read_bytes())
+    for part in (torch.__version__, sys.version, *parts):
+        h.update(part.encode())
+    return h.hexdigest()[:16]
+
+
+def _load(name: str, sources: tuple[Path, ...], key: str, **kwargs) -> ModuleType:
+    from torch.utils import cpp_extension
+
+    build_dir = _cache_root() / f"{name}_{key}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    verbose = os.environ.get("FSDP4BIT_BUILD_VERBOSE") == "1"
+    return cpp_extension.load(
+        name=f"{name}_{key}",
+        sources=[str(s) for s in sources],
+        build_directory=str(build_dir),
+        verbose=verbose,
+        **kwargs,
+    )
+
+
+def _check_ninja() -> None:
+    from torch.utils import cpp_extension
+
+    try:
+        cpp_extension.verify_ninja_availability()
+    except RuntimeError as exc:
+        raise BuildError("ninja is not installed: `pip install ninja`") from exc
+
+
+def build_cpu() -> tuple[ModuleType, float]:
+    """Build (or load from cache) the CPU extension; returns (module, seconds spent)."""
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        raise BuildError(f"no C++ compiler found ({cxx!r} is not on PATH): install g++ (e.g. `apt-get install g++`)")
+    _check_ninja()
+    arch, target = _cpu_target()
+    cflags = _CPU_CFLAGS + arch
+    key = _key(CPU_SOURCES, " ".join(cflags), target, _compiler_version(cxx))
+    t0 = time.perf_counter()
+    mod = _load("fsdp4bit_cpu", CPU_SOURCES, key, extra_cflags=cflags, extra_ldflags=["-fopenmp"])
+    return mod, time.perf_counter() - t0
+
+
+def cuda_archs() -> list[tuple[int, int]]:
+    """Compute capabilities of the visible GPUs, deduplicated and sorted."""
+    return sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+
+
+def build_cuda() -> tuple[ModuleType, float]:
+    """Build (or load from cache) the CUDA extension for the visible GPUs; returns (module, seconds spent)."""
+    from torch.utils import cpp_extension
+
+    if torch.version.cuda is None:
+        raise BuildError(f"this torch ({torch.__version__}) was built without CUDA")
+    cuda_home = cpp_extension.CUDA_HOME
+    nvcc = Path(cuda_home, "bin", "nvcc") if cuda_home else None
+    if nvcc is None or not nvcc.exists():
+        raise BuildError(
+            f"no nvcc found (CUDA_HOME={cuda_home!r}): install the CUDA toolkit {torch.version.cuda} matching "
+            f"torch {torch.__version__}, or set CUDA_HOME"
+        )
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        raise BuildError(f"no C++ host compiler found ({cxx!r}): install g++")
+    _check_ninja()
+    archs = cuda_archs()
+    arch_list = ";".join(f"{major}.{minor}" for major, minor in archs)
+    key = _key(CUDA_SOURCES + CUDA_HEADERS, " ".join(_CUDA_CFLAGS), arch_list, _compiler_version(str(nvcc)), torch.version.cuda)
+    # cpp_extension turns TORCH_CUDA_ARCH_LIST into one -gencode=arch=compute_XY,code=sm_XY per entry.
+    saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+    t0 = time.perf_counter()
+    try:
+        mod = _load(
+            "fsdp4bit_cuda",
+            CUDA_SOURCES,
+            key,
+            extra_cflags=["-O3", "-std=c++17"],
+            extra_cuda_cflags=_CUDA_CFLAGS,
+            with_cuda=True,
+        )
+    finally:
+        if saved is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = saved
+    return mod, time.perf_counter() - t0

@@ -1,0 +1,145 @@
+"""Python face of the native extensions: argument preparation, validation and fallbacks.
+
+`NativeOps` has exactly the methods ``fsdp4bit.ops`` calls. The code tables go to the kernels as the
+exact float32 tensors ``fsdp4bit.codebooks`` builds (midpoints, FP4 argsort order, code values), so the
+native path and the reference can never disagree on a constant.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from types import ModuleType
+
+import torch
+
+from ..codebooks import check_blocksize, check_float_dtype, check_quant_type, get_4bit_code, quantize_bounds
+
+# Fused gemv serves up to this many rows of A; more rows go through dequantize + torch matmul.
+CPU_GEMV_MAX_ROWS = 16
+CUDA_GEMV_MAX_ROWS = 8
+
+
+@functools.lru_cache(maxsize=None)
+def _tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(midpoints float32 [15], bucket -> code uint8 [16], code values float32 [16]), all on the CPU."""
+    mids, order = quantize_bounds(quant_type)
+    enc = order.to(torch.uint8) if quant_type != "nf4" else torch.arange(16, dtype=torch.uint8)
+    return mids.contiguous(), enc.contiguous(), get_4bit_code(quant_type, "cpu").contiguous()
+
+
+def _flat_bytes(packed: torch.Tensor) -> torch.Tensor:
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"packed must be a uint8 tensor, got {packed.dtype}")
+    return packed if packed.dim() == 1 and packed.is_contiguous() else packed.reshape(-1).contiguous()
+
+
+def _opt(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+class NativeOps:
+    """Native kernels of one device type (``"cpu"`` or ``"cuda"``)."""
+
+    def __init__(self, ext: ModuleType, device_type: str, build_seconds: float) -> None:
+        self.ext = ext
+        self.device_type = device_type
+        self.build_seconds = build_seconds
+        self.max_gemv_rows = CUDA_GEMV_MAX_ROWS if device_type == "cuda" else CPU_GEMV_MAX_ROWS
+
+    def __repr__(self) -> str:
+        return f"NativeOps({self.device_type!r})"
+
+    def quantize_4bit(self, A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flatten ``A`` and quantize: (packed uint8 [ceil(n/2)], float32 absmax [ceil(n/blocksize)])."""
+        check_quant_type(quant_type)
+        check_blocksize(blocksize)
+        check_float_dtype(A.dtype, "A.dtype")
+        mids, enc, _ = _tables(quant_type)
+        return self.ext.quantize_4bit(A.contiguous(), int(blocksize), mids, enc)
+
+    def dequantize_4bit(
+        self,
+        packed: torch.Tensor,
+        absmax: torch.Tensor,
+        nested_absmax: torch.Tensor | None,
+        nested_code: torch.Tensor | None,
+        offset: torch.Tensor | None,
+        blocksize: int,
+        nested_blocksize: int,
+        quant_type: str,
+        shape: Sequence[int],
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """A ``shape`` tensor of ``dtype``: code[nibble] * absmax[block] in float32, cast once."""
+        check_quant_type(quant_type)
+        check_blocksize(blocksize)
+        check_float_dtype(dtype, "dtype")
+        _, _, code = _tables(quant_type)
+        numel = math.prod(shape)
+        flat = self.ext.dequantize_4bit(
+            _flat_bytes(packed),
+            absmax.contiguous(),
+            _opt(nested_absmax),
+            _opt(nested_code),
+            _opt(offset),
+            int(blocksize),
+            int(nested_blocksize),
+            code,
+            numel,
+            dtype,
+        )
+        return flat.view(tuple(shape))
+
+    def _gemv_fused_ok(self, rows: int, K: int, packed: torch.Tensor) -> bool:
+        if rows > self.max_gemv_rows:
+            return False
+        if self.device_type == "cuda":  # 16-byte weight loads, 32 weights per load inside one block
+            return K % 32 == 0 and packed.data_ptr() % 16 == 0
+        return True
+
+    def gemv_4bit(
+        self,
+        A: torch.Tensor,
+        packed: torch.Tensor,
+        absmax: torch.Tensor,
+        nested_absmax: torch.Tensor | None,
+        nested_code: torch.Tensor | None,
+        offset: torch.Tensor | None,
+        blocksize: int,
+        nested_blocksize: int,
+        quant_type: str,
+        shape: Sequence[int],
+    ) -> torch.Tensor:
+        """``A @ W.T`` for the 4-bit W of ``shape`` (N, K); float32 accumulation, output in A's dtype."""
+        check_quant_type(quant_type)
+        check_blocksize(blocksize)
+        check_float_dtype(A.dtype, "A.dtype")
+        if len(shape) != 2:
+            raise ValueError(f"shape must be (N, K), got {tuple(shape)}")
+        N, K = (int(s) for s in shape)
+        if A.shape[-1] != K:
+            raise ValueError(f"A's last dimension ({A.shape[-1]}) must equal K = {K}")
+        flat_packed = _flat_bytes(packed)
+        A2 = A.reshape(-1, K)
+        if self._gemv_fused_ok(A2.shape[0], K, flat_packed):
+            _, _, code = _tables(quant_type)
+            out = self.ext.gemv_4bit(
+                A2.contiguous(),
+                flat_packed,
+                absmax.contiguous(),
+                _opt(nested_absmax),
+                _opt(nested_code),
+                _opt(offset),
+                int(blocksize),
+                int(nested_blocksize),
+                code,
+                N,
+                K,
+            )
+            return out.view(*A.shape[:-1], N)
+        weight = self.dequantize_4bit(
+            flat_packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, (N, K), A.dtype
+        )
+        return torch.nn.functional.linear(A, weight)

@@ -1,0 +1,521 @@
+"""Params4bit and Linear4bit: bitsandbytes' 4-bit module API, built to survive FSDP2, pickling and dtype casts."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import functional as F
+from .autograd import matmul_4bit
+from .codebooks import check_blocksize, check_quant_storage, check_quant_type
+from .quant_state import PACKED_KEY_PREFIX, QuantState
+from .sharding import as_like, is_sharded, load_sharded_entries, sharded_state_dict_entries
+from .tensor_ops import TENSOR_OPS, plain, slice_state, unwrap_call
+
+__all__ = ["Params4bit", "Linear4bit", "LinearNF4", "LinearFP4"]
+
+_QS_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+
+
+class _StorageMeta:
+    """Quantization metadata shared by every view of one packed allocation.
+
+    ``quant_state`` describes the global packed words ``state_rows``; ``row0`` is the global word index
+    of storage element ``offset0``. A view's own state is derived from these (see Params4bit.quant_state).
+    """
+
+    __slots__ = ("quant_state", "row0", "offset0", "state_rows")
+
+    def __init__(self, quant_state: QuantState | None, row0: int, offset0: int, words: int) -> None:
+        self.quant_state = quant_state
+        self.row0 = row0
+        self.offset0 = offset0
+        self.state_rows = (row0, row0 + words)
+
+
+def _rebuild_params4bit(
+    data: torch.Tensor, requires_grad: bool, attrs: dict[str, Any], quant_state: QuantState | None, row_start: int
+) -> Params4bit:
+    param = Params4bit.__new__(Params4bit, data, requires_grad=requires_grad, quant_state=quant_state)
+    param.__dict__.update(attrs)
+    param.set_row_start(row_start)
+    return param
+
+
+class Params4bit(nn.Parameter):
+    """A frozen weight that holds float values until its first ``.to(device)`` quantizes it in place.
+
+    Once quantized, the tensor *is* the packed bytes (shape ``[ceil(n/2)/itemsize, 1]`` in ``quant_storage``)
+    and ``quant_state`` holds the statistics. It is a wrapper tensor subclass (the packed data lives in
+    ``_data``) whose ATen op table keeps the metadata through the ops FSDP2, DTensor and pickling apply.
+    Packed bytes are only ever viewed, never converted: dtype casts are no-ops on them.
+    """
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def __new__(
+        cls,
+        data: torch.Tensor | None = None,
+        requires_grad: bool = False,
+        quant_state: QuantState | None = None,
+        blocksize: int | None = None,
+        compress_statistics: bool = True,
+        quant_type: str = "fp4",
+        quant_storage: torch.dtype = torch.uint8,
+        module: nn.Module | None = None,
+        bnb_quantized: bool = False,
+        **kwargs: Any,
+    ) -> Params4bit:
+        blocksize = 64 if blocksize is None else blocksize
+        check_blocksize(blocksize)
+        check_quant_type(quant_type)
+        check_quant_storage(quant_storage)
+        if data is None:
+            data = torch.empty(0)
+        if not isinstance(data, torch.Tensor):
+            raise TypeError(f"data must be a torch.Tensor, got {type(data).__name__}")
+        inner = plain(data)
+        self = torch.Tensor._make_wrapper_subclass(
+            cls,
+            inner.shape,
+            strides=inner.stride(),
+            dtype=inner.dtype,
+            device=inner.device,
+            requires_grad=requires_grad,
+        )
+        self._data = inner
+        self._storage_meta = _StorageMeta(quant_state, 0, inner.storage_offset(), inner.numel())
+        self.blocksize = blocksize
+        self.compress_statistics = compress_statistics
+        self.quant_type = quant_type
+        self.quant_storage = quant_storage
+        self.bnb_quantized = bnb_quantized
+        self.module = module
+        return self
+
+    @property
+    def row_start(self) -> int:
+        """Global index of this tensor's first packed word (0 unless it is a shard of a larger weight)."""
+        meta = self._storage_meta
+        return meta.row0 + self._data.storage_offset() - meta.offset0
+
+    def set_row_start(self, row_start: int) -> None:
+        """Place this tensor at global word ``row_start`` (its state then describes words from there)."""
+        meta = self._storage_meta
+        shift = row_start - self.row_start
+        meta.row0 += shift
+        meta.state_rows = (meta.state_rows[0] + shift, meta.state_rows[1] + shift)
+
+    @property
+    def quant_state(self) -> QuantState | None:
+        """The statistics of this tensor's words: the shared object for a whole weight, a slice for a shard."""
+        meta = self._storage_meta
+        state = meta.quant_state
+        if state is None or not self.bnb_quantized:
+            return state
+        lo = self.row_start
+        return slice_state(state, meta.state_rows, (lo, lo + self._data.numel()), self.dtype.itemsize)
+
+    @quant_state.setter
+    def quant_state(self, value: QuantState | None) -> None:
+        meta = self._storage_meta
+        meta.quant_state = value
+        lo = self.row_start
+        meta.state_rows = (lo, lo + self._data.numel())
+
+    @classmethod
+    def view_of(cls, data: torch.Tensor, like: Params4bit) -> Params4bit:
+        """A Params4bit over ``data``, a view into ``like``'s storage, sharing its quantization metadata."""
+        out = cls.wrap(data, like, None, 0)
+        out._storage_meta = like._storage_meta
+        return out
+
+    @classmethod
+    def wrap(cls, data: torch.Tensor, like: Params4bit, quant_state: QuantState | None, row_start: int) -> Params4bit:
+        """A Params4bit over new ``data`` at global word ``row_start`` with ``like``'s attributes."""
+        out = cls.__new__(
+            cls,
+            data,
+            requires_grad=like.requires_grad,
+            quant_state=quant_state,
+            blocksize=like.blocksize,
+            compress_statistics=like.compress_statistics,
+            quant_type=like.quant_type,
+            quant_storage=like.quant_storage,
+            module=like.module,
+            bnb_quantized=like.bnb_quantized,
+        )
+        out.set_row_start(row_start)
+        return out
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        handler = TENSOR_OPS.get(func)
+        if handler is not None:
+            return handler(func, args, kwargs or {})
+        return unwrap_call(func, args, kwargs or {})
+
+    # -- torch.compile: the inner tensors are the packed data and the statistics ----------------------
+
+    def __tensor_flatten__(self):
+        names = ["_data"]
+        state = self.quant_state
+        state_meta = None
+        if state is not None:
+            names += ["_qs_absmax", "_qs_code"]
+            nested = None
+            if state.nested:
+                names += ["_qs_nested_absmax", "_qs_nested_code", "_qs_offset"]
+                nested = (state.state2.blocksize, state.state2.dtype)
+            state_meta = (tuple(state.shape), state.blocksize, state.quant_type, state.dtype, nested)
+        attrs = (self.blocksize, self.compress_statistics, self.quant_type, self.quant_storage, self.bnb_quantized,
+                 self.row_start, self.requires_grad)
+        return names, (attrs, state_meta)
+
+    @staticmethod
+    def __tensor_unflatten__(inner: dict, ctx, outer_size, outer_stride) -> Params4bit:
+        attrs, state_meta = ctx
+        blocksize, compress_statistics, quant_type, quant_storage, bnb_quantized, row_start, requires_grad = attrs
+        state = None
+        if state_meta is not None:
+            shape, qblocksize, qtype, dtype, nested = state_meta
+            state2 = offset = None
+            if nested is not None:
+                state2 = QuantState(inner["_qs_nested_absmax"], code=inner["_qs_nested_code"], blocksize=nested[0],
+                                    dtype=nested[1])
+                offset = inner["_qs_offset"]
+            state = QuantState(inner["_qs_absmax"], shape, inner["_qs_code"], qblocksize, qtype, dtype, offset, state2)
+        out = Params4bit(inner["_data"], requires_grad, state, blocksize, compress_statistics, quant_type,
+                         quant_storage, bnb_quantized=bnb_quantized)
+        out.set_row_start(row_start)
+        return out
+
+    @property
+    def _qs_absmax(self) -> torch.Tensor:
+        return self.quant_state.absmax
+
+    @property
+    def _qs_code(self) -> torch.Tensor:
+        return self.quant_state.code
+
+    @property
+    def _qs_nested_absmax(self) -> torch.Tensor:
+        return self.quant_state.state2.absmax
+
+    @property
+    def _qs_nested_code(self) -> torch.Tensor:
+        return self.quant_state.state2.code
+
+    @property
+    def _qs_offset(self) -> torch.Tensor:
+        return self.quant_state.offset
+
+    def data_ptr(self) -> int:
+        return self._data.data_ptr()
+
+    def __repr__(self) -> str:
+        kind = f"{self.quant_type}, quantized" if self.bnb_quantized else f"{self.quant_type}, not quantized yet"
+        return f"Params4bit({kind}, shape={tuple(self.shape)}, dtype={self.dtype}, state={self.quant_state})"
+
+    # -- copying and pickling: same __dict__ keys everywhere ------------------------------------------
+
+    def _attrs(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_data", "_storage_meta")}
+
+    def __reduce_ex__(self, protocol: int):
+        return (_rebuild_params4bit, (self._data, self.requires_grad, self._attrs(), self.quant_state, self.row_start))
+
+    def __copy__(self) -> Params4bit:
+        new = Params4bit.view_of(self._data, self)
+        new.__dict__.update(self._attrs())
+        return new
+
+    def __deepcopy__(self, memo: dict) -> Params4bit:
+        attrs = self._attrs()
+        attrs["module"] = None
+        state = copy.deepcopy(self.quant_state, memo)
+        new = _rebuild_params4bit(self._data.clone(), self.requires_grad, attrs, state, self.row_start)
+        memo[id(self)] = new
+        return new
+
+    # -- bitsandbytes-compatible views of the quant state (FSDP/DCP resolve "weight.absmax" with getattr) ----
+
+    @property
+    def absmax(self) -> torch.Tensor | None:
+        return None if self.quant_state is None else self.quant_state.absmax
+
+    @property
+    def code(self) -> torch.Tensor | None:
+        return None if self.quant_state is None else self.quant_state.code
+
+    quant_map = code
+
+    @property
+    def nested_absmax(self) -> torch.Tensor | None:
+        qs = self.quant_state
+        return qs.state2.absmax if qs is not None and qs.nested else None
+
+    @property
+    def nested_quant_map(self) -> torch.Tensor | None:
+        qs = self.quant_state
+        return qs.state2.code if qs is not None and qs.nested else None
+
+    @property
+    def is_full(self) -> bool:
+        """True unless this is a slice (an FSDP shard) of a larger quantized weight."""
+        if self.quant_state is None:
+            return True
+        words = -(-((self.quant_state.numel + 1) // 2) // self.dtype.itemsize)
+        return self.row_start == 0 and self.numel() == words
+
+    # -- construction from checkpoints -------------------------------------------------------------------
+
+    @classmethod
+    def from_prequantized(
+        cls,
+        data: torch.Tensor,
+        quantized_stats: dict[str, Any],
+        requires_grad: bool = False,
+        device: torch.device | str | None = None,
+        module: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> Params4bit:
+        """A quantized Params4bit from packed ``data`` and its state-dict statistics (bitsandbytes keys)."""
+        if not isinstance(data, torch.Tensor):
+            raise TypeError(f"data must be a torch.Tensor of packed 4-bit bytes, got {type(data).__name__}")
+        check_quant_storage(data.dtype)
+        device = data.device if device is None else torch.device(device)
+        state = QuantState.from_dict(quantized_stats, device=device)
+        F.check_packed_matches(data, state, "data")
+        return cls(
+            data.to(device),
+            requires_grad=requires_grad,
+            quant_state=state,
+            blocksize=state.blocksize,
+            compress_statistics=state.nested,
+            quant_type=state.quant_type,
+            quant_storage=data.dtype,
+            module=module,
+            bnb_quantized=True,
+        )
+
+    # -- device and dtype moves ---------------------------------------------------------------------------
+
+    def _quantize(self, device: torch.device, dtype: torch.dtype | None = None) -> Params4bit:
+        """Quantize the float values in place: this very object becomes the packed weight."""
+        weight = self._data.to(device=device, dtype=dtype).contiguous()
+        packed, state = F.quantize_4bit(
+            weight,
+            blocksize=self.blocksize,
+            compress_statistics=self.compress_statistics,
+            quant_type=self.quant_type,
+            quant_storage=self.quant_storage,
+        )
+        quantized = Params4bit.wrap(packed, self, quant_state=state, row_start=0)
+        quantized.bnb_quantized = True
+        torch.utils.swap_tensors(self, quantized)
+        return self
+
+    def to(self, *args: Any, **kwargs: Any) -> Params4bit:
+        """Quantize on the first move to a real device; afterwards move bytes and state, ignoring any dtype."""
+        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if not self.bnb_quantized:
+            if device is not None and device.type != "meta":
+                return self._quantize(device, dtype)
+            moved = self._data.to(device=device, dtype=dtype, non_blocking=non_blocking)
+            return type(self).wrap(moved, self, None, 0)
+        if device is None or device == self.device:
+            return self
+        if self.quant_state is not None:
+            self.quant_state.to(device)
+        moved = self._data.to(device, non_blocking=non_blocking)
+        return type(self).wrap(moved, self, self.quant_state, self.row_start)
+
+    def cpu(self) -> Params4bit:
+        return self.to("cpu")
+
+    def cuda(self, device: Any = None, non_blocking: bool = False) -> Params4bit:
+        return self.to("cuda" if device is None else device, non_blocking=non_blocking)
+
+    def half(self) -> Params4bit:
+        return self.to(torch.float16)
+
+    def float(self) -> Params4bit:
+        return self.to(torch.float32)
+
+    def bfloat16(self) -> Params4bit:
+        return self.to(torch.bfloat16)
+
+    def double(self) -> Params4bit:
+        return self.to(torch.float64)
+
+    # -- FSDP2 all-gather extension (fsdp4bit.sharding) ------------------------------------------------
+
+    def fsdp_pre_all_gather(self, mesh):
+        from .sharding import pre_all_gather
+
+        return pre_all_gather(self, mesh)
+
+    def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
+        from .sharding import post_all_gather
+
+        return post_all_gather(self, all_gather_outputs, metadata, param_dtype, out=out)
+
+
+class Linear4bit(nn.Linear):
+    """``nn.Linear`` with a frozen 4-bit weight (quantized on the first ``.to(device)``) and a float bias."""
+
+    def __init__(
+        self,
+        input_features: int,
+        output_features: int,
+        bias: bool = True,
+        compute_dtype: torch.dtype | None = None,
+        compress_statistics: bool = True,
+        quant_type: str = "fp4",
+        quant_storage: torch.dtype = torch.uint8,
+        device: torch.device | str | None = None,
+    ) -> None:
+        check_quant_type(quant_type)
+        check_quant_storage(quant_storage)
+        if compute_dtype is not None and compute_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(
+                f"compute_dtype must be None, torch.float16, torch.bfloat16 or torch.float32, got {compute_dtype}"
+            )
+        super().__init__(input_features, output_features, bias, device)
+        self.weight = Params4bit(
+            self.weight.data,
+            requires_grad=False,
+            compress_statistics=compress_statistics,
+            quant_type=quant_type,
+            quant_storage=quant_storage,
+        )
+        self.compute_dtype = compute_dtype
+        self.compress_statistics = compress_statistics
+        self.quant_type = quant_type
+        self.quant_storage = quant_storage
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        state = getattr(weight, "quant_state", None)
+        if state is None:
+            raise RuntimeError(
+                "Linear4bit weight is not quantized: call .to(device) on the module first (it quantizes the weight)"
+            )
+        inp_dtype = x.dtype
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
+        return matmul_4bit(x, weight, quant_state=state, bias=self.bias).to(inp_dtype)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        weight = self.weight
+        if is_sharded(weight):
+            packed, state = sharded_state_dict_entries(weight)
+            destination[prefix + "weight"] = packed
+            if self.bias is not None:
+                destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+            for key, value in state.as_dict(packed=True).items():
+                destination[prefix + "weight." + key] = value
+            return
+        state = getattr(weight, "quant_state", None)
+        if state is None or not isinstance(weight, Params4bit):
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+            return
+        destination[prefix + "weight"] = weight if keep_vars else plain(weight).detach()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+        for key, value in state.as_dict(packed=True).items():
+            destination[prefix + "weight." + key] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        qs_keys = [
+            k
+            for k in state_dict
+            if k.startswith(prefix + "weight.")
+            and (k.split(".")[-1] in _QS_SUFFIXES or k.startswith(prefix + "weight." + PACKED_KEY_PREFIX))
+        ]
+        if not qs_keys:
+            super()._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+            )
+            return
+        stats = {k[len(prefix) :]: state_dict[k] for k in qs_keys}
+        if prefix + "weight" not in state_dict:
+            missing_keys.append(prefix + "weight")
+            return
+        if is_sharded(self.weight):
+            try:
+                full_state = QuantState.from_dict(stats, device=self.weight.device)
+                load_sharded_entries(self.weight, state_dict[prefix + "weight"], full_state)
+            except (ValueError, TypeError) as err:
+                error_msgs.append(f"while loading 4-bit weight {prefix}weight: {err}")
+                return
+            if self.bias is not None and prefix + "bias" in state_dict:
+                with torch.no_grad():
+                    self.bias.copy_(as_like(state_dict[prefix + "bias"], self.bias))
+            elif self.bias is not None and strict:
+                missing_keys.append(prefix + "bias")
+            return
+        device = self.weight.device if self.weight.device.type != "meta" else state_dict[prefix + "weight"].device
+        try:
+            weight = Params4bit.from_prequantized(state_dict[prefix + "weight"], stats, device=device)
+        except (ValueError, TypeError) as err:
+            error_msgs.append(f"while loading 4-bit weight {prefix}weight: {err}")
+            return
+        self.weight = weight
+        if self.bias is not None:
+            key = prefix + "bias"
+            if key in state_dict:
+                with torch.no_grad():
+                    bias = state_dict[key]
+                    if self.bias.device.type == "meta":
+                        self.bias = nn.Parameter(bias.to(self.bias.dtype), requires_grad=self.bias.requires_grad)
+                    else:
+                        self.bias.copy_(bias)
+            elif strict:
+                missing_keys.append(key)
+        known = set(qs_keys) | {prefix + "weight", prefix + "bias"}
+        for key in state_dict:
+            if key.startswith(prefix + "weight.") and key not in known and strict:
+                unexpected_keys.append(key)
+
+
+class LinearNF4(Linear4bit):
+    """Linear4bit with quant_type="nf4"."""
+
+    def __init__(
+        self,
+        input_features: int,
+        output_features: int,
+        bias: bool = True,
+        compute_dtype=None,
+        compress_statistics: bool = True,
+        quant_storage: torch.dtype = torch.uint8,
+        device=None,
+    ) -> None:
+        super().__init__(
+            input_features, output_features, bias, compute_dtype, compress_statistics, "nf4", quant_storage, device
+        )
+
+
+class LinearFP4(Linear4bit):
+    """Linear4bit with quant_type="fp4"."""
+
+    def __init__(
+        self,
+        input_features: int,
+        output_features: int,
+        bias: bool = True,
+        compute_dtype=None,
+        compress_statistics: bool = True,
+        quant_storage: torch.dtype = torch.uint8,
+        device=None,
+    ) -> None:
+        super().__init__(
+            input_features, output_features, bias, compute_dtype, compress_statistics, "fp4", quant_storage, device
+        )

@@ -1,0 +1,245 @@
+"""QuantState: everything needed to undo 4-bit quantization, with bitsandbytes' state-dict format."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from .codebooks import QUANT_TYPES, check_blocksize, check_quant_type
+
+PACKED_KEY_PREFIX = "quant_state.bitsandbytes__"
+_TENSOR_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+_JSON_KEYS = ("quant_type", "blocksize", "dtype", "shape", "nested_blocksize", "nested_dtype", "nested_offset")
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _same_bits(a: Any, b: Any) -> bool:
+    """Tensors equal bit for bit (so NaN statistics compare equal to themselves), anything else by ==."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return False
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        return torch.equal(
+            a.detach().cpu().reshape(-1).view(torch.uint8), b.detach().cpu().reshape(-1).view(torch.uint8)
+        )
+    return a == b
+
+
+def pack_dict_to_tensor(values: dict[str, Any]) -> torch.Tensor:
+    """JSON-encode non-tensor state into a uint8 tensor (how bitsandbytes keeps it safetensors-friendly)."""
+    return torch.tensor(list(json.dumps(values).encode("utf-8")), dtype=torch.uint8)
+
+
+def unpack_tensor_to_dict(tensor: torch.Tensor, key: str) -> dict[str, Any]:
+    """Decode :func:`pack_dict_to_tensor`; a broken blob raises ValueError naming ``key``."""
+    if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.uint8:
+        raise ValueError(f"{key!r} must be a uint8 tensor of UTF-8 JSON, got {type(tensor).__name__}")
+    try:
+        values = json.loads(bytes(tensor.cpu().tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{key!r} does not hold valid UTF-8 JSON quant-state metadata: {err}") from err
+    if not isinstance(values, dict):
+        raise ValueError(f"{key!r} must decode to a JSON object, got {type(values).__name__}")
+    return values
+
+
+class QuantState:
+    """Statistics and metadata of one 4-bit tensor: per-block absmax (double-quantized when ``state2`` is set),
+    code table, original shape and dtype, blocksize and quant type."""
+
+    valid_quant_types = QUANT_TYPES
+    valid_qs_type_keys = [f"bitsandbytes__{t}" for t in QUANT_TYPES]
+
+    def __init__(
+        self,
+        absmax: torch.Tensor,
+        shape: torch.Size | tuple[int, ...] | None = None,
+        code: torch.Tensor | None = None,
+        blocksize: int | None = None,
+        quant_type: str | None = None,
+        dtype: torch.dtype | None = None,
+        offset: torch.Tensor | None = None,
+        state2: QuantState | None = None,
+    ) -> None:
+        self.absmax = absmax
+        self.shape = torch.Size(shape) if shape is not None else None
+        self.code = code
+        self.dtype = dtype
+        self.blocksize = blocksize
+        self.quant_type = quant_type
+        self.offset = offset
+        self.state2 = state2
+        self.nested = state2 is not None
+
+    def __getattr__(self, name: str) -> Any:
+        # FSDP and DCP resolve the dotted key "weight.quant_state.bitsandbytes__nf4" with getattr.
+        if name.startswith("bitsandbytes__") and name.removeprefix("bitsandbytes__") in QUANT_TYPES:
+            packed = self.as_dict(packed=True)
+            key = "quant_state." + name
+            if key in packed:
+                return packed[key]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+
+    def __getitem__(self, idx: int) -> Any:
+        """The legacy list layout [absmax, shape, dtype, blocksize, [offset, state2] | None, quant_type]."""
+        nested = [self.offset, self.state2] if self.nested else None
+        return [self.absmax, self.shape, self.dtype, self.blocksize, nested, self.quant_type][idx]
+
+    @property
+    def numel(self) -> int:
+        """Number of values the state describes (elements of the original tensor)."""
+        return self.shape.numel()
+
+    def absmax_tensors(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(absmax, nested_absmax, nested_code, offset) as the ``fsdp4bit::`` ops take them."""
+        if self.nested:
+            return self.absmax, self.state2.absmax, self.state2.code, self.offset
+        return self.absmax, None, None, None
+
+    @classmethod
+    def from_dict(cls, qs_dict: dict[str, Any], device: torch.device | str | None) -> QuantState:
+        """Rebuild from a (possibly prefixed) state-dict slice in bitsandbytes' format; bad input raises ValueError."""
+        qs_dict = dict(qs_dict)
+        packed_keys = [k for k, v in qs_dict.items() if "quant_state." in k or k.startswith("quant_state")]
+        meta: dict[str, Any] = {}
+        if packed_keys:
+            if len(packed_keys) != 1 or packed_keys[0].split(".")[-1] not in cls.valid_qs_type_keys:
+                raise ValueError(
+                    f"expected exactly one packed quant-state key ending in one of {cls.valid_qs_type_keys}, got {packed_keys}"
+                )
+            key = packed_keys[0]
+            meta = unpack_tensor_to_dict(qs_dict.pop(key), key)
+            suffix = key.split("__")[-1]
+            if meta.get("quant_type") != suffix:
+                raise ValueError(f"{key!r} names quant_type {suffix!r} but its JSON says {meta.get('quant_type')!r}")
+        stripped = {k.split(".")[-1]: v for k, v in qs_dict.items()}
+        unknown = sorted(set(stripped) - set(_TENSOR_KEYS) - set(_JSON_KEYS))
+        if unknown:
+            raise ValueError(f"unexpected quant-state keys {unknown}; accepted: {sorted(_TENSOR_KEYS + _JSON_KEYS)}")
+        meta.update({k: v for k, v in stripped.items() if k in _JSON_KEYS})
+        tensors = {k: v for k, v in stripped.items() if k in _TENSOR_KEYS}
+        required = ["absmax", "quant_map"]
+        for key in ("quant_type", "blocksize", "dtype", "shape"):
+            if key not in meta:
+                raise ValueError(f"quant state is missing {key!r} (no packed 'quant_state.bitsandbytes__*' entry?)")
+        nested = "nested_absmax" in tensors or "nested_offset" in meta
+        if nested:
+            required += ["nested_absmax", "nested_quant_map"]
+            for key in ("nested_blocksize", "nested_dtype", "nested_offset"):
+                if key not in meta:
+                    raise ValueError(f"double-quantized state is missing {key!r}")
+        missing = [k for k in required if k not in tensors]
+        if missing:
+            raise ValueError(f"quant state is missing tensors {missing}")
+        for k, v in tensors.items():
+            if not isinstance(v, torch.Tensor):
+                raise ValueError(f"quant-state entry {k!r} must be a tensor, got {type(v).__name__}")
+        check_quant_type(meta["quant_type"])
+        check_blocksize(meta["blocksize"])
+        if meta["dtype"] not in _DTYPES:
+            raise ValueError(f"quant-state dtype must be one of {sorted(_DTYPES)}, got {meta['dtype']!r}")
+        shape = meta["shape"]
+        if (
+            shape is None
+            or not isinstance(shape, (list, tuple))
+            or not all(isinstance(s, int) and s >= 0 for s in shape)
+        ):
+            raise ValueError(f"quant-state shape must be a list of non-negative ints, got {shape!r}")
+        nblocks = -(-torch.Size(shape).numel() // meta["blocksize"])
+        if tensors["absmax"].numel() != nblocks:
+            raise ValueError(
+                f"absmax has {tensors['absmax'].numel()} entries but shape {tuple(shape)} with blocksize "
+                f"{meta['blocksize']} needs {nblocks}"
+            )
+        if tensors["quant_map"].numel() != 16:
+            raise ValueError(f"quant_map must have 16 entries, got {tensors['quant_map'].numel()}")
+        state2 = offset = None
+        if nested:
+            if meta["nested_dtype"] not in _DTYPES:
+                raise ValueError(f"nested_dtype must be one of {sorted(_DTYPES)}, got {meta['nested_dtype']!r}")
+            if tensors["nested_quant_map"].numel() != 256:
+                raise ValueError(f"nested_quant_map must have 256 entries, got {tensors['nested_quant_map'].numel()}")
+            nested_blocks = -(-nblocks // meta["nested_blocksize"])
+            if tensors["nested_absmax"].numel() != nested_blocks:
+                raise ValueError(
+                    f"nested_absmax has {tensors['nested_absmax'].numel()} entries, expected {nested_blocks}"
+                )
+            if tensors["absmax"].dtype != torch.uint8:
+                raise ValueError(f"double-quantized absmax must be uint8, got {tensors['absmax'].dtype}")
+            offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=device)
+            state2 = cls(
+                absmax=tensors["nested_absmax"].to(device),
+                code=tensors["nested_quant_map"].to(device),
+                blocksize=meta["nested_blocksize"],
+                dtype=_DTYPES[meta["nested_dtype"]],
+            )
+        return cls(
+            absmax=tensors["absmax"].to(device),
+            shape=torch.Size(shape),
+            code=tensors["quant_map"].to(device),
+            blocksize=meta["blocksize"],
+            quant_type=meta["quant_type"],
+            dtype=_DTYPES[meta["dtype"]],
+            offset=offset,
+            state2=state2,
+        )
+
+    def as_dict(self, packed: bool = False) -> dict[str, Any]:
+        """Tensors and metadata under bitsandbytes' keys; ``packed=True`` folds the metadata into one uint8 JSON tensor."""
+        qs = {
+            "quant_type": self.quant_type,
+            "absmax": self.absmax,
+            "blocksize": self.blocksize,
+            "quant_map": self.code,
+            "dtype": _dtype_name(self.dtype),
+            "shape": tuple(self.shape) if self.shape is not None else None,
+        }
+        if self.nested:
+            qs.update(
+                {
+                    "nested_absmax": self.state2.absmax,
+                    "nested_blocksize": self.state2.blocksize,
+                    "nested_quant_map": self.state2.code.clone(),
+                    "nested_dtype": _dtype_name(self.state2.dtype),
+                    "nested_offset": self.offset.item(),
+                }
+            )
+        if not packed or self.quant_type is None:
+            return qs
+        out = {k: v for k, v in qs.items() if isinstance(v, torch.Tensor)}
+        out[PACKED_KEY_PREFIX + self.quant_type] = pack_dict_to_tensor(
+            {k: v for k, v in qs.items() if not isinstance(v, torch.Tensor)}
+        )
+        return out
+
+    def to(self, device: torch.device | str) -> QuantState:
+        """Move every tensor to ``device`` in place (bitsandbytes semantics) and return self."""
+        self.code = self.code.to(device)
+        self.absmax = self.absmax.to(device)
+        if self.nested:
+            self.offset = self.offset.to(device)
+            self.state2.absmax = self.state2.absmax.to(device)
+            self.state2.code = self.state2.code.to(device)
+        return self
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, QuantState):
+            return NotImplemented
+        fields = ("absmax", "shape", "code", "dtype", "blocksize", "quant_type", "offset")
+        return all(_same_bits(getattr(self, f), getattr(other, f)) for f in fields) and self.state2 == other.state2
+
+    __hash__ = None  # mutable value object
+
+    def __repr__(self) -> str:
+        nested = f", nested(blocksize={self.state2.blocksize})" if self.nested else ""
+        return (
+            f"QuantState({self.quant_type}, shape={tuple(self.shape) if self.shape is not None else None}, "
+            f"dtype={self.dtype}, blocksize={self.blocksize}{nested})"
+        )

@@ -1,0 +1,98 @@
+"""Plain-PyTorch 4-bit math: the reference every native kernel is tested against, and the fallback path.
+
+Every function takes and returns plain tensors. The arithmetic follows bitsandbytes' default backend
+step by step (float32 scaling by the reciprocal of the block absmax, nearest code by midpoint
+bucketing, high nibble = even element), so the bytes it produces are the bytes bitsandbytes produces.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .codebooks import NESTED_BLOCKSIZE, get_4bit_code, quantize_bounds
+
+_TINY = 1e-38
+
+
+def _blockwise_scaled(a: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split flat float32 ``a`` into blocks; return (values scaled into [-1, 1], per-block absmax)."""
+    n = a.numel()
+    rem = n % blocksize
+    full = n - rem
+    blocks = a[:full].reshape(full // blocksize, blocksize)
+    absmax = blocks.abs().amax(dim=-1) if full else a.new_empty(0)
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=_TINY).view(-1, 1)), -1, 1).reshape(-1)
+    if rem:
+        # bitsandbytes divides (not multiplies by the reciprocal) in the short last block and stores
+        # the clamped absmax there: kept as is so the bytes stay identical.
+        tail_max = a[full:].abs().max().clamp(min=_TINY)
+        absmax = torch.cat([absmax, tail_max.unsqueeze(0)])
+        scaled = torch.cat([scaled, torch.clamp(a[full:] / tail_max, -1, 1)])
+    return scaled, absmax
+
+
+def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``A`` (any shape, flattened) to (packed uint8 of ceil(n/2) bytes, float32 absmax per block)."""
+    scaled, absmax = _blockwise_scaled(A.reshape(-1).float(), blocksize)
+    if scaled.numel() % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    mids, order = quantize_bounds(quant_type)
+    q = torch.bucketize(scaled, mids.to(scaled.device), out_int32=True)
+    if quant_type != "nf4":
+        q = order.to(q.device)[q]
+    q8 = q.to(torch.uint8)
+    return (q8[0::2] << 4) | q8[1::2], absmax
+
+
+def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit blockwise quantization of flat ``A`` against a sorted 256-entry ``code`` (used for double quant)."""
+    scaled, absmax = _blockwise_scaled(A.reshape(-1).float(), blocksize)
+    mids = (code[:-1] + code[1:]) / 2
+    return torch.bucketize(scaled, mids, out_int32=True).to(torch.uint8), absmax
+
+
+def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """Inverse of :func:`quantize_blockwise`, in float32: code[q] * absmax[block]."""
+    vals = code[q.reshape(-1).long()]
+    return vals * absmax.repeat_interleave(blocksize)[: vals.numel()]
+
+
+def absmax_float32(
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    nested_blocksize: int = NESTED_BLOCKSIZE,
+) -> torch.Tensor:
+    """The per-block float32 absmax, undoing double quantization where the state has it."""
+    if nested_absmax is None:
+        return absmax
+    return dequantize_blockwise(absmax, nested_absmax, nested_code, nested_blocksize) + offset
+
+
+def _pair_table(quant_type: str, device: torch.device) -> torch.Tensor:
+    """(256, 2) float32: the two code values each packed byte holds (high nibble first)."""
+    code = get_4bit_code(quant_type, device)
+    byte = torch.arange(256, device=device)
+    return torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1)
+
+
+def dequantize_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    quant_type: str,
+    numel: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Flat tensor of ``numel`` values in ``dtype``: code[nibble] * absmax[block], in float32, then cast once."""
+    vals = _pair_table(quant_type, packed.device)[packed.reshape(-1).long()].reshape(-1)[:numel]
+    nblocks = math.ceil(numel / blocksize)
+    full = (numel // blocksize) * blocksize
+    out = torch.empty(numel, dtype=torch.float32, device=packed.device)
+    out[:full] = (vals[:full].view(-1, blocksize) * absmax[: full // blocksize].view(-1, 1)).reshape(-1)
+    if full < numel:
+        out[full:] = vals[full:] * absmax[nblocks - 1]
+    return out.to(dtype)

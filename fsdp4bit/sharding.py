@@ -1,0 +1,233 @@
+"""FSDP2 for 4-bit weights: shard the packed bytes *and* their statistics, all-gather bytes only.
+
+FSDP2 shards a Params4bit along its packed words (dim 0, ``torch.chunk`` sizes, last shards padded).
+Each shard keeps the absmax of the quantization blocks whose first value lies in its words
+("block ownership"), so statistics are sharded with the data and every block is owned exactly once.
+The code tables, the nested (double-quant) absmax and the offset are a few KB per weight and are
+replicated. The all-gather moves packed words (any storage dtype, viewed as bytes, never cast) and
+the owned absmax; the post-hook reassembles a full Params4bit that Linear4bit uses directly.
+
+We implement FSDP2's 1-argument ``fsdp_pre_all_gather(mesh)`` form: the 5-argument form asserts that
+*every* all-gather input has the padded shard size of the parameter on unevenly sharded ranks, which
+rules out a second input (the statistics). Every rank pads its inputs to the same sizes itself.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .quant_state import QuantState
+from .tensor_ops import plain
+
+
+def owned_blocks(start: int, stop: int, itemsize: int, blocksize: int, nblocks: int) -> tuple[int, int]:
+    """Quant blocks whose first value lies in packed words [start, stop): each shard keeps exactly these stats."""
+    per_word = 2 * itemsize
+
+    def first_block_at(word: int) -> int:
+        return min(-(-word * per_word // blocksize), nblocks)
+
+    return first_block_at(start), first_block_at(stop)
+
+
+def total_words(state: QuantState, itemsize: int) -> int:
+    """Packed words (storage elements) of the whole weight described by ``state``."""
+    return -(-((state.numel + 1) // 2) // itemsize)
+
+
+@functools.lru_cache(maxsize=1024)
+def shard_layout(words: int, world: int, itemsize: int, blocksize: int, nblocks: int) -> tuple:
+    """Per-rank (word range, owned block range) under FSDP2's chunking, and the padded sizes every rank uses."""
+    chunk = -(-words // world)
+    rows = [(min(r * chunk, words), min((r + 1) * chunk, words)) for r in range(world)]
+    blocks = [owned_blocks(lo, hi, itemsize, blocksize, nblocks) for lo, hi in rows]
+    max_blocks = max(hi - lo for lo, hi in blocks)
+    return chunk, tuple(rows), tuple(blocks), max_blocks
+
+
+def _layout_of(param, world: int) -> tuple:
+    state = param.quant_state
+    itemsize = param.dtype.itemsize
+    nblocks = -(-state.numel // state.blocksize)
+    return shard_layout(total_words(state, itemsize), world, itemsize, state.blocksize, nblocks)
+
+
+def pre_all_gather(param, mesh) -> tuple[tuple[torch.Tensor, ...], Any]:
+    """All-gather inputs of this rank's shard: (packed words padded to the chunk size, owned absmax padded)."""
+    state = param.quant_state
+    if state is None:
+        raise RuntimeError("fully_shard needs quantized Params4bit weights: call .to(device) on the module first")
+    world, rank = mesh.size(), mesh.get_local_rank()
+    chunk, rows, blocks, max_blocks = _layout_of(param, world)
+    lo, hi = blocks[rank]
+    if state.absmax.numel() != hi - lo:
+        raise RuntimeError(
+            f"shard {rank}/{world} holds {state.absmax.numel()} absmax entries but owns blocks [{lo}, {hi})"
+        )
+    words = plain(param).reshape(-1)
+    if words.numel() < chunk:
+        words = torch.cat([words, words.new_zeros(chunk - words.numel())])
+    absmax = state.absmax.reshape(-1)
+    if absmax.numel() < max_blocks:
+        absmax = torch.cat([absmax, absmax.new_zeros(max_blocks - absmax.numel())])
+    return (words, absmax), (world,)
+
+
+@functools.lru_cache(maxsize=1024)
+def _gather_index(blocks: tuple, max_blocks: int, device: torch.device) -> torch.Tensor:
+    """Positions of the owned absmax entries inside the padded all-gather output, in block order."""
+    index = [r * max_blocks + i for r, (lo, hi) in enumerate(blocks) for i in range(hi - lo)]
+    return torch.tensor(index, dtype=torch.long, device=device)
+
+
+def post_all_gather(param, outputs: Sequence[torch.Tensor], metadata: Any, param_dtype, *, out=None):
+    """Rebuild the full Params4bit from gathered words and absmax (refill ``out`` in place after the first time)."""
+    (world,) = metadata
+    chunk, rows, blocks, max_blocks = _layout_of(param, world)
+    total = rows[-1][1]
+    if len(outputs) == 1:
+        # World size 1: FSDP2 passes the packed words alone; this shard already owns every block.
+        if out is not None:
+            return None
+        return type(param).wrap(outputs[0][:total].view(total, 1), param, param.quant_state, 0), ()
+    words_out, absmax_out = outputs
+    index = _gather_index(blocks, max_blocks, absmax_out.device)
+    if out is not None:
+        target = out.quant_state.absmax
+        # A refill after resharding: autograd saved this tensor in the forward, keep its version.
+        with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(target):
+            torch.index_select(absmax_out, 0, index, out=target)
+        return None
+    state = param.quant_state
+    absmax = torch.index_select(absmax_out, 0, index)
+    full_state = QuantState(
+        absmax, state.shape, state.code, state.blocksize, state.quant_type, state.dtype, state.offset, state.state2
+    )
+    data = words_out[:total].view(total, 1)
+    return type(param).wrap(data, param, quant_state=full_state, row_start=0), (absmax,)
+
+
+def _is_4bit(module: nn.Module) -> bool:
+    from .nn import Params4bit
+
+    return isinstance(getattr(module, "weight", None), Params4bit)
+
+
+def shard_model(
+    model: nn.Module,
+    *,
+    mesh=None,
+    block_types: tuple[type[nn.Module], ...] | None = None,
+    mp_policy=None,
+    reshard_after_forward: bool = True,
+    cpu_offload: bool = False,
+) -> nn.Module:
+    """Apply FSDP2 the usual way: ``fully_shard`` each block (given types, or every module holding 4-bit
+    weights when none are given), then the root. 4-bit weights must be quantized (``.to(device)``) first."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    from .nn import Params4bit
+
+    for name, param in model.named_parameters():
+        if isinstance(param, Params4bit) and param.quant_state is None:
+            raise ValueError(f"{name} is a Params4bit that is not quantized yet: call .to(device) before shard_model")
+    kwargs: dict[str, Any] = {"reshard_after_forward": reshard_after_forward}
+    if mesh is not None:
+        kwargs["mesh"] = mesh
+    kwargs["mp_policy"] = mp_policy if mp_policy is not None else MixedPrecisionPolicy()
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    if block_types is None:
+        blocks = [m for m in model.modules() if m is not model and _is_4bit(m)]
+    else:
+        blocks = [m for m in model.modules() if m is not model and isinstance(m, block_types)]
+    for block in blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def _is_dtensor(t: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def is_sharded(weight: Any) -> bool:
+    """True for an FSDP2-sharded 4-bit weight (a DTensor whose local shard is a quantized Params4bit)."""
+    return _is_dtensor(weight) and getattr(weight._local_tensor, "quant_state", None) is not None
+
+
+def as_like(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``value`` laid out like ``target``: a whole plain tensor is distributed when the target is a DTensor."""
+    if _is_dtensor(target) and not _is_dtensor(value):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(value.to(target.device), target.device_mesh, target.placements)
+    return value
+
+
+def gather_quant_state(local, mesh) -> QuantState:
+    """The whole weight's QuantState, all-gathering the owned absmax of every shard (one small collective)."""
+    import torch.distributed as dist
+
+    (words, absmax), _ = pre_all_gather(local, mesh)
+    world = mesh.size()
+    gathered = absmax.new_empty(world * absmax.numel())
+    dist.all_gather_into_tensor(gathered, absmax, group=mesh.get_group())
+    _, _, blocks, max_blocks = _layout_of(local, world)
+    state = local.quant_state
+    full = torch.index_select(gathered, 0, _gather_index(blocks, max_blocks, gathered.device))
+    return QuantState(full, state.shape, state.code, state.blocksize, state.quant_type, state.dtype, state.offset, state.state2)
+
+
+def sharded_state_dict_entries(weight) -> tuple[torch.Tensor, QuantState]:
+    """For an FSDP-sharded 4-bit weight: (packed words as a DTensor over plain bytes, the whole QuantState).
+
+    DCP saves and reshards the packed words like any Shard(0) tensor; the statistics are small and saved
+    whole (replicated), so a checkpoint loads on any world size.
+    """
+    from torch.distributed.tensor import DTensor
+
+    local = weight._local_tensor
+    packed = DTensor.from_local(
+        plain(local), weight.device_mesh, weight.placements, run_check=False, shape=weight.shape, stride=weight.stride()
+    )
+    return packed, gather_quant_state(local, weight.device_mesh)
+
+
+def load_sharded_entries(weight, packed: torch.Tensor, full_state: QuantState) -> None:
+    """Copy a checkpoint's packed words (DTensor or the whole plain tensor) and whole statistics into a shard."""
+    local = weight._local_tensor
+    mesh = weight.device_mesh
+    world, rank = mesh.size(), mesh.get_local_rank()
+    state = local.quant_state
+    if tuple(full_state.shape) != tuple(state.shape) or full_state.quant_type != state.quant_type:
+        raise ValueError(
+            f"checkpoint holds a {full_state.quant_type} weight of shape {tuple(full_state.shape)}, "
+            f"the model a {state.quant_type} weight of shape {tuple(state.shape)}"
+        )
+    _, rows, blocks, _ = _layout_of(local, world)
+    target = plain(local)
+    with torch.no_grad():
+        if _is_dtensor(packed):
+            source = packed.to_local()
+            if source.untyped_storage().data_ptr() != target.untyped_storage().data_ptr():
+                target.copy_(plain(source).view(target.dtype).view(target.shape))
+        else:
+            lo, hi = rows[rank]
+            flat = plain(packed).reshape(-1).view(target.dtype)
+            if flat.numel() != rows[-1][1]:
+                raise ValueError(f"packed weight has {flat.numel()} words, the model's needs {rows[-1][1]}")
+            target.copy_(flat[lo:hi].view(target.shape))
+        lo, hi = blocks[rank]
+        state.absmax.copy_(full_state.absmax[lo:hi].to(state.absmax.device))
+        if state.nested:
+            state.offset.copy_(full_state.offset)
+            state.state2.absmax.copy_(full_state.state2.absmax)
+            state.state2.code.copy_(full_state.state2.code)

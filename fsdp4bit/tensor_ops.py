@@ -1,0 +1,183 @@
+"""How ATen ops act on a Params4bit: an op table built with ``@implements`` (torchao's NF4Tensor model).
+
+View-like ops (split, slice, view, as_strided, detach) and the allocation ops FSDP2 and DTensor use
+(new_zeros, new_empty, copy_, clone, _to_copy) return a Params4bit that keeps the quantization
+metadata; a slice of a quantized weight keeps the statistics of the blocks that start inside it
+(see ``sharding.owned_blocks``). Dtype conversions never touch packed bytes. Every other op runs on
+the inner tensor and returns plain tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_map
+
+from .quant_state import QuantState
+
+aten = torch.ops.aten
+TENSOR_OPS: dict[Any, Callable] = {}
+
+
+def implements(ops: list) -> Callable:
+    """Register the decorated handler for each ATen overload in ``ops``."""
+
+    def decorator(handler: Callable) -> Callable:
+        for op in ops:
+            TENSOR_OPS[op] = handler
+        return handler
+
+    return decorator
+
+
+def plain(t: torch.Tensor) -> torch.Tensor:
+    """The plain tensor holding ``t``'s values (the inner tensor of a Params4bit, else ``t`` detached)."""
+    inner = getattr(t, "_data", None)
+    return inner if isinstance(inner, torch.Tensor) else t.detach()
+
+
+def unwrap_call(func, args: tuple, kwargs: dict) -> Any:
+    """Run ``func`` on inner tensors: results are plain tensors."""
+
+    def unwrap(x):
+        return plain(x) if _is_params4bit(x) else x
+
+    return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
+
+
+def _is_params4bit(x: Any) -> bool:
+    from .nn import Params4bit
+
+    return isinstance(x, Params4bit)
+
+
+def copy_state(state: QuantState | None, device: torch.device | None = None) -> QuantState | None:
+    """A QuantState with its own copies of absmax and offset (code tables and nested state are shared)."""
+    if state is None:
+        return None
+    return QuantState(
+        state.absmax.to(device or state.absmax.device, copy=True),
+        state.shape,
+        state.code if device is None else state.code.to(device),
+        state.blocksize,
+        state.quant_type,
+        state.dtype,
+        None if state.offset is None else state.offset.to(device or state.offset.device, copy=True),
+        state.state2 if device is None or state.state2 is None else _moved_nested(state.state2, device),
+    )
+
+
+def _moved_nested(state2: QuantState, device: torch.device) -> QuantState:
+    return QuantState(state2.absmax.to(device), code=state2.code.to(device), blocksize=state2.blocksize, dtype=state2.dtype)
+
+
+def slice_state(
+    state: QuantState, state_rows: tuple[int, int], rows: tuple[int, int], itemsize: int
+) -> QuantState:
+    """The statistics of global words ``rows`` given ``state`` for words ``state_rows`` (same object if equal)."""
+    from .sharding import owned_blocks
+
+    nblocks = -(-state.numel // state.blocksize)
+    first, last = owned_blocks(*state_rows, itemsize, state.blocksize, nblocks)
+    lo, hi = owned_blocks(*rows, itemsize, state.blocksize, nblocks)
+    if (lo, hi) == (first, last):
+        return state
+    return QuantState(
+        state.absmax[lo - first : hi - first],
+        state.shape,
+        state.code,
+        state.blocksize,
+        state.quant_type,
+        state.dtype,
+        state.offset,
+        state.state2,
+    )
+
+
+def wrap_view(src, piece: torch.Tensor):
+    """Wrap ``piece``, a view into ``src``'s storage, as a Params4bit sharing ``src``'s quantization metadata."""
+    inner = plain(src)
+    if piece.dtype != inner.dtype:
+        return piece
+    if piece.numel() and piece.untyped_storage().data_ptr() != inner.untyped_storage().data_ptr():
+        return piece
+    return type(src).view_of(piece, src)
+
+
+@implements(
+    [
+        aten.detach.default,
+        aten.alias.default,
+        aten.split.Tensor,
+        aten.split_with_sizes.default,
+        aten.chunk.default,
+        aten.slice.Tensor,
+        aten.narrow.default,
+        aten.view.default,
+        aten._unsafe_view.default,
+        aten.as_strided.default,
+        aten.unsqueeze.default,
+        aten.squeeze.dim,
+    ]
+)
+def _view_like(func, args, kwargs):
+    src = args[0]
+    out = unwrap_call(func, args, kwargs)
+    if isinstance(out, (tuple, list)):
+        return [wrap_view(src, t) for t in out]
+    return wrap_view(src, out)
+
+
+@implements(
+    [
+        aten.new_zeros.default,
+        aten.new_empty.default,
+        aten.new_ones.default,
+        aten.new_full.default,
+        aten.empty_like.default,
+        aten.zeros_like.default,
+    ]
+)
+def _new_like(func, args, kwargs):
+    src = args[0]
+    out = unwrap_call(func, args, kwargs)
+    if out.dtype != src.dtype:
+        return out
+    # Fresh statistics storage: a shard must not keep the whole weight's absmax alive.
+    return type(src).wrap(out, src, quant_state=copy_state(src.quant_state), row_start=src.row_start)
+
+
+@implements([aten.clone.default, aten._pin_memory.default, aten.pin_memory.default])
+def _clone(func, args, kwargs):
+    src = args[0]
+    out = unwrap_call(func, args, kwargs)
+    return type(src).wrap(out, src, quant_state=copy_state(src.quant_state), row_start=src.row_start)
+
+
+@implements([aten._to_copy.default])
+def _to_copy(func, args, kwargs):
+    """Device moves keep the metadata; a quantized weight ignores any requested dtype (bytes are never cast)."""
+    src = args[0]
+    kwargs = dict(kwargs)
+    if src.bnb_quantized:
+        kwargs.pop("dtype", None)
+    out = unwrap_call(func, args, kwargs)
+    state = copy_state(src.quant_state, out.device) if src.quant_state is not None else None
+    if not src.bnb_quantized and out.dtype != src.dtype:
+        return type(src).wrap(out, src, quant_state=None, row_start=0)
+    return type(src).wrap(out, src, quant_state=state, row_start=src.row_start)
+
+
+@implements([aten.copy_.default])
+def _copy(func, args, kwargs):
+    dst, src = args[0], args[1]
+    func(plain(dst), plain(src) if isinstance(src, torch.Tensor) else src, *args[2:], **kwargs)
+    if _is_params4bit(src) and _is_params4bit(dst) and src.bnb_quantized:
+        # The destination's allocation now holds src's words: it takes src's place and statistics.
+        state = src.quant_state
+        if state is not None and state is not dst.quant_state:
+            dst.set_row_start(src.row_start)
+            dst.quant_state = copy_state(state)
+    return dst

@@ -1,0 +1,213 @@
+"""Multi-process FSDP2 checks, one scenario per run: ``torchrun --nproc_per_node=N worker.py SCENARIO [ARGS]``.
+
+Each scenario asserts and exits non-zero on failure; rank 0 prints one JSON line of measurements.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy
+
+import fsdp4bit as bnb
+from fsdp4bit import sharding
+from fsdp4bit.sharding import shard_model
+
+STORAGES = {"uint8": torch.uint8, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def special_words(dtype: torch.dtype) -> torch.Tensor:
+    """Every NaN and Inf bit pattern of ``dtype`` (for 16-bit types), as raw bytes; a sample for float32."""
+    if dtype in (torch.float16, torch.bfloat16):
+        exp_bits = 0x7C00 if dtype == torch.float16 else 0x7F80
+        words = torch.arange(0, 1 << 16, dtype=torch.int32)
+        special = words[(words & exp_bits) == exp_bits].to(torch.int16)
+        return special.view(torch.uint8)
+    if dtype == torch.float32:
+        mant = torch.randint(0, 1 << 23, (4096,), generator=torch.Generator().manual_seed(1), dtype=torch.int64)
+        sign = torch.randint(0, 2, (4096,), generator=torch.Generator().manual_seed(2), dtype=torch.int64) << 31
+        words = (sign | (0xFF << 23) | mant) & 0xFFFFFFFF
+        words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+        return words.view(torch.uint8)
+    return torch.arange(256, dtype=torch.int32).to(torch.uint8)
+
+
+def make_layer(out_f: int, in_f: int, storage: torch.dtype, quant_type: str, dq: bool, blocksize: int, seed: int):
+    torch.manual_seed(seed)
+    layer = bnb.nn.Linear4bit(in_f, out_f, bias=True, quant_type=quant_type, compress_statistics=dq, quant_storage=storage)
+    layer.weight = bnb.nn.Params4bit(layer.weight.data, quant_type=quant_type, compress_statistics=dq,
+                                     quant_storage=storage, blocksize=blocksize)
+    return layer.to("cpu")
+
+
+def scenario_bytes() -> dict:
+    """Random packed bytes with every NaN/Inf pattern survive shard -> all-gather bit-exactly, every storage dtype."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    report = {}
+    for name, storage in STORAGES.items():
+        for quant_type, dq, blocksize in (("nf4", True, 64), ("fp4", False, 32), ("nf4", False, 4096)):
+            layer = make_layer(97, 131, storage, quant_type, dq, blocksize, seed=3)
+            w = layer.weight
+            raw = plain_bytes(w)
+            special = special_words(storage)
+            gen = torch.Generator().manual_seed(7)
+            raw.copy_(torch.randint(0, 256, raw.shape, generator=gen, dtype=torch.uint8))
+            n = min(special.numel(), raw.numel()) // storage.itemsize * storage.itemsize
+            raw[:n] = special[:n]
+            expected_bytes = raw.clone()
+            expected_state = copy.deepcopy(w.quant_state)
+            ref = copy.deepcopy(layer)
+            shard_model(layer)
+            local = layer.weight._local_tensor
+            inputs, _ = local.fsdp_pre_all_gather(layer.weight.device_mesh)
+            sent = sum(t.numel() * t.element_size() for t in inputs)
+            layer.unshard()
+            full = layer.weight
+            assert isinstance(full, bnb.nn.Params4bit), type(full)
+            assert torch.equal(plain_bytes(full), expected_bytes), f"bytes changed ({name}, {quant_type})"
+            assert full.quant_state == expected_state, f"quant state changed ({name}, {quant_type})"
+            x = torch.randn(5, 131)
+            layer.reshard()
+            if storage == torch.uint8:
+                assert torch.equal(layer(x), ref(x)), "forward differs from the unsharded layer"
+            report[f"{name}-{quant_type}-dq{int(dq)}-bs{blocksize}"] = {
+                "allgather_bytes_per_param": sent * world / (97 * 131),
+                "local_absmax": local.quant_state.absmax.numel(),
+            }
+    return report
+
+
+def plain_bytes(w) -> torch.Tensor:
+    return sharding.plain(w).reshape(-1).view(torch.uint8)
+
+
+class LoRALinear(nn.Module):
+    """A frozen 4-bit base plus a trainable low-rank update, in one module (as peft builds it)."""
+
+    def __init__(self, base: nn.Module, rank: int = 4) -> None:
+        super().__init__()
+        self.base = base
+        self.lora_a = nn.Linear(base.in_features, rank, bias=False)
+        self.lora_b = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.normal_(self.lora_b.weight, std=0.02)
+
+    def forward(self, x):
+        return self.base(x) + self.lora_b(self.lora_a(x))
+
+
+def make_model(storage: torch.dtype, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    dims = [(67, 45), (45, 29), (29, 3)]
+    layers = []
+    for i, (i_f, o_f) in enumerate(dims):
+        base = make_layer(o_f, i_f, storage, "nf4" if i % 2 == 0 else "fp4", i != 1, 64, seed + i)
+        base.bias.requires_grad_(False)
+        layers.append(LoRALinear(base))
+        if i < len(dims) - 1:
+            layers.append(nn.GELU())
+    return nn.Sequential(*layers)
+
+
+def train(model: nn.Module, batches, steps: int, ckpt: bool = False) -> list[float]:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for step in range(steps):
+        x, y = batches[step % len(batches)]
+        if ckpt:
+            out = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=False)
+        else:
+            out = model(x)
+        loss = nn.functional.mse_loss(out.float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def scenario_train(storage_name: str, precision: str, reshard: str, ckpt: str) -> dict:
+    """N AdamW steps of 4-bit base + LoRA under FSDP2 match a single-process run on the whole batch."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    storage = STORAGES[storage_name]
+    steps, per_rank = 6, 4
+    gen = torch.Generator().manual_seed(11)
+    data = [(torch.randn(per_rank * world, 67, generator=gen), torch.randn(per_rank * world, 3, generator=gen))
+            for _ in range(3)]
+    ref_model = make_model(storage)
+    model = make_model(storage)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else None
+    if mp is not None:
+        ref_model = ref_model.to(torch.bfloat16)
+    shard_model(model, block_types=(LoRALinear,), mp_policy=mp, reshard_after_forward=reshard == "reshard")
+    local = [(x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]) for x, y in data]
+    losses = train(model, local, steps, ckpt == "ckpt")
+    losses_t = torch.tensor(losses)
+    dist.all_reduce(losses_t)
+    losses_avg = (losses_t / world).tolist()
+    ref_batches = [(x.to(torch.bfloat16) if mp else x, y) for x, y in data]
+    ref_losses = train(ref_model, ref_batches, steps, ckpt == "ckpt")
+    tol = 1e-5 if precision == "fp32" else 2e-2
+    for a, b in zip(losses_avg, ref_losses):
+        assert abs(a - b) <= tol * max(1.0, abs(b)), f"loss {a} vs single-process {b} ({losses_avg} vs {ref_losses})"
+    sd = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+    ref_sd = ref_model.state_dict()
+    for k, v in ref_sd.items():
+        if "lora" in k:
+            torch.testing.assert_close(sd[k].float(), v.float(), rtol=tol * 10, atol=tol * 10)
+        elif v.dtype == torch.uint8 or "weight." in k or k.endswith("base.weight"):
+            assert torch.equal(sharding.plain(sd[k]).reshape(-1).view(torch.uint8),
+                               sharding.plain(v).reshape(-1).view(torch.uint8)), f"{k} changed"
+    return {"losses": losses_avg, "reference": ref_losses}
+
+
+def scenario_dcp_save(path: str, storage_name: str) -> dict:
+    from fsdp4bit import checkpoint
+
+    model = make_model(STORAGES[storage_name], seed=5)
+    shard_model(model, block_types=(LoRALinear,))
+    checkpoint.save(model, path)
+    full = checkpoint.full_state_dict(model)
+    if dist.get_rank() == 0:
+        torch.save(full, os.path.join(path, "reference_full.pt"))
+    return {"saved": path}
+
+
+def scenario_dcp_load(path: str, storage_name: str) -> dict:
+    from fsdp4bit import checkpoint
+
+    model = make_model(STORAGES[storage_name], seed=99)  # different weights: all must come from the checkpoint
+    shard_model(model, block_types=(LoRALinear,))
+    checkpoint.load(model, path)
+    full = checkpoint.full_state_dict(model)
+    if dist.get_rank() == 0:
+        ref = torch.load(os.path.join(path, "reference_full.pt"), weights_only=False)
+        assert set(ref) == set(full), set(ref) ^ set(full)
+        for k in ref:
+            assert torch.equal(sharding.plain(full[k]).reshape(-1).view(torch.uint8),
+                               sharding.plain(ref[k]).reshape(-1).view(torch.uint8)), f"{k} differs after reload"
+    x = torch.randn(3, 67)
+    out = model(x)
+    assert torch.isfinite(out).all()
+    return {"loaded": path}
+
+
+def main() -> int:
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=90))
+    scenario, *args = sys.argv[1:]
+    report = globals()[f"scenario_{scenario}"](*args)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        print("REPORT " + json.dumps({"scenario": scenario, "world": dist.get_world_size(), **report}))
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

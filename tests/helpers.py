@@ -1,0 +1,41 @@
+"""Shared test helpers: devices to parametrize over, ids, buffer round-trips."""
+
+from __future__ import annotations
+
+import io
+
+import torch
+
+TRUE_FALSE = (True, False)
+STORAGE = {"uint8": torch.uint8, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def get_available_devices() -> list[str]:
+    """CPU always; CUDA where a GPU is present (CUDA cases are collected everywhere but skip without one)."""
+    return ["cpu", "cuda"]
+
+
+def skip_if_no_device(device: str) -> None:
+    import pytest
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+
+
+def describe_dtype(dtype: torch.dtype | str) -> str:
+    return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+
+
+def id_formatter(label: str):
+    """ids like 'bias=True' for pytest.mark.parametrize."""
+    return lambda value: f"{label}={value}"
+
+
+def torch_save_to_buffer(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def torch_load_from_buffer(data: bytes):
+    return torch.load(io.BytesIO(data), weights_only=False)

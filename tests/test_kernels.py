@@ -1,0 +1,250 @@
+"""Native kernels (fsdp4bit.kernels) against the plain-PyTorch reference (fsdp4bit.reference).
+
+quantize / dequantize must match the reference bit for bit (bytes, absmax bits, output bits); gemv is
+checked against a float64 product with the dequantized float32 weight. CPU tests skip, with the reason
+shown, when the native CPU build is unavailable; CUDA tests run only where a GPU is present.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fsdp4bit import reference
+from fsdp4bit import kernels
+from fsdp4bit.codebooks import BLOCKSIZES, get_dynamic_map, quantize_bounds
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+QUANT_TYPES = ("nf4", "fp4")
+ODD_SIZES = (1, 3, 63, 65, 4097)
+BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
+GEMV_RTOL = {torch.bfloat16: 1e-2, torch.float16: 1e-3, torch.float32: 1e-5}
+
+_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=_DEVICES)
+def native(request, monkeypatch):
+    """(native ops, device) or a skip saying why the native path is missing."""
+    monkeypatch.delenv("FSDP4BIT_NO_NATIVE", raising=False)
+    device = request.param
+    ops = kernels.native_for(device)
+    if ops is None:
+        pytest.skip(f"native {device} kernels unavailable (backend: reference); see the build warning")
+    return ops, torch.device(device)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _adversarial(n: int, blocksize: int, qt: str, seed: int) -> list[torch.Tensor]:
+    """float32 inputs built to hit every edge of the reference's arithmetic."""
+    g = _gen(seed)
+    mids, _ = quantize_bounds(qt)
+    cases = [torch.randn(n, generator=g), torch.zeros(n), torch.full((n,), -3.25)]
+    # values exactly on midpoints x absmax (scale 2: exact products) and next to them (scale 3: rounded)
+    for scale in (2.0, 3.0):
+        x = mids[torch.randint(0, 15, (n,), generator=g)] * scale
+        x[::blocksize] = scale  # each full block's absmax is the scale
+        nudge = torch.randint(-1, 2, (n,), generator=g).float()
+        cases.append(torch.where(nudge == 0, x, torch.nextafter(x, x + nudge)))
+    special = torch.randn(n, generator=g)
+    special[torch.rand(n, generator=g) < 0.05] = float("nan")
+    special[torch.rand(n, generator=g) < 0.05] = float("inf")
+    special[torch.rand(n, generator=g) < 0.05] = -float("inf")
+    zero_block = torch.randn(n, generator=g)
+    zero_block[: min(n, blocksize)] = 0.0
+    cases += [
+        special,
+        zero_block,
+        torch.randn(n, generator=g) * 3e38,
+        torch.randn(n, generator=g) * 1e-40,  # subnormal
+        torch.randn(n, generator=g).clamp(-1e-38, 1e-38),
+    ]
+    return cases
+
+
+def _same_float_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality, any NaN matching any NaN (payloads are not part of the format)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    na, nb = a.isnan(), b.isnan()
+    if not torch.equal(na, nb):
+        return False
+    ia, ib = a.view(BITS[a.dtype]), b.view(BITS[b.dtype])
+    return torch.equal(ia[~na], ib[~nb])
+
+
+def _assert_quantize_equal(ops, x: torch.Tensor, blocksize: int, qt: str) -> None:
+    packed, absmax = ops.quantize_4bit(x, blocksize, qt)
+    ref_packed, ref_absmax = reference.quantize_4bit(x, blocksize, qt)
+    assert packed.dtype == torch.uint8 and packed.shape == ((x.numel() + 1) // 2,)
+    assert absmax.dtype == torch.float32 and absmax.shape == (math.ceil(x.numel() / blocksize),)
+    if not torch.equal(packed, ref_packed):
+        bad = (packed != ref_packed).nonzero().flatten()[:8]
+        raise AssertionError(f"packed bytes differ at {bad.tolist()}: {packed[bad].tolist()} vs {ref_packed[bad].tolist()}")
+    assert _same_float_bits(absmax, ref_absmax), "absmax bits differ"
+
+
+@pytest.mark.parametrize("qt", QUANT_TYPES)
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_bit_exact(native, qt, blocksize, dtype):
+    ops, device = native
+    for n in ODD_SIZES + (2 * blocksize, 3 * blocksize + 2):
+        for i, x in enumerate(_adversarial(n, blocksize, qt, seed=n + blocksize)):
+            try:
+                _assert_quantize_equal(ops, x.to(dtype).to(device), blocksize, qt)
+            except AssertionError as exc:
+                raise AssertionError(f"n={n} case={i}: {exc}") from None
+
+
+@pytest.mark.parametrize("qt", QUANT_TYPES)
+def test_quantize_large_and_unaligned_input(native, qt):
+    ops, device = native
+    base = torch.randn(70001, generator=_gen(1)).to(device)
+    for dtype in DTYPES:
+        x = base.to(dtype)
+        _assert_quantize_equal(ops, x, 64, qt)
+        _assert_quantize_equal(ops, x[1:], 64, qt)  # storage offset: not 16-byte aligned
+        _assert_quantize_equal(ops, x[3:].view(-1)[: 4097 * 3].view(4097, 3), 128, qt)
+
+
+def _state(n: int, blocksize: int, nested: bool, seed: int, device: torch.device):
+    """Random packed bytes plus a float32 or double-quantized absmax for n values."""
+    g = _gen(seed)
+    nblocks = math.ceil(n / blocksize)
+    nbytes = (n + 1) // 2
+    storage = torch.randint(0, 256, (nbytes + 13,), generator=g, dtype=torch.uint8)
+    packed = storage[1 : 1 + nbytes + 5]  # storage offset 1 and < 8 bytes of slack, as FSDP views are
+    if not nested:
+        absmax = torch.rand(nblocks, generator=g) * 4
+        absmax[::7] = 0.0
+        return packed.to(device)[: packed.numel()], absmax.to(device), None, None, None
+    absmax = torch.randint(0, 256, (nblocks,), generator=g, dtype=torch.uint8)
+    nested_absmax = torch.rand(math.ceil(nblocks / 256), generator=g) + 0.5
+    offset = torch.tensor(0.0371, dtype=torch.float32)
+    code = get_dynamic_map()
+    return packed.to(device), absmax.to(device), nested_absmax.to(device), code.to(device), offset.to(device)
+
+
+def _poison(numel: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Leave a freed NaN-filled block of the output's size where the next allocation likely lands."""
+    torch.full((numel,), float("nan"), dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("qt", QUANT_TYPES)
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+def test_dequantize_bit_exact(native, qt, blocksize, nested):
+    ops, device = native
+    for n in ODD_SIZES + (blocksize * 300 + 17,):
+        packed, absmax, nabs, ncode, offset = _state(n, blocksize, nested, seed=n * 3 + blocksize, device=device)
+        scale = reference.absmax_float32(absmax, nabs, ncode, offset, 256)
+        for dtype in DTYPES:
+            shape = (n,) if n % 3 else (3, n // 3)
+            _poison(n, dtype, device)
+            out = ops.dequantize_4bit(packed, absmax, nabs, ncode, offset, blocksize, 256, qt, shape, dtype)
+            ref = reference.dequantize_4bit(packed, scale, blocksize, qt, n, dtype).view(shape)
+            assert out.shape == tuple(shape) and out.dtype == dtype
+            assert _same_float_bits(out, ref), f"n={n} dtype={dtype}: output bits differ"
+
+
+def test_dequantize_roundtrip_matches_reference_ops(native):
+    ops, device = native
+    x = torch.randn(4096 + 33, generator=_gen(5)).to(device, torch.bfloat16)
+    packed, absmax = ops.quantize_4bit(x, 64, "nf4")
+    out = ops.dequantize_4bit(packed, absmax, None, None, None, 64, 256, "nf4", x.shape, torch.bfloat16)
+    ref = reference.dequantize_4bit(*reference.quantize_4bit(x, 64, "nf4"), 64, "nf4", x.numel(), torch.bfloat16)
+    assert _same_float_bits(out, ref)
+    rel = ((out.float() - x.float()).norm() / x.float().norm()).item()
+    assert rel < 0.12  # NF4 bs64 on Gaussian data: ~0.09
+
+
+def _gemv_case(ops, device, M_shape, N, K, blocksize, qt, nested, dtype, seed):
+    g = _gen(seed)
+    W = torch.randn(N, K, generator=g)
+    packed, absmax = reference.quantize_4bit(W, blocksize, qt)
+    nabs = ncode = offset = None
+    if nested:
+        offset = absmax.mean()
+        ncode = get_dynamic_map()
+        absmax, nabs = reference.quantize_blockwise(absmax - offset, ncode, 256)
+    scale = reference.absmax_float32(absmax, nabs, ncode, offset, 256)
+    W32 = reference.dequantize_4bit(packed, scale, blocksize, qt, N * K, torch.float32).view(N, K)
+    A = torch.randn(*M_shape, K, generator=g).to(dtype)
+    ref = A.double() @ W32.double().T
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    _poison(math.prod(M_shape) * N, dtype, device)
+    out = ops.gemv_4bit(to(A), to(packed), to(absmax), to(nabs), to(ncode), to(offset), blocksize, 256, qt, (N, K))
+    assert out.shape == (*M_shape, N) and out.dtype == dtype
+    assert not out.isnan().any(), "unwritten or NaN output"
+    err = ((out.double().cpu() - ref).norm() / ref.norm()).item()
+    assert err < GEMV_RTOL[dtype], f"relative error {err:.2e} for {dtype}, M={M_shape} N={N} K={K}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("qt", QUANT_TYPES)
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+def test_gemv(native, dtype, qt, nested):
+    ops, device = native
+    cases = [((1,), 37, 256, 64), ((1, 1), 130, 4096, 64), ((3,), 64, 96, 32), ((2, 2), 33, 160, 128),
+             ((5,), 17, 512, 256), ((8,), 40, 1024, 4096), ((9,), 20, 256, 64), ((17,), 11, 64, 32),
+             ((1,), 19, 100, 64), ((4,), 7, 45, 32)]  # the last two: K % 32 != 0 (blocks straddle rows)
+    for i, (M_shape, N, K, bs) in enumerate(cases):
+        _gemv_case(ops, device, M_shape, N, K, bs, qt, nested, dtype, seed=i)
+
+
+def test_gemv_every_blocksize(native):
+    ops, device = native
+    for bs in BLOCKSIZES:
+        _gemv_case(ops, device, (1,), 24, 4096, bs, "nf4", True, torch.bfloat16, seed=bs)
+
+
+def test_ops_dispatch_to_native(native, monkeypatch):
+    """fsdp4bit.ops routes to the native kernels and agrees with the forced-reference path."""
+    from fsdp4bit import ops as fops
+
+    _, device = native
+    assert kernels.backend_name(device) == f"native-{device.type}"
+    x = torch.randn(1000, generator=_gen(9)).to(device, torch.float16)
+    native_out = fops.quantize_4bit(x, 64, "fp4")
+    monkeypatch.setenv("FSDP4BIT_NO_NATIVE", "1")
+    assert kernels.native_for(device) is None and kernels.backend_name(device) == "reference"
+    ref_out = fops.quantize_4bit(x, 64, "fp4")
+    assert torch.equal(native_out[0], ref_out[0]) and _same_float_bits(native_out[1], ref_out[1])
+
+
+def test_bad_arguments(native):
+    ops, device = native
+    x = torch.randn(64, device=device)
+    with pytest.raises(ValueError, match="blocksize"):
+        ops.quantize_4bit(x, 48, "nf4")
+    with pytest.raises(ValueError, match="quant_type"):
+        ops.quantize_4bit(x, 64, "int4")
+    with pytest.raises(ValueError, match="A.dtype"):
+        ops.quantize_4bit(x.to(torch.int32), 64, "nf4")
+    packed, absmax = ops.quantize_4bit(x, 64, "nf4")
+    with pytest.raises(ValueError, match="dtype"):
+        ops.dequantize_4bit(packed, absmax, None, None, None, 64, 256, "nf4", (64,), torch.int8)
+    with pytest.raises(RuntimeError, match="packed has"):
+        ops.dequantize_4bit(packed[:10], absmax, None, None, None, 64, 256, "nf4", (64,), torch.float32)
+    with pytest.raises(RuntimeError, match="absmax"):
+        ops.dequantize_4bit(packed, absmax[:0], None, None, None, 64, 256, "nf4", (64,), torch.float32)
+    with pytest.raises(ValueError, match="K"):
+        ops.gemv_4bit(torch.randn(1, 63, device=device), packed, absmax, None, None, None, 64, 256, "nf4", (1, 64))
+
+
+def test_no_native_env_forces_reference(monkeypatch):
+    monkeypatch.setenv("FSDP4BIT_NO_NATIVE", "1")
+    for device in _DEVICES + ["meta"]:
+        assert kernels.native_for(device) is None
+        assert kernels.backend_name(device) == "reference"
+
+
+def test_meta_has_no_native(monkeypatch):
+    monkeypatch.delenv("FSDP4BIT_NO_NATIVE", raising=False)
+    assert kernels.native_for("meta") is None
