@@ -171,8 +171,15 @@ class Params4bit(nn.Parameter):
                 names += ["_qs_nested_absmax", "_qs_nested_code", "_qs_offset"]
                 nested = (state.state2.blocksize, state.state2.dtype)
             state_meta = (tuple(state.shape), state.blocksize, state.quant_type, state.dtype, nested)
-        attrs = (self.blocksize, self.compress_statistics, self.quant_type, self.quant_storage, self.bnb_quantized,
-                 self.row_start, self.requires_grad)
+        attrs = (
+            self.blocksize,
+            self.compress_statistics,
+            self.quant_type,
+            self.quant_storage,
+            self.bnb_quantized,
+            self.row_start,
+            self.requires_grad,
+        )
         return names, (attrs, state_meta)
 
     @staticmethod
@@ -184,12 +191,21 @@ class Params4bit(nn.Parameter):
             shape, qblocksize, qtype, dtype, nested = state_meta
             state2 = offset = None
             if nested is not None:
-                state2 = QuantState(inner["_qs_nested_absmax"], code=inner["_qs_nested_code"], blocksize=nested[0],
-                                    dtype=nested[1])
+                state2 = QuantState(
+                    inner["_qs_nested_absmax"], code=inner["_qs_nested_code"], blocksize=nested[0], dtype=nested[1]
+                )
                 offset = inner["_qs_offset"]
             state = QuantState(inner["_qs_absmax"], shape, inner["_qs_code"], qblocksize, qtype, dtype, offset, state2)
-        out = Params4bit(inner["_data"], requires_grad, state, blocksize, compress_statistics, quant_type,
-                         quant_storage, bnb_quantized=bnb_quantized)
+        out = Params4bit(
+            inner["_data"],
+            requires_grad,
+            state,
+            blocksize,
+            compress_statistics,
+            quant_type,
+            quant_storage,
+            bnb_quantized=bnb_quantized,
+        )
         out.set_row_start(row_start)
         return out
 

@@ -183,7 +183,9 @@ def gather_quant_state(local, mesh) -> QuantState:
     _, _, blocks, max_blocks = _layout_of(local, world)
     state = local.quant_state
     full = torch.index_select(gathered, 0, _gather_index(blocks, max_blocks, gathered.device))
-    return QuantState(full, state.shape, state.code, state.blocksize, state.quant_type, state.dtype, state.offset, state.state2)
+    return QuantState(
+        full, state.shape, state.code, state.blocksize, state.quant_type, state.dtype, state.offset, state.state2
+    )
 
 
 def sharded_state_dict_entries(weight) -> tuple[torch.Tensor, QuantState]:

@@ -70,12 +70,12 @@ def copy_state(state: QuantState | None, device: torch.device | None = None) -> 
 
 
 def _moved_nested(state2: QuantState, device: torch.device) -> QuantState:
-    return QuantState(state2.absmax.to(device), code=state2.code.to(device), blocksize=state2.blocksize, dtype=state2.dtype)
+    return QuantState(
+        state2.absmax.to(device), code=state2.code.to(device), blocksize=state2.blocksize, dtype=state2.dtype
+    )
 
 
-def slice_state(
-    state: QuantState, state_rows: tuple[int, int], rows: tuple[int, int], itemsize: int
-) -> QuantState:
+def slice_state(state: QuantState, state_rows: tuple[int, int], rows: tuple[int, int], itemsize: int) -> QuantState:
     """The statistics of global words ``rows`` given ``state`` for words ``state_rows`` (same object if equal)."""
     from .sharding import owned_blocks
 

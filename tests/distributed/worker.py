@@ -41,9 +41,12 @@ def special_words(dtype: torch.dtype) -> torch.Tensor:
 
 def make_layer(out_f: int, in_f: int, storage: torch.dtype, quant_type: str, dq: bool, blocksize: int, seed: int):
     torch.manual_seed(seed)
-    layer = bnb.nn.Linear4bit(in_f, out_f, bias=True, quant_type=quant_type, compress_statistics=dq, quant_storage=storage)
-    layer.weight = bnb.nn.Params4bit(layer.weight.data, quant_type=quant_type, compress_statistics=dq,
-                                     quant_storage=storage, blocksize=blocksize)
+    layer = bnb.nn.Linear4bit(
+        in_f, out_f, bias=True, quant_type=quant_type, compress_statistics=dq, quant_storage=storage
+    )
+    layer.weight = bnb.nn.Params4bit(
+        layer.weight.data, quant_type=quant_type, compress_statistics=dq, quant_storage=storage, blocksize=blocksize
+    )
     return layer.to("cpu")
 
 
@@ -138,15 +141,17 @@ def scenario_train(storage_name: str, precision: str, reshard: str, ckpt: str) -
     storage = STORAGES[storage_name]
     steps, per_rank = 6, 4
     gen = torch.Generator().manual_seed(11)
-    data = [(torch.randn(per_rank * world, 67, generator=gen), torch.randn(per_rank * world, 3, generator=gen))
-            for _ in range(3)]
+    data = [
+        (torch.randn(per_rank * world, 67, generator=gen), torch.randn(per_rank * world, 3, generator=gen))
+        for _ in range(3)
+    ]
     ref_model = make_model(storage)
     model = make_model(storage)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else None
     if mp is not None:
         ref_model = ref_model.to(torch.bfloat16)
     shard_model(model, block_types=(LoRALinear,), mp_policy=mp, reshard_after_forward=reshard == "reshard")
-    local = [(x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]) for x, y in data]
+    local = [(x[rank * per_rank : (rank + 1) * per_rank], y[rank * per_rank : (rank + 1) * per_rank]) for x, y in data]
     losses = train(model, local, steps, ckpt == "ckpt")
     losses_t = torch.tensor(losses)
     dist.all_reduce(losses_t)
@@ -162,8 +167,9 @@ def scenario_train(storage_name: str, precision: str, reshard: str, ckpt: str) -
         if "lora" in k:
             torch.testing.assert_close(sd[k].float(), v.float(), rtol=tol * 10, atol=tol * 10)
         elif v.dtype == torch.uint8 or "weight." in k or k.endswith("base.weight"):
-            assert torch.equal(sharding.plain(sd[k]).reshape(-1).view(torch.uint8),
-                               sharding.plain(v).reshape(-1).view(torch.uint8)), f"{k} changed"
+            assert torch.equal(
+                sharding.plain(sd[k]).reshape(-1).view(torch.uint8), sharding.plain(v).reshape(-1).view(torch.uint8)
+            ), f"{k} changed"
     return {"losses": losses_avg, "reference": ref_losses}
 
 
@@ -190,8 +196,10 @@ def scenario_dcp_load(path: str, storage_name: str) -> dict:
         ref = torch.load(os.path.join(path, "reference_full.pt"), weights_only=False)
         assert set(ref) == set(full), set(ref) ^ set(full)
         for k in ref:
-            assert torch.equal(sharding.plain(full[k]).reshape(-1).view(torch.uint8),
-                               sharding.plain(ref[k]).reshape(-1).view(torch.uint8)), f"{k} differs after reload"
+            assert torch.equal(
+                sharding.plain(full[k]).reshape(-1).view(torch.uint8),
+                sharding.plain(ref[k]).reshape(-1).view(torch.uint8),
+            ), f"{k} differs after reload"
     x = torch.randn(3, 67)
     out = model(x)
     assert torch.isfinite(out).all()
