@@ -230,10 +230,12 @@ def test_bad_arguments(native):
     packed, absmax = ops.quantize_4bit(x, 64, "nf4")
     with pytest.raises(ValueError, match="dtype"):
         ops.dequantize_4bit(packed, absmax, None, None, None, 64, 256, "nf4", (64,), torch.int8)
-    with pytest.raises(RuntimeError, match="packed has"):
+    with pytest.raises(ValueError, match="packed has"):
         ops.dequantize_4bit(packed[:10], absmax, None, None, None, 64, 256, "nf4", (64,), torch.float32)
-    with pytest.raises(RuntimeError, match="absmax"):
+    with pytest.raises(ValueError, match="absmax"):
         ops.dequantize_4bit(packed, absmax[:0], None, None, None, 64, 256, "nf4", (64,), torch.float32)
+    with pytest.raises(TypeError, match="absmax"):
+        ops.dequantize_4bit(packed, absmax.half(), None, None, None, 64, 256, "nf4", (64,), torch.float32)
     with pytest.raises(ValueError, match="K"):
         ops.gemv_4bit(torch.randn(1, 63, device=device), packed, absmax, None, None, None, 64, 256, "nf4", (1, 64))
 

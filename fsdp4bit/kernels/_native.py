@@ -39,6 +39,47 @@ def _opt(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()
 
 
+def _check_state(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    numel: int,
+    blocksize: int,
+    nested_blocksize: int,
+) -> None:
+    """Python-side checks of a quantized state, so bad input raises here with the argument's name.
+
+    The extensions check again (TORCH_CHECK), but an exception thrown inside the CUDA extension crashed
+    the process on the device machine (torch 2.11+cu130, cause not established): never rely on it.
+    """
+    device = packed.device
+    if packed.numel() < (numel + 1) // 2:
+        raise ValueError(f"packed has {packed.numel()} bytes, need {(numel + 1) // 2} for {numel} values")
+    nblocks = math.ceil(numel / blocksize)
+    if absmax.dim() != 1 or absmax.numel() < nblocks:
+        raise ValueError(f"absmax must be 1-D with at least {nblocks} entries, got shape {tuple(absmax.shape)}")
+    tensors = {"absmax": absmax, "nested_absmax": nested_absmax, "nested_code": nested_code, "offset": offset}
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device}, packed on {device}")
+    if nested_absmax is None:
+        if absmax.dtype != torch.float32:
+            raise TypeError(f"absmax must be float32 without double quantization, got {absmax.dtype}")
+        return
+    if nested_code is None or offset is None:
+        raise ValueError("nested_absmax needs nested_code and offset")
+    if absmax.dtype != torch.uint8:
+        raise TypeError(f"absmax must be uint8 with double quantization, got {absmax.dtype}")
+    if nested_blocksize < 1 or nested_absmax.dtype != torch.float32 or nested_absmax.numel() < math.ceil(nblocks / nested_blocksize):
+        raise ValueError("nested_absmax must be float32 with ceil(blocks / nested_blocksize) entries")
+    if nested_code.dtype != torch.float32 or nested_code.numel() != 256:
+        raise ValueError("nested_code must be float32 with 256 entries")
+    if offset.dtype != torch.float32 or offset.numel() != 1:
+        raise ValueError("offset must be a one-element float32 tensor")
+
+
 class NativeOps:
     """Native kernels of one device type (``"cpu"`` or ``"cuda"``)."""
 
@@ -78,8 +119,10 @@ class NativeOps:
         check_float_dtype(dtype, "dtype")
         _, _, code = _tables(quant_type)
         numel = math.prod(shape)
+        flat_packed = _flat_bytes(packed)
+        _check_state(flat_packed, absmax, nested_absmax, nested_code, offset, numel, blocksize, nested_blocksize)
         flat = self.ext.dequantize_4bit(
-            _flat_bytes(packed),
+            flat_packed,
             absmax.contiguous(),
             _opt(nested_absmax),
             _opt(nested_code),
@@ -122,11 +165,16 @@ class NativeOps:
         if A.shape[-1] != K:
             raise ValueError(f"A's last dimension ({A.shape[-1]}) must equal K = {K}")
         flat_packed = _flat_bytes(packed)
+        _check_state(flat_packed, absmax, nested_absmax, nested_code, offset, N * K, blocksize, nested_blocksize)
+        if A.device != flat_packed.device:
+            raise ValueError(f"A is on {A.device}, packed on {flat_packed.device}")
         A2 = A.reshape(-1, K)
-        if self._gemv_fused_ok(A2.shape[0], K, flat_packed):
+        if A2.shape[0] == 0:
+            return A.new_empty((*A.shape[:-1], N))
+        if self._gemv_fused_ok(A2.shape[0], K, flat_packed) and A2.is_contiguous() and A2.data_ptr() % 16 == 0:
             _, _, code = _tables(quant_type)
             out = self.ext.gemv_4bit(
-                A2.contiguous(),
+                A2,
                 flat_packed,
                 absmax.contiguous(),
                 _opt(nested_absmax),

@@ -52,7 +52,7 @@ def make_layer(out_f: int, in_f: int, storage: torch.dtype, quant_type: str, dq:
 
 def scenario_bytes() -> dict:
     """Random packed bytes with every NaN/Inf pattern survive shard -> all-gather bit-exactly, every storage dtype."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    world = dist.get_world_size()
     report = {}
     for name, storage in STORAGES.items():
         for quant_type, dq, blocksize in (("nf4", True, 64), ("fp4", False, 32), ("nf4", False, 4096)):
@@ -159,7 +159,7 @@ def scenario_train(storage_name: str, precision: str, reshard: str, ckpt: str) -
     ref_batches = [(x.to(torch.bfloat16) if mp else x, y) for x, y in data]
     ref_losses = train(ref_model, ref_batches, steps, ckpt == "ckpt")
     tol = 1e-5 if precision == "fp32" else 2e-2
-    for a, b in zip(losses_avg, ref_losses):
+    for a, b in zip(losses_avg, ref_losses, strict=True):
         assert abs(a - b) <= tol * max(1.0, abs(b)), f"loss {a} vs single-process {b} ({losses_avg} vs {ref_losses})"
     sd = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
     ref_sd = ref_model.state_dict()
