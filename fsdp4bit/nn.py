@@ -437,10 +437,14 @@ class Linear4bit(nn.Linear):
                 destination[prefix + "weight." + key] = value
             return
         state = getattr(weight, "quant_state", None)
-        if state is None or not isinstance(weight, Params4bit):
+        if not isinstance(weight, Params4bit):
             super()._save_to_state_dict(destination, prefix, keep_vars)
             return
         destination[prefix + "weight"] = weight if keep_vars else plain(weight).detach()
+        if state is None:  # not quantized yet: a plain float checkpoint
+            if self.bias is not None:
+                destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+            return
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
         for key, value in state.as_dict(packed=True).items():

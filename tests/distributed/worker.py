@@ -20,6 +20,7 @@ import fsdp4bit as bnb
 from fsdp4bit import sharding
 from fsdp4bit.sharding import shard_model
 
+DEVICE = torch.device(os.environ.get("FSDP4BIT_TEST_DEVICE", "cpu"))
 STORAGES = {"uint8": torch.uint8, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -47,7 +48,7 @@ def make_layer(out_f: int, in_f: int, storage: torch.dtype, quant_type: str, dq:
     layer.weight = bnb.nn.Params4bit(
         layer.weight.data, quant_type=quant_type, compress_statistics=dq, quant_storage=storage, blocksize=blocksize
     )
-    return layer.to("cpu")
+    return layer.to(DEVICE)
 
 
 def scenario_bytes() -> dict:
@@ -76,7 +77,7 @@ def scenario_bytes() -> dict:
             assert isinstance(full, bnb.nn.Params4bit), type(full)
             assert torch.equal(plain_bytes(full), expected_bytes), f"bytes changed ({name}, {quant_type})"
             assert full.quant_state == expected_state, f"quant state changed ({name}, {quant_type})"
-            x = torch.randn(5, 131)
+            x = torch.randn(5, 131, device=DEVICE)
             layer.reshard()
             if storage == torch.uint8:
                 assert torch.equal(layer(x), ref(x)), "forward differs from the unsharded layer"
@@ -112,7 +113,7 @@ def make_model(storage: torch.dtype, seed: int = 0) -> nn.Module:
     for i, (i_f, o_f) in enumerate(dims):
         base = make_layer(o_f, i_f, storage, "nf4" if i % 2 == 0 else "fp4", i != 1, 64, seed + i)
         base.bias.requires_grad_(False)
-        layers.append(LoRALinear(base))
+        layers.append(LoRALinear(base).to(DEVICE))
         if i < len(dims) - 1:
             layers.append(nn.GELU())
     return nn.Sequential(*layers)
@@ -200,14 +201,16 @@ def scenario_dcp_load(path: str, storage_name: str) -> dict:
                 sharding.plain(full[k]).reshape(-1).view(torch.uint8),
                 sharding.plain(ref[k]).reshape(-1).view(torch.uint8),
             ), f"{k} differs after reload"
-    x = torch.randn(3, 67)
+    x = torch.randn(3, 67, device=DEVICE)
     out = model(x)
     assert torch.isfinite(out).all()
     return {"loaded": path}
 
 
 def main() -> int:
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=90))
+    if DEVICE.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=90))
     scenario, *args = sys.argv[1:]
     report = globals()[f"scenario_{scenario}"](*args)
     dist.barrier()

@@ -1,0 +1,111 @@
+"""Build a sharded 4-bit model from a checkpoint, block by block, so no rank ever holds the whole model.
+
+The model is constructed on the meta device (Linear4bit layers included). For each block, in order, its
+tensors are read one at a time from the checkpoint (safetensors file(s) or any key -> tensor callable),
+float weights of Linear4bit layers are quantized on the target device (bitsandbytes-format weights are
+taken as they are), and the block is sharded with FSDP2 before the next one is read. Peak memory per
+rank: one block's float tensors plus 1/W of the 4-bit model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .nn import Linear4bit, Params4bit
+from .quant_state import PACKED_KEY_PREFIX
+
+Reader = Callable[[str], torch.Tensor]
+
+
+def safetensors_reader(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> tuple[Reader, set[str]]:
+    """A reader over one or more safetensors files (tensors are read lazily, one key at a time) and its keys."""
+    from safetensors import safe_open
+
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    index: dict[str, str] = {}
+    for path in paths:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            for key in f.keys():
+                index[key] = os.fspath(path)
+
+    def read(key: str) -> torch.Tensor:
+        with safe_open(index[key], framework="pt") as f:
+            return f.get_tensor(key)
+
+    return read, set(index)
+
+
+def _load_linear4bit(layer: Linear4bit, prefix: str, read: Reader, keys: set[str], device: torch.device) -> None:
+    weight_key = prefix + "weight"
+    stat_keys = [k for k in keys if k.startswith(weight_key + ".")]
+    if stat_keys:
+        stats = {k[len(prefix) :]: read(k) for k in stat_keys}
+        layer.weight = Params4bit.from_prequantized(read(weight_key), stats, device=device)
+    else:
+        template = layer.weight
+        weight = Params4bit(
+            read(weight_key).to(template.dtype if template.dtype.is_floating_point else torch.float32),
+            requires_grad=False,
+            blocksize=template.blocksize,
+            compress_statistics=template.compress_statistics,
+            quant_type=template.quant_type,
+            quant_storage=template.quant_storage,
+        )
+        layer.weight = weight.to(device)
+    if layer.bias is not None:
+        layer.bias = nn.Parameter(read(prefix + "bias").to(device), requires_grad=layer.bias.requires_grad)
+
+
+def materialize(module: nn.Module, prefix: str, read: Reader, keys: set[str], device: torch.device) -> None:
+    """Give every meta tensor of ``module`` (recursively) its checkpoint value on ``device``."""
+    for name, child in module.named_children():
+        if isinstance(child, Linear4bit) and child.weight.is_meta:
+            _load_linear4bit(child, f"{prefix}{name}.", read, keys, device)
+        materialize(child, f"{prefix}{name}.", read, keys, device)
+    for name, param in list(module.named_parameters(recurse=False)):
+        if param.is_meta:
+            key = prefix + name
+            if key not in keys:
+                raise KeyError(f"checkpoint has no tensor {key!r}")
+            value = read(key).to(device=device, dtype=param.dtype)
+            setattr(module, name, nn.Parameter(value, requires_grad=param.requires_grad))
+    for name, buf in list(module.named_buffers(recurse=False)):
+        if buf.is_meta:
+            key = prefix + name
+            value = read(key).to(device) if key in keys else torch.zeros_like(buf, device=device)
+            module.register_buffer(name, value, persistent=name not in module._non_persistent_buffers_set)
+
+
+def load_sharded(
+    model: nn.Module,
+    read: Reader,
+    keys: set[str],
+    *,
+    block_types: tuple[type[nn.Module], ...],
+    device: torch.device | str,
+    shard: Callable[[nn.Module], None] | None = None,
+) -> nn.Module:
+    """Materialize a meta-device ``model`` from a checkpoint one block at a time, sharding each block with
+    ``shard`` (default: FSDP2 ``fully_shard``) as soon as it is loaded, then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    device = torch.device(device)
+    shard = shard or fully_shard
+    names = {id(m): n for n, m in model.named_modules()}
+    for block in [m for m in model.modules() if isinstance(m, block_types)]:
+        name = names[id(block)]
+        materialize(block, f"{name}." if name else "", read, keys, device)
+        shard(block)
+    materialize(model, "", read, keys, device)
+    shard(model)
+    return model
+
+
+def is_bnb_checkpoint(keys: set[str]) -> bool:
+    """True when the keys contain bitsandbytes' packed quant-state entries."""
+    return any(PACKED_KEY_PREFIX in k for k in keys)

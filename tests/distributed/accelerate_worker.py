@@ -1,0 +1,77 @@
+"""accelerate's FSDP2 plugin (fsdp_version=2) prepares and trains a model with Linear4bit layers.
+
+Run with ``accelerate launch --num_processes N --cpu accelerate_worker.py STORAGE``; rank 0 prints the
+losses next to a single-process reference computed on the whole batch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import FullyShardedDataParallelPlugin
+from torch import nn
+
+import fsdp4bit as bnb
+
+
+class Block(nn.Module):
+    """A frozen 4-bit base with a trainable LoRA pair."""
+
+    def __init__(self, in_f: int, out_f: int, storage: torch.dtype) -> None:
+        super().__init__()
+        self.base = bnb.nn.Linear4bit(in_f, out_f, quant_type="nf4", quant_storage=storage)
+        self.lora_a = nn.Linear(in_f, 4, bias=False)
+        self.lora_b = nn.Linear(4, out_f, bias=False)
+
+    def forward(self, x):
+        return self.base(x) + self.lora_b(self.lora_a(x))
+
+
+def build(storage: torch.dtype) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(33, 21, storage), nn.GELU(), Block(21, 3, storage)).to("cpu")
+    for name, param in model.named_parameters():
+        if "base" in name:
+            param.requires_grad_(False)
+    return model
+
+
+def run(model, opt, batches, backward) -> list[float]:
+    losses = []
+    for x, y in batches:
+        loss = nn.functional.mse_loss(model(x), y)
+        backward(loss)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def main() -> None:
+    storage = {"uint8": torch.uint8, "bfloat16": torch.bfloat16}[sys.argv[1]]
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["Block"]
+    )
+    acc = Accelerator(fsdp_plugin=plugin, cpu=True)
+    gen = torch.Generator().manual_seed(1)
+    world, rank = acc.num_processes, acc.process_index
+    batch = (torch.randn(4 * world, 33, generator=gen), torch.randn(4 * world, 3, generator=gen))
+    data = [batch] * 5
+    model = build(storage)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model, opt = acc.prepare(model, opt)
+    local = [(x[rank * 4 : (rank + 1) * 4], y[rank * 4 : (rank + 1) * 4]) for x, y in data]
+    losses = torch.tensor(run(model, opt, local, acc.backward))
+    losses = acc.reduce(losses, reduction="mean").tolist()
+    ref = build(storage)
+    ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
+    ref_losses = run(ref, ref_opt, data, lambda loss: loss.backward())
+    if acc.is_main_process:
+        print("REPORT " + json.dumps({"losses": losses, "reference": ref_losses}))
+
+
+if __name__ == "__main__":
+    main()
