@@ -43,10 +43,16 @@ def _code_cpu(quant_type: str) -> torch.Tensor:
     return data.div_(data.abs().max())
 
 
+@functools.lru_cache(maxsize=None)
+def _on_device(kind: str, device: torch.device) -> torch.Tensor:
+    """One cached copy per device, so hot paths never do a (synchronizing) host-to-device copy."""
+    return (_dynamic_map_cpu() if kind == "dynamic" else _code_cpu(kind)).to(device)
+
+
 def get_4bit_code(quant_type: str, device: torch.device | str | None = None) -> torch.Tensor:
     """A fresh float32 tensor of the 16 code values of ``quant_type`` (index = 4-bit code)."""
     check_quant_type(quant_type)
-    return _code_cpu(quant_type).to(device or "cpu", copy=True)
+    return _on_device(quant_type, torch.device(device or "cpu")).clone()
 
 
 @functools.cache
@@ -78,7 +84,7 @@ def _dynamic_map_cpu() -> torch.Tensor:
 
 def get_dynamic_map(device: torch.device | str | None = None) -> torch.Tensor:
     """A fresh float32 copy of the 256-entry dynamic map."""
-    return _dynamic_map_cpu().to(device or "cpu", copy=True)
+    return _on_device("dynamic", torch.device(device or "cpu")).clone()
 
 
 def check_quant_type(quant_type: object) -> None:

@@ -83,3 +83,10 @@ def test_dcp_checkpoint_loads_on_other_world_sizes(tmp_path, save_world, load_wo
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p], "temporary checkpoint folder left behind"
     for world in load_worlds:
         torchrun(world, "dcp_load", path, storage)
+
+
+@pytest.mark.parametrize("kind", ["float", "bnb"])
+@pytest.mark.parametrize("world", [1, 2])
+def test_sharded_model_built_from_meta_device_checkpoint(tmp_path, kind, world):
+    """Float and bitsandbytes-format checkpoints load block by block into a sharded 4-bit model."""
+    torchrun(world, "load_meta", str(tmp_path / f"model_{kind}.safetensors"), kind)

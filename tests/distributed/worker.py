@@ -207,6 +207,51 @@ def scenario_dcp_load(path: str, storage_name: str) -> dict:
     return {"loaded": path}
 
 
+class Block(nn.Module):
+    """A residual block with one 4-bit projection (the unit ``load_sharded`` materializes and shards)."""
+
+    def __init__(self, dim: int, storage: torch.dtype) -> None:
+        super().__init__()
+        self.fc = bnb.nn.Linear4bit(dim, dim, quant_type="nf4", quant_storage=storage)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        return self.norm(x + self.fc(x))
+
+
+def block_model(storage: torch.dtype, device: str, dim: int = 40, depth: int = 3) -> nn.Module:
+    with torch.device(device):
+        return nn.Sequential(*[Block(dim, storage) for _ in range(depth)], nn.Linear(dim, 5))
+
+
+def scenario_load_meta(path: str, kind: str) -> dict:
+    """A meta-device model is built block by block from a float or bitsandbytes-format safetensors file,
+    sharded as it loads, and computes what the whole single-process model computes."""
+    import resource
+
+    from safetensors.torch import save_file
+
+    from fsdp4bit.loading import load_sharded, safetensors_reader
+
+    storage = torch.bfloat16
+    if dist.get_rank() == 0:
+        torch.manual_seed(0)
+        source = block_model(storage, "cpu")
+        if kind == "bnb":
+            source = source.to("cpu")
+        save_file({k: sharding.plain(v).contiguous() for k, v in source.state_dict().items()}, path)
+    dist.barrier()
+    read, keys = safetensors_reader(path)
+    model = block_model(storage, "meta")
+    load_sharded(model, read, keys, block_types=(Block,), device=DEVICE)
+    ref = block_model(storage, "cpu")
+    ref.load_state_dict({k: read(k) for k in keys})
+    ref = ref.to(DEVICE)
+    x = torch.randn(4, 40, device=DEVICE)
+    assert torch.equal(model(x), ref(x)), "sharded model built from the checkpoint differs"
+    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
 def main() -> int:
     if DEVICE.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

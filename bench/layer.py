@@ -1,0 +1,80 @@
+"""QLoRA-layer timings on a GPU: 4-bit Linear4bit vs bf16 F.linear in the same run.
+
+- forward+backward (gradient to the input only, the weight is frozen) at 8192 tokens, 14336x4096;
+- forward matmul at 4096 tokens;
+- the whole ``functional.quantize_4bit`` (NF4 bs64, double quant), i.e. kernel + double-quant statistics.
+
+    python bench/layer.py [--json bench/results/layer_<gpu>.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+import fsdp4bit as bnb
+
+
+def cuda_ms(fn, reps: int = 30, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    dev = "cuda"
+    torch.manual_seed(0)
+    out_f, in_f = 14336, 4096
+    w = torch.randn(out_f, in_f, device=dev, dtype=torch.bfloat16) * 0.02
+    layer = bnb.nn.Linear4bit(in_f, out_f, bias=False, quant_type="nf4", compute_dtype=torch.bfloat16)
+    layer.weight = bnb.nn.Params4bit(w.clone(), quant_type="nf4", compress_statistics=True)
+    layer = layer.to(dev)
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": [out_f, in_f]}
+    for tokens in (8192,):
+        x = torch.randn(tokens, in_f, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        g = torch.randn(tokens, out_f, device=dev, dtype=torch.bfloat16)
+
+        def ours():
+            layer(x).backward(g)
+
+        def ref():
+            torch.nn.functional.linear(x, w).backward(g)
+
+        res[f"fwd_bwd_{tokens}_ms"] = {"fsdp4bit": cuda_ms(ours), "bf16_linear": cuda_ms(ref)}
+    for tokens in (4096,):
+        x = torch.randn(tokens, in_f, device=dev, dtype=torch.bfloat16)
+        with torch.no_grad():
+            res[f"fwd_{tokens}_ms"] = {
+                "fsdp4bit": cuda_ms(lambda: layer(x)),
+                "bf16_linear": cuda_ms(lambda: torch.nn.functional.linear(x, w)),
+            }
+    res["quantize_4bit_dq_us"] = 1000 * cuda_ms(
+        lambda: bnb.functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    )
+    res["quantize_4bit_us"] = 1000 * cuda_ms(lambda: bnb.functional.quantize_4bit(w, blocksize=64, quant_type="nf4"))
+    for key, val in res.items():
+        if isinstance(val, dict) and "bf16_linear" in val:
+            val["ratio"] = val["fsdp4bit"] / val["bf16_linear"]
+    print(json.dumps(res, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Config validation of fsdp4bit.train: unknown or wrongly-typed fields fail with an error naming the field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fsdp4bit.train.config import Config, from_dict, load_config, to_toml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_and_shipped_configs_load() -> None:
+    assert isinstance(from_dict({}), Config)
+    for path in sorted((REPO / "configs").glob("*.toml")):
+        cfg = load_config(path)
+        assert cfg.lora.r > 0, path
+
+
+def test_unknown_field_names_the_field() -> None:
+    with pytest.raises(ValueError, match=r"unknown config field 'train\.stepz'"):
+        from_dict({"train": {"stepz": 5}})
+
+
+def test_unknown_section_names_the_section() -> None:
+    with pytest.raises(ValueError, match=r"unknown config field 'trian'"):
+        from_dict({"trian": {"steps": 5}})
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"train": {"steps": "5"}}, "train.steps"),
+        ({"train": {"steps": 5.5}}, "train.steps"),
+        ({"model": {"compress_statistics": 1}}, "model.compress_statistics"),
+        ({"lora": {"r": True}}, "lora.r"),
+        ({"lora": {"target_modules": "q_proj"}}, "lora.target_modules"),
+        ({"lora": {"target_modules": ["q_proj", 3]}}, r"lora.target_modules\[1\]"),
+        ({"train": "fast"}, "train"),
+    ],
+)
+def test_wrong_type_names_the_field(data: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=f"'{field}'"):
+        from_dict(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"model": {"quant_type": "int4"}}, "model.quant_type"),
+        ({"model": {"quant_storage": "int8"}}, "model.quant_storage"),
+        ({"train": {"steps": 0}}, "train.steps"),
+        ({"train": {"lr": -1.0}}, "train.lr"),
+        ({"model": {"blocksize": 96}}, "model.blocksize"),
+        ({"debug": {"mode": "maybe"}}, "debug.mode"),
+    ],
+)
+def test_bad_value_names_the_field(data: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=f"'{field}'"):
+        from_dict(data)
+
+
+def test_int_accepted_for_float() -> None:
+    assert from_dict({"train": {"lr": 1}}).train.lr == 1.0
+
+
+def test_overrides_and_roundtrip(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[train]\nsteps = 3\n[output]\ndir = "x"\n')
+    cfg = load_config(path, ["train.steps=7", "lora.target_modules=['q_proj']", "output.dir=runs/y"])
+    assert (cfg.train.steps, cfg.lora.target_modules, cfg.output.dir) == (7, ["q_proj"], "runs/y")
+    again = tmp_path / "again.toml"
+    again.write_text(to_toml(cfg))
+    assert load_config(again) == cfg
+    with pytest.raises(ValueError, match=r"unknown config field 'train\.nope'"):
+        load_config(path, ["train.nope=1"])
+
+
+def test_cli_reports_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[train]\nsteps = 'many'\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fsdp4bit.train", "--config", str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "'train.steps' must be int" in proc.stderr

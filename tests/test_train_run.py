@@ -1,0 +1,142 @@
+"""End-to-end runs of ``python -m fsdp4bit.train`` on the real embedded model (first 4 blocks, CPU).
+
+Under torchrun with 2 processes: loss finite and decreasing, adapter saved in peft's format and loadable by
+``PeftModel.from_pretrained``, metrics and plot written; a run killed after step 6 resumes from its step-4
+checkpoint (ignoring a half-written one) and reproduces the uninterrupted run's losses; and plain ``python``
+(debug mode, world size 1) runs with its extra checks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "cpu_tiny.toml"
+TIMEOUT_S = 300
+
+
+def _run(args: list[str], out_dir: Path, *, torchrun: bool, extra: list[str] = ()) -> subprocess.CompletedProcess:
+    cmd = [sys.executable]
+    if torchrun:
+        cmd += [
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--rdzv_backend=c10d",
+            "--rdzv_endpoint=localhost:0",
+        ]
+    cmd += ["-m", "fsdp4bit.train", "--config", str(CONFIG), "--set", f'output.dir="{out_dir}"', *extra, *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"run timed out after {TIMEOUT_S}s:\n{output[-4000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, output, "")
+
+
+def _records(out_dir: Path, event: str) -> list[dict]:
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == event]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uninterrupted 8-step run under torchrun with 2 processes."""
+    out = tmp_path_factory.mktemp("straight")
+    proc = _run([], out, torchrun=True)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "held-out perplexity: before" in proc.stdout
+    return out
+
+
+def test_loss_finite_and_decreasing(straight: Path) -> None:
+    losses = [r["loss"] for r in _records(straight, "train")]
+    assert len(losses) == 8
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-2:]) < sum(losses[:2]), losses
+
+
+def test_metrics_and_plot_written(straight: Path) -> None:
+    (summary,) = _records(straight, "summary")
+    assert summary["world_size"] == 2 and len(summary["peak_mem_mb_per_rank"]) == 2
+    assert summary["ppl_after"] < summary["ppl_before"]
+    assert {r["when"] for r in _records(straight, "eval")} == {"before", "after"}
+    assert all(r["tokens_per_s"] > 0 for r in _records(straight, "train"))
+    assert (straight / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_adapter_loads_with_peft(straight: Path) -> None:
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from fsdp4bit.train.config import load_config
+    from fsdp4bit.train.model import resolve_model_path
+
+    adapter = straight / "adapter"
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    saved = load_file(adapter / "adapter_model.safetensors")
+    assert len(saved) == 4 * 7 * 2  # 4 blocks x 7 projections x (lora_A, lora_B)
+    base_path = resolve_model_path(load_config(CONFIG).model)
+    base = AutoModelForCausalLM.from_pretrained(base_path, num_hidden_layers=4, dtype=torch.float32)
+    ids = torch.arange(100, 164).view(1, 64)
+    with torch.no_grad():
+        base_logits = base(ids).logits
+    model = PeftModel.from_pretrained(base, adapter)
+    loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert len(loaded) == len(saved)
+    for key, value in saved.items():
+        match = [v for k, v in loaded.items() if k.replace(".default", "") == key]
+        assert len(match) == 1 and torch.equal(match[0], value), key
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in saved.items())
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, base_logits)
+
+
+def test_resume_after_kill_matches(straight: Path, tmp_path: Path) -> None:
+    out = tmp_path / "resumed"
+    killed = _run([], out, torchrun=True, extra=["--set", "debug.kill_after_step=6"])
+    assert killed.returncode != 0
+    assert [r["step"] for r in _records(out, "train")] == [1, 2, 3, 4, 5, 6]
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000004"]
+    # What a kill in the middle of a later save would leave: both must be ignored on resume.
+    (ckpts / ".tmp-step-00000008").mkdir()
+    (ckpts / ".tmp-step-00000008" / "__0_0.distcp").write_bytes(b"partial")
+    (ckpts / "step-00000099").mkdir()
+    resumed = _run([], out, torchrun=True)
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    assert "resumed from" in resumed.stdout and "step 4" in resumed.stdout
+    assert not (ckpts / ".tmp-step-00000008").exists()
+    want = {r["step"]: r["loss"] for r in _records(straight, "train")}
+    got = {r["step"]: r["loss"] for r in _records(out, "train")}
+    assert sorted(got) == list(range(1, 9))
+    for step in range(1, 9):
+        assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-5), (step, got[step], want[step])
+    ppl = {r["when"]: r["ppl"] for r in _records(out, "eval")}
+    want_ppl = {r["when"]: r["ppl"] for r in _records(straight, "eval")}
+    assert ppl["after"] == pytest.approx(want_ppl["after"], rel=1e-4)
+
+
+def test_debug_mode_single_process(tmp_path: Path) -> None:
+    out = tmp_path / "debug"
+    proc = _run(["--set", "train.steps=3", "--set", "checkpoint.every=0"], out, torchrun=False)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "world size 1" in proc.stdout and "debug mode True" in proc.stdout
+    losses = [r["loss"] for r in _records(out, "train")]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
