@@ -112,6 +112,20 @@ def post_all_gather(param, outputs: Sequence[torch.Tensor], metadata: Any, param
     return type(param).wrap(data, param, quant_state=full_state, row_start=0), (absmax,)
 
 
+@functools.cache
+def fsdp_supports_integer_params() -> bool:
+    """Whether this torch's FSDP2 can shard a non-float parameter (uint8 quant_storage).
+
+    torch 2.11's ``FSDPParam`` wraps each shard as ``nn.Parameter(dtensor)`` with the default
+    ``requires_grad=True``, which integer tensors refuse; newer releases pass the parameter's own flag.
+    """
+    import inspect
+
+    from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
+
+    return "requires_grad=param.requires_grad" in inspect.getsource(FSDPParam._init_sharded_param)
+
+
 def _is_4bit(module: nn.Module) -> bool:
     from .nn import Params4bit
 
@@ -136,6 +150,12 @@ def shard_model(
     for name, param in model.named_parameters():
         if isinstance(param, Params4bit) and param.quant_state is None:
             raise ValueError(f"{name} is a Params4bit that is not quantized yet: call .to(device) before shard_model")
+        if isinstance(param, Params4bit) and not param.dtype.is_floating_point and not fsdp_supports_integer_params():
+            raise ValueError(
+                f"{name} has quant_storage={param.dtype}, but this torch ({torch.__version__}) FSDP2 cannot shard "
+                "integer parameters (it marks every shard requires_grad=True). Use quant_storage=torch.bfloat16 "
+                "(the packed bytes are identical) or torch >= 2.13."
+            )
     kwargs: dict[str, Any] = {"reshard_after_forward": reshard_after_forward}
     if mesh is not None:
         kwargs["mesh"] = mesh
