@@ -13,7 +13,7 @@ from .autograd import matmul_4bit
 from .codebooks import check_blocksize, check_quant_storage, check_quant_type
 from .quant_state import PACKED_KEY_PREFIX, QuantState
 from .sharding import as_like, is_sharded, load_sharded_entries, sharded_state_dict_entries
-from .tensor_ops import TENSOR_OPS, plain, slice_state, unwrap_call
+from .tensor_ops import TENSOR_OPS, copy_state, plain, slice_state, unwrap_call
 
 __all__ = ["Params4bit", "Linear4bit", "LinearNF4", "LinearFP4"]
 
@@ -345,9 +345,12 @@ class Params4bit(nn.Parameter):
             return type(self).wrap(moved, self, None, 0)
         if device is None or device == self.device:
             return self
+        moved = self._data.to(device, non_blocking=non_blocking)
+        if not self.is_full:
+            # A shard (e.g. FSDP2 moving a CPU-offloaded shard to the GPU): leave the source's state where it is.
+            return type(self).wrap(moved, self, copy_state(self.quant_state, moved.device), self.row_start)
         if self.quant_state is not None:
             self.quant_state.to(device)
-        moved = self._data.to(device, non_blocking=non_blocking)
         return type(self).wrap(moved, self, self.quant_state, self.row_start)
 
     def cpu(self) -> Params4bit:

@@ -154,7 +154,13 @@ def scenario_train(storage_name: str, precision: str, reshard: str, ckpt: str) -
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else None
     if mp is not None:
         ref_model = ref_model.to(torch.bfloat16)
-    shard_model(model, block_types=(LoRALinear,), mp_policy=mp, reshard_after_forward=reshard == "reshard")
+    shard_model(
+        model,
+        block_types=(LoRALinear,),
+        mp_policy=mp,
+        reshard_after_forward=reshard != "noreshard",
+        cpu_offload=reshard == "offload",
+    )
     local = [(x[rank * per_rank : (rank + 1) * per_rank], y[rank * per_rank : (rank + 1) * per_rank]) for x, y in data]
     losses = train(model, local, steps, ckpt == "ckpt")
     losses_t = torch.tensor(losses)
