@@ -67,7 +67,7 @@ def main() -> None:
         lambda: bnb.functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
     )
     res["quantize_4bit_us"] = 1000 * cuda_ms(lambda: bnb.functional.quantize_4bit(w, blocksize=64, quant_type="nf4"))
-    for key, val in res.items():
+    for val in res.values():
         if isinstance(val, dict) and "bf16_linear" in val:
             val["ratio"] = val["fsdp4bit"] / val["bf16_linear"]
     print(json.dumps(res, indent=1))

@@ -70,8 +70,17 @@ def main() -> None:
     peak = torch.tensor([rss_mb() - start])
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     if rank == 0:
-        print(json.dumps({"mode": args.mode, "world": dist.get_world_size(), "params": params,
-                          "bf16_model_mb": 2 * params / 2**20, "peak_rss_growth_mb_max_rank": peak.item()}))
+        print(
+            json.dumps(
+                {
+                    "mode": args.mode,
+                    "world": dist.get_world_size(),
+                    "params": params,
+                    "bf16_model_mb": 2 * params / 2**20,
+                    "peak_rss_growth_mb_max_rank": peak.item(),
+                }
+            )
+        )
     dist.destroy_process_group()
 
 

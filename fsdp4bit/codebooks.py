@@ -43,7 +43,7 @@ def _code_cpu(quant_type: str) -> torch.Tensor:
     return data.div_(data.abs().max())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _on_device(kind: str, device: torch.device) -> torch.Tensor:
     """One cached copy per device, so hot paths never do a (synchronizing) host-to-device copy."""
     return (_dynamic_map_cpu() if kind == "dynamic" else _code_cpu(kind)).to(device)

@@ -20,13 +20,23 @@ def test_accelerate_fsdp2_trains_4bit_model(storage):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-           "--main_process_port", str(port), str(WORKER), storage]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--cpu",
+        "--main_process_port",
+        str(port),
+        str(WORKER),
+        storage,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     report = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("REPORT "))[7:])
     losses, ref = report["losses"], report["reference"]
-    assert all(l == l and l < 1e6 for l in losses), losses  # finite, no NaN
+    assert all(v == v and v < 1e6 for v in losses), losses  # finite, no NaN
     assert losses[-1] < losses[0], losses
     for a, b in zip(losses, ref, strict=True):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), (losses, ref)

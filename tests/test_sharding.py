@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 import torch
 
 WORKER = Path(__file__).parent / "distributed" / "worker.py"
@@ -86,7 +85,9 @@ def test_lora_training_matches_single_process(world, storage, precision, reshard
     assert len(report["losses"]) == len(report["reference"]) == 6
 
 
-@pytest.mark.parametrize("save_world,load_worlds,storage", [(2, (1, 3), "bfloat16"), (1, (2,), "uint8"), (1, (1,), "float32")])
+@pytest.mark.parametrize(
+    "save_world,load_worlds,storage", [(2, (1, 3), "bfloat16"), (1, (2,), "uint8"), (1, (1,), "float32")]
+)
 def test_dcp_checkpoint_loads_on_other_world_sizes(tmp_path, save_world, load_worlds, storage):
     """A DCP checkpoint of a sharded 4-bit model reloads bit-exactly on a different number of ranks."""
     skip_unless_fsdp_shards(storage)
