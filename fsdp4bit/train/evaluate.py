@@ -1,0 +1,45 @@
+"""Held-out perplexity: exp(total token negative log-likelihood / total predicted tokens), over all ranks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .data import shard_for_rank
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module, sequences: torch.Tensor, batch_size: int, rank: int, world_size: int, device: torch.device
+) -> tuple[float, float]:
+    """(perplexity, mean loss) of ``model`` on ``sequences``; collective, every rank runs the same number of forwards.
+
+    Under FSDP every forward all-gathers parameters, so a rank with fewer sequences still runs a forward on a
+    placeholder batch whose loss it does not count.
+    """
+    was_training = model.training
+    model.eval()
+    mine = shard_for_rank(sequences, rank, world_size)
+    per_rank = math.ceil(len(sequences) / world_size)
+    n_batches = math.ceil(per_rank / batch_size)
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    for i in range(n_batches):
+        batch = mine[i * batch_size : (i + 1) * batch_size]
+        counted = len(batch) > 0
+        if not counted:
+            batch = sequences[:1]
+        batch = batch.to(device)
+        logits = model(input_ids=batch).logits.float()
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        if counted:
+            totals[0] += nll.double()
+            totals[1] += batch[:, 1:].numel()
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    model.train(was_training)
+    loss = (totals[0] / totals[1]).item()
+    return math.exp(loss), loss

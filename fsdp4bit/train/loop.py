@@ -1,0 +1,242 @@
+"""The training run: model, adapters, sharding, data, evaluation, the step loop, checkpoints and outputs."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from tqdm import tqdm
+
+from . import debug as dbg
+from .config import Config, to_toml
+from .data import RankBatches, build_datasets
+from .distributed import DistInfo, setup, teardown
+from .embedded import ensure_embedded_model
+from .evaluate import perplexity
+from .lora import attach_lora, save_adapter, trainable_parameters
+from .metrics import MetricsLog, current_memory_mb, gather_floats, peak_memory_mb, read_metrics
+from .model import count_4bit, decoder_blocks, dtype_of, load_quantized_model, shard
+from .optim import build_optimizer
+from .plot import plot_loss
+from .train_checkpoint import Progress, complete_checkpoints, load_checkpoint, remove_partial, save_checkpoint
+
+
+def _say(info: DistInfo, text: str) -> None:
+    if info.is_main:
+        tqdm.write(text, file=sys.stdout)
+        sys.stdout.flush()
+
+
+def _reseed(seed: int, step: int, rank: int) -> None:
+    """Every step starts from RNG state (seed, step, rank): dropout masks are the same after a resume."""
+    torch.manual_seed(seed * 1_000_003 + step * 101 + rank)
+
+
+def _grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Run training as configured; returns the summary record (also written to metrics.jsonl on rank 0)."""
+    wall_start = time.time()
+    if not cfg.model.path:
+        ensure_embedded_model(cfg.model.cache_dir)  # before any collective: conversion may take a while
+    info = setup(cfg)
+    try:
+        return _run(cfg, info, wall_start)
+    finally:
+        teardown()
+
+
+def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
+    tcfg = cfg.train
+    out_dir = Path(cfg.output.dir)
+    ckpt_root = out_dir / "checkpoints"
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.toml").write_text(to_toml(cfg))
+        remove_partial(ckpt_root)
+    if info.debug:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    _say(info, f"fsdp4bit.train: world size {info.world_size}, device {info.device}, debug mode {info.debug}")
+
+    torch.manual_seed(tcfg.seed)
+    t0 = time.time()
+    model, tokenizer = load_quantized_model(cfg.model, info.device)
+    n4, nfloat = count_4bit(model)
+    if info.debug:
+        dbg.check_quantized(model, cfg.model)
+    train_seqs, eval_seqs = build_datasets(cfg.data, tokenizer)
+    peft_model = attach_lora(model, cfg.lora, tcfg.seed)
+    if cfg.model.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.model.compile:
+        for _, block in decoder_blocks(model):
+            block.compile()
+    mp_dtype = dtype_of(tcfg.mixed_precision) if tcfg.mixed_precision else None
+    shard(
+        model,
+        mesh=info.mesh,
+        mp_dtype=mp_dtype,
+        reshard_after_forward=cfg.dist.reshard_after_forward,
+        cpu_offload=cfg.dist.cpu_offload,
+    )
+    params = [p for _, p in trainable_parameters(peft_model)]
+    n_trainable = sum(p.numel() for p in params)
+    _say(
+        info,
+        f"model ready in {time.time() - t0:.1f}s: {n4} Linear4bit ({cfg.model.quant_type}, blocksize "
+        f"{cfg.model.blocksize}), {nfloat} float Linear, {n_trainable:,} trainable adapter parameters; "
+        f"{len(train_seqs)} train / {len(eval_seqs)} held-out sequences of {cfg.data.seq_len} tokens",
+    )
+    optimizer, scheduler = build_optimizer(params, tcfg)
+    batches = RankBatches(train_seqs, tcfg.micro_batch_size, info.rank, info.world_size, tcfg.seed)
+    metrics = MetricsLog(out_dir / "metrics.jsonl", info.is_main)
+    fingerprint = dbg.base_fingerprint(peft_model) if info.debug else None
+
+    start_step = 0
+    found = complete_checkpoints(ckpt_root) if cfg.checkpoint.resume else []
+    if found:
+        progress = load_checkpoint(found[-1][1], peft_model, optimizer, scheduler)
+        if progress.world_size != info.world_size:
+            _say(
+                info,
+                f"warning: checkpoint was written by {progress.world_size} ranks, now {info.world_size}: "
+                "the data order differs from the uninterrupted run",
+            )
+        start_step, batches.position = progress.step, progress.data_position
+        metrics.truncate_after(start_step)
+        _say(info, f"resumed from {found[-1][1]} (step {start_step})")
+    else:
+        metrics.reset()
+        metrics.write("start", world_size=info.world_size, config=dataclasses.asdict(cfg))
+
+    ppl_before = None
+    if tcfg.eval_before and not found:
+        ppl_before, loss_before = perplexity(
+            peft_model, eval_seqs, cfg.data.eval_batch_size, info.rank, info.world_size, info.device
+        )
+        metrics.write("eval", when="before", step=0, ppl=ppl_before, loss=loss_before)
+        _say(info, f"held-out perplexity before finetuning: {ppl_before:.2f}")
+    elif found and info.is_main:
+        before = [r for r in read_metrics(metrics.path) if r["event"] == "eval" and r["when"] == "before"]
+        ppl_before = before[0]["ppl"] if before else None
+
+    fsdp_root = model if isinstance(model, FSDPModule) else None
+    tokens_per_step = tcfg.micro_batch_size * tcfg.grad_accum * info.world_size * cfg.data.seq_len
+    throughput: list[float] = []
+    train_peak = 0.0
+    bar = tqdm(total=tcfg.steps, initial=start_step, desc="train", disable=not info.is_main, dynamic_ncols=True)
+    peft_model.train()
+    for step in range(start_step, tcfg.steps):
+        _reseed(tcfg.seed, step, info.rank)
+        t_step = time.perf_counter()
+        loss_sum = torch.zeros((), device=info.device)
+        for micro in range(tcfg.grad_accum):
+            if fsdp_root is not None:
+                fsdp_root.set_requires_gradient_sync(micro == tcfg.grad_accum - 1)
+            batch = batches.next().to(info.device)
+            anomaly = torch.autograd.detect_anomaly() if cfg.debug.detect_anomaly else contextlib.nullcontext()
+            with anomaly:
+                loss = peft_model(input_ids=batch, labels=batch).loss / tcfg.grad_accum
+                loss.backward()
+            loss_sum += loss.detach()
+        if info.debug:
+            dbg.check_step(peft_model, loss_sum, step + 1, info.device)
+        grad_norm = _grad_norm(params, tcfg.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if dist.is_initialized():
+            dist.all_reduce(loss_sum)
+        loss_value = loss_sum.item() / info.world_size
+        if info.device.type == "cuda":
+            torch.cuda.synchronize(info.device)
+        seconds = time.perf_counter() - t_step
+        tok_s = tokens_per_step / seconds
+        throughput.append(tok_s)
+        mem = peak_memory_mb(info.device) if info.device.type == "cuda" else current_memory_mb(info.device)
+        train_peak = max(train_peak, mem)
+        metrics.write(
+            "train",
+            step=step + 1,
+            loss=loss_value,
+            lr=lr,
+            grad_norm=grad_norm,
+            tokens_per_s=tok_s,
+            step_s=seconds,
+            mem_mb_rank0=mem,
+        )
+        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:.0f}", mem=f"{mem:.0f}MB", refresh=False)
+        bar.update(1)
+        if (step + 1) % tcfg.log_every == 0:
+            _say(
+                info,
+                f"step {step + 1}/{tcfg.steps} loss {loss_value:.4f} lr {lr:.2e} grad_norm {grad_norm:.3f} "
+                f"{tok_s:.0f} tok/s peak mem {mem:.0f} MB",
+            )
+        done = step + 1 == tcfg.steps
+        if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or done:
+            save_checkpoint(
+                ckpt_root,
+                Progress(step + 1, batches.position, info.world_size),
+                peft_model,
+                optimizer,
+                scheduler,
+                cfg.checkpoint.keep,
+                info.is_main,
+            )
+        if cfg.debug.kill_after_step and step + 1 == cfg.debug.kill_after_step:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+    bar.close()
+
+    save_adapter(peft_model, out_dir / "adapter", info.is_main)
+    ppl_after = loss_after = None
+    if tcfg.eval_after:
+        ppl_after, loss_after = perplexity(
+            peft_model, eval_seqs, cfg.data.eval_batch_size, info.rank, info.world_size, info.device
+        )
+        metrics.write("eval", when="after", step=tcfg.steps, ppl=ppl_after, loss=loss_after)
+    if fingerprint is not None:
+        dbg.check_base_unchanged(fingerprint, peft_model)
+    peak = gather_floats(peak_memory_mb(info.device))
+    peak_train = gather_floats(train_peak)
+    steady = throughput[1:] or throughput
+    summary = {
+        "ppl_before": ppl_before,
+        "ppl_after": ppl_after,
+        "tokens_per_s": sum(steady) / len(steady) if steady else None,
+        "peak_mem_mb_per_rank": [round(p, 1) for p in peak],
+        "train_peak_mem_mb_per_rank": [round(p, 1) for p in peak_train],
+        "wall_s": round(time.time() - wall_start, 1),
+        "world_size": info.world_size,
+        "steps": tcfg.steps,
+        "resumed_from_step": start_step if found else None,
+    }
+    metrics.write("summary", when="after", **summary)
+    if info.is_main:
+        plot_loss(metrics.path, out_dir / "loss.png")
+        fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+        _say(info, f"held-out perplexity: before {fmt(ppl_before)} -> after {fmt(ppl_after)}")
+        _say(
+            info,
+            f"throughput {fmt(summary['tokens_per_s'])} tokens/s (global); peak memory per rank (MB): "
+            f"{summary['peak_mem_mb_per_rank']} (process), {summary['train_peak_mem_mb_per_rank']} (during training); "
+            f"wall time {summary['wall_s']} s",
+        )
+        _say(info, f"outputs: {out_dir / 'adapter'} (peft adapter), {metrics.path}, {out_dir / 'loss.png'}")
+    return summary

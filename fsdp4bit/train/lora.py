@@ -1,0 +1,70 @@
+"""LoRA adapters through peft: attach them to the 4-bit base, and save them in peft's adapter format.
+
+peft wraps ``fsdp4bit.nn.Linear4bit`` through its default dispatch (Linear4bit subclasses ``nn.Linear``); the
+base layer keeps its 4-bit weight and ``compute_dtype`` (which peft also uses to pick the adapter dtype).
+Saving gathers each sharded adapter tensor to full size (every rank takes part), then rank 0 writes
+``adapter_model.safetensors`` + ``adapter_config.json`` with ``PeftModel.save_pretrained``: the folder loads
+with ``PeftModel.from_pretrained`` on a float (or bitsandbytes 4-bit) copy of the base model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from torch.distributed.tensor import DTensor
+from transformers import PreTrainedModel
+
+from .config import LoraSection
+
+
+def attach_lora(model: PreTrainedModel, cfg: LoraSection, seed: int) -> PeftModel:
+    """Wrap ``model`` with LoRA adapters (same seed on every rank, so FSDP shards identical initial values)."""
+    torch.manual_seed(seed)
+    lora_config = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+    peft_model = get_peft_model(model, lora_config)
+    if not any(p.requires_grad for p in peft_model.parameters()):
+        raise ValueError(f"lora.target_modules {cfg.target_modules} matched no module of {type(model).__name__}")
+    return peft_model
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every parameter that trains (the adapters), in a fixed order."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def gather_full(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full-size CPU copies of the trainable parameters. Collective: every rank must call it."""
+    out = {}
+    for name, param in trainable_parameters(model):
+        value = param.full_tensor() if isinstance(param, DTensor) else param
+        out[name] = value.detach().to("cpu", copy=True)
+    return out
+
+
+def save_adapter(model: PeftModel, out_dir: Path, is_main: bool) -> None:
+    """Write the adapters to ``out_dir`` in peft's format (collective; rank 0 writes, atomically)."""
+    state = gather_full(model)
+    if not is_main:
+        return
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+    for path in tmp.iterdir():
+        with path.open("rb") as fh:
+            os.fsync(fh.fileno())
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.rename(tmp, out_dir)

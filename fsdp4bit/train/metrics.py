@@ -1,0 +1,86 @@
+"""Run metrics: a JSONL file (one record per line, rank 0 writes), throughput and peak memory per rank."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process in MiB: CUDA max allocated on GPU, peak resident set size (RSS) on CPU.
+
+    The CPU figure includes the pages of the safetensors file touched while loading the model (memory-mapped).
+    """
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+def current_memory_mb(device: torch.device) -> float:
+    """Memory in use now, in MiB: CUDA allocated on GPU, resident set size on Linux CPU (peak RSS elsewhere)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
+    except OSError:
+        return peak_memory_mb(device)
+
+
+def gather_floats(value: float) -> list[float]:
+    """``value`` from every rank, in rank order (collective)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return [float(v) for v in out]
+
+
+class MetricsLog:
+    """Append-only JSONL metrics file; only the main rank writes. On resume, records past the resumed step go."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path = Path(path)
+        self.enabled = enabled
+        self.start = time.time()
+
+    def truncate_after(self, step: int) -> None:
+        """Drop train records with step > ``step`` (a killed run may have logged steps its checkpoint lacks)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("event") == "train" and record["step"] > step:
+                continue
+            if record.get("event") in ("eval", "summary") and record.get("when") == "after":
+                continue
+            kept.append(line)
+        self.path.write_text("".join(k + "\n" for k in kept))
+
+    def reset(self) -> None:
+        """Start an empty file (a fresh run)."""
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("")
+
+    def write(self, event: str, **fields: Any) -> None:
+        """Append one record ``{"event": event, "time": seconds since start, **fields}``."""
+        if not self.enabled:
+            return
+        record = {"event": event, "time": round(time.time() - self.start, 3), **fields}
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """All records of a metrics file."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

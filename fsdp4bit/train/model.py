@@ -1,0 +1,197 @@
+"""The frozen 4-bit base model: built on the meta device, loaded and quantized one decoder block at a time.
+
+No rank ever holds the whole float model: the module tree is created without parameter storage
+(``accelerate.init_empty_weights``), every ``nn.Linear`` but the skipped ones becomes ``fsdp4bit.nn.Linear4bit``,
+and each block's float tensors are read from the safetensors file(s) one tensor at a time (``safe_open``) and
+quantized as they move to the device (``Params4bit.to(device)`` quantizes). Peak float memory is one tensor.
+Sharding goes through :func:`shard`, the one place that calls FSDP2.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from fsdp4bit.nn import Linear4bit, Params4bit
+
+from .config import ModelConfig
+from .embedded import ensure_embedded_model
+
+
+def dtype_of(name: str) -> torch.dtype:
+    """torch dtype from its config name ("bfloat16" -> torch.bfloat16)."""
+    return getattr(torch, name)
+
+
+def resolve_model_path(cfg: ModelConfig) -> Path:
+    """The local HF folder to load: ``cfg.path`` or the cached embedded model (converted on first use)."""
+    if not cfg.path:
+        return ensure_embedded_model(cfg.cache_dir)
+    path = Path(cfg.path).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model.path {path} is not a Hugging Face model folder (no config.json)")
+    return path
+
+
+def tensor_index(path: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file, for a single-file or sharded (``*.index.json``) checkpoint."""
+    index_file = path / "model.safetensors.index.json"
+    if index_file.is_file():
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+        return {name: path / file for name, file in weight_map.items()}
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+    with safe_open(single, framework="pt") as fh:
+        return dict.fromkeys(fh.keys(), single)
+
+
+def replace_linears(model: nn.Module, cfg: ModelConfig) -> int:
+    """Swap every ``nn.Linear`` not named in ``cfg.skip_modules`` for a meta-device Linear4bit; returns the count."""
+    compute_dtype = dtype_of(cfg.compute_dtype) if cfg.compute_dtype else None
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and name.rsplit(".", 1)[-1] not in cfg.skip_modules
+    ]
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        replacement = Linear4bit(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            compute_dtype=compute_dtype,
+            compress_statistics=cfg.compress_statistics,
+            quant_type=cfg.quant_type,
+            quant_storage=dtype_of(cfg.quant_storage),
+            device="meta",
+        )
+        setattr(model.get_submodule(parent_name), child, replacement)
+    return len(targets)
+
+
+class _TensorReader:
+    """Reads named tensors from a checkpoint's safetensors files, one tensor at a time (files opened lazily)."""
+
+    def __init__(self, index: dict[str, Path], stack: ExitStack) -> None:
+        self.index = index
+        self.stack = stack
+        self.handles: dict[Path, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.index
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self.index[name]
+        if file not in self.handles:
+            self.handles[file] = self.stack.enter_context(safe_open(file, framework="pt", device="cpu"))
+        return self.handles[file].get_tensor(name)
+
+
+def materialize(module: nn.Module, prefix: str, reader: _TensorReader, cfg: ModelConfig, device: torch.device) -> None:
+    """Load ``module``'s meta parameters from the checkpoint onto ``device``; 4-bit weights quantize on the way."""
+    dtype = dtype_of(cfg.dtype)
+    for sub_name, sub in module.named_modules():
+        for pname, param in list(sub._parameters.items()):
+            if param is None or not param.is_meta:
+                continue
+            full = ".".join(p for p in (prefix, sub_name, pname) if p)
+            if full not in reader:
+                continue  # tied weights are re-tied after loading; anything else is reported then
+            value = reader.get(full)
+            if tuple(value.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"checkpoint tensor {full} has shape {tuple(value.shape)}, model wants {tuple(param.shape)}"
+                )
+            value = value.to(dtype)
+            if isinstance(sub, Linear4bit) and pname == "weight":
+                new = Params4bit(
+                    value,
+                    requires_grad=False,
+                    blocksize=cfg.blocksize,
+                    compress_statistics=cfg.compress_statistics,
+                    quant_type=cfg.quant_type,
+                    quant_storage=dtype_of(cfg.quant_storage),
+                    module=sub,
+                ).to(device)
+            else:
+                new = nn.Parameter(value.to(device), requires_grad=False)
+            sub._parameters[pname] = new
+
+
+def decoder_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, module) of every decoder block, found through the model's ``_no_split_modules``."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [(n, m) for n, m in model.named_modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} declares no decoder block class (_no_split_modules is empty)")
+    return blocks
+
+
+def load_quantized_model(cfg: ModelConfig, device: torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The causal LM with 4-bit frozen linears, loaded block by block from ``cfg``'s folder, plus its tokenizer."""
+    path = resolve_model_path(cfg)
+    hf_config = AutoConfig.from_pretrained(path)
+    if cfg.num_layers:
+        hf_config.num_hidden_layers = min(cfg.num_layers, hf_config.num_hidden_layers)
+        if getattr(hf_config, "layer_types", None):
+            hf_config.layer_types = hf_config.layer_types[: hf_config.num_hidden_layers]
+    hf_config.use_cache = False
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype_of(cfg.dtype))
+    replace_linears(model, cfg)
+    index = tensor_index(path)
+    with ExitStack() as stack:
+        reader = _TensorReader(index, stack)
+        for name, block in decoder_blocks(model):
+            materialize(block, name, reader, cfg, device)
+        materialize(model, "", reader, cfg, device)
+    if getattr(hf_config, "tie_word_embeddings", False):
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ValueError(f"{path}: no tensor in the checkpoint for {missing[:5]} ({len(missing)} missing)")
+    model.to(device)  # buffers (rotary tables) made outside init_empty_weights
+    model.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def count_4bit(model: nn.Module) -> tuple[int, int]:
+    """(Linear4bit modules, plain float nn.Linear modules) in ``model``."""
+    quantized = sum(isinstance(m, Linear4bit) for m in model.modules())
+    plain = sum(type(m) is nn.Linear for m in model.modules())
+    return quantized, plain
+
+
+def shard(
+    model: nn.Module,
+    *,
+    mesh: DeviceMesh,
+    mp_dtype: torch.dtype | None,
+    reshard_after_forward: bool,
+    cpu_offload: bool,
+) -> nn.Module:
+    """Apply FSDP2 to each decoder block, then the root, through ``fsdp4bit.sharding.shard_model``: the 4-bit
+    weights shard with their statistics like every other parameter (world size 1 included)."""
+    from fsdp4bit.sharding import shard_model
+
+    block_types = tuple({type(m) for _, m in decoder_blocks(model)})
+    mp_policy = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32) if mp_dtype else None
+    return shard_model(
+        model,
+        mesh=mesh,
+        block_types=block_types,
+        mp_policy=mp_policy,
+        reshard_after_forward=reshard_after_forward,
+        cpu_offload=cpu_offload,
+    )

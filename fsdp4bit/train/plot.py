@@ -1,0 +1,31 @@
+"""The loss-curve PNG written at the end of a run (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .metrics import read_metrics
+
+
+def plot_loss(metrics_path: Path, out_path: Path) -> None:
+    """Training loss per step, with the held-out loss before and after finetuning as dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train = [r for r in records if r["event"] == "train"]
+    evals = [r for r in records if r["event"] == "eval"]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    for record, color in zip(evals, ("tab:red", "tab:green"), strict=False):
+        ax.axhline(record["loss"], ls="--", color=color, label=f"held-out {record['when']} (ppl {record['ppl']:.1f})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("QLoRA finetuning loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path)
+    plt.close(fig)

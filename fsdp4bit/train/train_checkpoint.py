@@ -1,0 +1,123 @@
+"""Atomic distributed checkpoints of adapters, optimizer, LR schedule and data position (torch.distributed.checkpoint).
+
+Layout: ``<dir>/step-00000020/`` holds the DCP shards plus ``progress.json``. Every rank writes into
+``<dir>/.tmp-step-00000020``; after a barrier rank 0 writes progress.json, fsyncs every file and the folder,
+and renames the folder into place, so a checkpoint folder either is complete or does not exist under its
+final name. A run killed mid-save leaves only a ``.tmp-*`` folder, which is ignored and removed on the next
+start. Only the adapters are saved: the frozen 4-bit base is rebuilt from the model folder. The RNG needs no
+saving, because every step reseeds from (seed, step, rank).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+from .distributed import barrier
+from .lora import trainable_parameters
+
+_NAME = re.compile(r"^step-(\d{8})$")
+PROGRESS_FILE = "progress.json"
+
+
+@dataclass
+class Progress:
+    """Where training stands: optimizer steps done, micro-batches consumed, and the world size that ran them."""
+
+    step: int
+    data_position: int
+    world_size: int
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as fh:
+                os.fsync(fh.fileno())
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _NAME.match(path.name)
+        if match and (path / PROGRESS_FILE).is_file() and (path / ".metadata").is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def remove_partial(root: Path) -> None:
+    """Delete ``.tmp-*`` folders left by a run killed while saving (rank 0 only, before any save)."""
+    if root.is_dir():
+        for path in root.glob(".tmp-step-*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
+    return {
+        "adapters": {name: p.detach() for name, p in trainable_parameters(model)},
+        "optimizer": get_optimizer_state_dict(model, optimizer),
+        "scheduler": scheduler.state_dict(),
+    }
+
+
+def save_checkpoint(
+    root: Path,
+    progress: Progress,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    keep: int,
+    is_main: bool,
+) -> Path:
+    """Write the checkpoint of ``progress.step`` atomically and prune to the newest ``keep`` (collective)."""
+    final = root / f"step-{progress.step:08d}"
+    tmp = root / f".tmp-step-{progress.step:08d}"
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    dcp.save(_state(model, optimizer, scheduler), checkpoint_id=tmp)
+    barrier()
+    if is_main:
+        (tmp / PROGRESS_FILE).write_text(json.dumps(progress.__dict__))
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        for _, old in complete_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> Progress:
+    """Restore adapters, optimizer and schedule in place from ``path``; returns the saved progress (collective)."""
+    progress = Progress(**json.loads((path / PROGRESS_FILE).read_text()))
+    state = _state(model, optimizer, scheduler)
+    dcp.load(state, checkpoint_id=path)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return progress
