@@ -74,6 +74,10 @@ def scenario_bytes() -> dict:
             shard_model(layer)
             local = layer.weight._local_tensor
             inputs, _ = local.fsdp_pre_all_gather(layer.weight.device_mesh)
+            words = sharding.total_words(expected_state, storage.itemsize)
+            nblocks = expected_state.absmax.numel()
+            assert local.numel() <= -(-words // world), "each rank holds at most 1/W of the packed words"
+            assert local.quant_state.absmax.numel() <= -(-nblocks // world) + 1, "and about 1/W of the statistics"
             sent = sum(t.numel() * t.element_size() for t in inputs)
             layer.unshard()
             full = layer.weight
