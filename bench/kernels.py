@@ -96,7 +96,6 @@ def copy_bandwidth() -> float:
     src = torch.empty(n, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     us, _ = gpu_time_us([lambda: dst.copy_(src)], reps=10)
-    del src, dst
     return 2 * n / (us * 1e-6)
 
 
@@ -109,9 +108,14 @@ def bench_gpu(shapes) -> dict:
     bw = copy_bandwidth()
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 50 << 20)
-    info = {"device": props.name, "torch": torch.__version__, "copy_bw_TBps": bw / 1e12,
-            "build_s": kernels.build_seconds("cuda"), "bitsandbytes": getattr(bnb, "__version__", None),
-            "torchao": getattr(torchao, "__version__", None)}
+    info = {
+        "device": props.name,
+        "torch": torch.__version__,
+        "copy_bw_TBps": bw / 1e12,
+        "build_s": kernels.build_seconds("cuda"),
+        "bitsandbytes": getattr(bnb, "__version__", None),
+        "torchao": getattr(torchao, "__version__", None),
+    }
     rows = []
     for N, K in shapes:
         n = N * K
@@ -127,9 +131,13 @@ def bench_gpu(shapes) -> dict:
         q_bytes = w_bytes + n // 2 + 4 * nb
         dq_bytes = n // 2 + nb + 4 * math.ceil(nb / 256) + 2 * n
         gemv_bytes = n // 2 + nb + 4 * math.ceil(nb / 256) + 2 * K + 2 * N
-        row = {"shape": f"{N}x{K}", "sets": sets,
-               "floor_quantize_us": q_bytes / bw * 1e6, "floor_dequantize_us": dq_bytes / bw * 1e6,
-               "floor_gemv_us": gemv_bytes / bw * 1e6}
+        row = {
+            "shape": f"{N}x{K}",
+            "sets": sets,
+            "floor_quantize_us": q_bytes / bw * 1e6,
+            "floor_dequantize_us": dq_bytes / bw * 1e6,
+            "floor_gemv_us": gemv_bytes / bw * 1e6,
+        }
 
         def dq(s):
             return lambda: native.dequantize_4bit(s[0], s[1], s[2], s[3], s[4], BS, 256, QT, (N, K), torch.bfloat16)
@@ -141,13 +149,18 @@ def bench_gpu(shapes) -> dict:
         row["fsdp4bit_dequantize_us"], _ = gpu_time_us([dq(s) for s in states])
         row["fsdp4bit_gemv_us"], _ = gpu_time_us([gv(s, x) for s, x in zip(states, xs)])
         row["bf16_linear_us"], _ = gpu_time_us(
-            [lambda W=W, x=x: torch.nn.functional.linear(x, W) for W, x in zip(Ws, xs)])
+            [lambda W=W, x=x: torch.nn.functional.linear(x, W) for W, x in zip(Ws, xs)]
+        )
         fn = try_import("fsdp4bit.functional")
         if fn is not None and hasattr(fn, "quantize_4bit"):
             try:
                 row["fsdp4bit_functional_quantize_us"], row["functional_mode"] = gpu_time_us(
-                    [lambda W=W: fn.quantize_4bit(W, blocksize=BS, quant_type=QT, compress_statistics=True)
-                     for W in Ws], reps=5)
+                    [
+                        lambda W=W: fn.quantize_4bit(W, blocksize=BS, quant_type=QT, compress_statistics=True)
+                        for W in Ws
+                    ],
+                    reps=5,
+                )
             except Exception as exc:  # noqa: BLE001 - the lead's API may differ; report, don't fail
                 row["functional_error"] = repr(exc)[:200]
         if bnb is not None:
@@ -155,10 +168,12 @@ def bench_gpu(shapes) -> dict:
 
             bstates = [bf.quantize_4bit(W, blocksize=BS, quant_type=QT, compress_statistics=True) for W in Ws]
             row["bnb_quantize_us"], _ = gpu_time_us(
-                [lambda W=W: bf.quantize_4bit(W, blocksize=BS, quant_type=QT, compress_statistics=True) for W in Ws])
+                [lambda W=W: bf.quantize_4bit(W, blocksize=BS, quant_type=QT, compress_statistics=True) for W in Ws]
+            )
             row["bnb_dequantize_us"], _ = gpu_time_us([lambda s=s: bf.dequantize_4bit(*s) for s in bstates])
             row["bnb_gemv_us"], _ = gpu_time_us(
-                [lambda s=s, x=x: bnb.matmul_4bit(x, s[0].t(), quant_state=s[1]) for s, x in zip(bstates, xs)])
+                [lambda s=s, x=x: bnb.matmul_4bit(x, s[0].t(), quant_state=s[1]) for s, x in zip(bstates, xs)]
+            )
         if torchao is not None:
             try:
                 from torchao.dtypes.nf4tensor import to_nf4
@@ -175,22 +190,34 @@ def bench_gpu(shapes) -> dict:
 
 def print_gpu(res: dict) -> None:
     info = res["info"]
-    print(f"\n{info['device']}  torch {info['torch']}  copy {info['copy_bw_TBps']:.2f} TB/s  "
-          f"NF4 bs{BS} double-quant bf16; us, median; %floor = floor / time")
-    hdr = f"{'shape':>12} | {'quant':>7} {'floor':>6} {'%':>4} | {'dequant':>7} {'floor':>6} {'%':>4} | " \
-          f"{'gemv':>6} {'floor':>6} {'%':>4} | {'bf16 lin':>8} | {'bnb q/dq/gemv':>18}"
+    print(
+        f"\n{info['device']}  torch {info['torch']}  copy {info['copy_bw_TBps']:.2f} TB/s  "
+        f"NF4 bs{BS} double-quant bf16; us, median; %floor = floor / time"
+    )
+    hdr = (
+        f"{'shape':>12} | {'quant':>7} {'floor':>6} {'%':>4} | {'dequant':>7} {'floor':>6} {'%':>4} | "
+        f"{'gemv':>6} {'floor':>6} {'%':>4} | {'bf16 lin':>8} | {'bnb q/dq/gemv':>18}"
+    )
     print(hdr)
     print("-" * len(hdr))
     for r in res["rows"]:
+
         def pct(op):
             return 100 * r[f"floor_{op}_us"] / r[f"fsdp4bit_{op}_us"]
-        bnb = "/".join(f"{r[k]:.0f}" for k in ("bnb_quantize_us", "bnb_dequantize_us", "bnb_gemv_us") if k in r) or "n/a"
-        print(f"{r['shape']:>12} | {r['fsdp4bit_quantize_us']:7.1f} {r['floor_quantize_us']:6.1f} {pct('quantize'):4.0f} | "
-              f"{r['fsdp4bit_dequantize_us']:7.1f} {r['floor_dequantize_us']:6.1f} {pct('dequantize'):4.0f} | "
-              f"{r['fsdp4bit_gemv_us']:6.1f} {r['floor_gemv_us']:6.1f} {pct('gemv'):4.0f} | "
-              f"{r['bf16_linear_us']:8.1f} | {bnb:>18}")
+
+        bnb = (
+            "/".join(f"{r[k]:.0f}" for k in ("bnb_quantize_us", "bnb_dequantize_us", "bnb_gemv_us") if k in r) or "n/a"
+        )
+        print(
+            f"{r['shape']:>12} | {r['fsdp4bit_quantize_us']:7.1f} {r['floor_quantize_us']:6.1f} {pct('quantize'):4.0f} | "
+            f"{r['fsdp4bit_dequantize_us']:7.1f} {r['floor_dequantize_us']:6.1f} {pct('dequantize'):4.0f} | "
+            f"{r['fsdp4bit_gemv_us']:6.1f} {r['floor_gemv_us']:6.1f} {pct('gemv'):4.0f} | "
+            f"{r['bf16_linear_us']:8.1f} | {bnb:>18}"
+        )
         if "fsdp4bit_functional_quantize_us" in r:
-            print(f"{'':>12}   functional.quantize_4bit (with double quant): {r['fsdp4bit_functional_quantize_us']:.1f} us")
+            print(
+                f"{'':>12}   functional.quantize_4bit (with double quant): {r['fsdp4bit_functional_quantize_us']:.1f} us"
+            )
 
 
 # ----------------------------------------------------------------------------------------- CPU
@@ -208,9 +235,14 @@ def bench_cpu(shapes) -> dict:
     native = kernels.native_for("cpu")
     bnb = try_import("bitsandbytes")
     fn = try_import("fsdp4bit.functional")
-    info = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "build_s": kernels.build_seconds("cpu"),
-            "bitsandbytes": getattr(bnb, "__version__", None), "native": native is not None}
+    info = {
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "build_s": kernels.build_seconds("cpu"),
+        "bitsandbytes": getattr(bnb, "__version__", None),
+        "native": native is not None,
+    }
     rows = []
     for N, K in shapes:
         W = torch.randn(N, K, dtype=torch.bfloat16)
@@ -219,18 +251,25 @@ def bench_cpu(shapes) -> dict:
         packed, absmax = reference.quantize_4bit(W, BS, QT)
         q8, nested, code, offset = double_quant(absmax)
         row["reference_quantize_ms"] = cpu_time_ms(lambda: reference.quantize_4bit(W, BS, QT), reps=3)
-        row["reference_dequantize_ms"] = cpu_time_ms(lambda: reference.dequantize_4bit(
-            packed, reference.absmax_float32(q8, nested, code, offset, 256), BS, QT, N * K, torch.bfloat16), reps=3)
+        row["reference_dequantize_ms"] = cpu_time_ms(
+            lambda: reference.dequantize_4bit(
+                packed, reference.absmax_float32(q8, nested, code, offset, 256), BS, QT, N * K, torch.bfloat16
+            ),
+            reps=3,
+        )
         if native is not None:
             row["fsdp4bit_quantize_ms"] = cpu_time_ms(lambda: native.quantize_4bit(W, BS, QT))
-            row["fsdp4bit_dequantize_ms"] = cpu_time_ms(lambda: native.dequantize_4bit(
-                packed, q8, nested, code, offset, BS, 256, QT, (N, K), torch.bfloat16))
-            row["fsdp4bit_gemv_ms"] = cpu_time_ms(lambda: native.gemv_4bit(
-                x, packed, q8, nested, code, offset, BS, 256, QT, (N, K)))
+            row["fsdp4bit_dequantize_ms"] = cpu_time_ms(
+                lambda: native.dequantize_4bit(packed, q8, nested, code, offset, BS, 256, QT, (N, K), torch.bfloat16)
+            )
+            row["fsdp4bit_gemv_ms"] = cpu_time_ms(
+                lambda: native.gemv_4bit(x, packed, q8, nested, code, offset, BS, 256, QT, (N, K))
+            )
         if fn is not None and hasattr(fn, "quantize_4bit"):
             try:
                 row["fsdp4bit_functional_quantize_ms"] = cpu_time_ms(
-                    lambda: fn.quantize_4bit(W, blocksize=BS, quant_type=QT, compress_statistics=True))
+                    lambda: fn.quantize_4bit(W, blocksize=BS, quant_type=QT, compress_statistics=True)
+                )
             except Exception as exc:  # noqa: BLE001 - the lead's API may differ; report, don't fail
                 row["functional_error"] = repr(exc)[:200]
         row["bf16_linear_ms"] = cpu_time_ms(lambda: torch.nn.functional.linear(x, W))
@@ -239,7 +278,8 @@ def bench_cpu(shapes) -> dict:
 
             bq, bst = bf.quantize_4bit(W, blocksize=BS, quant_type=QT, compress_statistics=True)
             row["bnb_quantize_ms"] = cpu_time_ms(
-                lambda: bf.quantize_4bit(W, blocksize=BS, quant_type=QT, compress_statistics=True), reps=3)
+                lambda: bf.quantize_4bit(W, blocksize=BS, quant_type=QT, compress_statistics=True), reps=3
+            )
             row["bnb_dequantize_ms"] = cpu_time_ms(lambda: bf.dequantize_4bit(bq, bst))
             row["bnb_gemv_ms"] = cpu_time_ms(lambda: bnb.matmul_4bit(x, bq.t(), quant_state=bst))
         rows.append(row)
@@ -248,7 +288,9 @@ def bench_cpu(shapes) -> dict:
 
 def print_cpu(res: dict) -> None:
     info = res["info"]
-    print(f"\nCPU {info['cpu']}  {info['threads']} threads  torch {info['torch']}  NF4 bs{BS} double-quant bf16; ms, median")
+    print(
+        f"\nCPU {info['cpu']}  {info['threads']} threads  torch {info['torch']}  NF4 bs{BS} double-quant bf16; ms, median"
+    )
     cols = [("quantize", "quantize"), ("dequant", "dequantize"), ("gemv", "gemv")]
     print(f"{'shape':>10} | {'op':>8} | {'fsdp4bit':>9} | {'reference':>9} | {'bnb':>8} | speed-up vs bnb")
     for r in res["rows"]:
@@ -258,14 +300,18 @@ def print_cpu(res: dict) -> None:
             sp = f"{bnb / ours:.1f}x" if ours and bnb else "n/a"
             print(f"{r['shape']:>10} | {label:>8} | {f(ours)} | {f(ref)} | {f(bnb)[1:]} | {sp}")
         if "fsdp4bit_functional_quantize_ms" in r:
-            print(f"{'':>10}   functional.quantize_4bit (with double quant): {r['fsdp4bit_functional_quantize_ms']:.2f} ms")
+            print(
+                f"{'':>10}   functional.quantize_4bit (with double quant): {r['fsdp4bit_functional_quantize_ms']:.2f} ms"
+            )
         print(f"{'':>10}   bf16 F.linear (1 token): {r['bf16_linear_ms']:.2f} ms")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true", help="benchmark the CPU kernels instead of the GPU ones")
-    parser.add_argument("--shapes", default=None, help="comma-separated NxK list (default: the standard set; CPU: 4096x4096)")
+    parser.add_argument(
+        "--shapes", default=None, help="comma-separated NxK list (default: the standard set; CPU: 4096x4096)"
+    )
     args = parser.parse_args()
     shapes = SHAPES
     if args.shapes:

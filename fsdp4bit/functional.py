@@ -101,8 +101,10 @@ def quantize_4bit(
     packed = packed.view(quant_storage).unsqueeze(1)
     code = get_4bit_code(quant_type, A.device)
     if compress_statistics:
-        offset = stats.mean()
-        qabsmax, state2 = quantize_blockwise(stats - offset, blocksize=NESTED_BLOCKSIZE)
+        # offset = stats.mean(), then quantize_blockwise(stats - offset, dynamic map, 256): one fused op
+        nested_code = get_dynamic_map(A.device)
+        offset, qabsmax, nested_absmax = ops.double_quant(stats, nested_code, NESTED_BLOCKSIZE)
+        state2 = QuantState(absmax=nested_absmax, code=nested_code, blocksize=NESTED_BLOCKSIZE, dtype=stats.dtype)
         state = QuantState(qabsmax, A.shape, code, blocksize, quant_type, A.dtype, offset, state2)
     else:
         state = QuantState(stats, A.shape, code, blocksize, quant_type, A.dtype)

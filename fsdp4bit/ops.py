@@ -3,6 +3,12 @@
 Each op runs the native kernel for the tensor's device when one is built (``fsdp4bit.kernels``) and the
 plain-PyTorch reference otherwise. Fake implementations give shapes and dtypes only, so
 ``torch.compile(fullgraph=True)`` and CUDA graphs trace through without breaks.
+
+The module-level functions (``quantize_4bit``, ``matmul_4bit``, ...) are what the library calls. In plain
+eager mode on plain tensors they run the op's implementation directly: the custom-op dispatcher costs tens
+of microseconds of Python per call, which a GPU waits through whenever it is not already busy. Under
+torch.compile, a dispatch mode (FakeTensor, tracing), a functorch transform, for tensor subclasses, and
+whenever autograd must record the op, they call the ``torch.ops.fsdp4bit`` operator as before.
 """
 
 from __future__ import annotations
@@ -19,34 +25,128 @@ _LIB = "fsdp4bit"
 GEMV_MAX_ROWS = 16
 
 
-@torch.library.custom_op(f"{_LIB}::quantize_4bit", mutates_args=())
-def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flatten ``A`` and quantize it: (packed uint8 [ceil(n/2)], float32 absmax [ceil(n/blocksize)])."""
+def _eager_direct(*tensors: torch.Tensor | None) -> bool:
+    """True when a call may skip the custom-op dispatcher: eager mode, plain tensors, no mode or transform."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
+    if torch._C._functorch.maybe_current_level() is not None:
+        return False
+    return all(t is None or type(t) is torch.Tensor for t in tensors)
+
+
+def _quantize_4bit_impl(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     native = kernels.native_for(A.device)
     if native is not None:
         return native.quantize_4bit(A.contiguous(), blocksize, quant_type)
     return reference.quantize_4bit(A, blocksize, quant_type)
 
 
-@quantize_4bit.register_fake
+def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flatten ``A`` and quantize it: (packed uint8 [ceil(n/2)], float32 absmax [ceil(n/blocksize)])."""
+    if _eager_direct(A):
+        return _quantize_4bit_impl(A, blocksize, quant_type)
+    return _quantize_4bit_op(A, blocksize, quant_type)
+
+
+@torch.library.custom_op(f"{_LIB}::quantize_4bit", mutates_args=())
+def _quantize_4bit_op(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flatten ``A`` and quantize it: (packed uint8 [ceil(n/2)], float32 absmax [ceil(n/blocksize)])."""
+    return _quantize_4bit_impl(A, blocksize, quant_type)
+
+
+@_quantize_4bit_op.register_fake
 def _(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     n = A.numel()
     return A.new_empty((n + 1) // 2, dtype=torch.uint8), A.new_empty(math.ceil(n / blocksize), dtype=torch.float32)
 
 
-@torch.library.custom_op(f"{_LIB}::quantize_blockwise", mutates_args=())
-def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """8-bit blockwise quantization of flat ``A`` against ``code`` (double quant of the absmax)."""
+def _blockwise_native(A: torch.Tensor, code: torch.Tensor, blocksize: int):
+    """The native kernels when they can quantize ``A`` against ``code`` (256 float32 entries, same device)."""
+    if code.dtype != torch.float32 or code.numel() != 256 or code.device != A.device:
+        return None
+    return kernels.native_for(A.device)
+
+
+def _quantize_blockwise_impl(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    native = _blockwise_native(A, code, blocksize)
+    if native is not None:
+        return native.quantize_blockwise(A.reshape(-1).float(), code, blocksize)
     return reference.quantize_blockwise(A, code, blocksize)
 
 
-@quantize_blockwise.register_fake
+def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit blockwise quantization of flat ``A`` against the sorted 256-entry ``code`` (double quant of the absmax)."""
+    if _eager_direct(A, code):
+        return _quantize_blockwise_impl(A, code, blocksize)
+    return _quantize_blockwise_op(A, code, blocksize)
+
+
+@torch.library.custom_op(f"{_LIB}::quantize_blockwise", mutates_args=())
+def _quantize_blockwise_op(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit blockwise quantization of flat ``A`` against ``code`` (double quant of the absmax)."""
+    return _quantize_blockwise_impl(A, code, blocksize)
+
+
+@_quantize_blockwise_op.register_fake
 def _(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     n = A.numel()
     return A.new_empty(n, dtype=torch.uint8), A.new_empty(math.ceil(n / blocksize), dtype=torch.float32)
 
 
-@torch.library.custom_op(f"{_LIB}::dequantize_4bit", mutates_args=())
+def _double_quant_impl(
+    absmax: torch.Tensor, code: torch.Tensor, blocksize: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    native = _blockwise_native(absmax, code, blocksize) if absmax.dtype == torch.float32 else None
+    if native is not None:  # offset from torch's own mean inside the extension: bit-identical to absmax.mean()
+        return native.double_quant(absmax, code, blocksize)
+    offset = absmax.mean()
+    return (offset, *reference.quantize_blockwise(absmax - offset, code, blocksize))
+
+
+def double_quant(
+    absmax: torch.Tensor, code: torch.Tensor, blocksize: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """bitsandbytes' double quantization of a float32 absmax: (offset, uint8 codes, float32 nested absmax).
+
+    offset = absmax.mean() (0-dim), then 8-bit blockwise quantization of ``absmax - offset`` against
+    ``code``, exactly ``reference.quantize_blockwise(absmax - offset, code, blocksize)``. The native path
+    fuses the subtraction and quantization into one kernel (the unfused path is ~25 small ops).
+    """
+    if _eager_direct(absmax, code):
+        return _double_quant_impl(absmax, code, blocksize)
+    return _double_quant_op(absmax, code, blocksize)
+
+
+@torch.library.custom_op(f"{_LIB}::double_quant", mutates_args=())
+def _double_quant_op(
+    absmax: torch.Tensor, code: torch.Tensor, blocksize: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(offset, uint8 codes, float32 nested absmax) of a float32 absmax; see :func:`double_quant`."""
+    return _double_quant_impl(absmax, code, blocksize)
+
+
+@_double_quant_op.register_fake
+def _(absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n = absmax.numel()
+    return (
+        absmax.new_empty((), dtype=torch.float32),
+        absmax.new_empty(n, dtype=torch.uint8),
+        absmax.new_empty(math.ceil(n / blocksize), dtype=torch.float32),
+    )
+
+
+def _dequantize_4bit_impl(
+    packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype
+) -> torch.Tensor:
+    native = kernels.native_for(packed.device)
+    if native is not None:
+        return native.dequantize_4bit(
+            packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype
+        )
+    scale = reference.absmax_float32(absmax, nested_absmax, nested_code, offset, nested_blocksize)
+    return reference.dequantize_4bit(packed, scale, blocksize, quant_type, math.prod(shape), dtype).view(shape)
+
+
 def dequantize_4bit(
     packed: torch.Tensor,
     absmax: torch.Tensor,
@@ -60,21 +160,49 @@ def dequantize_4bit(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """Dequantize packed uint8 bytes to a ``shape`` tensor of ``dtype`` (absmax double-quantized when nested_absmax is given)."""
-    native = kernels.native_for(packed.device)
-    if native is not None:
-        return native.dequantize_4bit(
-            packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype
-        )
-    scale = reference.absmax_float32(absmax, nested_absmax, nested_code, offset, nested_blocksize)
-    return reference.dequantize_4bit(packed, scale, blocksize, quant_type, math.prod(shape), dtype).view(shape)
+    args = (packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype)
+    if _eager_direct(packed, absmax, nested_absmax, nested_code, offset):
+        return _dequantize_4bit_impl(*args)
+    return _dequantize_4bit_op(*args)
 
 
-@dequantize_4bit.register_fake
+@torch.library.custom_op(f"{_LIB}::dequantize_4bit", mutates_args=())
+def _dequantize_4bit_op(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    nested_blocksize: int,
+    quant_type: str,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Dequantize packed uint8 bytes to a ``shape`` tensor of ``dtype``; see :func:`dequantize_4bit`."""
+    return _dequantize_4bit_impl(
+        packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype
+    )
+
+
+@_dequantize_4bit_op.register_fake
 def _(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype):
     return packed.new_empty(shape, dtype=dtype)
 
 
-@torch.library.custom_op(f"{_LIB}::gemv_4bit", mutates_args=())
+def _gemv_4bit_impl(
+    A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape
+) -> torch.Tensor:
+    native = kernels.native_for(A.device)
+    if native is not None:
+        return native.gemv_4bit(
+            A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape
+        )
+    scale = reference.absmax_float32(absmax, nested_absmax, nested_code, offset, nested_blocksize)
+    weight = reference.dequantize_4bit(packed, scale, blocksize, quant_type, math.prod(shape), A.dtype)
+    return torch.nn.functional.linear(A, weight.view(shape))
+
+
 def gemv_4bit(
     A: torch.Tensor,
     packed: torch.Tensor,
@@ -88,22 +216,52 @@ def gemv_4bit(
     shape: Sequence[int],
 ) -> torch.Tensor:
     """``A @ W.T`` for a 4-bit weight W of ``shape`` (N, K) and few rows of A; output in A's dtype."""
-    native = kernels.native_for(A.device)
-    if native is not None:
-        return native.gemv_4bit(
-            A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape
-        )
-    scale = reference.absmax_float32(absmax, nested_absmax, nested_code, offset, nested_blocksize)
-    weight = reference.dequantize_4bit(packed, scale, blocksize, quant_type, math.prod(shape), A.dtype)
-    return torch.nn.functional.linear(A, weight.view(shape))
+    args = (A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape)
+    if _eager_direct(A, packed, absmax, nested_absmax, nested_code, offset):
+        return _gemv_4bit_impl(*args)
+    return _gemv_4bit_op(*args)
 
 
-@gemv_4bit.register_fake
+@torch.library.custom_op(f"{_LIB}::gemv_4bit", mutates_args=())
+def _gemv_4bit_op(
+    A: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    nested_blocksize: int,
+    quant_type: str,
+    shape: Sequence[int],
+) -> torch.Tensor:
+    """``A @ W.T`` for a 4-bit weight W of ``shape`` (N, K); see :func:`gemv_4bit`."""
+    return _gemv_4bit_impl(
+        A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape
+    )
+
+
+@_gemv_4bit_op.register_fake
 def _(A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape):
     return A.new_empty((*A.shape[:-1], shape[0]))
 
 
-@torch.library.custom_op(f"{_LIB}::matmul_4bit", mutates_args=())
+def _matmul_4bit_impl(
+    A, bias, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape
+) -> torch.Tensor:
+    stats = (absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape)
+    bias = None if bias is None else bias.to(A.dtype)
+    if A.numel() // max(A.shape[-1], 1) <= GEMV_MAX_ROWS:
+        out = _gemv_4bit_impl(A, packed, *stats)
+        return out if bias is None else out + bias
+    weight = _dequantize_4bit_impl(packed, *stats, A.dtype)
+    return torch.nn.functional.linear(A, weight, bias)
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def matmul_4bit(
     A: torch.Tensor,
     bias: torch.Tensor | None,
@@ -119,18 +277,36 @@ def matmul_4bit(
 ) -> torch.Tensor:
     """``A @ W.T + bias`` in A's dtype: gemv for a few rows, else dequantize + one matmul.
 
-    One opaque op (with its own autograd) so eager and compiled runs round identically.
+    One opaque op (with its own autograd) so eager and compiled runs round identically; when no gradient
+    is needed the eager path runs the same implementation without the dispatcher.
     """
-    stats = (absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape)
-    bias = None if bias is None else bias.to(A.dtype)
-    if A.numel() // max(A.shape[-1], 1) <= GEMV_MAX_ROWS:
-        out = gemv_4bit(A, packed, *stats)
-        return out if bias is None else out + bias
-    weight = dequantize_4bit(packed, *stats, A.dtype)
-    return torch.nn.functional.linear(A, weight, bias)
+    args = (A, bias, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape)
+    if _eager_direct(A, bias, packed, absmax, nested_absmax, nested_code, offset):
+        return _Matmul4bitFunction.apply(*args) if _needs_grad(A, bias) else _matmul_4bit_impl(*args)
+    return _matmul_4bit_op(*args)
 
 
-@matmul_4bit.register_fake
+@torch.library.custom_op(f"{_LIB}::matmul_4bit", mutates_args=())
+def _matmul_4bit_op(
+    A: torch.Tensor,
+    bias: torch.Tensor | None,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    nested_blocksize: int,
+    quant_type: str,
+    shape: Sequence[int],
+) -> torch.Tensor:
+    """``A @ W.T + bias`` in A's dtype; see :func:`matmul_4bit`."""
+    return _matmul_4bit_impl(
+        A, bias, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape
+    )
+
+
+@_matmul_4bit_op.register_fake
 def _(A, bias, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape):
     return A.new_empty((*A.shape[:-1], shape[0]))
 
@@ -153,4 +329,19 @@ def _matmul_backward(ctx, grad_out):
     return grad_A, grad_bias, None, None, None, None, None, None, None, None, None
 
 
-matmul_4bit.register_autograd(_matmul_backward, setup_context=_matmul_setup_context)
+_matmul_4bit_op.register_autograd(_matmul_backward, setup_context=_matmul_setup_context)
+
+
+class _Matmul4bitFunction(torch.autograd.Function):
+    """Eager autograd of matmul_4bit: the operator's own forward, context and backward, as a plain
+    autograd.Function (the custom op's autograd wrapper costs a few hundred microseconds of host time)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out = _matmul_4bit_impl(*inputs)
+        _matmul_setup_context(ctx, inputs, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _matmul_backward(ctx, grad_out)

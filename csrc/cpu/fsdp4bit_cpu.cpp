@@ -142,6 +142,44 @@ void quantize_impl(const T* x, int64_t n, int64_t bs, const QuantTables& tab, ui
   });
 }
 
+// ---------------------------------------------------------------- 8-bit blockwise quantize (double quant)
+// d = a - offset; full block: s = d * (1 / max(absmax, 1e-38)), short last block: s = d / max(absmax, 1e-38);
+// q = number of the 255 midpoints (code[i] + code[i + 1]) / 2 strictly below clamp(s, -1, 1) (NaN -> 255).
+inline uint8_t bucket256(float s, const float* mids) {
+  int c = 0;
+  for (int k = 128; k > 0; k >>= 1) c += !(s <= mids[c + k - 1]) ? k : 0;  // binary search, NaN -> 255
+  return static_cast<uint8_t>(c);
+}
+
+inline float clamp_unit(float s) { return std::isnan(s) ? s : std::min(std::max(s, -1.0f), 1.0f); }
+
+void quantize_blockwise_impl(const float* a, int64_t n, int64_t bs, const float* code, const float* offset,
+                             uint8_t* q, float* absmax) {
+  float mids[255];
+  for (int i = 0; i < 255; ++i) mids[i] = (code[i] + code[i + 1]) * 0.5f;  // == torch's (c0 + c1) / 2
+  const int64_t nblocks = (n + bs - 1) / bs;
+  const int64_t grain = std::max<int64_t>(1, 16384 / bs);
+  at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
+    std::vector<float> buf(static_cast<size_t>(std::min(bs, n)));
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t start = b * bs;
+      const int64_t len = std::min(bs, n - start);
+      for (int64_t i = 0; i < len; ++i) buf[i] = offset ? a[start + i] - *offset : a[start + i];
+      const float amax = block_absmax(buf.data(), len);
+      const float clamped = clamp_tiny(amax);
+      uint8_t* o = q + start;
+      if (len == bs) {
+        const float inv = 1.0f / clamped;
+        absmax[b] = amax;
+        for (int64_t i = 0; i < len; ++i) o[i] = bucket256(clamp_unit(buf[i] * inv), mids);
+      } else {  // short last block: stores the clamped max and divides
+        absmax[b] = clamped;
+        for (int64_t i = 0; i < len; ++i) o[i] = bucket256(clamp_unit(buf[i] / clamped), mids);
+      }
+    }
+  });
+}
+
 // ---------------------------------------------------------------- per-block float32 scale
 struct Scales {
   const float* absmax_f = nullptr;  // plain float32 absmax
@@ -422,11 +460,49 @@ torch::Tensor gemv_4bit(const torch::Tensor& A, const torch::Tensor& packed, con
   return out.to(A.scalar_type());
 }
 
+std::tuple<torch::Tensor, torch::Tensor> quantize_blockwise(const torch::Tensor& A, const torch::Tensor& code,
+                                                            int64_t blocksize,
+                                                            const c10::optional<torch::Tensor>& offset) {
+  TORCH_CHECK_TYPE(A.scalar_type() == torch::kFloat32, "A must be float32, got ", A.scalar_type());
+  TORCH_CHECK(A.device().is_cpu() && A.dim() == 1 && A.is_contiguous(), "A must be a contiguous 1-D CPU tensor");
+  TORCH_CHECK(code.device().is_cpu() && code.scalar_type() == torch::kFloat32 && code.is_contiguous() &&
+                  code.numel() == 256,
+              "code must be a contiguous CPU float32 tensor of 256 entries");
+  TORCH_CHECK_VALUE(blocksize >= 1, "blocksize must be positive, got ", blocksize);
+  float off = 0.0f;
+  if (offset.has_value()) {
+    TORCH_CHECK(offset->device().is_cpu() && offset->scalar_type() == torch::kFloat32 && offset->numel() == 1,
+                "offset must be a one-element CPU float32 tensor");
+    off = offset->item<float>();
+  }
+  const int64_t n = A.numel();
+  auto q = torch::empty({n}, A.options().dtype(torch::kUInt8));
+  auto absmax = torch::empty({(n + blocksize - 1) / blocksize}, A.options());
+  if (n == 0) return {q, absmax};
+  quantize_blockwise_impl(A.data_ptr<float>(), n, blocksize, code.data_ptr<float>(), offset.has_value() ? &off : nullptr,
+                          q.data_ptr<uint8_t>(), absmax.data_ptr<float>());
+  return {q, absmax};
+}
+
+// Double quant of a float32 absmax: offset = A.mean() (torch's own reduction, so bit-identical to
+// absmax.mean() in Python), then the 8-bit quantization of A - offset.
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> double_quant(const torch::Tensor& A, const torch::Tensor& code,
+                                                                     int64_t blocksize) {
+  TORCH_CHECK_TYPE(A.scalar_type() == torch::kFloat32, "A must be float32, got ", A.scalar_type());
+  auto offset = A.mean();
+  auto [q, absmax] = quantize_blockwise(A, code, blocksize, offset);
+  return {offset, q, absmax};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fsdp4bit CPU kernels (blockwise 4-bit quantize, dequantize, fused gemv)";
   m.def("quantize_4bit", &quantize_4bit, "blockwise 4-bit quantize -> (packed uint8, float32 absmax)");
   m.def("dequantize_4bit", &dequantize_4bit, "blockwise 4-bit dequantize -> flat tensor of numel in dtype");
+  m.def("quantize_blockwise", &quantize_blockwise,
+        "8-bit blockwise quantize of float32 A - offset against a 256-entry code -> (uint8 codes, float32 absmax)");
+  m.def("double_quant", &double_quant,
+        "double quant of a float32 absmax -> (offset = mean, uint8 codes, float32 nested absmax)");
   m.def("gemv_4bit", &gemv_4bit, "A (M, K) @ W(N, K).T with W 4-bit -> (M, N) in A's dtype");
 }

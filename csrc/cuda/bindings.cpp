@@ -166,6 +166,46 @@ at::Tensor gemv_4bit(const at::Tensor& A, const at::Tensor& packed, const at::Te
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& A, const at::Tensor& code, int64_t blocksize,
+                                                      const std::optional<at::Tensor>& offset) {
+  TORCH_CHECK(A.is_cuda(), "A must be a CUDA tensor");
+  const at::Device dev = A.device();
+  TORCH_CHECK_TYPE(A.scalar_type() == at::kFloat, "A must be float32, got ", A.scalar_type());
+  TORCH_CHECK(A.dim() == 1 && A.is_contiguous(), "A must be a contiguous 1-D tensor");
+  check_on(code, dev, "code");
+  TORCH_CHECK(code.scalar_type() == at::kFloat && code.is_contiguous() && code.numel() == 256,
+              "code must be a contiguous float32 tensor of 256 entries");
+  TORCH_CHECK_VALUE(blocksize >= 1, "blocksize must be positive, got ", blocksize);
+  if (offset.has_value()) {
+    check_on(*offset, dev, "offset");
+    TORCH_CHECK(offset->scalar_type() == at::kFloat && offset->numel() == 1, "offset must be a one-element float32 tensor");
+  }
+  const int64_t n = A.numel();
+  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  TORCH_CHECK_VALUE(nblocks <= 0x7fffffff, "too many blocks: ", nblocks);
+  const c10::cuda::CUDAGuard guard(dev);
+  auto q = at::empty({n}, A.options().dtype(at::kByte));
+  auto absmax = at::empty({nblocks}, A.options());
+  if (n == 0) return {q, absmax};
+  launch_quantize_blockwise(A.data_ptr<float>(), n, blocksize, code.data_ptr<float>(),
+                            offset.has_value() ? offset->data_ptr<float>() : nullptr, q.data_ptr<uint8_t>(),
+                            absmax.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {q, absmax};
+}
+
+// Double quant of a float32 absmax: offset = A.mean() (torch's own reduction, so bit-identical to
+// absmax.mean() in Python), then the fused 8-bit quantization of A - offset. Saves the Python round trips.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> double_quant(const at::Tensor& A, const at::Tensor& code,
+                                                            int64_t blocksize) {
+  TORCH_CHECK(A.is_cuda(), "A must be a CUDA tensor");
+  TORCH_CHECK_TYPE(A.scalar_type() == at::kFloat, "A must be float32, got ", A.scalar_type());
+  const c10::cuda::CUDAGuard guard(A.device());
+  auto offset = A.mean();
+  auto [q, absmax] = quantize_blockwise(A, code, blocksize, offset);
+  return {offset, q, absmax};
+}
+
 }  // namespace
 }  // namespace fsdp4bit
 
@@ -173,5 +213,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fsdp4bit CUDA kernels (blockwise 4-bit quantize, dequantize with fused double quant, fused gemv)";
   m.def("quantize_4bit", &fsdp4bit::quantize_4bit, "blockwise 4-bit quantize -> (packed uint8, float32 absmax)");
   m.def("dequantize_4bit", &fsdp4bit::dequantize_4bit, "blockwise 4-bit dequantize -> flat tensor of numel in dtype");
+  m.def("quantize_blockwise", &fsdp4bit::quantize_blockwise,
+        "8-bit blockwise quantize of float32 A - offset against a 256-entry code -> (uint8 codes, float32 absmax)");
+  m.def("double_quant", &fsdp4bit::double_quant,
+        "double quant of a float32 absmax -> (offset = mean, uint8 codes, float32 nested absmax)");
   m.def("gemv_4bit", &fsdp4bit::gemv_4bit, "A (M, K) @ W(N, K).T with W 4-bit, M <= 8, K % 32 == 0 -> (M, N)");
 }

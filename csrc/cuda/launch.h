@@ -35,5 +35,8 @@ void launch_dequantize(const uint8_t* packed, int64_t n, const Code16& code, con
                        bool vec_ok, void* out, FloatType dtype, cudaStream_t stream);
 void launch_gemv(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code, const Scales& sc, bool nested,
                  int log2bs, int64_t M, int64_t N, int64_t K, void* out, cudaStream_t stream);
+// 8-bit blockwise quantization of float32 `a - *offset` (offset may be null) against a sorted 256-entry code.
+void launch_quantize_blockwise(const float* a, int64_t n, int64_t blocksize, const float* code, const float* offset,
+                               uint8_t* q, float* absmax, cudaStream_t stream);
 
 }  // namespace fsdp4bit

@@ -64,7 +64,7 @@ def native_for(device: torch.device | str) -> NativeOps | None:
 
 
 def backend_name(device: torch.device | str) -> str:
-    """"native-cpu", "native-cuda" or "reference": which path the ops take for ``device``."""
+    """ "native-cpu", "native-cuda" or "reference": which path the ops take for ``device``."""
     ops = native_for(device)
     return "reference" if ops is None else f"native-{ops.device_type}"
 

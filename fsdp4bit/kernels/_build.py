@@ -30,6 +30,7 @@ CUDA_SOURCES = tuple(
         "bindings.cpp",
         "quantize.cu",
         "dequantize.cu",
+        "blockwise.cu",
         "gemv.cu",
         "gemv_f32.cu",
         "gemv_f16.cu",
@@ -39,8 +40,10 @@ CUDA_SOURCES = tuple(
 CUDA_HEADERS = tuple(CSRC / "cuda" / h for h in ("common.cuh", "gemv.cuh", "launch.h"))
 
 # -ffp-contract=off: a fused multiply-add would round differently from the reference's separate ops.
-_CPU_CFLAGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
-_CUDA_CFLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+# No -std flag: cpp_extension passes the C++ standard torch itself was built with (C++20 for torch >= 2.10);
+# a -std=c++17 here used to override it, compiling torch's headers in another language mode than libtorch.
+_CPU_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
+_CUDA_CFLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 
 
 class BuildError(RuntimeError):
@@ -150,7 +153,9 @@ def build_cuda() -> tuple[ModuleType, float]:
     _check_ninja()
     archs = cuda_archs()
     arch_list = ";".join(f"{major}.{minor}" for major, minor in archs)
-    key = _key(CUDA_SOURCES + CUDA_HEADERS, " ".join(_CUDA_CFLAGS), arch_list, _compiler_version(str(nvcc)), torch.version.cuda)
+    key = _key(
+        CUDA_SOURCES + CUDA_HEADERS, " ".join(_CUDA_CFLAGS), arch_list, _compiler_version(str(nvcc)), torch.version.cuda
+    )
     # cpp_extension turns TORCH_CUDA_ARCH_LIST into one -gencode=arch=compute_XY,code=sm_XY per entry.
     saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
@@ -160,7 +165,7 @@ def build_cuda() -> tuple[ModuleType, float]:
             "fsdp4bit_cuda",
             CUDA_SOURCES,
             key,
-            extra_cflags=["-O3", "-std=c++17"],
+            extra_cflags=["-O3"],
             extra_cuda_cflags=_CUDA_CFLAGS,
             with_cuda=True,
         )

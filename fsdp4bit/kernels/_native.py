@@ -21,7 +21,7 @@ CPU_GEMV_MAX_ROWS = 16
 CUDA_GEMV_MAX_ROWS = 8
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(midpoints float32 [15], bucket -> code uint8 [16], code values float32 [16]), all on the CPU."""
     mids, order = quantize_bounds(quant_type)
@@ -72,7 +72,11 @@ def _check_state(
         raise ValueError("nested_absmax needs nested_code and offset")
     if absmax.dtype != torch.uint8:
         raise TypeError(f"absmax must be uint8 with double quantization, got {absmax.dtype}")
-    if nested_blocksize < 1 or nested_absmax.dtype != torch.float32 or nested_absmax.numel() < math.ceil(nblocks / nested_blocksize):
+    if (
+        nested_blocksize < 1
+        or nested_absmax.dtype != torch.float32
+        or nested_absmax.numel() < math.ceil(nblocks / nested_blocksize)
+    ):
         raise ValueError("nested_absmax must be float32 with ceil(blocks / nested_blocksize) entries")
     if nested_code.dtype != torch.float32 or nested_code.numel() != 256:
         raise ValueError("nested_code must be float32 with 256 entries")
@@ -99,6 +103,39 @@ class NativeOps:
         check_float_dtype(A.dtype, "A.dtype")
         mids, enc, _ = _tables(quant_type)
         return self.ext.quantize_4bit(A.contiguous(), int(blocksize), mids, enc)
+
+    def _check_blockwise(self, A: torch.Tensor, code: torch.Tensor, blocksize: int, offset: torch.Tensor | None):
+        if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize < 1:
+            raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+        if A.dtype != torch.float32:
+            raise TypeError(f"A must be float32, got {A.dtype}")
+        if code.dtype != torch.float32 or code.numel() != 256:
+            raise ValueError(f"code must be float32 with 256 entries, got {code.dtype} with {code.numel()}")
+        if offset is not None and (offset.dtype != torch.float32 or offset.numel() != 1):
+            raise ValueError("offset must be a one-element float32 tensor")
+        for name, t in (("code", code), ("offset", offset)):
+            if t is not None and t.device != A.device:
+                raise ValueError(f"{name} is on {t.device}, A on {A.device}")
+
+    def quantize_blockwise(
+        self, A: torch.Tensor, code: torch.Tensor, blocksize: int, offset: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """8-bit blockwise quantization of flat float32 ``A - offset`` against the sorted 256-entry ``code``.
+
+        Returns (uint8 codes [n], float32 absmax [ceil(n/blocksize)]), bit-exact with
+        ``reference.quantize_blockwise(A - offset, code, blocksize)``; the subtraction is fused.
+        """
+        self._check_blockwise(A, code, blocksize, offset)
+        return self.ext.quantize_blockwise(
+            A.reshape(-1).contiguous(), code.reshape(-1).contiguous(), blocksize, _opt(offset)
+        )
+
+    def double_quant(
+        self, absmax: torch.Tensor, code: torch.Tensor, blocksize: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(offset = absmax.mean(), uint8 codes, float32 nested absmax) in one call: see ``ops.double_quant``."""
+        self._check_blockwise(absmax, code, blocksize, None)
+        return self.ext.double_quant(absmax.reshape(-1).contiguous(), code.reshape(-1).contiguous(), blocksize)
 
     def dequantize_4bit(
         self,
@@ -188,6 +225,15 @@ class NativeOps:
             )
             return out.view(*A.shape[:-1], N)
         weight = self.dequantize_4bit(
-            flat_packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, (N, K), A.dtype
+            flat_packed,
+            absmax,
+            nested_absmax,
+            nested_code,
+            offset,
+            blocksize,
+            nested_blocksize,
+            quant_type,
+            (N, K),
+            A.dtype,
         )
         return torch.nn.functional.linear(A, weight)

@@ -1,0 +1,80 @@
+// 8-bit blockwise quantization against a sorted 256-entry code (bitsandbytes' double quant of the 4-bit
+// absmax), with the offset subtraction fused:
+//   d = a - offset (when given)             midpoints m[i] = (code[i] + code[i + 1]) / 2
+//   full block : s = d * (1 / max(absmax, 1e-38))    short last block : s = d / max(absmax, 1e-38)
+//   q = number of midpoints strictly below clamp(s, -1, 1) (NaN -> 255)
+// One CUDA block per quantization block; bit-exact with reference.quantize_blockwise(a - offset, code, bs).
+#include "common.cuh"
+
+namespace fsdp4bit {
+namespace {
+
+// Count of the 255 sorted midpoints strictly below s, by binary search; !(s <= m) is true for NaN, so NaN
+// counts past every midpoint (255), as torch.bucketize does.
+__device__ __forceinline__ int bucket256(float s, const float* __restrict__ mids) {
+  int c = 0;
+#pragma unroll
+  for (int k = 128; k > 0; k >>= 1) c += !(s <= mids[c + k - 1]) ? k : 0;
+  return c;
+}
+
+// torch.clamp(s, -1, 1): NaN stays NaN.
+__device__ __forceinline__ float clamp_unit(float s) { return s != s ? s : fminf(fmaxf(s, -1.0f), 1.0f); }
+
+// Max of `m` over the CUDA block (blockDim.x a multiple of 32, at most 1024), returned to every thread.
+__device__ __forceinline__ uint32_t block_max(uint32_t m, uint32_t* s_red) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
+  const int warp = threadIdx.x / 32;
+  if ((threadIdx.x & 31) == 0) s_red[warp] = m;
+  __syncthreads();
+  m = 0;
+  for (int w = 0; w < int(blockDim.x / 32); ++w) m = max(m, s_red[w]);
+  return m;
+}
+
+__global__ void __launch_bounds__(256) quantize_blockwise_kernel(const float* __restrict__ a, int64_t n, int64_t bs,
+                                                                 const float* __restrict__ code,
+                                                                 const float* __restrict__ offset,
+                                                                 uint8_t* __restrict__ q, float* __restrict__ absmax) {
+  __shared__ float s_mids[256];
+  __shared__ uint32_t s_red[32];
+  for (int i = threadIdx.x; i < 255; i += blockDim.x)
+    s_mids[i] = __fmul_rn(__fadd_rn(__ldg(code + i), __ldg(code + i + 1)), 0.5f);  // == (c0 + c1) / 2
+  const bool has_off = offset != nullptr;
+  const float off = has_off ? __ldg(offset) : 0.0f;
+  const int64_t b = blockIdx.x;
+  const int64_t start = b * bs;
+  const int64_t len = min(bs, n - start);
+
+  uint32_t m = 0;  // max of |d| bits: integer order = float order for |d|, NaNs above +Inf
+  for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
+    const float d = has_off ? __fsub_rn(__ldg(a + start + i), off) : __ldg(a + start + i);
+    m = max(m, __float_as_uint(d) & 0x7fffffffu);
+  }
+  m = block_max(m, s_red);  // its __syncthreads also publishes s_mids
+
+  const bool is_nan = m > 0x7f800000u;
+  const float amax = is_nan ? __uint_as_float(0x7fc00000u) : __uint_as_float(m);
+  const float clamped = is_nan ? amax : fmaxf(amax, kTiny);
+  const bool tail = len < bs;  // short last block: divide by the clamped max and store it
+  const float inv = __fdiv_rn(1.0f, clamped);
+  if (threadIdx.x == 0) absmax[b] = tail ? clamped : amax;
+  for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
+    const float d = has_off ? __fsub_rn(__ldg(a + start + i), off) : __ldg(a + start + i);
+    const float s = tail ? __fdiv_rn(d, clamped) : __fmul_rn(d, inv);
+    q[start + i] = uint8_t(bucket256(clamp_unit(s), s_mids));
+  }
+}
+
+}  // namespace
+
+void launch_quantize_blockwise(const float* a, int64_t n, int64_t blocksize, const float* code, const float* offset,
+                               uint8_t* q, float* absmax, cudaStream_t stream) {
+  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  int threads = 32;
+  while (threads < 256 && threads < blocksize) threads *= 2;
+  quantize_blockwise_kernel<<<unsigned(nblocks), threads, 0, stream>>>(a, n, blocksize, code, offset, q, absmax);
+}
+
+}  // namespace fsdp4bit
