@@ -85,16 +85,24 @@ def _gather_index(blocks: tuple, max_blocks: int, device: torch.device) -> torch
     return torch.tensor(index, dtype=torch.long, device=device)
 
 
+def _state_on(state: QuantState, device: torch.device) -> QuantState:
+    """``state`` itself when it already lives on ``device``, else a copy there (CPU-offloaded shards)."""
+    from .tensor_ops import copy_state
+
+    return state if state.absmax.device == device else copy_state(state, device)
+
+
 def post_all_gather(param, outputs: Sequence[torch.Tensor], metadata: Any, param_dtype, *, out=None):
     """Rebuild the full Params4bit from gathered words and absmax (refill ``out`` in place after the first time)."""
     (world,) = metadata
     chunk, rows, blocks, max_blocks = _layout_of(param, world)
     total = rows[-1][1]
+    device = outputs[0].device
     if len(outputs) == 1:
         # World size 1: FSDP2 passes the packed words alone; this shard already owns every block.
         if out is not None:
             return None
-        return type(param).wrap(outputs[0][:total].view(total, 1), param, param.quant_state, 0), ()
+        return type(param).wrap(outputs[0][:total].view(total, 1), param, _state_on(param.quant_state, device), 0), ()
     words_out, absmax_out = outputs
     index = _gather_index(blocks, max_blocks, absmax_out.device)
     if out is not None:
@@ -103,7 +111,8 @@ def post_all_gather(param, outputs: Sequence[torch.Tensor], metadata: Any, param
         with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(target):
             torch.index_select(absmax_out, 0, index, out=target)
         return None
-    state = param.quant_state
+    # ``param`` is the resident shard: with CPU offload its state is on the host, the gathered data is not.
+    state = _state_on(param.quant_state, device)
     absmax = torch.index_select(absmax_out, 0, index)
     full_state = QuantState(
         absmax, state.shape, state.code, state.blocksize, state.quant_type, state.dtype, state.offset, state.state2

@@ -150,7 +150,10 @@ def scenario_train(storage_name: str, precision: str, reshard: str, ckpt: str) -
     steps, per_rank = 6, 4
     gen = torch.Generator().manual_seed(11)
     data = [
-        (torch.randn(per_rank * world, 67, generator=gen), torch.randn(per_rank * world, 3, generator=gen))
+        (
+            torch.randn(per_rank * world, 67, generator=gen).to(DEVICE),
+            torch.randn(per_rank * world, 3, generator=gen).to(DEVICE),
+        )
         for _ in range(3)
     ]
     ref_model = make_model(storage)
@@ -167,7 +170,7 @@ def scenario_train(storage_name: str, precision: str, reshard: str, ckpt: str) -
     )
     local = [(x[rank * per_rank : (rank + 1) * per_rank], y[rank * per_rank : (rank + 1) * per_rank]) for x, y in data]
     losses = train(model, local, steps, ckpt == "ckpt")
-    losses_t = torch.tensor(losses)
+    losses_t = torch.tensor(losses, device=DEVICE)
     dist.all_reduce(losses_t)
     losses_avg = (losses_t / world).tolist()
     ref_batches = [(x.to(torch.bfloat16) if mp else x, y) for x, y in data]
@@ -179,10 +182,11 @@ def scenario_train(storage_name: str, precision: str, reshard: str, ckpt: str) -
     ref_sd = ref_model.state_dict()
     for k, v in ref_sd.items():
         if "lora" in k:
-            torch.testing.assert_close(sd[k].float(), v.float(), rtol=tol * 10, atol=tol * 10)
+            torch.testing.assert_close(sd[k].float().cpu(), v.float().cpu(), rtol=tol * 10, atol=tol * 10)
         elif v.dtype == torch.uint8 or "weight." in k or k.endswith("base.weight"):
             assert torch.equal(
-                sharding.plain(sd[k]).reshape(-1).view(torch.uint8), sharding.plain(v).reshape(-1).view(torch.uint8)
+                sharding.plain(sd[k]).cpu().reshape(-1).view(torch.uint8),
+                sharding.plain(v).cpu().reshape(-1).view(torch.uint8),
             ), f"{k} changed"
     return {"losses": losses_avg, "reference": ref_losses}
 
