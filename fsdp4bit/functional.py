@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
+from . import ops, reference
 from .codebooks import (
     NESTED_BLOCKSIZE,
     STORAGE_DTYPES,
@@ -74,9 +74,7 @@ def quantize_blockwise(
 
 def dequantize_blockwise(A: torch.Tensor, quant_state: QuantState) -> torch.Tensor:
     """Inverse of :func:`quantize_blockwise`, float32 values."""
-    from .reference import dequantize_blockwise as _deq
-
-    return _deq(A, quant_state.absmax, quant_state.code, quant_state.blocksize).view(A.shape)
+    return reference.dequantize_blockwise(A, quant_state.absmax, quant_state.code, quant_state.blocksize).view(A.shape)
 
 
 def quantize_4bit(
