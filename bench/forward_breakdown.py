@@ -18,26 +18,11 @@ import statistics
 import time
 
 import torch
+from layer import cuda_ms as sync_ms  # one call between two events, the GPU idle before each call
 
 import fsdp4bit as bnb
 from fsdp4bit import ops
 from fsdp4bit.codebooks import get_dynamic_map
-
-
-def sync_ms(fn, reps: int = 30) -> float:
-    """Median ms of one call between two events, the GPU idle before each call."""
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def stream_ms(fn, calls: int = 20, reps: int = 5) -> float:
