@@ -19,6 +19,7 @@ import time
 
 import torch
 from layer import cuda_ms as sync_ms  # one call between two events, the GPU idle before each call
+from layer import qlora_layer
 
 import fsdp4bit as bnb
 from fsdp4bit import ops
@@ -84,12 +85,8 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     dev = "cuda"
-    torch.manual_seed(0)
-    out_f, in_f = 14336, 4096
-    w = torch.randn(out_f, in_f, device=dev, dtype=torch.bfloat16) * 0.02
-    layer = bnb.nn.Linear4bit(in_f, out_f, bias=False, quant_type="nf4", compute_dtype=torch.bfloat16)
-    layer.weight = bnb.nn.Params4bit(w.clone(), quant_type="nf4", compress_statistics=True)
-    layer = layer.to(dev)
+    w, layer = qlora_layer(dev)
+    in_f = w.shape[1]
     st = layer.weight.quant_state
     packed = bnb.functional.packed_bytes(layer.weight)
     stats = (*st.absmax_tensors(), st.blocksize, st.state2.blocksize, st.quant_type, list(st.shape))

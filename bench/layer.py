@@ -33,17 +33,22 @@ def cuda_ms(fn, reps: int = 30, warmup: int = 5) -> float:
     return statistics.median(times)
 
 
+def qlora_layer(device: str, out_f: int = 14336, in_f: int = 4096) -> tuple[torch.Tensor, bnb.nn.Linear4bit]:
+    """(bf16 weight, the same weight as an NF4 bs64 double-quant Linear4bit computing in bf16) on ``device``."""
+    torch.manual_seed(0)
+    w = torch.randn(out_f, in_f, device=device, dtype=torch.bfloat16) * 0.02
+    layer = bnb.nn.Linear4bit(in_f, out_f, bias=False, quant_type="nf4", compute_dtype=torch.bfloat16)
+    layer.weight = bnb.nn.Params4bit(w.clone(), quant_type="nf4", compress_statistics=True)
+    return w, layer.to(device)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     dev = "cuda"
-    torch.manual_seed(0)
-    out_f, in_f = 14336, 4096
-    w = torch.randn(out_f, in_f, device=dev, dtype=torch.bfloat16) * 0.02
-    layer = bnb.nn.Linear4bit(in_f, out_f, bias=False, quant_type="nf4", compute_dtype=torch.bfloat16)
-    layer.weight = bnb.nn.Params4bit(w.clone(), quant_type="nf4", compress_statistics=True)
-    layer = layer.to(dev)
+    w, layer = qlora_layer(dev)
+    out_f, in_f = w.shape
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": [out_f, in_f]}
     for tokens in (8192,):
         x = torch.randn(tokens, in_f, device=dev, dtype=torch.bfloat16, requires_grad=True)

@@ -57,24 +57,31 @@ def _layout_of(param, world: int) -> tuple:
     return shard_layout(total_words(state, itemsize), world, itemsize, state.blocksize, nblocks)
 
 
-def pre_all_gather(param, mesh) -> tuple[tuple[torch.Tensor, ...], Any]:
-    """All-gather inputs of this rank's shard: (packed words padded to the chunk size, owned absmax padded)."""
+def _padded_owned_absmax(param, world: int, rank: int) -> torch.Tensor:
+    """This rank's owned absmax, checked against the block layout and zero-padded to the largest owned count."""
     state = param.quant_state
     if state is None:
         raise RuntimeError("fully_shard needs quantized Params4bit weights: call .to(device) on the module first")
-    world, rank = mesh.size(), mesh.get_local_rank()
-    chunk, rows, blocks, max_blocks = _layout_of(param, world)
+    _, _, blocks, max_blocks = _layout_of(param, world)
     lo, hi = blocks[rank]
     if state.absmax.numel() != hi - lo:
         raise RuntimeError(
             f"shard {rank}/{world} holds {state.absmax.numel()} absmax entries but owns blocks [{lo}, {hi})"
         )
-    words = plain(param).reshape(-1)
-    if words.numel() < chunk:
-        words = torch.cat([words, words.new_zeros(chunk - words.numel())])
     absmax = state.absmax.reshape(-1)
     if absmax.numel() < max_blocks:
         absmax = torch.cat([absmax, absmax.new_zeros(max_blocks - absmax.numel())])
+    return absmax
+
+
+def pre_all_gather(param, mesh) -> tuple[tuple[torch.Tensor, ...], Any]:
+    """All-gather inputs of this rank's shard: (packed words padded to the chunk size, owned absmax padded)."""
+    world, rank = mesh.size(), mesh.get_local_rank()
+    absmax = _padded_owned_absmax(param, world, rank)
+    chunk = _layout_of(param, world)[0]
+    words = plain(param).reshape(-1)
+    if words.numel() < chunk:
+        words = torch.cat([words, words.new_zeros(chunk - words.numel())])
     return (words, absmax), (world,)
 
 
@@ -205,8 +212,8 @@ def gather_quant_state(local, mesh) -> QuantState:
     """The whole weight's QuantState, all-gathering the owned absmax of every shard (one small collective)."""
     import torch.distributed as dist
 
-    (words, absmax), _ = pre_all_gather(local, mesh)
     world = mesh.size()
+    absmax = _padded_owned_absmax(local, world, mesh.get_local_rank())
     gathered = absmax.new_empty(world * absmax.numel())
     dist.all_gather_into_tensor(gathered, absmax, group=mesh.get_group())
     _, _, blocks, max_blocks = _layout_of(local, world)
