@@ -71,6 +71,7 @@ Scales make_scales(const at::Tensor& absmax, const std::optional<at::Tensor>& ne
     s.nested_code = nc.data_ptr<float>();
     s.offset = off.data_ptr<float>();
     s.nested_bs = nested_bs;
+    s.nested_log2 = (nested_bs & (nested_bs - 1)) == 0 ? __builtin_ctzll(uint64_t(nested_bs)) : -1;
   } else {
     TORCH_CHECK(absmax.scalar_type() == at::kFloat, "absmax must be float32 without double quantization");
     s.absmax_f = absmax.data_ptr<float>();

@@ -3,7 +3,8 @@
 //   d = a - offset (when given)             midpoints m[i] = (code[i] + code[i + 1]) / 2
 //   full block : s = d * (1 / max(absmax, 1e-38))    short last block : s = d / max(absmax, 1e-38)
 //   q = number of midpoints strictly below clamp(s, -1, 1) (NaN -> 255)
-// One CUDA block per quantization block; bit-exact with reference.quantize_blockwise(a - offset, code, bs).
+// One CUDA block per quantization block (one warp per block for blocksize 256, double quant's case);
+// bit-exact with reference.quantize_blockwise(a - offset, code, bs).
 #include "common.cuh"
 
 namespace fsdp4bit {
@@ -67,11 +68,68 @@ __global__ void __launch_bounds__(256) quantize_blockwise_kernel(const float* __
   }
 }
 
+// Blocksize 256 (double quant's nested blocks): one warp per block, 8 values per lane held in registers,
+// 8 blocks per CTA, so the midpoint table is built once per 8 blocks and no CTA-wide barrier sits between
+// the max and the quantization. Same operations as the generic kernel above, so the same bits.
+constexpr int kBs256Warps = 8;
+
+__global__ void __launch_bounds__(kBs256Warps * 32) quantize_blockwise256_kernel(const float* __restrict__ a, int64_t n,
+                                                                                const float* __restrict__ code,
+                                                                                const float* __restrict__ offset,
+                                                                                uint8_t* __restrict__ q,
+                                                                                float* __restrict__ absmax) {
+  __shared__ float s_mids[256];
+  for (int i = threadIdx.x; i < 255; i += blockDim.x)
+    s_mids[i] = __fmul_rn(__fadd_rn(__ldg(code + i), __ldg(code + i + 1)), 0.5f);
+  __syncthreads();
+  const bool has_off = offset != nullptr;
+  const float off = has_off ? __ldg(offset) : 0.0f;
+  const int lane = threadIdx.x % 32;
+  const int64_t b = int64_t(blockIdx.x) * kBs256Warps + threadIdx.x / 32;
+  const int64_t start = b * 256;
+  if (start >= n) return;
+  const int64_t len = min(int64_t(256), n - start);
+
+  float d[8];
+  uint32_t m = 0;  // max of |d| bits: integer order = float order for |d|, NaNs above +Inf
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int64_t i = lane + 32 * j;
+    d[j] = 0.0f;
+    if (i < len) {
+      d[j] = has_off ? __fsub_rn(__ldg(a + start + i), off) : __ldg(a + start + i);
+      m = max(m, __float_as_uint(d[j]) & 0x7fffffffu);
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
+
+  const bool is_nan = m > 0x7f800000u;
+  const float amax = is_nan ? __uint_as_float(0x7fc00000u) : __uint_as_float(m);
+  const float clamped = is_nan ? amax : fmaxf(amax, kTiny);
+  const bool tail = len < 256;
+  const float inv = __fdiv_rn(1.0f, clamped);
+  if (lane == 0) absmax[b] = tail ? clamped : amax;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int64_t i = lane + 32 * j;
+    if (i < len) {
+      const float s = tail ? __fdiv_rn(d[j], clamped) : __fmul_rn(d[j], inv);
+      q[start + i] = uint8_t(bucket256(clamp_unit(s), s_mids));
+    }
+  }
+}
+
 }  // namespace
 
 void launch_quantize_blockwise(const float* a, int64_t n, int64_t blocksize, const float* code, const float* offset,
                                uint8_t* q, float* absmax, cudaStream_t stream) {
   const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  if (blocksize == 256) {
+    const int64_t grid = (nblocks + kBs256Warps - 1) / kBs256Warps;
+    quantize_blockwise256_kernel<<<unsigned(grid), kBs256Warps * 32, 0, stream>>>(a, n, code, offset, q, absmax);
+    return;
+  }
   int threads = 32;
   while (threads < 256 && threads < blocksize) threads *= 2;
   quantize_blockwise_kernel<<<unsigned(nblocks), threads, 0, stream>>>(a, n, blocksize, code, offset, q, absmax);

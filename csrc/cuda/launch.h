@@ -27,6 +27,7 @@ struct Scales {
   const float* nested_code;  // device, 256 entries
   const float* offset;       // device, 1 entry
   int64_t nested_bs;
+  int nested_log2;  // log2(nested_bs) when it is a power of two (bitsandbytes' 256), else -1
 };
 
 void launch_quantize(const void* x, FloatType dtype, int64_t n, int blocksize, const QuantTables& tab, bool identity,

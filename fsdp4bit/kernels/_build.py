@@ -37,13 +37,20 @@ CUDA_SOURCES = tuple(
         "gemv_bf16.cu",
     )
 )
-CUDA_HEADERS = tuple(CSRC / "cuda" / h for h in ("common.cuh", "gemv.cuh", "launch.h"))
+CUDA_HEADERS = tuple(CSRC / "cuda" / h for h in ("common.cuh", "gemv.cuh", "quantize.cuh", "launch.h"))
 
 # -ffp-contract=off: a fused multiply-add would round differently from the reference's separate ops.
 # No -std flag: cpp_extension passes the C++ standard torch itself was built with (C++20 for torch >= 2.10);
 # a -std=c++17 here used to override it, compiling torch's headers in another language mode than libtorch.
 _CPU_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
 _CUDA_CFLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+
+
+# A toolchain that links libstdc++ statically (the GPU image's CXX does) would put a second copy of it in
+# the extension whose symbols interpose with torch's shared one; the first TORCH_CHECK message formatted
+# there then crashed (SIGSEGV in a locale facet). Keeping every static archive's symbols local avoids that
+# and changes nothing when libstdc++ is linked dynamically.
+_LDFLAGS = ["-Wl,--exclude-libs,ALL"] if platform.system() == "Linux" else []
 
 
 class BuildError(RuntimeError):
@@ -123,9 +130,10 @@ def build_cpu() -> tuple[ModuleType, float]:
     _check_ninja()
     arch, target = _cpu_target()
     cflags = _CPU_CFLAGS + arch
-    key = _key(CPU_SOURCES, " ".join(cflags), target, _compiler_version(cxx))
+    ldflags = ["-fopenmp", *_LDFLAGS]
+    key = _key(CPU_SOURCES, " ".join(cflags + ldflags), target, _compiler_version(cxx))
     t0 = time.perf_counter()
-    mod = _load("fsdp4bit_cpu", CPU_SOURCES, key, extra_cflags=cflags, extra_ldflags=["-fopenmp"])
+    mod = _load("fsdp4bit_cpu", CPU_SOURCES, key, extra_cflags=cflags, extra_ldflags=ldflags)
     return mod, time.perf_counter() - t0
 
 
@@ -154,7 +162,12 @@ def build_cuda() -> tuple[ModuleType, float]:
     archs = cuda_archs()
     arch_list = ";".join(f"{major}.{minor}" for major, minor in archs)
     key = _key(
-        CUDA_SOURCES + CUDA_HEADERS, " ".join(_CUDA_CFLAGS), arch_list, _compiler_version(str(nvcc)), torch.version.cuda
+        CUDA_SOURCES + CUDA_HEADERS,
+        " ".join(_CUDA_CFLAGS + _LDFLAGS),
+        arch_list,
+        _compiler_version(str(nvcc)),
+        _compiler_version(cxx),
+        torch.version.cuda,
     )
     # cpp_extension turns TORCH_CUDA_ARCH_LIST into one -gencode=arch=compute_XY,code=sm_XY per entry.
     saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
@@ -167,6 +180,7 @@ def build_cuda() -> tuple[ModuleType, float]:
             key,
             extra_cflags=["-O3"],
             extra_cuda_cflags=_CUDA_CFLAGS,
+            extra_ldflags=_LDFLAGS,
             with_cuda=True,
         )
     finally:

@@ -1,0 +1,410 @@
+// Tile-shape sweep of the fused gemv and the 4-bit quantize kernels, outside torch (nvcc only), so one
+// device call compares many instantiations. Each variant is checked first (gemv against a float64 host
+// reference, quantize byte for byte against a host replica of reference.quantize_4bit), then timed as the
+// median of CUDA-graph replays that rotate through enough weight sets to defeat the 50 MB L2.
+//
+//   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode=arch=compute_90,code=sm_90 -I csrc/cuda \
+//        bench/cuda/sweep.cu -o /tmp/sweep && /tmp/sweep
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gemv.cuh"
+#include "quantize.cuh"
+
+using namespace fsdp4bit;
+using bf16 = __nv_bfloat16;
+
+#define CK(x)                                                                                  \
+  do {                                                                                         \
+    cudaError_t e_ = (x);                                                                      \
+    if (e_ != cudaSuccess) {                                                                   \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                            \
+    }                                                                                          \
+  } while (0)
+
+static const float kNF4[16] = {-1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+                               -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+                               0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+                               0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+
+// Optional filters (argv[2], argv[3]): run only variants / shapes whose name contains them (for ncu).
+static std::string g_variant, g_shape;
+static bool picked(const std::string& variant, const std::string& shape) {
+  return (variant.empty() || variant.find(g_variant) != std::string::npos) &&
+         (shape.empty() || shape.find(g_shape) != std::string::npos);
+}
+
+static float median(std::vector<float> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// Median microseconds per call: a graph of `reps` calls (call i gets set i % sets) replayed 7 times.
+static float time_us(const std::function<void(int, cudaStream_t)>& call, int sets, int reps = 20) {
+  cudaStream_t s;
+  CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  for (int i = 0; i < sets; ++i) call(i, s);  // warm up
+  CK(cudaStreamSynchronize(s));
+  cudaGraph_t g;
+  cudaGraphExec_t ge;
+  CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+  for (int i = 0; i < reps; ++i) call(i % sets, s);
+  CK(cudaStreamEndCapture(s, &g));
+  CK(cudaGraphInstantiate(&ge, g, 0));
+  cudaEvent_t a, b;
+  CK(cudaEventCreate(&a));
+  CK(cudaEventCreate(&b));
+  std::vector<float> t;
+  for (int r = 0; r < 8; ++r) {
+    CK(cudaEventRecord(a, s));
+    CK(cudaGraphLaunch(ge, s));
+    CK(cudaEventRecord(b, s));
+    CK(cudaEventSynchronize(b));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, a, b));
+    if (r) t.push_back(ms * 1000.0f / reps);
+  }
+  CK(cudaGetLastError());
+  cudaGraphExecDestroy(ge);
+  cudaGraphDestroy(g);
+  cudaStreamDestroy(s);
+  return median(t);
+}
+
+__global__ void copy_kernel(const uint4* __restrict__ a, uint4* __restrict__ b, int64_t n) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    __stcs(b + i, __ldcs(a + i));
+}
+
+// Device-to-device copy bandwidth (bytes read + written) as the best of cudaMemcpyAsync and a 16-byte copy kernel.
+static double copy_bandwidth(int sms) {
+  const size_t bytes = size_t(1) << 30;
+  void *a, *b;
+  CK(cudaMalloc(&a, bytes));
+  CK(cudaMalloc(&b, bytes));
+  CK(cudaMemset(a, 1, bytes));
+  const float us_memcpy =
+      time_us([&](int, cudaStream_t s) { CK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, s)); }, 1, 5);
+  const float us_kernel = time_us(
+      [&](int, cudaStream_t s) {
+        copy_kernel<<<sms * 8, 256, 0, s>>>(static_cast<const uint4*>(a), static_cast<uint4*>(b), bytes / 16);
+      },
+      1, 5);
+  std::printf("copy 1 GiB: cudaMemcpyAsync %.3f TB/s, copy kernel %.3f TB/s\n", 2.0 * bytes / us_memcpy / 1e6,
+              2.0 * bytes / us_kernel / 1e6);
+  cudaFree(a);
+  cudaFree(b);
+  return 2.0 * bytes / (std::min(us_memcpy, us_kernel) * 1e-6);
+}
+
+// ------------------------------------------------------------------------- gemv
+struct GemvSet {  // one random NF4 weight with double-quant statistics, blocksize 64, nested blocksize 256
+  uint8_t *packed, *aq;
+  float *nabs, *ncode, *off;
+  bf16* A;
+  bf16* out;
+};
+
+struct HostGemv {
+  std::vector<uint8_t> packed, aq;
+  std::vector<float> nabs, ncode;
+  float off;
+  std::vector<bf16> A;
+};
+
+static HostGemv make_host_gemv(int64_t M, int64_t N, int64_t K, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int> byte(0, 255);
+  std::normal_distribution<float> nrm(0.0f, 1.0f);
+  HostGemv h;
+  const int64_t n = N * K, nb = n / 64;
+  h.packed.resize(n / 2);
+  for (auto& v : h.packed) v = uint8_t(byte(rng));
+  h.aq.resize(nb);
+  for (auto& v : h.aq) v = uint8_t(byte(rng));
+  h.nabs.resize((nb + 255) / 256);
+  for (auto& v : h.nabs) v = 0.01f + 0.01f * std::fabs(nrm(rng));
+  h.ncode.resize(256);
+  for (int i = 0; i < 256; ++i) h.ncode[i] = -1.0f + 2.0f * i / 255.0f;
+  h.off = 0.02f;
+  h.A.resize(M * K);
+  for (auto& v : h.A) v = __float2bfloat16(nrm(rng));
+  return h;
+}
+
+template <typename T>
+static T* upload(const std::vector<T>& v) {
+  T* d;
+  CK(cudaMalloc(&d, v.size() * sizeof(T) + 16));
+  CK(cudaMemcpy(d, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return d;
+}
+
+static GemvSet upload_gemv(const HostGemv& h, int64_t M, int64_t N) {
+  GemvSet s;
+  s.packed = upload(h.packed);
+  s.aq = upload(h.aq);
+  s.nabs = upload(h.nabs);
+  s.ncode = upload(h.ncode);
+  s.off = upload(std::vector<float>{h.off});
+  s.A = upload(h.A);
+  CK(cudaMalloc(&s.out, M * N * sizeof(bf16)));
+  return s;
+}
+
+static void free_gemv(GemvSet& s) {
+  for (void* p : {(void*)s.packed, (void*)s.aq, (void*)s.nabs, (void*)s.ncode, (void*)s.off, (void*)s.A, (void*)s.out})
+    cudaFree(p);
+}
+
+static Scales scales_of(const GemvSet& s) { return Scales{nullptr, s.aq, s.nabs, s.ncode, s.off, 256, 8}; }
+
+static Code16 nf4_code() {
+  Code16 c;
+  std::memcpy(c.v, kNF4, sizeof(kNF4));
+  return c;
+}
+
+using GemvLaunch = void (*)(const bf16*, const uint8_t*, const Code16&, const Scales&, bool, int, int64_t, int64_t,
+                            bf16*, cudaStream_t);
+
+struct GemvVariant {
+  std::string name;
+  int M;
+  GemvLaunch fn;
+};
+
+// relative L2 error of the kernel against a float64 reference (float32 block scale as the kernel computes it)
+static double check_gemv(const GemvVariant& v, int64_t N, int64_t K) {
+  const int64_t M = v.M;
+  HostGemv h = make_host_gemv(M, N, K, 7 + uint32_t(N));
+  GemvSet s = upload_gemv(h, M, N);
+  CK(cudaMemset(s.out, 0xff, M * N * sizeof(bf16)));  // NaN poison
+  v.fn(s.A, s.packed, nf4_code(), scales_of(s), true, 6, N, K, s.out, 0);
+  CK(cudaGetLastError());
+  std::vector<bf16> out(M * N);
+  CK(cudaMemcpy(out.data(), s.out, out.size() * sizeof(bf16), cudaMemcpyDeviceToHost));
+  double num = 0, den = 0;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t r = 0; r < N; ++r) {
+      double ref = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t e = r * K + k;
+        const uint8_t byte = h.packed[e / 2];
+        const int nib = (e & 1) ? (byte & 15) : (byte >> 4);
+        const float scale = h.ncode[h.aq[e / 64]] * h.nabs[e / 64 / 256] + h.off;
+        ref += double(kNF4[nib]) * double(scale) * double(__bfloat162float(h.A[m * K + k]));
+      }
+      const double got = __bfloat162float(out[m * N + r]);
+      if (!std::isfinite(got)) return INFINITY;
+      num += (got - ref) * (got - ref);
+      den += ref * ref;
+    }
+  free_gemv(s);
+  return std::sqrt(num / den);
+}
+
+template <int M, int R>
+static void gemv_call(const bf16* a, const uint8_t* p, const Code16& c, const Scales& sc, bool nested, int log2bs,
+                      int64_t N, int64_t K, bf16* o, cudaStream_t st) {
+  launch_gemv<bf16, M, R>(a, p, c, sc, nested, log2bs, N, K, o, st);
+}
+
+static void sweep_gemv(double bw) {
+  const std::vector<GemvVariant> variants = {
+      {"M1 R2", 1, gemv_call<1, 2>}, {"M1 R4", 1, gemv_call<1, 4>}, {"M1 R8", 1, gemv_call<1, 8>},
+      {"M4 R2", 4, gemv_call<4, 2>}, {"M4 R4", 4, gemv_call<4, 4>}, {"M8 R2", 8, gemv_call<8, 2>},
+  };
+  for (const auto& v : variants) {
+    if (!picked(v.name, "")) continue;
+    const double e1 = check_gemv(v, 203, 4096), e2 = check_gemv(v, 37, 14336), e3 = check_gemv(v, 5, 96);
+    std::printf("check gemv %-9s rel err %.2e %.2e %.2e %s\n", v.name.c_str(), e1, e2, e3,
+                std::max({e1, e2, e3}) < 8e-3 ? "ok" : "FAIL");
+  }
+  const int64_t shapes[][2] = {{4096, 4096}, {14336, 4096}, {4096, 14336}, {8192, 8192}, {28672, 8192}};
+  std::printf("\n%-14s %-9s %9s %8s\n", "shape", "variant", "us", "floor%");
+  for (const auto& sh : shapes) {
+    const int64_t N = sh[0], K = sh[1], n = N * K;
+    if (!picked("", std::to_string(N) + "x" + std::to_string(K))) continue;
+    const double bytes = n / 2 + n / 64 + 4.0 * (n / 64 / 256) + 2.0 * 8 * K + 2.0 * 8 * N;
+    const int sets = int(std::max<int64_t>(2, (200LL << 20) / (n / 2)));
+    std::vector<GemvSet> ss;
+    for (int i = 0; i < sets; ++i) ss.push_back(upload_gemv(make_host_gemv(8, N, K, 100 + i), 8, N));
+    for (const auto& v : variants) {
+      if (!picked(v.name, "")) continue;
+      const float us = time_us(
+          [&](int i, cudaStream_t st) {
+            v.fn(ss[i].A, ss[i].packed, nf4_code(), scales_of(ss[i]), true, 6, N, K, ss[i].out, st);
+          },
+          sets);
+      const double floor_us = (bytes - 2.0 * 7 * K - 2.0 * 7 * N + 2.0 * (v.M - 1) * (K + N)) / bw * 1e6;
+      std::printf("%-14s %-9s %9.2f %7.0f%%\n", (std::to_string(N) + "x" + std::to_string(K)).c_str(), v.name.c_str(), us,
+                  100.0 * floor_us / us);
+    }
+    for (auto& s : ss) free_gemv(s);
+  }
+}
+
+// ------------------------------------------------------------------------- quantize
+struct QTab {
+  QuantTables tab;
+};
+
+static QuantTables nf4_tables() {
+  QuantTables t;
+  for (int i = 0; i < 15; ++i) t.mids[i] = (kNF4[i] + kNF4[i + 1]) / 2.0f;
+  t.mids[15] = 2.0f;
+  for (int i = 0; i < 16; ++i) t.enc[i] = uint8_t(i);
+  return t;
+}
+
+// host replica of reference.quantize_4bit (full blocks: x * (1 / clamped); short last block: x / clamped)
+static void host_quantize(const std::vector<bf16>& x, int bs, std::vector<uint8_t>& packed, std::vector<float>& absmax) {
+  const QuantTables t = nf4_tables();
+  const int64_t n = x.size(), nb = (n + bs - 1) / bs;
+  packed.assign((n + 1) / 2, 0);
+  absmax.assign(nb, 0.0f);
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t s0 = b * bs, s1 = std::min(n, s0 + bs);
+    float m = 0.0f;
+    bool nan = false;
+    for (int64_t e = s0; e < s1; ++e) {
+      const float v = std::fabs(__bfloat162float(x[e]));
+      if (std::isnan(v)) nan = true;
+      m = std::max(m, v);
+    }
+    const float amax = nan ? NAN : m;
+    const float clamped = nan ? amax : std::max(amax, 1e-38f);
+    const bool tail = s1 - s0 < bs;
+    absmax[b] = tail ? clamped : amax;
+    const volatile float inv = 1.0f / clamped;
+    for (int64_t e = s0; e < s1; ++e) {
+      const float xv = __bfloat162float(x[e]);
+      const volatile float s = tail ? xv / clamped : xv * inv;
+      int q = 0;
+      for (int i = 0; i < 15; ++i) q += !(s <= t.mids[i]);
+      packed[e / 2] |= uint8_t((e & 1) ? q : q << 4);
+    }
+  }
+  if (n & 1) {  // the zero pad of an odd length is quantized too (0.0 -> the bucket of zero)
+    int q = 0;
+    for (int i = 0; i < 15; ++i) q += !(0.0f <= t.mids[i]);
+    packed[n / 2] |= uint8_t(q);
+  }
+}
+
+using QuantLaunch = void (*)(const bf16*, int64_t, uint8_t*, float*, int64_t, cudaStream_t);
+
+template <int P>
+static void quant_call(const bf16* x, int64_t n, uint8_t* out, float* absmax, int64_t cap, cudaStream_t st) {
+  const int64_t nb = (n + 63) / 64;
+  quantize_kernel<bf16, 64, P><<<quantize_grid<64, P>(nb, cap), kQuantThreads, 0, st>>>(
+      x, n, nb, nf4_tables(), true, true, out, absmax);
+}
+
+struct QuantVariant {
+  std::string name;
+  QuantLaunch fn;
+  int ctas_per_sm;  // 0: one CTA per group of blocks, no grid stride
+};
+
+static bool check_quant(const QuantVariant& v, int64_t n, int sms) {
+  std::mt19937 rng{static_cast<uint32_t>(n)};
+  std::normal_distribution<float> nrm(0.0f, 1.0f);
+  std::vector<bf16> x(n);
+  for (int64_t i = 0; i < n; ++i) x[i] = __float2bfloat16(nrm(rng) * (i % 977 == 0 ? 1e30f : 1.0f));
+  for (int64_t i = 0; i < std::min<int64_t>(n, 64); ++i) x[i] = __float2bfloat16(0.0f);  // an all-zero block
+  if (n > 200) x[130] = __float2bfloat16(NAN), x[200] = __float2bfloat16(INFINITY);
+  std::vector<uint8_t> ref_p;
+  std::vector<float> ref_a;
+  host_quantize(x, 64, ref_p, ref_a);
+  bf16* dx = upload(x);
+  uint8_t* dp;
+  float* da;
+  CK(cudaMalloc(&dp, ref_p.size() + 16));
+  CK(cudaMalloc(&da, ref_a.size() * 4));
+  CK(cudaMemset(dp, 0xa5, ref_p.size()));
+  CK(cudaMemset(da, 0xff, ref_a.size() * 4));
+  v.fn(dx, n, dp, da, int64_t(sms) * v.ctas_per_sm, 0);
+  CK(cudaGetLastError());
+  std::vector<uint8_t> p(ref_p.size());
+  std::vector<float> a(ref_a.size());
+  CK(cudaMemcpy(p.data(), dp, p.size(), cudaMemcpyDeviceToHost));
+  CK(cudaMemcpy(a.data(), da, a.size() * 4, cudaMemcpyDeviceToHost));
+  cudaFree(dx);
+  cudaFree(dp);
+  cudaFree(da);
+  for (size_t i = 0; i < p.size(); ++i)
+    if (p[i] != ref_p[i]) {
+      std::printf("  n=%lld: first packed mismatch at byte %zu: %02x, reference %02x\n", (long long)n, i, p[i], ref_p[i]);
+      return false;
+    }
+  for (size_t i = 0; i < a.size(); ++i)
+    if (std::memcmp(&a[i], &ref_a[i], 4)) {
+      std::printf("  n=%lld: first absmax mismatch at block %zu: %g, reference %g\n", (long long)n, i, a[i], ref_a[i]);
+      return false;
+    }
+  return true;
+}
+
+static void sweep_quantize(double bw, int sms) {
+  std::vector<QuantVariant> variants;
+  for (int cps : {0, 16}) {
+    variants.push_back({"P2 cps" + std::to_string(cps), quant_call<2>, cps});
+    variants.push_back({"P4 cps" + std::to_string(cps), quant_call<4>, cps});
+  }
+  for (const auto& v : variants) {
+    if (!picked(v.name, "")) continue;
+    const bool ok = check_quant(v, 4096 * 4096 + 64 * 3 + 37, sms) && check_quant(v, 1001, sms);
+    std::printf("check quantize %-10s %s\n", v.name.c_str(), ok ? "ok (bit-exact)" : "FAIL");
+  }
+  const int64_t shapes[][2] = {{4096, 4096}, {14336, 4096}, {8192, 8192}, {28672, 8192}};
+  std::printf("\n%-14s %-10s %9s %8s\n", "shape", "variant", "us", "floor%");
+  for (const auto& sh : shapes) {
+    const int64_t n = sh[0] * sh[1];
+    if (!picked("", std::to_string(sh[0]) + "x" + std::to_string(sh[1]))) continue;
+    const double bytes = 2.0 * n + n / 2 + 4.0 * (n / 64);
+    const int sets = int(std::max<int64_t>(2, (200LL << 20) / (2 * n)));
+    std::vector<bf16*> xs;
+    std::mt19937 rng(1);
+    std::normal_distribution<float> nrm(0.0f, 1.0f);
+    std::vector<bf16> hx(n);
+    for (auto& v : hx) v = __float2bfloat16(nrm(rng));
+    for (int i = 0; i < sets; ++i) xs.push_back(upload(hx));
+    uint8_t* dp;
+    float* da;
+    CK(cudaMalloc(&dp, n / 2 + 16));
+    CK(cudaMalloc(&da, n / 64 * 4));
+    for (const auto& v : variants) {
+      if (!picked(v.name, "")) continue;
+      const float us =
+          time_us([&](int i, cudaStream_t st) { v.fn(xs[i], n, dp, da, int64_t(sms) * v.ctas_per_sm, st); }, sets);
+      std::printf("%-14s %-10s %9.2f %7.0f%%\n", (std::to_string(sh[0]) + "x" + std::to_string(sh[1])).c_str(),
+                  v.name.c_str(), us, 100.0 * bytes / bw * 1e6 / us);
+    }
+    for (auto* p : xs) cudaFree(p);
+    cudaFree(dp);
+    cudaFree(da);
+  }
+}
+
+int main(int argc, char** argv) {
+  const std::string what = argc > 1 ? argv[1] : "all";
+  g_variant = argc > 2 ? argv[2] : "";
+  g_shape = argc > 3 ? argv[3] : "";
+  cudaDeviceProp prop;
+  CK(cudaGetDeviceProperties(&prop, 0));
+  const double bw = copy_bandwidth(prop.multiProcessorCount);
+  std::printf("%s, %d SMs, copy bandwidth %.3f TB/s\n", prop.name, prop.multiProcessorCount, bw / 1e12);
+  if (what == "all" || what == "gemv") sweep_gemv(bw);
+  if (what == "all" || what == "quantize") sweep_quantize(bw, prop.multiProcessorCount);
+  return 0;
+}

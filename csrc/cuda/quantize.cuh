@@ -1,0 +1,186 @@
+// Blockwise 4-bit quantization kernel: float16/bfloat16/float32 -> (packed nibbles, float32 absmax per block).
+//   full block : s = x * (1 / max(absmax, 1e-38))     short last block : s = x / max(absmax, 1e-38)
+//   code index = number of midpoints strictly below s (NaN -> 15), mapped through `enc` (FP4 order).
+// A header so bench/cuda/sweep.cu can instantiate other tile shapes; quantize.cu holds the launcher.
+#pragma once
+
+#include "common.cuh"
+
+namespace fsdp4bit {
+
+// Bucket index * 4 (a byte offset into float tables): count of midpoints strictly below s, by a
+// branch-free binary search over the 15 sorted midpoints in shared memory. Keeping the count pre-scaled
+// lets every probe be one shared load at [register + immediate]. !(s <= m) is true for NaN, so NaN lands
+// in bucket 15 like torch.bucketize.
+__device__ __forceinline__ uint32_t bucket4(float s, const float* __restrict__ mids) {
+  const char* m = reinterpret_cast<const char*>(mids);
+  uint32_t c4 = 0;
+  c4 += !(s <= *reinterpret_cast<const float*>(m + c4 + 28)) ? 32u : 0u;
+  c4 += !(s <= *reinterpret_cast<const float*>(m + c4 + 12)) ? 16u : 0u;
+  c4 += !(s <= *reinterpret_cast<const float*>(m + c4 + 4)) ? 8u : 0u;
+  c4 += !(s <= *reinterpret_cast<const float*>(m + c4)) ? 4u : 0u;
+  return c4;
+}
+
+// 8 elements as raw 16-bit words (two per uint32) or float32 values; the raw form keeps registers low.
+template <typename T>
+struct Chunk8 {
+  uint4 raw[sizeof(T) == 2 ? 1 : 2];
+};
+
+template <typename T>
+__device__ __forceinline__ Chunk8<T> load_chunk(const T* __restrict__ x, int64_t e, int64_t n, bool vec_ok) {
+  Chunk8<T> c;
+  if (vec_ok && e + 8 <= n) {
+    const uint4* p = reinterpret_cast<const uint4*>(x + e);
+#pragma unroll
+    for (int i = 0; i < int(sizeof(c.raw) / 16); ++i) c.raw[i] = __ldcs(p + i);
+  } else {
+    T* h = reinterpret_cast<T*>(c.raw);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      T v{};  // zero bits
+      if (e + j < n) v = x[e + j];
+      h[j] = v;
+    }
+  }
+  return c;
+}
+
+template <typename T>
+__device__ __forceinline__ float chunk_at(const Chunk8<T>& c, int j) {
+  return to_f32(reinterpret_cast<const T*>(c.raw)[j]);
+}
+
+// max over the chunk of |x| as float32 bits (integer order = float order for |x|; NaNs above +Inf)
+template <typename T>
+__device__ __forceinline__ uint32_t chunk_absmax_bits(const Chunk8<T>& c) {
+  if constexpr (sizeof(T) == 2) {
+    const uint4 r = c.raw[0];
+    const uint32_t m2 = __vmaxu2(__vmaxu2(r.x & 0x7fff7fffu, r.y & 0x7fff7fffu),
+                                 __vmaxu2(r.z & 0x7fff7fffu, r.w & 0x7fff7fffu));
+    const uint32_t m16 = max(m2 & 0xffffu, m2 >> 16);  // |x| bits of one 16-bit float
+    T h;
+    const uint16_t b16 = uint16_t(m16);
+    memcpy(&h, &b16, 2);
+    return __float_as_uint(to_f32(h)) & 0x7fffffffu;  // exact widening; NaN stays above +Inf
+  } else {
+    uint32_t m = 0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) m = max(m, __float_as_uint(chunk_at(c, j)) & 0x7fffffffu);
+    return m;
+  }
+}
+
+// ------------------------------------------------------------------------- quantize
+// G threads (a power of two <= 32, aligned inside the warp) share one quantization block of BS elements;
+// each thread owns NCH chunks of 8 elements (chunk i at g + i * G, so a warp's loads are contiguous).
+// The grid strides over groups of P * (256 / G) blocks; a thread loads the chunks of its P blocks before
+// using any (P * NCH independent 16-byte loads in flight) when they fit in registers (KEEP), else it
+// rereads each block (L1/L2) in the second pass.
+constexpr int kQuantThreads = 256;
+
+template <typename T, int BS, int P>
+__global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const T* __restrict__ x, int64_t n, int64_t nblocks,
+                                                                 QuantTables tab, bool identity, bool vec_ok,
+                                                                 uint8_t* __restrict__ out, float* __restrict__ absmax) {
+  constexpr int G = BS / 8 < 32 ? BS / 8 : 32;
+  constexpr int NCH = BS / (8 * G);
+  constexpr bool KEEP = NCH * P <= 4;
+  constexpr int BPC = kQuantThreads / G;  // blocks per CTA per step
+  __shared__ float s_mids[16];
+  __shared__ uint8_t s_enc[16];
+  copy_table(s_mids, tab.mids);
+  copy_table(s_enc, tab.enc);
+  __syncthreads();
+
+  const int g = int(threadIdx.x % G);
+  const int64_t nbytes = (n + 1) / 2;
+  for (int64_t step = int64_t(blockIdx.x) * BPC * P; step < nblocks; step += int64_t(gridDim.x) * BPC * P) {
+    Chunk8<T> v[KEEP ? P : 1][KEEP ? NCH : 1];
+    uint32_t m[P];
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      const int64_t b = step + p * BPC + threadIdx.x / G;
+      m[p] = 0;
+#pragma unroll
+      for (int i = 0; i < NCH; ++i) {
+        Chunk8<T> t{};
+        if (b < nblocks) t = load_chunk(x, b * BS + 8 * (g + i * G), n, vec_ok);
+        if constexpr (KEEP) {
+          v[p][i] = t;
+        } else {
+          m[p] = max(m[p], chunk_absmax_bits(t));
+        }
+      }
+    }
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      const int64_t b = step + p * BPC + threadIdx.x / G;
+      if constexpr (KEEP) {
+#pragma unroll
+        for (int i = 0; i < NCH; ++i) m[p] = max(m[p], chunk_absmax_bits(v[p][i]));
+      }
+      uint32_t mm = m[p];
+#pragma unroll
+      for (int o = G / 2; o > 0; o >>= 1) mm = max(mm, __shfl_xor_sync(0xffffffffu, mm, o));
+      if (b >= nblocks) continue;
+
+      const int64_t bstart = b * BS;
+      const bool is_nan = mm > 0x7f800000u;
+      const float amax = is_nan ? __uint_as_float(0x7fc00000u) : __uint_as_float(mm);
+      const float clamped = is_nan ? amax : fmaxf(amax, kTiny);
+      const bool tail = bstart + BS > n;  // short last block: divide by the clamped max and store it
+      const float inv = __fdiv_rn(1.0f, clamped);
+      if (g == 0) absmax[b] = tail ? clamped : amax;
+#pragma unroll
+      for (int i = 0; i < NCH; ++i) {
+        const int64_t e0 = bstart + 8 * (g + i * G);
+        Chunk8<T> t;
+        if constexpr (KEEP) {
+          t = v[p][i];
+        } else {
+          t = load_chunk(x, e0, n, vec_ok);
+        }
+        uint32_t word = 0;
+        if (!tail) {  // full block: every element in range, scale by the reciprocal
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            uint32_t hi = bucket4(__fmul_rn(chunk_at(t, 2 * k), inv), s_mids);
+            uint32_t lo = bucket4(__fmul_rn(chunk_at(t, 2 * k + 1), inv), s_mids);
+            if (!identity) {
+              hi = 4u * s_enc[hi >> 2];
+              lo = 4u * s_enc[lo >> 2];
+            }
+            word |= ((hi << 2) | (lo >> 2)) << (8 * k);
+          }
+          *reinterpret_cast<uint32_t*>(out + e0 / 2) = word;  // out is freshly allocated: 4-byte aligned
+          continue;
+        }
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          // Short last block: divide. The element at n is the zero pad of an odd length (0.0 after scaling,
+          // as the reference pads the scaled tensor); later ones fall in bytes that are not written.
+          const float s = (e0 + j >= n) ? 0.0f : __fdiv_rn(chunk_at(t, j), clamped);
+          uint32_t q = bucket4(s, s_mids) >> 2;
+          if (!identity) q = s_enc[q];
+          word |= q << ((j & 1) ? 8 * (j >> 1) : 8 * (j >> 1) + 4);  // byte k: elements 2k (high), 2k+1
+        }
+        const int64_t byte0 = e0 / 2;
+        for (int k = 0; k < 4 && byte0 + k < nbytes; ++k) out[byte0 + k] = uint8_t(word >> (8 * k));
+      }
+    }
+  }
+}
+
+// Grid for the kernel above: enough CTAs to cover every block once, capped at `max_ctas` (0: no cap),
+// beyond which the grid-stride loop takes over.
+template <int BS, int P>
+inline int64_t quantize_grid(int64_t nblocks, int64_t max_ctas) {
+  constexpr int G = BS / 8 < 32 ? BS / 8 : 32;
+  constexpr int64_t per_cta = int64_t(kQuantThreads / G) * P;
+  const int64_t need = (nblocks + per_cta - 1) / per_cta;
+  return max_ctas > 0 && need > max_ctas ? max_ctas : need;
+}
+
+}  // namespace fsdp4bit
