@@ -55,15 +55,11 @@ __global__ void __launch_bounds__(256) quantize_blockwise_kernel(const float* __
   }
   m = block_max(m, s_red);  // its __syncthreads also publishes s_mids
 
-  const bool is_nan = m > 0x7f800000u;
-  const float amax = is_nan ? __uint_as_float(0x7fc00000u) : __uint_as_float(m);
-  const float clamped = is_nan ? amax : fmaxf(amax, kTiny);
-  const bool tail = len < bs;  // short last block: divide by the clamped max and store it
-  const float inv = __fdiv_rn(1.0f, clamped);
-  if (threadIdx.x == 0) absmax[b] = tail ? clamped : amax;
+  const BlockNorm bn = block_norm(m, len < bs);
+  if (threadIdx.x == 0) absmax[b] = bn.stored();
   for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
     const float d = has_off ? __fsub_rn(__ldg(a + start + i), off) : __ldg(a + start + i);
-    const float s = tail ? __fdiv_rn(d, clamped) : __fmul_rn(d, inv);
+    const float s = bn.scale(d);
     q[start + i] = uint8_t(bucket256(clamp_unit(s), s_mids));
   }
 }
@@ -104,17 +100,13 @@ __global__ void __launch_bounds__(kBs256Warps * 32) quantize_blockwise256_kernel
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
 
-  const bool is_nan = m > 0x7f800000u;
-  const float amax = is_nan ? __uint_as_float(0x7fc00000u) : __uint_as_float(m);
-  const float clamped = is_nan ? amax : fmaxf(amax, kTiny);
-  const bool tail = len < 256;
-  const float inv = __fdiv_rn(1.0f, clamped);
-  if (lane == 0) absmax[b] = tail ? clamped : amax;
+  const BlockNorm bn = block_norm(m, len < 256);
+  if (lane == 0) absmax[b] = bn.stored();
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     const int64_t i = lane + 32 * j;
     if (i < len) {
-      const float s = tail ? __fdiv_rn(d[j], clamped) : __fmul_rn(d[j], inv);
+      const float s = bn.scale(d[j]);
       q[start + i] = uint8_t(bucket256(clamp_unit(s), s_mids));
     }
   }

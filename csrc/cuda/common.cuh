@@ -39,25 +39,23 @@ template <> __device__ __forceinline__ float from_f32<float>(float v) { return v
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
 
-// 8 consecutive elements starting at e (a multiple of 8) as float32; out-of-range elements read as 0.
-template <typename T>
-__device__ __forceinline__ void load8(const T* __restrict__ x, int64_t e, int64_t n, bool vec_ok, float (&v)[8]) {
-  if (vec_ok && e + 8 <= n) {
-    if constexpr (sizeof(T) == 2) {
-      const uint4 raw = __ldcs(reinterpret_cast<const uint4*>(x + e));
-      const T* h = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) v[j] = to_f32(h[j]);
-    } else {
-      const float4 a = __ldcs(reinterpret_cast<const float4*>(x + e));
-      const float4 b = __ldcs(reinterpret_cast<const float4*>(x + e + 4));
-      v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-      v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < 8; ++j) v[j] = (e + j < n) ? to_f32(x[e + j]) : 0.0f;
-  }
+// ------------------------------------------------------------------------- block normalisation
+// How every quantizer here turns a block's max |x| into its scale, as the reference does: absmax is NaN if
+// any element is, else the max, clamped to 1e-38; a full block multiplies by the rounded reciprocal, a short
+// last block divides by the clamped max, which is also what it stores.
+struct BlockNorm {
+  float amax, clamped, inv;
+  bool tail;
+  __device__ __forceinline__ float stored() const { return tail ? clamped : amax; }
+  __device__ __forceinline__ float scale(float d) const { return tail ? __fdiv_rn(d, clamped) : __fmul_rn(d, inv); }
+};
+
+// `max_abs_bits`: max over the block of the |x| float32 bits (integer order = float order, NaNs above +Inf)
+__device__ __forceinline__ BlockNorm block_norm(uint32_t max_abs_bits, bool tail) {
+  const bool is_nan = max_abs_bits > 0x7f800000u;
+  const float amax = is_nan ? __uint_as_float(0x7fc00000u) : __uint_as_float(max_abs_bits);
+  const float clamped = is_nan ? amax : fmaxf(amax, kTiny);
+  return BlockNorm{amax, clamped, __fdiv_rn(1.0f, clamped), tail};
 }
 
 // ------------------------------------------------------------------------- per-block float32 scale

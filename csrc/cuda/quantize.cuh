@@ -127,12 +127,8 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const T* __rest
       if (b >= nblocks) continue;
 
       const int64_t bstart = b * BS;
-      const bool is_nan = mm > 0x7f800000u;
-      const float amax = is_nan ? __uint_as_float(0x7fc00000u) : __uint_as_float(mm);
-      const float clamped = is_nan ? amax : fmaxf(amax, kTiny);
-      const bool tail = bstart + BS > n;  // short last block: divide by the clamped max and store it
-      const float inv = __fdiv_rn(1.0f, clamped);
-      if (g == 0) absmax[b] = tail ? clamped : amax;
+      const BlockNorm bn = block_norm(mm, bstart + BS > n);
+      if (g == 0) absmax[b] = bn.stored();
 #pragma unroll
       for (int i = 0; i < NCH; ++i) {
         const int64_t e0 = bstart + 8 * (g + i * G);
@@ -143,11 +139,11 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const T* __rest
           t = load_chunk(x, e0, n, vec_ok);
         }
         uint32_t word = 0;
-        if (!tail) {  // full block: every element in range, scale by the reciprocal
+        if (!bn.tail) {  // full block: every element in range, scale by the reciprocal
 #pragma unroll
           for (int k = 0; k < 4; ++k) {
-            uint32_t hi = bucket4(__fmul_rn(chunk_at(t, 2 * k), inv), s_mids);
-            uint32_t lo = bucket4(__fmul_rn(chunk_at(t, 2 * k + 1), inv), s_mids);
+            uint32_t hi = bucket4(bn.scale(chunk_at(t, 2 * k)), s_mids);
+            uint32_t lo = bucket4(bn.scale(chunk_at(t, 2 * k + 1)), s_mids);
             if (!identity) {
               hi = 4u * s_enc[hi >> 2];
               lo = 4u * s_enc[lo >> 2];
@@ -161,7 +157,7 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const T* __rest
         for (int j = 0; j < 8; ++j) {
           // Short last block: divide. The element at n is the zero pad of an odd length (0.0 after scaling,
           // as the reference pads the scaled tensor); later ones fall in bytes that are not written.
-          const float s = (e0 + j >= n) ? 0.0f : __fdiv_rn(chunk_at(t, j), clamped);
+          const float s = (e0 + j >= n) ? 0.0f : bn.scale(chunk_at(t, j));
           uint32_t q = bucket4(s, s_mids) >> 2;
           if (!identity) q = s_enc[q];
           word |= q << ((j & 1) ? 8 * (j >> 1) : 8 * (j >> 1) + 4);  // byte k: elements 2k (high), 2k+1
