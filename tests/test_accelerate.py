@@ -32,7 +32,13 @@ def test_accelerate_fsdp2_trains_4bit_model(storage):
         str(WORKER),
         storage,
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"},
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     report = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("REPORT "))[7:])
     losses, ref = report["losses"], report["reference"]

@@ -49,12 +49,13 @@ def torchrun(nproc: int, *args: str, timeout: int = 240) -> dict:
         str(WORKER),
         *args,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FSDP4BIT_TEST_DEVICE": DEVICE}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FSDP4BIT_TEST_DEVICE": DEVICE, "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-6000:]
+    # the ranks' own errors (and PYTHONFAULTHANDLER's stacks) come first in stderr, torchrun's summary last
+    output = f"stdout (end):\n{proc.stdout[-2000:]}\nstderr (start):\n{proc.stderr[:5000]}"
+    assert proc.returncode == 0, output
     reports = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
-    assert reports, output[-4000:]
+    assert reports, output
     return json.loads(reports[-1].removeprefix("REPORT "))
 
 

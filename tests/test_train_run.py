@@ -35,7 +35,11 @@ def _run(args: list[str], out_dir: Path, *, torchrun: bool, extra: list[str] = (
             "--rdzv_endpoint=localhost:0",
         ]
     cmd += ["-m", "fsdp4bit.train", "--config", str(CONFIG), "--set", f'output.dir="{out_dir}"', *extra, *args]
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "PYTHONFAULTHANDLER": "1",
+    }
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )

@@ -1,10 +1,11 @@
-// Tile-shape sweep of the fused gemv and the 4-bit quantize kernels, outside torch (nvcc only), so one
-// device call compares many instantiations. Each variant is checked first (gemv against a float64 host
-// reference, quantize byte for byte against a host replica of reference.quantize_4bit), then timed as the
-// median of CUDA-graph replays that rotate through enough weight sets to defeat the 50 MB L2.
+// Tile-shape sweep of the fused gemv, dequantize and 4-bit quantize kernels, outside torch (nvcc only), so one
+// device call compares many instantiations, including the tensor-core gemv experiment of
+// gemv_tma_experiment.cuh. Each variant is checked first (gemv against a float64 host reference, dequantize
+// and quantize byte for byte against host replicas of the reference), then timed as the median of CUDA-graph
+// replays that rotate through enough weight sets to defeat the 50 MB L2.
 //
 //   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode=arch=compute_90,code=sm_90 -I csrc/cuda \
-//        bench/cuda/sweep.cu -o /tmp/sweep && /tmp/sweep
+//        bench/cuda/sweep.cu -o /tmp/sweep && /tmp/sweep [gemv|dequantize|quantize] [variant] [shape]
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -16,6 +17,8 @@
 #include <vector>
 
 #include "gemv.cuh"
+#include "gemv_tma_experiment.cuh"
+#include "dequantize.cuh"
 #include "quantize.cuh"
 
 using namespace fsdp4bit;
@@ -125,7 +128,7 @@ static HostGemv make_host_gemv(int64_t M, int64_t N, int64_t K, uint32_t seed) {
   std::uniform_int_distribution<int> byte(0, 255);
   std::normal_distribution<float> nrm(0.0f, 1.0f);
   HostGemv h;
-  const int64_t n = N * K, nb = n / 64;
+  const int64_t n = N * K, nb = (n + 63) / 64;
   h.packed.resize(n / 2);
   for (auto& v : h.packed) v = uint8_t(byte(rng));
   h.aq.resize(nb);
@@ -180,6 +183,7 @@ struct GemvVariant {
   std::string name;
   int M;
   GemvLaunch fn;
+  int kmod = 32;  // the kernel needs K % kmod == 0
 };
 
 // relative L2 error of the kernel against a float64 reference (float32 block scale as the kernel computes it)
@@ -218,19 +222,33 @@ static void gemv_call(const bf16* a, const uint8_t* p, const Code16& c, const Sc
   launch_gemv<bf16, M, R>(a, p, c, sc, nested, log2bs, N, K, o, st);
 }
 
+template <int M, int WARPS, int CSPANS, int STAGES, int CPS>
+static void gemv_tma_call(const bf16* a, const uint8_t* p, const Code16& c, const Scales& sc, bool nested, int log2bs,
+                          int64_t N, int64_t K, bf16* o, cudaStream_t st) {
+  launch_gemv_tma<bf16, WARPS, CSPANS, STAGES>(a, p, c, sc, nested, log2bs, M, N, K, o, CPS, st);
+}
+
 static void sweep_gemv(double bw) {
   const std::vector<GemvVariant> variants = {
       {"M1 R2", 1, gemv_call<1, 2>}, {"M1 R4", 1, gemv_call<1, 4>}, {"M1 R8", 1, gemv_call<1, 8>},
       {"M4 R2", 4, gemv_call<4, 2>}, {"M4 R4", 4, gemv_call<4, 4>}, {"M8 R2", 8, gemv_call<8, 2>},
+      {"M1 tma W8C32S2c2", 1, gemv_tma_call<1, 8, 32, 2, 2>, 64},
+      {"M1 tma W8C16S4c2", 1, gemv_tma_call<1, 8, 16, 4, 2>, 64},
+      {"M1 tma W4C16S4c2", 1, gemv_tma_call<1, 4, 16, 4, 2>, 64},
+      {"M1 tma W8C32S3c1", 1, gemv_tma_call<1, 8, 32, 3, 1>, 64},
+      {"M1 tma W16C32S3c1", 1, gemv_tma_call<1, 16, 32, 3, 1>, 64},
+      {"M1 tma W8C64S2c1", 1, gemv_tma_call<1, 8, 64, 2, 1>, 64},
+      {"M4 tma W8C32S2c2", 4, gemv_tma_call<4, 8, 32, 2, 2>, 64},
+      {"M8 tma W8C32S2c2", 8, gemv_tma_call<8, 8, 32, 2, 2>, 64},
   };
   for (const auto& v : variants) {
     if (!picked(v.name, "")) continue;
-    const double e1 = check_gemv(v, 203, 4096), e2 = check_gemv(v, 37, 14336), e3 = check_gemv(v, 5, 96);
-    std::printf("check gemv %-9s rel err %.2e %.2e %.2e %s\n", v.name.c_str(), e1, e2, e3,
+    const double e1 = check_gemv(v, 203, 4096), e2 = check_gemv(v, 37, 14336), e3 = check_gemv(v, 5, 3 * v.kmod);
+    std::printf("check gemv %-15s rel err %.2e %.2e %.2e %s\n", v.name.c_str(), e1, e2, e3,
                 std::max({e1, e2, e3}) < 8e-3 ? "ok" : "FAIL");
   }
   const int64_t shapes[][2] = {{4096, 4096}, {14336, 4096}, {4096, 14336}, {8192, 8192}, {28672, 8192}};
-  std::printf("\n%-14s %-9s %9s %8s\n", "shape", "variant", "us", "floor%");
+  std::printf("\n%-14s %-15s %9s %8s\n", "shape", "variant", "us", "floor%");
   for (const auto& sh : shapes) {
     const int64_t N = sh[0], K = sh[1], n = N * K;
     if (!picked("", std::to_string(N) + "x" + std::to_string(K))) continue;
@@ -246,8 +264,80 @@ static void sweep_gemv(double bw) {
           },
           sets);
       const double floor_us = (bytes - 2.0 * 7 * K - 2.0 * 7 * N + 2.0 * (v.M - 1) * (K + N)) / bw * 1e6;
-      std::printf("%-14s %-9s %9.2f %7.0f%%\n", (std::to_string(N) + "x" + std::to_string(K)).c_str(), v.name.c_str(), us,
+      std::printf("%-14s %-15s %9.2f %7.0f%%\n", (std::to_string(N) + "x" + std::to_string(K)).c_str(), v.name.c_str(), us,
                   100.0 * floor_us / us);
+    }
+    for (auto& s : ss) free_gemv(s);
+  }
+}
+
+// ------------------------------------------------------------------------- dequantize
+using DequantLaunch = void (*)(const GemvSet&, int64_t, int, cudaStream_t);
+
+static void dequant_call(const GemvSet& s, int64_t n, int, cudaStream_t st) {
+  const int64_t grid = ((n + 15) / 16 + 255) / 256;
+  dequantize_kernel<bf16, true><<<grid, 256, 0, st>>>(s.packed, n, nf4_code(), scales_of(s), 6, true, s.out);
+}
+
+struct DequantVariant {
+  std::string name;
+  DequantLaunch fn;
+};
+
+// bit-exact against the host: bf16(code[nibble] * (ncode[q] * nested_absmax + offset)), every element written
+static bool check_dequant(const DequantVariant& v, int64_t N, int64_t K, int sms) {
+  const int64_t n = N * K;
+  HostGemv h = make_host_gemv(1, N, K, 11 + uint32_t(n));
+  GemvSet s = upload_gemv(h, 1, 1);
+  CK(cudaFree(s.out));
+  CK(cudaMalloc(&s.out, n * sizeof(bf16)));
+  CK(cudaMemset(s.out, 0xff, n * sizeof(bf16)));
+  v.fn(s, n, sms, 0);
+  CK(cudaGetLastError());
+  std::vector<bf16> out(n);
+  CK(cudaMemcpy(out.data(), s.out, n * sizeof(bf16), cudaMemcpyDeviceToHost));
+  free_gemv(s);
+  for (int64_t e = 0; e < n; ++e) {
+    const uint8_t byte = h.packed[e / 2];
+    const int nib = (e & 1) ? (byte & 15) : (byte >> 4);
+    const volatile float prod = h.ncode[h.aq[e / 64]] * h.nabs[e / 64 / 256];
+    const volatile float scale = prod + h.off;
+    const bf16 ref = __float2bfloat16(kNF4[nib] * scale);
+    if (std::memcmp(&ref, &out[e], 2)) {
+      std::printf("  %lldx%lld: first mismatch at %lld\n", (long long)N, (long long)K, (long long)e);
+      return false;
+    }
+  }
+  return true;
+}
+
+static void sweep_dequant(double bw, int sms) {
+  const std::vector<DequantVariant> variants = {
+      {"kernel", dequant_call},
+  };
+  for (const auto& v : variants) {
+    if (!picked(v.name, "")) continue;
+    const bool ok = check_dequant(v, 203, 4096, sms) && check_dequant(v, 1, 4104, sms) && check_dequant(v, 4096, 4096, sms);
+    std::printf("check dequantize %-8s %s\n", v.name.c_str(), ok ? "ok (bit-exact)" : "FAIL");
+  }
+  const int64_t shapes[][2] = {{4096, 4096}, {14336, 4096}, {8192, 8192}, {28672, 8192}};
+  std::printf("\n%-14s %-8s %9s %8s\n", "shape", "variant", "us", "floor%");
+  for (const auto& sh : shapes) {
+    const int64_t N = sh[0], K = sh[1], n = N * K;
+    if (!picked("", std::to_string(N) + "x" + std::to_string(K))) continue;
+    const double bytes = n / 2 + n / 64 + 4.0 * (n / 64 / 256) + 2.0 * n;
+    const int sets = int(std::max<int64_t>(2, (200LL << 20) / (n / 2)));
+    std::vector<GemvSet> ss;
+    for (int i = 0; i < sets; ++i) {
+      ss.push_back(upload_gemv(make_host_gemv(1, N, K, 300 + i), 1, 1));
+      CK(cudaFree(ss.back().out));
+      CK(cudaMalloc(&ss.back().out, n * sizeof(bf16)));
+    }
+    for (const auto& v : variants) {
+      if (!picked(v.name, "")) continue;
+      const float us = time_us([&](int i, cudaStream_t st) { v.fn(ss[i], n, sms, st); }, sets);
+      std::printf("%-14s %-8s %9.2f %7.0f%%\n", (std::to_string(N) + "x" + std::to_string(K)).c_str(), v.name.c_str(), us,
+                  100.0 * bytes / bw * 1e6 / us);
     }
     for (auto& s : ss) free_gemv(s);
   }
@@ -405,6 +495,7 @@ int main(int argc, char** argv) {
   const double bw = copy_bandwidth(prop.multiProcessorCount);
   std::printf("%s, %d SMs, copy bandwidth %.3f TB/s\n", prop.name, prop.multiProcessorCount, bw / 1e12);
   if (what == "all" || what == "gemv") sweep_gemv(bw);
+  if (what == "all" || what == "dequantize") sweep_dequant(bw, prop.multiProcessorCount);
   if (what == "all" || what == "quantize") sweep_quantize(bw, prop.multiProcessorCount);
   return 0;
 }

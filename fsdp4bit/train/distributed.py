@@ -6,6 +6,7 @@ one on a free local port, so single-process debug runs go through the same FSDP2
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from dataclasses import dataclass
@@ -84,6 +85,16 @@ def barrier() -> None:
 
 
 def teardown() -> None:
-    """Destroy the process group if this process created one."""
+    """Finish collectives on every rank, then destroy the process group while the interpreter is fully alive.
+
+    FSDP modules hold the process group and sit in reference cycles, so without a collection they (and the
+    group) outlive the training function; gloo's worker threads may still be releasing the last collectives'
+    tensors then. If that happens during interpreter finalization the thread cannot take the GIL and the
+    process aborts ("terminate called without an active exception", seen on the 2-core CI machine). Call it
+    only after a successful run: after a failure other ranks may be stuck in a different collective.
+    """
+    gc.collect()
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
+    gc.collect()

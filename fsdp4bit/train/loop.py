@@ -54,9 +54,13 @@ def run(cfg: Config) -> dict[str, Any]:
         ensure_embedded_model(cfg.model.cache_dir)  # before any collective: conversion may take a while
     info = setup(cfg)
     try:
-        return _run(cfg, info, wall_start)
-    finally:
-        teardown()
+        summary = _run(cfg, info, wall_start)
+    except BaseException:
+        if info.world_size == 1:  # no other rank can be waiting in a collective
+            teardown()
+        raise
+    teardown()
+    return summary
 
 
 def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from accelerate.utils import FullyShardedDataParallelPlugin
 from torch import nn
 
 import fsdp4bit as bnb
+from fsdp4bit.train.distributed import teardown
 
 
 class Block(nn.Module):
@@ -71,6 +72,8 @@ def main() -> None:
     ref_losses = run(ref, ref_opt, data, lambda loss: loss.backward())
     if acc.is_main_process:
         print("REPORT " + json.dumps({"losses": losses, "reference": ref_losses}))
+    del model, opt, acc
+    teardown()
 
 
 if __name__ == "__main__":

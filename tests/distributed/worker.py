@@ -19,6 +19,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 import fsdp4bit as bnb
 from fsdp4bit import sharding
 from fsdp4bit.sharding import shard_model
+from fsdp4bit.train.distributed import teardown
 
 DEVICE = torch.device(os.environ.get("FSDP4BIT_TEST_DEVICE", "cpu"))
 STORAGES = {"uint8": torch.uint8, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -275,10 +276,9 @@ def main() -> int:
     dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=90))
     scenario, *args = sys.argv[1:]
     report = globals()[f"scenario_{scenario}"](*args)
-    dist.barrier()
     if dist.get_rank() == 0:
         print("REPORT " + json.dumps({"scenario": scenario, "world": dist.get_world_size(), **report}))
-    dist.destroy_process_group()
+    teardown()
     return 0
 
 
