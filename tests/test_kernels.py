@@ -208,6 +208,16 @@ def test_gemv(native, dtype, qt, nested):
         _gemv_case(ops, device, M_shape, N, K, bs, qt, nested, dtype, seed=i)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemv_tensor_core_path(native, dtype):
+    """4..8 tokens on sm_90 take the tensor-core kernel: more 16-row tiles than CTAs, a partial last k chunk."""
+    ops, device = native
+    if device != "cuda":
+        pytest.skip("the tensor-core gemv is CUDA-only (the CPU kernel covers these shapes in test_gemv)")
+    for i, (M, qt, nested, bs) in enumerate([(4, "nf4", True, 64), (8, "fp4", False, 256), (6, "nf4", True, 4096)]):
+        _gemv_case(ops, device, (M,), 4805, 4160, bs, qt, nested, dtype, seed=100 + i)
+
+
 def test_gemv_every_blocksize(native):
     ops, device = native
     for bs in BLOCKSIZES:

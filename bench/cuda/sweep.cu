@@ -17,7 +17,7 @@
 #include <vector>
 
 #include "gemv.cuh"
-#include "gemv_tma_experiment.cuh"
+#include "gemv_tma.cuh"
 #include "dequantize.cuh"
 #include "quantize.cuh"
 
@@ -356,9 +356,22 @@ static QuantTables nf4_tables() {
   return t;
 }
 
+// FP4 as codebooks.quantize_bounds builds it: midpoints of the sorted code, enc = the sort order
+static QuantTables fp4_tables() {
+  const float code[16] = {0.0f, 0.0052083334885537624f, 0.6666666865348816f, 1.0f, 0.3333333432674408f, 0.5f,
+                          0.1666666716337204f, 0.25f, -0.0f, -0.0052083334885537624f, -0.6666666865348816f, -1.0f,
+                          -0.3333333432674408f, -0.5f, -0.1666666716337204f, -0.25f};
+  const uint8_t order[16] = {11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3};
+  QuantTables t;
+  for (int i = 0; i < 15; ++i) t.mids[i] = (code[order[i]] + code[order[i + 1]]) / 2.0f;
+  t.mids[15] = 2.0f;
+  for (int i = 0; i < 16; ++i) t.enc[i] = order[i];
+  return t;
+}
+
 // host replica of reference.quantize_4bit (full blocks: x * (1 / clamped); short last block: x / clamped)
-static void host_quantize(const std::vector<bf16>& x, int bs, std::vector<uint8_t>& packed, std::vector<float>& absmax) {
-  const QuantTables t = nf4_tables();
+static void host_quantize(const std::vector<bf16>& x, int bs, const QuantTables& t, std::vector<uint8_t>& packed,
+                          std::vector<float>& absmax) {
   const int64_t n = x.size(), nb = (n + bs - 1) / bs;
   packed.assign((n + 1) / 2, 0);
   absmax.assign(nb, 0.0f);
@@ -381,23 +394,24 @@ static void host_quantize(const std::vector<bf16>& x, int bs, std::vector<uint8_
       const volatile float s = tail ? xv / clamped : xv * inv;
       int q = 0;
       for (int i = 0; i < 15; ++i) q += !(s <= t.mids[i]);
+      q = t.enc[q];
       packed[e / 2] |= uint8_t((e & 1) ? q : q << 4);
     }
   }
   if (n & 1) {  // the zero pad of an odd length is quantized too (0.0 -> the bucket of zero)
     int q = 0;
     for (int i = 0; i < 15; ++i) q += !(0.0f <= t.mids[i]);
-    packed[n / 2] |= uint8_t(q);
+    packed[n / 2] |= uint8_t(t.enc[q]);
   }
 }
 
 using QuantLaunch = void (*)(const bf16*, int64_t, uint8_t*, float*, int64_t, cudaStream_t);
 
-template <int P>
+template <int P, bool BINS, bool FP4 = false>
 static void quant_call(const bf16* x, int64_t n, uint8_t* out, float* absmax, int64_t cap, cudaStream_t st) {
   const int64_t nb = (n + 63) / 64;
-  quantize_kernel<bf16, 64, P><<<quantize_grid<64, P>(nb, cap), kQuantThreads, 0, st>>>(
-      x, n, nb, nf4_tables(), true, true, out, absmax);
+  quantize_kernel<bf16, 64, P, BINS><<<quantize_grid<64, P>(nb, cap), kQuantThreads, 0, st>>>(
+      x, n, nb, FP4 ? fp4_tables() : nf4_tables(), !FP4, true, out, absmax);
 }
 
 struct QuantVariant {
@@ -413,9 +427,15 @@ static bool check_quant(const QuantVariant& v, int64_t n, int sms) {
   for (int64_t i = 0; i < n; ++i) x[i] = __float2bfloat16(nrm(rng) * (i % 977 == 0 ? 1e30f : 1.0f));
   for (int64_t i = 0; i < std::min<int64_t>(n, 64); ++i) x[i] = __float2bfloat16(0.0f);  // an all-zero block
   if (n > 200) x[130] = __float2bfloat16(NAN), x[200] = __float2bfloat16(INFINITY);
+  if (n > 384) {  // a block with absmax 1: signed zeros, tiny values, FP4 midpoints, bin edges (+-2^-10 ...)
+    const float special[] = {1.0f, -0.0f, 1e-30f, -1e-30f, 0.0859375f, -0.0859375f, 0.0009765625f, -0.0009765625f,
+                             0.0029296875f, -0.0029296875f, 0.5f, -0.5f, 0.25f, -0.25f, 0.998046875f, -1.0f};
+    for (int i = 0; i < 64; ++i) x[320 + i] = __float2bfloat16(special[i % 16] * (i < 16 ? 1.0f : 1.0f - i / 128.0f));
+    x[320] = __float2bfloat16(1.0f);
+  }
   std::vector<uint8_t> ref_p;
   std::vector<float> ref_a;
-  host_quantize(x, 64, ref_p, ref_a);
+  host_quantize(x, 64, v.name.find("fp4") != std::string::npos ? fp4_tables() : nf4_tables(), ref_p, ref_a);
   bf16* dx = upload(x);
   uint8_t* dp;
   float* da;
@@ -447,10 +467,12 @@ static bool check_quant(const QuantVariant& v, int64_t n, int sms) {
 
 static void sweep_quantize(double bw, int sms) {
   std::vector<QuantVariant> variants;
-  for (int cps : {0, 16}) {
-    variants.push_back({"P2 cps" + std::to_string(cps), quant_call<2>, cps});
-    variants.push_back({"P4 cps" + std::to_string(cps), quant_call<4>, cps});
-  }
+  variants.push_back({"P2 cps16 search", quant_call<2, false>, 16});
+  variants.push_back({"P2 cps16 bins", quant_call<2, true>, 16});
+  variants.push_back({"P2 cps8 bins", quant_call<2, true>, 8});
+  variants.push_back({"P4 cps16 bins", quant_call<4, true>, 16});
+  variants.push_back({"P2 cps16 search fp4", quant_call<2, false, true>, 16});
+  variants.push_back({"P2 cps16 bins fp4", quant_call<2, true, true>, 16});
   for (const auto& v : variants) {
     if (!picked(v.name, "")) continue;
     const bool ok = check_quant(v, 4096 * 4096 + 64 * 3 + 37, sms) && check_quant(v, 1001, sms);

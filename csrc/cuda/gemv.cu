@@ -1,10 +1,16 @@
-// Launcher of the fused gemv: one dispatch on the A dtype (the instantiations live in gemv_<dtype>.cu).
+// Launcher of the fused gemv: the tensor-core kernel where it applies (gemv_tma.cu), else the CUDA-core kernel
+// with one dispatch on the A dtype (the instantiations live in gemv_<dtype>.cu).
 #include "gemv.cuh"
+#include "gemv_tma.cuh"
 
 namespace fsdp4bit {
 
 void launch_gemv(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code, const Scales& sc, bool nested,
                  int log2bs, int64_t M, int64_t N, int64_t K, void* out, cudaStream_t stream) {
+  if (gemv_tma_applies(dtype, log2bs, M, K)) {
+    launch_gemv_tma_any(A, dtype, packed, code, sc, nested, log2bs, M, N, K, out, stream);
+    return;
+  }
   switch (dtype) {
     case FloatType::kF32:
       gemv_dispatch(static_cast<const float*>(A), packed, code, sc, nested, log2bs, M, N, K, static_cast<float*>(out), stream);

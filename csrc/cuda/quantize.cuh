@@ -22,6 +22,39 @@ __device__ __forceinline__ uint32_t bucket4(float s, const float* __restrict__ m
   return c4;
 }
 
+// Bin table: the scaled value s (|s| <= 1 + 2^-23, or NaN) picks bin round(s * kBinsPerUnit) + kBinsPerUnit
+// of 2 * kBinsPerUnit + 1 equal bins over [-1, 1] with one FFMA (the float's exponent makes the rounding);
+// a bin holds at most one midpoint (NF4's are >= 0.08 apart, FP4's >= 0.0026, a bin is 0.00195 wide), so
+// the bucket is the bin's count of lower midpoints plus one compare. A value on a bin edge may round either
+// way and gets the same bucket from both bins. fminf sends NaN to the top bin, which holds no midpoint and
+// the code of bucket 15, as the binary search does.
+constexpr int kBinsPerUnit = 512;
+constexpr int kBins = 2 * kBinsPerUnit + 1;
+
+struct Bin {
+  float mid;       // the midpoint inside the bin, or +Inf
+  uint32_t codes;  // code of the bucket below `mid` | code of the bucket above it << 4
+};
+
+__device__ __forceinline__ void fill_bins(Bin* bins, const float* mids, const uint8_t* enc) {
+  for (int b = threadIdx.x; b < kBins; b += blockDim.x) {
+    const float center = float(b - kBinsPerUnit) * (1.0f / kBinsPerUnit);  // exact: multiples of 2^-9
+    const int lo = int(bucket4(center - 0.5f / kBinsPerUnit, mids) >> 2);  // midpoints below the bin
+    const int hi = int(bucket4(center + 0.5f / kBinsPerUnit, mids) >> 2);
+    bins[b].mid = hi > lo ? mids[lo] : __int_as_float(0x7f800000);
+    bins[b].codes = uint32_t(enc[lo]) | (uint32_t(enc[hi > lo ? lo + 1 : lo]) << 4);
+  }
+}
+
+// 4-bit code of s (bucket mapped through enc), from the bin table in shared memory
+__device__ __forceinline__ uint32_t code_of(float s, const Bin* __restrict__ bins) {
+  constexpr float kMagic = 8388608.0f + kBinsPerUnit;  // 2^23: the integer part lands in the mantissa
+  const float f = fminf(fmaf(s, float(kBinsPerUnit), kMagic), 8388608.0f + 2 * kBinsPerUnit);
+  const uint32_t off = (__float_as_uint(f) - 0x4b000000u) * uint32_t(sizeof(Bin));
+  const Bin bin = *reinterpret_cast<const Bin*>(reinterpret_cast<const char*>(bins) + off);
+  return (s > bin.mid ? bin.codes >> 4 : bin.codes) & 15u;
+}
+
 // 8 elements as raw 16-bit words (two per uint32) or float32 values; the raw form keeps registers low.
 template <typename T>
 struct Chunk8 {
@@ -80,7 +113,7 @@ __device__ __forceinline__ uint32_t chunk_absmax_bits(const Chunk8<T>& c) {
 // rereads each block (L1/L2) in the second pass.
 constexpr int kQuantThreads = 256;
 
-template <typename T, int BS, int P>
+template <typename T, int BS, int P, bool BINS = true>
 __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const T* __restrict__ x, int64_t n, int64_t nblocks,
                                                                  QuantTables tab, bool identity, bool vec_ok,
                                                                  uint8_t* __restrict__ out, float* __restrict__ absmax) {
@@ -90,9 +123,14 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const T* __rest
   constexpr int BPC = kQuantThreads / G;  // blocks per CTA per step
   __shared__ float s_mids[16];
   __shared__ uint8_t s_enc[16];
+  __shared__ Bin s_bins[BINS ? kBins : 1];
   copy_table(s_mids, tab.mids);
   copy_table(s_enc, tab.enc);
   __syncthreads();
+  if constexpr (BINS) {
+    fill_bins(s_bins, s_mids, s_enc);
+    __syncthreads();
+  }
 
   const int g = int(threadIdx.x % G);
   const int64_t nbytes = (n + 1) / 2;
@@ -142,13 +180,19 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const T* __rest
         if (!bn.tail) {  // full block: every element in range, scale by the reciprocal
 #pragma unroll
           for (int k = 0; k < 4; ++k) {
-            uint32_t hi = bucket4(bn.scale(chunk_at(t, 2 * k)), s_mids);
-            uint32_t lo = bucket4(bn.scale(chunk_at(t, 2 * k + 1)), s_mids);
-            if (!identity) {
-              hi = 4u * s_enc[hi >> 2];
-              lo = 4u * s_enc[lo >> 2];
+            if constexpr (BINS) {
+              const uint32_t hi = code_of(bn.scale(chunk_at(t, 2 * k)), s_bins);
+              const uint32_t lo = code_of(bn.scale(chunk_at(t, 2 * k + 1)), s_bins);
+              word |= ((hi << 4) | lo) << (8 * k);
+            } else {
+              uint32_t hi = bucket4(bn.scale(chunk_at(t, 2 * k)), s_mids);
+              uint32_t lo = bucket4(bn.scale(chunk_at(t, 2 * k + 1)), s_mids);
+              if (!identity) {
+                hi = 4u * s_enc[hi >> 2];
+                lo = 4u * s_enc[lo >> 2];
+              }
+              word |= ((hi << 2) | (lo >> 2)) << (8 * k);
             }
-            word |= ((hi << 2) | (lo >> 2)) << (8 * k);
           }
           *reinterpret_cast<uint32_t*>(out + e0 / 2) = word;  // out is freshly allocated: 4-byte aligned
           continue;

@@ -35,9 +35,12 @@ CUDA_SOURCES = tuple(
         "gemv_f32.cu",
         "gemv_f16.cu",
         "gemv_bf16.cu",
+        "gemv_tma.cu",
     )
 )
-CUDA_HEADERS = tuple(CSRC / "cuda" / h for h in ("common.cuh", "gemv.cuh", "quantize.cuh", "launch.h"))
+CUDA_HEADERS = tuple(
+    CSRC / "cuda" / h for h in ("common.cuh", "dequantize.cuh", "gemv.cuh", "gemv_tma.cuh", "quantize.cuh", "launch.h")
+)
 
 # -ffp-contract=off: a fused multiply-add would round differently from the reference's separate ops.
 # No -std flag: cpp_extension passes the C++ standard torch itself was built with (C++20 for torch >= 2.10);

@@ -6,10 +6,10 @@
 // memory stages with cp.async.bulk and computes their block scales, so 4 stages of loads are in flight per
 // CTA while the consumer warps run the MMAs.
 //
-// STATUS: an experiment, not used by fsdp4bit (bench/cuda/sweep.cu times it). It is correct (float64 check in
-// the sweep) but slower than the CUDA-core gemv: 31 us vs 22 us at 14336x4096, M = 1, H100 (session 3, NOTES.md).
-// ncu: issue slots 32% busy, half the stall cycles wait on shared-memory loads (the PRMT -> IADD -> LDS -> HMMA
-// chains), with only 4 consumer warps per scheduler (the 64 KB pair table allows 2 CTAs per SM).
+// Used for 4 to 8 tokens, where it beats the CUDA-core gemv (14336x4096, H100: M = 4 31 vs 40 us, M = 8 32 vs
+// 86 us); for 1 token it is slower (31 vs 22 us: issue slots 32% busy, half the stalls wait on the PRMT -> IADD
+// -> LDS -> HMMA chains, 4 consumer warps per scheduler as the 64 KB pair table allows 2 CTAs per SM).
+// bench/cuda/sweep.cu checks and times other tile shapes.
 //
 // Layout: 16 rows of W are the MMA's A operand (m16 x k16), up to 8 tokens of A its B operand (k16 x n8). The
 // dot product does not care in which order k is summed, so k is permuted to match the loads: in a 64-wide
@@ -20,6 +20,9 @@
 #pragma once
 
 #include "common.cuh"
+
+#include <algorithm>
+#include <atomic>
 
 namespace fsdp4bit {
 
@@ -119,6 +122,9 @@ __global__ void __launch_bounds__((WARPS + 1) * 32, 2) gemv_tma_kernel(const AT*
                                                                        const uint8_t* __restrict__ packed, Code16 code,
                                                                        Scales sc, int log2bs, int M, int64_t N,
                                                                        int64_t K, AT* __restrict__ out) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap();  // never launched: gemv_tma_applies() requires compute capability 9.0
+#else
   using L = GemvTmaLayout<CSPANS, STAGES>;
   constexpr int R = L::kRows;
   constexpr int JP = CSPANS / WARPS;  // spans per consumer warp per chunk
@@ -263,21 +269,39 @@ __global__ void __launch_bounds__((WARPS + 1) * 32, 2) gemv_tma_kernel(const AT*
       asm volatile("bar.sync 1, %0;" ::"n"(WARPS * 32) : "memory");
     }
   }
+#endif
 }
 
 // Persistent grid: `ctas_per_sm` CTAs on each SM loop over the tiles; the pair table is built once per CTA.
 template <typename AT, int WARPS, int CSPANS, int STAGES>
 void launch_gemv_tma(const AT* a, const uint8_t* p, const Code16& c, const Scales& sc, bool nested, int log2bs, int M,
                      int64_t N, int64_t K, AT* o, int ctas_per_sm, cudaStream_t stream) {
+  static std::atomic<uint64_t> configured{0};  // devices whose kernels allow the large dynamic shared memory
   int dev = 0, sms = 0;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   const int64_t tiles = (N + 15) / 16;
   const unsigned grid = unsigned(std::min<int64_t>(tiles, int64_t(sms) * ctas_per_sm));
-  auto kernel = nested ? gemv_tma_kernel<AT, WARPS, CSPANS, STAGES, true> : gemv_tma_kernel<AT, WARPS, CSPANS, STAGES, false>;
   constexpr size_t smem = GemvTmaLayout<CSPANS, STAGES>::kSmem;
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-  kernel<<<grid, (WARPS + 1) * 32, smem, stream>>>(a, p, c, sc, log2bs, M, N, K, o);
+  const uint64_t bit = uint64_t(1) << (dev & 63);
+  if (!(configured.load() & bit)) {
+    cudaFuncSetAttribute(gemv_tma_kernel<AT, WARPS, CSPANS, STAGES, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         int(smem));
+    cudaFuncSetAttribute(gemv_tma_kernel<AT, WARPS, CSPANS, STAGES, false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         int(smem));
+    configured.fetch_or(bit);
+  }
+  if (nested)
+    gemv_tma_kernel<AT, WARPS, CSPANS, STAGES, true><<<grid, (WARPS + 1) * 32, smem, stream>>>(a, p, c, sc, log2bs, M, N, K, o);
+  else
+    gemv_tma_kernel<AT, WARPS, CSPANS, STAGES, false><<<grid, (WARPS + 1) * 32, smem, stream>>>(a, p, c, sc, log2bs, M, N, K,
+                                                                                              o);
 }
+
+// Whether the tensor-core gemv takes this call (fp16/bf16 A, 4..8 tokens, blocksize >= 64, K % 64 == 0, sm_90+);
+// launch_gemv (gemv.cu) asks before falling back to the CUDA-core kernel.
+bool gemv_tma_applies(FloatType dtype, int log2bs, int64_t M, int64_t K);
+void launch_gemv_tma_any(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code, const Scales& sc,
+                         bool nested, int log2bs, int64_t M, int64_t N, int64_t K, void* out, cudaStream_t stream);
 
 }  // namespace fsdp4bit

@@ -1,0 +1,29 @@
+// Tensor-core gemv (gemv_tma.cuh) for fp16/bf16 A and the rule that picks it over the CUDA-core gemv.
+#include "gemv_tma.cuh"
+
+namespace fsdp4bit {
+
+// One tile shape for all calls: 8 consumer warps, 32-span chunks, 2 stages, 2 CTAs per SM (the sweep's best).
+constexpr int kTmaWarps = 8, kTmaChunkSpans = 32, kTmaStages = 2, kTmaCtasPerSm = 2;
+
+bool gemv_tma_applies(FloatType dtype, int log2bs, int64_t M, int64_t K) {
+  if (dtype == FloatType::kF32 || M < 4 || M > 8 || log2bs < 6 || K % 64 != 0) return false;
+  int dev = 0, major = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  return major >= 9;
+}
+
+void launch_gemv_tma_any(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code, const Scales& sc,
+                         bool nested, int log2bs, int64_t M, int64_t N, int64_t K, void* out, cudaStream_t stream) {
+  if (dtype == FloatType::kBF16)
+    launch_gemv_tma<__nv_bfloat16, kTmaWarps, kTmaChunkSpans, kTmaStages>(
+        static_cast<const __nv_bfloat16*>(A), packed, code, sc, nested, log2bs, int(M), N, K,
+        static_cast<__nv_bfloat16*>(out), kTmaCtasPerSm, stream);
+  else
+    launch_gemv_tma<__half, kTmaWarps, kTmaChunkSpans, kTmaStages>(static_cast<const __half*>(A), packed, code, sc,
+                                                                   nested, log2bs, int(M), N, K,
+                                                                   static_cast<__half*>(out), kTmaCtasPerSm, stream);
+}
+
+}  // namespace fsdp4bit
