@@ -88,6 +88,20 @@ __global__ void copy_kernel(const uint4* __restrict__ a, uint4* __restrict__ b, 
 }
 
 // Device-to-device copy bandwidth (bytes read + written) as the best of cudaMemcpyAsync and a 16-byte copy kernel.
+__global__ void fill_kernel(uint4* __restrict__ dst, size_t n) {
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
+    dst[i] = make_uint4(1u, 2u, 3u, 4u);
+}
+
+__global__ void read_kernel(const uint4* __restrict__ src, size_t n, uint32_t* __restrict__ sink) {
+  uint32_t acc = 0;
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    const uint4 v = __ldcs(src + i);
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (acc == 0x12345678u) sink[0] = acc;  // keeps the loads alive
+}
+
 static double copy_bandwidth(int sms) {
   const size_t bytes = size_t(1) << 30;
   void *a, *b;
@@ -103,6 +117,18 @@ static double copy_bandwidth(int sms) {
       1, 5);
   std::printf("copy 1 GiB: cudaMemcpyAsync %.3f TB/s, copy kernel %.3f TB/s\n", 2.0 * bytes / us_memcpy / 1e6,
               2.0 * bytes / us_kernel / 1e6);
+  // one-direction streams, for kernels whose traffic is mostly reads (gemv) or mostly writes (dequantize)
+  for (const size_t sz : {bytes, size_t(117440512)}) {
+    const float us_write = time_us(
+        [&](int, cudaStream_t s) { fill_kernel<<<sms * 8, 256, 0, s>>>(static_cast<uint4*>(b), sz / 16); }, 1, 5);
+    const float us_read = time_us(
+        [&](int, cudaStream_t s) {
+          read_kernel<<<sms * 8, 256, 0, s>>>(static_cast<const uint4*>(a), sz / 16, static_cast<uint32_t*>(b));
+        },
+        1, 5);
+    std::printf("%zu MB: write-only kernel %.3f TB/s, read-only kernel %.3f TB/s\n", sz >> 20, sz / us_write / 1e6,
+                sz / us_read / 1e6);
+  }
   cudaFree(a);
   cudaFree(b);
   return 2.0 * bytes / (std::min(us_memcpy, us_kernel) * 1e-6);
