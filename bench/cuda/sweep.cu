@@ -1,6 +1,6 @@
 // Tile-shape sweep of the fused gemv, dequantize and 4-bit quantize kernels, outside torch (nvcc only), so one
-// device call compares many instantiations, including the tensor-core gemv experiment of
-// gemv_tma_experiment.cuh. Each variant is checked first (gemv against a float64 host reference, dequantize
+// device call compares many instantiations (the CUDA-core gemv of gemv.cuh and the tensor-core one of
+// gemv_tma.cuh, which fsdp4bit uses for 4 to 8 tokens). Each variant is checked first (gemv against a float64 host reference, dequantize
 // and quantize byte for byte against host replicas of the reference), then timed as the median of CUDA-graph
 // replays that rotate through enough weight sets to defeat the 50 MB L2.
 //
