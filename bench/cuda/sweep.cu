@@ -433,10 +433,10 @@ static void host_quantize(const std::vector<bf16>& x, int bs, const QuantTables&
 
 using QuantLaunch = void (*)(const bf16*, int64_t, uint8_t*, float*, int64_t, cudaStream_t);
 
-template <int P, bool BINS, bool FP4 = false>
+template <int P, bool FP4 = false>
 static void quant_call(const bf16* x, int64_t n, uint8_t* out, float* absmax, int64_t cap, cudaStream_t st) {
   const int64_t nb = (n + 63) / 64;
-  quantize_kernel<bf16, 64, P, BINS><<<quantize_grid<64, P>(nb, cap), kQuantThreads, 0, st>>>(
+  quantize_kernel<bf16, 64, P><<<quantize_grid<64, P>(nb, cap), kQuantThreads, 0, st>>>(
       x, n, nb, FP4 ? fp4_tables() : nf4_tables(), !FP4, true, out, absmax);
 }
 
@@ -493,12 +493,10 @@ static bool check_quant(const QuantVariant& v, int64_t n, int sms) {
 
 static void sweep_quantize(double bw, int sms) {
   std::vector<QuantVariant> variants;
-  variants.push_back({"P2 cps16 search", quant_call<2, false>, 16});
-  variants.push_back({"P2 cps16 bins", quant_call<2, true>, 16});
-  variants.push_back({"P2 cps8 bins", quant_call<2, true>, 8});
-  variants.push_back({"P4 cps16 bins", quant_call<4, true>, 16});
-  variants.push_back({"P2 cps16 search fp4", quant_call<2, false, true>, 16});
-  variants.push_back({"P2 cps16 bins fp4", quant_call<2, true, true>, 16});
+  variants.push_back({"P2 cps16", quant_call<2>, 16});
+  variants.push_back({"P2 cps8", quant_call<2>, 8});
+  variants.push_back({"P4 cps16", quant_call<4>, 16});
+  variants.push_back({"P2 cps16 fp4", quant_call<2, true>, 16});
   for (const auto& v : variants) {
     if (!picked(v.name, "")) continue;
     const bool ok = check_quant(v, 4096 * 4096 + 64 * 3 + 37, sms) && check_quant(v, 1001, sms);

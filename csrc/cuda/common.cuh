@@ -29,6 +29,14 @@ __device__ __forceinline__ void copy_table(T* dst, const T (&src)[N]) {
   }
 }
 
+// an attribute of the current device (SM count, compute capability), for the launchers
+inline int device_attribute(cudaDeviceAttr attr) {
+  int device = 0, value = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&value, attr, device);
+  return value;
+}
+
 // ------------------------------------------------------------------------- dtype helpers
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }

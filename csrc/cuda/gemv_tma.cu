@@ -8,10 +8,7 @@ constexpr int kTmaWarps = 8, kTmaChunkSpans = 32, kTmaStages = 2, kTmaCtasPerSm 
 
 bool gemv_tma_applies(FloatType dtype, int log2bs, int64_t M, int64_t K) {
   if (dtype == FloatType::kF32 || M < 4 || M > 8 || log2bs < 6 || K % 64 != 0) return false;
-  int dev = 0, major = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  return major >= 9;
+  return device_attribute(cudaDevAttrComputeCapabilityMajor) >= 9;
 }
 
 void launch_gemv_tma_any(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code, const Scales& sc,

@@ -1,10 +1,9 @@
 // Tensor-core 4-bit gemv for 1 to 8 tokens of fp16/bf16 A: out = A @ W.T, W (N, K) 4-bit, blocksize >= 64,
-// K % 64 == 0 (sm_90: TMA bulk copies and mbarriers). The CUDA-core gemv (gemv.cuh) spends ~6 instructions
+// K % 64 == 0 (sm_90: TMA bulk copies and mbarriers). The CUDA-core gemv (gemv.cuh) spends ~8 instructions
 // per weight (nibble extract, shared-memory code lookup, bf16 convert, FMA); here one shared-memory lookup
 // turns a packed byte into both of its weights as a 16-bit pair and mma.sync multiplies them with float32
-// accumulation, ~2 instructions per weight. A producer warp streams the packed rows into a ring of shared-
-// memory stages with cp.async.bulk and computes their block scales, so 4 stages of loads are in flight per
-// CTA while the consumer warps run the MMAs.
+// accumulation. A producer warp streams the packed rows into a ring of STAGES shared-memory stages with
+// cp.async.bulk and computes their block scales while the consumer warps run the MMAs.
 //
 // Used for 4 to 8 tokens, where it beats the CUDA-core gemv (14336x4096, H100: M = 4 31 vs 40 us, M = 8 32 vs
 // 86 us); for 1 token it is slower (31 vs 22 us: issue slots 32% busy, half the stalls wait on the PRMT -> IADD
@@ -276,13 +275,14 @@ __global__ void __launch_bounds__((WARPS + 1) * 32, 2) gemv_tma_kernel(const AT*
 template <typename AT, int WARPS, int CSPANS, int STAGES>
 void launch_gemv_tma(const AT* a, const uint8_t* p, const Code16& c, const Scales& sc, bool nested, int log2bs, int M,
                      int64_t N, int64_t K, AT* o, int ctas_per_sm, cudaStream_t stream) {
+  using L = GemvTmaLayout<CSPANS, STAGES>;
   static std::atomic<uint64_t> configured{0};  // devices whose kernels allow the large dynamic shared memory
-  int dev = 0, sms = 0;
+  int dev = 0;
   cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  const int64_t tiles = (N + 15) / 16;
-  const unsigned grid = unsigned(std::min<int64_t>(tiles, int64_t(sms) * ctas_per_sm));
-  constexpr size_t smem = GemvTmaLayout<CSPANS, STAGES>::kSmem;
+  const int64_t tiles = (N + L::kRows - 1) / L::kRows;
+  const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
+  const unsigned grid = unsigned(std::min<int64_t>(tiles, sms * ctas_per_sm));
+  constexpr size_t smem = L::kSmem;
   const uint64_t bit = uint64_t(1) << (dev & 63);
   if (!(configured.load() & bit)) {
     cudaFuncSetAttribute(gemv_tma_kernel<AT, WARPS, CSPANS, STAGES, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,

@@ -14,10 +14,7 @@ template <typename T>
 void launch_typed(const T* x, int64_t n, int blocksize, const QuantTables& tab, bool identity, bool vec_ok, uint8_t* out,
                   float* absmax, cudaStream_t stream) {
   const int64_t nblocks = (n + blocksize - 1) / blocksize;
-  int device = 0, sms = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  const int64_t cap = int64_t(sms) * kQuantCtasPerSm;
+  const int64_t cap = int64_t(device_attribute(cudaDevAttrMultiProcessorCount)) * kQuantCtasPerSm;
   auto go = [&](auto bs_tag) {
     constexpr int BS = decltype(bs_tag)::value;
     constexpr int P = BS <= 256 ? 2 : 1;

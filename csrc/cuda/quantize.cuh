@@ -11,7 +11,7 @@ namespace fsdp4bit {
 // Bucket index * 4 (a byte offset into float tables): count of midpoints strictly below s, by a
 // branch-free binary search over the 15 sorted midpoints in shared memory. Keeping the count pre-scaled
 // lets every probe be one shared load at [register + immediate]. !(s <= m) is true for NaN, so NaN lands
-// in bucket 15 like torch.bucketize.
+// in bucket 15 like torch.bucketize. The short last block uses it, and it builds the bin table below.
 __device__ __forceinline__ uint32_t bucket4(float s, const float* __restrict__ mids) {
   const char* m = reinterpret_cast<const char*>(mids);
   uint32_t c4 = 0;
@@ -113,7 +113,7 @@ __device__ __forceinline__ uint32_t chunk_absmax_bits(const Chunk8<T>& c) {
 // rereads each block (L1/L2) in the second pass.
 constexpr int kQuantThreads = 256;
 
-template <typename T, int BS, int P, bool BINS = true>
+template <typename T, int BS, int P>
 __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const T* __restrict__ x, int64_t n, int64_t nblocks,
                                                                  QuantTables tab, bool identity, bool vec_ok,
                                                                  uint8_t* __restrict__ out, float* __restrict__ absmax) {
@@ -123,14 +123,12 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const T* __rest
   constexpr int BPC = kQuantThreads / G;  // blocks per CTA per step
   __shared__ float s_mids[16];
   __shared__ uint8_t s_enc[16];
-  __shared__ Bin s_bins[BINS ? kBins : 1];
+  __shared__ Bin s_bins[kBins];
   copy_table(s_mids, tab.mids);
   copy_table(s_enc, tab.enc);
   __syncthreads();
-  if constexpr (BINS) {
-    fill_bins(s_bins, s_mids, s_enc);
-    __syncthreads();
-  }
+  fill_bins(s_bins, s_mids, s_enc);
+  __syncthreads();
 
   const int g = int(threadIdx.x % G);
   const int64_t nbytes = (n + 1) / 2;
@@ -180,19 +178,9 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const T* __rest
         if (!bn.tail) {  // full block: every element in range, scale by the reciprocal
 #pragma unroll
           for (int k = 0; k < 4; ++k) {
-            if constexpr (BINS) {
-              const uint32_t hi = code_of(bn.scale(chunk_at(t, 2 * k)), s_bins);
-              const uint32_t lo = code_of(bn.scale(chunk_at(t, 2 * k + 1)), s_bins);
-              word |= ((hi << 4) | lo) << (8 * k);
-            } else {
-              uint32_t hi = bucket4(bn.scale(chunk_at(t, 2 * k)), s_mids);
-              uint32_t lo = bucket4(bn.scale(chunk_at(t, 2 * k + 1)), s_mids);
-              if (!identity) {
-                hi = 4u * s_enc[hi >> 2];
-                lo = 4u * s_enc[lo >> 2];
-              }
-              word |= ((hi << 2) | (lo >> 2)) << (8 * k);
-            }
+            const uint32_t hi = code_of(bn.scale(chunk_at(t, 2 * k)), s_bins);
+            const uint32_t lo = code_of(bn.scale(chunk_at(t, 2 * k + 1)), s_bins);
+            word |= ((hi << 4) | lo) << (8 * k);
           }
           *reinterpret_cast<uint32_t*>(out + e0 / 2) = word;  // out is freshly allocated: 4-byte aligned
           continue;

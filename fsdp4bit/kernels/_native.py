@@ -51,8 +51,9 @@ def _check_state(
 ) -> None:
     """Python-side checks of a quantized state, so bad input raises here with the argument's name.
 
-    The extensions check again (TORCH_CHECK), but an exception thrown inside the CUDA extension crashed
-    the process on the device machine (torch 2.11+cu130, cause not established): never rely on it.
+    The extensions check again (TORCH_CHECK); these checks name the argument, and they kept bad input from
+    ever reaching a TORCH_CHECK while one crashed the process on the GPU image (a statically linked
+    libstdc++, fixed in ``_build.py``).
     """
     device = packed.device
     if packed.numel() < (numel + 1) // 2:
