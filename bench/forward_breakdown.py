@@ -19,7 +19,7 @@ import time
 
 import torch
 from layer import cuda_ms as sync_ms  # one call between two events, the GPU idle before each call
-from layer import qlora_layer
+from layer import event_ms, qlora_layer
 
 import fsdp4bit as bnb
 from fsdp4bit import ops
@@ -30,16 +30,12 @@ def stream_ms(fn, calls: int = 20, reps: int = 5) -> float:
     """Median ms per call of ``calls`` back-to-back calls (launch latency hidden behind the GPU work)."""
     fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+
+    def run():
         for _ in range(calls):
             fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return statistics.median(times)
+
+    return statistics.median(t / calls for t in event_ms(run, reps))
 
 
 def cpu_us(fn, calls: int = 20) -> float:

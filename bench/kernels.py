@@ -27,6 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from layer import event_ms  # noqa: E402
+
 from fsdp4bit import kernels, reference  # noqa: E402
 from fsdp4bit.codebooks import get_dynamic_map  # noqa: E402
 
@@ -79,15 +81,7 @@ def gpu_time_us(fns, reps: int = 20, replays: int = 7) -> tuple[float, str]:
 
     run()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / reps)
-    return statistics.median(times), mode
+    return statistics.median(t * 1e3 / reps for t in event_ms(run, replays)), mode
 
 
 def copy_bandwidth() -> float:

@@ -18,19 +18,25 @@ import torch
 import fsdp4bit as bnb
 
 
-def cuda_ms(fn, reps: int = 30, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
+def event_ms(run, reps: int) -> list[float]:
+    """GPU milliseconds of ``run()`` between two CUDA events, ``reps`` times (shared by the bench scripts)."""
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        run()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return times
+
+
+def cuda_ms(fn, reps: int = 30, warmup: int = 5) -> float:
+    """Median ms of one call, the GPU idle before each (host overhead included)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    return statistics.median(event_ms(fn, reps))
 
 
 def qlora_layer(device: str, out_f: int = 14336, in_f: int = 4096) -> tuple[torch.Tensor, bnb.nn.Linear4bit]:
