@@ -218,6 +218,19 @@ def test_gemv_tensor_core_path(native, dtype):
         _gemv_case(ops, device, (M,), 4805, 4160, bs, qt, nested, dtype, seed=100 + i)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemv_pair_table_path(native, dtype):
+    """1 token of fp16/bf16 takes the pair-table kernel: more row steps than CTAs with a ragged last step, a
+    partial last k-tile, few rows split over k-parts, and a K past its shared memory (CUDA-core fallback)."""
+    ops, device = native
+    if device != "cuda":
+        pytest.skip("the pair-table gemv is CUDA-only (the CPU kernel covers these shapes in test_gemv)")
+    cases = [(4805, 4160, "nf4", True, 64), (4805, 4160, "fp4", False, 256), (7, 14336, "nf4", True, 4096)]
+    cases.append((3, 65536, "nf4", True, 64))
+    for i, (N, K, qt, nested, bs) in enumerate(cases):
+        _gemv_case(ops, device, (1,), N, K, bs, qt, nested, dtype, seed=200 + i)
+
+
 def test_gemv_every_blocksize(native):
     ops, device = native
     for bs in BLOCKSIZES:

@@ -1,7 +1,8 @@
 // Tile-shape sweep of the fused gemv, dequantize and 4-bit quantize kernels, outside torch (nvcc only), so one
-// device call compares many instantiations (the CUDA-core gemv of gemv.cuh and the tensor-core one of
-// gemv_tma.cuh, which fsdp4bit uses for 4 to 8 tokens). Each variant is checked first (gemv against a float64 host reference, dequantize
-// and quantize byte for byte against host replicas of the reference), then timed as the median of CUDA-graph
+// device call compares many instantiations (the CUDA-core gemv of gemv.cuh, the pair-table one of gemv_lut.cuh
+// that fsdp4bit uses for 1 token, and the tensor-core one of gemv_tma.cuh that it uses for 4 to 8 tokens).
+// Each variant is checked first (gemv against a float64 host reference, dequantize and quantize byte for byte
+// against host replicas of the reference), then timed as the median of CUDA-graph
 // replays that rotate through enough weight sets to defeat the 50 MB L2.
 //
 //   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode=arch=compute_90,code=sm_90 -I csrc/cuda \
@@ -18,6 +19,7 @@
 
 #include "gemv.cuh"
 #include "gemv_tma.cuh"
+#include "gemv_lut.cuh"
 #include "dequantize.cuh"
 #include "quantize.cuh"
 
@@ -254,8 +256,17 @@ static void gemv_tma_call(const bf16* a, const uint8_t* p, const Code16& c, cons
   launch_gemv_tma<bf16, WARPS, CSPANS, STAGES>(a, p, c, sc, nested, log2bs, M, N, K, o, CPS, st);
 }
 
+template <int R, int WARPS, bool F16>
+static void gemv_lut_call(const bf16* a, const uint8_t* p, const Code16& c, const Scales& sc, bool nested, int log2bs,
+                          int64_t N, int64_t K, bf16* o, cudaStream_t st) {
+  launch_gemv_lut<bf16, R, WARPS, F16>(a, p, c, sc, nested, log2bs, N, K, o, st);
+}
+
 static void sweep_gemv(double bw) {
   const std::vector<GemvVariant> variants = {
+      {"M1 lut R2W16", 1, gemv_lut_call<2, 16, false>}, {"M1 lut R4W16", 1, gemv_lut_call<4, 16, false>},
+      {"M1 lut R4W8", 1, gemv_lut_call<4, 8, false>}, {"M1 lut R2W16h", 1, gemv_lut_call<2, 16, true>},
+      {"M1 lut R4W16h", 1, gemv_lut_call<4, 16, true>}, {"M1 lut R4W8h", 1, gemv_lut_call<4, 8, true>},
       {"M1 R2", 1, gemv_call<1, 2>}, {"M1 R4", 1, gemv_call<1, 4>}, {"M1 R8", 1, gemv_call<1, 8>},
       {"M4 R2", 4, gemv_call<4, 2>}, {"M4 R4", 4, gemv_call<4, 4>}, {"M8 R2", 8, gemv_call<8, 2>},
       {"M1 tma W8C32S2c2", 1, gemv_tma_call<1, 8, 32, 2, 2>, 64},
@@ -269,9 +280,10 @@ static void sweep_gemv(double bw) {
   };
   for (const auto& v : variants) {
     if (!picked(v.name, "")) continue;
-    const double e1 = check_gemv(v, 203, 4096), e2 = check_gemv(v, 37, 14336), e3 = check_gemv(v, 5, 3 * v.kmod);
-    std::printf("check gemv %-15s rel err %.2e %.2e %.2e %s\n", v.name.c_str(), e1, e2, e3,
-                std::max({e1, e2, e3}) < 8e-3 ? "ok" : "FAIL");
+    const double e1 = check_gemv(v, 203, 4096), e2 = check_gemv(v, 37, 14336), e3 = check_gemv(v, 5, 3 * v.kmod),
+                 e4 = check_gemv(v, 61, 65 * v.kmod);
+    std::printf("check gemv %-15s rel err %.2e %.2e %.2e %.2e %s\n", v.name.c_str(), e1, e2, e3, e4,
+                std::max({e1, e2, e3, e4}) < 8e-3 ? "ok" : "FAIL");
   }
   const int64_t shapes[][2] = {{4096, 4096}, {14336, 4096}, {4096, 14336}, {8192, 8192}, {28672, 8192}};
   std::printf("\n%-14s %-15s %9s %8s\n", "shape", "variant", "us", "floor%");
@@ -433,17 +445,20 @@ static void host_quantize(const std::vector<bf16>& x, int bs, const QuantTables&
 
 using QuantLaunch = void (*)(const bf16*, int64_t, uint8_t*, float*, int64_t, cudaStream_t);
 
-template <int P, bool FP4 = false>
+// cap: the grid's CTA cap, or < 0 for one wave (what fits on the GPU at once)
+template <int P, bool FP4, int BPU>
 static void quant_call(const bf16* x, int64_t n, uint8_t* out, float* absmax, int64_t cap, cudaStream_t st) {
   const int64_t nb = (n + 63) / 64;
-  quantize_kernel<bf16, 64, P><<<quantize_grid<64, P>(nb, cap), kQuantThreads, 0, st>>>(
-      x, n, nb, FP4 ? fp4_tables() : nf4_tables(), !FP4, true, out, absmax);
+  auto kernel = quantize_kernel<bf16, 64, P, BPU>;
+  if (cap < 0) cap = one_wave(kernel, kQuantThreads);
+  kernel<<<quantize_grid<64, P>(nb, cap), kQuantThreads, 0, st>>>(x, n, nb, FP4 ? fp4_tables() : nf4_tables(), !FP4,
+                                                                  true, out, absmax);
 }
 
 struct QuantVariant {
   std::string name;
   QuantLaunch fn;
-  int ctas_per_sm;  // 0: one CTA per group of blocks, no grid stride
+  int ctas_per_sm;  // grid cap in CTAs per SM; < 0: one wave (what fits on the GPU at once)
 };
 
 static bool check_quant(const QuantVariant& v, int64_t n, int sms) {
@@ -493,17 +508,19 @@ static bool check_quant(const QuantVariant& v, int64_t n, int sms) {
 
 static void sweep_quantize(double bw, int sms) {
   std::vector<QuantVariant> variants;
-  variants.push_back({"P2 cps16", quant_call<2>, 16});
-  variants.push_back({"P2 cps8", quant_call<2>, 8});
-  variants.push_back({"P4 cps16", quant_call<4>, 16});
-  variants.push_back({"P2 cps16 fp4", quant_call<2, true>, 16});
+  variants.push_back({"P2 cps16 b512", quant_call<2, false, 512>, 16});
+  variants.push_back({"P2 wave b512", quant_call<2, false, 512>, -1});
+  variants.push_back({"P2 cps16 b16", quant_call<2, false, 16>, 16});
+  variants.push_back({"P2 wave b16", quant_call<2, false, 16>, -1});
+  variants.push_back({"P4 wave b16", quant_call<4, false, 16>, -1});
+  variants.push_back({"P2 wave fp4", quant_call<2, true, 512>, -1});
   for (const auto& v : variants) {
     if (!picked(v.name, "")) continue;
     const bool ok = check_quant(v, 4096 * 4096 + 64 * 3 + 37, sms) && check_quant(v, 1001, sms);
-    std::printf("check quantize %-10s %s\n", v.name.c_str(), ok ? "ok (bit-exact)" : "FAIL");
+    std::printf("check quantize %-14s %s\n", v.name.c_str(), ok ? "ok (bit-exact)" : "FAIL");
   }
   const int64_t shapes[][2] = {{4096, 4096}, {14336, 4096}, {8192, 8192}, {28672, 8192}};
-  std::printf("\n%-14s %-10s %9s %8s\n", "shape", "variant", "us", "floor%");
+  std::printf("\n%-14s %-14s %9s %8s\n", "shape", "variant", "us", "floor%");
   for (const auto& sh : shapes) {
     const int64_t n = sh[0] * sh[1];
     if (!picked("", std::to_string(sh[0]) + "x" + std::to_string(sh[1]))) continue;
@@ -523,7 +540,7 @@ static void sweep_quantize(double bw, int sms) {
       if (!picked(v.name, "")) continue;
       const float us =
           time_us([&](int i, cudaStream_t st) { v.fn(xs[i], n, dp, da, int64_t(sms) * v.ctas_per_sm, st); }, sets);
-      std::printf("%-14s %-10s %9.2f %7.0f%%\n", (std::to_string(sh[0]) + "x" + std::to_string(sh[1])).c_str(),
+      std::printf("%-14s %-14s %9.2f %7.0f%%\n", (std::to_string(sh[0]) + "x" + std::to_string(sh[1])).c_str(),
                   v.name.c_str(), us, 100.0 * bytes / bw * 1e6 / us);
     }
     for (auto* p : xs) cudaFree(p);

@@ -75,25 +75,27 @@ __global__ void __launch_bounds__(kBs256Warps * 32) quantize_blockwise256_kernel
                                                                                 uint8_t* __restrict__ q,
                                                                                 float* __restrict__ absmax) {
   __shared__ float s_mids[256];
-  for (int i = threadIdx.x; i < 255; i += blockDim.x)
-    s_mids[i] = __fmul_rn(__fadd_rn(__ldg(code + i), __ldg(code + i + 1)), 0.5f);
-  __syncthreads();
   const bool has_off = offset != nullptr;
-  const float off = has_off ? __ldg(offset) : 0.0f;
   const int lane = threadIdx.x % 32;
   const int64_t b = int64_t(blockIdx.x) * kBs256Warps + threadIdx.x / 32;
   const int64_t start = b * 256;
-  if (start >= n) return;
-  const int64_t len = min(int64_t(256), n - start);
+  const int64_t len = start < n ? min(int64_t(256), n - start) : 0;
 
+  // the block's values and the offset are loaded before the midpoint table is built (their latencies overlap)
   float d[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) d[j] = lane + 32 * j < len ? __ldg(a + start + lane + 32 * j) : 0.0f;
+  const float off = has_off ? __ldg(offset) : 0.0f;
+  for (int i = threadIdx.x; i < 255; i += blockDim.x)
+    s_mids[i] = __fmul_rn(__fadd_rn(__ldg(code + i), __ldg(code + i + 1)), 0.5f);
+  __syncthreads();
+  if (len == 0) return;
+
   uint32_t m = 0;  // max of |d| bits: integer order = float order for |d|, NaNs above +Inf
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
-    const int64_t i = lane + 32 * j;
-    d[j] = 0.0f;
-    if (i < len) {
-      d[j] = has_off ? __fsub_rn(__ldg(a + start + i), off) : __ldg(a + start + i);
+    if (lane + 32 * j < len) {
+      if (has_off) d[j] = __fsub_rn(d[j], off);
       m = max(m, __float_as_uint(d[j]) & 0x7fffffffu);
     }
   }

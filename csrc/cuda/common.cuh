@@ -37,6 +37,20 @@ inline int device_attribute(cudaDeviceAttr attr) {
   return value;
 }
 
+// CTAs of `kernel` resident on one SM at once (at least 1)
+template <typename Kernel>
+inline int ctas_per_sm(Kernel kernel, int threads, size_t smem = 0) {
+  int per_sm = 1;
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
+  return per_sm > 0 ? per_sm : 1;
+}
+
+// CTAs of `kernel` that the device runs at once: a grid-stride kernel's grid
+template <typename Kernel>
+inline int64_t one_wave(Kernel kernel, int threads, size_t smem = 0) {
+  return int64_t(ctas_per_sm(kernel, threads, smem)) * device_attribute(cudaDevAttrMultiProcessorCount);
+}
+
 // ------------------------------------------------------------------------- dtype helpers
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }

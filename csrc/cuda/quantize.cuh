@@ -6,6 +6,8 @@
 
 #include "common.cuh"
 
+#include <type_traits>
+
 namespace fsdp4bit {
 
 // Bucket index * 4 (a byte offset into float tables): count of midpoints strictly below s, by a
@@ -22,37 +24,58 @@ __device__ __forceinline__ uint32_t bucket4(float s, const float* __restrict__ m
   return c4;
 }
 
-// Bin table: the scaled value s (|s| <= 1 + 2^-23, or NaN) picks bin round(s * kBinsPerUnit) + kBinsPerUnit
-// of 2 * kBinsPerUnit + 1 equal bins over [-1, 1] with one FFMA (the float's exponent makes the rounding);
-// a bin holds at most one midpoint (NF4's are >= 0.08 apart, FP4's >= 0.0026, a bin is 0.00195 wide), so
-// the bucket is the bin's count of lower midpoints plus one compare. A value on a bin edge may round either
-// way and gets the same bucket from both bins. fminf sends NaN to the top bin, which holds no midpoint and
-// the code of bucket 15, as the binary search does.
-constexpr int kBinsPerUnit = 512;
-constexpr int kBins = 2 * kBinsPerUnit + 1;
-
+// Bin table: the scaled value s (|s| <= 1 + 2^-23, or NaN) picks bin round(s * BPU) + BPU of 2 * BPU + 1
+// equal bins over [-1, 1] with one FFMA (the float's exponent makes the rounding); a bin holds at most one
+// midpoint (the launcher picks BPU so that midpoints are more than 1 / BPU apart), so the bucket is the bin's
+// count of lower midpoints plus one compare. A value on a bin edge may round either way and gets the same
+// bucket from both bins. fminf sends NaN to the top bin, which holds no midpoint and the code of bucket 15, as
+// the binary search does. Coarse tables (NF4: BPU = 16, 33 bins) are replicated for each lane, so a warp's
+// lookups never share a bank (random bins of one copy cost ~5 bank conflicts per lookup); fine ones (FP4's
+// midpoints are 0.005 apart: BPU = 512) are one copy.
 struct Bin {
   float mid;       // the midpoint inside the bin, or +Inf
   uint32_t codes;  // code of the bucket below `mid` | code of the bucket above it << 4
 };
 
+template <int BPU>
+struct BinLayout {
+  static constexpr int kBins = 2 * BPU + 1;
+  static constexpr bool kPerLane = BPU <= 32;  // entry of bin b for lane l at b * 32 + l
+  static constexpr int kEntries = kBins * (kPerLane ? 32 : 1);
+};
+
+template <int BPU>
 __device__ __forceinline__ void fill_bins(Bin* bins, const float* mids, const uint8_t* enc) {
-  for (int b = threadIdx.x; b < kBins; b += blockDim.x) {
-    const float center = float(b - kBinsPerUnit) * (1.0f / kBinsPerUnit);  // exact: multiples of 2^-9
-    const int lo = int(bucket4(center - 0.5f / kBinsPerUnit, mids) >> 2);  // midpoints below the bin
-    const int hi = int(bucket4(center + 0.5f / kBinsPerUnit, mids) >> 2);
-    bins[b].mid = hi > lo ? mids[lo] : __int_as_float(0x7f800000);
-    bins[b].codes = uint32_t(enc[lo]) | (uint32_t(enc[hi > lo ? lo + 1 : lo]) << 4);
+  using L = BinLayout<BPU>;
+  for (int i = threadIdx.x; i < L::kEntries; i += blockDim.x) {
+    const int b = L::kPerLane ? i / 32 : i;
+    const float center = float(b - BPU) * (1.0f / BPU);  // exact: BPU is a power of two
+    const int lo = int(bucket4(center - 0.5f / BPU, mids) >> 2);  // midpoints below the bin
+    const int hi = int(bucket4(center + 0.5f / BPU, mids) >> 2);
+    bins[i].mid = hi > lo ? mids[lo] : __int_as_float(0x7f800000);
+    bins[i].codes = uint32_t(enc[lo]) | (uint32_t(enc[hi > lo ? lo + 1 : lo]) << 4);
   }
 }
 
-// 4-bit code of s (bucket mapped through enc), from the bin table in shared memory
-__device__ __forceinline__ uint32_t code_of(float s, const Bin* __restrict__ bins) {
-  constexpr float kMagic = 8388608.0f + kBinsPerUnit;  // 2^23: the integer part lands in the mantissa
-  const float f = fminf(fmaf(s, float(kBinsPerUnit), kMagic), 8388608.0f + 2 * kBinsPerUnit);
-  const uint32_t off = (__float_as_uint(f) - 0x4b000000u) * uint32_t(sizeof(Bin));
+// 4-bit code of s (bucket mapped through enc), from the bin table in shared memory; lane8 = lane * 8
+template <int BPU>
+__device__ __forceinline__ uint32_t code_of(float s, const Bin* __restrict__ bins, uint32_t lane8) {
+  constexpr float kMagic = 8388608.0f + BPU;  // 2^23: the integer part lands in the mantissa
+  const float f = fminf(fmaf(s, float(BPU), kMagic), 8388608.0f + 2 * BPU);
+  uint32_t off;
+  if constexpr (BinLayout<BPU>::kPerLane)
+    off = (__float_as_uint(f) << 8) + lane8;  // bin * 256 + lane * 8: the exponent bits 0x4b shift out
+  else
+    off = (__float_as_uint(f) - 0x4b000000u) * uint32_t(sizeof(Bin));
   const Bin bin = *reinterpret_cast<const Bin*>(reinterpret_cast<const char*>(bins) + off);
   return (s > bin.mid ? bin.codes >> 4 : bin.codes) & 15u;
+}
+
+// Bins per unit for these midpoints: 16 when every gap exceeds 1/16 (NF4), else 512 (FP4: gaps >= 0.0052).
+inline int bins_per_unit(const QuantTables& tab) {
+  for (int i = 0; i + 1 < 15; ++i)
+    if (!(tab.mids[i + 1] - tab.mids[i] > 1.0f / 16)) return 512;
+  return 16;
 }
 
 // 8 elements as raw 16-bit words (two per uint32) or float32 values; the raw form keeps registers low.
@@ -113,7 +136,7 @@ __device__ __forceinline__ uint32_t chunk_absmax_bits(const Chunk8<T>& c) {
 // rereads each block (L1/L2) in the second pass.
 constexpr int kQuantThreads = 256;
 
-template <typename T, int BS, int P>
+template <typename T, int BS, int P, int BPU>
 __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const T* __restrict__ x, int64_t n, int64_t nblocks,
                                                                  QuantTables tab, bool identity, bool vec_ok,
                                                                  uint8_t* __restrict__ out, float* __restrict__ absmax) {
@@ -123,12 +146,13 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const T* __rest
   constexpr int BPC = kQuantThreads / G;  // blocks per CTA per step
   __shared__ float s_mids[16];
   __shared__ uint8_t s_enc[16];
-  __shared__ Bin s_bins[kBins];
+  __shared__ Bin s_bins[BinLayout<BPU>::kEntries];
   copy_table(s_mids, tab.mids);
   copy_table(s_enc, tab.enc);
   __syncthreads();
-  fill_bins(s_bins, s_mids, s_enc);
+  fill_bins<BPU>(s_bins, s_mids, s_enc);
   __syncthreads();
+  const uint32_t lane8 = (threadIdx.x % 32) * 8u;
 
   const int g = int(threadIdx.x % G);
   const int64_t nbytes = (n + 1) / 2;
@@ -178,8 +202,8 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const T* __rest
         if (!bn.tail) {  // full block: every element in range, scale by the reciprocal
 #pragma unroll
           for (int k = 0; k < 4; ++k) {
-            const uint32_t hi = code_of(bn.scale(chunk_at(t, 2 * k)), s_bins);
-            const uint32_t lo = code_of(bn.scale(chunk_at(t, 2 * k + 1)), s_bins);
+            const uint32_t hi = code_of<BPU>(bn.scale(chunk_at(t, 2 * k)), s_bins, lane8);
+            const uint32_t lo = code_of<BPU>(bn.scale(chunk_at(t, 2 * k + 1)), s_bins, lane8);
             word |= ((hi << 4) | lo) << (8 * k);
           }
           *reinterpret_cast<uint32_t*>(out + e0 / 2) = word;  // out is freshly allocated: 4-byte aligned
@@ -210,5 +234,43 @@ inline int64_t quantize_grid(int64_t nblocks, int64_t max_ctas) {
   const int64_t need = (nblocks + per_cta - 1) / per_cta;
   return max_ctas > 0 && need > max_ctas ? max_ctas : need;
 }
+
+// Blocks of up to 256 elements take P = 2 blocks per thread and step (two 16-byte loads in flight), larger
+// ones P = 1; the grid is what fits on the GPU at once (one wave) and strides beyond (tuned with
+// bench/cuda/sweep.cu: a capped grid of 16 CTAs per SM ran 2.67 waves, the last one partly idle).
+template <typename T>
+void launch_quantize_typed(const T* x, int64_t n, int blocksize, const QuantTables& tab, bool identity, bool vec_ok,
+                           uint8_t* out, float* absmax, cudaStream_t stream) {
+  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  const bool coarse = bins_per_unit(tab) == 16;
+  const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
+  auto go = [&](auto bs_tag) {
+    constexpr int BS = decltype(bs_tag)::value;
+    constexpr int P = BS <= 256 ? 2 : 1;
+    auto kernel = coarse ? quantize_kernel<T, BS, P, 16> : quantize_kernel<T, BS, P, 512>;
+    static const int per_sm[2] = {ctas_per_sm(quantize_kernel<T, BS, P, 512>, kQuantThreads),
+                                  ctas_per_sm(quantize_kernel<T, BS, P, 16>, kQuantThreads)};
+    kernel<<<quantize_grid<BS, P>(nblocks, per_sm[coarse] * sms), kQuantThreads, 0, stream>>>(x, n, nblocks, tab,
+                                                                                           identity, vec_ok, out, absmax);
+  };
+  switch (blocksize) {
+    case 32: go(std::integral_constant<int, 32>{}); break;
+    case 64: go(std::integral_constant<int, 64>{}); break;
+    case 128: go(std::integral_constant<int, 128>{}); break;
+    case 256: go(std::integral_constant<int, 256>{}); break;
+    case 512: go(std::integral_constant<int, 512>{}); break;
+    case 1024: go(std::integral_constant<int, 1024>{}); break;
+    case 2048: go(std::integral_constant<int, 2048>{}); break;
+    case 4096: go(std::integral_constant<int, 4096>{}); break;
+    default: break;  // validated by the caller
+  }
+}
+
+extern template void launch_quantize_typed<float>(const float*, int64_t, int, const QuantTables&, bool, bool, uint8_t*,
+                                                float*, cudaStream_t);
+extern template void launch_quantize_typed<__half>(const __half*, int64_t, int, const QuantTables&, bool, bool, uint8_t*,
+                                                 float*, cudaStream_t);
+extern template void launch_quantize_typed<__nv_bfloat16>(const __nv_bfloat16*, int64_t, int, const QuantTables&, bool,
+                                                        bool, uint8_t*, float*, cudaStream_t);
 
 }  // namespace fsdp4bit

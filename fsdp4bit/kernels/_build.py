@@ -29,6 +29,9 @@ CUDA_SOURCES = tuple(
     for name in (
         "bindings.cpp",
         "quantize.cu",
+        "quantize_f32.cu",
+        "quantize_f16.cu",
+        "quantize_bf16.cu",
         "dequantize.cu",
         "blockwise.cu",
         "gemv.cu",
@@ -36,10 +39,12 @@ CUDA_SOURCES = tuple(
         "gemv_f16.cu",
         "gemv_bf16.cu",
         "gemv_tma.cu",
+        "gemv_lut.cu",
     )
 )
 CUDA_HEADERS = tuple(
-    CSRC / "cuda" / h for h in ("common.cuh", "dequantize.cuh", "gemv.cuh", "gemv_tma.cuh", "quantize.cuh", "launch.h")
+    CSRC / "cuda" / h
+    for h in ("common.cuh", "dequantize.cuh", "gemv.cuh", "gemv_lut.cuh", "gemv_tma.cuh", "quantize.cuh", "launch.h")
 )
 
 # -ffp-contract=off: a fused multiply-add would round differently from the reference's separate ops.
