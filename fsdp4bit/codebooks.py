@@ -49,6 +49,12 @@ def _on_device(kind: str, device: torch.device) -> torch.Tensor:
     return (_dynamic_map_cpu() if kind == "dynamic" else _code_cpu(kind)).to(device)
 
 
+def shared_4bit_code(quant_type: str, device: torch.device | str) -> torch.Tensor:
+    """The cached code table of ``quant_type`` on ``device``, not copied: for kernels to read, never to hand out."""
+    check_quant_type(quant_type)
+    return _on_device(quant_type, torch.device(device))
+
+
 def get_4bit_code(quant_type: str, device: torch.device | str | None = None) -> torch.Tensor:
     """A fresh float32 tensor of the 16 code values of ``quant_type`` (index = 4-bit code)."""
     check_quant_type(quant_type)

@@ -313,8 +313,9 @@ static void sweep_gemv(double bw) {
 using DequantLaunch = void (*)(const GemvSet&, int64_t, int, cudaStream_t);
 
 static void dequant_call(const GemvSet& s, int64_t n, int, cudaStream_t st) {
-  const int64_t grid = ((n + 15) / 16 + 255) / 256;
-  dequantize_kernel<bf16, true><<<grid, 256, 0, st>>>(s.packed, n, nf4_code(), scales_of(s), 6, true, s.out);
+  static const float* code = upload(std::vector<float>(kNF4, kNF4 + 16));
+  dequantize_kernel<bf16, true><<<dequantize_grid(n), kDequantThreads, 0, st>>>(s.packed, n, code, scales_of(s), 6,
+                                                                                  true, s.out);
 }
 
 struct DequantVariant {

@@ -126,13 +126,14 @@ at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, c
   const FloatType ft = float_type(dtype, "dtype");
   const int log2bs = log2_blocksize(blocksize);
   check_packed(packed, numel, dev);
-  const Code16 c = make_code(code);
+  TORCH_CHECK(code.device() == dev && code.scalar_type() == at::kFloat && code.numel() == 16 && code.is_contiguous(),
+              "code must be a contiguous float32 tensor of 16 entries on the device of packed");
   const int64_t nblocks = (numel + blocksize - 1) / blocksize;
   const Scales sc = make_scales(absmax, nested_absmax, nested_code, offset, nblocks, nested_blocksize, dev);
   const c10::cuda::CUDAGuard guard(dev);
   auto out = at::empty({numel}, packed.options().dtype(dtype));
   if (numel == 0) return out;
-  launch_dequantize(packed.data_ptr<uint8_t>(), numel, c, sc, nested_absmax.has_value(), log2bs,
+  launch_dequantize(packed.data_ptr<uint8_t>(), numel, code.data_ptr<float>(), sc, nested_absmax.has_value(), log2bs,
                     aligned(packed.data_ptr(), 8), out.data_ptr(), ft, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

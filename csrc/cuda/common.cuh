@@ -96,6 +96,18 @@ __device__ __forceinline__ float block_scale(const Scales& sc, const float* s_nc
   }
 }
 
+// scale of block b with the nested code read through the read-only cache (1 KB, L1-resident)
+template <bool NESTED>
+__device__ __forceinline__ float block_scale_ldg(const Scales& sc, int64_t b) {
+  if constexpr (NESTED) {
+    return __fadd_rn(
+        __fmul_rn(__ldg(sc.nested_code + __ldg(sc.absmax_q + b)), __ldg(sc.nested_absmax + nested_block(sc, b))),
+        __ldg(sc.offset));
+  } else {
+    return __ldg(sc.absmax_f + b);
+  }
+}
+
 template <bool NESTED>
 __device__ __forceinline__ void load_scale_tables(const Scales& sc, float* s_ncode, float& off) {
   if constexpr (NESTED) {

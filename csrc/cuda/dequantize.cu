@@ -7,18 +7,18 @@ namespace fsdp4bit {
 namespace {
 
 template <typename T>
-void launch_typed(const uint8_t* packed, int64_t n, const Code16& code, const Scales& sc, bool nested, int log2bs,
+void launch_typed(const uint8_t* packed, int64_t n, const float* code, const Scales& sc, bool nested, int log2bs,
                   bool vec_ok, T* out, cudaStream_t stream) {
-  const int64_t grid = ((n + 15) / 16 + 255) / 256;
+  const int64_t grid = dequantize_grid(n);
   if (nested)
-    dequantize_kernel<T, true><<<grid, 256, 0, stream>>>(packed, n, code, sc, log2bs, vec_ok, out);
+    dequantize_kernel<T, true><<<grid, kDequantThreads, 0, stream>>>(packed, n, code, sc, log2bs, vec_ok, out);
   else
-    dequantize_kernel<T, false><<<grid, 256, 0, stream>>>(packed, n, code, sc, log2bs, vec_ok, out);
+    dequantize_kernel<T, false><<<grid, kDequantThreads, 0, stream>>>(packed, n, code, sc, log2bs, vec_ok, out);
 }
 
 }  // namespace
 
-void launch_dequantize(const uint8_t* packed, int64_t n, const Code16& code, const Scales& sc, bool nested, int log2bs,
+void launch_dequantize(const uint8_t* packed, int64_t n, const float* code, const Scales& sc, bool nested, int log2bs,
                        bool vec_ok, void* out, FloatType dtype, cudaStream_t stream) {
   switch (dtype) {
     case FloatType::kF32: launch_typed(packed, n, code, sc, nested, log2bs, vec_ok, static_cast<float*>(out), stream); break;

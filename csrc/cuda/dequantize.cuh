@@ -8,50 +8,56 @@
 
 namespace fsdp4bit {
 
-// 16 weights (8 packed bytes, inside one quantization block) -> 16 outputs, with 16-byte stores
-template <typename OutT>
-__device__ __forceinline__ void dequant_chunk(const float* s_code, uint2 raw, float scale, OutT* dst) {
-  const uint32_t w[2] = {raw.x, raw.y};
-  OutT vals[16];
-#pragma unroll
-  for (int k = 0; k < 8; ++k) {
-    const uint32_t byte = (w[k >> 2] >> (8 * (k & 3))) & 0xffu;
-    vals[2 * k] = from_f32<OutT>(__fmul_rn(s_code[byte >> 4], scale));
-    vals[2 * k + 1] = from_f32<OutT>(__fmul_rn(s_code[byte & 15], scale));
-  }
-  uint4* d = reinterpret_cast<uint4*>(dst);
-  const uint4* src = reinterpret_cast<const uint4*>(vals);
-#pragma unroll
-  for (int k = 0; k < int(16 * sizeof(OutT) / 16); ++k) d[k] = src[k];
+// The 16 code values live in the registers of a warp (lane i loads code[i % 16] from device memory: a
+// run-time index into a by-value table would copy it to local memory) and a lookup is a warp shuffle, so the
+// kernel needs no shared memory and no barrier: every thread's loads start at once (a shared table cost each
+// short-lived CTA a fill + barrier before its loads: 59.6 vs 53.9 us at 14336x4096 on H100). All 32 lanes
+// must reach every shuffle, so threads past the end decode zeros and store nothing.
+__device__ __forceinline__ float code_at(float lane_code, uint32_t nibble) {
+  return __shfl_sync(0xffffffffu, lane_code, int(nibble));
 }
 
 // ------------------------------------------------------------------------- dequantize
-// Each thread turns 8 packed bytes into 16 outputs (one quantization block: blocks are >= 32 elements
-// and chunks start at multiples of 16), with 16-byte stores.
+// Each thread turns 8 packed bytes into 16 outputs (one quantization block: blocks are >= 32 elements and
+// chunks start at multiples of 16), with 16-byte streaming (evict-first) stores: the output is written once
+// and read by the next kernel, and evict-first stores keep the write stream from churning L2 (another 2-5%).
+constexpr int kDequantThreads = 256;
+
 template <typename OutT, bool NESTED>
-__global__ void __launch_bounds__(256) dequantize_kernel(const uint8_t* __restrict__ packed, int64_t n, Code16 code,
-                                                         Scales sc, int log2bs, bool vec_ok, OutT* __restrict__ out) {
-  __shared__ float s_code[16];
-  __shared__ float s_ncode[NESTED ? 256 : 1];
-  float off = 0.0f;
-  copy_table(s_code, code.v);
-  load_scale_tables<NESTED>(sc, s_ncode, off);
-  __syncthreads();
-
-  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t e0 = t * 16;
-  if (e0 >= n) return;
-  const float scale = block_scale<NESTED>(sc, s_ncode, off, e0 >> log2bs);
-
-  if (vec_ok && e0 + 16 <= n) {
-    dequant_chunk(s_code, __ldcs(reinterpret_cast<const uint2*>(packed + e0 / 2)), scale, out + e0);
+__global__ void __launch_bounds__(kDequantThreads) dequantize_kernel(const uint8_t* __restrict__ packed, int64_t n,
+                                                                     const float* __restrict__ code, Scales sc,
+                                                                     int log2bs, bool vec_ok, OutT* __restrict__ out) {
+  const float lane_code = __ldg(code + threadIdx.x % 16);
+  const int64_t e0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * 16;
+  const bool full = vec_ok && e0 + 16 <= n;
+  uint2 raw = make_uint2(0u, 0u);
+  if (full) {
+    raw = __ldcs(reinterpret_cast<const uint2*>(packed + e0 / 2));
   } else {
-    for (int64_t e = e0; e < e0 + 16 && e < n; ++e) {
-      const uint8_t byte = packed[e / 2];
-      const int nib = (e & 1) ? (byte & 15) : (byte >> 4);
-      out[e] = from_f32<OutT>(__fmul_rn(s_code[nib], scale));
-    }
+    for (int k = 0; k < 8 && e0 + 2 * k < n; ++k)  // unaligned packed or the short tail: byte by byte
+      (k < 4 ? raw.x : raw.y) |= uint32_t(packed[e0 / 2 + k]) << (8 * (k & 3));
+  }
+  const float scale = e0 < n ? block_scale_ldg<NESTED>(sc, e0 >> log2bs) : 0.0f;
+
+  OutT vals[16];
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    const uint32_t byte = ((k < 4 ? raw.x : raw.y) >> (8 * (k & 3))) & 0xffu;
+    vals[2 * k] = from_f32<OutT>(__fmul_rn(code_at(lane_code, byte >> 4), scale));
+    vals[2 * k + 1] = from_f32<OutT>(__fmul_rn(code_at(lane_code, byte & 15), scale));
+  }
+  if (full) {
+    uint4* d = reinterpret_cast<uint4*>(out + e0);
+#pragma unroll
+    for (int k = 0; k < int(16 * sizeof(OutT) / 16); ++k) __stcs(d + k, reinterpret_cast<const uint4*>(vals)[k]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+      if (e0 + j < n) out[e0 + j] = vals[j];
   }
 }
+
+// Grid for the kernel above: one thread per 16 elements.
+inline int64_t dequantize_grid(int64_t n) { return ((n + 15) / 16 + kDequantThreads - 1) / kDequantThreads; }
 
 }  // namespace fsdp4bit

@@ -204,7 +204,7 @@ inline int gemv_lut_kparts(int warps, int rows, int64_t N, int64_t K, int64_t ct
   const int64_t tiles = (K / 32 + 31) / 32;
   int best = 1;
   double best_eff = 0.0;
-  for (int kp = 1; kp <= warps && kp <= tiles; kp *= 2) {
+  for (int kp = 1; kp <= warps && kp <= tiles && warps % kp == 0; kp *= 2) {
     const int64_t step_rows = int64_t(warps / kp) * rows;
     const int64_t waves = ((N + step_rows - 1) / step_rows + ctas - 1) / ctas;
     const double eff = double(N) / double(waves * ctas * step_rows) * double(tiles) / double(kp * ((tiles + kp - 1) / kp));

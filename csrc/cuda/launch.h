@@ -32,7 +32,8 @@ struct Scales {
 
 void launch_quantize(const void* x, FloatType dtype, int64_t n, int blocksize, const QuantTables& tab, bool identity,
                      bool vec_ok, uint8_t* out, float* absmax, cudaStream_t stream);
-void launch_dequantize(const uint8_t* packed, int64_t n, const Code16& code, const Scales& sc, bool nested, int log2bs,
+// `code`: the 16 code values in device memory
+void launch_dequantize(const uint8_t* packed, int64_t n, const float* code, const Scales& sc, bool nested, int log2bs,
                        bool vec_ok, void* out, FloatType dtype, cudaStream_t stream);
 void launch_gemv(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code, const Scales& sc, bool nested,
                  int log2bs, int64_t M, int64_t N, int64_t K, void* out, cudaStream_t stream);

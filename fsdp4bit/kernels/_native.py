@@ -14,7 +14,14 @@ from types import ModuleType
 
 import torch
 
-from ..codebooks import check_blocksize, check_float_dtype, check_quant_type, get_4bit_code, quantize_bounds
+from ..codebooks import (
+    check_blocksize,
+    check_float_dtype,
+    check_quant_type,
+    get_4bit_code,
+    quantize_bounds,
+    shared_4bit_code,
+)
 
 # Fused gemv serves up to this many rows of A; more rows go through dequantize + torch matmul.
 CPU_GEMV_MAX_ROWS = 16
@@ -155,9 +162,10 @@ class NativeOps:
         check_quant_type(quant_type)
         check_blocksize(blocksize)
         check_float_dtype(dtype, "dtype")
-        _, _, code = _tables(quant_type)
         numel = math.prod(shape)
         flat_packed = _flat_bytes(packed)
+        # the CUDA kernel reads the code from device memory (each lane loads one entry), the CPU one by value
+        code = _tables(quant_type)[2] if self.device_type == "cpu" else shared_4bit_code(quant_type, flat_packed.device)
         _check_state(flat_packed, absmax, nested_absmax, nested_code, offset, numel, blocksize, nested_blocksize)
         flat = self.ext.dequantize_4bit(
             flat_packed,
