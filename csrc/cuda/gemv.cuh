@@ -1,4 +1,6 @@
-// Fused 4-bit gemv for 1 to 8 rows of A: out = A @ W.T with W (N, K) 4-bit, float32 accumulation.
+// Fused 4-bit gemv for 1 to 8 rows of A: out = A @ W.T with W (N, K) 4-bit, float32 accumulation. The CUDA-core
+// kernel for what the faster ones do not take (gemv.cu picks): float32 A, 2-3 tokens, and 1 or 4-8 tokens whose
+// shape or GPU rules out the pair-table (gemv_lut.cuh) or tensor-core (gemv_tma.cuh) kernel.
 // Instantiated once per A dtype (gemv_f32.cu, gemv_f16.cu, gemv_bf16.cu) so ninja compiles them in parallel.
 #pragma once
 
