@@ -12,6 +12,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 
@@ -35,6 +36,18 @@ inline int device_attribute(cudaDeviceAttr attr) {
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&value, attr, device);
   return value;
+}
+
+// Lets `kernel` use up to `bytes` of dynamic shared memory (past the 48 KB default) on the current device. The
+// attribute is per device: `devices_done` (one per kernel, kept by the caller) records where it is set.
+template <typename Kernel>
+inline void allow_dynamic_smem(Kernel kernel, int bytes, std::atomic<uint64_t>& devices_done) {
+  int dev = 0;
+  cudaGetDevice(&dev);
+  const uint64_t bit = uint64_t(1) << (dev & 63);
+  if (devices_done.load() & bit) return;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  devices_done.fetch_or(bit);
 }
 
 // CTAs of `kernel` resident on one SM at once (at least 1)
@@ -86,11 +99,16 @@ __device__ __forceinline__ int64_t nested_block(const Scales& sc, int64_t b) {
   return sc.nested_log2 >= 0 ? b >> sc.nested_log2 : b / sc.nested_bs;
 }
 
+// double quant's float32 block scale: nested_code[q] * nested_absmax + offset, rounded as the reference does
+__device__ __forceinline__ float nested_scale(float code_q, float nested_absmax, float offset) {
+  return __fadd_rn(__fmul_rn(code_q, nested_absmax), offset);
+}
+
 // scale of block b; `s_ncode` is the nested code in shared memory and `off` the offset (when nested)
 template <bool NESTED>
 __device__ __forceinline__ float block_scale(const Scales& sc, const float* s_ncode, float off, int64_t b) {
   if constexpr (NESTED) {
-    return __fadd_rn(__fmul_rn(s_ncode[sc.absmax_q[b]], __ldg(sc.nested_absmax + nested_block(sc, b))), off);
+    return nested_scale(s_ncode[sc.absmax_q[b]], __ldg(sc.nested_absmax + nested_block(sc, b)), off);
   } else {
     return __ldg(sc.absmax_f + b);
   }
@@ -100,9 +118,8 @@ __device__ __forceinline__ float block_scale(const Scales& sc, const float* s_nc
 template <bool NESTED>
 __device__ __forceinline__ float block_scale_ldg(const Scales& sc, int64_t b) {
   if constexpr (NESTED) {
-    return __fadd_rn(
-        __fmul_rn(__ldg(sc.nested_code + __ldg(sc.absmax_q + b)), __ldg(sc.nested_absmax + nested_block(sc, b))),
-        __ldg(sc.offset));
+    return nested_scale(__ldg(sc.nested_code + __ldg(sc.absmax_q + b)), __ldg(sc.nested_absmax + nested_block(sc, b)),
+                        __ldg(sc.offset));
   } else {
     return __ldg(sc.absmax_f + b);
   }

@@ -165,7 +165,7 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS >= 16 ? 1 : 16 / WARPS)
 #pragma unroll
         for (int r = 0; r < R; ++r) {
           if constexpr (NESTED)
-            scale[r] = __fadd_rn(__fmul_rn(s_ncode[cur.q[r]], cur.s[r]), off);
+            scale[r] = nested_scale(s_ncode[cur.q[r]], cur.s[r], off);
           else
             scale[r] = cur.s[r];
         }
@@ -218,15 +218,8 @@ template <typename AT, int R, int WARPS, bool F16>
 void launch_gemv_lut(const AT* a, const uint8_t* p, const Code16& c, const Scales& sc, bool nested, int log2bs,
                      int64_t N, int64_t K, AT* o, cudaStream_t stream) {
   auto kernel = nested ? gemv_lut_kernel<AT, R, WARPS, true, F16> : gemv_lut_kernel<AT, R, WARPS, false, F16>;
-  static std::atomic<uint64_t> configured[2] = {0, 0};  // devices whose kernels allow the large dynamic smem
-  int dev = 0;
-  cudaGetDevice(&dev);
-  const uint64_t bit = uint64_t(1) << (dev & 63);
-  if (!(configured[nested].load() & bit)) {
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
-    configured[nested].fetch_or(bit);
-  }
+  static std::atomic<uint64_t> configured[2] = {0, 0};  // per kernel: devices where its smem limit is raised
+  allow_dynamic_smem(kernel, device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin), configured[nested]);
   const size_t smem = gemv_lut_smem(K);
   const int64_t ctas = one_wave(kernel, WARPS * 32, smem);
   const int kparts = gemv_lut_kparts(WARPS, R, N, K, ctas);

@@ -194,7 +194,7 @@ __global__ void __launch_bounds__((WARPS + 1) * 32, 2) gemv_tma_kernel(const AT*
 #pragma unroll
       for (int k = 0; k < PER; ++k) {
         float v = a[k];
-        if constexpr (NESTED) v = __fadd_rn(__fmul_rn(s_ncode[qv[k]], a[k]), off);
+        if constexpr (NESTED) v = nested_scale(s_ncode[qv[k]], a[k], off);
         s_scale[stage][i0 + 2 * k][r] = i0 + 2 * k < cspans ? v : 0.0f;
       }
       mbar_arrive(&full[stage]);
@@ -276,26 +276,14 @@ template <typename AT, int WARPS, int CSPANS, int STAGES>
 void launch_gemv_tma(const AT* a, const uint8_t* p, const Code16& c, const Scales& sc, bool nested, int log2bs, int M,
                      int64_t N, int64_t K, AT* o, int ctas_per_sm, cudaStream_t stream) {
   using L = GemvTmaLayout<CSPANS, STAGES>;
-  static std::atomic<uint64_t> configured{0};  // devices whose kernels allow the large dynamic shared memory
-  int dev = 0;
-  cudaGetDevice(&dev);
+  auto kernel =
+      nested ? gemv_tma_kernel<AT, WARPS, CSPANS, STAGES, true> : gemv_tma_kernel<AT, WARPS, CSPANS, STAGES, false>;
+  static std::atomic<uint64_t> configured[2] = {0, 0};  // per kernel: devices where its smem limit is raised
+  allow_dynamic_smem(kernel, int(L::kSmem), configured[nested]);
   const int64_t tiles = (N + L::kRows - 1) / L::kRows;
   const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
   const unsigned grid = unsigned(std::min<int64_t>(tiles, sms * ctas_per_sm));
-  constexpr size_t smem = L::kSmem;
-  const uint64_t bit = uint64_t(1) << (dev & 63);
-  if (!(configured.load() & bit)) {
-    cudaFuncSetAttribute(gemv_tma_kernel<AT, WARPS, CSPANS, STAGES, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         int(smem));
-    cudaFuncSetAttribute(gemv_tma_kernel<AT, WARPS, CSPANS, STAGES, false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         int(smem));
-    configured.fetch_or(bit);
-  }
-  if (nested)
-    gemv_tma_kernel<AT, WARPS, CSPANS, STAGES, true><<<grid, (WARPS + 1) * 32, smem, stream>>>(a, p, c, sc, log2bs, M, N, K, o);
-  else
-    gemv_tma_kernel<AT, WARPS, CSPANS, STAGES, false><<<grid, (WARPS + 1) * 32, smem, stream>>>(a, p, c, sc, log2bs, M, N, K,
-                                                                                              o);
+  kernel<<<grid, (WARPS + 1) * 32, L::kSmem, stream>>>(a, p, c, sc, log2bs, M, N, K, o);
 }
 
 // Whether the tensor-core gemv takes this call (fp16/bf16 A, 4..8 tokens, blocksize >= 64, K % 64 == 0, sm_90+);
