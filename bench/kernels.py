@@ -120,7 +120,7 @@ def bench_gpu(shapes) -> dict:
         Ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]
         states = []
         for W in Ws:
-            packed, absmax = native.quantize_4bit(W, BS, QT)
+            packed, absmax, _ = native.quantize_4bit(W, BS, QT)
             states.append((packed, *double_quant(absmax)))
         xs = [torch.randn(1, K, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]
         nb = n // BS

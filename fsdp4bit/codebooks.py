@@ -88,6 +88,11 @@ def _dynamic_map_cpu() -> torch.Tensor:
     return torch.tensor(data, dtype=torch.float32)
 
 
+def shared_dynamic_map(device: torch.device | str) -> torch.Tensor:
+    """The cached dynamic map on ``device``, not copied: for kernels to read, never to hand out."""
+    return _on_device("dynamic", torch.device(device))
+
+
 def get_dynamic_map(device: torch.device | str | None = None) -> torch.Tensor:
     """A fresh float32 copy of the 256-entry dynamic map."""
     return _on_device("dynamic", torch.device(device or "cpu")).clone()

@@ -14,6 +14,7 @@ from .codebooks import (
     check_quant_type,
     get_4bit_code,
     get_dynamic_map,
+    shared_dynamic_map,
 )
 from .quant_state import QuantState
 from .tensor_ops import plain
@@ -92,16 +93,17 @@ def quantize_4bit(
     check_blocksize(blocksize)
     check_quant_type(quant_type)
     check_quant_storage(quant_storage)
-    packed, stats = ops.quantize_4bit(A, blocksize, quant_type)
+    packed, stats, code = ops.quantize_4bit(A, blocksize, quant_type)
     itemsize = quant_storage.itemsize
     if packed.numel() % itemsize:
         packed = torch.nn.functional.pad(packed, (0, itemsize - packed.numel() % itemsize))
     packed = packed.view(quant_storage).unsqueeze(1)
-    code = get_4bit_code(quant_type, A.device)
     if compress_statistics:
-        # offset = stats.mean(), then quantize_blockwise(stats - offset, dynamic map, 256): one fused op
-        nested_code = get_dynamic_map(A.device)
-        offset, qabsmax, nested_absmax = ops.double_quant(stats, nested_code, NESTED_BLOCKSIZE)
+        # offset = stats.mean(), then quantize_blockwise(stats - offset, dynamic map, 256): one fused op; the
+        # state owns the fresh copy of the map it returns (the cached map is never handed out)
+        offset, qabsmax, nested_absmax, nested_code = ops.double_quant(
+            stats, shared_dynamic_map(A.device), NESTED_BLOCKSIZE
+        )
         state2 = QuantState(absmax=nested_absmax, code=nested_code, blocksize=NESTED_BLOCKSIZE, dtype=stats.dtype)
         state = QuantState(qabsmax, A.shape, code, blocksize, quant_type, A.dtype, offset, state2)
     else:

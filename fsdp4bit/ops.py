@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from . import kernels, reference
+from .codebooks import get_4bit_code
 
 _LIB = "fsdp4bit"
 # Row counts up to this take the gemv kernel.
@@ -34,30 +35,39 @@ def _eager_direct(*tensors: torch.Tensor | None) -> bool:
     return all(t is None or type(t) is torch.Tensor for t in tensors)
 
 
-def _quantize_4bit_impl(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+Quantized = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _quantize_4bit_impl(A: torch.Tensor, blocksize: int, quant_type: str) -> Quantized:
     native = kernels.native_for(A.device)
     if native is not None:
         return native.quantize_4bit(A.contiguous(), blocksize, quant_type)
-    return reference.quantize_4bit(A, blocksize, quant_type)
+    return (*reference.quantize_4bit(A, blocksize, quant_type), get_4bit_code(quant_type, A.device))
 
 
-def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flatten ``A`` and quantize it: (packed uint8 [ceil(n/2)], float32 absmax [ceil(n/blocksize)])."""
+def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str) -> Quantized:
+    """Flatten ``A`` and quantize it: (packed uint8 [ceil(n/2)], float32 absmax [ceil(n/blocksize)], a fresh
+    copy of the 16-entry code on A's device: the QuantState's own table, written by the CUDA kernel itself
+    so no copy kernel runs)."""
     if _eager_direct(A):
         return _quantize_4bit_impl(A, blocksize, quant_type)
     return _quantize_4bit_op(A, blocksize, quant_type)
 
 
 @torch.library.custom_op(f"{_LIB}::quantize_4bit", mutates_args=())
-def _quantize_4bit_op(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flatten ``A`` and quantize it: (packed uint8 [ceil(n/2)], float32 absmax [ceil(n/blocksize)])."""
+def _quantize_4bit_op(A: torch.Tensor, blocksize: int, quant_type: str) -> Quantized:
+    """Flatten ``A`` and quantize it: (packed uint8, float32 absmax, code copy); see :func:`quantize_4bit`."""
     return _quantize_4bit_impl(A, blocksize, quant_type)
 
 
 @_quantize_4bit_op.register_fake
-def _(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _(A: torch.Tensor, blocksize: int, quant_type: str) -> Quantized:
     n = A.numel()
-    return A.new_empty((n + 1) // 2, dtype=torch.uint8), A.new_empty(math.ceil(n / blocksize), dtype=torch.float32)
+    return (
+        A.new_empty((n + 1) // 2, dtype=torch.uint8),
+        A.new_empty(math.ceil(n / blocksize), dtype=torch.float32),
+        A.new_empty(16, dtype=torch.float32),
+    )
 
 
 def _blockwise_native(A: torch.Tensor, code: torch.Tensor, blocksize: int):
@@ -93,24 +103,25 @@ def _(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor
     return A.new_empty(n, dtype=torch.uint8), A.new_empty(math.ceil(n / blocksize), dtype=torch.float32)
 
 
-def _double_quant_impl(
-    absmax: torch.Tensor, code: torch.Tensor, blocksize: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+DoubleQuant = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _double_quant_impl(absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> DoubleQuant:
     native = _blockwise_native(absmax, code, blocksize) if absmax.dtype == torch.float32 else None
     if native is not None:  # offset from torch's own mean inside the extension: bit-identical to absmax.mean()
         return native.double_quant(absmax, code, blocksize)
     offset = absmax.mean()
-    return (offset, *reference.quantize_blockwise(absmax - offset, code, blocksize))
+    return (offset, *reference.quantize_blockwise(absmax - offset, code, blocksize), code.clone())
 
 
-def double_quant(
-    absmax: torch.Tensor, code: torch.Tensor, blocksize: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """bitsandbytes' double quantization of a float32 absmax: (offset, uint8 codes, float32 nested absmax).
+def double_quant(absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> DoubleQuant:
+    """bitsandbytes' double quantization of a float32 absmax: (offset, uint8 codes, float32 nested absmax,
+    a fresh copy of ``code`` for the nested QuantState to own).
 
     offset = absmax.mean() (0-dim), then 8-bit blockwise quantization of ``absmax - offset`` against
     ``code``, exactly ``reference.quantize_blockwise(absmax - offset, code, blocksize)``. The native path
-    fuses the subtraction and quantization into one kernel (the unfused path is ~25 small ops).
+    fuses the subtraction and quantization into one kernel (the unfused path is ~25 small ops), which also
+    writes the copy of ``code``.
     """
     if _eager_direct(absmax, code):
         return _double_quant_impl(absmax, code, blocksize)
@@ -118,20 +129,19 @@ def double_quant(
 
 
 @torch.library.custom_op(f"{_LIB}::double_quant", mutates_args=())
-def _double_quant_op(
-    absmax: torch.Tensor, code: torch.Tensor, blocksize: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(offset, uint8 codes, float32 nested absmax) of a float32 absmax; see :func:`double_quant`."""
+def _double_quant_op(absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> DoubleQuant:
+    """(offset, uint8 codes, float32 nested absmax, code copy) of a float32 absmax; see :func:`double_quant`."""
     return _double_quant_impl(absmax, code, blocksize)
 
 
 @_double_quant_op.register_fake
-def _(absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _(absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> DoubleQuant:
     n = absmax.numel()
     return (
         absmax.new_empty((), dtype=torch.float32),
         absmax.new_empty(n, dtype=torch.uint8),
         absmax.new_empty(math.ceil(n / blocksize), dtype=torch.float32),
+        torch.empty_like(code),
     )
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fsdp4bit import kernels, reference
-from fsdp4bit.codebooks import BLOCKSIZES, get_dynamic_map, quantize_bounds
+from fsdp4bit.codebooks import BLOCKSIZES, get_4bit_code, get_dynamic_map, quantize_bounds, shared_4bit_code
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 QUANT_TYPES = ("nf4", "fp4")
@@ -78,8 +78,10 @@ def _same_float_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _assert_quantize_equal(ops, x: torch.Tensor, blocksize: int, qt: str) -> None:
-    packed, absmax = ops.quantize_4bit(x, blocksize, qt)
+    packed, absmax, code = ops.quantize_4bit(x, blocksize, qt)
     ref_packed, ref_absmax = reference.quantize_4bit(x, blocksize, qt)
+    assert code.device == x.device and torch.equal(code.cpu(), get_4bit_code(qt)), "code copy differs"
+    assert code.data_ptr() != shared_4bit_code(qt, x.device).data_ptr(), "code must be a fresh tensor"
     assert packed.dtype == torch.uint8 and packed.shape == ((x.numel() + 1) // 2,)
     assert absmax.dtype == torch.float32 and absmax.shape == (math.ceil(x.numel() / blocksize),)
     if not torch.equal(packed, ref_packed):
@@ -157,7 +159,7 @@ def test_dequantize_bit_exact(native, qt, blocksize, nested):
 def test_dequantize_roundtrip_matches_reference_ops(native):
     ops, device = native
     x = torch.randn(4096 + 33, generator=_gen(5)).to(device, torch.bfloat16)
-    packed, absmax = ops.quantize_4bit(x, 64, "nf4")
+    packed, absmax, _ = ops.quantize_4bit(x, 64, "nf4")
     out = ops.dequantize_4bit(packed, absmax, None, None, None, 64, 256, "nf4", x.shape, torch.bfloat16)
     ref = reference.dequantize_4bit(*reference.quantize_4bit(x, 64, "nf4"), 64, "nf4", x.numel(), torch.bfloat16)
     assert _same_float_bits(out, ref)
@@ -260,7 +262,7 @@ def test_bad_arguments(native):
         ops.quantize_4bit(x, 64, "int4")
     with pytest.raises(ValueError, match="A.dtype"):
         ops.quantize_4bit(x.to(torch.int32), 64, "nf4")
-    packed, absmax = ops.quantize_4bit(x, 64, "nf4")
+    packed, absmax, _ = ops.quantize_4bit(x, 64, "nf4")
     with pytest.raises(ValueError, match="dtype"):
         ops.dequantize_4bit(packed, absmax, None, None, None, 64, 256, "nf4", (64,), torch.int8)
     with pytest.raises(ValueError, match="packed has"):
@@ -342,13 +344,14 @@ def test_double_quant_matches_unfused_path(native, monkeypatch):
     code = get_dynamic_map(device)
     for n in (1, 255, 256, 3584, 917504 // 64 + 13):
         absmax = (torch.rand(n, generator=_gen(n)) * 0.2).to(device)
-        offset, q, nested = fops.double_quant(absmax, code, 256)
+        offset, q, nested, code_copy = fops.double_quant(absmax, code, 256)
         ref_offset = absmax.mean()
         ref_q, ref_nested = reference.quantize_blockwise(absmax - ref_offset, code, 256)
         assert offset.shape == () and _same_float_bits(offset, ref_offset)
         assert torch.equal(q, ref_q) and _same_float_bits(nested, ref_nested), f"n={n}"
+        assert torch.equal(code_copy, code) and code_copy.data_ptr() != code.data_ptr()
         op_out = torch.ops.fsdp4bit.double_quant(absmax, code, 256)  # the dispatcher path
-        assert torch.equal(op_out[1], q) and _same_float_bits(op_out[2], nested)
+        assert torch.equal(op_out[1], q) and _same_float_bits(op_out[2], nested) and torch.equal(op_out[3], code)
     w = torch.randn(300, 257, generator=_gen(3)).to(device, torch.bfloat16)
     packed, state = functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
     monkeypatch.setenv("FSDP4BIT_NO_NATIVE", "1")
@@ -357,6 +360,25 @@ def test_double_quant_matches_unfused_path(native, monkeypatch):
     assert _same_float_bits(state.offset, ref_state.offset)
     assert _same_float_bits(state.state2.absmax, ref_state.state2.absmax)
     assert state.state2.blocksize == ref_state.state2.blocksize and state.state2.dtype == ref_state.state2.dtype
+
+
+def test_quant_states_own_their_code_tables(native):
+    """Each QuantState gets its own code tensors (sharding copies into them in place): never the cached tables."""
+    from fsdp4bit import functional
+
+    _, device = native
+    w = torch.randn(64, 96, generator=_gen(4)).to(device, torch.bfloat16)
+    _, s1 = functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    _, s2 = functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    for s in (s1, s2):
+        assert s.code.device == w.device and torch.equal(s.code.cpu(), get_4bit_code("nf4"))
+        assert torch.equal(s.state2.code.cpu(), get_dynamic_map())
+    s1.code.add_(1.0)
+    s1.state2.code.mul_(2.0)
+    assert torch.equal(s2.code.cpu(), get_4bit_code("nf4")) and torch.equal(s2.state2.code.cpu(), get_dynamic_map())
+    assert torch.equal(shared_4bit_code("nf4", device).cpu(), get_4bit_code("nf4"))
+    _, s3 = functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    assert torch.equal(s3.code.cpu(), get_4bit_code("nf4")) and torch.equal(s3.state2.code.cpu(), get_dynamic_map())
 
 
 def test_quantize_blockwise_bad_arguments(native):

@@ -388,7 +388,7 @@ struct QTab {
 };
 
 static QuantTables nf4_tables() {
-  QuantTables t;
+  QuantTables t{};  // code_out null: the sweep wants no code copy
   for (int i = 0; i < 15; ++i) t.mids[i] = (kNF4[i] + kNF4[i + 1]) / 2.0f;
   t.mids[15] = 2.0f;
   for (int i = 0; i < 16; ++i) t.enc[i] = uint8_t(i);
@@ -401,7 +401,7 @@ static QuantTables fp4_tables() {
                           0.1666666716337204f, 0.25f, -0.0f, -0.0052083334885537624f, -0.6666666865348816f, -1.0f,
                           -0.3333333432674408f, -0.5f, -0.1666666716337204f, -0.25f};
   const uint8_t order[16] = {11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3};
-  QuantTables t;
+  QuantTables t{};  // code_out null: the sweep wants no code copy
   for (int i = 0; i < 15; ++i) t.mids[i] = (code[order[i]] + code[order[i + 1]]) / 2.0f;
   t.mids[15] = 2.0f;
   for (int i = 0; i < 16; ++i) t.enc[i] = order[i];

@@ -389,16 +389,20 @@ void check_packed(const torch::Tensor& packed, int64_t n) {
 }
 
 // ---------------------------------------------------------------- entry points
-std::tuple<torch::Tensor, torch::Tensor> quantize_4bit(const torch::Tensor& A, int64_t blocksize,
-                                                       const torch::Tensor& mids, const torch::Tensor& enc) {
+// (packed, absmax, a fresh copy of `code`: the QuantState's own table, as the CUDA extension returns it)
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_4bit(const torch::Tensor& A, int64_t blocksize,
+                                                                      const torch::Tensor& mids,
+                                                                      const torch::Tensor& enc,
+                                                                      const torch::Tensor& code) {
   TORCH_CHECK(A.device().is_cpu(), "A must be on the CPU");
   TORCH_CHECK(A.is_contiguous(), "A must be contiguous");
   check_blocksize(blocksize, "blocksize");
+  check_code(code);
   const QuantTables tab = make_tables(mids, enc);
   const int64_t n = A.numel();
   auto packed = torch::empty({(n + 1) / 2}, A.options().dtype(torch::kUInt8));
   auto absmax = torch::empty({(n + blocksize - 1) / blocksize}, A.options().dtype(torch::kFloat32));
-  if (n == 0) return {packed, absmax};
+  if (n == 0) return {packed, absmax, code.clone()};
   advise_huge_pages(packed.data_ptr(), packed.nbytes());
   uint8_t* o = packed.data_ptr<uint8_t>();
   float* am = absmax.data_ptr<float>();
@@ -408,7 +412,7 @@ std::tuple<torch::Tensor, torch::Tensor> quantize_4bit(const torch::Tensor& A, i
     case torch::kFloat16: quantize_impl(A.data_ptr<c10::Half>(), n, blocksize, tab, o, am); break;
     default: TORCH_CHECK(false, "A must be float16, bfloat16 or float32, got ", A.scalar_type());
   }
-  return {packed, absmax};
+  return {packed, absmax, code.clone()};
 }
 
 torch::Tensor dequantize_4bit(const torch::Tensor& packed, const torch::Tensor& absmax,
@@ -485,24 +489,25 @@ std::tuple<torch::Tensor, torch::Tensor> quantize_blockwise(const torch::Tensor&
 }
 
 // Double quant of a float32 absmax: offset = A.mean() (torch's own reduction, so bit-identical to
-// absmax.mean() in Python), then the 8-bit quantization of A - offset.
-std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> double_quant(const torch::Tensor& A, const torch::Tensor& code,
-                                                                     int64_t blocksize) {
+// absmax.mean() in Python), then the 8-bit quantization of A - offset; last, a fresh copy of `code`.
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> double_quant(const torch::Tensor& A,
+                                                                                    const torch::Tensor& code,
+                                                                                    int64_t blocksize) {
   TORCH_CHECK_TYPE(A.scalar_type() == torch::kFloat32, "A must be float32, got ", A.scalar_type());
   auto offset = A.mean();
   auto [q, absmax] = quantize_blockwise(A, code, blocksize, offset);
-  return {offset, q, absmax};
+  return {offset, q, absmax, code.clone()};
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fsdp4bit CPU kernels (blockwise 4-bit quantize, dequantize, fused gemv)";
-  m.def("quantize_4bit", &quantize_4bit, "blockwise 4-bit quantize -> (packed uint8, float32 absmax)");
+  m.def("quantize_4bit", &quantize_4bit, "blockwise 4-bit quantize -> (packed uint8, float32 absmax, copy of code)");
   m.def("dequantize_4bit", &dequantize_4bit, "blockwise 4-bit dequantize -> flat tensor of numel in dtype");
   m.def("quantize_blockwise", &quantize_blockwise,
         "8-bit blockwise quantize of float32 A - offset against a 256-entry code -> (uint8 codes, float32 absmax)");
   m.def("double_quant", &double_quant,
-        "double quant of a float32 absmax -> (offset = mean, uint8 codes, float32 nested absmax)");
+        "double quant of a float32 absmax -> (offset = mean, uint8 codes, float32 nested absmax, copy of code)");
   m.def("gemv_4bit", &gemv_4bit, "A (M, K) @ W(N, K).T with W 4-bit -> (M, N) in A's dtype");
 }

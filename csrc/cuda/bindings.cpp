@@ -86,8 +86,10 @@ void check_packed(const at::Tensor& packed, int64_t n, const at::Device& dev) {
   TORCH_CHECK(packed.numel() >= (n + 1) / 2, "packed has ", packed.numel(), " bytes, need ", (n + 1) / 2);
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_4bit(const at::Tensor& A, int64_t blocksize, const at::Tensor& mids,
-                                                 const at::Tensor& enc) {
+// Returns (packed, absmax, a fresh device copy of `code` written by the kernel: the QuantState's own table).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_4bit(const at::Tensor& A, int64_t blocksize,
+                                                             const at::Tensor& mids, const at::Tensor& enc,
+                                                             const at::Tensor& code) {
   TORCH_CHECK(A.is_cuda(), "A must be a CUDA tensor");
   TORCH_CHECK(A.is_contiguous(), "A must be contiguous");
   const FloatType ft = float_type(A.scalar_type(), "A");
@@ -105,15 +107,20 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit(const at::Tensor& A, int64_t bl
     TORCH_CHECK(tab.enc[i] < 16, "enc entries must be < 16");
     identity = identity && tab.enc[i] == i;
   }
+  TORCH_CHECK(code.device().is_cpu() && code.scalar_type() == at::kFloat && code.numel() == 16,
+              "code must be a CPU float32 tensor of 16 entries");
+  std::memcpy(tab.code, code.contiguous().data_ptr<float>(), sizeof(tab.code));
   const c10::cuda::CUDAGuard guard(A.device());
   const int64_t n = A.numel();
   auto packed = at::empty({(n + 1) / 2}, A.options().dtype(at::kByte));
   auto absmax = at::empty({(n + blocksize - 1) / blocksize}, A.options().dtype(at::kFloat));
-  if (n == 0) return {packed, absmax};
+  auto code_out = at::empty({16}, A.options().dtype(at::kFloat));
+  tab.code_out = code_out.data_ptr<float>();
+  if (n == 0) return {packed, absmax, code.to(A.device())};
   launch_quantize(A.data_ptr(), ft, n, int(blocksize), tab, identity, aligned(A.data_ptr(), 16),
                   packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {packed, absmax};
+  return {packed, absmax, code_out};
 }
 
 at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
@@ -168,8 +175,9 @@ at::Tensor gemv_4bit(const at::Tensor& A, const at::Tensor& packed, const at::Te
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& A, const at::Tensor& code, int64_t blocksize,
-                                                      const std::optional<at::Tensor>& offset) {
+// (codes, absmax); a copy of `code` goes to `code_out` when it is given (a 256-entry float32 tensor on A's device).
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise_into(const at::Tensor& A, const at::Tensor& code, int64_t blocksize,
+                                                           const std::optional<at::Tensor>& offset, float* code_out) {
   TORCH_CHECK(A.is_cuda(), "A must be a CUDA tensor");
   const at::Device dev = A.device();
   TORCH_CHECK_TYPE(A.scalar_type() == at::kFloat, "A must be float32, got ", A.scalar_type());
@@ -191,21 +199,29 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& A, const
   if (n == 0) return {q, absmax};
   launch_quantize_blockwise(A.data_ptr<float>(), n, blocksize, code.data_ptr<float>(),
                             offset.has_value() ? offset->data_ptr<float>() : nullptr, q.data_ptr<uint8_t>(),
-                            absmax.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
+                            absmax.data_ptr<float>(), code_out, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {q, absmax};
 }
 
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& A, const at::Tensor& code, int64_t blocksize,
+                                                      const std::optional<at::Tensor>& offset) {
+  return quantize_blockwise_into(A, code, blocksize, offset, nullptr);
+}
+
 // Double quant of a float32 absmax: offset = A.mean() (torch's own reduction, so bit-identical to
-// absmax.mean() in Python), then the fused 8-bit quantization of A - offset. Saves the Python round trips.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> double_quant(const at::Tensor& A, const at::Tensor& code,
-                                                            int64_t blocksize) {
+// absmax.mean() in Python), then the fused 8-bit quantization of A - offset, whose kernel also writes the
+// returned copy of `code` (the nested QuantState's own table). Saves the Python round trips.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> double_quant(const at::Tensor& A, const at::Tensor& code,
+                                                                        int64_t blocksize) {
   TORCH_CHECK(A.is_cuda(), "A must be a CUDA tensor");
   TORCH_CHECK_TYPE(A.scalar_type() == at::kFloat, "A must be float32, got ", A.scalar_type());
   const c10::cuda::CUDAGuard guard(A.device());
   auto offset = A.mean();
-  auto [q, absmax] = quantize_blockwise(A, code, blocksize, offset);
-  return {offset, q, absmax};
+  auto code_out = at::empty({256}, A.options());
+  auto [q, absmax] = quantize_blockwise_into(A, code, blocksize, offset, code_out.data_ptr<float>());
+  if (A.numel() == 0) code_out.copy_(code);
+  return {offset, q, absmax, code_out};
 }
 
 }  // namespace
@@ -213,11 +229,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> double_quant(const at::Tensor& A,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fsdp4bit CUDA kernels (blockwise 4-bit quantize, dequantize with fused double quant, fused gemv)";
-  m.def("quantize_4bit", &fsdp4bit::quantize_4bit, "blockwise 4-bit quantize -> (packed uint8, float32 absmax)");
+  m.def("quantize_4bit", &fsdp4bit::quantize_4bit,
+        "blockwise 4-bit quantize -> (packed uint8, float32 absmax, device copy of the 16-entry code)");
   m.def("dequantize_4bit", &fsdp4bit::dequantize_4bit, "blockwise 4-bit dequantize -> flat tensor of numel in dtype");
   m.def("quantize_blockwise", &fsdp4bit::quantize_blockwise,
         "8-bit blockwise quantize of float32 A - offset against a 256-entry code -> (uint8 codes, float32 absmax)");
   m.def("double_quant", &fsdp4bit::double_quant,
-        "double quant of a float32 absmax -> (offset = mean, uint8 codes, float32 nested absmax)");
+        "double quant of a float32 absmax -> (offset = mean, uint8 codes, float32 nested absmax, copy of code)");
   m.def("gemv_4bit", &fsdp4bit::gemv_4bit, "A (M, K) @ W(N, K).T with W 4-bit, M <= 8, K % 32 == 0 -> (M, N)");
 }

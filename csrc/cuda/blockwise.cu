@@ -4,7 +4,8 @@
 //   full block : s = d * (1 / max(absmax, 1e-38))    short last block : s = d / max(absmax, 1e-38)
 //   q = number of midpoints strictly below clamp(s, -1, 1) (NaN -> 255)
 // One CUDA block per quantization block (one warp per block for blocksize 256, double quant's case);
-// bit-exact with reference.quantize_blockwise(a - offset, code, bs).
+// bit-exact with reference.quantize_blockwise(a - offset, code, bs). When `code_out` is given, the first CTA
+// also writes a copy of `code` there (the caller's fresh code tensor: no separate copy kernel).
 #include "common.cuh"
 
 namespace fsdp4bit {
@@ -37,11 +38,14 @@ __device__ __forceinline__ uint32_t block_max(uint32_t m, uint32_t* s_red) {
 __global__ void __launch_bounds__(256) quantize_blockwise_kernel(const float* __restrict__ a, int64_t n, int64_t bs,
                                                                  const float* __restrict__ code,
                                                                  const float* __restrict__ offset,
-                                                                 uint8_t* __restrict__ q, float* __restrict__ absmax) {
+                                                                 uint8_t* __restrict__ q, float* __restrict__ absmax,
+                                                                 float* __restrict__ code_out) {
   __shared__ float s_mids[256];
   __shared__ uint32_t s_red[32];
   for (int i = threadIdx.x; i < 255; i += blockDim.x)
     s_mids[i] = __fmul_rn(__fadd_rn(__ldg(code + i), __ldg(code + i + 1)), 0.5f);  // == (c0 + c1) / 2
+  if (code_out != nullptr && blockIdx.x == 0)
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) code_out[i] = __ldg(code + i);
   const bool has_off = offset != nullptr;
   const float off = has_off ? __ldg(offset) : 0.0f;
   const int64_t b = blockIdx.x;
@@ -64,32 +68,49 @@ __global__ void __launch_bounds__(256) quantize_blockwise_kernel(const float* __
   }
 }
 
-// Blocksize 256 (double quant's nested blocks): one warp per block, 8 values per lane held in registers,
-// 8 blocks per CTA, so the midpoint table is built once per 8 blocks and no CTA-wide barrier sits between
-// the max and the quantization. Same operations as the generic kernel above, so the same bits.
+// Blocksize 256 (double quant's nested blocks): one warp per block, 8 values per lane held in registers, no
+// shared memory and no barrier. Lane l holds midpoints 8l..8l+7 in registers, so the search is two levels of
+// warp shuffles (no bank conflicts, no table to build): the fences mids[8g + 7] (g = 0..30) by binary search,
+// then the 7 midpoints inside the fence's group, counted in parallel. Same count as bucket256 for a sorted
+// code (the midpoints of a sorted code are sorted), so the same bits as the generic kernel above.
 constexpr int kBs256Warps = 8;
+
+__device__ __forceinline__ int bucket256_warp(float s, const float (&mid)[8]) {
+  int g = 0;
+#pragma unroll
+  for (int k = 16; k > 0; k >>= 1) g += !(s <= __shfl_sync(0xffffffffu, mid[7], g + k - 1)) ? k : 0;
+  int r = 0;
+#pragma unroll
+  for (int j = 0; j < 7; ++j) r += !(s <= __shfl_sync(0xffffffffu, mid[j], g)) ? 1 : 0;
+  return 8 * g + r;
+}
 
 __global__ void __launch_bounds__(kBs256Warps * 32) quantize_blockwise256_kernel(const float* __restrict__ a, int64_t n,
                                                                                 const float* __restrict__ code,
                                                                                 const float* __restrict__ offset,
                                                                                 uint8_t* __restrict__ q,
-                                                                                float* __restrict__ absmax) {
-  __shared__ float s_mids[256];
+                                                                                float* __restrict__ absmax,
+                                                                                float* __restrict__ code_out) {
   const bool has_off = offset != nullptr;
-  const int lane = threadIdx.x % 32;
-  const int64_t b = int64_t(blockIdx.x) * kBs256Warps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t b = int64_t(blockIdx.x) * kBs256Warps + warp;
   const int64_t start = b * 256;
-  const int64_t len = start < n ? min(int64_t(256), n - start) : 0;
+  if (start >= n) return;  // whole warps only: the shuffles below see every lane of a live warp
+  const int64_t len = min(int64_t(256), n - start);
 
-  // the block's values and the offset are loaded before the midpoint table is built (their latencies overlap)
+  float c[9], mid[8];
+#pragma unroll
+  for (int j = 0; j < 9; ++j) c[j] = 8 * lane + j < 256 ? __ldg(code + 8 * lane + j) : 0.0f;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) mid[j] = __fmul_rn(__fadd_rn(c[j], c[j + 1]), 0.5f);  // == (c0 + c1) / 2
   float d[8];
 #pragma unroll
   for (int j = 0; j < 8; ++j) d[j] = lane + 32 * j < len ? __ldg(a + start + lane + 32 * j) : 0.0f;
   const float off = has_off ? __ldg(offset) : 0.0f;
-  for (int i = threadIdx.x; i < 255; i += blockDim.x)
-    s_mids[i] = __fmul_rn(__fadd_rn(__ldg(code + i), __ldg(code + i + 1)), 0.5f);
-  __syncthreads();
-  if (len == 0) return;
+  if (code_out != nullptr && b == 0) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) code_out[8 * lane + j] = c[j];
+  }
 
   uint32_t m = 0;  // max of |d| bits: integer order = float order for |d|, NaNs above +Inf
 #pragma unroll
@@ -106,27 +127,27 @@ __global__ void __launch_bounds__(kBs256Warps * 32) quantize_blockwise256_kernel
   if (lane == 0) absmax[b] = bn.stored();
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
-    const int64_t i = lane + 32 * j;
-    if (i < len) {
-      const float s = bn.scale(d[j]);
-      q[start + i] = uint8_t(bucket256(clamp_unit(s), s_mids));
-    }
+    const float sv = clamp_unit(bn.scale(d[j]));
+    const int bucket = bucket256_warp(sv, mid);  // every lane searches: the shuffles need the whole warp
+    if (lane + 32 * j < len) q[start + lane + 32 * j] = uint8_t(bucket);
   }
 }
 
 }  // namespace
 
 void launch_quantize_blockwise(const float* a, int64_t n, int64_t blocksize, const float* code, const float* offset,
-                               uint8_t* q, float* absmax, cudaStream_t stream) {
+                               uint8_t* q, float* absmax, float* code_out, cudaStream_t stream) {
   const int64_t nblocks = (n + blocksize - 1) / blocksize;
   if (blocksize == 256) {
     const int64_t grid = (nblocks + kBs256Warps - 1) / kBs256Warps;
-    quantize_blockwise256_kernel<<<unsigned(grid), kBs256Warps * 32, 0, stream>>>(a, n, code, offset, q, absmax);
+    quantize_blockwise256_kernel<<<unsigned(grid), kBs256Warps * 32, 0, stream>>>(a, n, code, offset, q, absmax,
+                                                                                 code_out);
     return;
   }
   int threads = 32;
   while (threads < 256 && threads < blocksize) threads *= 2;
-  quantize_blockwise_kernel<<<unsigned(nblocks), threads, 0, stream>>>(a, n, blocksize, code, offset, q, absmax);
+  quantize_blockwise_kernel<<<unsigned(nblocks), threads, 0, stream>>>(a, n, blocksize, code, offset, q, absmax,
+                                                                      code_out);
 }
 
 }  // namespace fsdp4bit

@@ -20,7 +20,7 @@ namespace fsdp4bit {
 
 constexpr float kTiny = 1e-38f;  // float32 rounding of the reference's 1e-38 (a subnormal)
 
-// Copy a by-value table into shared memory with compile-time indices only (a run-time index into a
+// Copy a by-value table to `dst` (shared or global memory) with compile-time indices only (a run-time index into a
 // kernel parameter would copy the whole struct to the local-memory stack of every thread).
 template <typename T, int N>
 __device__ __forceinline__ void copy_table(T* dst, const T (&src)[N]) {

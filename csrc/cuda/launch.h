@@ -14,6 +14,8 @@ enum class FloatType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 struct QuantTables {
   float mids[16];   // 15 sorted midpoints (+1 unused)
   uint8_t enc[16];  // bucket index -> 4-bit code
+  float code[16];   // the 16 code values, copied to `code_out` by the first CTA when it is not null
+  float* code_out;  // the caller's fresh code tensor (no separate copy kernel), or null
 };
 
 struct Code16 {
@@ -37,8 +39,9 @@ void launch_dequantize(const uint8_t* packed, int64_t n, const float* code, cons
                        bool vec_ok, void* out, FloatType dtype, cudaStream_t stream);
 void launch_gemv(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code, const Scales& sc, bool nested,
                  int log2bs, int64_t M, int64_t N, int64_t K, void* out, cudaStream_t stream);
-// 8-bit blockwise quantization of float32 `a - *offset` (offset may be null) against a sorted 256-entry code.
+// 8-bit blockwise quantization of float32 `a - *offset` (offset may be null) against a sorted 256-entry code;
+// a copy of `code` goes to `code_out` when it is not null.
 void launch_quantize_blockwise(const float* a, int64_t n, int64_t blocksize, const float* code, const float* offset,
-                               uint8_t* q, float* absmax, cudaStream_t stream);
+                               uint8_t* q, float* absmax, float* code_out, cudaStream_t stream);
 
 }  // namespace fsdp4bit

@@ -149,6 +149,7 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const T* __rest
   __shared__ Bin s_bins[BinLayout<BPU>::kEntries];
   copy_table(s_mids, tab.mids);
   copy_table(s_enc, tab.enc);
+  if (blockIdx.x == 0 && tab.code_out != nullptr) copy_table(tab.code_out, tab.code);
   __syncthreads();
   fill_bins<BPU>(s_bins, s_mids, s_enc);
   __syncthreads();

@@ -104,13 +104,16 @@ class NativeOps:
     def __repr__(self) -> str:
         return f"NativeOps({self.device_type!r})"
 
-    def quantize_4bit(self, A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flatten ``A`` and quantize: (packed uint8 [ceil(n/2)], float32 absmax [ceil(n/blocksize)])."""
+    def quantize_4bit(
+        self, A: torch.Tensor, blocksize: int, quant_type: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flatten ``A`` and quantize: (packed uint8 [ceil(n/2)], float32 absmax [ceil(n/blocksize)], a fresh
+        copy of the 16-entry code on A's device, written by the kernel)."""
         check_quant_type(quant_type)
         check_blocksize(blocksize)
         check_float_dtype(A.dtype, "A.dtype")
-        mids, enc, _ = _tables(quant_type)
-        return self.ext.quantize_4bit(A.contiguous(), int(blocksize), mids, enc)
+        mids, enc, code = _tables(quant_type)
+        return self.ext.quantize_4bit(A.contiguous(), int(blocksize), mids, enc, code)
 
     def _check_blockwise(self, A: torch.Tensor, code: torch.Tensor, blocksize: int, offset: torch.Tensor | None):
         if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize < 1:
@@ -140,8 +143,9 @@ class NativeOps:
 
     def double_quant(
         self, absmax: torch.Tensor, code: torch.Tensor, blocksize: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(offset = absmax.mean(), uint8 codes, float32 nested absmax) in one call: see ``ops.double_quant``."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(offset = absmax.mean(), uint8 codes, float32 nested absmax, a fresh copy of ``code``) in one call:
+        see ``ops.double_quant``."""
         self._check_blockwise(absmax, code, blocksize, None)
         return self.ext.double_quant(absmax.reshape(-1).contiguous(), code.reshape(-1).contiguous(), blocksize)
 
