@@ -381,6 +381,20 @@ def test_quant_states_own_their_code_tables(native):
     assert torch.equal(s3.code.cpu(), get_4bit_code("nf4")) and torch.equal(s3.state2.code.cpu(), get_dynamic_map())
 
 
+def test_empty_input_still_returns_fresh_code_copies(native):
+    """Zero elements launch no kernel, yet every output is there, the code copies fresh and equal to the tables."""
+    ops, device = native
+    empty = torch.empty(0, device=device, dtype=torch.bfloat16)
+    packed, absmax, code = ops.quantize_4bit(empty, 64, "fp4")
+    assert packed.shape == (0,) and absmax.shape == (0,)
+    assert code.device == empty.device and torch.equal(code.cpu(), get_4bit_code("fp4"))
+    assert code.data_ptr() != shared_4bit_code("fp4", device).data_ptr()
+    dynamic = get_dynamic_map(device)
+    _, q, nested, code2 = ops.double_quant(empty.float(), dynamic, 256)
+    assert q.shape == (0,) and nested.shape == (0,)
+    assert torch.equal(code2, dynamic) and code2.data_ptr() != dynamic.data_ptr()
+
+
 def test_quantize_blockwise_bad_arguments(native):
     ops, device = native
     code = get_dynamic_map(device)
