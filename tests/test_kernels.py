@@ -167,7 +167,7 @@ def test_dequantize_roundtrip_matches_reference_ops(native):
     assert rel < 0.12  # NF4 bs64 on Gaussian data: ~0.09
 
 
-def _gemv_case(ops, device, M_shape, N, K, blocksize, qt, nested, dtype, seed):
+def _gemv_case(ops, device, M_shape, N, K, blocksize, qt, nested, dtype, seed, a_scale=1.0):
     g = _gen(seed)
     W = torch.randn(N, K, generator=g)
     packed, absmax = reference.quantize_4bit(W, blocksize, qt)
@@ -178,7 +178,7 @@ def _gemv_case(ops, device, M_shape, N, K, blocksize, qt, nested, dtype, seed):
         absmax, nabs = reference.quantize_blockwise(absmax - offset, ncode, 256)
     scale = reference.absmax_float32(absmax, nabs, ncode, offset, 256)
     W32 = reference.dequantize_4bit(packed, scale, blocksize, qt, N * K, torch.float32).view(N, K)
-    A = torch.randn(*M_shape, K, generator=g).to(dtype)
+    A = (torch.randn(*M_shape, K, generator=g) * a_scale).to(dtype)
     ref = A.double() @ W32.double().T
     to = lambda t: None if t is None else t.to(device)  # noqa: E731
     _poison(math.prod(M_shape) * N, dtype, device)
@@ -231,6 +231,37 @@ def test_gemv_pair_table_path(native, dtype):
     cases.append((3, 65536, "nf4", True, 64))
     for i, (N, K, qt, nested, bs) in enumerate(cases):
         _gemv_case(ops, device, (1,), N, K, bs, qt, nested, dtype, seed=200 + i)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemv_row_path(native, dtype):
+    """1 token of fp16/bf16 with K in (3072, 4096] takes the row kernel (a warp per row, a in registers as scaled
+    half2): more rows than warps, lanes past K in the last chunk round, blocks straddling rows, FP4 and plain
+    absmax, and a at magnitudes far outside half precision (the kernel rescales a by a power of two)."""
+    ops, device = native
+    if device != "cuda":
+        pytest.skip("the row gemv is CUDA-only (the CPU kernel covers these shapes in test_gemv)")
+    cases = [(4805, 4096, "nf4", True, 64), (4805, 3136, "fp4", False, 256), (77, 3104, "nf4", True, 4096)]
+    for i, (N, K, qt, nested, bs) in enumerate(cases):
+        _gemv_case(ops, device, (1,), N, K, bs, qt, nested, dtype, seed=300 + i)
+    big, small = (1e30, 1e-30) if dtype == torch.bfloat16 else (3e3, 1e-3)
+    for i, mag in enumerate((big, small)):
+        _gemv_case(ops, device, (1,), 300, 4096, 64, "nf4", True, dtype, seed=310 + i, a_scale=mag)
+
+
+def test_gemv_row_path_nan_input(native):
+    """A NaN in a reaches every output row, as in the float64 reference."""
+    ops, device = native
+    if device != "cuda":
+        pytest.skip("the row gemv is CUDA-only")
+    W = torch.randn(64, 4096, generator=_gen(320))
+    packed, absmax = reference.quantize_4bit(W, 64, "nf4")
+    A = torch.randn(1, 4096, generator=_gen(321)).to(torch.bfloat16)
+    A[0, 1234] = float("nan")
+    out = ops.gemv_4bit(
+        A.to(device), packed.to(device), absmax.to(device), None, None, None, 64, 256, "nf4", (64, 4096)
+    )
+    assert out.isnan().all()
 
 
 def test_gemv_every_blocksize(native):

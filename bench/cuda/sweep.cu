@@ -1,6 +1,7 @@
 // Tile-shape sweep of the fused gemv, dequantize and 4-bit quantize kernels, outside torch (nvcc only), so one
-// device call compares many instantiations (the CUDA-core gemv of gemv.cuh, the pair-table one of gemv_lut.cuh
-// that fsdp4bit uses for 1 token, and the tensor-core one of gemv_tma.cuh that it uses for 4 to 8 tokens).
+// device call compares many instantiations (the CUDA-core gemv of gemv.cuh; for 1 token the row kernel of
+// gemv_row.cuh, which fsdp4bit uses for K in (3072, 4096], and the pair-table one of gemv_lut.cuh, which it
+// uses for other K; the tensor-core one of gemv_tma.cuh that it uses for 4 to 8 tokens).
 // Each variant is checked first (gemv against a float64 host reference, dequantize and quantize byte for byte
 // against host replicas of the reference), then timed as the median of CUDA-graph
 // replays that rotate through enough weight sets to defeat the 50 MB L2.
@@ -20,6 +21,7 @@
 #include "gemv.cuh"
 #include "gemv_tma.cuh"
 #include "gemv_lut.cuh"
+#include "gemv_row.cuh"
 #include "dequantize.cuh"
 #include "quantize.cuh"
 
@@ -120,7 +122,7 @@ static double copy_bandwidth(int sms) {
   std::printf("copy 1 GiB: cudaMemcpyAsync %.3f TB/s, copy kernel %.3f TB/s\n", 2.0 * bytes / us_memcpy / 1e6,
               2.0 * bytes / us_kernel / 1e6);
   // one-direction streams, for kernels whose traffic is mostly reads (gemv) or mostly writes (dequantize)
-  for (const size_t sz : {bytes, size_t(117440512)}) {
+  for (const size_t sz : {bytes, size_t(117440512), size_t(29360128), size_t(8388608)}) {
     const float us_write = time_us(
         [&](int, cudaStream_t s) { fill_kernel<<<sms * 8, 256, 0, s>>>(static_cast<uint4*>(b), sz / 16); }, 1, 5);
     const float us_read = time_us(
@@ -262,8 +264,19 @@ static void gemv_lut_call(const bf16* a, const uint8_t* p, const Code16& c, cons
   launch_gemv_lut<bf16, R, WARPS, F16>(a, p, c, sc, nested, log2bs, N, K, o, st);
 }
 
+// the row kernel where it applies (K in (3072, 4096]), else the pair-table kernel
+template <int WARPS>
+static void gemv_row_call(const bf16* a, const uint8_t* p, const Code16& c, const Scales& sc, bool nested, int log2bs,
+                          int64_t N, int64_t K, bf16* o, cudaStream_t st) {
+  if ((K / 32 + 31) / 32 == 4)
+    launch_gemv_row<bf16, WARPS, 4>(a, p, c, sc, nested, log2bs, N, K, o, st);
+  else
+    launch_gemv_lut<bf16, 4, 16, true>(a, p, c, sc, nested, log2bs, N, K, o, st);
+}
+
 static void sweep_gemv(double bw) {
   const std::vector<GemvVariant> variants = {
+      {"M1 row W16", 1, gemv_row_call<16>}, {"M1 row W8", 1, gemv_row_call<8>},
       {"M1 lut R2W16", 1, gemv_lut_call<2, 16, false>}, {"M1 lut R4W16", 1, gemv_lut_call<4, 16, false>},
       {"M1 lut R4W8", 1, gemv_lut_call<4, 8, false>}, {"M1 lut R2W16h", 1, gemv_lut_call<2, 16, true>},
       {"M1 lut R4W16h", 1, gemv_lut_call<4, 16, true>}, {"M1 lut R4W8h", 1, gemv_lut_call<4, 8, true>},
@@ -281,9 +294,9 @@ static void sweep_gemv(double bw) {
   for (const auto& v : variants) {
     if (!picked(v.name, "")) continue;
     const double e1 = check_gemv(v, 203, 4096), e2 = check_gemv(v, 37, 14336), e3 = check_gemv(v, 5, 3 * v.kmod),
-                 e4 = check_gemv(v, 61, 65 * v.kmod);
-    std::printf("check gemv %-15s rel err %.2e %.2e %.2e %.2e %s\n", v.name.c_str(), e1, e2, e3, e4,
-                std::max({e1, e2, e3, e4}) < 8e-3 ? "ok" : "FAIL");
+                 e4 = check_gemv(v, 61, 65 * v.kmod), e5 = check_gemv(v, 29, 3136);
+    std::printf("check gemv %-15s rel err %.2e %.2e %.2e %.2e %.2e %s\n", v.name.c_str(), e1, e2, e3, e4, e5,
+                std::max({e1, e2, e3, e4, e5}) < 8e-3 ? "ok" : "FAIL");
   }
   const int64_t shapes[][2] = {{4096, 4096}, {14336, 4096}, {4096, 14336}, {8192, 8192}, {28672, 8192}};
   std::printf("\n%-14s %-15s %9s %8s\n", "shape", "variant", "us", "floor%");
@@ -447,10 +460,10 @@ static void host_quantize(const std::vector<bf16>& x, int bs, const QuantTables&
 using QuantLaunch = void (*)(const bf16*, int64_t, uint8_t*, float*, int64_t, cudaStream_t);
 
 // cap: the grid's CTA cap, or < 0 for one wave (what fits on the GPU at once)
-template <int P, bool FP4, int BPU>
+template <int P, bool FP4, int BPU, int PFD = 0>
 static void quant_call(const bf16* x, int64_t n, uint8_t* out, float* absmax, int64_t cap, cudaStream_t st) {
   const int64_t nb = (n + 63) / 64;
-  auto kernel = quantize_kernel<bf16, 64, P, BPU>;
+  auto kernel = quantize_kernel<bf16, 64, P, BPU, PFD>;
   if (cap < 0) cap = one_wave(kernel, kQuantThreads);
   kernel<<<quantize_grid<64, P>(nb, cap), kQuantThreads, 0, st>>>(x, n, nb, FP4 ? fp4_tables() : nf4_tables(), !FP4,
                                                                   true, out, absmax);
@@ -515,6 +528,10 @@ static void sweep_quantize(double bw, int sms) {
   variants.push_back({"P2 wave b16", quant_call<2, false, 16>, -1});
   variants.push_back({"P4 wave b16", quant_call<4, false, 16>, -1});
   variants.push_back({"P2 wave fp4", quant_call<2, true, 512>, -1});
+  variants.push_back({"P2 wave b16 pf1", quant_call<2, false, 16, 1>, -1});
+  variants.push_back({"P2 wave b16 pf2", quant_call<2, false, 16, 2>, -1});
+  variants.push_back({"P4 wave b16 pf1", quant_call<4, false, 16, 1>, -1});
+  variants.push_back({"P2 wave fp4 pf1", quant_call<2, true, 512, 1>, -1});
   for (const auto& v : variants) {
     if (!picked(v.name, "")) continue;
     const bool ok = check_quant(v, 4096 * 4096 + 64 * 3 + 37, sms) && check_quant(v, 1001, sms);

@@ -64,6 +64,15 @@ inline int64_t one_wave(Kernel kernel, int threads, size_t smem = 0) {
   return int64_t(ctas_per_sm(kernel, threads, smem)) * device_attribute(cudaDevAttrMultiProcessorCount);
 }
 
+// Ask L2 to fetch `bytes` (a multiple of 16) from 16-byte aligned global `p`, without registers or waiting
+// (Hopper's bulk prefetch; a no-op before sm_90): keeps DRAM busy while the threads compute on what they
+// loaded before.
+__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#endif
+}
+
 // ------------------------------------------------------------------------- dtype helpers
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }

@@ -40,11 +40,21 @@ CUDA_SOURCES = tuple(
         "gemv_bf16.cu",
         "gemv_tma.cu",
         "gemv_lut.cu",
+        "gemv_row.cu",
     )
 )
 CUDA_HEADERS = tuple(
     CSRC / "cuda" / h
-    for h in ("common.cuh", "dequantize.cuh", "gemv.cuh", "gemv_lut.cuh", "gemv_tma.cuh", "quantize.cuh", "launch.h")
+    for h in (
+        "common.cuh",
+        "dequantize.cuh",
+        "gemv.cuh",
+        "gemv_lut.cuh",
+        "gemv_row.cuh",
+        "gemv_tma.cuh",
+        "quantize.cuh",
+        "launch.h",
+    )
 )
 
 # -ffp-contract=off: a fused multiply-add would round differently from the reference's separate ops.

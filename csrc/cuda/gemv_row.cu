@@ -1,0 +1,26 @@
+// Row gemv (gemv_row.cuh) for one token of fp16/bf16 A with K in (3072, 4096], and the rule that picks it over
+// the pair-table kernel.
+#include "gemv_row.cuh"
+
+namespace fsdp4bit {
+
+// 16 warps of one CTA per SM (the register file's limit at 128 registers); the sweep's 8-warp CTAs, two per SM,
+// measured the same or slower.
+constexpr int kRowWarps = 16, kRowChunks = 4;
+
+bool gemv_row_applies(FloatType dtype, bool nested, const Scales& sc, int64_t M, int64_t K) {
+  return M == 1 && dtype != FloatType::kF32 && (!nested || sc.nested_log2 >= 0) && (K / 32 + 31) / 32 == kRowChunks &&
+         int64_t(row_smem_bytes(K)) <= device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
+}
+
+void launch_gemv_row_any(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code, const Scales& sc,
+                         bool nested, int log2bs, int64_t N, int64_t K, void* out, cudaStream_t stream) {
+  if (dtype == FloatType::kBF16)
+    launch_gemv_row<__nv_bfloat16, kRowWarps, kRowChunks>(static_cast<const __nv_bfloat16*>(A), packed, code, sc, nested,
+                                                          log2bs, N, K, static_cast<__nv_bfloat16*>(out), stream);
+  else
+    launch_gemv_row<__half, kRowWarps, kRowChunks>(static_cast<const __half*>(A), packed, code, sc, nested, log2bs, N,
+                                                   K, static_cast<__half*>(out), stream);
+}
+
+}  // namespace fsdp4bit
