@@ -116,18 +116,23 @@ def gather_gpu_ms(step, device: torch.device) -> float | None:
     return us / 1000.0
 
 
-def print_profile(step, base: str) -> None:
-    """Rank 0's ops of one step, by self CPU time and by GPU time (``--profile``)."""
+def print_profile(step, base: str, device: torch.device, show: bool) -> None:
+    """Ops of one step, by self CPU time (and GPU time), printed where ``show`` (``--profile``)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         step()
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
+    if not show:
+        return
     table = prof.key_averages()
     print(f"--- {base}: by self CPU time")
     print(table.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
-    print(f"--- {base}: by GPU time")
-    print(table.table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=60))
+    if cuda:
+        print(f"--- {base}: by GPU time")
+        print(table.table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=60))
 
 
 def run(base: str, args, shapes: dict, device: torch.device, mesh) -> dict:
@@ -160,8 +165,8 @@ def run(base: str, args, shapes: dict, device: torch.device, mesh) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     gather_ms = gather_gpu_ms(step, device)
-    if args.profile and rank == 0 and device.type == "cuda":
-        print_profile(step, base)
+    if args.profile == base:
+        print_profile(step, base, device, rank == 0)  # every rank steps (the all-gathers are collective)
     peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0], device=device)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     step_s = statistics.median(times)
@@ -195,7 +200,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--tiny", action="store_true", help="small shapes, gloo on CPU")
     ap.add_argument("--json", default="")
-    ap.add_argument("--profile", action="store_true", help="print rank 0's op tables of one step per base")
+    ap.add_argument("--profile", choices=("bf16", "nf4"), help="print rank 0's op tables of one step of this base")
     args = ap.parse_args()
     cuda = torch.cuda.is_available() and not args.tiny
     dist.init_process_group("nccl" if cuda else "gloo")
