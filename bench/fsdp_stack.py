@@ -19,19 +19,17 @@ import time
 
 import torch
 import torch.distributed as dist
-from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy
 from transformers import LlamaConfig, LlamaForCausalLM
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 import fsdp4bit as bnb
-from fsdp4bit.sharding import shard_model
+from fsdp4bit.train.config import LoraSection, ModelConfig
+from fsdp4bit.train.lora import attach_lora
+from fsdp4bit.train.model import dtype_of, replace_linears, shard
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8)
 TINY = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 class GatherCounter:
@@ -59,36 +57,38 @@ class GatherCounter:
             setattr(dist, name, orig)
 
 
+# the base's 4-bit format, in the trainer's terms (its linear swap keeps lm_head in float)
+QUANT = ModelConfig(
+    dtype="bfloat16",
+    quant_type="nf4",
+    blocksize=64,
+    compress_statistics=True,
+    quant_storage="bfloat16",
+    compute_dtype="bfloat16",
+)
+
+
 def to_4bit(model: nn.Module, device: torch.device) -> None:
-    """Swap the decoder's float linears (not lm_head) for NF4 bs64 double-quant Linear4bit, quantized on ``device``."""
-    for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear or name.endswith("lm_head"):
-            continue
-        new = bnb.nn.Linear4bit(
-            module.in_features,
-            module.out_features,
-            bias=False,
-            compute_dtype=torch.bfloat16,
-            compress_statistics=True,
-            quant_type="nf4",
-            quant_storage=torch.bfloat16,
-            device="meta",
-        )
-        new.weight = bnb.nn.Params4bit(
-            module.weight.data,
-            requires_grad=False,
-            blocksize=64,
-            compress_statistics=True,
-            quant_type="nf4",
-            quant_storage=torch.bfloat16,
-            module=new,
-        ).to(device)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, new)
+    """Swap the decoder's float linears for the trainer's Linear4bit (``QUANT``), quantizing their weights on
+    ``device``."""
+    floats = {name: m.weight.data for name, m in model.named_modules() if type(m) is nn.Linear}
+    replace_linears(model, QUANT)
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.weight = bnb.nn.Params4bit(
+                floats[name],
+                requires_grad=False,
+                blocksize=QUANT.blocksize,
+                compress_statistics=QUANT.compress_statistics,
+                quant_type=QUANT.quant_type,
+                quant_storage=dtype_of(QUANT.quant_storage),
+                module=module,
+            ).to(device)
 
 
 def build(base: str, shapes: dict, layers: int, device: torch.device, mesh) -> nn.Module:
-    """The stack with frozen ``base`` ("nf4" or "bf16") linears and rank-16 LoRA on all of them, sharded by FSDP2."""
+    """The stack with frozen ``base`` ("nf4" or "bf16") linears and rank-16 LoRA on all of them (the trainer's
+    ``attach_lora``), sharded by FSDP2 as the trainer shards (``shard``: each decoder block, then the root)."""
     cfg = LlamaConfig(**shapes, num_hidden_layers=layers, vocab_size=256, use_cache=False)
     torch.manual_seed(0)
     with torch.device(device):
@@ -96,11 +96,9 @@ def build(base: str, shapes: dict, layers: int, device: torch.device, mesh) -> n
     if base == "nf4":
         to_4bit(model, device)
     model.requires_grad_(False)
-    torch.manual_seed(1)
-    lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    return shard_model(model, mesh=mesh, block_types=(LlamaDecoderLayer,), mp_policy=mp)
+    peft_model = attach_lora(model, LoraSection(r=16, alpha=16, dropout=0.0), seed=1)
+    shard(model, mesh=mesh, mp_dtype=torch.bfloat16, reshard_after_forward=True, cpu_offload=False)
+    return peft_model
 
 
 def gather_gpu_ms(step, device: torch.device) -> float | None:
