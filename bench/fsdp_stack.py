@@ -26,7 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import fsdp4bit as bnb
 from fsdp4bit.train.config import LoraSection, ModelConfig
 from fsdp4bit.train.lora import attach_lora
-from fsdp4bit.train.model import dtype_of, replace_linears, shard
+from fsdp4bit.train.model import quantized_weight, replace_linears, shard
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8)
 TINY = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
@@ -75,15 +75,7 @@ def to_4bit(model: nn.Module, device: torch.device) -> None:
     replace_linears(model, QUANT)
     for name, module in model.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
-            module.weight = bnb.nn.Params4bit(
-                floats[name],
-                requires_grad=False,
-                blocksize=QUANT.blocksize,
-                compress_statistics=QUANT.compress_statistics,
-                quant_type=QUANT.quant_type,
-                quant_storage=dtype_of(QUANT.quant_storage),
-                module=module,
-            ).to(device)
+            module.weight = quantized_weight(floats[name], module, QUANT, device)
 
 
 def build(base: str, shapes: dict, layers: int, device: torch.device, mesh) -> nn.Module:

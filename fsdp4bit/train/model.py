@@ -97,6 +97,19 @@ class _TensorReader:
         return self.handles[file].get_tensor(name)
 
 
+def quantized_weight(value: torch.Tensor, module: Linear4bit, cfg: ModelConfig, device: torch.device) -> Params4bit:
+    """``value`` as ``module``'s frozen weight in ``cfg``'s 4-bit format, quantized as it moves to ``device``."""
+    return Params4bit(
+        value,
+        requires_grad=False,
+        blocksize=cfg.blocksize,
+        compress_statistics=cfg.compress_statistics,
+        quant_type=cfg.quant_type,
+        quant_storage=dtype_of(cfg.quant_storage),
+        module=module,
+    ).to(device)
+
+
 def materialize(module: nn.Module, prefix: str, reader: _TensorReader, cfg: ModelConfig, device: torch.device) -> None:
     """Load ``module``'s meta parameters from the checkpoint onto ``device``; 4-bit weights quantize on the way."""
     dtype = dtype_of(cfg.dtype)
@@ -114,15 +127,7 @@ def materialize(module: nn.Module, prefix: str, reader: _TensorReader, cfg: Mode
                 )
             value = value.to(dtype)
             if isinstance(sub, Linear4bit) and pname == "weight":
-                new = Params4bit(
-                    value,
-                    requires_grad=False,
-                    blocksize=cfg.blocksize,
-                    compress_statistics=cfg.compress_statistics,
-                    quant_type=cfg.quant_type,
-                    quant_storage=dtype_of(cfg.quant_storage),
-                    module=sub,
-                ).to(device)
+                new = quantized_weight(value, sub, cfg, device)
             else:
                 new = nn.Parameter(value.to(device), requires_grad=False)
             sub._parameters[pname] = new
