@@ -116,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_4bit(const at::Tensor& A
   auto absmax = at::empty({(n + blocksize - 1) / blocksize}, A.options().dtype(at::kFloat));
   auto code_out = at::empty({16}, A.options().dtype(at::kFloat));
   tab.code_out = code_out.data_ptr<float>();
-  if (n == 0) return {packed, absmax, code.to(A.device())};
+  if (n == 0) return {packed, absmax, code_out.copy_(code)};
   launch_quantize(A.data_ptr(), ft, n, int(blocksize), tab, identity, aligned(A.data_ptr(), 16),
                   packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -64,6 +64,25 @@ inline int64_t one_wave(Kernel kernel, int threads, size_t smem = 0) {
   return int64_t(ctas_per_sm(kernel, threads, smem)) * device_attribute(cudaDevAttrMultiProcessorCount);
 }
 
+// one_wave() remembered per device and dynamic shared-memory size: the occupancy query costs host time on every
+// launch, which a 1-token decode step pays per layer. Each slot packs (device, smem bytes, CTAs) in one word.
+struct WaveCache {
+  std::atomic<uint64_t> slot[16] = {};
+};
+
+template <typename Kernel>
+inline int64_t one_wave_cached(Kernel kernel, int threads, size_t smem, WaveCache& cache) {
+  int dev = 0;
+  cudaGetDevice(&dev);
+  const uint64_t key = (uint64_t(dev & 0xff) << 32) | uint64_t(smem & 0xffffffffu);
+  std::atomic<uint64_t>& slot = cache.slot[(smem / 16 + uint64_t(dev)) % 16];
+  const uint64_t v = slot.load(std::memory_order_relaxed);
+  if (v != 0 && (v >> 16) == key) return int64_t(v & 0xffffu);
+  const int64_t wave = one_wave(kernel, threads, smem);  // >= 1, and < 2^16 (SMs x CTAs per SM)
+  slot.store((key << 16) | uint64_t(wave & 0xffff), std::memory_order_relaxed);
+  return wave;
+}
+
 // Ask L2 to fetch `bytes` (a multiple of 16) from 16-byte aligned global `p`, without registers or waiting
 // (Hopper's bulk prefetch; a no-op before sm_90): keeps DRAM busy while the threads compute on what they
 // loaded before.
@@ -82,6 +101,38 @@ template <typename T> __device__ __forceinline__ T from_f32(float v);
 template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+
+// ------------------------------------------------------------------------- 8-element chunks
+// 8 elements as raw 16-bit words (two per uint32) or float32 values; the raw form keeps registers low.
+template <typename T>
+struct Chunk8 {
+  uint4 raw[sizeof(T) == 2 ? 1 : 2];
+};
+
+template <typename T>
+__device__ __forceinline__ float chunk_at(const Chunk8<T>& c, int j) {
+  return to_f32(reinterpret_cast<const T*>(c.raw)[j]);
+}
+
+// max over the chunk of |x| as float32 bits (integer order = float order for |x|; NaNs above +Inf)
+template <typename T>
+__device__ __forceinline__ uint32_t chunk_absmax_bits(const Chunk8<T>& c) {
+  if constexpr (sizeof(T) == 2) {
+    const uint4 r = c.raw[0];
+    const uint32_t m2 = __vmaxu2(__vmaxu2(r.x & 0x7fff7fffu, r.y & 0x7fff7fffu),
+                                 __vmaxu2(r.z & 0x7fff7fffu, r.w & 0x7fff7fffu));
+    const uint32_t m16 = max(m2 & 0xffffu, m2 >> 16);  // |x| bits of one 16-bit float
+    T h;
+    const uint16_t b16 = uint16_t(m16);
+    memcpy(&h, &b16, 2);
+    return __float_as_uint(to_f32(h)) & 0x7fffffffu;  // exact widening; NaN stays above +Inf
+  } else {
+    uint32_t m = 0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) m = max(m, __float_as_uint(chunk_at(c, j)) & 0x7fffffffu);
+    return m;
+  }
+}
 
 // ------------------------------------------------------------------------- block normalisation
 // How every quantizer here turns a block's max |x| into its scale, as the reference does: absmax is NaN if
@@ -131,6 +182,45 @@ __device__ __forceinline__ float block_scale_ldg(const Scales& sc, int64_t b) {
                         __ldg(sc.offset));
   } else {
     return __ldg(sc.absmax_f + b);
+  }
+}
+
+// What a gemv lane loads for one 32-weight chunk: its 16 packed bytes and the raw inputs of its block's scale
+struct ChunkIn {
+  uint4 w;
+  uint32_t q;  // 8-bit absmax code (double quant)
+  float s;     // nested absmax (double quant) or the float32 absmax
+};
+
+// the raw scale inputs of block b (power-of-two nested blocks: the gemv launchers check)
+template <bool NESTED>
+__device__ __forceinline__ void load_scale_in(const Scales& sc, int64_t b, uint32_t& q, float& s) {
+  if constexpr (NESTED) {
+    q = __ldg(sc.absmax_q + b);
+    s = __ldg(sc.nested_absmax + (b >> sc.nested_log2));
+  } else {
+    q = 0u;
+    s = __ldg(sc.absmax_f + b);
+  }
+}
+
+// the chunk of the 32 weights from element e (a multiple of 32); the packed bytes are read once (evict-first)
+template <bool NESTED>
+__device__ __forceinline__ ChunkIn load_gemv_chunk(const uint8_t* __restrict__ packed, const Scales& sc, int log2bs,
+                                                  int64_t e) {
+  ChunkIn c;
+  c.w = __ldcs(reinterpret_cast<const uint4*>(packed + e / 2));
+  load_scale_in<NESTED>(sc, e >> log2bs, c.q, c.s);
+  return c;
+}
+
+// a chunk's float32 block scale from its raw inputs; `s_ncode` is the nested code in shared memory
+template <bool NESTED>
+__device__ __forceinline__ float chunk_scale(uint32_t q, float s, const float* s_ncode, float off) {
+  if constexpr (NESTED) {
+    return nested_scale(s_ncode[q], s, off);
+  } else {
+    return s;
   }
 }
 

@@ -30,12 +30,10 @@ constexpr size_t gemv_lut_smem(int64_t K) { return kLutTableBytes + 4 * (size_t(
 // a quarter warp reading the same q of consecutive chunks hit 8 distinct 16-byte bank groups
 __device__ __forceinline__ int64_t x_slot(int64_t c, int q) { return c * 8 + (q ^ int(c & 7)); }
 
-// what one lane holds of one k-tile of R rows: 16 packed bytes per row and the raw block-scale inputs
+// what one lane holds of one k-tile of R rows: each row's chunk (16 packed bytes, raw block-scale inputs)
 template <int R>
 struct LutTile {
-  uint4 w[R];
-  uint32_t q[R];  // 8-bit absmax code (double quant)
-  float s[R];     // nested absmax (double quant) or the float32 absmax
+  ChunkIn c[R];
   bool valid;
 };
 
@@ -45,21 +43,9 @@ __device__ __forceinline__ void lut_fetch(LutTile<R>& t, const uint8_t* __restri
   t.valid = chunk < K / 32;
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    t.w[r] = make_uint4(0u, 0u, 0u, 0u);
-    t.q[r] = 0u;
-    t.s[r] = 0.0f;
-    if (t.valid) {
-      const int64_t row = min(row0 + r, N - 1);  // rows past N repeat the last (not written)
-      const int64_t e = row * K + chunk * 32;
-      const int64_t b = e >> log2bs;
-      t.w[r] = __ldcs(reinterpret_cast<const uint4*>(packed + e / 2));
-      if constexpr (NESTED) {
-        t.q[r] = __ldg(sc.absmax_q + b);
-        t.s[r] = __ldg(sc.nested_absmax + (b >> sc.nested_log2));  // power-of-two nested blocks (launcher checks)
-      } else {
-        t.s[r] = __ldg(sc.absmax_f + b);
-      }
-    }
+    t.c[r] = ChunkIn{make_uint4(0u, 0u, 0u, 0u), 0u, 0.0f};
+    const int64_t row = min(row0 + r, N - 1);  // rows past N repeat the last (not written)
+    if (t.valid) t.c[r] = load_gemv_chunk<NESTED>(packed, sc, log2bs, row * K + chunk * 32);
   }
 }
 
@@ -162,14 +148,13 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS >= 16 ? 1 : 16 / WARPS)
         lut_fetch<R, NESTED>(nxt, packed, sc, log2bs, N, K, row0 + gridDim.x * step_rows, t0 * 32 + lane);
       if (cur.valid) {
         float scale[R];
+        uint4 w[R];
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-          if constexpr (NESTED)
-            scale[r] = nested_scale(s_ncode[cur.q[r]], cur.s[r], off);
-          else
-            scale[r] = cur.s[r];
+          scale[r] = chunk_scale<NESTED>(cur.c[r].q, cur.c[r].s, s_ncode, off);
+          w[r] = cur.c[r].w;
         }
-        lut_rows<R, F16>(smem, s_x, tile * 32 + lane, cur.w, scale, acc, lane_off);
+        lut_rows<R, F16>(smem, s_x, tile * 32 + lane, w, scale, acc, lane_off);
       }
       cur = nxt;
     }
@@ -221,7 +206,8 @@ void launch_gemv_lut(const AT* a, const uint8_t* p, const Code16& c, const Scale
   static std::atomic<uint64_t> configured[2] = {0, 0};  // per kernel: devices where its smem limit is raised
   allow_dynamic_smem(kernel, device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin), configured[nested]);
   const size_t smem = gemv_lut_smem(K);
-  const int64_t ctas = one_wave(kernel, WARPS * 32, smem);
+  static WaveCache waves[2];
+  const int64_t ctas = one_wave_cached(kernel, WARPS * 32, smem, waves[nested]);
   const int kparts = gemv_lut_kparts(WARPS, R, N, K, ctas);
   const int64_t steps = (N + int64_t(WARPS / kparts) * R - 1) / (int64_t(WARPS / kparts) * R);
   const unsigned grid = unsigned(std::min(ctas, steps));

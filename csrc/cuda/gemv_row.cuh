@@ -23,13 +23,6 @@ constexpr size_t row_smem_bytes(int64_t K) {
   return kRowTableBytes + 4 * (256 + kRowMaxWarps) + 2 * size_t(K) + 4 * 16;
 }
 
-// one lane's share of one chunk: 16 packed bytes and the raw inputs of its block's scale
-struct RowChunk {
-  uint4 w;
-  uint32_t q;  // 8-bit absmax code (double quant)
-  float s;     // nested absmax (double quant) or the float32 absmax
-};
-
 // exponent e with max |a| * 2^e in [2^9, 2^10), from the bits of max |a| (0 for zero, Inf or NaN: no scaling)
 __device__ __forceinline__ int row_x_exponent(uint32_t amax_bits) {
   const int E = int(amax_bits >> 23);
@@ -71,13 +64,7 @@ __device__ __forceinline__ float row_stage_a(const AT* __restrict__ a, int64_t K
   const int64_t nquads = K / 8;
   uint4 stash[kStash];
   uint32_t m = 0;
-  auto quad_max = [&](uint4 v) {
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const float2 f = row_word_to_float2<AT>(row_word(v, k));
-      m = max(m, max(__float_as_uint(f.x) & 0x7fffffffu, __float_as_uint(f.y) & 0x7fffffffu));
-    }
-  };
+  auto quad_max = [&](uint4 v) { m = max(m, chunk_absmax_bits(Chunk8<AT>{{v}})); };
 #pragma unroll
   for (int t = 0; t < kStash; ++t) {
     const int64_t i = threadIdx.x + int64_t(t) * blockDim.x;
@@ -114,55 +101,45 @@ __device__ __forceinline__ float row_stage_a(const AT* __restrict__ a, int64_t K
   return __int_as_float((127 - ex) << 23);
 }
 
+// the lane's 32 weights of one chunk (16 packed bytes) . its 32 scaled values of a (4 quads of half2), unscaled
+// by the block's absmax: per byte one PRMT, one conflict-free LDS of the weight pair, one HFMA2
+__device__ __forceinline__ float row_chunk_dot(const unsigned char* table, uint32_t lane_off, const uint4& w,
+                                               const uint4 (&x)[4]) {
+  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+  __half2 h0 = __float2half2_rn(0.0f), h1 = h0;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const uint32_t xs[4] = {x[k].x, x[k].y, x[k].z, x[k].w};
+#pragma unroll
+    for (int sel = 0; sel < 4; ++sel) {
+      const uint32_t addr = __byte_perm(words[k], lane_off, 0x5504u | (uint32_t(sel) << 4));
+      const __half2 wv = *reinterpret_cast<const __half2*>(table + addr);
+      const __half2 xv = *reinterpret_cast<const __half2*>(&xs[sel]);
+      if (sel & 1)
+        h1 = __hfma2(wv, xv, h1);
+      else
+        h0 = __hfma2(wv, xv, h0);
+    }
+  }
+  const float2 f = __half22float2(__hadd2(h0, h1));
+  return f.x + f.y;
+}
+
+// The prologue both row kernels share: the code and nested code into shared memory, a staged as scaled half2,
+// the pair table filled, and the lane's D chunks of a loaded into `xr`. Returns the factor that undoes a's
+// scaling; `off` gets the double-quant offset.
 template <typename AT, int WARPS, int D, bool NESTED>
-__global__ void __launch_bounds__(WARPS * 32, 1)
-    gemv_row_kernel(const AT* __restrict__ a, const uint8_t* __restrict__ packed, Code16 code, Scales sc, int log2bs,
-                    int64_t N, int64_t K, AT* __restrict__ out) {
-  extern __shared__ __align__(16) unsigned char row_smem[];
+__device__ __forceinline__ float row_prologue(const AT* __restrict__ a, const Code16& code, const Scales& sc, int64_t K,
+                                              unsigned char* row_smem, uint4 (&xr)[D][4], float& off) {
   static_assert(WARPS <= kRowMaxWarps, "too many warps for the max's partials");
   unsigned char* table = row_smem;
   float* s_ncode = reinterpret_cast<float*>(row_smem + kRowTableBytes);
   uint32_t* s_red = reinterpret_cast<uint32_t*>(s_ncode + 256);
   uint4* s_x = reinterpret_cast<uint4*>(s_red + kRowMaxWarps);
-
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t KC = K / 32;  // chunks per row
-  const int64_t stride = int64_t(gridDim.x) * WARPS;
-
-  // Fetch cursor (row, chunk round j of J): the next fetch's chunk. A row is J = D rounds, so ring slot d holds
-  // chunk d of its row and is refilled with chunk d of the next row right after it is read.
-  const int J = int((KC + 31) / 32);
-  int64_t f_row = int64_t(blockIdx.x) * WARPS + warp;
-  int f_j = 0;
-  auto fetch = [&](RowChunk& t) {
-    const int64_t c = int64_t(f_j) * 32 + lane;
-    t.w = make_uint4(0u, 0u, 0u, 0u);
-    t.q = 0u;
-    t.s = 0.0f;
-    if (f_row < N && c < KC) {
-      const int64_t e = f_row * K + c * 32;
-      const int64_t b = e >> log2bs;
-      t.w = __ldcs(reinterpret_cast<const uint4*>(packed + e / 2));
-      if constexpr (NESTED) {
-        t.q = __ldg(sc.absmax_q + b);
-        t.s = __ldg(sc.nested_absmax + (b >> sc.nested_log2));  // power-of-two nested blocks (launcher checks)
-      } else {
-        t.s = __ldg(sc.absmax_f + b);
-      }
-    }
-    if (++f_j == J) {
-      f_j = 0;
-      f_row += stride;
-    }
-  };
-
-  RowChunk ring[D];
-#pragma unroll
-  for (int d = 0; d < D; ++d) fetch(ring[d]);  // in flight during the prologue
-
   float* s_code = reinterpret_cast<float*>(s_x + K / 8);
+  const int lane = threadIdx.x % 32;
+  const int64_t KC = K / 32;
   copy_table(s_code, code.v);
-  float off = 0.0f;
   load_scale_tables<NESTED>(sc, s_ncode, off);
   const float down = row_stage_a<AT, WARPS>(a, K, s_x, s_red);  // its barrier also publishes s_code
   // the pair table (a per-warp fill from the lanes' registers, without staging the code in shared memory,
@@ -172,53 +149,68 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
     *reinterpret_cast<__half2*>(table + e * 256 + l * 4) = __floats2half2_rn(s_code[e >> 4], s_code[e & 15]);
   }
   __syncthreads();
-  uint4 xr[D][4];  // the lane's chunks of a, the same for every row
 #pragma unroll
   for (int d = 0; d < D; ++d)
 #pragma unroll
     for (int q = 0; q < 4; ++q)
       xr[d][q] = int64_t(d) * 32 + lane < KC ? s_x[row_x_quad(int64_t(d) * 32 + lane, q)] : make_uint4(0u, 0u, 0u, 0u);
+  return down;
+}
+
+template <typename AT, int WARPS, int D, bool NESTED>
+__global__ void __launch_bounds__(WARPS * 32, 1)
+    gemv_row_kernel(const AT* __restrict__ a, const uint8_t* __restrict__ packed, Code16 code, Scales sc, int log2bs,
+                    int64_t N, int64_t K, AT* __restrict__ out) {
+  extern __shared__ __align__(16) unsigned char row_smem[];
+
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t stride = int64_t(gridDim.x) * WARPS;
+  uint32_t valid = 0;  // bit d: the lane's chunk d lies inside the row (K < 1024 D leaves lanes past the end)
+#pragma unroll
+  for (int d = 0; d < D; ++d)
+    if (int64_t(d) * 32 + lane < K / 32) valid |= 1u << d;
+
+  // The ring holds the lane's D chunks of the warp's next row: slot d is read, refilled with chunk d of the row
+  // after, then computed. The row's packed bytes and first element advance by a constant per row, so a chunk's
+  // addresses cost a few adds (a 64-bit element index per chunk cost ~45 instructions per chunk, as much as its
+  // math).
+  int64_t row = int64_t(blockIdx.x) * WARPS + warp;
+  const uint8_t* pw = packed + row * (K / 2) + lane * 16;
+  int64_t e_row = row * K + lane * 32;
+  const int64_t step_bytes = stride * (K / 2), step_elems = stride * K;
+  ChunkIn ring[D];
+  auto fetch = [&](int d, bool ok) {
+    if (ok && ((valid >> d) & 1u)) {
+      ring[d].w = __ldcs(reinterpret_cast<const uint4*>(pw + d * 512));
+      load_scale_in<NESTED>(sc, (e_row + d * 1024) >> log2bs, ring[d].q, ring[d].s);
+    }
+  };
+#pragma unroll
+  for (int d = 0; d < D; ++d) {
+    ring[d] = ChunkIn{make_uint4(0u, 0u, 0u, 0u), 0u, 0.0f};  // chunks past the row stay zero (zero a too)
+    fetch(d, row < N);  // in flight during the prologue
+  }
+
+  uint4 xr[D][4];  // the lane's chunks of a, the same for every row
+  float off = 0.0f;
+  const float down = row_prologue<AT, WARPS, D, NESTED>(a, code, sc, K, row_smem, xr, off);
+  const float* s_ncode = reinterpret_cast<const float*>(row_smem + kRowTableBytes);
 
   const uint32_t lane_off = uint32_t(lane) * 4u;
-  int64_t row = int64_t(blockIdx.x) * WARPS + warp;
-  int j = 0;
-  float acc = 0.0f;
-  while (row < N) {
+  for (; row < N; row += stride) {
+    const bool more = row + stride < N;
+    pw += step_bytes;
+    e_row += step_elems;
+    float acc = 0.0f;
 #pragma unroll
     for (int d = 0; d < D; ++d) {
-      const RowChunk t = ring[d];
-      fetch(ring[d]);
-      if (int64_t(d) * 32 + lane < KC) {
-        const uint32_t words[4] = {t.w.x, t.w.y, t.w.z, t.w.w};
-        __half2 h0 = __float2half2_rn(0.0f), h1 = h0;
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const uint32_t xs[4] = {xr[d][k].x, xr[d][k].y, xr[d][k].z, xr[d][k].w};
-#pragma unroll
-          for (int sel = 0; sel < 4; ++sel) {
-            const uint32_t addr = __byte_perm(words[k], lane_off, 0x5504u | (uint32_t(sel) << 4));
-            const __half2 wv = *reinterpret_cast<const __half2*>(table + addr);
-            const __half2 xv = *reinterpret_cast<const __half2*>(&xs[sel]);
-            if (sel & 1)
-              h1 = __hfma2(wv, xv, h1);
-            else
-              h0 = __hfma2(wv, xv, h0);
-          }
-        }
-        const float2 f = __half22float2(__hadd2(h0, h1));
-        const float scale = NESTED ? nested_scale(s_ncode[t.q], t.s, off) : t.s;
-        acc = fmaf(f.x + f.y, scale, acc);
-      }
-      if (++j == J) {  // the row's last chunk: its sum meets across the lanes
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-        if (lane == 0) out[row] = from_f32<AT>(acc * down);
-        acc = 0.0f;
-        j = 0;
-        row += stride;
-        if (row >= N) break;
-      }
+      const ChunkIn t = ring[d];
+      fetch(d, more);
+      acc = fmaf(row_chunk_dot(row_smem, lane_off, t.w, xr[d]), chunk_scale<NESTED>(t.q, t.s, s_ncode, off), acc);
     }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) out[row] = from_f32<AT>(acc * down);
   }
 }
 
@@ -230,7 +222,8 @@ void launch_gemv_row(const AT* a, const uint8_t* p, const Code16& c, const Scale
   static std::atomic<uint64_t> configured[2] = {0, 0};  // per kernel: devices where its smem limit is raised
   allow_dynamic_smem(kernel, device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin), configured[nested]);
   const size_t smem = row_smem_bytes(K);
-  const int64_t max_warps = one_wave(kernel, WARPS * 32, smem) * WARPS;
+  static WaveCache waves[2];
+  const int64_t max_warps = one_wave_cached(kernel, WARPS * 32, smem, waves[nested]) * WARPS;
   const int64_t rows_per_warp = (N + max_warps - 1) / max_warps;
   const int64_t warps = (N + rows_per_warp - 1) / rows_per_warp;
   kernel<<<unsigned((warps + WARPS - 1) / WARPS), WARPS * 32, smem, stream>>>(a, p, c, sc, log2bs, N, K, o);

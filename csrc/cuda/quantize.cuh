@@ -78,12 +78,6 @@ inline int bins_per_unit(const QuantTables& tab) {
   return 16;
 }
 
-// 8 elements as raw 16-bit words (two per uint32) or float32 values; the raw form keeps registers low.
-template <typename T>
-struct Chunk8 {
-  uint4 raw[sizeof(T) == 2 ? 1 : 2];
-};
-
 template <typename T>
 __device__ __forceinline__ Chunk8<T> load_chunk(const T* __restrict__ x, int64_t e, int64_t n, bool vec_ok) {
   Chunk8<T> c;
@@ -101,31 +95,6 @@ __device__ __forceinline__ Chunk8<T> load_chunk(const T* __restrict__ x, int64_t
     }
   }
   return c;
-}
-
-template <typename T>
-__device__ __forceinline__ float chunk_at(const Chunk8<T>& c, int j) {
-  return to_f32(reinterpret_cast<const T*>(c.raw)[j]);
-}
-
-// max over the chunk of |x| as float32 bits (integer order = float order for |x|; NaNs above +Inf)
-template <typename T>
-__device__ __forceinline__ uint32_t chunk_absmax_bits(const Chunk8<T>& c) {
-  if constexpr (sizeof(T) == 2) {
-    const uint4 r = c.raw[0];
-    const uint32_t m2 = __vmaxu2(__vmaxu2(r.x & 0x7fff7fffu, r.y & 0x7fff7fffu),
-                                 __vmaxu2(r.z & 0x7fff7fffu, r.w & 0x7fff7fffu));
-    const uint32_t m16 = max(m2 & 0xffffu, m2 >> 16);  // |x| bits of one 16-bit float
-    T h;
-    const uint16_t b16 = uint16_t(m16);
-    memcpy(&h, &b16, 2);
-    return __float_as_uint(to_f32(h)) & 0x7fffffffu;  // exact widening; NaN stays above +Inf
-  } else {
-    uint32_t m = 0;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) m = max(m, __float_as_uint(chunk_at(c, j)) & 0x7fffffffu);
-    return m;
-  }
 }
 
 // ------------------------------------------------------------------------- quantize
