@@ -501,3 +501,40 @@ def test_eager_matmul_autograd_matches_operator(native):
         results.append((out.detach(), xa.grad, ba.grad))
     for eager, op in zip(*results, strict=True):
         assert _same_float_bits(eager, op)
+
+
+def test_stale_build_lock_is_removed(tmp_path):
+    """A killed build leaves torch's ``lock`` file in the build folder, and torch's loader would wait on it
+    forever; under fsdp4bit's OS lock it is known to be stale and goes, and the lock file itself stays."""
+    from fsdp4bit.kernels._build import exclusive_build
+
+    (tmp_path / "lock").write_text("")
+    with exclusive_build(tmp_path):
+        assert not (tmp_path / "lock").exists()
+    assert (tmp_path / "fsdp4bit.flock").exists()
+
+
+_LOAD_WITH_STALE_LOCK = """
+import importlib
+from fsdp4bit.kernels import backend_name
+build = importlib.import_module("fsdp4bit.kernels._build")  # the package's own _build is a function
+_, _, key = build.cpu_build()
+folder = build.build_dir("fsdp4bit_cpu", key)
+folder.mkdir(parents=True, exist_ok=True)
+(folder / "lock").write_text("")
+print(backend_name("cpu"))
+"""
+
+
+def test_cpu_extension_loads_despite_stale_build_lock(native):
+    """End to end, in a child process with a time limit: the CPU extension loads (or builds) although a
+    killed build left torch's lock file in its cache folder (before, every later process hung there)."""
+    import subprocess
+    import sys
+
+    ops, device = native
+    if device.type != "cpu":
+        pytest.skip("the CPU extension's cache folder")
+    proc = subprocess.run([sys.executable, "-c", _LOAD_WITH_STALE_LOCK], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "native-cpu"

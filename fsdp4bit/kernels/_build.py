@@ -3,13 +3,16 @@
 Why on first use: the CPU build is tuned for the CPU it runs on (-march=native) and the CUDA build for the
 GPUs present (one -gencode per compute capability), so no wheel has to carry binaries for every target.
 Builds are cached under ``$FSDP4BIT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/fsdp4bit`` or ``~/.cache/fsdp4bit``)
-in a folder keyed by a hash of the sources, the flags, the torch version, the compiler and the target
+in a folder keyed by a hash of the sources (and their paths), the flags, the torch version, the compiler and the target
 (CPU feature flags or GPU archs), so a cache shared between different machines never hands out a binary
-built for another CPU. torch's own file lock serialises concurrent builds (e.g. several ranks at once).
+built for another CPU. Concurrent builds (e.g. several ranks at once) are serialised by an OS file lock that
+dies with its process; torch's own lock file, which a killed build leaves behind and torch then waits on
+forever, is removed while that lock is held (see ``exclusive_build``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -17,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -108,27 +112,55 @@ def _compiler_version(cmd: str) -> str:
 
 
 def _key(sources: tuple[Path, ...], *parts: str) -> str:
+    """Cache key of a build: the sources' bytes and paths (ninja rebuilds when a command names other paths, so
+    two checkouts sharing one cache would rebuild each other's extension on every load), the flags, torch."""
     h = hashlib.sha256()
     for src in sources:
+        h.update(str(src).encode())
         h.update(src.read_bytes())
     for part in (torch.__version__, sys.version, *parts):
         h.update(part.encode())
     return h.hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def exclusive_build(build_dir: Path) -> Iterator[None]:
+    """Hold an exclusive OS lock on ``build_dir`` (released by the kernel if the process dies) and remove
+    torch's ``lock`` file there: with the OS lock held no other fsdp4bit build runs in this folder, so that
+    file is left over from a killed build, and torch's ``cpp_extension.load`` would wait for it forever."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's own lock only
+        yield
+        return
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "fsdp4bit.flock", "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            (build_dir / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def build_dir(name: str, key: str) -> Path:
+    """The cache folder of extension ``name`` built with ``key``."""
+    return _cache_root() / f"{name}_{key}"
+
+
 def _load(name: str, sources: tuple[Path, ...], key: str, **kwargs) -> ModuleType:
     from torch.utils import cpp_extension
 
-    build_dir = _cache_root() / f"{name}_{key}"
-    build_dir.mkdir(parents=True, exist_ok=True)
+    folder = build_dir(name, key)
     verbose = os.environ.get("FSDP4BIT_BUILD_VERBOSE") == "1"
-    return cpp_extension.load(
-        name=f"{name}_{key}",
-        sources=[str(s) for s in sources],
-        build_directory=str(build_dir),
-        verbose=verbose,
-        **kwargs,
-    )
+    with exclusive_build(folder):
+        return cpp_extension.load(
+            name=f"{name}_{key}",
+            sources=[str(s) for s in sources],
+            build_directory=str(folder),
+            verbose=verbose,
+            **kwargs,
+        )
 
 
 def _check_ninja() -> None:
@@ -140,16 +172,22 @@ def _check_ninja() -> None:
         raise BuildError("ninja is not installed: `pip install ninja`") from exc
 
 
+def cpu_build() -> tuple[list[str], list[str], str]:
+    """(compiler flags, linker flags, cache key) of the CPU extension on this machine."""
+    arch, target = _cpu_target()
+    cflags = _CPU_CFLAGS + arch
+    ldflags = ["-fopenmp", *_LDFLAGS]
+    key = _key(CPU_SOURCES, " ".join(cflags + ldflags), target, _compiler_version(os.environ.get("CXX", "c++")))
+    return cflags, ldflags, key
+
+
 def build_cpu() -> tuple[ModuleType, float]:
     """Build (or load from cache) the CPU extension; returns (module, seconds spent)."""
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         raise BuildError(f"no C++ compiler found ({cxx!r} is not on PATH): install g++ (e.g. `apt-get install g++`)")
     _check_ninja()
-    arch, target = _cpu_target()
-    cflags = _CPU_CFLAGS + arch
-    ldflags = ["-fopenmp", *_LDFLAGS]
-    key = _key(CPU_SOURCES, " ".join(cflags + ldflags), target, _compiler_version(cxx))
+    cflags, ldflags, key = cpu_build()
     t0 = time.perf_counter()
     mod = _load("fsdp4bit_cpu", CPU_SOURCES, key, extra_cflags=cflags, extra_ldflags=ldflags)
     return mod, time.perf_counter() - t0
