@@ -13,7 +13,7 @@ from .autograd import matmul_4bit
 from .codebooks import check_blocksize, check_quant_storage, check_quant_type
 from .quant_state import PACKED_KEY_PREFIX, QuantState
 from .sharding import as_like, is_sharded, load_sharded_entries, sharded_state_dict_entries
-from .tensor_ops import TENSOR_OPS, copy_state, plain, slice_state, unwrap_call
+from .tensor_ops import TENSOR_OPS, SliceCache, copy_state, plain, slice_state, unwrap_call
 
 __all__ = ["Params4bit", "Linear4bit", "LinearNF4", "LinearFP4"]
 
@@ -24,16 +24,18 @@ class _StorageMeta:
     """Quantization metadata shared by every view of one packed allocation.
 
     ``quant_state`` describes the global packed words ``state_rows``; ``row0`` is the global word index
-    of storage element ``offset0``. A view's own state is derived from these (see Params4bit.quant_state).
+    of storage element ``offset0``. A view's own state is derived from these (see Params4bit.quant_state);
+    ``sliced`` remembers the last state derived for other words than ``state_rows``.
     """
 
-    __slots__ = ("quant_state", "row0", "offset0", "state_rows")
+    __slots__ = ("quant_state", "row0", "offset0", "state_rows", "sliced")
 
     def __init__(self, quant_state: QuantState | None, row0: int, offset0: int, words: int) -> None:
         self.quant_state = quant_state
         self.row0 = row0
         self.offset0 = offset0
         self.state_rows = (row0, row0 + words)
+        self.sliced = SliceCache()
 
 
 def _rebuild_params4bit(
@@ -117,12 +119,16 @@ class Params4bit(nn.Parameter):
         if state is None or not self.bnb_quantized:
             return state
         lo = self.row_start
-        return slice_state(state, meta.state_rows, (lo, lo + self._data.numel()), self.dtype.itemsize)
+        rows = (lo, lo + self._data.numel())
+        if rows == meta.state_rows:  # the words the state describes: the state itself, nothing to remember
+            return slice_state(state, rows, rows, self.dtype.itemsize)
+        return meta.sliced.get(state, meta.state_rows, rows, self.dtype.itemsize)
 
     @quant_state.setter
     def quant_state(self, value: QuantState | None) -> None:
         meta = self._storage_meta
         meta.quant_state = value
+        meta.sliced.clear()  # (a stale entry would never be hit; this frees what it holds)
         lo = self.row_start
         meta.state_rows = (lo, lo + self._data.numel())
 
@@ -425,9 +431,10 @@ class Linear4bit(nn.Linear):
                 "Linear4bit weight is not quantized: call .to(device) on the module first (it quantizes the weight)"
             )
         inp_dtype = x.dtype
-        if self.compute_dtype is not None:
+        if self.compute_dtype is not None and inp_dtype != self.compute_dtype:
             x = x.to(self.compute_dtype)
-        return matmul_4bit(x, weight, quant_state=state, bias=self.bias).to(inp_dtype)
+        out = matmul_4bit(x, weight, quant_state=state, bias=self.bias)
+        return out if out.dtype == inp_dtype else out.to(inp_dtype)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         weight = self.weight

@@ -26,13 +26,22 @@ _LIB = "fsdp4bit"
 GEMV_MAX_ROWS = 16
 
 
-def _eager_direct(*tensors: torch.Tensor | None) -> bool:
+_PLAIN = (torch.Tensor,)
+# nn.Parameter adds no dispatch behaviour (no __torch_dispatch__, __torch_function__ disabled): FSDP2's
+# unsharded parameters, e.g. a bias, are of this type.
+_PLAIN_OR_PARAMETER = (torch.Tensor, torch.nn.Parameter)
+
+
+def _eager_direct(*tensors: torch.Tensor | None, plain: tuple[type, ...] = _PLAIN) -> bool:
     """True when a call may skip the custom-op dispatcher: eager mode, plain tensors, no mode or transform."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return False
     if torch._C._functorch.maybe_current_level() is not None:
         return False
-    return all(t is None or type(t) is torch.Tensor for t in tensors)
+    for t in tensors:
+        if t is not None and type(t) not in plain:
+            return False
+    return True
 
 
 Quantized = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -145,10 +154,14 @@ def _(absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> DoubleQuant:
     )
 
 
-def _dequantize_4bit_impl(
-    packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype
+def _dequantize_4bit_impl(packed, *args) -> torch.Tensor:
+    return _dequantize_4bit_with(kernels.native_for(packed.device), packed, *args)
+
+
+def _dequantize_4bit_with(
+    native, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype
 ) -> torch.Tensor:
-    native = kernels.native_for(packed.device)
+    """:func:`dequantize_4bit` on ``native`` (``kernels.native_for(packed.device)``), the reference if None."""
     if native is not None:
         return native.dequantize_4bit(
             packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype
@@ -200,10 +213,14 @@ def _(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_bloc
     return packed.new_empty(shape, dtype=dtype)
 
 
-def _gemv_4bit_impl(
-    A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape
+def _gemv_4bit_impl(A, *args) -> torch.Tensor:
+    return _gemv_4bit_with(kernels.native_for(A.device), A, *args)
+
+
+def _gemv_4bit_with(
+    native, A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape
 ) -> torch.Tensor:
-    native = kernels.native_for(A.device)
+    """:func:`gemv_4bit` on ``native`` (``kernels.native_for(A.device)``), the reference if None."""
     if native is not None:
         return native.gemv_4bit(
             A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape
@@ -256,20 +273,28 @@ def _(A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_b
     return A.new_empty((*A.shape[:-1], shape[0]))
 
 
-def _matmul_4bit_impl(
+def _matmul_4bit_impl(*args) -> torch.Tensor:
+    return _matmul_4bit_run(*args)[0]
+
+
+def _matmul_4bit_run(
     A, bias, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, kernels.NativeOps | None]:
+    """(:func:`matmul_4bit`'s output, the native kernels that ran it and so checked the state, or None)."""
     stats = (absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape)
-    bias = None if bias is None else bias.to(A.dtype)
+    if bias is not None and bias.dtype != A.dtype:
+        bias = bias.to(A.dtype)
     if A.numel() // max(A.shape[-1], 1) <= GEMV_MAX_ROWS:
-        out = _gemv_4bit_impl(A, packed, *stats)
-        return out if bias is None else out + bias
-    weight = _dequantize_4bit_impl(packed, *stats, A.dtype)
-    return torch.nn.functional.linear(A, weight, bias)
+        native = kernels.native_for(A.device)
+        out = _gemv_4bit_with(native, A, packed, *stats)
+        return (out if bias is None else out + bias), native
+    native = kernels.native_for(packed.device)
+    weight = _dequantize_4bit_with(native, packed, *stats, A.dtype)
+    return torch.nn.functional.linear(A, weight, bias), native
 
 
-def _needs_grad(*tensors: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _needs_grad(A: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and (A.requires_grad or (bias is not None and bias.requires_grad))
 
 
 def matmul_4bit(
@@ -291,7 +316,7 @@ def matmul_4bit(
     is needed the eager path runs the same implementation without the dispatcher.
     """
     args = (A, bias, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape)
-    if _eager_direct(A, bias, packed, absmax, nested_absmax, nested_code, offset):
+    if _eager_direct(A, bias, packed, absmax, nested_absmax, nested_code, offset, plain=_PLAIN_OR_PARAMETER):
         return _Matmul4bitFunction.apply(*args) if _needs_grad(A, bias) else _matmul_4bit_impl(*args)
     return _matmul_4bit_op(*args)
 
@@ -325,15 +350,30 @@ def _matmul_setup_context(ctx, inputs, output):
     A, bias, packed, absmax, nested_absmax, nested_code, offset, *meta = inputs
     ctx.meta = meta
     ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.native = None
     ctx.save_for_backward(packed, absmax, nested_absmax, nested_code, offset)
+
+
+def _backward_weight(ctx, grad_out, packed, absmax, nested_absmax, nested_code, offset) -> torch.Tensor:
+    """W in grad_out's dtype. When the forward ran on native kernels (which checked this very state) and the
+    same kernels serve now, in eager mode, their extension call runs directly; else :func:`dequantize_4bit`."""
+    native = ctx.native
+    if (
+        native is not None
+        and _eager_direct(grad_out, packed, absmax, nested_absmax, nested_code, offset)
+        and kernels.native_for(packed.device) is native
+    ):
+        return native.dequantize_4bit(
+            packed, absmax, nested_absmax, nested_code, offset, *ctx.meta, grad_out.dtype, state_checked=True
+        )
+    return dequantize_4bit(packed, absmax, nested_absmax, nested_code, offset, *ctx.meta, grad_out.dtype)
 
 
 def _matmul_backward(ctx, grad_out):
     packed, absmax, nested_absmax, nested_code, offset = ctx.saved_tensors
     grad_A = grad_bias = None
     if ctx.needs_input_grad[0]:
-        weight = dequantize_4bit(packed, absmax, nested_absmax, nested_code, offset, *ctx.meta, grad_out.dtype)
-        grad_A = grad_out @ weight
+        grad_A = grad_out @ _backward_weight(ctx, grad_out, packed, absmax, nested_absmax, nested_code, offset)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[1]:
         grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
     return grad_A, grad_bias, None, None, None, None, None, None, None, None, None
@@ -348,8 +388,9 @@ class _Matmul4bitFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        out = _matmul_4bit_impl(*inputs)
+        out, native = _matmul_4bit_run(*inputs)
         _matmul_setup_context(ctx, inputs, out)
+        ctx.native = native
         return out
 
     @staticmethod

@@ -9,6 +9,7 @@ the inner tensor and returns plain tensors.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -77,9 +78,11 @@ def _moved_nested(state2: QuantState, device: torch.device) -> QuantState:
 
 def slice_state(state: QuantState, state_rows: tuple[int, int], rows: tuple[int, int], itemsize: int) -> QuantState:
     """The statistics of global words ``rows`` given ``state`` for words ``state_rows`` (same object if equal)."""
+    nblocks = -(-state.numel // state.blocksize)
+    if rows == state_rows:  # the same words own the same blocks
+        return state
     from .sharding import owned_blocks
 
-    nblocks = -(-state.numel // state.blocksize)
     first, last = owned_blocks(*state_rows, itemsize, state.blocksize, nblocks)
     lo, hi = owned_blocks(*rows, itemsize, state.blocksize, nblocks)
     if (lo, hi) == (first, last):
@@ -94,6 +97,47 @@ def slice_state(state: QuantState, state_rows: tuple[int, int], rows: tuple[int,
         state.offset,
         state.state2,
     )
+
+
+# Everything a QuantState holds: what slice_state reads of a state and sets on a slice.
+_fields = operator.attrgetter(
+    "absmax", "shape", "code", "blocksize", "quant_type", "dtype", "offset", "state2", "nested"
+)
+
+
+def _same_objects(a: tuple, b: tuple) -> bool:
+    for x, y in zip(a, b, strict=True):
+        if x is not y:
+            return False
+    return True
+
+
+class SliceCache:
+    """One remembered :func:`slice_state` result: hit only while the state, the rows and every field of the
+    state and of the slice are the very objects they were, so a hit returns what a fresh call would."""
+
+    __slots__ = ("entry",)
+
+    def __init__(self) -> None:
+        self.entry: tuple | None = None
+
+    def get(self, state: QuantState, state_rows: tuple[int, int], rows: tuple[int, int], itemsize: int) -> QuantState:
+        entry = self.entry
+        if entry is not None:
+            key, source, out, out_fields = entry
+            if (
+                key[0] is state
+                and key[1:] == (state_rows, rows, itemsize)
+                and _same_objects(source, _fields(state))
+                and _same_objects(out_fields, _fields(out))
+            ):
+                return out
+        out = slice_state(state, state_rows, rows, itemsize)
+        self.entry = ((state, state_rows, rows, itemsize), _fields(state), out, _fields(out))
+        return out
+
+    def clear(self) -> None:
+        self.entry = None
 
 
 def wrap_view(src, piece: torch.Tensor):

@@ -50,12 +50,17 @@ def _build(device_type: str) -> NativeOps | None:
 
 
 def native_for(device: torch.device | str) -> NativeOps | None:
-    """The native kernels for ``device``'s type, building them on first use; None means: use the reference."""
-    device_type = torch.device(device).type
-    if device_type not in ("cpu", "cuda") or native_disabled():
+    """The native kernels for ``device``'s type, building them on first use; None means: use the reference.
+
+    Called on every op, so a built device type is one dict hit (``_BUILT`` only ever holds "cpu" and "cuda").
+    """
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    if native_disabled():
         return None
     ops = _BUILT.get(device_type, ...)
     if ops is ...:
+        if device_type not in ("cpu", "cuda"):
+            return None
         with _LOCK:
             ops = _BUILT.get(device_type, ...)
             if ops is ...:

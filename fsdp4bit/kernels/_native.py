@@ -161,16 +161,25 @@ class NativeOps:
         quant_type: str,
         shape: Sequence[int],
         dtype: torch.dtype,
+        state_checked: bool = False,
     ) -> torch.Tensor:
-        """A ``shape`` tensor of ``dtype``: code[nibble] * absmax[block] in float32, cast once."""
-        check_quant_type(quant_type)
-        check_blocksize(blocksize)
+        """A ``shape`` tensor of ``dtype``: code[nibble] * absmax[block] in float32, cast once.
+
+        ``state_checked=True`` skips the checks of quant_type, blocksize and the state's tensors, for a state
+        that passed them for this shape (in :meth:`dequantize_4bit` or :meth:`gemv_4bit`): the matmul's
+        backward, with the state its forward checked. ``dtype`` is always checked; the extension checks
+        its arguments in any case (TORCH_CHECK).
+        """
+        if not state_checked:
+            check_quant_type(quant_type)
+            check_blocksize(blocksize)
         check_float_dtype(dtype, "dtype")
         numel = math.prod(shape)
         flat_packed = _flat_bytes(packed)
         # the CUDA kernel reads the code from device memory (each lane loads one entry), the CPU one by value
         code = _tables(quant_type)[2] if self.device_type == "cpu" else shared_4bit_code(quant_type, flat_packed.device)
-        _check_state(flat_packed, absmax, nested_absmax, nested_code, offset, numel, blocksize, nested_blocksize)
+        if not state_checked:
+            _check_state(flat_packed, absmax, nested_absmax, nested_code, offset, numel, blocksize, nested_blocksize)
         flat = self.ext.dequantize_4bit(
             flat_packed,
             absmax.contiguous(),
@@ -211,14 +220,16 @@ class NativeOps:
         check_float_dtype(A.dtype, "A.dtype")
         if len(shape) != 2:
             raise ValueError(f"shape must be (N, K), got {tuple(shape)}")
-        N, K = (int(s) for s in shape)
+        N, K = int(shape[0]), int(shape[1])
         if A.shape[-1] != K:
             raise ValueError(f"A's last dimension ({A.shape[-1]}) must equal K = {K}")
         flat_packed = _flat_bytes(packed)
         _check_state(flat_packed, absmax, nested_absmax, nested_code, offset, N * K, blocksize, nested_blocksize)
         if A.device != flat_packed.device:
             raise ValueError(f"A is on {A.device}, packed on {flat_packed.device}")
-        A2 = A.reshape(-1, K)
+        # a 2-D A is its own (M, K) view (K = 0 still goes through reshape, which rejects it)
+        two_d = A.dim() == 2 and K != 0
+        A2 = A if two_d else A.reshape(-1, K)
         if A2.shape[0] == 0:
             return A.new_empty((*A.shape[:-1], N))
         if self._gemv_fused_ok(A2.shape[0], K, flat_packed) and A2.is_contiguous() and A2.data_ptr() % 16 == 0:
@@ -236,7 +247,7 @@ class NativeOps:
                 N,
                 K,
             )
-            return out.view(*A.shape[:-1], N)
+            return out if two_d else out.view(*A.shape[:-1], N)
         weight = self.dequantize_4bit(
             flat_packed,
             absmax,
