@@ -78,7 +78,7 @@ def _moved_nested(state2: QuantState, device: torch.device) -> QuantState:
 
 def slice_state(state: QuantState, state_rows: tuple[int, int], rows: tuple[int, int], itemsize: int) -> QuantState:
     """The statistics of global words ``rows`` given ``state`` for words ``state_rows`` (same object if equal)."""
-    nblocks = -(-state.numel // state.blocksize)
+    nblocks = -(-state.numel // state.blocksize)  # first: a state without a valid shape raises for any rows
     if rows == state_rows:  # the same words own the same blocks
         return state
     from .sharding import owned_blocks

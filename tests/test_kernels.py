@@ -515,11 +515,9 @@ def test_stale_build_lock_is_removed(tmp_path):
 
 
 _LOAD_WITH_STALE_LOCK = """
-import importlib
-from fsdp4bit.kernels import backend_name
-build = importlib.import_module("fsdp4bit.kernels._build")  # the package's own _build is a function
-_, _, key = build.cpu_build()
-folder = build.build_dir("fsdp4bit_cpu", key)
+from fsdp4bit.kernels import _build, backend_name
+_, _, key = _build.cpu_build()
+folder = _build.build_dir("fsdp4bit_cpu", key)
 folder.mkdir(parents=True, exist_ok=True)
 (folder / "lock").write_text("")
 print(backend_name("cpu"))

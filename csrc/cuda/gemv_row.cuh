@@ -125,7 +125,7 @@ __device__ __forceinline__ float row_chunk_dot(const unsigned char* table, uint3
   return f.x + f.y;
 }
 
-// The prologue both row kernels share: the code and nested code into shared memory, a staged as scaled half2,
+// The row kernel's prologue: the code and nested code into shared memory, a staged as scaled half2,
 // the pair table filled, and the lane's D chunks of a loaded into `xr`. Returns the factor that undoes a's
 // scaling; `off` gets the double-quant offset.
 template <typename AT, int WARPS, int D, bool NESTED>

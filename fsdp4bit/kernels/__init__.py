@@ -29,7 +29,7 @@ def native_disabled() -> bool:
     return os.environ.get("FSDP4BIT_NO_NATIVE", "") not in ("", "0")
 
 
-def _build(device_type: str) -> NativeOps | None:
+def _build_native(device_type: str) -> NativeOps | None:
     try:
         if device_type == "cpu":
             ext, seconds = build_cpu()
@@ -64,7 +64,7 @@ def native_for(device: torch.device | str) -> NativeOps | None:
         with _LOCK:
             ops = _BUILT.get(device_type, ...)
             if ops is ...:
-                ops = _BUILT[device_type] = _build(device_type)
+                ops = _BUILT[device_type] = _build_native(device_type)
     return ops
 
 

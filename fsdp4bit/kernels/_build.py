@@ -3,9 +3,9 @@
 Why on first use: the CPU build is tuned for the CPU it runs on (-march=native) and the CUDA build for the
 GPUs present (one -gencode per compute capability), so no wheel has to carry binaries for every target.
 Builds are cached under ``$FSDP4BIT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/fsdp4bit`` or ``~/.cache/fsdp4bit``)
-in a folder keyed by a hash of the sources (and their paths), the flags, the torch version, the compiler and the target
-(CPU feature flags or GPU archs), so a cache shared between different machines never hands out a binary
-built for another CPU. Concurrent builds (e.g. several ranks at once) are serialised by an OS file lock that
+in a folder keyed by a hash of the sources (and their paths), the flags, the torch version, the compiler and
+the target (CPU feature flags or GPU archs), so a cache shared between different machines never hands out a
+binary built for another CPU. Concurrent builds (e.g. several ranks at once) are serialised by an OS file lock that
 dies with its process; torch's own lock file, which a killed build leaves behind and torch then waits on
 forever, is removed while that lock is held (see ``exclusive_build``).
 """
