@@ -308,6 +308,9 @@ def main() -> None:
     parser.add_argument(
         "--shapes", default=None, help="comma-separated NxK list (default: the standard set; CPU: 4096x4096)"
     )
+    parser.add_argument(
+        "--json", default=None, help="where to write the results (default: bench/results/kernels_<device>.json)"
+    )
     args = parser.parse_args()
     shapes = SHAPES
     if args.shapes:
@@ -321,6 +324,7 @@ def main() -> None:
         res = bench_gpu(shapes)
         print_gpu(res)
         out = RESULTS / f"kernels_{torch.cuda.get_device_name(0).replace(' ', '_')}.json"
+    out = Path(args.json) if args.json else out
     out.write_text(json.dumps(res, indent=1))
     print(f"\nwrote {out}")
 

@@ -4,6 +4,10 @@
 - forward matmul at 4096 tokens;
 - the whole ``functional.quantize_4bit`` (NF4 bs64, double quant), i.e. kernel + double-quant statistics.
 
+The ratios come from back-to-back batches (``batched_ms``: 10 calls between two events, the two sides
+alternating batch by batch, so clock drift and host time between calls cancel); the synchronous one-call
+timings (``cuda_ms``, the GPU idle before each call) are kept under "sync" for comparison with older runs.
+
     python bench/layer.py [--json bench/results/layer_<gpu>.json]
 """
 
@@ -39,6 +43,26 @@ def cuda_ms(fn, reps: int = 30, warmup: int = 5) -> float:
     return statistics.median(event_ms(fn, reps))
 
 
+def batched_ms(fns: dict[str, object], calls: int = 10, reps: int = 21, warmup: int = 3) -> dict[str, float]:
+    """Median ms per call of each function in ``fns``, run ``calls`` times back to back between two events; the
+    functions take turns batch by batch."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    torch.cuda.synchronize()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end) / calls)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def qlora_layer(device: str, out_f: int = 14336, in_f: int = 4096) -> tuple[torch.Tensor, bnb.nn.Linear4bit]:
     """(bf16 weight, the same weight as an NF4 bs64 double-quant Linear4bit computing in bf16) on ``device``."""
     torch.manual_seed(0)
@@ -56,6 +80,7 @@ def main() -> None:
     w, layer = qlora_layer(dev)
     out_f, in_f = w.shape
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": [out_f, in_f]}
+    sync = {}
     for tokens in (8192,):
         x = torch.randn(tokens, in_f, device=dev, dtype=torch.bfloat16, requires_grad=True)
         g = torch.randn(tokens, out_f, device=dev, dtype=torch.bfloat16)
@@ -66,19 +91,20 @@ def main() -> None:
         def ref():
             torch.nn.functional.linear(x, w).backward(g)
 
-        res[f"fwd_bwd_{tokens}_ms"] = {"fsdp4bit": cuda_ms(ours), "bf16_linear": cuda_ms(ref)}
+        res[f"fwd_bwd_{tokens}_ms"] = batched_ms({"fsdp4bit": ours, "bf16_linear": ref})
+        sync[f"fwd_bwd_{tokens}_ms"] = {"fsdp4bit": cuda_ms(ours), "bf16_linear": cuda_ms(ref)}
     for tokens in (4096,):
         x = torch.randn(tokens, in_f, device=dev, dtype=torch.bfloat16)
         with torch.no_grad():
-            res[f"fwd_{tokens}_ms"] = {
-                "fsdp4bit": cuda_ms(lambda: layer(x)),
-                "bf16_linear": cuda_ms(lambda: torch.nn.functional.linear(x, w)),
-            }
+            fns = {"fsdp4bit": lambda: layer(x), "bf16_linear": lambda: torch.nn.functional.linear(x, w)}
+            res[f"fwd_{tokens}_ms"] = batched_ms(fns)
+            sync[f"fwd_{tokens}_ms"] = {name: cuda_ms(fn) for name, fn in fns.items()}
+    res["sync"] = sync
     res["quantize_4bit_dq_us"] = 1000 * cuda_ms(
         lambda: bnb.functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
     )
     res["quantize_4bit_us"] = 1000 * cuda_ms(lambda: bnb.functional.quantize_4bit(w, blocksize=64, quant_type="nf4"))
-    for val in res.values():
+    for val in [*res.values(), *sync.values()]:
         if isinstance(val, dict) and "bf16_linear" in val:
             val["ratio"] = val["fsdp4bit"] / val["bf16_linear"]
     print(json.dumps(res, indent=1))

@@ -235,18 +235,88 @@ def test_gemv_pair_table_path(native, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gemv_row_path(native, dtype):
-    """1 token of fp16/bf16 with K in (3072, 4096] takes the row kernel (a warp per row, a in registers as scaled
-    half2): more rows than warps, lanes past K in the last chunk round, blocks straddling rows, FP4 and plain
-    absmax, and a at magnitudes far outside half precision (the kernel rescales a by a power of two)."""
+    """1 token of fp16/bf16 with K in (3072, 4096] and whole blocks of <= 1024 weights per row takes the row
+    kernel (a warp per row, a in registers as scaled half2): more rows than warps, lanes past K in the last chunk
+    round, FP4 and plain absmax, every blocksize it takes, and a at magnitudes far outside half precision (the
+    kernel rescales a by a power of two). Rows that end inside a block, and blocks past 1024 weights, take the
+    pair-table kernel: checked here too."""
     ops, device = native
     if device != "cuda":
         pytest.skip("the row gemv is CUDA-only (the CPU kernel covers these shapes in test_gemv)")
-    cases = [(4805, 4096, "nf4", True, 64), (4805, 3136, "fp4", False, 256), (77, 3104, "nf4", True, 4096)]
+    cases = [(4805, 4096, "nf4", True, 64), (4805, 3136, "fp4", False, 64), (77, 3584, "nf4", True, 512)]
+    cases += [(301, 4096, "fp4", True, 1024), (5, 3104, "nf4", True, 32)]
+    cases += [(4805, 3136, "fp4", False, 256), (77, 3104, "nf4", True, 4096), (33, 4096, "nf4", True, 2048)]
     for i, (N, K, qt, nested, bs) in enumerate(cases):
         _gemv_case(ops, device, (1,), N, K, bs, qt, nested, dtype, seed=300 + i)
     big, small = (1e30, 1e-30) if dtype == torch.bfloat16 else (3e3, 1e-3)
     for i, mag in enumerate((big, small)):
         _gemv_case(ops, device, (1,), 300, 4096, 64, "nf4", True, dtype, seed=310 + i, a_scale=mag)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemv_row_stream_path(native, dtype):
+    """1 token of fp16/bf16 with K % 1024 == 0 past 4096 takes the streaming row kernel (a in shared memory, each
+    lane's chunks one stream across row ends): rows ending mid-group of chunks (K / 1024 = 5, 7, 14), more rows
+    than warps and fewer, every blocksize it takes with and without double quant; blocks past 1024 weights take
+    the pair-table kernel (checked too)."""
+    ops, device = native
+    if device != "cuda":
+        pytest.skip("the streaming row gemv is CUDA-only (the CPU kernel covers these shapes in test_gemv)")
+    cases = [(4805, 8192, "nf4", True, 64), (2500, 5120, "fp4", False, 128), (301, 14336, "nf4", True, 1024)]
+    cases += [(3, 28672, "nf4", True, 64), (130, 7168, "fp4", True, 32), (64, 9216, "nf4", True, 2048)]
+    for i, (N, K, qt, nested, bs) in enumerate(cases):
+        _gemv_case(ops, device, (1,), N, K, bs, qt, nested, dtype, seed=340 + i)
+
+
+@pytest.mark.parametrize("K", [4096, 8192, 2048], ids=["row", "row-stream", "pair-table"])
+def test_gemv_chain_reads_the_kernel_before(native, K):
+    """1-token gemvs are programmatic dependent launches on sm_90: each may start while the kernel before it
+    runs, so what it reads must still be that kernel's finished output. A chain on one stream where every gemv
+    reads the gemv before (and one reads weights quantized by the kernel just before it), eagerly and replayed
+    from a CUDA graph, matches the float64 product of each step's actual input."""
+    from fsdp4bit import functional as F
+
+    ops, device = native
+    if device != "cuda":
+        pytest.skip("programmatic dependent launch is CUDA-only")
+    g = _gen(330 + K)
+    weights = [torch.randn(K, K, generator=g) / math.sqrt(K) for _ in range(2)]
+    states = [
+        F.quantize_4bit(w.to(device, torch.bfloat16), blocksize=64, compress_statistics=True, quant_type="nf4")
+        for w in weights
+    ]
+    fresh = weights[1].to(device, torch.bfloat16)
+    a0 = torch.randn(1, K, generator=g).to(device, torch.bfloat16)
+
+    def chain(a: torch.Tensor) -> list[torch.Tensor]:
+        outs = [a]
+        for step in range(12):
+            packed, state = states[step % 2]
+            outs.append(F.gemv_4bit(outs[-1], packed.t(), state=state))
+        packed, state = F.quantize_4bit(fresh, blocksize=64, compress_statistics=True, quant_type="nf4")
+        outs.append(F.gemv_4bit(outs[-1], packed.t(), state=state))
+        return outs
+
+    def check(outs: list[torch.Tensor]) -> None:
+        dense = [F.dequantize_4bit(p, s).double().cpu() for p, s in states]
+        for step, (a, out) in enumerate(zip(outs[:-1], outs[1:], strict=True)):
+            w = dense[step % 2] if step < 12 else dense[1]
+            ref = a.double().cpu() @ w.T
+            err = ((out.double().cpu() - ref).norm() / ref.norm()).item()
+            assert err < GEMV_RTOL[torch.bfloat16], f"step {step}: relative error {err:.2e}"
+
+    check(chain(a0))
+    static_a = a0.clone()
+    chain(static_a)  # warm-up before capture (allocations, extension state)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = chain(static_a)
+    for seed in (1, 2):
+        static_a.copy_(torch.randn(1, K, generator=_gen(seed)).to(device, torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        check(outs)
 
 
 def test_gemv_row_path_nan_input(native):

@@ -44,8 +44,19 @@ static const float kNF4[16] = {-1.0f, -0.6961928009986877f, -0.5250730514526367f
 
 // Optional filters (argv[2], argv[3]): run only variants / shapes whose name contains them (for ncu).
 static std::string g_variant, g_shape;
+// whether `name` contains one of the '|'-separated alternatives of `alts`
+static bool matches(const std::string& name, const std::string& alts) {
+  for (size_t start = 0;;) {
+    const size_t bar = alts.find('|', start);
+    if (name.find(alts.substr(start, bar == std::string::npos ? std::string::npos : bar - start)) != std::string::npos)
+      return true;
+    if (bar == std::string::npos) return false;
+    start = bar + 1;
+  }
+}
+
 static bool picked(const std::string& variant, const std::string& shape) {
-  return (variant.empty() || variant.find(g_variant) != std::string::npos) &&
+  return (variant.empty() || matches(variant, g_variant)) &&
          (shape.empty() || shape.find(g_shape) != std::string::npos);
 }
 
@@ -264,12 +275,24 @@ static void gemv_lut_call(const bf16* a, const uint8_t* p, const Code16& c, cons
   launch_gemv_lut<bf16, R, WARPS, F16>(a, p, c, sc, nested, log2bs, N, K, o, st);
 }
 
-// the row kernel where it applies (K in (3072, 4096]), else the pair-table kernel
+// the row kernel where it applies (K in (3072, 4096], whole blocks of <= 1024 weights per row), else the
+// pair-table kernel
 template <int WARPS>
 static void gemv_row_call(const bf16* a, const uint8_t* p, const Code16& c, const Scales& sc, bool nested, int log2bs,
                           int64_t N, int64_t K, bf16* o, cudaStream_t st) {
-  if ((K / 32 + 31) / 32 == 4)
+  if ((K / 32 + 31) / 32 == 4 && log2bs <= 10 && (K >> log2bs) << log2bs == K)
     launch_gemv_row<bf16, WARPS, 4>(a, p, c, sc, nested, log2bs, N, K, o, st);
+  else
+    launch_gemv_lut<bf16, 4, 16, true>(a, p, c, sc, nested, log2bs, N, K, o, st);
+}
+
+// the streaming row kernel (a in shared memory) where it applies (K % 1024 == 0, K >= 4096, blocks of <= 1024
+// weights), else the pair-table kernel
+template <int WARPS>
+static void gemv_rows_call(const bf16* a, const uint8_t* p, const Code16& c, const Scales& sc, bool nested, int log2bs,
+                           int64_t N, int64_t K, bf16* o, cudaStream_t st) {
+  if (K % 1024 == 0 && K >= 4096 && log2bs <= 10)
+    launch_gemv_row_stream<bf16, WARPS>(a, p, c, sc, nested, log2bs, N, K, o, st);
   else
     launch_gemv_lut<bf16, 4, 16, true>(a, p, c, sc, nested, log2bs, N, K, o, st);
 }
@@ -277,6 +300,7 @@ static void gemv_row_call(const bf16* a, const uint8_t* p, const Code16& c, cons
 static void sweep_gemv(double bw) {
   const std::vector<GemvVariant> variants = {
       {"M1 row W16", 1, gemv_row_call<16>}, {"M1 row W8", 1, gemv_row_call<8>},
+      {"M1 rows W16", 1, gemv_rows_call<16>}, {"M1 rows W8", 1, gemv_rows_call<8>},
       {"M1 lut R2W16", 1, gemv_lut_call<2, 16, false>}, {"M1 lut R4W16", 1, gemv_lut_call<4, 16, false>},
       {"M1 lut R4W8", 1, gemv_lut_call<4, 8, false>}, {"M1 lut R2W16h", 1, gemv_lut_call<2, 16, true>},
       {"M1 lut R4W16h", 1, gemv_lut_call<4, 16, true>}, {"M1 lut R4W8h", 1, gemv_lut_call<4, 8, true>},

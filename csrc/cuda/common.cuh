@@ -14,6 +14,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 namespace fsdp4bit {
@@ -81,6 +82,58 @@ inline int64_t one_wave_cached(Kernel kernel, int threads, size_t smem, WaveCach
   const int64_t wave = one_wave(kernel, threads, smem);  // >= 1, and < 2^16 (SMs x CTAs per SM)
   slot.store((key << 16) | uint64_t(wave & 0xffff), std::memory_order_relaxed);
   return wave;
+}
+
+// ------------------------------------------------------------------------- programmatic dependent launch
+// A kernel launched with launch_dependent() may start while the kernel before it in the stream finishes (Hopper's
+// programmatic dependent launch): its CTAs take SMs as the earlier kernel's CTAs leave and can do work that reads
+// nothing an earlier kernel writes (kernel parameters, shared memory) before pdl_wait(), which returns once every
+// earlier kernel has finished and its writes are visible. Both are no-ops before sm_90 (and pdl_wait() is one
+// when the kernel was launched without the attribute).
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// whether launches are programmatic dependent ones: the current device runs them (compute capability 9.0 or
+// later; kept per device so a launch costs no attribute query) and FSDP4BIT_NO_PDL is unset (a switch for
+// measuring a kernel on its own, or for ruling PDL out when debugging)
+inline bool pdl_supported() {
+  static const bool disabled = std::getenv("FSDP4BIT_NO_PDL") != nullptr;
+  if (disabled) return false;
+  static std::atomic<uint64_t> known{0}, yes{0};
+  int dev = 0;
+  cudaGetDevice(&dev);
+  const uint64_t bit = uint64_t(1) << (dev & 63);
+  if (!(known.load(std::memory_order_relaxed) & bit)) {
+    if (device_attribute(cudaDevAttrComputeCapabilityMajor) >= 9) yes.fetch_or(bit);
+    known.fetch_or(bit);
+  }
+  return (yes.load(std::memory_order_relaxed) & bit) != 0;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch where the device has them
+template <typename... Params, typename... Args>
+inline void launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                             Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl_supported() ? 1 : 0;
+  cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
 }
 
 // Ask L2 to fetch `bytes` (a multiple of 16) from 16-byte aligned global `p`, without registers or waiting

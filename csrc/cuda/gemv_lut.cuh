@@ -111,19 +111,9 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS >= 16 ? 1 : 16 / WARPS)
   const int64_t nsteps = (N + step_rows - 1) / step_rows;
   const int64_t row_off = int64_t(warp / kparts) * R;
 
-  LutTile<R> cur;
-  int64_t step = blockIdx.x, tile = t0;
-  if (step < nsteps && t0 < t1)
-    lut_fetch<R, NESTED>(cur, packed, sc, log2bs, N, K, step * step_rows + row_off, t0 * 32 + lane);  // during setup
-
+  // before pdl_wait(): the pair table from the by-value code (no earlier kernel writes either)
+  pdl_launch_dependents();
   copy_table(s_code, code.v);
-  float off = 0.0f;
-  load_scale_tables<NESTED>(sc, s_ncode, off);
-  for (int64_t i = threadIdx.x; i < K / 4; i += blockDim.x) {
-    const int64_t c = i / 8;
-    const AT* p = a + 4 * i;
-    s_x[x_slot(c, int(i % 8))] = make_float4(to_f32(p[0]), to_f32(p[1]), to_f32(p[2]), to_f32(p[3]));
-  }
   __syncthreads();
   for (int i = threadIdx.x; i < 256 * 32; i += blockDim.x) {
     const int e = i / 32, l = i % 32;
@@ -131,6 +121,20 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS >= 16 ? 1 : 16 / WARPS)
       *reinterpret_cast<__half2*>(smem + e * 256 + l * 4) = __floats2half2_rn(s_code[e >> 4], s_code[e & 15]);
     else
       *reinterpret_cast<float2*>(smem + e * 256 + l * 8) = make_float2(s_code[e >> 4], s_code[e & 15]);
+  }
+  pdl_wait();
+
+  LutTile<R> cur;
+  int64_t step = blockIdx.x, tile = t0;
+  if (step < nsteps && t0 < t1)
+    lut_fetch<R, NESTED>(cur, packed, sc, log2bs, N, K, step * step_rows + row_off, t0 * 32 + lane);  // during setup
+
+  float off = 0.0f;
+  load_scale_tables<NESTED>(sc, s_ncode, off);
+  for (int64_t i = threadIdx.x; i < K / 4; i += blockDim.x) {
+    const int64_t c = i / 8;
+    const AT* p = a + 4 * i;
+    s_x[x_slot(c, int(i % 8))] = make_float4(to_f32(p[0]), to_f32(p[1]), to_f32(p[2]), to_f32(p[3]));
   }
   __syncthreads();
 
@@ -198,7 +202,8 @@ inline int gemv_lut_kparts(int warps, int rows, int64_t N, int64_t K, int64_t ct
   return best;
 }
 
-// Persistent grid: as many CTAs as fit on the SMs, each building the table once.
+// Persistent grid: as many CTAs as fit on the SMs, each building the table once, as a programmatic dependent
+// launch (the table is filled while the kernel before it finishes).
 template <typename AT, int R, int WARPS, bool F16>
 void launch_gemv_lut(const AT* a, const uint8_t* p, const Code16& c, const Scales& sc, bool nested, int log2bs,
                      int64_t N, int64_t K, AT* o, cudaStream_t stream) {
@@ -211,7 +216,7 @@ void launch_gemv_lut(const AT* a, const uint8_t* p, const Code16& c, const Scale
   const int kparts = gemv_lut_kparts(WARPS, R, N, K, ctas);
   const int64_t steps = (N + int64_t(WARPS / kparts) * R - 1) / (int64_t(WARPS / kparts) * R);
   const unsigned grid = unsigned(std::min(ctas, steps));
-  kernel<<<grid, WARPS * 32, smem, stream>>>(a, p, c, sc, log2bs, N, K, kparts, o);
+  launch_dependent(kernel, dim3(grid), dim3(WARPS * 32), smem, stream, a, p, c, sc, log2bs, N, K, kparts, o);
 }
 
 // Whether the pair-table gemv takes this call (one token of fp16/bf16 A, power-of-two nested blocks, K within

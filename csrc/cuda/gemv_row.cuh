@@ -1,13 +1,15 @@
-// 4-bit gemv for one token of fp16/bf16 a, a warp per weight row: out[n] = a . W[n], W (N, K) 4-bit,
-// K % 32 == 0 and K / 1024 rounded up == D (the launcher picks D = 4: K in (3072, 4096], the hidden size of most
-// 7B-8B models). Lane l takes the 16-byte chunks l, l + 32, ... of a row, so a warp's loads are contiguous and
-// the lane's D chunks of a are the same for every row: they live in registers, as half2 scaled by a power of
-// two (max |a| lands in [2^9, 2^10), so 16 products of |w| <= 1 sum to at most 2^14 in half precision).
+// 4-bit gemvs for one token of fp16/bf16 a, a warp per weight row: out[n] = a . W[n], W (N, K) 4-bit.
+// gemv_row_kernel (K in (3072, 4096], the hidden size of most 7B-8B models): lane l takes the 16-byte chunks
+// l, l + 32, ... of a row, so a warp's loads are contiguous and the lane's D = 4 chunks of a are the same for
+// every row: they live in registers, as half2 scaled by a power of two (max |a| lands in [2^9, 2^10), so 16
+// products of |w| <= 1 sum to at most 2^14 in half precision). gemv_row_stream_kernel (K % 1024 == 0 past
+// 4096: down projections, 70B-class models) reads a from shared memory per chunk instead.
 // Per packed byte: one PRMT (the byte and the lane make the table address), one conflict-free LDS of both
 // weights as half2 (the pair table is replicated per lane) and one HFMA2; each 32-weight partial sum is widened
-// to float32 and scaled by its block's absmax there. The next row's chunks are loaded while a row is computed
-// (each as soon as its ring slot is free); a row's sum meets across its lanes once, with no barrier after the
-// prologue. Measured against the pair-table kernel (gemv_lut.cuh) in NOTES.md.
+// to float32 and scaled by its block's absmax there. The next chunks are loaded while a row is computed (each
+// as soon as its ring slot is free); a row's sum meets across its lanes once, with no barrier after the
+// prologue. Both are programmatic dependent launches. Measured against the pair-table kernel (gemv_lut.cuh)
+// in NOTES.md.
 #pragma once
 
 #include "common.cuh"
@@ -50,7 +52,15 @@ __device__ __forceinline__ uint32_t& row_word(uint4& v, int k) {
 
 // a as half2 in shared memory: 16-byte quad q of chunk c (32 values) at c * 4 + (q ^ ((c >> 1) & 3)), so a
 // quarter warp reading quad q of 8 consecutive chunks hits 8 distinct 16-byte bank groups
-__device__ __forceinline__ int64_t row_x_quad(int64_t c, int q) { return c * 4 + (q ^ int((c >> 1) & 3)); }
+__device__ __forceinline__ uint32_t row_x_quad(uint32_t c, int q) { return c * 4 + (uint32_t(q) ^ ((c >> 1) & 3)); }
+
+// where a (as half2) lies in the row kernels' shared memory: after the table, the nested code and the partials
+__device__ __forceinline__ uint4* row_x(unsigned char* row_smem) {
+  return reinterpret_cast<uint4*>(row_smem + kRowTableBytes + 4 * (256 + kRowMaxWarps));
+}
+__device__ __forceinline__ const uint4* row_x(const unsigned char* row_smem) {
+  return reinterpret_cast<const uint4*>(row_smem + kRowTableBytes + 4 * (256 + kRowMaxWarps));
+}
 
 // a (K values) as half2 scaled by 2^e in shared memory, e from the CTA's max |a| (every CTA finds the same);
 // each thread reads its 16-byte quads of a from global memory once, keeping up to 4 in registers across the
@@ -90,7 +100,7 @@ __device__ __forceinline__ float row_stage_a(const AT* __restrict__ a, int64_t K
       memcpy(&bits, &h, 4);
       row_word(v, k) = bits;
     }
-    s_x[row_x_quad(i / 4, int(i % 4))] = v;
+    s_x[row_x_quad(uint32_t(i / 4), int(i % 4))] = v;
   };
 #pragma unroll
   for (int t = 0; t < kStash; ++t) {
@@ -125,43 +135,50 @@ __device__ __forceinline__ float row_chunk_dot(const unsigned char* table, uint3
   return f.x + f.y;
 }
 
-// The row kernel's prologue: the code and nested code into shared memory, a staged as scaled half2,
-// the pair table filled, and the lane's D chunks of a loaded into `xr`. Returns the factor that undoes a's
-// scaling; `off` gets the double-quant offset.
-template <typename AT, int WARPS, int D, bool NESTED>
-__device__ __forceinline__ float row_prologue(const AT* __restrict__ a, const Code16& code, const Scales& sc, int64_t K,
-                                              unsigned char* row_smem, uint4 (&xr)[D][4], float& off) {
-  static_assert(WARPS <= kRowMaxWarps, "too many warps for the max's partials");
-  unsigned char* table = row_smem;
-  float* s_ncode = reinterpret_cast<float*>(row_smem + kRowTableBytes);
-  uint32_t* s_red = reinterpret_cast<uint32_t*>(s_ncode + 256);
-  uint4* s_x = reinterpret_cast<uint4*>(s_red + kRowMaxWarps);
-  float* s_code = reinterpret_cast<float*>(s_x + K / 8);
-  const int lane = threadIdx.x % 32;
-  const int64_t KC = K / 32;
+// A row kernel's start: it lets the next kernel launch, fills the pair table (byte -> both weights as half2, per
+// lane) from the by-value code, which no earlier kernel writes, then waits for the kernel before it.
+__device__ __forceinline__ void row_table_then_wait(const Code16& code, unsigned char* row_smem, int64_t K) {
+  pdl_launch_dependents();
+  float* s_code = reinterpret_cast<float*>(row_smem + kRowTableBytes + 4 * (256 + kRowMaxWarps) + 2 * size_t(K));
   copy_table(s_code, code.v);
-  load_scale_tables<NESTED>(sc, s_ncode, off);
-  const float down = row_stage_a<AT, WARPS>(a, K, s_x, s_red);  // its barrier also publishes s_code
-  // the pair table (a per-warp fill from the lanes' registers, without staging the code in shared memory,
-  // measured 3.8 us slower per call on the H100)
+  __syncthreads();
   for (int i = threadIdx.x; i < 256 * 32; i += blockDim.x) {
     const int e = i / 32, l = i % 32;
-    *reinterpret_cast<__half2*>(table + e * 256 + l * 4) = __floats2half2_rn(s_code[e >> 4], s_code[e & 15]);
+    *reinterpret_cast<__half2*>(row_smem + e * 256 + l * 4) = __floats2half2_rn(s_code[e >> 4], s_code[e & 15]);
   }
+  pdl_wait();
+}
+
+// After pdl_wait(): the nested code into shared memory and a staged as scaled half2 (published by a barrier).
+// Returns the factor that undoes a's scaling; `off` gets the double-quant offset.
+template <typename AT, int WARPS, bool NESTED>
+__device__ __forceinline__ float row_prologue(const AT* __restrict__ a, const Scales& sc, int64_t K,
+                                              unsigned char* row_smem, float& off) {
+  static_assert(WARPS <= kRowMaxWarps, "too many warps for the max's partials");
+  float* s_ncode = reinterpret_cast<float*>(row_smem + kRowTableBytes);
+  uint32_t* s_red = reinterpret_cast<uint32_t*>(s_ncode + 256);
+  load_scale_tables<NESTED>(sc, s_ncode, off);
+  const float down = row_stage_a<AT, WARPS>(a, K, row_x(row_smem), s_red);
   __syncthreads();
-#pragma unroll
-  for (int d = 0; d < D; ++d)
-#pragma unroll
-    for (int q = 0; q < 4; ++q)
-      xr[d][q] = int64_t(d) * 32 + lane < KC ? s_x[row_x_quad(int64_t(d) * 32 + lane, q)] : make_uint4(0u, 0u, 0u, 0u);
   return down;
 }
 
+// the lane's 32 staged values of a for chunk c of a row (chunk index c * 32 + lane of a)
+__device__ __forceinline__ void row_load_x(const unsigned char* row_smem, uint32_t chunk, uint4 (&x)[4]) {
+  const uint4* s_x = row_x(row_smem);
+#pragma unroll
+  for (int q = 0; q < 4; ++q) x[q] = s_x[row_x_quad(chunk, q)];
+}
+
+// Launched as a programmatic dependent launch (launch_dependent): the pair table is filled while the kernel
+// before it finishes (back to back 1-token gemvs, H100 14336x4096: 13.6 vs 15.2 us per call), and the kernel
+// lets the next one start at once (that one waits for this one's output before reading anything).
 template <typename AT, int WARPS, int D, bool NESTED>
 __global__ void __launch_bounds__(WARPS * 32, 1)
     gemv_row_kernel(const AT* __restrict__ a, const uint8_t* __restrict__ packed, Code16 code, Scales sc, int log2bs,
                     int64_t N, int64_t K, AT* __restrict__ out) {
   extern __shared__ __align__(16) unsigned char row_smem[];
+  row_table_then_wait(code, row_smem, K);
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t stride = int64_t(gridDim.x) * WARPS;
@@ -171,18 +188,27 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
     if (int64_t(d) * 32 + lane < K / 32) valid |= 1u << d;
 
   // The ring holds the lane's D chunks of the warp's next row: slot d is read, refilled with chunk d of the row
-  // after, then computed. The row's packed bytes and first element advance by a constant per row, so a chunk's
-  // addresses cost a few adds (a 64-bit element index per chunk cost ~45 instructions per chunk, as much as its
-  // math).
+  // after, then computed. The row's packed bytes advance by a constant per row, and so does the block of the
+  // lane's first chunk (K % blocksize == 0, blocksize <= 1024, block indices below 2^31: the launcher checks):
+  // chunk d lies in block b_lane + d * 1024 / blocksize, so a chunk's addresses are a few 32-bit adds.
   int64_t row = int64_t(blockIdx.x) * WARPS + warp;
   const uint8_t* pw = packed + row * (K / 2) + lane * 16;
-  int64_t e_row = row * K + lane * 32;
-  const int64_t step_bytes = stride * (K / 2), step_elems = stride * K;
+  const uint32_t row_blocks = uint32_t(K >> log2bs), blocks_per_1024 = 1024u >> log2bs;
+  uint32_t b_lane = uint32_t(row) * row_blocks + ((uint32_t(lane) * 32u) >> log2bs);
+  const int64_t step_bytes = stride * (K / 2);
+  const uint32_t step_blocks = uint32_t(stride) * row_blocks;
+  const int nlog2 = NESTED ? sc.nested_log2 : 0;
   ChunkIn ring[D];
   auto fetch = [&](int d, bool ok) {
     if (ok && ((valid >> d) & 1u)) {
       ring[d].w = __ldcs(reinterpret_cast<const uint4*>(pw + d * 512));
-      load_scale_in<NESTED>(sc, (e_row + d * 1024) >> log2bs, ring[d].q, ring[d].s);
+      const uint32_t b = b_lane + uint32_t(d) * blocks_per_1024;
+      if constexpr (NESTED) {
+        ring[d].q = __ldg(sc.absmax_q + b);
+        ring[d].s = __ldg(sc.nested_absmax + (b >> nlog2));
+      } else {
+        ring[d].s = __ldg(sc.absmax_f + b);
+      }
     }
   };
 #pragma unroll
@@ -191,22 +217,34 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
     fetch(d, row < N);  // in flight during the prologue
   }
 
-  uint4 xr[D][4];  // the lane's chunks of a, the same for every row
   float off = 0.0f;
-  const float down = row_prologue<AT, WARPS, D, NESTED>(a, code, sc, K, row_smem, xr, off);
+  const float down = row_prologue<AT, WARPS, NESTED>(a, sc, K, row_smem, off);
+  uint4 xr[D][4];  // the lane's chunks of a, the same for every row (chunks past K: zero)
+#pragma unroll
+  for (int d = 0; d < D; ++d) {
+    if ((valid >> d) & 1u) {
+      row_load_x(row_smem, uint32_t(d * 32 + lane), xr[d]);
+    } else {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) xr[d][q] = make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
   const float* s_ncode = reinterpret_cast<const float*>(row_smem + kRowTableBytes);
 
   const uint32_t lane_off = uint32_t(lane) * 4u;
   for (; row < N; row += stride) {
     const bool more = row + stride < N;
     pw += step_bytes;
-    e_row += step_elems;
+    b_lane += step_blocks;
     float acc = 0.0f;
 #pragma unroll
     for (int d = 0; d < D; ++d) {
       const ChunkIn t = ring[d];
       fetch(d, more);
-      acc = fmaf(row_chunk_dot(row_smem, lane_off, t.w, xr[d]), chunk_scale<NESTED>(t.q, t.s, s_ncode, off), acc);
+      // the block scale with one rounding (a gemv is checked against float64 within bf16 tolerance, not
+      // bit for bit)
+      const float scale = NESTED ? fmaf(s_ncode[t.q], t.s, off) : t.s;
+      acc = fmaf(row_chunk_dot(row_smem, lane_off, t.w, xr[d]), scale, acc);
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
@@ -214,23 +252,139 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
   }
 }
 
-// Grid: rows per warp so that the warps split N evenly, at most one wave.
+// Grid: rows per warp so that the warps split N evenly, at most one wave. `configured` and `waves` belong to
+// `kernel` (its raised shared-memory limit per device, its occupancy).
+template <typename AT, int WARPS, typename Kernel>
+void launch_row_kernel(Kernel kernel, std::atomic<uint64_t>& configured, WaveCache& waves, const AT* a,
+                       const uint8_t* p, const Code16& c, const Scales& sc, int log2bs, int64_t N, int64_t K, AT* o,
+                       cudaStream_t stream) {
+  allow_dynamic_smem(kernel, device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin), configured);
+  const size_t smem = row_smem_bytes(K);
+  const int64_t max_warps = one_wave_cached(kernel, WARPS * 32, smem, waves) * WARPS;
+  const int64_t rows_per_warp = (N + max_warps - 1) / max_warps;
+  const int64_t warps = (N + rows_per_warp - 1) / rows_per_warp;
+  launch_dependent(kernel, dim3(unsigned((warps + WARPS - 1) / WARPS)), dim3(WARPS * 32), smem, stream, a, p, c, sc,
+                   log2bs, N, K, o);
+}
+
 template <typename AT, int WARPS, int D>
 void launch_gemv_row(const AT* a, const uint8_t* p, const Code16& c, const Scales& sc, bool nested, int log2bs,
                      int64_t N, int64_t K, AT* o, cudaStream_t stream) {
-  auto kernel = nested ? gemv_row_kernel<AT, WARPS, D, true> : gemv_row_kernel<AT, WARPS, D, false>;
-  static std::atomic<uint64_t> configured[2] = {0, 0};  // per kernel: devices where its smem limit is raised
-  allow_dynamic_smem(kernel, device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin), configured[nested]);
-  const size_t smem = row_smem_bytes(K);
+  static std::atomic<uint64_t> configured[2] = {0, 0};
   static WaveCache waves[2];
-  const int64_t max_warps = one_wave_cached(kernel, WARPS * 32, smem, waves[nested]) * WARPS;
-  const int64_t rows_per_warp = (N + max_warps - 1) / max_warps;
-  const int64_t warps = (N + rows_per_warp - 1) / rows_per_warp;
-  kernel<<<unsigned((warps + WARPS - 1) / WARPS), WARPS * 32, smem, stream>>>(a, p, c, sc, log2bs, N, K, o);
+  launch_row_kernel<AT, WARPS>(nested ? gemv_row_kernel<AT, WARPS, D, true> : gemv_row_kernel<AT, WARPS, D, false>,
+                               configured[nested], waves[nested], a, p, c, sc, log2bs, N, K, o, stream);
+}
+
+// The row kernel for K % 1024 == 0, K >= 4096 (a in shared memory): lane l's chunks of a row are l + 32 c for
+// c < K / 1024, and the lane walks the chunks of its rows as one stream, the ring's slot d holding every 4th
+// chunk of it (4 chunks in flight, across row ends). Each chunk reads its 32 values of a from shared memory
+// (4 LDS.128); a row's sum meets across the lanes after the group of D chunks where it ended.
+template <typename AT, int WARPS, bool NESTED>
+__global__ void __launch_bounds__(WARPS * 32, 1)
+    gemv_row_stream_kernel(const AT* __restrict__ a, const uint8_t* __restrict__ packed, Code16 code, Scales sc,
+                           int log2bs, int64_t N, int64_t K, AT* __restrict__ out) {
+  constexpr int D = 4;
+  extern __shared__ __align__(16) unsigned char row_smem[];
+  row_table_then_wait(code, row_smem, K);
+
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t stride = int64_t(gridDim.x) * WARPS;
+  const uint32_t C = uint32_t(K >> 10);  // chunks per lane and row
+  const uint32_t row_blocks = uint32_t(K >> log2bs), blocks_per_chunk = 1024u >> log2bs;
+  const int nlog2 = NESTED ? sc.nested_log2 : 0;
+  int64_t row = int64_t(blockIdx.x) * WARPS + warp;
+
+  // the fetch cursor: chunks left to load, chunk in the row, packed bytes and block of the lane's next chunk
+  // (32-bit counts and blocks: the launcher checks); past a row's last chunk it jumps to the warp's next row
+  uint32_t f_left = row < N ? uint32_t((N - 1 - row) / stride + 1) * C : 0u;
+  uint32_t f_c = 0, f_b = uint32_t(row) * row_blocks + ((uint32_t(lane) * 32u) >> log2bs);
+  const uint8_t* f_p = packed + row * (K / 2) + lane * 16;
+  const int64_t jump_bytes = (stride - 1) * (K / 2);
+  const uint32_t jump_blocks = uint32_t(stride - 1) * row_blocks;
+  ChunkIn ring[D];
+  auto fetch = [&](int d) {
+    if (f_left > 0) {
+      --f_left;
+      ring[d].w = __ldcs(reinterpret_cast<const uint4*>(f_p));
+      if constexpr (NESTED) {
+        ring[d].q = __ldg(sc.absmax_q + f_b);
+        ring[d].s = __ldg(sc.nested_absmax + (f_b >> nlog2));
+      } else {
+        ring[d].s = __ldg(sc.absmax_f + f_b);
+      }
+    }
+    f_p += 512;
+    f_b += blocks_per_chunk;
+    if (++f_c == C) {
+      f_c = 0;
+      f_p += jump_bytes;
+      f_b += jump_blocks;
+    }
+  };
+#pragma unroll
+  for (int d = 0; d < D; ++d) {
+    ring[d] = ChunkIn{make_uint4(0u, 0u, 0u, 0u), 0u, 0.0f};
+    fetch(d);  // in flight during the prologue
+  }
+  float off = 0.0f;
+  const float down = row_prologue<AT, WARPS, NESTED>(a, sc, K, row_smem, off);
+  const float* s_ncode = reinterpret_cast<const float*>(row_smem + kRowTableBytes);
+
+  const uint32_t lane_off = uint32_t(lane) * 4u;
+  // quad q of the lane's chunk c of a: row_x_quad(c * 32 + lane, q), whose swizzle depends on the lane alone
+  const uint4* x_lane[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) x_lane[q] = row_x(static_cast<const unsigned char*>(row_smem)) + row_x_quad(lane, q);
+  uint32_t c = 0;
+  float acc = 0.0f;
+  while (row < N) {
+    // a group of D chunks ends at most one row (C >= D); its sum meets across the lanes after the group, outside
+    // any branch (a reduction inside the slot's branch cost the loop its uniform table base: ~20 more
+    // instructions per chunk)
+    float done = 0.0f;
+    bool ended = false;
+#pragma unroll
+    for (int d = 0; d < D; ++d) {
+      const ChunkIn t = ring[d];
+      fetch(d);
+      uint4 x[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) x[q] = x_lane[q][c * 128];
+      const float scale = NESTED ? fmaf(s_ncode[t.q], t.s, off) : t.s;
+      acc = fmaf(row_chunk_dot(row_smem, lane_off, t.w, x), scale, acc);
+      if (++c == C) {
+        done = acc;
+        acc = 0.0f;
+        c = 0;
+        ended = true;
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) done += __shfl_xor_sync(0xffffffffu, done, o);
+    if (ended) {
+      if (lane == 0) out[row] = from_f32<AT>(done * down);
+      row += stride;
+    }
+  }
+}
+
+template <typename AT, int WARPS>
+void launch_gemv_row_stream(const AT* a, const uint8_t* p, const Code16& c, const Scales& sc, bool nested, int log2bs,
+                            int64_t N, int64_t K, AT* o, cudaStream_t stream) {
+  static std::atomic<uint64_t> configured[2] = {0, 0};
+  static WaveCache waves[2];
+  launch_row_kernel<AT, WARPS>(nested ? gemv_row_stream_kernel<AT, WARPS, true> : gemv_row_stream_kernel<AT, WARPS, false>,
+                               configured[nested], waves[nested], a, p, c, sc, log2bs, N, K, o, stream);
 }
 
 // Whether the row kernel takes this call; launch_gemv (gemv.cu) asks it first.
-bool gemv_row_applies(FloatType dtype, bool nested, const Scales& sc, int64_t M, int64_t K);
+bool gemv_row_applies(FloatType dtype, bool nested, const Scales& sc, int log2bs, int64_t M, int64_t N, int64_t K);
+bool gemv_row_stream_applies(FloatType dtype, bool nested, const Scales& sc, int log2bs, int64_t M, int64_t N,
+                             int64_t K);
+void launch_gemv_row_stream_any(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code,
+                                const Scales& sc, bool nested, int log2bs, int64_t N, int64_t K, void* out,
+                                cudaStream_t stream);
 void launch_gemv_row_any(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code, const Scales& sc,
                          bool nested, int log2bs, int64_t N, int64_t K, void* out, cudaStream_t stream);
 
