@@ -189,6 +189,19 @@ def _gemv_case(ops, device, M_shape, N, K, blocksize, qt, nested, dtype, seed, a
     assert err < GEMV_RTOL[dtype], f"relative error {err:.2e} for {dtype}, M={M_shape} N={N} K={K}"
 
 
+def _cuda_gemv_kernel(ops, dtype: torch.dtype, N: int, K: int, blocksize: int, nested: bool, M: int = 1) -> str:
+    """The CUDA kernel gemv_4bit takes for this call on the current GPU (the extension's own dispatch rule)."""
+    name = str(dtype).removeprefix("torch.")
+    return ops.ext.gemv_kernel(name, blocksize, nested, 256, M, N, K, torch.cuda.current_device())
+
+
+def _gemv_path_cases(ops, device, dtype, cases, kernel: str, seed: int) -> None:
+    """Each (N, K, quant_type, nested, blocksize) case takes `kernel` and matches the float64 reference."""
+    for i, (N, K, qt, nested, bs) in enumerate(cases):
+        assert _cuda_gemv_kernel(ops, dtype, N, K, bs, nested) == kernel, (N, K, bs, nested)
+        _gemv_case(ops, device, (1,), N, K, bs, qt, nested, dtype, seed=seed + i)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("qt", QUANT_TYPES)
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
@@ -222,32 +235,32 @@ def test_gemv_tensor_core_path(native, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gemv_pair_table_path(native, dtype):
-    """1 token of fp16/bf16 takes the pair-table kernel: more row steps than CTAs with a ragged last step, a
-    partial last k-tile, few rows split over k-parts, and a K past its shared memory (CUDA-core fallback)."""
+    """1 token of fp16/bf16 that the row kernels do not take (rows ending inside a block, blocks past 1024
+    weights) takes the pair-table kernel: more row steps than CTAs with a ragged last step, a
+    partial last k-tile, few rows split over k-parts; and a K past its shared memory (CUDA-core fallback)."""
     ops, device = native
     if device != "cuda":
         pytest.skip("the pair-table gemv is CUDA-only (the CPU kernel covers these shapes in test_gemv)")
-    cases = [(4805, 4160, "nf4", True, 64), (4805, 4160, "fp4", False, 256), (7, 14336, "nf4", True, 4096)]
-    cases.append((3, 65536, "nf4", True, 64))
-    for i, (N, K, qt, nested, bs) in enumerate(cases):
-        _gemv_case(ops, device, (1,), N, K, bs, qt, nested, dtype, seed=200 + i)
+    cases = [(4805, 4160, "nf4", True, 128), (4805, 4160, "fp4", False, 256), (7, 14336, "nf4", True, 4096)]
+    cases += [(500, 992, "nf4", True, 64), (33, 4096, "nf4", True, 2048)]
+    _gemv_path_cases(ops, device, dtype, cases, "pair_table", seed=200)
+    _gemv_path_cases(ops, device, dtype, [(3, 131072, "nf4", True, 64)], "cuda_core", seed=210)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gemv_row_path(native, dtype):
-    """1 token of fp16/bf16 with K in (3072, 4096] and whole blocks of <= 1024 weights per row takes the row
-    kernel (a warp per row, a in registers as scaled half2): more rows than warps, lanes past K in the last chunk
-    round, FP4 and plain absmax, every blocksize it takes, and a at magnitudes far outside half precision (the
-    kernel rescales a by a power of two). Rows that end inside a block, and blocks past 1024 weights, take the
-    pair-table kernel: checked here too."""
+    """1 token of fp16/bf16 with K up to 4096 and whole blocks of <= 1024 weights per row takes the register row
+    kernel (a warp per row, a in registers as scaled half2, D = K / 1024 rounded up chunk rounds): every D,
+    more rows than warps, lanes past K in the last round, FP4 and plain absmax, every blocksize it takes, and a
+    at magnitudes far outside half precision (the kernel rescales a by a power of two)."""
     ops, device = native
     if device != "cuda":
         pytest.skip("the row gemv is CUDA-only (the CPU kernel covers these shapes in test_gemv)")
     cases = [(4805, 4096, "nf4", True, 64), (4805, 3136, "fp4", False, 64), (77, 3584, "nf4", True, 512)]
-    cases += [(301, 4096, "fp4", True, 1024), (5, 3104, "nf4", True, 32)]
-    cases += [(4805, 3136, "fp4", False, 256), (77, 3104, "nf4", True, 4096), (33, 4096, "nf4", True, 2048)]
-    for i, (N, K, qt, nested, bs) in enumerate(cases):
-        _gemv_case(ops, device, (1,), N, K, bs, qt, nested, dtype, seed=300 + i)
+    cases += [(301, 4096, "fp4", True, 1024), (5, 3104, "nf4", True, 32), (1000, 1024, "nf4", True, 64)]
+    cases += [(999, 2048, "fp4", False, 128), (500, 2080, "nf4", True, 32), (3000, 3072, "nf4", True, 256)]
+    cases += [(2500, 576, "nf4", True, 64), (17, 96, "fp4", False, 32)]
+    _gemv_path_cases(ops, device, dtype, cases, "row", seed=300)
     big, small = (1e30, 1e-30) if dtype == torch.bfloat16 else (3e3, 1e-3)
     for i, mag in enumerate((big, small)):
         _gemv_case(ops, device, (1,), 300, 4096, 64, "nf4", True, dtype, seed=310 + i, a_scale=mag)
@@ -255,68 +268,73 @@ def test_gemv_row_path(native, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gemv_row_stream_path(native, dtype):
-    """1 token of fp16/bf16 with K % 1024 == 0 past 4096 takes the streaming row kernel (a in shared memory, each
-    lane's chunks one stream across row ends): rows ending mid-group of chunks (K / 1024 = 5, 7, 14), more rows
-    than warps and fewer, every blocksize it takes with and without double quant; blocks past 1024 weights take
-    the pair-table kernel (checked too)."""
+    """1 token of fp16/bf16 with K past 4096 and whole blocks of <= 1024 weights per row takes the streaming row
+    kernel (a in shared memory, each lane's chunks one stream across row ends): rows ending mid-group of
+    chunks (5, 7, 11, 14 rounds; 7 rounds with 3 rows per warp end rows at slots 2, 1 and 0), lanes past K in the
+    last round (K % 1024 != 0: 4160, 11008), more rows than warps and fewer, every blocksize it takes, with and
+    without double quant; blocks past 1024 weights take the pair-table kernel (checked too)."""
     ops, device = native
     if device != "cuda":
         pytest.skip("the streaming row gemv is CUDA-only (the CPU kernel covers these shapes in test_gemv)")
     cases = [(4805, 8192, "nf4", True, 64), (2500, 5120, "fp4", False, 128), (301, 14336, "nf4", True, 1024)]
-    cases += [(3, 28672, "nf4", True, 64), (130, 7168, "fp4", True, 32), (64, 9216, "nf4", True, 2048)]
-    for i, (N, K, qt, nested, bs) in enumerate(cases):
-        _gemv_case(ops, device, (1,), N, K, bs, qt, nested, dtype, seed=340 + i)
+    cases += [(3, 28672, "nf4", True, 64), (130, 7168, "fp4", True, 32), (4805, 7168, "nf4", True, 256)]
+    cases += [(4805, 4160, "nf4", True, 64), (45, 11008, "fp4", False, 256), (2111, 11008, "nf4", True, 512)]
+    cases += [(6000, 5120, "nf4", False, 64)]
+    _gemv_path_cases(ops, device, dtype, cases, "row_stream", seed=340)
+    _gemv_path_cases(ops, device, dtype, [(64, 9216, "nf4", True, 2048)], "pair_table", seed=360)
 
 
-@pytest.mark.parametrize("K", [4096, 8192, 2048], ids=["row", "row-stream", "pair-table"])
+@pytest.mark.parametrize("K", [4096, 8192, 992], ids=["row", "row-stream", "pair-table"])
 def test_gemv_chain_reads_the_kernel_before(native, K):
     """1-token gemvs are programmatic dependent launches on sm_90: each may start while the kernel before it
     runs, so what it reads must still be that kernel's finished output. A chain on one stream where every gemv
-    reads the gemv before (and one reads weights quantized by the kernel just before it), eagerly and replayed
-    from a CUDA graph, matches the float64 product of each step's actual input."""
+    reads the gemv before, and the last one reads weights quantized by the kernels just before it, eagerly and
+    replayed from a CUDA graph with new inputs and new weights each time, matches the float64 product of each
+    step's actual input and weight."""
     from fsdp4bit import functional as F
 
     ops, device = native
     if device != "cuda":
         pytest.skip("programmatic dependent launch is CUDA-only")
+    expected = {4096: "row", 8192: "row_stream", 992: "pair_table"}[K]
+    assert _cuda_gemv_kernel(ops, torch.bfloat16, K, K, 64, True) == expected
     g = _gen(330 + K)
-    weights = [torch.randn(K, K, generator=g) / math.sqrt(K) for _ in range(2)]
-    states = [
-        F.quantize_4bit(w.to(device, torch.bfloat16), blocksize=64, compress_statistics=True, quant_type="nf4")
-        for w in weights
-    ]
-    fresh = weights[1].to(device, torch.bfloat16)
+    quant = dict(blocksize=64, compress_statistics=True, quant_type="nf4")
+    states = [F.quantize_4bit(torch.randn(K, K, generator=g).to(device, torch.bfloat16) / math.sqrt(K), **quant)]
+    states.append(F.quantize_4bit(torch.randn(K, K, generator=g).to(device, torch.bfloat16) / math.sqrt(K), **quant))
+    dense = [F.dequantize_4bit(p, s).double().cpu() for p, s in states]
+    fresh = torch.randn(K, K, generator=g).to(device, torch.bfloat16) / math.sqrt(K)
     a0 = torch.randn(1, K, generator=g).to(device, torch.bfloat16)
 
-    def chain(a: torch.Tensor) -> list[torch.Tensor]:
+    def chain(a: torch.Tensor) -> tuple[list[torch.Tensor], tuple]:
         outs = [a]
         for step in range(12):
             packed, state = states[step % 2]
             outs.append(F.gemv_4bit(outs[-1], packed.t(), state=state))
-        packed, state = F.quantize_4bit(fresh, blocksize=64, compress_statistics=True, quant_type="nf4")
+        packed, state = F.quantize_4bit(fresh, **quant)
         outs.append(F.gemv_4bit(outs[-1], packed.t(), state=state))
-        return outs
+        return outs, (packed, state)
 
-    def check(outs: list[torch.Tensor]) -> None:
-        dense = [F.dequantize_4bit(p, s).double().cpu() for p, s in states]
-        for step, (a, out) in enumerate(zip(outs[:-1], outs[1:], strict=True)):
-            w = dense[step % 2] if step < 12 else dense[1]
+    def check(outs: list[torch.Tensor], last: tuple) -> None:
+        weights = [*(dense[step % 2] for step in range(12)), F.dequantize_4bit(*last).double().cpu()]
+        for step, (a, out, w) in enumerate(zip(outs[:-1], outs[1:], weights, strict=True)):
             ref = a.double().cpu() @ w.T
             err = ((out.double().cpu() - ref).norm() / ref.norm()).item()
             assert err < GEMV_RTOL[torch.bfloat16], f"step {step}: relative error {err:.2e}"
 
-    check(chain(a0))
+    check(*chain(a0))
     static_a = a0.clone()
     chain(static_a)  # warm-up before capture (allocations, extension state)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        outs = chain(static_a)
+        outs, last = chain(static_a)
     for seed in (1, 2):
         static_a.copy_(torch.randn(1, K, generator=_gen(seed)).to(device, torch.bfloat16))
+        fresh.copy_(torch.randn(K, K, generator=_gen(seed + 10)).to(device, torch.bfloat16) / math.sqrt(K))
         graph.replay()
         torch.cuda.synchronize()
-        check(outs)
+        check(outs, last)
 
 
 def test_gemv_row_path_nan_input(native):

@@ -175,6 +175,22 @@ at::Tensor gemv_4bit(const at::Tensor& A, const at::Tensor& packed, const at::Te
   return out;
 }
 
+// The kernel gemv_4bit takes for A of `dtype` ("float32", "float16" or "bfloat16") (M, K) and a 4-bit (N, K) weight on device `device_index`: "row",
+// "row_stream", "pair_table", "tensor_core" or "cuda_core" (for tests and benchmarks that must know the path).
+std::string gemv_kernel(const std::string& dtype, int64_t blocksize, bool nested, int64_t nested_blocksize, int64_t M,
+                        int64_t N, int64_t K, int64_t device_index) {
+  TORCH_CHECK_VALUE(dtype == "float32" || dtype == "float16" || dtype == "bfloat16",
+                    "dtype must be 'float32', 'float16' or 'bfloat16', got '", dtype, "'");
+  const FloatType ft = dtype == "float32" ? FloatType::kF32 : dtype == "float16" ? FloatType::kF16 : FloatType::kBF16;
+  const int log2bs = log2_blocksize(blocksize);
+  TORCH_CHECK_VALUE(nested_blocksize > 0, "nested_blocksize must be positive, got ", nested_blocksize);
+  Scales sc{};
+  sc.nested_bs = nested_blocksize;
+  sc.nested_log2 = (nested_blocksize & (nested_blocksize - 1)) == 0 ? __builtin_ctzll(uint64_t(nested_blocksize)) : -1;
+  const c10::cuda::CUDAGuard guard(at::Device(at::kCUDA, c10::DeviceIndex(device_index)));
+  return gemv_kernel_name(ft, nested, sc, log2bs, M, N, K);
+}
+
 // (codes, absmax); a copy of `code` goes to `code_out` when it is given (a 256-entry float32 tensor on A's device).
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_into(const at::Tensor& A, const at::Tensor& code, int64_t blocksize,
                                                            const std::optional<at::Tensor>& offset, float* code_out) {
@@ -237,4 +253,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("double_quant", &fsdp4bit::double_quant,
         "double quant of a float32 absmax -> (offset = mean, uint8 codes, float32 nested absmax, copy of code)");
   m.def("gemv_4bit", &fsdp4bit::gemv_4bit, "A (M, K) @ W(N, K).T with W 4-bit, M <= 8, K % 32 == 0 -> (M, N)");
+  m.def("gemv_kernel", &fsdp4bit::gemv_kernel,
+        "the kernel gemv_4bit takes: (dtype, blocksize, nested, nested_blocksize, M, N, K, device_index) -> name");
 }

@@ -102,18 +102,32 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
+// an empty kernel compiled like every other: its PTX version tells whether griddepcontrol was compiled in
+static __global__ void pdl_probe_kernel() {}
+
 // whether launches are programmatic dependent ones: the current device runs them (compute capability 9.0 or
-// later; kept per device so a launch costs no attribute query) and FSDP4BIT_NO_PDL is unset (a switch for
-// measuring a kernel on its own, or for ruling PDL out when debugging)
+// later), the kernels were compiled for it (PTX 9.0 or later: an older-arch build JIT-compiled for Hopper would
+// launch with the attribute but never wait), the runtime captures them into graphs (CUDA 12.3 or later), and
+// FSDP4BIT_NO_PDL is unset or "0" (a switch for measuring a kernel on its own, or for ruling PDL out when
+// debugging). Kept per device so a launch costs no query.
 inline bool pdl_supported() {
-  static const bool disabled = std::getenv("FSDP4BIT_NO_PDL") != nullptr;
-  if (disabled) return false;
+  static const bool disabled = [] {
+    const char* v = std::getenv("FSDP4BIT_NO_PDL");
+    return v != nullptr && std::strcmp(v, "0") != 0 && v[0] != '\0';
+  }();
+  static const bool runtime_ok = [] {
+    int version = 0;
+    return cudaRuntimeGetVersion(&version) == cudaSuccess && version >= 12030;
+  }();
+  if (disabled || !runtime_ok) return false;
   static std::atomic<uint64_t> known{0}, yes{0};
   int dev = 0;
   cudaGetDevice(&dev);
   const uint64_t bit = uint64_t(1) << (dev & 63);
   if (!(known.load(std::memory_order_relaxed) & bit)) {
-    if (device_attribute(cudaDevAttrComputeCapabilityMajor) >= 9) yes.fetch_or(bit);
+    cudaFuncAttributes attr{};
+    const bool compiled = cudaFuncGetAttributes(&attr, pdl_probe_kernel) == cudaSuccess && attr.ptxVersion >= 90;
+    if (compiled && device_attribute(cudaDevAttrComputeCapabilityMajor) >= 9) yes.fetch_or(bit);
     known.fetch_or(bit);
   }
   return (yes.load(std::memory_order_relaxed) & bit) != 0;

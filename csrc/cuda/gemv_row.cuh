@@ -1,9 +1,9 @@
 // 4-bit gemvs for one token of fp16/bf16 a, a warp per weight row: out[n] = a . W[n], W (N, K) 4-bit.
-// gemv_row_kernel (K in (3072, 4096], the hidden size of most 7B-8B models): lane l takes the 16-byte chunks
-// l, l + 32, ... of a row, so a warp's loads are contiguous and the lane's D = 4 chunks of a are the same for
-// every row: they live in registers, as half2 scaled by a power of two (max |a| lands in [2^9, 2^10), so 16
-// products of |w| <= 1 sum to at most 2^14 in half precision). gemv_row_stream_kernel (K % 1024 == 0 past
-// 4096: down projections, 70B-class models) reads a from shared memory per chunk instead.
+// gemv_row_kernel (K up to 4096: the hidden size of most models up to 8B): lane l takes the 16-byte chunks
+// l, l + 32, ... of a row (D = K / 1024 rounded up of them), so a warp's loads are contiguous and the lane's
+// chunks of a are the same for every row: they live in registers, as half2 scaled by a power of two (max |a|
+// lands in [2^9, 2^10), so 16 products of |w| <= 1 sum to at most 2^14 in half precision).
+// gemv_row_stream_kernel (K past 4096: down projections, 70B-class models) reads a from shared memory per chunk.
 // Per packed byte: one PRMT (the byte and the lane make the table address), one conflict-free LDS of both
 // weights as half2 (the pair table is replicated per lane) and one HFMA2; each 32-weight partial sum is widened
 // to float32 and scaled by its block's absmax there. The next chunks are loaded while a row is computed (each
@@ -21,8 +21,10 @@ namespace fsdp4bit {
 constexpr size_t kRowTableBytes = 256 * 256;  // half2 pair of byte e for lane l at e * 256 + l * 4 (one PRMT)
 constexpr int kRowMaxWarps = 32;
 // the table, the nested code, the max's partials, a as half2, the code
+// a as half2, padded with zeros to whole rounds of 1024 values (a lane's chunks past K read zeros)
+constexpr size_t row_x_bytes(int64_t K) { return 2 * size_t((K + 1023) / 1024 * 1024); }
 constexpr size_t row_smem_bytes(int64_t K) {
-  return kRowTableBytes + 4 * (256 + kRowMaxWarps) + 2 * size_t(K) + 4 * 16;
+  return kRowTableBytes + 4 * (256 + kRowMaxWarps) + row_x_bytes(K) + 4 * 16;
 }
 
 // exponent e with max |a| * 2^e in [2^9, 2^10), from the bits of max |a| (0 for zero, Inf or NaN: no scaling)
@@ -139,7 +141,7 @@ __device__ __forceinline__ float row_chunk_dot(const unsigned char* table, uint3
 // lane) from the by-value code, which no earlier kernel writes, then waits for the kernel before it.
 __device__ __forceinline__ void row_table_then_wait(const Code16& code, unsigned char* row_smem, int64_t K) {
   pdl_launch_dependents();
-  float* s_code = reinterpret_cast<float*>(row_smem + kRowTableBytes + 4 * (256 + kRowMaxWarps) + 2 * size_t(K));
+  float* s_code = reinterpret_cast<float*>(row_smem + kRowTableBytes + 4 * (256 + kRowMaxWarps) + row_x_bytes(K));
   copy_table(s_code, code.v);
   __syncthreads();
   for (int i = threadIdx.x; i < 256 * 32; i += blockDim.x) {
@@ -149,7 +151,8 @@ __device__ __forceinline__ void row_table_then_wait(const Code16& code, unsigned
   pdl_wait();
 }
 
-// After pdl_wait(): the nested code into shared memory and a staged as scaled half2 (published by a barrier).
+// After pdl_wait(): the nested code into shared memory and a staged as scaled half2, zero past K to the end of
+// its last round (published by a barrier).
 // Returns the factor that undoes a's scaling; `off` gets the double-quant offset.
 template <typename AT, int WARPS, bool NESTED>
 __device__ __forceinline__ float row_prologue(const AT* __restrict__ a, const Scales& sc, int64_t K,
@@ -158,6 +161,9 @@ __device__ __forceinline__ float row_prologue(const AT* __restrict__ a, const Sc
   float* s_ncode = reinterpret_cast<float*>(row_smem + kRowTableBytes);
   uint32_t* s_red = reinterpret_cast<uint32_t*>(s_ncode + 256);
   load_scale_tables<NESTED>(sc, s_ncode, off);
+  const uint32_t quads = uint32_t(K / 8), padded = uint32_t(row_x_bytes(K) / 16);
+  for (uint32_t i = quads + threadIdx.x; i < padded; i += blockDim.x)
+    row_x(row_smem)[row_x_quad(i / 4, int(i % 4))] = make_uint4(0u, 0u, 0u, 0u);
   const float down = row_stage_a<AT, WARPS>(a, K, row_x(row_smem), s_red);
   __syncthreads();
   return down;
@@ -276,11 +282,11 @@ void launch_gemv_row(const AT* a, const uint8_t* p, const Code16& c, const Scale
                                configured[nested], waves[nested], a, p, c, sc, log2bs, N, K, o, stream);
 }
 
-// The row kernel for K % 1024 == 0, K >= 4096 (a in shared memory): lane l's chunks of a row are l + 32 c for
-// c < K / 1024, and the lane walks the chunks of its rows as one stream, the ring's slot d holding every 4th
+// The row kernel for K past 4096 (a in shared memory): lane l's chunks of a row are l + 32 c for c < C =
+// K / 1024 rounded up (those past K, with PAD, read zero a and a zero scale input), and the lane walks the chunks of its rows as one stream, the ring's slot d holding every 4th
 // chunk of it (4 chunks in flight, across row ends). Each chunk reads its 32 values of a from shared memory
 // (4 LDS.128); a row's sum meets across the lanes after the group of D chunks where it ended.
-template <typename AT, int WARPS, bool NESTED>
+template <typename AT, int WARPS, bool NESTED, bool PAD>
 __global__ void __launch_bounds__(WARPS * 32, 1)
     gemv_row_stream_kernel(const AT* __restrict__ a, const uint8_t* __restrict__ packed, Code16 code, Scales sc,
                            int log2bs, int64_t N, int64_t K, AT* __restrict__ out) {
@@ -290,7 +296,8 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t stride = int64_t(gridDim.x) * WARPS;
-  const uint32_t C = uint32_t(K >> 10);  // chunks per lane and row
+  const uint32_t C = uint32_t((K + 1023) >> 10);  // chunk rounds per row (lanes past K in the last: zeros)
+  const uint32_t KC = uint32_t(K / 32);
   const uint32_t row_blocks = uint32_t(K >> log2bs), blocks_per_chunk = 1024u >> log2bs;
   const int nlog2 = NESTED ? sc.nested_log2 : 0;
   int64_t row = int64_t(blockIdx.x) * WARPS + warp;
@@ -306,12 +313,16 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
   auto fetch = [&](int d) {
     if (f_left > 0) {
       --f_left;
-      ring[d].w = __ldcs(reinterpret_cast<const uint4*>(f_p));
-      if constexpr (NESTED) {
-        ring[d].q = __ldg(sc.absmax_q + f_b);
-        ring[d].s = __ldg(sc.nested_absmax + (f_b >> nlog2));
+      if (!PAD || f_c * 32 + uint32_t(lane) < KC) {
+        ring[d].w = __ldcs(reinterpret_cast<const uint4*>(f_p));
+        if constexpr (NESTED) {
+          ring[d].q = __ldg(sc.absmax_q + f_b);
+          ring[d].s = __ldg(sc.nested_absmax + (f_b >> nlog2));
+        } else {
+          ring[d].s = __ldg(sc.absmax_f + f_b);
+        }
       } else {
-        ring[d].s = __ldg(sc.absmax_f + f_b);
+        ring[d] = ChunkIn{make_uint4(0u, 0u, 0u, 0u), 0u, 0.0f};  // past K: a is zero there, the scale finite
       }
     }
     f_p += 512;
@@ -372,10 +383,13 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
 template <typename AT, int WARPS>
 void launch_gemv_row_stream(const AT* a, const uint8_t* p, const Code16& c, const Scales& sc, bool nested, int log2bs,
                             int64_t N, int64_t K, AT* o, cudaStream_t stream) {
-  static std::atomic<uint64_t> configured[2] = {0, 0};
-  static WaveCache waves[2];
-  launch_row_kernel<AT, WARPS>(nested ? gemv_row_stream_kernel<AT, WARPS, true> : gemv_row_stream_kernel<AT, WARPS, false>,
-                               configured[nested], waves[nested], a, p, c, sc, log2bs, N, K, o, stream);
+  static std::atomic<uint64_t> configured[4] = {0, 0, 0, 0};
+  static WaveCache waves[4];
+  const bool pad = K % 1024 != 0;  // a compile-time case: the per-chunk check measured 3-6% at K % 1024 == 0
+  const int which = 2 * int(nested) + int(pad);
+  auto kernel = nested ? (pad ? gemv_row_stream_kernel<AT, WARPS, true, true> : gemv_row_stream_kernel<AT, WARPS, true, false>)
+                       : (pad ? gemv_row_stream_kernel<AT, WARPS, false, true> : gemv_row_stream_kernel<AT, WARPS, false, false>);
+  launch_row_kernel<AT, WARPS>(kernel, configured[which], waves[which], a, p, c, sc, log2bs, N, K, o, stream);
 }
 
 // Whether the row kernel takes this call; launch_gemv (gemv.cu) asks it first.

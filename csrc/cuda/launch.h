@@ -39,6 +39,9 @@ void launch_dequantize(const uint8_t* packed, int64_t n, const float* code, cons
                        bool vec_ok, void* out, FloatType dtype, cudaStream_t stream);
 void launch_gemv(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code, const Scales& sc, bool nested,
                  int log2bs, int64_t M, int64_t N, int64_t K, void* out, cudaStream_t stream);
+// which kernel launch_gemv() takes for this call on the current device (only `sc.nested_log2` is read)
+const char* gemv_kernel_name(FloatType dtype, bool nested, const Scales& sc, int log2bs, int64_t M, int64_t N,
+                             int64_t K);
 // 8-bit blockwise quantization of float32 `a - *offset` (offset may be null) against a sorted 256-entry code;
 // a copy of `code` goes to `code_out` when it is not null.
 void launch_quantize_blockwise(const float* a, int64_t n, int64_t blocksize, const float* code, const float* offset,
