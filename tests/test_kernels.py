@@ -227,7 +227,7 @@ def test_gemv(native, dtype, qt, nested):
 def test_gemv_tensor_core_path(native, dtype):
     """4..8 tokens on sm_90 take the tensor-core kernel: more 16-row tiles than CTAs, a partial last k chunk."""
     ops, device = native
-    if device != "cuda":
+    if device.type != "cuda":
         pytest.skip("the tensor-core gemv is CUDA-only (the CPU kernel covers these shapes in test_gemv)")
     for i, (M, qt, nested, bs) in enumerate([(4, "nf4", True, 64), (8, "fp4", False, 256), (6, "nf4", True, 4096)]):
         _gemv_case(ops, device, (M,), 4805, 4160, bs, qt, nested, dtype, seed=100 + i)
@@ -239,7 +239,7 @@ def test_gemv_pair_table_path(native, dtype):
     weights) takes the pair-table kernel: more row steps than CTAs with a ragged last step, a
     partial last k-tile, few rows split over k-parts; and a K past its shared memory (CUDA-core fallback)."""
     ops, device = native
-    if device != "cuda":
+    if device.type != "cuda":
         pytest.skip("the pair-table gemv is CUDA-only (the CPU kernel covers these shapes in test_gemv)")
     cases = [(4805, 4160, "nf4", True, 128), (4805, 4160, "fp4", False, 256), (7, 14336, "nf4", True, 4096)]
     cases += [(500, 992, "nf4", True, 64), (33, 4096, "nf4", True, 2048)]
@@ -254,14 +254,15 @@ def test_gemv_row_path(native, dtype):
     more rows than warps, lanes past K in the last round, FP4 and plain absmax, every blocksize it takes, and a
     at magnitudes far outside half precision (the kernel rescales a by a power of two)."""
     ops, device = native
-    if device != "cuda":
+    if device.type != "cuda":
         pytest.skip("the row gemv is CUDA-only (the CPU kernel covers these shapes in test_gemv)")
     cases = [(4805, 4096, "nf4", True, 64), (4805, 3136, "fp4", False, 64), (77, 3584, "nf4", True, 512)]
     cases += [(301, 4096, "fp4", True, 1024), (5, 3104, "nf4", True, 32), (1000, 1024, "nf4", True, 64)]
     cases += [(999, 2048, "fp4", False, 128), (500, 2080, "nf4", True, 32), (3000, 3072, "nf4", True, 256)]
     cases += [(2500, 576, "nf4", True, 64), (17, 96, "fp4", False, 32)]
     _gemv_path_cases(ops, device, dtype, cases, "row", seed=300)
-    big, small = (1e30, 1e-30) if dtype == torch.bfloat16 else (3e3, 1e-3)
+    # fp16: |a| up to ~400 keeps the 4096-term outputs (std ~ 64 |a|) inside half precision's range
+    big, small = (1e30, 1e-30) if dtype == torch.bfloat16 else (1e2, 1e-3)
     for i, mag in enumerate((big, small)):
         _gemv_case(ops, device, (1,), 300, 4096, 64, "nf4", True, dtype, seed=310 + i, a_scale=mag)
 
@@ -274,12 +275,12 @@ def test_gemv_row_stream_path(native, dtype):
     last round (K % 1024 != 0: 4160, 11008), more rows than warps and fewer, every blocksize it takes, with and
     without double quant; blocks past 1024 weights take the pair-table kernel (checked too)."""
     ops, device = native
-    if device != "cuda":
+    if device.type != "cuda":
         pytest.skip("the streaming row gemv is CUDA-only (the CPU kernel covers these shapes in test_gemv)")
     cases = [(4805, 8192, "nf4", True, 64), (2500, 5120, "fp4", False, 128), (301, 14336, "nf4", True, 1024)]
     cases += [(3, 28672, "nf4", True, 64), (130, 7168, "fp4", True, 32), (4805, 7168, "nf4", True, 256)]
-    cases += [(4805, 4160, "nf4", True, 64), (45, 11008, "fp4", False, 256), (2111, 11008, "nf4", True, 512)]
-    cases += [(6000, 5120, "nf4", False, 64)]
+    cases += [(4805, 4160, "nf4", True, 64), (45, 11008, "fp4", False, 256), (4805, 11008, "nf4", True, 256)]
+    cases += [(6000, 5120, "nf4", False, 64), (9000, 4160, "fp4", False, 32)]
     _gemv_path_cases(ops, device, dtype, cases, "row_stream", seed=340)
     _gemv_path_cases(ops, device, dtype, [(64, 9216, "nf4", True, 2048)], "pair_table", seed=360)
 
@@ -294,7 +295,7 @@ def test_gemv_chain_reads_the_kernel_before(native, K):
     from fsdp4bit import functional as F
 
     ops, device = native
-    if device != "cuda":
+    if device.type != "cuda":
         pytest.skip("programmatic dependent launch is CUDA-only")
     expected = {4096: "row", 8192: "row_stream", 992: "pair_table"}[K]
     assert _cuda_gemv_kernel(ops, torch.bfloat16, K, K, 64, True) == expected
@@ -340,7 +341,7 @@ def test_gemv_chain_reads_the_kernel_before(native, K):
 def test_gemv_row_path_nan_input(native):
     """A NaN in a reaches every output row, as in the float64 reference."""
     ops, device = native
-    if device != "cuda":
+    if device.type != "cuda":
         pytest.skip("the row gemv is CUDA-only")
     W = torch.randn(64, 4096, generator=_gen(320))
     packed, absmax = reference.quantize_4bit(W, 64, "nf4")

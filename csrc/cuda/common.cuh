@@ -31,11 +31,19 @@ __device__ __forceinline__ void copy_table(T* dst, const T (&src)[N]) {
   }
 }
 
-// an attribute of the current device (SM count, compute capability), for the launchers
+// an attribute of the current device (SM count, compute capability, shared memory), for the launchers; remembered
+// per (attribute, device), since a 1-token decode step asks several per layer. A slot packs (key, value).
 inline int device_attribute(cudaDeviceAttr attr) {
-  int device = 0, value = 0;
+  static std::atomic<uint64_t> cache[256] = {};
+  int device = 0;
   cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&value, attr, device);
+  const uint64_t key = ((uint64_t(uint32_t(attr)) << 16) | uint64_t(uint32_t(device) & 0xffffu)) + 1;  // never 0
+  std::atomic<uint64_t>& slot = cache[(uint32_t(attr) * 31u + uint32_t(device)) & 255u];
+  const uint64_t v = slot.load(std::memory_order_relaxed);
+  if ((v >> 32) == key) return int(uint32_t(v));
+  int value = 0;
+  if (cudaDeviceGetAttribute(&value, attr, device) == cudaSuccess)  // a failed query is asked again next time
+    slot.store((key << 32) | uint64_t(uint32_t(value)), std::memory_order_relaxed);
   return value;
 }
 

@@ -307,8 +307,10 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
   uint32_t f_left = row < N ? uint32_t((N - 1 - row) / stride + 1) * C : 0u;
   uint32_t f_c = 0, f_b = uint32_t(row) * row_blocks + ((uint32_t(lane) * 32u) >> log2bs);
   const uint8_t* f_p = packed + row * (K / 2) + lane * 16;
-  const int64_t jump_bytes = (stride - 1) * (K / 2);
-  const uint32_t jump_blocks = uint32_t(stride - 1) * row_blocks;
+  // from one past the row's last chunk round to the first chunk of the warp's next row (C rounds of 1024
+  // weights cover more than K when PAD: the jump is the row stride less what the rounds advanced)
+  const int64_t jump_bytes = stride * (K / 2) - int64_t(C) * 512;
+  const uint32_t jump_blocks = uint32_t(stride) * row_blocks - C * blocks_per_chunk;
   ChunkIn ring[D];
   auto fetch = [&](int d) {
     if (f_left > 0) {
@@ -322,7 +324,9 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
           ring[d].s = __ldg(sc.absmax_f + f_b);
         }
       } else {
-        ring[d] = ChunkIn{make_uint4(0u, 0u, 0u, 0u), 0u, 0.0f};  // past K: a is zero there, the scale finite
+        // past K: a is zero there, so the chunk adds 0 x code[0] x (its scale: the double-quant offset or 0),
+        // exactly zero while those are finite (a NaN offset makes every row NaN anyway)
+        ring[d] = ChunkIn{make_uint4(0u, 0u, 0u, 0u), 0u, 0.0f};
       }
     }
     f_p += 512;
