@@ -20,6 +20,9 @@ namespace fsdp4bit {
 
 constexpr size_t kRowTableBytes = 256 * 256;  // half2 pair of byte e for lane l at e * 256 + l * 4 (one PRMT)
 constexpr int kRowMaxWarps = 32;
+// bytes of its first row a warp asks of L2 before pdl_wait() (sweep, H100, back to back: 2 KB took 14336x4096
+// 13.58 -> 12.55 us, 1 KB took 4096x14336 14.55 -> 13.98 and 8192^2 16.0 -> 15.36; NOTES.md)
+constexpr int kRowPrefetchBytes = 2048, kStreamPrefetchBytes = 1024;
 // the table, the nested code, the max's partials, a as half2, the code
 // a as half2, padded with zeros to whole rounds of 1024 values (a lane's chunks past K read zeros)
 constexpr size_t row_x_bytes(int64_t K) { return 2 * size_t((K + 1023) / 1024 * 1024); }
@@ -139,8 +142,16 @@ __device__ __forceinline__ float row_chunk_dot(const unsigned char* table, uint3
 
 // A row kernel's start: it lets the next kernel launch, fills the pair table (byte -> both weights as half2, per
 // lane) from the by-value code, which no earlier kernel writes, then waits for the kernel before it.
-__device__ __forceinline__ void row_table_then_wait(const Code16& code, unsigned char* row_smem, int64_t K) {
+template <int WARPS, int PF>
+__device__ __forceinline__ void row_table_then_wait(const Code16& code, unsigned char* row_smem, const uint8_t* packed,
+                                                    int64_t N, int64_t K) {
   pdl_launch_dependents();
+  // the first PF packed bytes of the warp's first row asked of L2 (a bulk prefetch returns nothing to the program
+  // and L2 stays coherent with the kernel before, which may still write them): their DRAM reads overlap its tail
+  if constexpr (PF > 0) {
+    const int64_t row = int64_t(blockIdx.x) * WARPS + threadIdx.x / 32;
+    if (threadIdx.x % 32 == 0 && row < N) prefetch_l2(packed + row * (K / 2), uint32_t(min(K / 2, int64_t(PF))));
+  }
   float* s_code = reinterpret_cast<float*>(row_smem + kRowTableBytes + 4 * (256 + kRowMaxWarps) + row_x_bytes(K));
   copy_table(s_code, code.v);
   __syncthreads();
@@ -179,12 +190,12 @@ __device__ __forceinline__ void row_load_x(const unsigned char* row_smem, uint32
 // Launched as a programmatic dependent launch (launch_dependent): the pair table is filled while the kernel
 // before it finishes (back to back 1-token gemvs, H100 14336x4096: 13.6 vs 15.2 us per call), and the kernel
 // lets the next one start at once (that one waits for this one's output before reading anything).
-template <typename AT, int WARPS, int D, bool NESTED>
+template <typename AT, int WARPS, int D, bool NESTED, int PF = kRowPrefetchBytes>
 __global__ void __launch_bounds__(WARPS * 32, 1)
     gemv_row_kernel(const AT* __restrict__ a, const uint8_t* __restrict__ packed, Code16 code, Scales sc, int log2bs,
                     int64_t N, int64_t K, AT* __restrict__ out) {
   extern __shared__ __align__(16) unsigned char row_smem[];
-  row_table_then_wait(code, row_smem, K);
+  row_table_then_wait<WARPS, PF>(code, row_smem, packed, N, K);
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t stride = int64_t(gridDim.x) * WARPS;
@@ -286,13 +297,13 @@ void launch_gemv_row(const AT* a, const uint8_t* p, const Code16& c, const Scale
 // K / 1024 rounded up (those past K, with PAD, read zero a and a zero scale input), and the lane walks the chunks of its rows as one stream, the ring's slot d holding every 4th
 // chunk of it (4 chunks in flight, across row ends). Each chunk reads its 32 values of a from shared memory
 // (4 LDS.128); a row's sum meets across the lanes after the group of D chunks where it ended.
-template <typename AT, int WARPS, bool NESTED, bool PAD>
+template <typename AT, int WARPS, bool NESTED, bool PAD, int PF = kStreamPrefetchBytes>
 __global__ void __launch_bounds__(WARPS * 32, 1)
     gemv_row_stream_kernel(const AT* __restrict__ a, const uint8_t* __restrict__ packed, Code16 code, Scales sc,
                            int log2bs, int64_t N, int64_t K, AT* __restrict__ out) {
   constexpr int D = 4;
   extern __shared__ __align__(16) unsigned char row_smem[];
-  row_table_then_wait(code, row_smem, K);
+  row_table_then_wait<WARPS, PF>(code, row_smem, packed, N, K);
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t stride = int64_t(gridDim.x) * WARPS;

@@ -5,6 +5,10 @@
 plain-PyTorch reference runs. None comes back for device types with no native build (e.g. ``meta``),
 when ``FSDP4BIT_NO_NATIVE=1`` is set, and when the build fails; a failed build warns once per process
 and device type, saying why and what to install. ``backend_name(device)`` says which path runs.
+
+On Hopper and later GPUs the 1-token gemv kernels are programmatic dependent launches (each may start while
+the kernel before it finishes, and waits for it before reading anything); ``FSDP4BIT_NO_PDL=1`` launches
+them plainly (for timing one kernel on its own, or to rule it out when debugging).
 """
 
 from __future__ import annotations
