@@ -372,13 +372,15 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
     bool ended = false;
 #pragma unroll
     for (int d = 0; d < D; ++d) {
-      const ChunkIn t = ring[d];
-      fetch(d);
       uint4 x[4];
 #pragma unroll
       for (int q = 0; q < 4; ++q) x[q] = x_lane[q][c * 128];
-      const float scale = NESTED ? fmaf(s_ncode[t.q], t.s, off) : t.s;
-      acc = fmaf(row_chunk_dot(row_smem, lane_off, t.w, x), scale, acc);
+      // the slot is refilled after its chunk's math, in the same registers (refilling it first needed a copy of
+      // the chunk: 13 register moves per chunk; sweep, H100: 4096x14336 14.29 -> 13.80 us, 8192^2 15.69 -> 15.27)
+      const float scale = NESTED ? fmaf(s_ncode[ring[d].q], ring[d].s, off) : ring[d].s;
+      const float dot = row_chunk_dot(row_smem, lane_off, ring[d].w, x);
+      fetch(d);
+      acc = fmaf(dot, scale, acc);
       if (++c == C) {
         done = acc;
         acc = 0.0f;
