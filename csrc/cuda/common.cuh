@@ -96,8 +96,10 @@ inline int64_t one_wave_cached(Kernel kernel, int threads, size_t smem, WaveCach
 // A kernel launched with launch_dependent() may start while the kernel before it in the stream finishes (Hopper's
 // programmatic dependent launch): its CTAs take SMs as the earlier kernel's CTAs leave and can do work that reads
 // nothing an earlier kernel writes (kernel parameters, shared memory) before pdl_wait(), which returns once every
-// earlier kernel has finished and its writes are visible. Both are no-ops before sm_90 (and pdl_wait() is one
-// when the kernel was launched without the attribute).
+// earlier kernel has finished and its writes are visible. The one global access allowed before it is an L2
+// prefetch (prefetch_l2): it returns nothing to the program, and L2 stays coherent with a kernel still writing
+// those bytes. Both are no-ops before sm_90 (and pdl_wait() is one when the kernel was launched without the
+// attribute).
 __device__ __forceinline__ void pdl_launch_dependents() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");

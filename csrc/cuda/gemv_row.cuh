@@ -140,8 +140,9 @@ __device__ __forceinline__ float row_chunk_dot(const unsigned char* table, uint3
   return f.x + f.y;
 }
 
-// A row kernel's start: it lets the next kernel launch, fills the pair table (byte -> both weights as half2, per
-// lane) from the by-value code, which no earlier kernel writes, then waits for the kernel before it.
+// A row kernel's start: it lets the next kernel launch, asks L2 for the start of each warp's first row, fills the
+// pair table (byte -> both weights as half2, per lane) from the by-value code, which no earlier kernel writes,
+// then waits for the kernel before it.
 template <int WARPS, int PF>
 __device__ __forceinline__ void row_table_then_wait(const Code16& code, unsigned char* row_smem, const uint8_t* packed,
                                                     int64_t N, int64_t K) {
