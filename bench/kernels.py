@@ -5,10 +5,13 @@ GPU (default): NF4, blocksize 64, double quant, bf16, shapes 4096x4096 ... 28672
 median over replays of a CUDA graph that runs the op REPS times, cycling through enough input sets that
 they overflow the L2 cache (so small shapes are not flattered); eager back-to-back timing is the fallback
 when an op cannot be captured. Floor = bytes the op must move / measured device-to-device copy bandwidth.
+On sm_90 the 1-token gemvs are programmatic dependent launches, so back to back each one starts during the
+previous one's tail (a decode step's projections do the same); ``FSDP4BIT_NO_PDL=1`` times them launched plainly.
 ``--cpu``: the CPU kernels on this machine, with the PyTorch reference and bitsandbytes' CPU backend.
 
     python bench/kernels.py            # GPU table, JSON in bench/results/kernels_<device>.json
     python bench/kernels.py --cpu      # CPU table, JSON in bench/results/kernels_cpu.json
+    FSDP4BIT_NO_PDL=1 python bench/kernels.py --json bench/results/kernels_<device>_no_pdl.json
 """
 
 from __future__ import annotations
