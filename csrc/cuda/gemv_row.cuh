@@ -23,12 +23,13 @@ constexpr int kRowMaxWarps = 32;
 // bytes of its first row a warp asks of L2 before pdl_wait() (sweep, H100, back to back: 2 KB took 14336x4096
 // 13.58 -> 12.55 us, 1 KB took 4096x14336 14.55 -> 13.98 and 8192^2 16.0 -> 15.36; NOTES.md)
 constexpr int kRowPrefetchBytes = 2048, kStreamPrefetchBytes = 1024;
-// the table, the nested code, the max's partials, a as half2, the code
+// Shared memory of the row kernels: the pair table, the nested code (256 floats), the max's partials (one per
+// warp), a as half2, the 16-entry code.
+constexpr size_t kRowNcodeOffset = kRowTableBytes, kRowXOffset = kRowNcodeOffset + 4 * (256 + kRowMaxWarps);
 // a as half2, padded with zeros to whole rounds of 1024 values (a lane's chunks past K read zeros)
 constexpr size_t row_x_bytes(int64_t K) { return 2 * size_t((K + 1023) / 1024 * 1024); }
-constexpr size_t row_smem_bytes(int64_t K) {
-  return kRowTableBytes + 4 * (256 + kRowMaxWarps) + row_x_bytes(K) + 4 * 16;
-}
+constexpr size_t row_code_offset(int64_t K) { return kRowXOffset + row_x_bytes(K); }
+constexpr size_t row_smem_bytes(int64_t K) { return row_code_offset(K) + 4 * 16; }
 
 // exponent e with max |a| * 2^e in [2^9, 2^10), from the bits of max |a| (0 for zero, Inf or NaN: no scaling)
 __device__ __forceinline__ int row_x_exponent(uint32_t amax_bits) {
@@ -59,12 +60,12 @@ __device__ __forceinline__ uint32_t& row_word(uint4& v, int k) {
 // quarter warp reading quad q of 8 consecutive chunks hits 8 distinct 16-byte bank groups
 __device__ __forceinline__ uint32_t row_x_quad(uint32_t c, int q) { return c * 4 + (uint32_t(q) ^ ((c >> 1) & 3)); }
 
-// where a (as half2) lies in the row kernels' shared memory: after the table, the nested code and the partials
+// where a (as half2) and the nested code lie in the row kernels' shared memory
 __device__ __forceinline__ uint4* row_x(unsigned char* row_smem) {
-  return reinterpret_cast<uint4*>(row_smem + kRowTableBytes + 4 * (256 + kRowMaxWarps));
+  return reinterpret_cast<uint4*>(row_smem + kRowXOffset);
 }
-__device__ __forceinline__ const uint4* row_x(const unsigned char* row_smem) {
-  return reinterpret_cast<const uint4*>(row_smem + kRowTableBytes + 4 * (256 + kRowMaxWarps));
+__device__ __forceinline__ float* row_ncode(unsigned char* row_smem) {
+  return reinterpret_cast<float*>(row_smem + kRowNcodeOffset);
 }
 
 // a (K values) as half2 scaled by 2^e in shared memory, e from the CTA's max |a| (every CTA finds the same);
@@ -153,7 +154,7 @@ __device__ __forceinline__ void row_table_then_wait(const Code16& code, unsigned
     const int64_t row = int64_t(blockIdx.x) * WARPS + threadIdx.x / 32;
     if (threadIdx.x % 32 == 0 && row < N) prefetch_l2(packed + row * (K / 2), uint32_t(min(K / 2, int64_t(PF))));
   }
-  float* s_code = reinterpret_cast<float*>(row_smem + kRowTableBytes + 4 * (256 + kRowMaxWarps) + row_x_bytes(K));
+  float* s_code = reinterpret_cast<float*>(row_smem + row_code_offset(K));
   copy_table(s_code, code.v);
   __syncthreads();
   for (int i = threadIdx.x; i < 256 * 32; i += blockDim.x) {
@@ -170,7 +171,7 @@ template <typename AT, int WARPS, bool NESTED>
 __device__ __forceinline__ float row_prologue(const AT* __restrict__ a, const Scales& sc, int64_t K,
                                               unsigned char* row_smem, float& off) {
   static_assert(WARPS <= kRowMaxWarps, "too many warps for the max's partials");
-  float* s_ncode = reinterpret_cast<float*>(row_smem + kRowTableBytes);
+  float* s_ncode = row_ncode(row_smem);
   uint32_t* s_red = reinterpret_cast<uint32_t*>(s_ncode + 256);
   load_scale_tables<NESTED>(sc, s_ncode, off);
   const uint32_t quads = uint32_t(K / 8), padded = uint32_t(row_x_bytes(K) / 16);
@@ -182,7 +183,7 @@ __device__ __forceinline__ float row_prologue(const AT* __restrict__ a, const Sc
 }
 
 // the lane's 32 staged values of a for chunk c of a row (chunk index c * 32 + lane of a)
-__device__ __forceinline__ void row_load_x(const unsigned char* row_smem, uint32_t chunk, uint4 (&x)[4]) {
+__device__ __forceinline__ void row_load_x(unsigned char* row_smem, uint32_t chunk, uint4 (&x)[4]) {
   const uint4* s_x = row_x(row_smem);
 #pragma unroll
   for (int q = 0; q < 4; ++q) x[q] = s_x[row_x_quad(chunk, q)];
@@ -247,7 +248,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
       for (int q = 0; q < 4; ++q) xr[d][q] = make_uint4(0u, 0u, 0u, 0u);
     }
   }
-  const float* s_ncode = reinterpret_cast<const float*>(row_smem + kRowTableBytes);
+  const float* s_ncode = row_ncode(row_smem);
 
   const uint32_t lane_off = uint32_t(lane) * 4u;
   for (; row < N; row += stride) {
@@ -295,8 +296,9 @@ void launch_gemv_row(const AT* a, const uint8_t* p, const Code16& c, const Scale
 }
 
 // The row kernel for K past 4096 (a in shared memory): lane l's chunks of a row are l + 32 c for c < C =
-// K / 1024 rounded up (those past K, with PAD, read zero a and a zero scale input), and the lane walks the chunks of its rows as one stream, the ring's slot d holding every 4th
-// chunk of it (4 chunks in flight, across row ends). Each chunk reads its 32 values of a from shared memory
+// K / 1024 rounded up (those past K, with PAD, read zero a and a zero scale input), and the lane walks the
+// chunks of its rows as one stream, the ring's slot d holding every 4th chunk of it (4 chunks in flight, across
+// row ends). Each chunk reads its 32 values of a from shared memory
 // (4 LDS.128); a row's sum meets across the lanes after the group of D chunks where it ended.
 template <typename AT, int WARPS, bool NESTED, bool PAD, int PF = kStreamPrefetchBytes>
 __global__ void __launch_bounds__(WARPS * 32, 1)
@@ -356,13 +358,13 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
   }
   float off = 0.0f;
   const float down = row_prologue<AT, WARPS, NESTED>(a, sc, K, row_smem, off);
-  const float* s_ncode = reinterpret_cast<const float*>(row_smem + kRowTableBytes);
+  const float* s_ncode = row_ncode(row_smem);
 
   const uint32_t lane_off = uint32_t(lane) * 4u;
   // quad q of the lane's chunk c of a: row_x_quad(c * 32 + lane, q), whose swizzle depends on the lane alone
   const uint4* x_lane[4];
 #pragma unroll
-  for (int q = 0; q < 4; ++q) x_lane[q] = row_x(static_cast<const unsigned char*>(row_smem)) + row_x_quad(lane, q);
+  for (int q = 0; q < 4; ++q) x_lane[q] = row_x(row_smem) + row_x_quad(lane, q);
   uint32_t c = 0;
   float acc = 0.0f;
   while (row < N) {
