@@ -35,6 +35,16 @@ def native(request, monkeypatch):
     return ops, torch.device(device)
 
 
+@pytest.fixture
+def cuda_native(native):
+    """`native` for the CUDA-only kernel paths: its CPU instances skip (the CPU kernel covers those shapes in
+    test_gemv; a torch.device never equals the string "cuda", so this compares its type)."""
+    ops, device = native
+    if device.type != "cuda":
+        pytest.skip("a CUDA-only kernel path (the CPU kernel covers these shapes in test_gemv)")
+    return ops, device
+
+
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -224,23 +234,19 @@ def test_gemv(native, dtype, qt, nested):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gemv_tensor_core_path(native, dtype):
+def test_gemv_tensor_core_path(cuda_native, dtype):
     """4..8 tokens on sm_90 take the tensor-core kernel: more 16-row tiles than CTAs, a partial last k chunk."""
-    ops, device = native
-    if device.type != "cuda":
-        pytest.skip("the tensor-core gemv is CUDA-only (the CPU kernel covers these shapes in test_gemv)")
+    ops, device = cuda_native
     for i, (M, qt, nested, bs) in enumerate([(4, "nf4", True, 64), (8, "fp4", False, 256), (6, "nf4", True, 4096)]):
         _gemv_case(ops, device, (M,), 4805, 4160, bs, qt, nested, dtype, seed=100 + i)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gemv_pair_table_path(native, dtype):
+def test_gemv_pair_table_path(cuda_native, dtype):
     """1 token of fp16/bf16 that the row kernels do not take (rows ending inside a block, blocks past 1024
     weights) takes the pair-table kernel: more row steps than CTAs with a ragged last step, a
     partial last k-tile, few rows split over k-parts; and a K past its shared memory (CUDA-core fallback)."""
-    ops, device = native
-    if device.type != "cuda":
-        pytest.skip("the pair-table gemv is CUDA-only (the CPU kernel covers these shapes in test_gemv)")
+    ops, device = cuda_native
     cases = [(4805, 4160, "nf4", True, 128), (4805, 4160, "fp4", False, 256), (7, 14336, "nf4", True, 4096)]
     cases += [(500, 992, "nf4", True, 64), (33, 4096, "nf4", True, 2048)]
     _gemv_path_cases(ops, device, dtype, cases, "pair_table", seed=200)
@@ -248,14 +254,12 @@ def test_gemv_pair_table_path(native, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gemv_row_path(native, dtype):
+def test_gemv_row_path(cuda_native, dtype):
     """1 token of fp16/bf16 with K up to 4096 and whole blocks of <= 1024 weights per row takes the register row
     kernel (a warp per row, a in registers as scaled half2, D = K / 1024 rounded up chunk rounds): every D,
     more rows than warps, lanes past K in the last round, FP4 and plain absmax, every blocksize it takes, and a
     at magnitudes far outside half precision (the kernel rescales a by a power of two)."""
-    ops, device = native
-    if device.type != "cuda":
-        pytest.skip("the row gemv is CUDA-only (the CPU kernel covers these shapes in test_gemv)")
+    ops, device = cuda_native
     cases = [(4805, 4096, "nf4", True, 64), (4805, 3136, "fp4", False, 64), (77, 3584, "nf4", True, 512)]
     cases += [(301, 4096, "fp4", True, 1024), (5, 3104, "nf4", True, 32), (1000, 1024, "nf4", True, 64)]
     cases += [(999, 2048, "fp4", False, 128), (500, 2080, "nf4", True, 32), (3000, 3072, "nf4", True, 256)]
@@ -268,15 +272,13 @@ def test_gemv_row_path(native, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gemv_row_stream_path(native, dtype):
+def test_gemv_row_stream_path(cuda_native, dtype):
     """1 token of fp16/bf16 with K past 4096 and whole blocks of <= 1024 weights per row takes the streaming row
     kernel (a in shared memory, each lane's chunks one stream across row ends): rows ending mid-group of
     chunks (5, 7, 11, 14 rounds; 7 rounds with 3 rows per warp end rows at slots 2, 1 and 0), lanes past K in the
     last round (K % 1024 != 0: 4160, 11008), more rows than warps and fewer, every blocksize it takes, with and
     without double quant; blocks past 1024 weights take the pair-table kernel (checked too)."""
-    ops, device = native
-    if device.type != "cuda":
-        pytest.skip("the streaming row gemv is CUDA-only (the CPU kernel covers these shapes in test_gemv)")
+    ops, device = cuda_native
     cases = [(4805, 8192, "nf4", True, 64), (2500, 5120, "fp4", False, 128), (301, 14336, "nf4", True, 1024)]
     cases += [(3, 28672, "nf4", True, 64), (130, 7168, "fp4", True, 32), (4805, 7168, "nf4", True, 256)]
     cases += [(4805, 4160, "nf4", True, 64), (45, 11008, "fp4", False, 256), (4805, 11008, "nf4", True, 256)]
@@ -286,7 +288,7 @@ def test_gemv_row_stream_path(native, dtype):
 
 
 @pytest.mark.parametrize("K", [4096, 8192, 992], ids=["row", "row-stream", "pair-table"])
-def test_gemv_chain_reads_the_kernel_before(native, K):
+def test_gemv_chain_reads_the_kernel_before(cuda_native, K):
     """1-token gemvs are programmatic dependent launches on sm_90: each may start while the kernel before it
     runs, so what it reads must still be that kernel's finished output. A chain on one stream where every gemv
     reads the gemv before, and the last one reads weights quantized by the kernels just before it, eagerly and
@@ -294,9 +296,7 @@ def test_gemv_chain_reads_the_kernel_before(native, K):
     step's actual input and weight."""
     from fsdp4bit import functional as F
 
-    ops, device = native
-    if device.type != "cuda":
-        pytest.skip("programmatic dependent launch is CUDA-only")
+    ops, device = cuda_native
     expected = {4096: "row", 8192: "row_stream", 992: "pair_table"}[K]
     assert _cuda_gemv_kernel(ops, torch.bfloat16, K, K, 64, True) == expected
     g = _gen(330 + K)
@@ -338,11 +338,9 @@ def test_gemv_chain_reads_the_kernel_before(native, K):
         check(outs, last)
 
 
-def test_gemv_row_path_nan_input(native):
+def test_gemv_row_path_nan_input(cuda_native):
     """A NaN in a reaches every output row, as in the float64 reference."""
-    ops, device = native
-    if device.type != "cuda":
-        pytest.skip("the row gemv is CUDA-only")
+    ops, device = cuda_native
     W = torch.randn(64, 4096, generator=_gen(320))
     packed, absmax = reference.quantize_4bit(W, 64, "nf4")
     A = torch.randn(1, 4096, generator=_gen(321)).to(torch.bfloat16)
