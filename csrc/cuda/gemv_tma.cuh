@@ -18,6 +18,7 @@
 // float32 MMA result.
 #pragma once
 
+#include "async_copy.cuh"
 #include "common.cuh"
 
 #include <algorithm>
@@ -68,37 +69,6 @@ __device__ __forceinline__ void mma16816<__half>(float (&d)[4], uint32_t a0, uin
 __device__ __forceinline__ uint32_t pair_of(const char* s_pair, uint32_t word, uint32_t lane4, uint32_t sel) {
   const uint32_t addr = __byte_perm(word, lane4, 0x5504u | (sel << 4));  // (byte << 8) | lane * 4
   return *reinterpret_cast<const uint32_t*>(s_pair + addr);
-}
-
-// ------------------------------------------------------------------------- mbarrier / bulk-copy helpers
-__device__ __forceinline__ uint32_t smem_addr(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
-
-__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count));
-}
-__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-  asm volatile(
-      "{\n"
-      ".reg .pred done;\n"
-      "WAIT_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT_%=;\n"
-      "}\n" ::"r"(smem_addr(bar)),
-      "r"(parity)
-      : "memory");
-}
-// global -> shared bulk copy (16-byte aligned, size a multiple of 16) that completes `bytes` on `bar`
-__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(smem_addr(dst)),
-      "l"(src), "r"(bytes), "r"(smem_addr(bar))
-      : "memory");
 }
 
 // ------------------------------------------------------------------------- kernel

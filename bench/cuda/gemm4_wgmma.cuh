@@ -1,0 +1,276 @@
+// EXPERIMENT (bench only, not used by fsdp4bit): a fused 4-bit GEMM for many tokens on Hopper (sm_90a),
+// out = A @ W.T with W (N, K) NF4/FP4 and A (M, K) fp16/bf16, float32 accumulation. The alternative to
+// dequantize + cuBLAS, which writes and re-reads the whole 16-bit weight: here the packed weight is dequantized
+// in registers, straight into the tensor cores' A operand. Measured in NOTES.md ("Fused 4-bit GEMM
+// experiment"): faster than dequantize + cuBLAS only while one wave of tiles fills the GPU (M <= 256, N >= ~12K);
+// at training shapes its main loop reaches ~550-600 TFLOP/s against cuBLAS' ~750, because each consumer warp's
+// dequantization (32 shuffles, 32 multiplies per k step) is a latency chain that two warps per scheduler cannot
+// hide behind one wgmma group in flight.
+//
+// The product is computed transposed, out.T (N x M) = W (N x K) @ A.T, so that W is wgmma's register operand
+// (64 rows of W per consumer warpgroup) and A, read by the tensor copy engine with the 128-byte swizzle, its
+// shared-memory operand (256 tokens). A CTA has one producer warpgroup, whose thread 0 streams 64-wide k steps
+// of A, of the packed W and of the block scales through STAGES shared-memory stages, and two consumer
+// warpgroups; the grid is persistent, each CTA taking tiles (128 rows of W x 256 tokens) in turn.
+//
+// Each weight is code[nibble] * scale in float32, rounded once to the 16-bit type: the same values as
+// dequantize_4bit, so only the order of the float32 sums differs from dequantize + cuBLAS. The block scales
+// (double quant resolved) come from a small first kernel, transposed to (K / 64, N) for the tensor copy; a
+// 64-wide k step lies in one quantization block (blocksize a multiple of 64, K % 64 == 0).
+#pragma once
+
+#include "async_copy.cuh"
+#include "common.cuh"
+
+namespace fsdp4bit {
+
+constexpr int kGemmRows = 128;    // rows of W per tile (64 per consumer warpgroup)
+constexpr int kGemmTokens = 256;  // tokens per tile (wgmma n)
+constexpr int kGemmK = 64;        // k per stage
+constexpr int kGemmThreads = 384;
+
+template <int STAGES>
+struct GemmLayout {
+  static constexpr int kABytes = kGemmTokens * kGemmK * 2;  // 128-byte rows, swizzled
+  static constexpr int kWBytes = kGemmRows * kGemmK / 2;    // 32-byte rows of packed W
+  static constexpr int kSBytes = kGemmRows * 4;             // float32 scales
+  static constexpr int kWOffset = STAGES * kABytes;
+  static constexpr int kSOffset = kWOffset + STAGES * kWBytes;
+  static constexpr int kBarOffset = kSOffset + STAGES * kSBytes;
+  static constexpr int kBytes = kBarOffset + 2 * STAGES * 8;
+  static constexpr size_t kSmem = kBytes + 1024;  // slack to align the base to 1024 bytes (the swizzle atom)
+};
+
+template <typename AT>
+__device__ __forceinline__ void wgmma_m64n256k16_rs(float (&d)[128], const uint32_t (&a)[4], uint64_t desc_b,
+                                                    uint32_t accumulate);
+// one specialization per 16-bit type: the PTX differs only in the type name
+#define FSDP4BIT_WGMMA_RS_SPECIALIZATION(CPP_TYPE, PTX_TYPE)                                                             \
+template <>                                                                                                              \
+__device__ __forceinline__ void wgmma_m64n256k16_rs<CPP_TYPE>(float (&d)[128], const uint32_t (&a)[4], uint64_t desc_b,  \
+                                                              uint32_t accumulate) {                                     \
+  asm volatile(                                                                                                          \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"                                                                      \
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32." PTX_TYPE "." PTX_TYPE " {"                                          \
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "             \
+      "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, "             \
+      "%42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, "             \
+      "%62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, "             \
+      "%82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, "           \
+      "%102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, "           \
+      "%119, %120, %121, %122, %123, %124, %125, %126, %127}, "                                                          \
+      "{%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"                                                                 \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),                  \
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),            \
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),          \
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),          \
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),          \
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),          \
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),          \
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),          \
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),          \
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),          \
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),          \
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),          \
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]),                    \
+        "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]),                \
+        "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]),                \
+        "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]),                \
+        "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])                                                           \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));                                       \
+}
+FSDP4BIT_WGMMA_RS_SPECIALIZATION(__nv_bfloat16, "bf16")
+FSDP4BIT_WGMMA_RS_SPECIALIZATION(__half, "f16")
+#undef FSDP4BIT_WGMMA_RS_SPECIALIZATION
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+// the registers of `a` stay live (and unchanged) up to here: a wgmma reads its register operand asynchronously,
+// which the compiler does not see, so without this it could reuse them while the wgmma is in flight
+__device__ __forceinline__ void keep_live(uint32_t (&a)[4][4]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(a[j][i])::"memory");
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+
+// shared-memory descriptor of a K-major operand tile with 128-byte rows and the 128-byte swizzle (8-row groups
+// 1024 bytes apart); the start address moves by 32 bytes per 16-wide k slice within the swizzle atom
+__device__ __forceinline__ uint64_t sw128_desc(uint32_t smem_byte_addr) {
+  return uint64_t((smem_byte_addr & 0x3ffffu) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) |
+         (uint64_t(1) << 62);
+}
+
+// two weights as the 16-bit pair of a wgmma A register: the lower k in the low half
+template <typename AT>
+__device__ __forceinline__ uint32_t pack_weights(float lo_k, float hi_k);
+template <>
+__device__ __forceinline__ uint32_t pack_weights<__nv_bfloat16>(float lo_k, float hi_k) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo_k, hi_k);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t pack_weights<__half>(float lo_k, float hi_k) {
+  const __half2 v = __floats2half2_rn(lo_k, hi_k);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// the two weights of packed byte `b` (high nibble first in k), each code * scale rounded once
+template <typename AT>
+__device__ __forceinline__ uint32_t weight_pair(float lane_code, uint32_t b, float scale) {
+  const float hi = __shfl_sync(0xffffffffu, lane_code, int((b >> 4) & 15u));
+  const float lo = __shfl_sync(0xffffffffu, lane_code, int(b & 15u));
+  return pack_weights<AT>(__fmul_rn(hi, scale), __fmul_rn(lo, scale));
+}
+
+// the consumer's 64 x 256 accumulator tile (rows `n` and n + 8 of out.T per 8-token column group) to out (M x N):
+// lanes g and g ^ 1 swap one value per row pair, so each stores two adjacent outputs of one token: even g
+// token 2t, rows (g, g + 1); odd g token 2t + 1, rows (g - 1, g)
+template <typename AT>
+__device__ __forceinline__ void store_tile(const float (&acc)[128], AT* __restrict__ out, int M, int N, int m0, int row_n,
+                                           int g, int t) {
+  const bool odd = g & 1;
+  const int n = row_n - (odd ? 1 : 0);
+#pragma unroll
+  for (int j = 0; j < 32; ++j) {
+    const int m = m0 + 8 * j + 2 * t + (odd ? 1 : 0);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float keep = odd ? acc[4 * j + 2 * h + 1] : acc[4 * j + 2 * h];
+      const float give = odd ? acc[4 * j + 2 * h] : acc[4 * j + 2 * h + 1];
+      const float got = __shfl_xor_sync(0xffffffffu, give, 4);
+      const float lo = odd ? got : keep, hi = odd ? keep : got;
+      const int nn = n + 8 * h;
+      if (m < M) {
+        if (nn + 1 < N && (N % 2 == 0)) {
+          *reinterpret_cast<uint32_t*>(out + int64_t(m) * N + nn) = pack_weights<AT>(lo, hi);
+        } else {
+          if (nn < N) out[int64_t(m) * N + nn] = from_f32<AT>(lo);
+          if (nn + 1 < N) out[int64_t(m) * N + nn + 1] = from_f32<AT>(hi);
+        }
+      }
+    }
+  }
+}
+
+// scales of the tiles' rows for every k step, transposed: out[kb * ld + n] = scale of (n, 64 kb)
+template <bool NESTED>
+__global__ void gemm_scales_kernel(Scales sc, int log2bs, int N, int64_t K, float* __restrict__ out, int ld) {
+  __shared__ float s_ncode[NESTED ? 256 : 1];
+  float off = 0.0f;
+  load_scale_tables<NESTED>(sc, s_ncode, off);
+  __syncthreads();
+  const int kb = blockIdx.y;
+  for (int n = blockIdx.x * blockDim.x + threadIdx.x; n < N; n += gridDim.x * blockDim.x) {
+    const int64_t b = (int64_t(n) * K + int64_t(kb) * kGemmK) >> log2bs;
+    out[int64_t(kb) * ld + n] = block_scale<NESTED>(sc, s_ncode, off, b);
+  }
+}
+
+template <typename AT, int STAGES>
+__global__ void __launch_bounds__(kGemmThreads, 1)
+    gemm4_kernel(const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_w,
+                 const __grid_constant__ CUtensorMap tm_s, Code16 code, AT* __restrict__ out, int M, int N, int K) {
+#if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __trap();  // built for sm_90a only (bench/gemm4_fused.py)
+#else
+  using L = GemmLayout<STAGES>;
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::kBarOffset);
+  uint64_t* empty = full + STAGES;
+  __shared__ float s_code[16];
+  copy_table(s_code, code.v);
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < STAGES; ++i) {
+      mbar_init(&full[i], 1);
+      mbar_init(&empty[i], 2 * 128);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int tiles_n = (N + kGemmRows - 1) / kGemmRows;
+  const int tiles = tiles_n * ((M + kGemmTokens - 1) / kGemmTokens);
+  const int ksteps = K / kGemmK;
+
+  if (warp < 4) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    if (threadIdx.x == 0) {
+      int it = 0;
+      for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        const int n0 = (tile % tiles_n) * kGemmRows, m0 = (tile / tiles_n) * kGemmTokens;
+        for (int kb = 0; kb < ksteps; ++kb, ++it) {
+          const int s = it % STAGES;
+          mbar_wait(&empty[s], uint32_t((it / STAGES) & 1) ^ 1u);
+          mbar_arrive_expect_tx(&full[s], uint32_t(L::kABytes + L::kWBytes + L::kSBytes));
+          tma_load_2d(smem + s * L::kABytes, &tm_a, kb * kGemmK, m0, &full[s]);
+          tma_load_2d(smem + L::kWOffset + s * L::kWBytes, &tm_w, kb * (kGemmK / 2), n0, &full[s]);
+          tma_load_2d(smem + L::kSOffset + s * L::kSBytes, &tm_s, n0, kb, &full[s]);
+        }
+      }
+    }
+  } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+    const int wg = warp / 4 - 1, w = warp % 4, g = lane / 4, t = lane % 4;
+    const int row = wg * 64 + w * 16 + g;  // and row + 8
+    const float lane_code = s_code[lane & 15];
+    const uint32_t shift = 8u * uint32_t(t);
+    float acc[128];
+    uint32_t a0[4][4], a1[4][4];  // two register sets: one feeds the wgmmas in flight while the next is built
+    // one k step: wait for stage `it`, dequantize this thread's 2 rows x 16 weights into `a`, issue its wgmmas
+    auto step = [&](int kb, int it, uint32_t(&a)[4][4]) {
+      const int s = it % STAGES;
+      mbar_wait(&full[s], uint32_t((it / STAGES) & 1));
+      const uint4* wp = reinterpret_cast<const uint4*>(smem + L::kWOffset + s * L::kWBytes);
+      const uint4 r0 = wp[row * 2], r1 = wp[row * 2 + 1], q0 = wp[row * 2 + 16], q1 = wp[row * 2 + 17];
+      const float* sp = reinterpret_cast<const float*>(smem + L::kSOffset + s * L::kSBytes);
+      const float sa = sp[row], sb = sp[row + 8];
+      const uint32_t wa[8] = {r0.x, r0.y, r0.z, r0.w, r1.x, r1.y, r1.z, r1.w};
+      const uint32_t wb[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        a[j][0] = weight_pair<AT>(lane_code, wa[2 * j] >> shift, sa);
+        a[j][1] = weight_pair<AT>(lane_code, wb[2 * j] >> shift, sb);
+        a[j][2] = weight_pair<AT>(lane_code, wa[2 * j + 1] >> shift, sa);
+        a[j][3] = weight_pair<AT>(lane_code, wb[2 * j + 1] >> shift, sb);
+      }
+      const uint32_t a_base = smem_addr(smem + s * L::kABytes);
+      wgmma_fence();
+#pragma unroll
+      for (int j = 0; j < 4; ++j) wgmma_m64n256k16_rs<AT>(acc, a[j], sw128_desc(a_base + 32 * j), kb > 0 || j > 0);
+      wgmma_commit();
+    };
+    // after the wait for the step before, its registers are free and its stage goes back to the producer
+    auto retire = [&](int it_prev, uint32_t(&a)[4][4]) {
+      wgmma_wait<1>();
+      keep_live(a);
+      mbar_arrive(&empty[it_prev % STAGES]);
+    };
+    int it = 0;
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+      const int n0 = (tile % tiles_n) * kGemmRows, m0 = (tile / tiles_n) * kGemmTokens;
+#pragma unroll 1
+      for (int kb = 0; kb < ksteps; kb += 2, it += 2) {
+        step(kb, it, a0);
+        if (kb > 0) retire(it - 1, a1);
+        if (kb + 1 < ksteps) {
+          step(kb + 1, it + 1, a1);
+          retire(it, a0);
+        }
+      }
+      if (ksteps % 2) it -= 1;
+      wgmma_wait<0>();
+      mbar_arrive(&empty[(it - 1) % STAGES]);
+      store_tile<AT>(acc, out, M, N, m0, n0 + row, g, t);
+    }
+  }
+#endif
+}
+
+}  // namespace fsdp4bit
