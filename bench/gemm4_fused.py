@@ -1,46 +1,29 @@
-"""Experiment: a fused 4-bit GEMM (Hopper wgmma, weights dequantized in registers) against dequantize + cuBLAS.
+"""The fused 4-bit GEMM (csrc/cuda/gemm.cuh: Hopper wgmma, weights dequantized in registers) against
+dequantize + cuBLAS, at every M, including shapes where fsdp4bit does not take it (``applied`` in the JSON).
 
-The kernel (bench/cuda/gemm4_wgmma.cuh) is built here as its own extension for sm_90a; fsdp4bit does not use it.
-It is checked first (every output written, relative error against a float64 reference within that of
-dequantize + F.linear), then timed with bench/layer.py's ``batched_ms`` (batches of 10 calls back to back
-between two events, the three sides taking turns, median of 15 batches) against bf16 F.linear and
-dequantize + F.linear for an M sweep on four weight shapes. Results: NOTES.md ("Fused 4-bit GEMM
-experiment").
+It is called through the extension's own entry point (``gemm_4bit``), checked first (every output written,
+relative error against a float64 reference within that of dequantize + F.linear), then timed with
+bench/layer.py's ``batched_ms`` (batches of 10 calls back to back between two events, the three sides taking
+turns, median of 15 batches) against bf16 F.linear, dequantize + F.linear and fsdp4bit.matmul_4bit (which
+takes the fused GEMM where ``applied``) for an M sweep on four weight shapes. Results: NOTES.md ("Fused 4-bit GEMM").
 
-    python bench/gemm4_fused.py [--json bench/results/gemm4_fused_<gpu>.json] [--stages 5]
+    python bench/gemm4_fused.py [--json bench/results/gemm4_fused_<gpu>.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 from layer import batched_ms
 
+import fsdp4bit
 import fsdp4bit.functional as Fq
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-
-
-def build():
-    """The experiment's extension, compiled for sm_90a (wgmma and setmaxnreg need the arch-specific target)."""
-    from torch.utils.cpp_extension import load
-
-    t0 = time.time()
-    ext = load(
-        name="fsdp4bit_gemm4_experiment",
-        sources=[os.path.join(HERE, "cuda", "gemm4_ext.cu")],
-        extra_include_paths=[os.path.join(ROOT, "csrc", "cuda"), os.path.join(HERE, "cuda")],
-        extra_cuda_cflags=["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-gencode=arch=compute_90a,code=sm_90a"],
-    )
-    print(f"build {time.time() - t0:.1f} s", flush=True)
-    return ext
+from fsdp4bit import kernels
+from fsdp4bit.codebooks import get_4bit_code
 
 
 def quantized(N: int, K: int, dtype: torch.dtype, bs: int, nested: bool, quant_type: str = "nf4"):
@@ -48,32 +31,20 @@ def quantized(N: int, K: int, dtype: torch.dtype, bs: int, nested: bool, quant_t
     return Fq.quantize_4bit(W, blocksize=bs, compress_statistics=nested, quant_type=quant_type)
 
 
-def fused(ext, A, packed, st, N, out, stages):
+def fused(ext, A: torch.Tensor, packed: torch.Tensor, st, N: int) -> torch.Tensor:
+    """A @ W.T through the extension's fused GEMM, whatever fsdp4bit's dispatch would pick."""
+    code, K, packed = get_4bit_code(st.quant_type), A.shape[1], Fq.packed_bytes(packed)
     if st.nested:
-        ext.gemm4(
-            A,
-            packed,
-            st.code,
-            st.absmax,
-            st.state2.absmax,
-            st.state2.code,
-            st.offset,
-            st.state2.blocksize,
-            st.blocksize,
-            N,
-            out,
-            stages,
-        )
-    else:
-        ext.gemm4(A, packed, st.code, st.absmax, None, None, None, 0, st.blocksize, N, out, stages)
-    return out
+        nested = (st.state2.absmax, st.state2.code, st.offset)
+        return ext.gemm_4bit(A, packed, st.absmax, *nested, st.blocksize, st.state2.blocksize, code, N, K)
+    return ext.gemm_4bit(A, packed, st.absmax, None, None, None, st.blocksize, 256, code, N, K)
 
 
-def check(ext, stages, M, N, K, dtype, bs, nested, quant_type="nf4") -> bool:
+def check(ext, M, N, K, dtype, bs, nested, quant_type="nf4") -> bool:
     packed, st = quantized(N, K, dtype, bs, nested, quant_type)
     A = torch.randn(M, K, device="cuda", dtype=dtype)
-    out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
-    fused(ext, A, packed, st, N, out, stages)
+    torch.full((M, N), float("nan"), device="cuda", dtype=dtype)  # poison the memory the output will reuse
+    out = fused(ext, A, packed, st, N)
     Wd = Fq.dequantize_4bit(packed, st)
     ref = A.double() @ Wd.double().T
     err = ((out.double() - ref).norm() / ref.norm()).item()
@@ -82,7 +53,7 @@ def check(ext, stages, M, N, K, dtype, bs, nested, quant_type="nf4") -> bool:
     ok = unwritten == 0 and err <= 1.5 * err_cublas + 1e-6
     print(
         f"check {M}x{N}x{K} {str(dtype)[6:]} bs{bs} nested={nested} {quant_type}: rel err {err:.2e} "
-        f"(dequantize + F.linear {err_cublas:.2e}), unwritten {unwritten}: {'ok' if ok else 'FAIL'}",
+        f"(dequantize + F.linear {err_cublas:.2e}), NaN {unwritten}: {'ok' if ok else 'FAIL'}",
         flush=True,
     )
     return ok
@@ -91,12 +62,14 @@ def check(ext, stages, M, N, K, dtype, bs, nested, quant_type="nf4") -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", default=None)
-    parser.add_argument("--stages", type=int, default=5)
     args = parser.parse_args()
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         print("needs a compute capability 9.0 GPU (H100/H200); nothing run")
         return
-    ext = build()
+    native = kernels.native_for("cuda")
+    if native is None:
+        sys.exit("the CUDA extension did not build")
+    ext = native.ext
     cases = [
         (300, 1000, 640, torch.bfloat16, 64, True),
         (4096, 14336, 4096, torch.bfloat16, 64, True),
@@ -105,7 +78,7 @@ def main() -> None:
         (513, 384, 4160, torch.float16, 64, True, "fp4"),
         (77, 131, 128, torch.float16, 64, False),
     ]
-    if not all([check(ext, args.stages, *c) for c in cases]):
+    if not all([check(ext, *c) for c in cases]):
         sys.exit("fused GEMM check failed")
     rows = []
     for N, K in [(14336, 4096), (4096, 14336), (4096, 4096), (28672, 8192)]:
@@ -113,28 +86,29 @@ def main() -> None:
         W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
         for M in [16, 64, 256, 512, 1024, 2048, 4096, 8192]:
             A = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-            out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
             ms = batched_ms(
                 {
                     "bf16": lambda: F.linear(A, W),
                     "dequant": lambda: F.linear(A, Fq.dequantize_4bit(packed, st)),
-                    "fused": lambda: fused(ext, A, packed, st, N, out, args.stages),
+                    "fused": lambda: fused(ext, A, packed, st, N),
+                    "matmul_4bit": lambda: fsdp4bit.matmul_4bit(A, packed, st),
                 },
                 reps=15,
             )
             r = {"M": M, "N": N, "K": K, **{k: v * 1000 for k, v in ms.items()}}
+            r["applied"] = native.gemm_applies(A, 64, (N, K))
             r["fused_tflops"] = 2 * M * N * K / r["fused"] / 1e6
             r["bf16_tflops"] = 2 * M * N * K / r["bf16"] / 1e6
             rows.append(r)
             print(
                 f"{M:5d}x{N}x{K}: bf16 {r['bf16']:8.1f} us ({r['bf16_tflops']:4.0f} TFLOP/s)  dequant+F.linear "
                 f"{r['dequant']:8.1f}  fused {r['fused']:8.1f} ({r['fused_tflops']:4.0f})  fused/dequant "
-                f"{r['fused'] / r['dequant']:.3f}  fused/bf16 {r['fused'] / r['bf16']:.3f}",
+                f"{r['fused'] / r['dequant']:.3f}  matmul_4bit {r['matmul_4bit']:8.1f}  applied {r['applied']}",
                 flush=True,
             )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "stages": args.stages, "rows": rows}, f, indent=1)
+            json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

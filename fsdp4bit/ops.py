@@ -22,7 +22,7 @@ from . import kernels, reference
 from .codebooks import get_4bit_code
 
 _LIB = "fsdp4bit"
-# Row counts up to this take the gemv kernel.
+# Row counts up to this take the gemv kernel (and more rows the fused 4-bit GEMM where it applies).
 GEMV_MAX_ROWS = 16
 
 
@@ -284,8 +284,10 @@ def _matmul_4bit_run(
     stats = (absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape)
     if bias is not None and bias.dtype != A.dtype:
         bias = bias.to(A.dtype)
-    if A.numel() // max(A.shape[-1], 1) <= GEMV_MAX_ROWS:
-        native = kernels.native_for(A.device)
+    native = kernels.native_for(A.device)
+    if A.numel() // max(A.shape[-1], 1) <= GEMV_MAX_ROWS or (
+        native is not None and native.gemm_applies(A, blocksize, shape)
+    ):
         out = _gemv_4bit_with(native, A, packed, *stats)
         return (out if bias is None else out + bias), native
     native = kernels.native_for(packed.device)

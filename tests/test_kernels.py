@@ -177,7 +177,7 @@ def test_dequantize_roundtrip_matches_reference_ops(native):
     assert rel < 0.12  # NF4 bs64 on Gaussian data: ~0.09
 
 
-def _gemv_case(ops, device, M_shape, N, K, blocksize, qt, nested, dtype, seed, a_scale=1.0):
+def _gemv_case(ops, device, M_shape, N, K, blocksize, qt, nested, dtype, seed, a_scale=1.0, direct=False):
     g = _gen(seed)
     W = torch.randn(N, K, generator=g)
     packed, absmax = reference.quantize_4bit(W, blocksize, qt)
@@ -192,7 +192,12 @@ def _gemv_case(ops, device, M_shape, N, K, blocksize, qt, nested, dtype, seed, a
     ref = A.double() @ W32.double().T
     to = lambda t: None if t is None else t.to(device)  # noqa: E731
     _poison(math.prod(M_shape) * N, dtype, device)
-    out = ops.gemv_4bit(to(A), to(packed), to(absmax), to(nabs), to(ncode), to(offset), blocksize, 256, qt, (N, K))
+    if direct:  # the fused GEMM's own entry point, outside fsdp4bit's dispatch rule
+        code = get_4bit_code(qt).float().cpu()
+        args = (to(A), to(packed), to(absmax), to(nabs), to(ncode), to(offset), blocksize, 256, code, N, K)
+        out = ops.ext.gemm_4bit(*args)
+    else:
+        out = ops.gemv_4bit(to(A), to(packed), to(absmax), to(nabs), to(ncode), to(offset), blocksize, 256, qt, (N, K))
     assert out.shape == (*M_shape, N) and out.dtype == dtype
     assert not out.isnan().any(), "unwritten or NaN output"
     err = ((out.double().cpu() - ref).norm() / ref.norm()).item()
@@ -239,6 +244,80 @@ def test_gemv_tensor_core_path(cuda_native, dtype):
     ops, device = cuda_native
     for i, (M, qt, nested, bs) in enumerate([(4, "nf4", True, 64), (8, "fp4", False, 256), (6, "nf4", True, 4096)]):
         _gemv_case(ops, device, (M,), 4805, 4160, bs, qt, nested, dtype, seed=100 + i)
+
+
+def _gemm_min_rows() -> int:
+    """Rows of W from which the fused 4-bit GEMM takes up to 256 tokens on this GPU: 128-row tiles for 3/4 of
+    the SMs."""
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return 128 * math.ceil(0.75 * sms)
+
+
+@pytest.fixture
+def hopper_native(cuda_native):
+    """`cuda_native` on a compute capability 9.0 GPU, the one the fused 4-bit GEMM is built for (sm_90a)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the fused 4-bit GEMM runs on compute capability 9.0 only")
+    return cuda_native
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemm_path(hopper_native, dtype):
+    """9 to 512 rows of fp16/bf16 A against enough rows of W take the fused GEMM: a partial last tile of W and of
+    tokens (and two tiles of tokens), odd k-step counts, 3-D A, FP4 and plain absmax, blocks larger than a row;
+    it matches float64."""
+    ops, device = hopper_native
+    N = _gemm_min_rows() + 37
+    cases = [((9,), 192, "nf4", True, 64), ((2, 50), 4160, "fp4", False, 128), ((256,), 1024, "nf4", True, 256)]
+    cases += [((131,), 64, "nf4", False, 4096), ((17,), 2048, "fp4", True, 1024), ((300,), 320, "nf4", True, 64)]
+    for i, (M_shape, K, qt, nested, bs) in enumerate(cases):
+        assert ops.gemm_applies(torch.empty(*M_shape, K, dtype=dtype, device=device), bs, (N, K)), (M_shape, K, bs)
+        _gemv_case(ops, device, M_shape, N, K, bs, qt, nested, dtype, seed=400 + i)
+    # shapes the kernel supports but fsdp4bit leaves to other paths: several partial tiles of tokens, few rows
+    for i, (M, N, K, bs) in enumerate([(300, 300, 192, 64), (513, 129, 128, 128), (1, 7, 64, 64)]):
+        _gemv_case(ops, device, (M,), N, K, bs, "nf4", True, dtype, seed=420 + i, direct=True)
+
+
+def test_gemm_dispatch(hopper_native):
+    """What the fused GEMM leaves to other paths: 8 rows or fewer (gemv), more than 512 (dequantize + cuBLAS,
+    faster there), too few tiles to fill the GPU, K % 64 != 0, blocks of 32, float32."""
+    ops, device = hopper_native
+    N = _gemm_min_rows()
+    A = lambda rows, K=256, dtype=torch.bfloat16: torch.empty(rows, K, dtype=dtype, device=device)  # noqa: E731
+    assert ops.gemm_applies(A(9), 64, (N, 256)) and ops.gemm_applies(A(512), 64, (N, 256))
+    assert not ops.gemm_applies(A(8), 64, (N, 256))
+    assert not ops.gemm_applies(A(513), 64, (N, 256))
+    assert not ops.gemm_applies(A(64), 64, (N - 128, 256))
+    assert ops.gemm_applies(A(300), 64, (N // 2, 256))  # two tiles of tokens fill the GPU with half the rows
+    assert not ops.gemm_applies(A(64, 288), 32, (N, 288))
+    assert not ops.gemm_applies(A(64), 32, (N, 256))
+    assert not ops.gemm_applies(A(64, dtype=torch.float32), 64, (N, 256))
+    packed = torch.zeros(N * 96 // 2, dtype=torch.uint8, device=device)
+    absmax = torch.ones(N * 96 // 64, device=device)
+    with pytest.raises(ValueError, match="does not support"):
+        ops.ext.gemm_4bit(A(64, 96), packed, absmax, None, None, None, 64, 256, get_4bit_code("nf4"), N, 96)
+
+
+def test_matmul_4bit_takes_gemm(hopper_native):
+    """fsdp4bit.matmul_4bit with 24 tokens (past the gemv's 16) and a bias runs the fused GEMM kernel and matches
+    dequantize + F.linear."""
+    import fsdp4bit
+    from fsdp4bit.functional import dequantize_4bit, quantize_4bit
+
+    _, device = hopper_native
+    N, K = _gemm_min_rows() + 5, 512
+    W = torch.randn(N, K, generator=_gen(450)).to(device=device, dtype=torch.bfloat16)
+    packed, state = quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
+    A = torch.randn(2, 12, K, generator=_gen(451)).to(device=device, dtype=torch.bfloat16)
+    bias = torch.randn(N, generator=_gen(452)).to(device=device, dtype=torch.bfloat16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = fsdp4bit.matmul_4bit(A, packed, state, bias=bias)
+        torch.cuda.synchronize()
+    assert any("gemm_4bit_kernel" in e.name for e in prof.events()), "the fused GEMM did not run"
+    Wd = dequantize_4bit(packed, state)
+    ref = A.double() @ Wd.double().T + bias.double()
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert out.shape == (2, 12, N) and out.dtype == torch.bfloat16 and err < GEMV_RTOL[torch.bfloat16], err
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

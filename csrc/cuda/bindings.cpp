@@ -146,14 +146,20 @@ at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, c
   return out;
 }
 
+// the float type of A, checked to be a contiguous (M, K) CUDA tensor of float32, float16 or bfloat16
+FloatType check_matmul_a(const at::Tensor& A, int64_t K) {
+  TORCH_CHECK(A.is_cuda(), "A must be a CUDA tensor");
+  const FloatType ft = float_type(A.scalar_type(), "A");
+  TORCH_CHECK(A.dim() == 2 && A.size(1) == K && A.is_contiguous(), "A must be a contiguous (M, K) tensor, K = ", K);
+  return ft;
+}
+
 at::Tensor gemv_4bit(const at::Tensor& A, const at::Tensor& packed, const at::Tensor& absmax,
                      const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
                      const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t nested_blocksize,
                      const at::Tensor& code, int64_t N, int64_t K) {
-  TORCH_CHECK(A.is_cuda(), "A must be a CUDA tensor");
+  const FloatType ft = check_matmul_a(A, K);
   const at::Device dev = A.device();
-  const FloatType ft = float_type(A.scalar_type(), "A");
-  TORCH_CHECK(A.dim() == 2 && A.size(1) == K && A.is_contiguous(), "A must be a contiguous (M, K) tensor, K = ", K);
   TORCH_CHECK_VALUE(N >= 0 && K >= 0, "shape must be non-negative");
   TORCH_CHECK_VALUE(K % 32 == 0, "the fused CUDA gemv needs K % 32 == 0, got K = ", K);
   const int64_t M = A.size(0);
@@ -173,6 +179,47 @@ at::Tensor gemv_4bit(const at::Tensor& A, const at::Tensor& packed, const at::Te
               out.data_ptr(), c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
+}
+
+// A (M, K) @ W (N, K).T through the fused 4-bit GEMM, for any call it supports (fsdp4bit itself takes it only where
+// gemm_4bit_applies(), i.e. where it is the faster path; benchmarks and tests call it at other shapes too).
+at::Tensor gemm_4bit(const at::Tensor& A, const at::Tensor& packed, const at::Tensor& absmax,
+                     const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
+                     const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t nested_blocksize,
+                     const at::Tensor& code, int64_t N, int64_t K) {
+  const FloatType ft = check_matmul_a(A, K);
+  const at::Device dev = A.device();
+  const int64_t M = A.size(0);
+  const int log2bs = log2_blocksize(blocksize);
+  check_packed(packed, N * K, dev);
+  TORCH_CHECK(aligned(packed.data_ptr(), 16) && aligned(A.data_ptr(), 16),
+              "the fused CUDA GEMM needs A and packed 16-byte aligned");
+  const c10::cuda::CUDAGuard guard(dev);
+  TORCH_CHECK_VALUE(gemm_supported(ft, log2bs, M, N, K), "the fused CUDA GEMM does not support M = ", M, ", N = ", N,
+                    ", K = ", K, ", blocksize ", blocksize, ", A ", A.scalar_type(),
+                    " on this device (it needs an sm_90a build, fp16/bf16 A, K % 64 == 0, blocksize >= 64)");
+  const Code16 c = make_code(code);
+  const Scales sc = make_scales(absmax, nested_absmax, nested_code, offset, (N * K + blocksize - 1) / blocksize,
+                                nested_blocksize, dev);
+  auto workspace = at::empty({gemm_workspace_floats(N, K)}, A.options().dtype(at::kFloat));
+  auto out = at::empty({M, N}, A.options());
+  TORCH_CHECK(launch_gemm(A.data_ptr(), ft, packed.data_ptr<uint8_t>(), c, sc, nested_absmax.has_value(), log2bs, M,
+                          N, K, workspace.data_ptr<float>(), out.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+              "cuTensorMapEncodeTiled failed for the fused CUDA GEMM");
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// whether gemm_4bit takes A of `dtype` ("float16" or "bfloat16"; "float32" never) (M, K) and a 4-bit (N, K) weight
+// of `blocksize` on device `device_index`
+bool gemm_4bit_applies(const std::string& dtype, int64_t blocksize, int64_t M, int64_t N, int64_t K,
+                       int64_t device_index) {
+  TORCH_CHECK_VALUE(dtype == "float32" || dtype == "float16" || dtype == "bfloat16",
+                    "dtype must be 'float32', 'float16' or 'bfloat16', got '", dtype, "'");
+  const FloatType ft = dtype == "float32" ? FloatType::kF32 : dtype == "float16" ? FloatType::kF16 : FloatType::kBF16;
+  const int log2bs = log2_blocksize(blocksize);
+  const c10::cuda::CUDAGuard guard(at::Device(at::kCUDA, c10::DeviceIndex(device_index)));
+  return gemm_applies(ft, log2bs, M, N, K);
 }
 
 // The kernel gemv_4bit takes for A of `dtype` ("float32", "float16" or "bfloat16") (M, K) and a 4-bit (N, K) weight on device `device_index`: "row",
@@ -253,6 +300,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("double_quant", &fsdp4bit::double_quant,
         "double quant of a float32 absmax -> (offset = mean, uint8 codes, float32 nested absmax, copy of code)");
   m.def("gemv_4bit", &fsdp4bit::gemv_4bit, "A (M, K) @ W(N, K).T with W 4-bit, M <= 8, K % 32 == 0 -> (M, N)");
+  m.def("gemm_4bit", &fsdp4bit::gemm_4bit, "A (M, K) @ W(N, K).T with W 4-bit through the fused GEMM -> (M, N)");
+  m.def("gemm_4bit_applies", &fsdp4bit::gemm_4bit_applies,
+        "whether gemm_4bit takes (dtype, blocksize, M, N, K) on device_index");
   m.def("gemv_kernel", &fsdp4bit::gemv_kernel,
         "the kernel gemv_4bit takes: (dtype, blocksize, nested, nested_blocksize, M, N, K, device_index) -> name");
 }

@@ -42,6 +42,17 @@ void launch_gemv(const void* A, FloatType dtype, const uint8_t* packed, const Co
 // which kernel launch_gemv() takes for this call on the current device (only `sc.nested_log2` is read)
 const char* gemv_kernel_name(FloatType dtype, bool nested, const Scales& sc, int log2bs, int64_t M, int64_t N,
                              int64_t K);
+// whether the fused 4-bit GEMM (sm_90a build only) can compute A (M, K) @ W (N, K).T on the current device
+bool gemm_supported(FloatType dtype, int log2bs, int64_t M, int64_t N, int64_t K);
+// whether fsdp4bit takes it for such a call: supported, and faster there than dequantize + cuBLAS
+bool gemm_applies(FloatType dtype, int log2bs, int64_t M, int64_t N, int64_t K);
+// float32 entries of the block-scale workspace launch_gemm() needs
+int64_t gemm_workspace_floats(int64_t N, int64_t K);
+// `out` (M, N) = A (M, K) @ W.T for a call gemm_supported() takes; A and packed 16-byte aligned. Returns false,
+// launching nothing, when a tensor map cannot be encoded.
+bool launch_gemm(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code, const Scales& sc,
+                 bool nested, int log2bs, int64_t M, int64_t N, int64_t K, float* workspace, void* out,
+                 cudaStream_t stream);
 // 8-bit blockwise quantization of float32 `a - *offset` (offset may be null) against a sorted 256-entry code;
 // a copy of `code` goes to `code_out` when it is not null.
 void launch_quantize_blockwise(const float* a, int64_t n, int64_t blocksize, const float* code, const float* offset,

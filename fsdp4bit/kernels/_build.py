@@ -45,13 +45,16 @@ CUDA_SOURCES = tuple(
         "gemv_tma.cu",
         "gemv_lut.cu",
         "gemv_row.cu",
+        "gemm.cu",
     )
 )
 CUDA_HEADERS = tuple(
     CSRC / "cuda" / h
     for h in (
+        "async_copy.cuh",
         "common.cuh",
         "dequantize.cuh",
+        "gemm.cuh",
         "gemv.cuh",
         "gemv_lut.cuh",
         "gemv_row.cuh",
@@ -198,6 +201,14 @@ def cuda_archs() -> list[tuple[int, int]]:
     return sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
 
 
+def cuda_arch_flags(archs: list[tuple[int, int]]) -> tuple[str, list[str]]:
+    """(TORCH_CUDA_ARCH_LIST, extra nvcc flags) for ``archs``: compute capability 9.0 builds for sm_90a, whose
+    wgmma and setmaxnreg the fused 4-bit GEMM needs (FSDP4BIT_WGMMA tells the host code it is there); an sm_90a
+    binary runs on 9.0 only, which is the GPU it is built for."""
+    names = [f"{major}.{minor}" + ("a" if (major, minor) == (9, 0) else "") for major, minor in archs]
+    return ";".join(names), (["-DFSDP4BIT_WGMMA"] if (9, 0) in archs else [])
+
+
 def build_cuda() -> tuple[ModuleType, float]:
     """Build (or load from cache) the CUDA extension for the visible GPUs; returns (module, seconds spent)."""
     from torch.utils import cpp_extension
@@ -215,17 +226,17 @@ def build_cuda() -> tuple[ModuleType, float]:
     if shutil.which(cxx) is None:
         raise BuildError(f"no C++ host compiler found ({cxx!r}): install g++")
     _check_ninja()
-    archs = cuda_archs()
-    arch_list = ";".join(f"{major}.{minor}" for major, minor in archs)
+    arch_list, arch_cflags = cuda_arch_flags(cuda_archs())
+    cuda_cflags = _CUDA_CFLAGS + arch_cflags
     key = _key(
         CUDA_SOURCES + CUDA_HEADERS,
-        " ".join(_CUDA_CFLAGS + _LDFLAGS),
+        " ".join(cuda_cflags + _LDFLAGS),
         arch_list,
         _compiler_version(str(nvcc)),
         _compiler_version(cxx),
         torch.version.cuda,
     )
-    # cpp_extension turns TORCH_CUDA_ARCH_LIST into one -gencode=arch=compute_XY,code=sm_XY per entry.
+    # cpp_extension turns TORCH_CUDA_ARCH_LIST into one -gencode=arch=compute_XY,code=sm_XY per entry (XYa for 9.0a).
     saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
     t0 = time.perf_counter()
@@ -235,7 +246,7 @@ def build_cuda() -> tuple[ModuleType, float]:
             CUDA_SOURCES,
             key,
             extra_cflags=["-O3"],
-            extra_cuda_cflags=_CUDA_CFLAGS,
+            extra_cuda_cflags=cuda_cflags,
             extra_ldflags=_LDFLAGS,
             with_cuda=True,
         )

@@ -23,9 +23,14 @@ from ..codebooks import (
     shared_4bit_code,
 )
 
-# Fused gemv serves up to this many rows of A; more rows go through dequantize + torch matmul.
+# Fused gemv serves up to this many rows of A; more rows go through the fused 4-bit GEMM where it applies
+# (CUDA, sm_90a: NativeOps.gemm_applies), else dequantize + torch matmul.
 CPU_GEMV_MAX_ROWS = 16
 CUDA_GEMV_MAX_ROWS = 8
+_GEMM_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+# The fused GEMM's row range (csrc/cuda/gemm.cu's gemm_applies asks the rest): a host-side pre-filter so that
+# training-sized calls skip the extension call.
+_GEMM_ROWS = range(CUDA_GEMV_MAX_ROWS + 1, 513)
 
 
 @functools.cache
@@ -201,6 +206,19 @@ class NativeOps:
             return K % 32 == 0 and packed.data_ptr() % 16 == 0
         return True
 
+    def gemm_applies(self, A: torch.Tensor, blocksize: int, shape: Sequence[int]) -> bool:
+        """Whether the fused 4-bit GEMM takes ``A @ W.T`` for W of ``shape`` (N, K) and ``blocksize``: CUDA with an
+        sm_90a build, fp16/bf16 A, 9 to 512 rows and enough 128 x 256 tiles to fill the GPU (the extension's rule)."""
+        if self.device_type != "cuda" or A.dtype not in _GEMM_DTYPES or len(shape) != 2:
+            return False
+        N, K = int(shape[0]), int(shape[1])
+        if K <= 0 or not (64 <= blocksize <= 4096 and blocksize & (blocksize - 1) == 0):
+            return False
+        rows = A.numel() // K
+        if rows not in _GEMM_ROWS:
+            return False
+        return bool(self.ext.gemm_4bit_applies(_GEMM_DTYPES[A.dtype], int(blocksize), rows, N, K, A.device.index))
+
     def gemv_4bit(
         self,
         A: torch.Tensor,
@@ -214,7 +232,8 @@ class NativeOps:
         quant_type: str,
         shape: Sequence[int],
     ) -> torch.Tensor:
-        """``A @ W.T`` for the 4-bit W of ``shape`` (N, K); float32 accumulation, output in A's dtype."""
+        """``A @ W.T`` for the 4-bit W of ``shape`` (N, K); float32 accumulation, output in A's dtype: the fused
+        gemv for few rows, the fused GEMM where :meth:`gemm_applies`, else dequantize + F.linear."""
         check_quant_type(quant_type)
         check_blocksize(blocksize)
         check_float_dtype(A.dtype, "A.dtype")
@@ -232,9 +251,15 @@ class NativeOps:
         A2 = A if two_d else A.reshape(-1, K)
         if A2.shape[0] == 0:
             return A.new_empty((*A.shape[:-1], N))
-        if self._gemv_fused_ok(A2.shape[0], K, flat_packed) and A2.is_contiguous() and A2.data_ptr() % 16 == 0:
+        kernel = None
+        if A2.is_contiguous() and A2.data_ptr() % 16 == 0:
+            if self._gemv_fused_ok(A2.shape[0], K, flat_packed):
+                kernel = self.ext.gemv_4bit
+            elif flat_packed.data_ptr() % 16 == 0 and self.gemm_applies(A2, blocksize, shape):
+                kernel = self.ext.gemm_4bit
+        if kernel is not None:
             _, _, code = _tables(quant_type)
-            out = self.ext.gemv_4bit(
+            out = kernel(
                 A2,
                 flat_packed,
                 absmax.contiguous(),

@@ -1,11 +1,8 @@
-// EXPERIMENT (bench only, not used by fsdp4bit): a fused 4-bit GEMM for many tokens on Hopper (sm_90a),
-// out = A @ W.T with W (N, K) NF4/FP4 and A (M, K) fp16/bf16, float32 accumulation. The alternative to
-// dequantize + cuBLAS, which writes and re-reads the whole 16-bit weight: here the packed weight is dequantized
-// in registers, straight into the tensor cores' A operand. Measured in NOTES.md ("Fused 4-bit GEMM
-// experiment"): faster than dequantize + cuBLAS only while one wave of tiles fills the GPU (M <= 256, N >= ~12K);
-// at training shapes its main loop reaches ~550-600 TFLOP/s against cuBLAS' ~750, because each consumer warp's
-// dequantization (32 shuffles, 32 multiplies per k step) is a latency chain that two warps per scheduler cannot
-// hide behind one wgmma group in flight.
+// Fused 4-bit GEMM on Hopper (sm_90a): out = A @ W.T with W (N, K) NF4/FP4 and A (M, K) fp16/bf16, float32
+// accumulation, the packed weight dequantized in registers straight into the tensor cores' A operand (no 16-bit
+// copy of W in device memory). fsdp4bit uses it where it beats dequantize + cuBLAS (gemm.cu's gemm_applies:
+// 9 to 512 tokens in enough tiles to fill the GPU); at training shapes its main loop reaches ~550 TFLOP/s against
+// cuBLAS' ~720, so those keep dequantize + cuBLAS (NOTES.md, "Fused 4-bit GEMM").
 //
 // The product is computed transposed, out.T (N x M) = W (N x K) @ A.T, so that W is wgmma's register operand
 // (64 rows of W per consumer warpgroup) and A, read by the tensor copy engine with the 128-byte swizzle, its
@@ -173,10 +170,10 @@ __global__ void gemm_scales_kernel(Scales sc, int log2bs, int N, int64_t K, floa
 
 template <typename AT, int STAGES>
 __global__ void __launch_bounds__(kGemmThreads, 1)
-    gemm4_kernel(const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_w,
+    gemm_4bit_kernel(const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_w,
                  const __grid_constant__ CUtensorMap tm_s, Code16 code, AT* __restrict__ out, int M, int N, int K) {
 #if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  __trap();  // built for sm_90a only (bench/gemm4_fused.py)
+  __trap();  // never launched: gemm_applies() requires an sm_90a build
 #else
   using L = GemmLayout<STAGES>;
   extern __shared__ uint8_t smem_raw[];

@@ -1,0 +1,111 @@
+// Launcher of the fused 4-bit GEMM (gemm.cuh): which calls it takes, the block-scale kernel, the three tensor maps
+// (cuTensorMapEncodeTiled, found through the runtime so the extension needs no link against the driver library)
+// and the persistent wgmma kernel. The kernel exists only in an sm_90a build (FSDP4BIT_WGMMA, set by
+// fsdp4bit/kernels/_build.py when a compute capability 9.0 GPU is visible).
+#include "gemm.cuh"
+
+#include <algorithm>
+#include <atomic>
+#include <type_traits>
+
+namespace fsdp4bit {
+
+namespace {
+
+constexpr int kGemmStages = 5;
+
+using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                 const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                 CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+EncodeTiled encode_tiled() {
+  static const EncodeTiled fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+#if CUDART_VERSION >= 12050
+    const cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q);
+#else
+    const cudaError_t e = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &p, cudaEnableDefault, &q);
+#endif
+    if (e != cudaSuccess || q != cudaDriverEntryPointSuccess) return EncodeTiled(nullptr);
+    return reinterpret_cast<EncodeTiled>(p);
+  }();
+  return fn;
+}
+
+// a row-major (rows x cols) tensor, rows `stride_bytes` apart, read in boxes of box_rows x box_cols
+bool tensor_map_2d(CUtensorMap* map, CUtensorMapDataType type, const void* base, uint64_t rows, uint64_t cols,
+                   uint64_t stride_bytes, uint32_t box_rows, uint32_t box_cols, CUtensorMapSwizzle swizzle) {
+  const cuuint64_t dims[2] = {cols, rows};
+  const cuuint64_t strides[1] = {stride_bytes};
+  const cuuint32_t box[2] = {box_cols, box_rows};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  return encode_tiled()(map, type, 2, const_cast<void*>(base), dims, strides, box, elem_strides,
+                        CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                        CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+int64_t scales_ld(int64_t N) { return (N + 3) / 4 * 4; }  // float32 rows 16-byte aligned for the tensor copy
+
+template <typename AT>
+bool launch_typed(const void* A, const uint8_t* packed, const Code16& code, const float* scales, int64_t M,
+                  int64_t N, int64_t K, void* out, cudaStream_t stream) {
+  using L = GemmLayout<kGemmStages>;
+  const CUtensorMapDataType at =
+      std::is_same<AT, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  CUtensorMap tm_a, tm_w, tm_s;
+  if (!tensor_map_2d(&tm_a, at, A, M, K, K * 2, kGemmTokens, kGemmK, CU_TENSOR_MAP_SWIZZLE_128B) ||
+      !tensor_map_2d(&tm_w, CU_TENSOR_MAP_DATA_TYPE_UINT8, packed, N, K / 2, K / 2, kGemmRows, kGemmK / 2,
+                     CU_TENSOR_MAP_SWIZZLE_NONE) ||
+      !tensor_map_2d(&tm_s, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, scales, K / kGemmK, N, scales_ld(N) * 4, 1, kGemmRows,
+                     CU_TENSOR_MAP_SWIZZLE_NONE))
+    return false;
+  auto kernel = gemm_4bit_kernel<AT, kGemmStages>;
+  static std::atomic<uint64_t> smem_set{0};
+  allow_dynamic_smem(kernel, int(L::kSmem), smem_set);
+  const int64_t tiles = ((N + kGemmRows - 1) / kGemmRows) * ((M + kGemmTokens - 1) / kGemmTokens);
+  const int64_t grid = std::min<int64_t>(tiles, device_attribute(cudaDevAttrMultiProcessorCount));
+  kernel<<<dim3(unsigned(grid)), kGemmThreads, L::kSmem, stream>>>(tm_a, tm_w, tm_s, code, static_cast<AT*>(out),
+                                                                    int(M), int(N), int(K));
+  return true;
+}
+
+}  // namespace
+
+bool gemm_supported(FloatType dtype, int log2bs, int64_t M, int64_t N, int64_t K) {
+#if defined(FSDP4BIT_WGMMA)
+  return dtype != FloatType::kF32 && log2bs >= 6 && K > 0 && K % kGemmK == 0 && K < (int64_t(1) << 30) && M >= 1 &&
+         M < (int64_t(1) << 30) && N >= 1 && N < (int64_t(1) << 30) &&
+         device_attribute(cudaDevAttrComputeCapabilityMajor) == 9 &&
+         device_attribute(cudaDevAttrComputeCapabilityMinor) == 0 && encode_tiled() != nullptr;
+#else
+  (void)dtype, (void)log2bs, (void)M, (void)N, (void)K;
+  return false;
+#endif
+}
+
+bool gemm_applies(FloatType dtype, int log2bs, int64_t M, int64_t N, int64_t K) {
+  // 9 to 512 tokens (fewer take the gemv) in tiles for at least 3/4 of the SMs: there the fused kernel beats
+  // dequantize + cuBLAS (H100: 0.58-0.80x at 14336x4096, 0.60-0.93x at 28672x8192); with fewer tiles most SMs
+  // idle, and with more tokens cuBLAS' faster main loop wins
+  const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
+  const int64_t tiles = ((M + kGemmTokens - 1) / kGemmTokens) * ((N + kGemmRows - 1) / kGemmRows);
+  return M >= 9 && M <= 2 * kGemmTokens && 4 * tiles >= 3 * sms && gemm_supported(dtype, log2bs, M, N, K);
+}
+
+int64_t gemm_workspace_floats(int64_t N, int64_t K) { return (K / kGemmK) * scales_ld(N); }
+
+bool launch_gemm(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code, const Scales& sc,
+                 bool nested, int log2bs, int64_t M, int64_t N, int64_t K, float* workspace, void* out,
+                 cudaStream_t stream) {
+  const int ld = int(scales_ld(N));
+  const dim3 sgrid(unsigned(std::min<int64_t>((N + 255) / 256, 64)), unsigned(K / kGemmK));
+  if (nested)
+    gemm_scales_kernel<true><<<sgrid, 256, 0, stream>>>(sc, log2bs, int(N), K, workspace, ld);
+  else
+    gemm_scales_kernel<false><<<sgrid, 256, 0, stream>>>(sc, log2bs, int(N), K, workspace, ld);
+  if (dtype == FloatType::kF16) return launch_typed<__half>(A, packed, code, workspace, M, N, K, out, stream);
+  return launch_typed<__nv_bfloat16>(A, packed, code, workspace, M, N, K, out, stream);
+}
+
+}  // namespace fsdp4bit
