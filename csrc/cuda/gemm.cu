@@ -6,7 +6,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <type_traits>
 
 namespace fsdp4bit {
 
@@ -47,35 +46,38 @@ bool tensor_map_2d(CUtensorMap* map, CUtensorMapDataType type, const void* base,
 
 int64_t scales_ld(int64_t N) { return (N + 3) / 4 * 4; }  // float32 rows 16-byte aligned for the tensor copy
 
+// the tensor maps of A, packed W and the scale workspace; false if one cannot be encoded
+bool gemm_tensor_maps(const void* A, bool half, const uint8_t* packed, const float* scales, int64_t M, int64_t N,
+                      int64_t K, CUtensorMap (&maps)[3]) {
+  const CUtensorMapDataType at = half ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  return tensor_map_2d(&maps[0], at, A, M, K, K * 2, kGemmTokens, kGemmK, CU_TENSOR_MAP_SWIZZLE_128B) &&
+         tensor_map_2d(&maps[1], CU_TENSOR_MAP_DATA_TYPE_UINT8, packed, N, K / 2, K / 2, kGemmRows, kGemmK / 2,
+                       CU_TENSOR_MAP_SWIZZLE_NONE) &&
+         tensor_map_2d(&maps[2], CU_TENSOR_MAP_DATA_TYPE_FLOAT32, scales, K / kGemmK, N, scales_ld(N) * 4, 1,
+                       kGemmRows, CU_TENSOR_MAP_SWIZZLE_NONE);
+}
+
 template <typename AT>
-bool launch_typed(const void* A, const uint8_t* packed, const Code16& code, const float* scales, int64_t M,
-                  int64_t N, int64_t K, void* out, cudaStream_t stream) {
+void launch_typed(const CUtensorMap (&maps)[3], const Code16& code, int64_t M, int64_t N, int64_t K, void* out,
+                  cudaStream_t stream) {
   using L = GemmLayout<kGemmStages>;
-  const CUtensorMapDataType at =
-      std::is_same<AT, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-  CUtensorMap tm_a, tm_w, tm_s;
-  if (!tensor_map_2d(&tm_a, at, A, M, K, K * 2, kGemmTokens, kGemmK, CU_TENSOR_MAP_SWIZZLE_128B) ||
-      !tensor_map_2d(&tm_w, CU_TENSOR_MAP_DATA_TYPE_UINT8, packed, N, K / 2, K / 2, kGemmRows, kGemmK / 2,
-                     CU_TENSOR_MAP_SWIZZLE_NONE) ||
-      !tensor_map_2d(&tm_s, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, scales, K / kGemmK, N, scales_ld(N) * 4, 1, kGemmRows,
-                     CU_TENSOR_MAP_SWIZZLE_NONE))
-    return false;
   auto kernel = gemm_4bit_kernel<AT, kGemmStages>;
   static std::atomic<uint64_t> smem_set{0};
   allow_dynamic_smem(kernel, int(L::kSmem), smem_set);
   const int64_t tiles = ((N + kGemmRows - 1) / kGemmRows) * ((M + kGemmTokens - 1) / kGemmTokens);
   const int64_t grid = std::min<int64_t>(tiles, device_attribute(cudaDevAttrMultiProcessorCount));
-  kernel<<<dim3(unsigned(grid)), kGemmThreads, L::kSmem, stream>>>(tm_a, tm_w, tm_s, code, static_cast<AT*>(out),
-                                                                    int(M), int(N), int(K));
-  return true;
+  kernel<<<dim3(unsigned(grid)), kGemmThreads, L::kSmem, stream>>>(maps[0], maps[1], maps[2], code,
+                                                                    static_cast<AT*>(out), int(M), int(N), int(K));
 }
 
 }  // namespace
 
 bool gemm_supported(FloatType dtype, int log2bs, int64_t M, int64_t N, int64_t K) {
 #if defined(FSDP4BIT_WGMMA)
-  return dtype != FloatType::kF32 && log2bs >= 6 && K > 0 && K % kGemmK == 0 && K < (int64_t(1) << 30) && M >= 1 &&
-         M < (int64_t(1) << 30) && N >= 1 && N < (int64_t(1) << 30) &&
+  // 32-bit tile, step and coordinate arithmetic in the kernel; the scale kernel's grid.y is K / 64
+  const int64_t tiles = ((M + kGemmTokens - 1) / kGemmTokens) * ((N + kGemmRows - 1) / kGemmRows);
+  return dtype != FloatType::kF32 && log2bs >= 6 && K > 0 && K % kGemmK == 0 && K / kGemmK <= 65535 && M >= 1 &&
+         M < (int64_t(1) << 30) && N >= 1 && N < (int64_t(1) << 30) && tiles * (K / kGemmK) < (int64_t(1) << 31) &&
          device_attribute(cudaDevAttrComputeCapabilityMajor) == 9 &&
          device_attribute(cudaDevAttrComputeCapabilityMinor) == 0 && encode_tiled() != nullptr;
 #else
@@ -98,14 +100,20 @@ int64_t gemm_workspace_floats(int64_t N, int64_t K) { return (K / kGemmK) * scal
 bool launch_gemm(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code, const Scales& sc,
                  bool nested, int log2bs, int64_t M, int64_t N, int64_t K, float* workspace, void* out,
                  cudaStream_t stream) {
+  const bool half = dtype == FloatType::kF16;
+  CUtensorMap maps[3];
+  if (!gemm_tensor_maps(A, half, packed, workspace, M, N, K, maps)) return false;
   const int ld = int(scales_ld(N));
   const dim3 sgrid(unsigned(std::min<int64_t>((N + 255) / 256, 64)), unsigned(K / kGemmK));
   if (nested)
     gemm_scales_kernel<true><<<sgrid, 256, 0, stream>>>(sc, log2bs, int(N), K, workspace, ld);
   else
     gemm_scales_kernel<false><<<sgrid, 256, 0, stream>>>(sc, log2bs, int(N), K, workspace, ld);
-  if (dtype == FloatType::kF16) return launch_typed<__half>(A, packed, code, workspace, M, N, K, out, stream);
-  return launch_typed<__nv_bfloat16>(A, packed, code, workspace, M, N, K, out, stream);
+  if (half)
+    launch_typed<__half>(maps, code, M, N, K, out, stream);
+  else
+    launch_typed<__nv_bfloat16>(maps, code, M, N, K, out, stream);
+  return true;
 }
 
 }  // namespace fsdp4bit

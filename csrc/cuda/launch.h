@@ -49,7 +49,7 @@ bool gemm_applies(FloatType dtype, int log2bs, int64_t M, int64_t N, int64_t K);
 // float32 entries of the block-scale workspace launch_gemm() needs
 int64_t gemm_workspace_floats(int64_t N, int64_t K);
 // `out` (M, N) = A (M, K) @ W.T for a call gemm_supported() takes; A and packed 16-byte aligned. Returns false,
-// launching nothing, when a tensor map cannot be encoded.
+// launching nothing, when a tensor map cannot be encoded (they are encoded before any launch).
 bool launch_gemm(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code, const Scales& sc,
                  bool nested, int log2bs, int64_t M, int64_t N, int64_t K, float* workspace, void* out,
                  cudaStream_t stream);
