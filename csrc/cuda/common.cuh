@@ -179,6 +179,19 @@ template <> __device__ __forceinline__ float from_f32<float>(float v) { return v
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
 
+// two floats as a 16-bit pair in one word, each rounded once: `even` (the lower k) in the low half
+template <typename AT>
+__device__ __forceinline__ uint32_t pack_pair(float even, float odd);
+template <>
+__device__ __forceinline__ uint32_t pack_pair<__nv_bfloat16>(float even, float odd) {
+  return uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(even))) |
+         (uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(odd))) << 16);
+}
+template <>
+__device__ __forceinline__ uint32_t pack_pair<__half>(float even, float odd) {
+  return uint32_t(__half_as_ushort(__float2half_rn(even))) | (uint32_t(__half_as_ushort(__float2half_rn(odd))) << 16);
+}
+
 // ------------------------------------------------------------------------- 8-element chunks
 // 8 elements as raw 16-bit words (two per uint32) or float32 values; the raw form keeps registers low.
 template <typename T>

@@ -102,26 +102,12 @@ __device__ __forceinline__ uint64_t sw128_desc(uint32_t smem_byte_addr) {
          (uint64_t(1) << 62);
 }
 
-// two weights as the 16-bit pair of a wgmma A register: the lower k in the low half
-template <typename AT>
-__device__ __forceinline__ uint32_t pack_weights(float lo_k, float hi_k);
-template <>
-__device__ __forceinline__ uint32_t pack_weights<__nv_bfloat16>(float lo_k, float hi_k) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo_k, hi_k);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-template <>
-__device__ __forceinline__ uint32_t pack_weights<__half>(float lo_k, float hi_k) {
-  const __half2 v = __floats2half2_rn(lo_k, hi_k);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
 // the two weights of packed byte `b` (high nibble first in k), each code * scale rounded once
 template <typename AT>
 __device__ __forceinline__ uint32_t weight_pair(float lane_code, uint32_t b, float scale) {
   const float hi = __shfl_sync(0xffffffffu, lane_code, int((b >> 4) & 15u));
   const float lo = __shfl_sync(0xffffffffu, lane_code, int(b & 15u));
-  return pack_weights<AT>(__fmul_rn(hi, scale), __fmul_rn(lo, scale));
+  return pack_pair<AT>(__fmul_rn(hi, scale), __fmul_rn(lo, scale));
 }
 
 // the consumer's 64 x 256 accumulator tile (rows `n` and n + 8 of out.T per 8-token column group) to out (M x N):
@@ -144,7 +130,7 @@ __device__ __forceinline__ void store_tile(const float (&acc)[128], AT* __restri
       const int nn = n + 8 * h;
       if (m < M) {
         if (nn + 1 < N && (N % 2 == 0)) {
-          *reinterpret_cast<uint32_t*>(out + int64_t(m) * N + nn) = pack_weights<AT>(lo, hi);
+          *reinterpret_cast<uint32_t*>(out + int64_t(m) * N + nn) = pack_pair<AT>(lo, hi);
         } else {
           if (nn < N) out[int64_t(m) * N + nn] = from_f32<AT>(lo);
           if (nn + 1 < N) out[int64_t(m) * N + nn + 1] = from_f32<AT>(hi);

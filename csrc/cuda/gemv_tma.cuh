@@ -32,18 +32,6 @@ namespace fsdp4bit {
 constexpr int kPairWords = 256 * 64;
 constexpr size_t kPairBytes = kPairWords * sizeof(uint32_t);
 
-template <typename AT>
-__device__ __forceinline__ uint32_t pack_pair(float even, float odd);
-template <>
-__device__ __forceinline__ uint32_t pack_pair<__nv_bfloat16>(float even, float odd) {
-  return uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(even))) |
-         (uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(odd))) << 16);
-}
-template <>
-__device__ __forceinline__ uint32_t pack_pair<__half>(float even, float odd) {
-  return uint32_t(__half_as_ushort(__float2half_rn(even))) | (uint32_t(__half_as_ushort(__float2half_rn(odd))) << 16);
-}
-
 // d += A (16 x 16, rows of W) * B (16 x 8, tokens of A); float32 accumulation
 template <typename AT>
 __device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
