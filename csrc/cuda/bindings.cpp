@@ -23,6 +23,13 @@ FloatType float_type(at::ScalarType t, const char* name) {
   }
 }
 
+// the float type named "float32", "float16" or "bfloat16" (the kernel-query bindings take dtype names)
+FloatType float_type_named(const std::string& dtype) {
+  TORCH_CHECK_VALUE(dtype == "float32" || dtype == "float16" || dtype == "bfloat16",
+                    "dtype must be 'float32', 'float16' or 'bfloat16', got '", dtype, "'");
+  return dtype == "float32" ? FloatType::kF32 : dtype == "float16" ? FloatType::kF16 : FloatType::kBF16;
+}
+
 int log2_blocksize(int64_t bs) {
   TORCH_CHECK_VALUE(bs >= 32 && bs <= 4096 && (bs & (bs - 1)) == 0, "blocksize must be a power of two in [32, 4096], got ", bs);
   int l = 0;
@@ -214,9 +221,7 @@ at::Tensor gemm_4bit(const at::Tensor& A, const at::Tensor& packed, const at::Te
 // of `blocksize` on device `device_index`
 bool gemm_4bit_applies(const std::string& dtype, int64_t blocksize, int64_t M, int64_t N, int64_t K,
                        int64_t device_index) {
-  TORCH_CHECK_VALUE(dtype == "float32" || dtype == "float16" || dtype == "bfloat16",
-                    "dtype must be 'float32', 'float16' or 'bfloat16', got '", dtype, "'");
-  const FloatType ft = dtype == "float32" ? FloatType::kF32 : dtype == "float16" ? FloatType::kF16 : FloatType::kBF16;
+  const FloatType ft = float_type_named(dtype);
   const int log2bs = log2_blocksize(blocksize);
   const c10::cuda::CUDAGuard guard(at::Device(at::kCUDA, c10::DeviceIndex(device_index)));
   return gemm_applies(ft, log2bs, M, N, K);
@@ -226,9 +231,7 @@ bool gemm_4bit_applies(const std::string& dtype, int64_t blocksize, int64_t M, i
 // "row_stream", "pair_table", "tensor_core" or "cuda_core" (for tests and benchmarks that must know the path).
 std::string gemv_kernel(const std::string& dtype, int64_t blocksize, bool nested, int64_t nested_blocksize, int64_t M,
                         int64_t N, int64_t K, int64_t device_index) {
-  TORCH_CHECK_VALUE(dtype == "float32" || dtype == "float16" || dtype == "bfloat16",
-                    "dtype must be 'float32', 'float16' or 'bfloat16', got '", dtype, "'");
-  const FloatType ft = dtype == "float32" ? FloatType::kF32 : dtype == "float16" ? FloatType::kF16 : FloatType::kBF16;
+  const FloatType ft = float_type_named(dtype);
   const int log2bs = log2_blocksize(blocksize);
   TORCH_CHECK_VALUE(nested_blocksize > 0, "nested_blocksize must be positive, got ", nested_blocksize);
   Scales sc{};

@@ -44,6 +44,11 @@ bool tensor_map_2d(CUtensorMap* map, CUtensorMapDataType type, const void* base,
                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// 128-row x 256-token output tiles of an (M, N) product
+int64_t gemm_tiles(int64_t M, int64_t N) {
+  return ((M + kGemmTokens - 1) / kGemmTokens) * ((N + kGemmRows - 1) / kGemmRows);
+}
+
 int64_t scales_ld(int64_t N) { return (N + 3) / 4 * 4; }  // float32 rows 16-byte aligned for the tensor copy
 
 // the tensor maps of A, packed W and the scale workspace; false if one cannot be encoded
@@ -64,7 +69,7 @@ void launch_typed(const CUtensorMap (&maps)[3], const Code16& code, int64_t M, i
   auto kernel = gemm_4bit_kernel<AT, kGemmStages>;
   static std::atomic<uint64_t> smem_set{0};
   allow_dynamic_smem(kernel, int(L::kSmem), smem_set);
-  const int64_t tiles = ((N + kGemmRows - 1) / kGemmRows) * ((M + kGemmTokens - 1) / kGemmTokens);
+  const int64_t tiles = gemm_tiles(M, N);
   const int64_t grid = std::min<int64_t>(tiles, device_attribute(cudaDevAttrMultiProcessorCount));
   kernel<<<dim3(unsigned(grid)), kGemmThreads, L::kSmem, stream>>>(maps[0], maps[1], maps[2], code,
                                                                     static_cast<AT*>(out), int(M), int(N), int(K));
@@ -75,7 +80,7 @@ void launch_typed(const CUtensorMap (&maps)[3], const Code16& code, int64_t M, i
 bool gemm_supported(FloatType dtype, int log2bs, int64_t M, int64_t N, int64_t K) {
 #if defined(FSDP4BIT_WGMMA)
   // 32-bit tile, step and coordinate arithmetic in the kernel; the scale kernel's grid.y is K / 64
-  const int64_t tiles = ((M + kGemmTokens - 1) / kGemmTokens) * ((N + kGemmRows - 1) / kGemmRows);
+  const int64_t tiles = gemm_tiles(M, N);
   return dtype != FloatType::kF32 && log2bs >= 6 && K > 0 && K % kGemmK == 0 && K / kGemmK <= 65535 && M >= 1 &&
          M < (int64_t(1) << 30) && N >= 1 && N < (int64_t(1) << 30) && tiles * (K / kGemmK) < (int64_t(1) << 31) &&
          device_attribute(cudaDevAttrComputeCapabilityMajor) == 9 &&
@@ -91,7 +96,7 @@ bool gemm_applies(FloatType dtype, int log2bs, int64_t M, int64_t N, int64_t K) 
   // dequantize + cuBLAS (H100: 0.58-0.80x at 14336x4096, 0.60-0.93x at 28672x8192); with fewer tiles most SMs
   // idle, and with more tokens cuBLAS' faster main loop wins
   const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
-  const int64_t tiles = ((M + kGemmTokens - 1) / kGemmTokens) * ((N + kGemmRows - 1) / kGemmRows);
+  const int64_t tiles = gemm_tiles(M, N);
   return M >= 9 && M <= 2 * kGemmTokens && 4 * tiles >= 3 * sms && gemm_supported(dtype, log2bs, M, N, K);
 }
 
