@@ -15,6 +15,7 @@ from types import ModuleType
 import torch
 
 from ..codebooks import (
+    BLOCKSIZES,
     check_blocksize,
     check_float_dtype,
     check_quant_type,
@@ -212,7 +213,7 @@ class NativeOps:
         if self.device_type != "cuda" or A.dtype not in _GEMM_DTYPES or len(shape) != 2:
             return False
         N, K = int(shape[0]), int(shape[1])
-        if K <= 0 or not (64 <= blocksize <= 4096 and blocksize & (blocksize - 1) == 0):
+        if K <= 0 or blocksize not in BLOCKSIZES or blocksize < 64:  # the wgmma k step is 64 wide
             return False
         rows = A.numel() // K
         if rows not in _GEMM_ROWS:
