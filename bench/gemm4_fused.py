@@ -77,11 +77,13 @@ def main() -> None:
         (1000, 4096, 14336, torch.bfloat16, 64, True),
         (513, 384, 4160, torch.float16, 64, True, "fp4"),
         (77, 131, 128, torch.float16, 64, False),
+        (200, 4096, 4096, torch.bfloat16, 64, True),  # split-K: 16 tiles x 8 parts
+        (33, 1000, 4160, torch.float16, 128, False),  # split-K: 8 tiles, 65 k steps in 8 unequal parts
     ]
     if not all([check(ext, *c) for c in cases]):
         sys.exit("fused GEMM check failed")
     rows = []
-    for N, K in [(14336, 4096), (4096, 14336), (4096, 4096), (28672, 8192)]:
+    for N, K in [(14336, 4096), (4096, 14336), (4096, 4096), (1024, 4096), (28672, 8192)]:
         packed, st = quantized(N, K, torch.bfloat16, 64, True)
         W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
         for M in [16, 64, 256, 512, 1024, 2048, 4096, 8192]:

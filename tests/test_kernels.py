@@ -177,6 +177,22 @@ def test_dequantize_roundtrip_matches_reference_ops(native):
     assert rel < 0.12  # NF4 bs64 on Gaussian data: ~0.09
 
 
+def _assert_within_gemm_bound(out: torch.Tensor, A: torch.Tensor, W32: torch.Tensor) -> None:
+    """Every output of the GEMM within its own bound around A @ W.T in float64, W being the dequantized weight
+    in A's dtype (the kernel's operand, as dequantize_4bit gives it): the float32 sum's error (at most
+    2^-23 * K * sum |a| |w|, twice the textbook bound for any summation order) plus one rounding to A's dtype
+    (half an ulp)."""
+    K = A.shape[-1]
+    W = W32.to(A.dtype).double()
+    ref = A.double() @ W.T
+    acc_err = (A.double().abs() @ W.abs().T) * (K * 2.0**-23)
+    u = 2.0**-8 if out.dtype == torch.bfloat16 else 2.0**-11
+    bound = u * (ref.abs() + acc_err) + acc_err
+    err = (out.double().cpu() - ref).abs()
+    bad = err > bound
+    assert not bad.any(), f"{int(bad.sum())} outputs out of bound, first at {bad.nonzero()[0].tolist()}"
+
+
 def _gemv_case(ops, device, M_shape, N, K, blocksize, qt, nested, dtype, seed, a_scale=1.0, direct=False):
     g = _gen(seed)
     W = torch.randn(N, K, generator=g)
@@ -202,6 +218,8 @@ def _gemv_case(ops, device, M_shape, N, K, blocksize, qt, nested, dtype, seed, a
     assert not out.isnan().any(), "unwritten or NaN output"
     err = ((out.double().cpu() - ref).norm() / ref.norm()).item()
     assert err < GEMV_RTOL[dtype], f"relative error {err:.2e} for {dtype}, M={M_shape} N={N} K={K}"
+    if direct:  # the GEMM rounds once from float32 sums: a bound per output too
+        _assert_within_gemm_bound(out, A, W32)
 
 
 def _cuda_gemv_kernel(ops, dtype: torch.dtype, N: int, K: int, blocksize: int, nested: bool, M: int = 1) -> str:
@@ -238,6 +256,19 @@ def test_gemv(native, dtype, qt, nested):
         _gemv_case(ops, device, M_shape, N, K, bs, qt, nested, dtype, seed=i)
 
 
+def test_gemv_strided_a(native):
+    """A strided or misaligned A (a slice of a larger activation) still takes the fused gemv, on a packed copy:
+    the same bits as its contiguous twin."""
+    ops, device = native
+    packed, absmax = reference.quantize_4bit(torch.randn(96, 256, generator=_gen(60)), 64, "nf4")
+    packed, absmax = packed.to(device), absmax.to(device)
+    wide = torch.randn(3, 513, generator=_gen(61)).to(device=device, dtype=torch.bfloat16)
+    for A in (wide[:, :512:2], wide[:, 1:257]):  # every other column; 2 bytes past an aligned start
+        assert not A.is_contiguous() or A.data_ptr() % 16 != 0
+        args = (absmax, None, None, None, 64, 256, "nf4", (96, 256))
+        assert torch.equal(ops.gemv_4bit(A, packed, *args), ops.gemv_4bit(A.contiguous().clone(), packed, *args))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gemv_tensor_core_path(cuda_native, dtype):
     """4..8 tokens on sm_90 take the tensor-core kernel: more 16-row tiles than CTAs, a partial last k chunk."""
@@ -263,35 +294,62 @@ def hopper_native(cuda_native):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gemm_path(hopper_native, dtype):
-    """9 to 512 rows of fp16/bf16 A against enough rows of W take the fused GEMM: a partial last tile of W and of
-    tokens (and two tiles of tokens), odd k-step counts, 3-D A, FP4 and plain absmax, blocks larger than a row;
-    it matches float64."""
+    """9 to 512 rows of fp16/bf16 A against a large W (enough rows, 2^24 entries) take the fused GEMM: a partial
+    last tile of W and of tokens (and two tiles of tokens), odd k-step counts, 3-D A, FP4 and plain absmax; it
+    matches float64. So do shapes it runs only when called directly, blocks larger than a row among them."""
     ops, device = hopper_native
     N = _gemm_min_rows() + 37
-    cases = [((9,), 192, "nf4", True, 64), ((2, 50), 4160, "fp4", False, 128), ((256,), 1024, "nf4", True, 256)]
-    cases += [((131,), 64, "nf4", False, 4096), ((17,), 2048, "fp4", True, 1024), ((300,), 320, "nf4", True, 64)]
+    cases = [((9,), 1344, "nf4", True, 64), ((2, 50), 4160, "fp4", False, 128), ((256,), 2048, "nf4", True, 256)]
+    cases += [((17,), 2048, "fp4", True, 1024), ((300,), 1344, "nf4", True, 64)]
     for i, (M_shape, K, qt, nested, bs) in enumerate(cases):
         assert ops.gemm_applies(torch.empty(*M_shape, K, dtype=dtype, device=device), bs, (N, K)), (M_shape, K, bs)
         _gemv_case(ops, device, M_shape, N, K, bs, qt, nested, dtype, seed=400 + i)
-    # shapes the kernel supports but fsdp4bit leaves to other paths: several partial tiles of tokens, few rows
-    for i, (M, N, K, bs) in enumerate([(300, 300, 192, 64), (513, 129, 128, 128), (1, 7, 64, 64)]):
-        _gemv_case(ops, device, (M,), N, K, bs, "nf4", True, dtype, seed=420 + i, direct=True)
+    # shapes the kernel supports but fsdp4bit leaves to other paths: several partial tiles of tokens, few rows,
+    # blocks larger than a row
+    for i, (M, N, K, bs, nested) in enumerate(
+        [(300, 300, 192, 64, True), (513, 129, 128, 128, True), (1, 7, 64, 64, True), (131, 300, 64, 4096, False)]
+    ):
+        _gemv_case(ops, device, (M,), N, K, bs, "nf4", nested, dtype, seed=420 + i, direct=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemm_many_tiles(hopper_native, dtype):
+    """The fused GEMM's persistent grid: each CTA taking 2 or 3 tiles (300 and 396 tiles on 132 SMs) that start
+    mid-way through the stage ring (3 or 7 k steps against 5 stages), a partial last 128-row tile, a last token
+    tile of 32 tokens; blocksizes 512 and 2048; and split-K, where the tiles alone leave SMs idle. Every output is
+    checked against its own float64 bound."""
+    ops, device = hopper_native
+    cases = [(800, 9557, 192, 64, True), (3000, 4200, 448, 128, False), (300, 259, 1536, 512, True)]
+    cases += [(77, 300, 4096, 2048, True)]
+    # split-K (too few tiles for the SMs): 65 k steps in unequal parts and an odd N; 4 parts; 2 parts of 8 steps
+    cases += [(100, 1001, 4160, 64, True), (256, 4096, 4096, 64, True), (40, 2000, 1024, 256, False)]
+    for i, (M, N, K, bs, nested) in enumerate(cases):
+        _gemv_case(ops, device, (M,), N, K, bs, "nf4" if i % 2 else "fp4", nested, dtype, seed=470 + i, direct=True)
 
 
 def test_gemm_dispatch(hopper_native):
     """What the fused GEMM leaves to other paths: 8 rows or fewer (gemv), more than 512 (dequantize + cuBLAS,
-    faster there), too few tiles to fill the GPU, K % 64 != 0, blocks of 32, float32."""
+    faster there), too few tiles and split-K parts to fill the GPU, K % 64 != 0, blocks of 32, float32."""
     ops, device = hopper_native
     N = _gemm_min_rows()
-    A = lambda rows, K=256, dtype=torch.bfloat16: torch.empty(rows, K, dtype=dtype, device=device)  # noqa: E731
-    assert ops.gemm_applies(A(9), 64, (N, 256)) and ops.gemm_applies(A(512), 64, (N, 256))
-    assert not ops.gemm_applies(A(8), 64, (N, 256))
-    assert not ops.gemm_applies(A(513), 64, (N, 256))
-    assert not ops.gemm_applies(A(64), 64, (N - 128, 256))
-    assert ops.gemm_applies(A(300), 64, (N // 2, 256))  # two tiles of tokens fill the GPU with half the rows
-    assert not ops.gemm_applies(A(64, 288), 32, (N, 288))
-    assert not ops.gemm_applies(A(64), 32, (N, 256))
-    assert not ops.gemm_applies(A(64, dtype=torch.float32), 64, (N, 256))
+    A = lambda rows, K=2048, dtype=torch.bfloat16: torch.empty(rows, K, dtype=dtype, device=device)  # noqa: E731
+    assert ops.gemm_applies(A(9), 64, (N, 2048)) and ops.gemm_applies(A(512), 64, (N, 2048))
+    assert not ops.gemm_applies(A(8), 64, (N, 2048))
+    assert not ops.gemm_applies(A(513), 64, (N, 2048))
+    assert not ops.gemm_applies(A(64), 64, (N - 128, 2048))
+    assert not ops.gemm_applies(A(64, 1024), 64, (N, 1024))  # enough tiles, but fewer than 2^24 weights
+    assert ops.gemm_applies(A(300, 4096), 64, (N // 2, 4096))  # two tiles of tokens fill the GPU with half the rows
+    assert not ops.gemm_applies(A(64, 2080), 64, (N, 2080))  # K % 64 != 0
+    assert not ops.gemm_applies(A(64), 32, (N, 2048))
+    assert not ops.gemm_applies(A(64, dtype=torch.float32), 64, (N, 2048))
+    # few tiles: K split into up to sms // tiles parts (at most 16, each at least 8 k steps of 64)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    assert ops.gemm_applies(A(256, 4096), 64, (4096, 4096))  # 32 tiles x 4 parts on an H100
+    shapes = [(16, 4096, 14336), (512, 4096, 14336), (128, 2048, 8192), (64, 1024, 16384), (100, 6000, 4096)]
+    for M, n, K in shapes:
+        tiles = math.ceil(M / 256) * math.ceil(n / 128)
+        parts = 1 if 4 * tiles >= 3 * sms else max(1, min(sms // tiles, 16, K // 64 // 8))
+        assert ops.gemm_applies(A(M, K), 64, (n, K)) == (4 * tiles * parts >= 3 * sms), (M, n, K)
     packed = torch.zeros(N * 96 // 2, dtype=torch.uint8, device=device)
     absmax = torch.ones(N * 96 // 64, device=device)
     with pytest.raises(ValueError, match="does not support"):
@@ -305,7 +363,7 @@ def test_matmul_4bit_takes_gemm(hopper_native):
     from fsdp4bit.functional import dequantize_4bit, quantize_4bit
 
     _, device = hopper_native
-    N, K = _gemm_min_rows() + 5, 512
+    N, K = _gemm_min_rows() + 5, 2048
     W = torch.randn(N, K, generator=_gen(450)).to(device=device, dtype=torch.bfloat16)
     packed, state = quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
     A = torch.randn(2, 12, K, generator=_gen(451)).to(device=device, dtype=torch.bfloat16)
@@ -318,6 +376,39 @@ def test_matmul_4bit_takes_gemm(hopper_native):
     ref = A.double() @ Wd.double().T + bias.double()
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert out.shape == (2, 12, N) and out.dtype == torch.bfloat16 and err < GEMV_RTOL[torch.bfloat16], err
+
+
+def test_matmul_4bit_gemm_public(hopper_native):
+    """The public matmul_4bit at a GEMM-sized layer: a strided (non-contiguous) A still takes the fused GEMM (on
+    a packed copy), its gradient matches float64, and torch.compile(fullgraph=True) with CUDA graphs
+    ("reduce-overhead") gives the eager bits on new inputs."""
+    import fsdp4bit
+    from fsdp4bit.functional import dequantize_4bit, quantize_4bit
+
+    _, device = hopper_native
+    N, K = _gemm_min_rows() + 5, 2048
+    W = torch.randn(N, K, generator=_gen(480)).to(device=device, dtype=torch.bfloat16)
+    packed, state = quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
+    Wd = dequantize_4bit(packed, state).double()
+    wide = torch.randn(40, 2 * K, generator=_gen(481)).to(device=device, dtype=torch.bfloat16)
+    A = wide[:, ::2].detach().requires_grad_()
+    assert not A.is_contiguous()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = fsdp4bit.matmul_4bit(A, packed, state)
+        torch.cuda.synchronize()
+    assert any("gemm_4bit_kernel" in e.name for e in prof.events()), "the fused GEMM did not run"
+    ref = A.detach().double() @ Wd.T
+    assert ((out.double() - ref).norm() / ref.norm()).item() < GEMV_RTOL[torch.bfloat16]
+    grad_out = torch.randn(40, N, generator=_gen(482)).to(device=device, dtype=torch.bfloat16)
+    out.backward(grad_out)
+    grad_ref = grad_out.double() @ Wd
+    assert ((A.grad.double() - grad_ref).norm() / grad_ref.norm()).item() < GEMV_RTOL[torch.bfloat16]
+
+    compiled = torch.compile(lambda x: fsdp4bit.matmul_4bit(x, packed, state), fullgraph=True, mode="reduce-overhead")
+    for seed in range(483, 486):
+        x = torch.randn(3, 100, K, generator=_gen(seed)).to(device=device, dtype=torch.bfloat16)
+        got = compiled(x).clone()
+        assert torch.equal(got, fsdp4bit.matmul_4bit(x, packed, state)), seed
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

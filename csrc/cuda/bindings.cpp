@@ -208,7 +208,7 @@ at::Tensor gemm_4bit(const at::Tensor& A, const at::Tensor& packed, const at::Te
   const Code16 c = make_code(code);
   const Scales sc = make_scales(absmax, nested_absmax, nested_code, offset, (N * K + blocksize - 1) / blocksize,
                                 nested_blocksize, dev);
-  auto workspace = at::empty({gemm_workspace_floats(N, K)}, A.options().dtype(at::kFloat));
+  auto workspace = at::empty({gemm_workspace_floats(M, N, K)}, A.options().dtype(at::kFloat));
   auto out = at::empty({M, N}, A.options());
   TORCH_CHECK(launch_gemm(A.data_ptr(), ft, packed.data_ptr<uint8_t>(), c, sc, nested_absmax.has_value(), log2bs, M,
                           N, K, workspace.data_ptr<float>(), out.data_ptr(), c10::cuda::getCurrentCUDAStream()),

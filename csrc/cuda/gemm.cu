@@ -1,6 +1,6 @@
-// Launcher of the fused 4-bit GEMM (gemm.cuh): which calls it takes, the block-scale kernel, the three tensor maps
-// (cuTensorMapEncodeTiled, found through the runtime so the extension needs no link against the driver library)
-// and the persistent wgmma kernel. The kernel exists only in an sm_90a build (FSDP4BIT_WGMMA, set by
+// Launcher of the fused 4-bit GEMM (gemm.cuh): which calls it takes, how many split-K parts, the block-scale
+// kernel, the three tensor maps (cuTensorMapEncodeTiled, found through the runtime so the extension needs no link
+// against the driver library), the persistent wgmma kernel and the split-K sum. The kernel exists only in an sm_90a build (FSDP4BIT_WGMMA, set by
 // fsdp4bit/kernels/_build.py when a compute capability 9.0 GPU is visible).
 #include "gemm.cuh"
 
@@ -51,6 +51,21 @@ int64_t gemm_tiles(int64_t M, int64_t N) {
 
 int64_t scales_ld(int64_t N) { return (N + 3) / 4 * 4; }  // float32 rows 16-byte aligned for the tensor copy
 
+constexpr int kMaxSplits = 16;      // split-K parts at most
+constexpr int kMinSplitSteps = 8;   // 64-wide k steps per part at least (a part streams its stages like a tile)
+
+// Split-K: a call with too few tiles for 3/4 of the SMs (N = 4096 at up to 256 tokens: 32 tiles) splits K into
+// as many parts as one wave of SMs takes, each part's tiles summing its k steps into a float32 partial product
+// that a second kernel adds up in order. 1 when the tiles alone fill the GPU or K is too short to split.
+int gemm_splits(int64_t M, int64_t N, int64_t K) {
+  const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount), tiles = gemm_tiles(M, N);
+  if (4 * tiles >= 3 * sms) return 1;
+  const int64_t s = std::min<int64_t>({sms / tiles, kMaxSplits, (K / kGemmK) / kMinSplitSteps});
+  return int(std::max<int64_t>(s, 1));
+}
+
+int64_t scales_floats(int64_t N, int64_t K) { return (K / kGemmK) * scales_ld(N); }
+
 // the tensor maps of A, packed W and the scale workspace; false if one cannot be encoded
 bool gemm_tensor_maps(const void* A, bool half, const uint8_t* packed, const float* scales, int64_t M, int64_t N,
                       int64_t K, CUtensorMap (&maps)[3]) {
@@ -63,16 +78,21 @@ bool gemm_tensor_maps(const void* A, bool half, const uint8_t* packed, const flo
 }
 
 template <typename AT>
-void launch_typed(const CUtensorMap (&maps)[3], const Code16& code, int64_t M, int64_t N, int64_t K, void* out,
-                  cudaStream_t stream) {
+void launch_typed(const CUtensorMap (&maps)[3], const Code16& code, int64_t M, int64_t N, int64_t K, int splits,
+                  float* partial, void* out, cudaStream_t stream) {
   using L = GemmLayout<kGemmStages>;
   auto kernel = gemm_4bit_kernel<AT, kGemmStages>;
   static std::atomic<uint64_t> smem_set{0};
   allow_dynamic_smem(kernel, int(L::kSmem), smem_set);
-  const int64_t tiles = gemm_tiles(M, N);
-  const int64_t grid = std::min<int64_t>(tiles, device_attribute(cudaDevAttrMultiProcessorCount));
-  kernel<<<dim3(unsigned(grid)), kGemmThreads, L::kSmem, stream>>>(maps[0], maps[1], maps[2], code,
-                                                                    static_cast<AT*>(out), int(M), int(N), int(K));
+  const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
+  const int64_t grid = std::min<int64_t>(gemm_tiles(M, N) * splits, sms);
+  kernel<<<dim3(unsigned(grid)), kGemmThreads, L::kSmem, stream>>>(
+      maps[0], maps[1], maps[2], code, static_cast<AT*>(out), int(M), int(N), int(K), splits, partial);
+  if (splits > 1) {
+    const int64_t part = M * N;
+    const int64_t sum_grid = std::min<int64_t>((part + 255) / 256, 8 * sms);
+    gemm_splitk_sum_kernel<AT><<<unsigned(sum_grid), 256, 0, stream>>>(partial, splits, part, static_cast<AT*>(out));
+  }
 }
 
 }  // namespace
@@ -92,15 +112,21 @@ bool gemm_supported(FloatType dtype, int log2bs, int64_t M, int64_t N, int64_t K
 }
 
 bool gemm_applies(FloatType dtype, int log2bs, int64_t M, int64_t N, int64_t K) {
-  // 9 to 512 tokens (fewer take the gemv) in tiles for at least 3/4 of the SMs: there the fused kernel beats
-  // dequantize + cuBLAS (H100: 0.58-0.80x at 14336x4096, 0.60-0.93x at 28672x8192); with fewer tiles most SMs
-  // idle, and with more tokens cuBLAS' faster main loop wins
+  // 9 to 512 tokens (fewer take the gemv), a weight of at least 2^24 entries, and tiles (or split-K parts of them)
+  // for at least 3/4 of the SMs: there the fused kernel beats dequantize + cuBLAS (H100: 0.57-0.82x at 14336x4096,
+  // 0.59-0.84x at 4096x14336 with split-K, 0.61-0.92x at 28672x8192). Smaller weights lose to the fused kernel's
+  // fixed cost (~14 us of GPU time, 1.2-2.5x below 2^23 entries), fewer units leave SMs idle, and with more tokens
+  // cuBLAS' faster main loop wins (NOTES.md, "Fused 4-bit GEMM")
   const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
-  const int64_t tiles = gemm_tiles(M, N);
-  return M >= 9 && M <= 2 * kGemmTokens && 4 * tiles >= 3 * sms && gemm_supported(dtype, log2bs, M, N, K);
+  const int64_t units = gemm_tiles(M, N) * gemm_splits(M, N, K);
+  return M >= 9 && M <= 2 * kGemmTokens && N * K >= (int64_t(1) << 24) && 4 * units >= 3 * sms &&
+         gemm_supported(dtype, log2bs, M, N, K);
 }
 
-int64_t gemm_workspace_floats(int64_t N, int64_t K) { return (K / kGemmK) * scales_ld(N); }
+int64_t gemm_workspace_floats(int64_t M, int64_t N, int64_t K) {
+  const int splits = gemm_splits(M, N, K);
+  return scales_floats(N, K) + (splits > 1 ? splits * M * N : 0);
+}
 
 bool launch_gemm(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code, const Scales& sc,
                  bool nested, int log2bs, int64_t M, int64_t N, int64_t K, float* workspace, void* out,
@@ -114,10 +140,12 @@ bool launch_gemm(const void* A, FloatType dtype, const uint8_t* packed, const Co
     gemm_scales_kernel<true><<<sgrid, 256, 0, stream>>>(sc, log2bs, int(N), K, workspace, ld);
   else
     gemm_scales_kernel<false><<<sgrid, 256, 0, stream>>>(sc, log2bs, int(N), K, workspace, ld);
+  const int splits = gemm_splits(M, N, K);
+  float* partial = workspace + scales_floats(N, K);  // 16-byte aligned: scales_ld is a multiple of 4
   if (half)
-    launch_typed<__half>(maps, code, M, N, K, out, stream);
+    launch_typed<__half>(maps, code, M, N, K, splits, partial, out, stream);
   else
-    launch_typed<__nv_bfloat16>(maps, code, M, N, K, out, stream);
+    launch_typed<__nv_bfloat16>(maps, code, M, N, K, splits, partial, out, stream);
   return true;
 }
 

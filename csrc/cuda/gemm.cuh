@@ -1,14 +1,16 @@
 // Fused 4-bit GEMM on Hopper (sm_90a): out = A @ W.T with W (N, K) NF4/FP4 and A (M, K) fp16/bf16, float32
 // accumulation, the packed weight dequantized in registers straight into the tensor cores' A operand (no 16-bit
 // copy of W in device memory). fsdp4bit uses it where it beats dequantize + cuBLAS (gemm.cu's gemm_applies:
-// 9 to 512 tokens in enough tiles to fill the GPU); at training shapes its main loop reaches ~550 TFLOP/s against
-// cuBLAS' ~720, so those keep dequantize + cuBLAS (NOTES.md, "Fused 4-bit GEMM").
+// 9 to 512 tokens, a weight of 2^24 entries or more, enough tiles or split-K parts to fill the GPU); at training
+// shapes its main loop reaches ~550 TFLOP/s against cuBLAS' ~720, so those keep dequantize + cuBLAS (NOTES.md,
+// "Fused 4-bit GEMM").
 //
 // The product is computed transposed, out.T (N x M) = W (N x K) @ A.T, so that W is wgmma's register operand
 // (64 rows of W per consumer warpgroup) and A, read by the tensor copy engine with the 128-byte swizzle, its
 // shared-memory operand (256 tokens). A CTA has one producer warpgroup, whose thread 0 streams 64-wide k steps
 // of A, of the packed W and of the block scales through STAGES shared-memory stages, and two consumer
-// warpgroups; the grid is persistent, each CTA taking tiles (128 rows of W x 256 tokens) in turn.
+// warpgroups; the grid is persistent, each CTA taking work units in turn: a tile (128 rows of W x 256 tokens), or
+// with split-K one of a tile's `splits` k ranges, whose float32 partial product a second kernel sums in order.
 //
 // Each weight is code[nibble] * scale in float32, rounded once to the 16-bit type: the same values as
 // dequantize_4bit, so only the order of the float32 sums differs from dequantize + cuBLAS. The block scales
@@ -110,11 +112,21 @@ __device__ __forceinline__ uint32_t weight_pair(float lane_code, uint32_t b, flo
   return pack_pair<AT>(__fmul_rn(hi, scale), __fmul_rn(lo, scale));
 }
 
-// the consumer's 64 x 256 accumulator tile (rows `n` and n + 8 of out.T per 8-token column group) to out (M x N):
-// lanes g and g ^ 1 swap one value per row pair, so each stores two adjacent outputs of one token: even g
-// token 2t, rows (g, g + 1); odd g token 2t + 1, rows (g - 1, g)
-template <typename AT>
-__device__ __forceinline__ void store_tile(const float (&acc)[128], AT* __restrict__ out, int M, int N, int m0, int row_n,
+// two adjacent outputs (8-byte aligned for float, 4-byte for the 16-bit types), each rounded once
+template <typename OT>
+__device__ __forceinline__ void store_pair(OT* p, float lo, float hi) {
+  *reinterpret_cast<uint32_t*>(p) = pack_pair<OT>(lo, hi);
+}
+template <>
+__device__ __forceinline__ void store_pair<float>(float* p, float lo, float hi) {
+  *reinterpret_cast<float2*>(p) = make_float2(lo, hi);
+}
+
+// the consumer's 64 x 256 accumulator tile (rows `n` and n + 8 of out.T per 8-token column group) to out (M x N),
+// in A's type or, for a split-K part, float32: lanes g and g ^ 1 swap one value per row pair, so each stores two
+// adjacent outputs of one token: even g token 2t, rows (g, g + 1); odd g token 2t + 1, rows (g - 1, g)
+template <typename OT>
+__device__ __forceinline__ void store_tile(const float (&acc)[128], OT* __restrict__ out, int M, int N, int m0, int row_n,
                                            int g, int t) {
   const bool odd = g & 1;
   const int n = row_n - (odd ? 1 : 0);
@@ -130,10 +142,10 @@ __device__ __forceinline__ void store_tile(const float (&acc)[128], AT* __restri
       const int nn = n + 8 * h;
       if (m < M) {
         if (nn + 1 < N && (N % 2 == 0)) {
-          *reinterpret_cast<uint32_t*>(out + int64_t(m) * N + nn) = pack_pair<AT>(lo, hi);
+          store_pair<OT>(out + int64_t(m) * N + nn, lo, hi);
         } else {
-          if (nn < N) out[int64_t(m) * N + nn] = from_f32<AT>(lo);
-          if (nn + 1 < N) out[int64_t(m) * N + nn + 1] = from_f32<AT>(hi);
+          if (nn < N) out[int64_t(m) * N + nn] = from_f32<OT>(lo);
+          if (nn + 1 < N) out[int64_t(m) * N + nn + 1] = from_f32<OT>(hi);
         }
       }
     }
@@ -154,10 +166,22 @@ __global__ void gemm_scales_kernel(Scales sc, int log2bs, int N, int64_t K, floa
   }
 }
 
+// split-K: out = the float32 sum of the `splits` partial products (M x N each, `part` apart), in split order (so
+// the result does not depend on which CTA finished first), rounded once
+template <typename AT>
+__global__ void gemm_splitk_sum_kernel(const float* __restrict__ partial, int splits, int64_t part, AT* __restrict__ out) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < part; i += int64_t(gridDim.x) * blockDim.x) {
+    float v = partial[i];
+    for (int s = 1; s < splits; ++s) v += partial[s * part + i];
+    out[i] = from_f32<AT>(v);
+  }
+}
+
 template <typename AT, int STAGES>
 __global__ void __launch_bounds__(kGemmThreads, 1)
     gemm_4bit_kernel(const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_w,
-                 const __grid_constant__ CUtensorMap tm_s, Code16 code, AT* __restrict__ out, int M, int N, int K) {
+                 const __grid_constant__ CUtensorMap tm_s, Code16 code, AT* __restrict__ out, int M, int N, int K,
+                 int splits, float* __restrict__ partial) {
 #if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __trap();  // never launched: gemm_applies() requires an sm_90a build
 #else
@@ -178,17 +202,27 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
   __syncthreads();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // a work unit is one tile's k steps [kb0, kb1) of split `split` (all of them when splits == 1)
   const int tiles_n = (N + kGemmRows - 1) / kGemmRows;
-  const int tiles = tiles_n * ((M + kGemmTokens - 1) / kGemmTokens);
+  const int units = tiles_n * ((M + kGemmTokens - 1) / kGemmTokens) * splits;
   const int ksteps = K / kGemmK;
+  auto unit_at = [&](int u, int& n0, int& m0, int& split, int& kb0, int& kb1) {
+    const int tile = u / splits;
+    split = u % splits;
+    n0 = (tile % tiles_n) * kGemmRows;
+    m0 = (tile / tiles_n) * kGemmTokens;
+    kb0 = int(int64_t(split) * ksteps / splits);
+    kb1 = int(int64_t(split + 1) * ksteps / splits);
+  };
 
   if (warp < 4) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
     if (threadIdx.x == 0) {
       int it = 0;
-      for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-        const int n0 = (tile % tiles_n) * kGemmRows, m0 = (tile / tiles_n) * kGemmTokens;
-        for (int kb = 0; kb < ksteps; ++kb, ++it) {
+      for (int u = blockIdx.x; u < units; u += gridDim.x) {
+        int n0, m0, split, kb0, kb1;
+        unit_at(u, n0, m0, split, kb0, kb1);
+        for (int kb = kb0; kb < kb1; ++kb, ++it) {
           const int s = it % STAGES;
           mbar_wait(&empty[s], uint32_t((it / STAGES) & 1) ^ 1u);
           mbar_arrive_expect_tx(&full[s], uint32_t(L::kABytes + L::kWBytes + L::kSBytes));
@@ -206,8 +240,9 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
     const uint32_t shift = 8u * uint32_t(t);
     float acc[128];
     uint32_t a0[4][4], a1[4][4];  // two register sets: one feeds the wgmmas in flight while the next is built
-    // one k step: wait for stage `it`, dequantize this thread's 2 rows x 16 weights into `a`, issue its wgmmas
-    auto step = [&](int kb, int it, uint32_t(&a)[4][4]) {
+    // the unit's k step i: wait for stage `it`, dequantize this thread's 2 rows x 16 weights into `a`, issue its
+    // wgmmas (the first of the unit's overwrites the accumulators)
+    auto step = [&](int i, int it, uint32_t(&a)[4][4]) {
       const int s = it % STAGES;
       mbar_wait(&full[s], uint32_t((it / STAGES) & 1));
       const uint4* wp = reinterpret_cast<const uint4*>(smem + L::kWOffset + s * L::kWBytes);
@@ -226,7 +261,7 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
       const uint32_t a_base = smem_addr(smem + s * L::kABytes);
       wgmma_fence();
 #pragma unroll
-      for (int j = 0; j < 4; ++j) wgmma_m64n256k16_rs<AT>(acc, a[j], sw128_desc(a_base + 32 * j), kb > 0 || j > 0);
+      for (int j = 0; j < 4; ++j) wgmma_m64n256k16_rs<AT>(acc, a[j], sw128_desc(a_base + 32 * j), i > 0 || j > 0);
       wgmma_commit();
     };
     // after the wait for the step before, its registers are free and its stage goes back to the producer
@@ -236,21 +271,26 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
       mbar_arrive(&empty[it_prev % STAGES]);
     };
     int it = 0;
-    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-      const int n0 = (tile % tiles_n) * kGemmRows, m0 = (tile / tiles_n) * kGemmTokens;
+    for (int u = blockIdx.x; u < units; u += gridDim.x) {
+      int n0, m0, split, kb0, kb1;
+      unit_at(u, n0, m0, split, kb0, kb1);
+      const int nk = kb1 - kb0;
 #pragma unroll 1
-      for (int kb = 0; kb < ksteps; kb += 2, it += 2) {
-        step(kb, it, a0);
-        if (kb > 0) retire(it - 1, a1);
-        if (kb + 1 < ksteps) {
-          step(kb + 1, it + 1, a1);
+      for (int i = 0; i < nk; i += 2, it += 2) {
+        step(i, it, a0);
+        if (i > 0) retire(it - 1, a1);
+        if (i + 1 < nk) {
+          step(i + 1, it + 1, a1);
           retire(it, a0);
         }
       }
-      if (ksteps % 2) it -= 1;
+      if (nk % 2) it -= 1;
       wgmma_wait<0>();
       mbar_arrive(&empty[(it - 1) % STAGES]);
-      store_tile<AT>(acc, out, M, N, m0, n0 + row, g, t);
+      if (splits == 1)
+        store_tile<AT>(acc, out, M, N, m0, n0 + row, g, t);
+      else
+        store_tile<float>(acc, partial + int64_t(split) * M * N, M, N, m0, n0 + row, g, t);
     }
   }
 #endif

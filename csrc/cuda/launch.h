@@ -46,8 +46,8 @@ const char* gemv_kernel_name(FloatType dtype, bool nested, const Scales& sc, int
 bool gemm_supported(FloatType dtype, int log2bs, int64_t M, int64_t N, int64_t K);
 // whether fsdp4bit takes it for such a call: supported, and faster there than dequantize + cuBLAS
 bool gemm_applies(FloatType dtype, int log2bs, int64_t M, int64_t N, int64_t K);
-// float32 entries of the block-scale workspace launch_gemm() needs
-int64_t gemm_workspace_floats(int64_t N, int64_t K);
+// float32 entries of the workspace launch_gemm() needs: block scales, and split-K partial products
+int64_t gemm_workspace_floats(int64_t M, int64_t N, int64_t K);
 // `out` (M, N) = A (M, K) @ W.T for a call gemm_supported() takes; A and packed 16-byte aligned. Returns false,
 // launching nothing, when a tensor map cannot be encoded (they are encoded before any launch).
 bool launch_gemm(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code, const Scales& sc,

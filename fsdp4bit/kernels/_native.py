@@ -209,7 +209,8 @@ class NativeOps:
 
     def gemm_applies(self, A: torch.Tensor, blocksize: int, shape: Sequence[int]) -> bool:
         """Whether the fused 4-bit GEMM takes ``A @ W.T`` for W of ``shape`` (N, K) and ``blocksize``: CUDA with an
-        sm_90a build, fp16/bf16 A, 9 to 512 rows and enough 128 x 256 tiles to fill the GPU (the extension's rule)."""
+        sm_90a build, fp16/bf16 A, 9 to 512 rows and enough 128 x 256 tiles, or split-K parts of them, to fill the
+        GPU (the extension's rule)."""
         if self.device_type != "cuda" or A.dtype not in _GEMM_DTYPES or len(shape) != 2:
             return False
         N, K = int(shape[0]), int(shape[1])
@@ -218,7 +219,13 @@ class NativeOps:
         rows = A.numel() // K
         if rows not in _GEMM_ROWS:
             return False
-        return bool(self.ext.gemm_4bit_applies(_GEMM_DTYPES[A.dtype], int(blocksize), rows, N, K, A.device.index))
+        return self._gemm_rule(_GEMM_DTYPES[A.dtype], int(blocksize), rows, N, K, A.device.index)
+
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 (one NativeOps per device type, alive for the process)
+    def _gemm_rule(self, dtype: str, blocksize: int, rows: int, N: int, K: int, device_index: int) -> bool:
+        """The extension's rule for one call shape, remembered: a routed call asks it twice (ops.py, then
+        :meth:`gemv_4bit`), and a model asks it for the same few shapes on every step."""
+        return bool(self.ext.gemm_4bit_applies(dtype, blocksize, rows, N, K, device_index))
 
     def gemv_4bit(
         self,
@@ -253,12 +260,13 @@ class NativeOps:
         if A2.shape[0] == 0:
             return A.new_empty((*A.shape[:-1], N))
         kernel = None
-        if A2.is_contiguous() and A2.data_ptr() % 16 == 0:
-            if self._gemv_fused_ok(A2.shape[0], K, flat_packed):
-                kernel = self.ext.gemv_4bit
-            elif flat_packed.data_ptr() % 16 == 0 and self.gemm_applies(A2, blocksize, shape):
-                kernel = self.ext.gemm_4bit
+        if self._gemv_fused_ok(A2.shape[0], K, flat_packed):
+            kernel = self.ext.gemv_4bit
+        elif flat_packed.data_ptr() % 16 == 0 and self.gemm_applies(A2, blocksize, shape):
+            kernel = self.ext.gemm_4bit
         if kernel is not None:
+            if not A2.is_contiguous() or A2.data_ptr() % 16 != 0:  # the kernels read A in 16-byte rows
+                A2 = A2.clone(memory_format=torch.contiguous_format)  # (at most 512 rows: cheap next to W)
             _, _, code = _tables(quant_type)
             out = kernel(
                 A2,
