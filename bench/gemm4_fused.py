@@ -86,7 +86,7 @@ def main() -> None:
     for N, K in [(14336, 4096), (4096, 14336), (4096, 4096), (1024, 4096), (28672, 8192)]:
         packed, st = quantized(N, K, torch.bfloat16, 64, True)
         W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
-        for M in [16, 64, 256, 512, 1024, 2048, 4096, 8192]:
+        for M in [16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]:
             A = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             ms = batched_ms(
                 {

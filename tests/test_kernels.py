@@ -294,13 +294,14 @@ def hopper_native(cuda_native):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gemm_path(hopper_native, dtype):
-    """9 to 512 rows of fp16/bf16 A against a large W (enough rows, 2^24 entries) take the fused GEMM: a partial
-    last tile of W and of tokens (and two tiles of tokens), odd k-step counts, 3-D A, FP4 and plain absmax; it
-    matches float64. So do shapes it runs only when called directly, blocks larger than a row among them."""
+    """9 to 512 rows of fp16/bf16 A against a large W (enough rows and entries) take the fused GEMM: tiles of 32,
+    128 and 256 tokens, a partial last tile of W and of tokens (and two tiles of tokens), odd k-step counts, 3-D
+    A, FP4 and plain absmax; it matches float64. So do shapes it runs only when called directly, blocks larger
+    than a row among them."""
     ops, device = hopper_native
     N = _gemm_min_rows() + 37
     cases = [((9,), 1344, "nf4", True, 64), ((2, 50), 4160, "fp4", False, 128), ((256,), 2048, "nf4", True, 256)]
-    cases += [((17,), 2048, "fp4", True, 1024), ((300,), 1344, "nf4", True, 64)]
+    cases += [((17,), 2048, "fp4", True, 1024), ((300,), 2752, "nf4", True, 64)]
     for i, (M_shape, K, qt, nested, bs) in enumerate(cases):
         assert ops.gemm_applies(torch.empty(*M_shape, K, dtype=dtype, device=device), bs, (N, K)), (M_shape, K, bs)
         _gemv_case(ops, device, M_shape, N, K, bs, qt, nested, dtype, seed=400 + i)
@@ -333,12 +334,14 @@ def test_gemm_dispatch(hopper_native):
     ops, device = hopper_native
     N = _gemm_min_rows()
     A = lambda rows, K=2048, dtype=torch.bfloat16: torch.empty(rows, K, dtype=dtype, device=device)  # noqa: E731
-    assert ops.gemm_applies(A(9), 64, (N, 2048)) and ops.gemm_applies(A(512), 64, (N, 2048))
+    assert ops.gemm_applies(A(9), 64, (N, 2048)) and ops.gemm_applies(A(512, 4096), 64, (N, 4096))
     assert not ops.gemm_applies(A(8), 64, (N, 2048))
-    assert not ops.gemm_applies(A(513), 64, (N, 2048))
+    assert not ops.gemm_applies(A(513, 4096), 64, (N, 4096))
     assert not ops.gemm_applies(A(64), 64, (N - 128, 2048))
-    assert not ops.gemm_applies(A(64, 1024), 64, (N, 1024))  # enough tiles, but fewer than 2^24 weights
-    assert ops.gemm_applies(A(300, 4096), 64, (N // 2, 4096))  # two tiles of tokens fill the GPU with half the rows
+    # enough tiles, but too small a weight: 2^23 entries up to 128 rows, 2^24 up to 256, 2^25 past that
+    assert not ops.gemm_applies(A(64, 512), 64, (N, 512)) and ops.gemm_applies(A(64, 1024), 64, (N, 1024))
+    assert not ops.gemm_applies(A(300, 2048), 64, (N, 2048)) and ops.gemm_applies(A(200, 2048), 64, (N, 2048))
+    assert ops.gemm_applies(A(300, 8192), 64, (N // 2, 8192))  # two tiles of tokens fill the GPU with half the rows
     assert not ops.gemm_applies(A(64, 2080), 64, (N, 2080))  # K % 64 != 0
     assert not ops.gemm_applies(A(64), 32, (N, 2048))
     assert not ops.gemm_applies(A(64, dtype=torch.float32), 64, (N, 2048))
@@ -347,7 +350,8 @@ def test_gemm_dispatch(hopper_native):
     assert ops.gemm_applies(A(256, 4096), 64, (4096, 4096))  # 32 tiles x 4 parts on an H100
     shapes = [(16, 4096, 14336), (512, 4096, 14336), (128, 2048, 8192), (64, 1024, 16384), (100, 6000, 4096)]
     for M, n, K in shapes:
-        tiles = math.ceil(M / 256) * math.ceil(n / 128)
+        tokens = next(t for t in (32, 64, 128, 256) if M <= t or t == 256)  # the tile's width
+        tiles = math.ceil(M / tokens) * math.ceil(n / 128)
         parts = 1 if 4 * tiles >= 3 * sms else max(1, min(sms // tiles, 16, K // 64 // 8))
         assert ops.gemm_applies(A(M, K), 64, (n, K)) == (4 * tiles * parts >= 3 * sms), (M, n, K)
     packed = torch.zeros(N * 96 // 2, dtype=torch.uint8, device=device)
@@ -406,7 +410,7 @@ def test_matmul_4bit_gemm_public(hopper_native):
 
     compiled = torch.compile(lambda x: fsdp4bit.matmul_4bit(x, packed, state), fullgraph=True, mode="reduce-overhead")
     for seed in range(483, 486):
-        x = torch.randn(3, 100, K, generator=_gen(seed)).to(device=device, dtype=torch.bfloat16)
+        x = torch.randn(3, 40, K, generator=_gen(seed)).to(device=device, dtype=torch.bfloat16)
         got = compiled(x).clone()
         assert torch.equal(got, fsdp4bit.matmul_4bit(x, packed, state)), seed
 

@@ -11,7 +11,11 @@ namespace fsdp4bit {
 
 namespace {
 
-constexpr int kGemmStages = 5;
+// tokens per tile (the wgmma's n): the fewest of 32, 64, 128, 256 that hold M (up to 256), so few tokens do not
+// pay for 256-token wgmmas; stages per tile width: as many as ~200 KB of shared memory holds, up to 8
+int gemm_tokens(int64_t M) { return M <= 32 ? 32 : M <= 64 ? 64 : M <= 128 ? 128 : 256; }
+template <int TOK>
+constexpr int kGemmStages = TOK == 256 ? 5 : 8;
 
 using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
                                  const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
@@ -46,7 +50,8 @@ bool tensor_map_2d(CUtensorMap* map, CUtensorMapDataType type, const void* base,
 
 // 128-row x 256-token output tiles of an (M, N) product
 int64_t gemm_tiles(int64_t M, int64_t N) {
-  return ((M + kGemmTokens - 1) / kGemmTokens) * ((N + kGemmRows - 1) / kGemmRows);
+  const int64_t tok = gemm_tokens(M);
+  return ((M + tok - 1) / tok) * ((N + kGemmRows - 1) / kGemmRows);
 }
 
 int64_t scales_ld(int64_t N) { return (N + 3) / 4 * 4; }  // float32 rows 16-byte aligned for the tensor copy
@@ -70,18 +75,18 @@ int64_t scales_floats(int64_t N, int64_t K) { return (K / kGemmK) * scales_ld(N)
 bool gemm_tensor_maps(const void* A, bool half, const uint8_t* packed, const float* scales, int64_t M, int64_t N,
                       int64_t K, CUtensorMap (&maps)[3]) {
   const CUtensorMapDataType at = half ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-  return tensor_map_2d(&maps[0], at, A, M, K, K * 2, kGemmTokens, kGemmK, CU_TENSOR_MAP_SWIZZLE_128B) &&
+  return tensor_map_2d(&maps[0], at, A, M, K, K * 2, gemm_tokens(M), kGemmK, CU_TENSOR_MAP_SWIZZLE_128B) &&
          tensor_map_2d(&maps[1], CU_TENSOR_MAP_DATA_TYPE_UINT8, packed, N, K / 2, K / 2, kGemmRows, kGemmK / 2,
                        CU_TENSOR_MAP_SWIZZLE_NONE) &&
          tensor_map_2d(&maps[2], CU_TENSOR_MAP_DATA_TYPE_FLOAT32, scales, K / kGemmK, N, scales_ld(N) * 4, 1,
                        kGemmRows, CU_TENSOR_MAP_SWIZZLE_NONE);
 }
 
-template <typename AT>
-void launch_typed(const CUtensorMap (&maps)[3], const Code16& code, int64_t M, int64_t N, int64_t K, int splits,
+template <typename AT, int TOK>
+void launch_tiles(const CUtensorMap (&maps)[3], const Code16& code, int64_t M, int64_t N, int64_t K, int splits,
                   float* partial, void* out, cudaStream_t stream) {
-  using L = GemmLayout<kGemmStages>;
-  auto kernel = gemm_4bit_kernel<AT, kGemmStages>;
+  using L = GemmLayout<kGemmStages<TOK>, TOK>;
+  auto kernel = gemm_4bit_kernel<AT, kGemmStages<TOK>, TOK>;
   static std::atomic<uint64_t> smem_set{0};
   allow_dynamic_smem(kernel, int(L::kSmem), smem_set);
   const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
@@ -92,6 +97,17 @@ void launch_typed(const CUtensorMap (&maps)[3], const Code16& code, int64_t M, i
     const int64_t part = M * N;
     const int64_t sum_grid = std::min<int64_t>((part + 255) / 256, 8 * sms);
     gemm_splitk_sum_kernel<AT><<<unsigned(sum_grid), 256, 0, stream>>>(partial, splits, part, static_cast<AT*>(out));
+  }
+}
+
+template <typename AT>
+void launch_typed(const CUtensorMap (&maps)[3], const Code16& code, int64_t M, int64_t N, int64_t K, int splits,
+                  float* partial, void* out, cudaStream_t stream) {
+  switch (gemm_tokens(M)) {
+    case 32: return launch_tiles<AT, 32>(maps, code, M, N, K, splits, partial, out, stream);
+    case 64: return launch_tiles<AT, 64>(maps, code, M, N, K, splits, partial, out, stream);
+    case 128: return launch_tiles<AT, 128>(maps, code, M, N, K, splits, partial, out, stream);
+    default: return launch_tiles<AT, 256>(maps, code, M, N, K, splits, partial, out, stream);
   }
 }
 
@@ -112,15 +128,15 @@ bool gemm_supported(FloatType dtype, int log2bs, int64_t M, int64_t N, int64_t K
 }
 
 bool gemm_applies(FloatType dtype, int log2bs, int64_t M, int64_t N, int64_t K) {
-  // 9 to 512 tokens (fewer take the gemv), a weight of at least 2^24 entries, and tiles (or split-K parts of them)
-  // for at least 3/4 of the SMs: there the fused kernel beats dequantize + cuBLAS (H100: 0.57-0.82x at 14336x4096,
-  // 0.59-0.84x at 4096x14336 with split-K, 0.61-0.92x at 28672x8192). Smaller weights lose to the fused kernel's
-  // fixed cost (~14 us of GPU time, 1.2-2.5x below 2^23 entries), fewer units leave SMs idle, and with more tokens
-  // cuBLAS' faster main loop wins (NOTES.md, "Fused 4-bit GEMM")
+  // 9 to 512 tokens (fewer take the gemv), a weight large enough that the fused kernel's fixed cost (~10 us of GPU
+  // time) pays: 2^23 entries up to 128 tokens, 2^24 up to 256, 2^25 past that; and tiles (or split-K parts of
+  // them) for at least 3/4 of the SMs. H100, GPU time: 0.37-0.44x dequantize + cuBLAS at 16-128 tokens on
+  // 14336x4096, 0.56-0.80x at 256-512; 0.75-0.91x for 2048x4096 at 16-128 tokens; smaller weights 1.1-2.5x.
+  // With more tokens cuBLAS' faster main loop wins (NOTES.md, "Fused 4-bit GEMM").
   const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
   const int64_t units = gemm_tiles(M, N) * gemm_splits(M, N, K);
-  return M >= 9 && M <= 2 * kGemmTokens && N * K >= (int64_t(1) << 24) && 4 * units >= 3 * sms &&
-         gemm_supported(dtype, log2bs, M, N, K);
+  const int64_t min_weights = int64_t(1) << (M <= 128 ? 23 : M <= 256 ? 24 : 25);
+  return M >= 9 && M <= 512 && N * K >= min_weights && 4 * units >= 3 * sms && gemm_supported(dtype, log2bs, M, N, K);
 }
 
 int64_t gemm_workspace_floats(int64_t M, int64_t N, int64_t K) {

@@ -1,16 +1,17 @@
 // Fused 4-bit GEMM on Hopper (sm_90a): out = A @ W.T with W (N, K) NF4/FP4 and A (M, K) fp16/bf16, float32
 // accumulation, the packed weight dequantized in registers straight into the tensor cores' A operand (no 16-bit
 // copy of W in device memory). fsdp4bit uses it where it beats dequantize + cuBLAS (gemm.cu's gemm_applies:
-// 9 to 512 tokens, a weight of 2^24 entries or more, enough tiles or split-K parts to fill the GPU); at training
+// 9 to 512 tokens, a weight of 2^23 to 2^25 entries or more, enough tiles or split-K parts to fill the GPU); at training
 // shapes its main loop reaches ~550 TFLOP/s against cuBLAS' ~720, so those keep dequantize + cuBLAS (NOTES.md,
 // "Fused 4-bit GEMM").
 //
 // The product is computed transposed, out.T (N x M) = W (N x K) @ A.T, so that W is wgmma's register operand
 // (64 rows of W per consumer warpgroup) and A, read by the tensor copy engine with the 128-byte swizzle, its
-// shared-memory operand (256 tokens). A CTA has one producer warpgroup, whose thread 0 streams 64-wide k steps
-// of A, of the packed W and of the block scales through STAGES shared-memory stages, and two consumer
-// warpgroups; the grid is persistent, each CTA taking work units in turn: a tile (128 rows of W x 256 tokens), or
-// with split-K one of a tile's `splits` k ranges, whose float32 partial product a second kernel sums in order.
+// shared-memory operand (TOK = 32 to 256 tokens, the fewest that hold M: few tokens cost no 256-wide wgmmas). A
+// CTA has one producer warpgroup, whose thread 0 streams 64-wide k steps of A, of the packed W and of the block
+// scales through STAGES shared-memory stages, and two consumer warpgroups; the grid is persistent, each CTA
+// taking work units in turn: a tile (128 rows of W x TOK tokens), or with split-K one of a tile's `splits` k
+// ranges, whose float32 partial product a second kernel sums in order.
 //
 // Each weight is code[nibble] * scale in float32, rounded once to the 16-bit type: the same values as
 // dequantize_4bit, so only the order of the float32 sums differs from dequantize + cuBLAS. The block scales
@@ -23,14 +24,14 @@
 
 namespace fsdp4bit {
 
-constexpr int kGemmRows = 128;    // rows of W per tile (64 per consumer warpgroup)
-constexpr int kGemmTokens = 256;  // tokens per tile (wgmma n)
-constexpr int kGemmK = 64;        // k per stage
+constexpr int kGemmRows = 128;  // rows of W per tile (64 per consumer warpgroup)
+constexpr int kGemmK = 64;      // k per stage
 constexpr int kGemmThreads = 384;
 
-template <int STAGES>
+// shared memory of STAGES stages of TOK tokens (the tile's width and the wgmma's n: 32, 64, 128 or 256)
+template <int STAGES, int TOK>
 struct GemmLayout {
-  static constexpr int kABytes = kGemmTokens * kGemmK * 2;  // 128-byte rows, swizzled
+  static constexpr int kABytes = TOK * kGemmK * 2;          // 128-byte rows, swizzled
   static constexpr int kWBytes = kGemmRows * kGemmK / 2;    // 32-byte rows of packed W
   static constexpr int kSBytes = kGemmRows * 4;             // float32 scales
   static constexpr int kWOffset = STAGES * kABytes;
@@ -40,47 +41,84 @@ struct GemmLayout {
   static constexpr size_t kSmem = kBytes + 1024;  // slack to align the base to 1024 bytes (the swizzle atom)
 };
 
-template <typename AT>
-__device__ __forceinline__ void wgmma_m64n256k16_rs(float (&d)[128], const uint32_t (&a)[4], uint64_t desc_b,
-                                                    uint32_t accumulate);
-// one specialization per 16-bit type: the PTX differs only in the type name
-#define FSDP4BIT_WGMMA_RS_SPECIALIZATION(CPP_TYPE, PTX_TYPE)                                                             \
-template <>                                                                                                              \
-__device__ __forceinline__ void wgmma_m64n256k16_rs<CPP_TYPE>(float (&d)[128], const uint32_t (&a)[4], uint64_t desc_b,  \
-                                                              uint32_t accumulate) {                                     \
-  asm volatile(                                                                                                          \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"                                                                      \
-      "wgmma.mma_async.sync.aligned.m64n256k16.f32." PTX_TYPE "." PTX_TYPE " {"                                          \
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "             \
-      "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, "             \
-      "%42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, "             \
-      "%62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, "             \
-      "%82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, "           \
-      "%102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, "           \
-      "%119, %120, %121, %122, %123, %124, %125, %126, %127}, "                                                          \
-      "{%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"                                                                 \
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),                  \
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),            \
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),          \
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),          \
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),          \
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),          \
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),          \
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),          \
-        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),          \
-        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),          \
-        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),          \
-        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),          \
-        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]),                    \
-        "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]),                \
-        "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]),                \
-        "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]),                \
-        "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])                                                           \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));                                       \
-}
-FSDP4BIT_WGMMA_RS_SPECIALIZATION(__nv_bfloat16, "bf16")
-FSDP4BIT_WGMMA_RS_SPECIALIZATION(__half, "f16")
-#undef FSDP4BIT_WGMMA_RS_SPECIALIZATION
+// d (TOK / 2 float32 accumulators per thread: rows g and g + 8 of each 8-token column group) += A (64 x 16, this
+// warpgroup's rows of W, in registers) * B (16 x TOK, tokens of A, in shared memory at desc_b); accumulate == 0
+// overwrites d. One specialization per (16-bit type, TOK): the PTX differs in the type name and operand count.
+template <typename AT, int TOK>
+__device__ __forceinline__ void wgmma_rs(float (&d)[TOK / 2], const uint32_t (&a)[4], uint64_t desc_b, uint32_t accumulate);
+
+// accumulator operands d[i] .. d[i + 15]
+#define FSDP4BIT_D4(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
+#define FSDP4BIT_D16(i) FSDP4BIT_D4(i), FSDP4BIT_D4(i + 4), FSDP4BIT_D4(i + 8), FSDP4BIT_D4(i + 12)
+// operand numbers of 16 accumulators, then a (4 registers), desc_b and accumulate
+#define FSDP4BIT_ACC16 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+#define FSDP4BIT_TAIL16 "{%16, %17, %18, %19}, %20"
+#define FSDP4BIT_PRED16 "%21"
+#define FSDP4BIT_OPS16 FSDP4BIT_D16(0)
+// operand numbers of 32 accumulators, then a (4 registers), desc_b and accumulate
+#define FSDP4BIT_ACC32 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define FSDP4BIT_TAIL32 "{%32, %33, %34, %35}, %36"
+#define FSDP4BIT_PRED32 "%37"
+#define FSDP4BIT_OPS32 FSDP4BIT_D16(0), FSDP4BIT_D16(16)
+// operand numbers of 64 accumulators, then a (4 registers), desc_b and accumulate
+#define FSDP4BIT_ACC64 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+    "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+    "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define FSDP4BIT_TAIL64 "{%64, %65, %66, %67}, %68"
+#define FSDP4BIT_PRED64 "%69"
+#define FSDP4BIT_OPS64 FSDP4BIT_D16(0), FSDP4BIT_D16(16), FSDP4BIT_D16(32), FSDP4BIT_D16(48)
+// operand numbers of 128 accumulators, then a (4 registers), desc_b and accumulate
+#define FSDP4BIT_ACC128 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+    "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+    "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
+    "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+    "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
+    "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
+    "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+#define FSDP4BIT_TAIL128 "{%128, %129, %130, %131}, %132"
+#define FSDP4BIT_PRED128 "%133"
+#define FSDP4BIT_OPS128 FSDP4BIT_D16(0), FSDP4BIT_D16(16), FSDP4BIT_D16(32), FSDP4BIT_D16(48), \
+    FSDP4BIT_D16(64), FSDP4BIT_D16(80), FSDP4BIT_D16(96), FSDP4BIT_D16(112)
+#define FSDP4BIT_WGMMA_RS(TOK, CPP_TYPE, PTX_TYPE, NA)                                                         \
+  template <>                                                                                                     \
+  __device__ __forceinline__ void wgmma_rs<CPP_TYPE, TOK>(float(&d)[TOK / 2], const uint32_t(&a)[4], uint64_t desc_b, \
+                                                          uint32_t accumulate) {                                  \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " FSDP4BIT_PRED##NA ", 0;\n"                                     \
+                 "wgmma.mma_async.sync.aligned.m64n" #TOK "k16.f32." PTX_TYPE "." PTX_TYPE " {" FSDP4BIT_ACC##NA  \
+                 "}, " FSDP4BIT_TAIL##NA ", p, 1, 1, 0;\n}\n"                                                        \
+                 : FSDP4BIT_OPS##NA                                                                              \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));                       \
+  }
+FSDP4BIT_WGMMA_RS(32, __nv_bfloat16, "bf16", 16)
+FSDP4BIT_WGMMA_RS(32, __half, "f16", 16)
+FSDP4BIT_WGMMA_RS(64, __nv_bfloat16, "bf16", 32)
+FSDP4BIT_WGMMA_RS(64, __half, "f16", 32)
+FSDP4BIT_WGMMA_RS(128, __nv_bfloat16, "bf16", 64)
+FSDP4BIT_WGMMA_RS(128, __half, "f16", 64)
+FSDP4BIT_WGMMA_RS(256, __nv_bfloat16, "bf16", 128)
+FSDP4BIT_WGMMA_RS(256, __half, "f16", 128)
+#undef FSDP4BIT_WGMMA_RS
+#undef FSDP4BIT_ACC16
+#undef FSDP4BIT_TAIL16
+#undef FSDP4BIT_PRED16
+#undef FSDP4BIT_OPS16
+#undef FSDP4BIT_ACC32
+#undef FSDP4BIT_TAIL32
+#undef FSDP4BIT_PRED32
+#undef FSDP4BIT_OPS32
+#undef FSDP4BIT_ACC64
+#undef FSDP4BIT_TAIL64
+#undef FSDP4BIT_PRED64
+#undef FSDP4BIT_OPS64
+#undef FSDP4BIT_ACC128
+#undef FSDP4BIT_TAIL128
+#undef FSDP4BIT_PRED128
+#undef FSDP4BIT_OPS128
+#undef FSDP4BIT_D16
+#undef FSDP4BIT_D4
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
@@ -122,16 +160,16 @@ __device__ __forceinline__ void store_pair<float>(float* p, float lo, float hi) 
   *reinterpret_cast<float2*>(p) = make_float2(lo, hi);
 }
 
-// the consumer's 64 x 256 accumulator tile (rows `n` and n + 8 of out.T per 8-token column group) to out (M x N),
+// the consumer's 64 x TOK accumulator tile (rows `n` and n + 8 of out.T per 8-token column group) to out (M x N),
 // in A's type or, for a split-K part, float32: lanes g and g ^ 1 swap one value per row pair, so each stores two
 // adjacent outputs of one token: even g token 2t, rows (g, g + 1); odd g token 2t + 1, rows (g - 1, g)
-template <typename OT>
-__device__ __forceinline__ void store_tile(const float (&acc)[128], OT* __restrict__ out, int M, int N, int m0, int row_n,
-                                           int g, int t) {
+template <typename OT, int TOK>
+__device__ __forceinline__ void store_tile(const float (&acc)[TOK / 2], OT* __restrict__ out, int M, int N, int m0,
+                                           int row_n, int g, int t) {
   const bool odd = g & 1;
   const int n = row_n - (odd ? 1 : 0);
 #pragma unroll
-  for (int j = 0; j < 32; ++j) {
+  for (int j = 0; j < TOK / 8; ++j) {
     const int m = m0 + 8 * j + 2 * t + (odd ? 1 : 0);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -177,7 +215,7 @@ __global__ void gemm_splitk_sum_kernel(const float* __restrict__ partial, int sp
   }
 }
 
-template <typename AT, int STAGES>
+template <typename AT, int STAGES, int TOK>
 __global__ void __launch_bounds__(kGemmThreads, 1)
     gemm_4bit_kernel(const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_w,
                  const __grid_constant__ CUtensorMap tm_s, Code16 code, AT* __restrict__ out, int M, int N, int K,
@@ -185,7 +223,7 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
 #if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __trap();  // never launched: gemm_applies() requires an sm_90a build
 #else
-  using L = GemmLayout<STAGES>;
+  using L = GemmLayout<STAGES, TOK>;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::kBarOffset);
@@ -204,13 +242,13 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   // a work unit is one tile's k steps [kb0, kb1) of split `split` (all of them when splits == 1)
   const int tiles_n = (N + kGemmRows - 1) / kGemmRows;
-  const int units = tiles_n * ((M + kGemmTokens - 1) / kGemmTokens) * splits;
+  const int units = tiles_n * ((M + TOK - 1) / TOK) * splits;
   const int ksteps = K / kGemmK;
   auto unit_at = [&](int u, int& n0, int& m0, int& split, int& kb0, int& kb1) {
     const int tile = u / splits;
     split = u % splits;
     n0 = (tile % tiles_n) * kGemmRows;
-    m0 = (tile / tiles_n) * kGemmTokens;
+    m0 = (tile / tiles_n) * TOK;
     kb0 = int(int64_t(split) * ksteps / splits);
     kb1 = int(int64_t(split + 1) * ksteps / splits);
   };
@@ -238,7 +276,7 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
     const int row = wg * 64 + w * 16 + g;  // and row + 8
     const float lane_code = s_code[lane & 15];
     const uint32_t shift = 8u * uint32_t(t);
-    float acc[128];
+    float acc[TOK / 2];
     uint32_t a0[4][4], a1[4][4];  // two register sets: one feeds the wgmmas in flight while the next is built
     // the unit's k step i: wait for stage `it`, dequantize this thread's 2 rows x 16 weights into `a`, issue its
     // wgmmas (the first of the unit's overwrites the accumulators)
@@ -261,7 +299,7 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
       const uint32_t a_base = smem_addr(smem + s * L::kABytes);
       wgmma_fence();
 #pragma unroll
-      for (int j = 0; j < 4; ++j) wgmma_m64n256k16_rs<AT>(acc, a[j], sw128_desc(a_base + 32 * j), i > 0 || j > 0);
+      for (int j = 0; j < 4; ++j) wgmma_rs<AT, TOK>(acc, a[j], sw128_desc(a_base + 32 * j), i > 0 || j > 0);
       wgmma_commit();
     };
     // after the wait for the step before, its registers are free and its stage goes back to the producer
@@ -288,9 +326,9 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
       wgmma_wait<0>();
       mbar_arrive(&empty[(it - 1) % STAGES]);
       if (splits == 1)
-        store_tile<AT>(acc, out, M, N, m0, n0 + row, g, t);
+        store_tile<AT, TOK>(acc, out, M, N, m0, n0 + row, g, t);
       else
-        store_tile<float>(acc, partial + int64_t(split) * M * N, M, N, m0, n0 + row, g, t);
+        store_tile<float, TOK>(acc, partial + int64_t(split) * M * N, M, N, m0, n0 + row, g, t);
     }
   }
 #endif

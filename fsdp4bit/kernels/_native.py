@@ -209,8 +209,8 @@ class NativeOps:
 
     def gemm_applies(self, A: torch.Tensor, blocksize: int, shape: Sequence[int]) -> bool:
         """Whether the fused 4-bit GEMM takes ``A @ W.T`` for W of ``shape`` (N, K) and ``blocksize``: CUDA with an
-        sm_90a build, fp16/bf16 A, 9 to 512 rows and enough 128 x 256 tiles, or split-K parts of them, to fill the
-        GPU (the extension's rule)."""
+        sm_90a build, fp16/bf16 A, 9 to 512 rows, a large enough weight (2^23 entries up to 128 rows, 2^25 at 512)
+        and enough tiles, or split-K parts of them, to fill the GPU (the extension's rule)."""
         if self.device_type != "cuda" or A.dtype not in _GEMM_DTYPES or len(shape) != 2:
             return False
         N, K = int(shape[0]), int(shape[1])
