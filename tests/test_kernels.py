@@ -324,6 +324,7 @@ def test_gemm_many_tiles(hopper_native, dtype):
     cases += [(77, 300, 4096, 2048, True)]
     # split-K (too few tiles for the SMs): 65 k steps in unequal parts and an odd N; 4 parts; 2 parts of 8 steps
     cases += [(100, 1001, 4160, 64, True), (256, 4096, 4096, 64, True), (40, 2000, 1024, 256, False)]
+    cases += [(20, 1000, 4160, 64, True)]  # 32-token tiles, two CTAs per SM, 65 k steps in 8 parts
     for i, (M, N, K, bs, nested) in enumerate(cases):
         _gemv_case(ops, device, (M,), N, K, bs, "nf4" if i % 2 else "fp4", nested, dtype, seed=470 + i, direct=True)
 
@@ -345,14 +346,15 @@ def test_gemm_dispatch(hopper_native):
     assert not ops.gemm_applies(A(64, 2080), 64, (N, 2080))  # K % 64 != 0
     assert not ops.gemm_applies(A(64), 32, (N, 2048))
     assert not ops.gemm_applies(A(64, dtype=torch.float32), 64, (N, 2048))
-    # few tiles: K split into up to sms // tiles parts (at most 16, each at least 8 k steps of 64)
+    # few tiles: K split into up to slots // tiles parts (at most 16, each at least 8 k steps of 64)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     assert ops.gemm_applies(A(256, 4096), 64, (4096, 4096))  # 32 tiles x 4 parts on an H100
     shapes = [(16, 4096, 14336), (512, 4096, 14336), (128, 2048, 8192), (64, 1024, 16384), (100, 6000, 4096)]
     for M, n, K in shapes:
         tokens = next(t for t in (32, 64, 128, 256) if M <= t or t == 256)  # the tile's width
         tiles = math.ceil(M / tokens) * math.ceil(n / 128)
-        parts = 1 if 4 * tiles >= 3 * sms else max(1, min(sms // tiles, 16, K // 64 // 8))
+        slots = sms * (2 if tokens == 32 else 1)  # two 32-token CTAs per SM
+        parts = 1 if 4 * tiles >= 3 * slots else max(1, min(slots // tiles, 16, K // 64 // 8))
         assert ops.gemm_applies(A(M, K), 64, (n, K)) == (4 * tiles * parts >= 3 * sms), (M, n, K)
     packed = torch.zeros(N * 96 // 2, dtype=torch.uint8, device=device)
     absmax = torch.ones(N * 96 // 64, device=device)

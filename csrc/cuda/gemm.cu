@@ -16,6 +16,10 @@ namespace {
 int gemm_tokens(int64_t M) { return M <= 32 ? 32 : M <= 64 ? 64 : M <= 128 ? 128 : 256; }
 template <int TOK>
 constexpr int kGemmStages = TOK == 256 ? 5 : 8;
+// CTAs per SM: two of the 32-token kernel (80 registers at launch, the consumers raised to 104), whose units
+// then balance over twice the slots (H100, GPU time, against one: 0.91x at 28672x8192, 0.81-0.83x at
+// 6144x8192, 0.94x at 4096x14336, 0.97-1.02x at 14336x4096); wider tiles lost with two (up to 1.09x)
+int gemm_ctas(int64_t M) { return gemm_tokens(M) == 32 ? 2 : 1; }
 
 using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
                                  const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
@@ -59,13 +63,14 @@ int64_t scales_ld(int64_t N) { return (N + 3) / 4 * 4; }  // float32 rows 16-byt
 constexpr int kMaxSplits = 16;      // split-K parts at most
 constexpr int kMinSplitSteps = 8;   // 64-wide k steps per part at least (a part streams its stages like a tile)
 
-// Split-K: a call with too few tiles for 3/4 of the SMs (N = 4096 at up to 256 tokens: 32 tiles) splits K into
-// as many parts as one wave of SMs takes, each part's tiles summing its k steps into a float32 partial product
-// that a second kernel adds up in order. 1 when the tiles alone fill the GPU or K is too short to split.
+// Split-K: a call with too few tiles for 3/4 of the CTA slots (SMs x CTAs per SM; N = 4096 at up to 256 tokens:
+// 32 tiles) splits K into as many parts as one wave of slots takes, each part's tiles summing its k steps into a
+// float32 partial product that a second kernel adds up in order. 1 when the tiles alone fill the GPU or K is too
+// short to split.
 int gemm_splits(int64_t M, int64_t N, int64_t K) {
-  const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount), tiles = gemm_tiles(M, N);
-  if (4 * tiles >= 3 * sms) return 1;
-  const int64_t s = std::min<int64_t>({sms / tiles, kMaxSplits, (K / kGemmK) / kMinSplitSteps});
+  const int64_t slots = device_attribute(cudaDevAttrMultiProcessorCount) * gemm_ctas(M), tiles = gemm_tiles(M, N);
+  if (4 * tiles >= 3 * slots) return 1;
+  const int64_t s = std::min<int64_t>({slots / tiles, kMaxSplits, (K / kGemmK) / kMinSplitSteps});
   return int(std::max<int64_t>(s, 1));
 }
 
@@ -82,15 +87,15 @@ bool gemm_tensor_maps(const void* A, bool half, const uint8_t* packed, const flo
                        kGemmRows, CU_TENSOR_MAP_SWIZZLE_NONE);
 }
 
-template <typename AT, int TOK>
+template <typename AT, int TOK, int CTAS>
 void launch_tiles(const CUtensorMap (&maps)[3], const Code16& code, int64_t M, int64_t N, int64_t K, int splits,
                   float* partial, void* out, cudaStream_t stream) {
   using L = GemmLayout<kGemmStages<TOK>, TOK>;
-  auto kernel = gemm_4bit_kernel<AT, kGemmStages<TOK>, TOK>;
+  auto kernel = gemm_4bit_kernel<AT, kGemmStages<TOK>, TOK, CTAS>;
   static std::atomic<uint64_t> smem_set{0};
   allow_dynamic_smem(kernel, int(L::kSmem), smem_set);
   const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
-  const int64_t grid = std::min<int64_t>(gemm_tiles(M, N) * splits, sms);
+  const int64_t grid = std::min<int64_t>(gemm_tiles(M, N) * splits, sms * CTAS);
   kernel<<<dim3(unsigned(grid)), kGemmThreads, L::kSmem, stream>>>(
       maps[0], maps[1], maps[2], code, static_cast<AT*>(out), int(M), int(N), int(K), splits, partial);
   if (splits > 1) {
@@ -104,10 +109,10 @@ template <typename AT>
 void launch_typed(const CUtensorMap (&maps)[3], const Code16& code, int64_t M, int64_t N, int64_t K, int splits,
                   float* partial, void* out, cudaStream_t stream) {
   switch (gemm_tokens(M)) {
-    case 32: return launch_tiles<AT, 32>(maps, code, M, N, K, splits, partial, out, stream);
-    case 64: return launch_tiles<AT, 64>(maps, code, M, N, K, splits, partial, out, stream);
-    case 128: return launch_tiles<AT, 128>(maps, code, M, N, K, splits, partial, out, stream);
-    default: return launch_tiles<AT, 256>(maps, code, M, N, K, splits, partial, out, stream);
+    case 32: return launch_tiles<AT, 32, 2>(maps, code, M, N, K, splits, partial, out, stream);
+    case 64: return launch_tiles<AT, 64, 1>(maps, code, M, N, K, splits, partial, out, stream);
+    case 128: return launch_tiles<AT, 128, 1>(maps, code, M, N, K, splits, partial, out, stream);
+    default: return launch_tiles<AT, 256, 1>(maps, code, M, N, K, splits, partial, out, stream);
   }
 }
 

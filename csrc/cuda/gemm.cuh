@@ -215,8 +215,8 @@ __global__ void gemm_splitk_sum_kernel(const float* __restrict__ partial, int sp
   }
 }
 
-template <typename AT, int STAGES, int TOK>
-__global__ void __launch_bounds__(kGemmThreads, 1)
+template <typename AT, int STAGES, int TOK, int CTAS>
+__global__ void __launch_bounds__(kGemmThreads, CTAS)
     gemm_4bit_kernel(const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_w,
                  const __grid_constant__ CUtensorMap tm_s, Code16 code, AT* __restrict__ out, int M, int N, int K,
                  int splits, float* __restrict__ partial) {
@@ -253,8 +253,13 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
     kb1 = int(int64_t(split + 1) * ksteps / splits);
   };
 
+  // registers per thread: the producer warpgroup gives back what the consumers take (one CTA per SM: 168 at
+  // launch, 40 and 232 after; two: 80 at launch, 32 and 104 after)
   if (warp < 4) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    if constexpr (CTAS == 1)
+      asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    else
+      asm volatile("setmaxnreg.dec.sync.aligned.u32 32;");
     if (threadIdx.x == 0) {
       int it = 0;
       for (int u = blockIdx.x; u < units; u += gridDim.x) {
@@ -271,7 +276,10 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
       }
     }
   } else {
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+    if constexpr (CTAS == 1)
+      asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+    else
+      asm volatile("setmaxnreg.inc.sync.aligned.u32 104;");
     const int wg = warp / 4 - 1, w = warp % 4, g = lane / 4, t = lane % 4;
     const int row = wg * 64 + w * 16 + g;  // and row + 8
     const float lane_code = s_code[lane & 15];
