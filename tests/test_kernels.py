@@ -329,6 +329,33 @@ def test_gemm_many_tiles(hopper_native, dtype):
         _gemv_case(ops, device, (M,), N, K, bs, "nf4" if i % 2 else "fp4", nested, dtype, seed=470 + i, direct=True)
 
 
+def test_gemm_reads_the_kernel_before(hopper_native):
+    """The fused GEMM starts while its block-scale kernel runs (a programmatic dependent launch) and reads A then:
+    an A that the kernel just before computes is read whole, in a chain of calls whose inputs and outputs feed
+    each other."""
+    from fsdp4bit.functional import dequantize_4bit, quantize_4bit
+
+    ops, device = hopper_native
+    N = K = 4096
+    W = torch.randn(N, K, generator=_gen(490)).to(device=device, dtype=torch.bfloat16)
+    packed, state = quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
+    args = (packed, *state.absmax_tensors(), 64, 256, "nf4", (N, K))
+    Wd = dequantize_4bit(packed, state).double()
+    assert ops.gemm_applies(torch.empty(24, K, dtype=torch.bfloat16, device=device), 64, (N, K))
+    x = torch.randn(24, K, generator=_gen(491)).to(device=device, dtype=torch.bfloat16)
+    inputs, outputs = [], []
+    for i in range(6):
+        a = (x * (i + 1) + 0.5).to(torch.bfloat16)  # written by the kernel right before the GEMM's
+        out = ops.gemv_4bit(a, *args)
+        inputs.append(a)
+        outputs.append(out)
+        x = out / out.abs().amax()  # the next input comes from this output
+    torch.cuda.synchronize()
+    for a, out in zip(inputs, outputs, strict=True):
+        ref = a.double() @ Wd.T
+        assert ((out.double() - ref).norm() / ref.norm()).item() < GEMV_RTOL[torch.bfloat16]
+
+
 def test_gemm_dispatch(hopper_native):
     """What the fused GEMM leaves to other paths: 8 rows or fewer (gemv), more than 512 (dequantize + cuBLAS,
     faster there), too few tiles and split-K parts to fill the GPU, K % 64 != 0, blocks of 32, float32."""

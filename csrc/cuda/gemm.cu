@@ -96,8 +96,8 @@ void launch_tiles(const CUtensorMap (&maps)[3], const Code16& code, int64_t M, i
   allow_dynamic_smem(kernel, int(L::kSmem), smem_set);
   const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
   const int64_t grid = std::min<int64_t>(gemm_tiles(M, N) * splits, sms * CTAS);
-  kernel<<<dim3(unsigned(grid)), kGemmThreads, L::kSmem, stream>>>(
-      maps[0], maps[1], maps[2], code, static_cast<AT*>(out), int(M), int(N), int(K), splits, partial);
+  launch_dependent(kernel, dim3(unsigned(grid)), dim3(kGemmThreads), L::kSmem, stream, maps[0], maps[1], maps[2], code,
+                   static_cast<AT*>(out), int(M), int(N), int(K), splits, partial);
   if (splits > 1) {
     const int64_t part = M * N;
     const int64_t sum_grid = std::min<int64_t>((part + 255) / 256, 8 * sms);

@@ -193,6 +193,7 @@ __device__ __forceinline__ void store_tile(const float (&acc)[TOK / 2], OT* __re
 // scales of the tiles' rows for every k step, transposed: out[kb * ld + n] = scale of (n, 64 kb)
 template <bool NESTED>
 __global__ void gemm_scales_kernel(Scales sc, int log2bs, int N, int64_t K, float* __restrict__ out, int ld) {
+  pdl_launch_dependents();  // the GEMM may start its prologue and its A and W copies now (it waits before S)
   __shared__ float s_ncode[NESTED ? 256 : 1];
   float off = 0.0f;
   load_scale_tables<NESTED>(sc, s_ncode, off);
@@ -271,6 +272,9 @@ __global__ void __launch_bounds__(kGemmThreads, CTAS)
           mbar_arrive_expect_tx(&full[s], uint32_t(L::kABytes + L::kWBytes + L::kSBytes));
           tma_load_2d(smem + s * L::kABytes, &tm_a, kb * kGemmK, m0, &full[s]);
           tma_load_2d(smem + L::kWOffset + s * L::kWBytes, &tm_w, kb * (kGemmK / 2), n0, &full[s]);
+          // the scales come from the kernel just before (a programmatic dependent launch): wait for it once,
+          // after the first stage's A and W copies are under way (A and W were written before that kernel ran)
+          if (it == 0) pdl_wait();
           tma_load_2d(smem + L::kSOffset + s * L::kSBytes, &tm_s, n0, kb, &full[s]);
         }
       }
