@@ -142,11 +142,13 @@ __device__ __forceinline__ uint64_t sw128_desc(uint32_t smem_byte_addr) {
          (uint64_t(1) << 62);
 }
 
-// the two weights of packed byte `b` (high nibble first in k), each code * scale rounded once
+// the two weights of the packed byte in the low 8 bits of `b` (high nibble first in k), each code * scale rounded
+// once. A shuffle reads only the low 5 bits of its source lane and every lane holds code[lane % 16], so bit 4 of
+// either index (and all above) selects the same entry: the nibbles need no masking
 template <typename AT>
 __device__ __forceinline__ uint32_t weight_pair(float lane_code, uint32_t b, float scale) {
-  const float hi = __shfl_sync(0xffffffffu, lane_code, int((b >> 4) & 15u));
-  const float lo = __shfl_sync(0xffffffffu, lane_code, int(b & 15u));
+  const float hi = __shfl_sync(0xffffffffu, lane_code, int(b >> 4));
+  const float lo = __shfl_sync(0xffffffffu, lane_code, int(b));
   return pack_pair<AT>(__fmul_rn(hi, scale), __fmul_rn(lo, scale));
 }
 
