@@ -373,6 +373,9 @@ def test_gemm_dispatch(hopper_native):
     assert not ops.gemm_applies(A(64, 2080), 64, (N, 2080))  # K % 64 != 0
     assert not ops.gemm_applies(A(64), 32, (N, 2048))
     assert not ops.gemm_applies(A(64, dtype=torch.float32), 64, (N, 2048))
+    # an empty weight is no GEMM (the extension's own rule too: it once divided by its 0 tiles)
+    assert not ops.gemm_applies(A(16, 4096), 64, (0, 4096))
+    assert not ops.ext.gemm_4bit_applies("bfloat16", 64, 16, 0, 4096, torch.cuda.current_device())
     # few tiles: K split into up to slots // tiles parts (at most 16, each at least 8 k steps of 64)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     assert ops.gemm_applies(A(256, 4096), 64, (4096, 4096))  # 32 tiles x 4 parts on an H100

@@ -211,7 +211,8 @@ at::Tensor gemm_4bit(const at::Tensor& A, const at::Tensor& packed, const at::Te
   auto workspace = at::empty({gemm_workspace_floats(M, N, K)}, A.options().dtype(at::kFloat));
   auto out = at::empty({M, N}, A.options());
   TORCH_CHECK(launch_gemm(A.data_ptr(), ft, packed.data_ptr<uint8_t>(), c, sc, nested_absmax.has_value(), log2bs, M,
-                          N, K, workspace.data_ptr<float>(), out.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+                          N, K, workspace.data_ptr<float>(), workspace.numel(), out.data_ptr(),
+                          c10::cuda::getCurrentCUDAStream()),
               "cuTensorMapEncodeTiled failed for the fused CUDA GEMM");
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

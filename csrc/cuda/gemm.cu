@@ -52,7 +52,7 @@ bool tensor_map_2d(CUtensorMap* map, CUtensorMapDataType type, const void* base,
                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// 128-row x 256-token output tiles of an (M, N) product
+// 128-row x TOK-token output tiles of an (M, N) product (0 when either is 0)
 int64_t gemm_tiles(int64_t M, int64_t N) {
   const int64_t tok = gemm_tokens(M);
   return ((M + tok - 1) / tok) * ((N + kGemmRows - 1) / kGemmRows);
@@ -69,7 +69,7 @@ constexpr int kMinSplitSteps = 8;   // 64-wide k steps per part at least (a part
 // short to split.
 int gemm_splits(int64_t M, int64_t N, int64_t K) {
   const int64_t slots = device_attribute(cudaDevAttrMultiProcessorCount) * gemm_ctas(M), tiles = gemm_tiles(M, N);
-  if (4 * tiles >= 3 * slots) return 1;
+  if (tiles <= 0 || 4 * tiles >= 3 * slots) return 1;
   const int64_t s = std::min<int64_t>({slots / tiles, kMaxSplits, (K / kGemmK) / kMinSplitSteps});
   return int(std::max<int64_t>(s, 1));
 }
@@ -138,10 +138,11 @@ bool gemm_applies(FloatType dtype, int log2bs, int64_t M, int64_t N, int64_t K) 
   // them) for at least 3/4 of the SMs. H100, GPU time: 0.37-0.44x dequantize + cuBLAS at 16-128 tokens on
   // 14336x4096, 0.56-0.80x at 256-512; 0.75-0.91x for 2048x4096 at 16-128 tokens; smaller weights 1.1-2.5x.
   // With more tokens cuBLAS' faster main loop wins (NOTES.md, "Fused 4-bit GEMM").
+  if (M < 9 || M > 512 || N < 1 || K < 1) return false;
   const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
   const int64_t units = gemm_tiles(M, N) * gemm_splits(M, N, K);
   const int64_t min_weights = int64_t(1) << (M <= 128 ? 23 : M <= 256 ? 24 : 25);
-  return M >= 9 && M <= 512 && N * K >= min_weights && 4 * units >= 3 * sms && gemm_supported(dtype, log2bs, M, N, K);
+  return N * K >= min_weights && 4 * units >= 3 * sms && gemm_supported(dtype, log2bs, M, N, K);
 }
 
 int64_t gemm_workspace_floats(int64_t M, int64_t N, int64_t K) {
@@ -150,8 +151,8 @@ int64_t gemm_workspace_floats(int64_t M, int64_t N, int64_t K) {
 }
 
 bool launch_gemm(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code, const Scales& sc,
-                 bool nested, int log2bs, int64_t M, int64_t N, int64_t K, float* workspace, void* out,
-                 cudaStream_t stream) {
+                 bool nested, int log2bs, int64_t M, int64_t N, int64_t K, float* workspace,
+                 int64_t workspace_floats, void* out, cudaStream_t stream) {
   const bool half = dtype == FloatType::kF16;
   CUtensorMap maps[3];
   if (!gemm_tensor_maps(A, half, packed, workspace, M, N, K, maps)) return false;
@@ -161,7 +162,10 @@ bool launch_gemm(const void* A, FloatType dtype, const uint8_t* packed, const Co
     gemm_scales_kernel<true><<<sgrid, 256, 0, stream>>>(sc, log2bs, int(N), K, workspace, ld);
   else
     gemm_scales_kernel<false><<<sgrid, 256, 0, stream>>>(sc, log2bs, int(N), K, workspace, ld);
-  const int splits = gemm_splits(M, N, K);
+  // the split count again (the caller sized the workspace with gemm_workspace_floats()): no split-K unless the
+  // partial products fit, should the two counts ever differ
+  int splits = gemm_splits(M, N, K);
+  if (scales_floats(N, K) + splits * M * N > workspace_floats) splits = 1;
   float* partial = workspace + scales_floats(N, K);  // 16-byte aligned: scales_ld is a multiple of 4
   if (half)
     launch_typed<__half>(maps, code, M, N, K, splits, partial, out, stream);

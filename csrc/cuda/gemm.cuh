@@ -192,7 +192,9 @@ __device__ __forceinline__ void store_tile(const float (&acc)[TOK / 2], OT* __re
   }
 }
 
-// scales of the tiles' rows for every k step, transposed: out[kb * ld + n] = scale of (n, 64 kb)
+// scales of the tiles' rows for every k step, transposed: out[kb * ld + n] = scale of (n, 64 kb). Launched as an
+// ordinary kernel, so it starts only once every kernel before it has finished: the GEMM, its programmatic
+// dependent, may then read A and W before griddepcontrol.wait
 template <bool NESTED>
 __global__ void gemm_scales_kernel(Scales sc, int log2bs, int N, int64_t K, float* __restrict__ out, int ld) {
   pdl_launch_dependents();  // the GEMM may start its prologue and its A and W copies now (it waits before S)

@@ -209,12 +209,12 @@ class NativeOps:
 
     def gemm_applies(self, A: torch.Tensor, blocksize: int, shape: Sequence[int]) -> bool:
         """Whether the fused 4-bit GEMM takes ``A @ W.T`` for W of ``shape`` (N, K) and ``blocksize``: CUDA with an
-        sm_90a build, fp16/bf16 A, 9 to 512 rows, a large enough weight (2^23 entries up to 128 rows, 2^25 at 512)
-        and enough tiles, or split-K parts of them, to fill the GPU (the extension's rule)."""
+        sm_90a build, fp16/bf16 A, 9 to 512 rows, a large enough weight (2^23 entries up to 128 rows, 2^24 up to
+        256, 2^25 up to 512) and enough tiles, or split-K parts of them, to fill the GPU (the extension's rule)."""
         if self.device_type != "cuda" or A.dtype not in _GEMM_DTYPES or len(shape) != 2:
             return False
         N, K = int(shape[0]), int(shape[1])
-        if K <= 0 or blocksize not in BLOCKSIZES or blocksize < 64:  # the wgmma k step is 64 wide
+        if N <= 0 or K <= 0 or blocksize not in BLOCKSIZES or blocksize < 64:  # the wgmma k step is 64 wide
             return False
         rows = A.numel() // K
         if rows not in _GEMM_ROWS:
