@@ -19,7 +19,8 @@ constexpr int kGemmStages = TOK == 256 ? 5 : 8;
 // CTAs per SM: two of the 32-token kernel (80 registers at launch, the consumers raised to 104), whose units
 // then balance over twice the slots (H100, GPU time, against one: 0.91x at 28672x8192, 0.81-0.83x at
 // 6144x8192, 0.94x at 4096x14336, 0.97-1.02x at 14336x4096); wider tiles lost with two (up to 1.09x)
-int gemm_ctas(int64_t M) { return gemm_tokens(M) == 32 ? 2 : 1; }
+constexpr int gemm_ctas_for(int tok) { return tok == 32 ? 2 : 1; }
+int gemm_ctas(int64_t M) { return gemm_ctas_for(gemm_tokens(M)); }
 
 using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
                                  const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
@@ -87,9 +88,10 @@ bool gemm_tensor_maps(const void* A, bool half, const uint8_t* packed, const flo
                        kGemmRows, CU_TENSOR_MAP_SWIZZLE_NONE);
 }
 
-template <typename AT, int TOK, int CTAS>
+template <typename AT, int TOK>
 void launch_tiles(const CUtensorMap (&maps)[3], const Code16& code, int64_t M, int64_t N, int64_t K, int splits,
                   float* partial, void* out, cudaStream_t stream) {
+  constexpr int CTAS = gemm_ctas_for(TOK);
   using L = GemmLayout<kGemmStages<TOK>, TOK>;
   auto kernel = gemm_4bit_kernel<AT, kGemmStages<TOK>, TOK, CTAS>;
   static std::atomic<uint64_t> smem_set{0};
@@ -109,10 +111,10 @@ template <typename AT>
 void launch_typed(const CUtensorMap (&maps)[3], const Code16& code, int64_t M, int64_t N, int64_t K, int splits,
                   float* partial, void* out, cudaStream_t stream) {
   switch (gemm_tokens(M)) {
-    case 32: return launch_tiles<AT, 32, 2>(maps, code, M, N, K, splits, partial, out, stream);
-    case 64: return launch_tiles<AT, 64, 1>(maps, code, M, N, K, splits, partial, out, stream);
-    case 128: return launch_tiles<AT, 128, 1>(maps, code, M, N, K, splits, partial, out, stream);
-    default: return launch_tiles<AT, 256, 1>(maps, code, M, N, K, splits, partial, out, stream);
+    case 32: return launch_tiles<AT, 32>(maps, code, M, N, K, splits, partial, out, stream);
+    case 64: return launch_tiles<AT, 64>(maps, code, M, N, K, splits, partial, out, stream);
+    case 128: return launch_tiles<AT, 128>(maps, code, M, N, K, splits, partial, out, stream);
+    default: return launch_tiles<AT, 256>(maps, code, M, N, K, splits, partial, out, stream);
   }
 }
 
