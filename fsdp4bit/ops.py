@@ -217,17 +217,15 @@ def _gemv_4bit_impl(A, *args) -> torch.Tensor:
     return _gemv_4bit_with(kernels.native_for(A.device), A, *args)
 
 
-def _gemv_4bit_with(
-    native, A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape
-) -> torch.Tensor:
-    """:func:`gemv_4bit` on ``native`` (``kernels.native_for(A.device)``), the reference if None."""
+def _gemv_4bit_with(native, A, packed, *stats, bias=None) -> torch.Tensor:
+    """:func:`gemv_4bit` (plus ``bias``, of A's dtype) on ``native`` (``kernels.native_for(A.device)``), the
+    reference if None; ``stats`` are gemv_4bit's arguments from absmax to shape."""
     if native is not None:
-        return native.gemv_4bit(
-            A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape
-        )
+        return native.gemv_4bit(A, packed, *stats, bias)
+    absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape = stats
     scale = reference.absmax_float32(absmax, nested_absmax, nested_code, offset, nested_blocksize)
     weight = reference.dequantize_4bit(packed, scale, blocksize, quant_type, math.prod(shape), A.dtype)
-    return torch.nn.functional.linear(A, weight.view(shape))
+    return torch.nn.functional.linear(A, weight.view(shape), bias)
 
 
 def gemv_4bit(
@@ -288,8 +286,7 @@ def _matmul_4bit_run(
     if A.numel() // max(A.shape[-1], 1) <= GEMV_MAX_ROWS or (
         native is not None and native.gemm_applies(A, blocksize, shape)
     ):
-        out = _gemv_4bit_with(native, A, packed, *stats)
-        return (out if bias is None else out + bias), native
+        return _gemv_4bit_with(native, A, packed, *stats, bias=bias), native
     native = kernels.native_for(packed.device)
     weight = _dequantize_4bit_with(native, packed, *stats, A.dtype)
     return torch.nn.functional.linear(A, weight, bias), native

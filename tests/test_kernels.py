@@ -177,15 +177,19 @@ def test_dequantize_roundtrip_matches_reference_ops(native):
     assert rel < 0.12  # NF4 bs64 on Gaussian data: ~0.09
 
 
-def _assert_within_gemm_bound(out: torch.Tensor, A: torch.Tensor, W32: torch.Tensor) -> None:
-    """Every output of the GEMM within its own bound around A @ W.T in float64, W being the dequantized weight
-    in A's dtype (the kernel's operand, as dequantize_4bit gives it): the float32 sum's error (at most
-    2^-23 * K * sum |a| |w|, twice the textbook bound for any summation order) plus one rounding to A's dtype
-    (half an ulp)."""
+def _assert_within_gemm_bound(
+    out: torch.Tensor, A: torch.Tensor, W32: torch.Tensor, bias: torch.Tensor | None = None
+) -> None:
+    """Every output of the GEMM within its own bound around A @ W.T (+ bias) in float64, W being the dequantized
+    weight in A's dtype (the kernel's operand, as dequantize_4bit gives it): the float32 sum's error (at most
+    2^-23 * K * sum |a| |w|, twice the textbook bound for any summation order), the float32 bias add (2^-24) and
+    one rounding to A's dtype (half an ulp). Rounding before the bias add too would break it."""
     K = A.shape[-1]
     W = W32.to(A.dtype).double()
     ref = A.double() @ W.T
-    acc_err = (A.double().abs() @ W.abs().T) * (K * 2.0**-23)
+    if bias is not None:
+        ref = ref + bias.double().cpu()
+    acc_err = (A.double().abs() @ W.abs().T) * (K * 2.0**-23) + ref.abs() * 2.0**-24
     u = 2.0**-8 if out.dtype == torch.bfloat16 else 2.0**-11
     bound = u * (ref.abs() + acc_err) + acc_err
     err = (out.double().cpu() - ref).abs()
@@ -193,7 +197,9 @@ def _assert_within_gemm_bound(out: torch.Tensor, A: torch.Tensor, W32: torch.Ten
     assert not bad.any(), f"{int(bad.sum())} outputs out of bound, first at {bad.nonzero()[0].tolist()}"
 
 
-def _gemv_case(ops, device, M_shape, N, K, blocksize, qt, nested, dtype, seed, a_scale=1.0, direct=False):
+def _gemv_case(
+    ops, device, M_shape, N, K, blocksize, qt, nested, dtype, seed, a_scale=1.0, direct=False, with_bias=False
+):
     g = _gen(seed)
     W = torch.randn(N, K, generator=g)
     packed, absmax = reference.quantize_4bit(W, blocksize, qt)
@@ -205,21 +211,24 @@ def _gemv_case(ops, device, M_shape, N, K, blocksize, qt, nested, dtype, seed, a
     scale = reference.absmax_float32(absmax, nabs, ncode, offset, 256)
     W32 = reference.dequantize_4bit(packed, scale, blocksize, qt, N * K, torch.float32).view(N, K)
     A = (torch.randn(*M_shape, K, generator=g) * a_scale).to(dtype)
-    ref = A.double() @ W32.double().T
+    # a bias of the outputs' size (so that rounding before adding it would show)
+    bias = (torch.randn(N, generator=g) * a_scale * math.sqrt(K)).to(dtype) if with_bias else None
+    ref = A.double() @ W32.double().T + (0 if bias is None else bias.double())
     to = lambda t: None if t is None else t.to(device)  # noqa: E731
     _poison(math.prod(M_shape) * N, dtype, device)
     if direct:  # the fused GEMM's own entry point, outside fsdp4bit's dispatch rule
         code = get_4bit_code(qt).float().cpu()
         args = (to(A), to(packed), to(absmax), to(nabs), to(ncode), to(offset), blocksize, 256, code, N, K)
-        out = ops.ext.gemm_4bit(*args)
+        out = ops.ext.gemm_4bit(*args, to(bias))
     else:
-        out = ops.gemv_4bit(to(A), to(packed), to(absmax), to(nabs), to(ncode), to(offset), blocksize, 256, qt, (N, K))
+        args = (to(A), to(packed), to(absmax), to(nabs), to(ncode), to(offset), blocksize, 256, qt, (N, K))
+        out = ops.gemv_4bit(*args, to(bias))
     assert out.shape == (*M_shape, N) and out.dtype == dtype
     assert not out.isnan().any(), "unwritten or NaN output"
     err = ((out.double().cpu() - ref).norm() / ref.norm()).item()
     assert err < GEMV_RTOL[dtype], f"relative error {err:.2e} for {dtype}, M={M_shape} N={N} K={K}"
-    if direct:  # the GEMM rounds once from float32 sums: a bound per output too
-        _assert_within_gemm_bound(out, A, W32)
+    if direct:  # the GEMM rounds once from float32 sums (the bias added first): a bound per output too
+        _assert_within_gemm_bound(out, A, W32, bias)
 
 
 def _cuda_gemv_kernel(ops, dtype: torch.dtype, N: int, K: int, blocksize: int, nested: bool, M: int = 1) -> str:
@@ -253,7 +262,18 @@ def test_gemv(native, dtype, qt, nested):
         ((4,), 7, 45, 32),
     ]  # the last two: K % 32 != 0 (blocks straddle rows)
     for i, (M_shape, N, K, bs) in enumerate(cases):
-        _gemv_case(ops, device, M_shape, N, K, bs, qt, nested, dtype, seed=i)
+        _gemv_case(ops, device, M_shape, N, K, bs, qt, nested, dtype, seed=i, with_bias=i % 3 == 0)
+
+
+def test_gemv_bias_shape(native):
+    """A bias that is not (N,) is a ValueError naming the expected shape."""
+    ops, device = native
+    packed, absmax = reference.quantize_4bit(torch.randn(40, 64, generator=_gen(62)), 64, "nf4")
+    A = torch.randn(2, 64, generator=_gen(63)).to(device)
+    args = (A, packed.to(device), absmax.to(device), None, None, None, 64, 256, "nf4", (40, 64))
+    for bias in (torch.zeros(41, device=device), torch.zeros(1, 40, device=device)):
+        with pytest.raises(ValueError, match=r"bias must have shape \(40,\)"):
+            ops.gemv_4bit(*args, bias)
 
 
 def test_gemv_strided_a(native):
@@ -316,17 +336,21 @@ def test_gemm_path(hopper_native, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gemm_many_tiles(hopper_native, dtype):
     """The fused GEMM's persistent grid: each CTA taking 2 or 3 tiles (300 and 396 tiles on 132 SMs) that start
-    mid-way through the stage ring (3 or 7 k steps against 5 stages), a partial last 128-row tile, a last token
-    tile of 32 tokens; blocksizes 512 and 2048; and split-K, where the tiles alone leave SMs idle. Every output is
-    checked against its own float64 bound."""
+    mid-way through the stage ring (3 or 7 k steps against 4 stages), a partial last 128-row tile, a last token
+    tile of 32 tokens; blocksizes 512 and 2048; and split-K, where the tiles alone leave SMs idle. Outputs leave
+    through direct stores (odd N, one tile per CTA) or the tensor store (several tiles per CTA, N % 8 == 0: 396
+    tiles, and 165 tiles whose last 128 rows end 40 rows in, so the second warpgroup's block lies wholly past N).
+    Every output is checked against its own float64 bound; with a bias (every other case) the bound holds only if
+    the bias is added before the one rounding."""
     ops, device = hopper_native
     cases = [(800, 9557, 192, 64, True), (3000, 4200, 448, 128, False), (300, 259, 1536, 512, True)]
-    cases += [(77, 300, 4096, 2048, True)]
+    cases += [(77, 300, 4096, 2048, True), (1100, 4136, 256, 64, True)]
     # split-K (too few tiles for the SMs): 65 k steps in unequal parts and an odd N; 4 parts; 2 parts of 8 steps
     cases += [(100, 1001, 4160, 64, True), (256, 4096, 4096, 64, True), (40, 2000, 1024, 256, False)]
     cases += [(20, 1000, 4160, 64, True)]  # 32-token tiles, two CTAs per SM, 65 k steps in 8 parts
-    for i, (M, N, K, bs, nested) in enumerate(cases):
-        _gemv_case(ops, device, (M,), N, K, bs, "nf4" if i % 2 else "fp4", nested, dtype, seed=470 + i, direct=True)
+    for i, (M, N, K, bs, nested) in enumerate(cases):  # a bias on every other case: each store path with and without
+        qt = "nf4" if i % 2 else "fp4"
+        _gemv_case(ops, device, (M,), N, K, bs, qt, nested, dtype, seed=470 + i, direct=True, with_bias=i % 2 == 1)
 
 
 def test_gemm_reads_the_kernel_before(hopper_native):

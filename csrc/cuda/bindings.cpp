@@ -188,12 +188,13 @@ at::Tensor gemv_4bit(const at::Tensor& A, const at::Tensor& packed, const at::Te
   return out;
 }
 
-// A (M, K) @ W (N, K).T through the fused 4-bit GEMM, for any call it supports (fsdp4bit itself takes it only where
-// gemm_4bit_applies(), i.e. where it is the faster path; benchmarks and tests call it at other shapes too).
+// A (M, K) @ W (N, K).T + bias through the fused 4-bit GEMM, for any call it supports (fsdp4bit itself takes it only
+// where gemm_4bit_applies(), i.e. where it is the faster path; benchmarks and tests call it at other shapes too); the
+// bias (N values of A's dtype, or none) is added in float32 before the one rounding, as F.linear does.
 at::Tensor gemm_4bit(const at::Tensor& A, const at::Tensor& packed, const at::Tensor& absmax,
                      const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
                      const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t nested_blocksize,
-                     const at::Tensor& code, int64_t N, int64_t K) {
+                     const at::Tensor& code, int64_t N, int64_t K, const std::optional<at::Tensor>& bias) {
   const FloatType ft = check_matmul_a(A, K);
   const at::Device dev = A.device();
   const int64_t M = A.size(0);
@@ -201,6 +202,12 @@ at::Tensor gemm_4bit(const at::Tensor& A, const at::Tensor& packed, const at::Te
   check_packed(packed, N * K, dev);
   TORCH_CHECK(aligned(packed.data_ptr(), 16) && aligned(A.data_ptr(), 16),
               "the fused CUDA GEMM needs A and packed 16-byte aligned");
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->device() == dev && bias->scalar_type() == A.scalar_type() && bias->dim() == 1 &&
+                          bias->size(0) == N && bias->is_contiguous(),
+                      "bias must be a contiguous (N,) = (", N, ",) tensor of A's dtype (", A.scalar_type(), ") on ",
+                      dev, ", got ", bias->sizes(), " ", bias->scalar_type(), " on ", bias->device());
+  }
   const c10::cuda::CUDAGuard guard(dev);
   TORCH_CHECK_VALUE(gemm_supported(ft, log2bs, M, N, K), "the fused CUDA GEMM does not support M = ", M, ", N = ", N,
                     ", K = ", K, ", blocksize ", blocksize, ", A ", A.scalar_type(),
@@ -211,7 +218,8 @@ at::Tensor gemm_4bit(const at::Tensor& A, const at::Tensor& packed, const at::Te
   auto workspace = at::empty({gemm_workspace_floats(M, N, K)}, A.options().dtype(at::kFloat));
   auto out = at::empty({M, N}, A.options());
   TORCH_CHECK(launch_gemm(A.data_ptr(), ft, packed.data_ptr<uint8_t>(), c, sc, nested_absmax.has_value(), log2bs, M,
-                          N, K, workspace.data_ptr<float>(), workspace.numel(), out.data_ptr(),
+                          N, K, workspace.data_ptr<float>(), workspace.numel(),
+                          bias.has_value() ? bias->data_ptr() : nullptr, out.data_ptr(),
                           c10::cuda::getCurrentCUDAStream()),
               "cuTensorMapEncodeTiled failed for the fused CUDA GEMM");
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -304,7 +312,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("double_quant", &fsdp4bit::double_quant,
         "double quant of a float32 absmax -> (offset = mean, uint8 codes, float32 nested absmax, copy of code)");
   m.def("gemv_4bit", &fsdp4bit::gemv_4bit, "A (M, K) @ W(N, K).T with W 4-bit, M <= 8, K % 32 == 0 -> (M, N)");
-  m.def("gemm_4bit", &fsdp4bit::gemm_4bit, "A (M, K) @ W(N, K).T with W 4-bit through the fused GEMM -> (M, N)");
+  m.def("gemm_4bit", &fsdp4bit::gemm_4bit, "A (M, K) @ W(N, K).T + bias with W 4-bit through the fused GEMM -> (M, N)",
+        py::arg("A"), py::arg("packed"), py::arg("absmax"), py::arg("nested_absmax"), py::arg("nested_code"),
+        py::arg("offset"), py::arg("blocksize"), py::arg("nested_blocksize"), py::arg("code"), py::arg("N"),
+        py::arg("K"), py::arg("bias") = py::none());
   m.def("gemm_4bit_applies", &fsdp4bit::gemm_4bit_applies,
         "whether gemm_4bit takes (dtype, blocksize, M, N, K) on device_index");
   m.def("gemv_kernel", &fsdp4bit::gemv_kernel,

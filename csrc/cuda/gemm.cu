@@ -12,10 +12,10 @@ namespace fsdp4bit {
 namespace {
 
 // tokens per tile (the wgmma's n): the fewest of 32, 64, 128, 256 that hold M (up to 256), so few tokens do not
-// pay for 256-token wgmmas; stages per tile width: as many as ~200 KB of shared memory holds, up to 8
+// pay for 256-token wgmmas; stages per tile width: as many as fit beside the output staging tiles, up to 8
 int gemm_tokens(int64_t M) { return M <= 32 ? 32 : M <= 64 ? 64 : M <= 128 ? 128 : 256; }
 template <int TOK>
-constexpr int kGemmStages = TOK == 256 ? 5 : 8;
+constexpr int kGemmStages = TOK == 256 ? 4 : 8;
 // CTAs per SM: two of the 32-token kernel (80 registers at launch, the consumers raised to 104), whose units
 // then balance over twice the slots (H100, GPU time, against one: 0.91x at 28672x8192, 0.81-0.83x at
 // 6144x8192, 0.94x at 4096x14336, 0.97-1.02x at 14336x4096); wider tiles lost with two (up to 1.09x)
@@ -77,20 +77,37 @@ int gemm_splits(int64_t M, int64_t N, int64_t K) {
 
 int64_t scales_floats(int64_t N, int64_t K) { return (K / kGemmK) * scales_ld(N); }
 
-// the tensor maps of A, packed W and the scale workspace; false if one cannot be encoded
-bool gemm_tensor_maps(const void* A, bool half, const uint8_t* packed, const float* scales, int64_t M, int64_t N,
-                      int64_t K, CUtensorMap (&maps)[3]) {
+// whether the output goes out through shared memory and the tensor store, which overlaps a tile's stores with the
+// next tile's k steps: where some CTA takes several tiles (H100, GPU time: 4096 to 8192 tokens 0.86-0.98x the
+// direct stores, 512 tokens 0.88-1.02x; with one tile per CTA there is nothing to overlap and it lost up to 11%
+// at 16 tokens). Not for split-K's float32 partial products; out's rows must be 16-byte multiples
+bool gemm_store_async(const void* out, int64_t M, int64_t N, int splits) {
+  const int64_t slots = device_attribute(cudaDevAttrMultiProcessorCount) * gemm_ctas(M);
+  return splits == 1 && gemm_tiles(M, N) > slots && N % 8 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
+}
+
+// the tensor maps of A, packed W, the scale workspace and, with store_async, of out (else a copy of A's, unused);
+// false if one cannot be encoded
+bool gemm_tensor_maps(const void* A, bool half, const uint8_t* packed, const float* scales, void* out, bool store_async,
+                      int64_t M, int64_t N, int64_t K, CUtensorMap (&maps)[4]) {
   const CUtensorMapDataType at = half ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-  return tensor_map_2d(&maps[0], at, A, M, K, K * 2, gemm_tokens(M), kGemmK, CU_TENSOR_MAP_SWIZZLE_128B) &&
-         tensor_map_2d(&maps[1], CU_TENSOR_MAP_DATA_TYPE_UINT8, packed, N, K / 2, K / 2, kGemmRows, kGemmK / 2,
-                       CU_TENSOR_MAP_SWIZZLE_NONE) &&
-         tensor_map_2d(&maps[2], CU_TENSOR_MAP_DATA_TYPE_FLOAT32, scales, K / kGemmK, N, scales_ld(N) * 4, 1,
-                       kGemmRows, CU_TENSOR_MAP_SWIZZLE_NONE);
+  const bool ok =
+      tensor_map_2d(&maps[0], at, A, M, K, K * 2, gemm_tokens(M), kGemmK, CU_TENSOR_MAP_SWIZZLE_128B) &&
+      tensor_map_2d(&maps[1], CU_TENSOR_MAP_DATA_TYPE_UINT8, packed, N, K / 2, K / 2, kGemmRows, kGemmK / 2,
+                    CU_TENSOR_MAP_SWIZZLE_NONE) &&
+      tensor_map_2d(&maps[2], CU_TENSOR_MAP_DATA_TYPE_FLOAT32, scales, K / kGemmK, N, scales_ld(N) * 4, 1, kGemmRows,
+                    CU_TENSOR_MAP_SWIZZLE_NONE);
+  if (!ok) return false;
+  if (!store_async) {
+    maps[3] = maps[0];
+    return true;
+  }
+  return tensor_map_2d(&maps[3], at, out, M, N, N * 2, gemm_tokens(M), 64, CU_TENSOR_MAP_SWIZZLE_128B);
 }
 
 template <typename AT, int TOK>
-void launch_tiles(const CUtensorMap (&maps)[3], const Code16& code, int64_t M, int64_t N, int64_t K, int splits,
-                  float* partial, void* out, cudaStream_t stream) {
+void launch_tiles(const CUtensorMap (&maps)[4], bool store_async, const Code16& code, int64_t M, int64_t N, int64_t K,
+                  int splits, float* partial, const void* bias, void* out, cudaStream_t stream) {
   constexpr int CTAS = gemm_ctas_for(TOK);
   using L = GemmLayout<kGemmStages<TOK>, TOK>;
   auto kernel = gemm_4bit_kernel<AT, kGemmStages<TOK>, TOK, CTAS>;
@@ -98,23 +115,26 @@ void launch_tiles(const CUtensorMap (&maps)[3], const Code16& code, int64_t M, i
   allow_dynamic_smem(kernel, int(L::kSmem), smem_set);
   const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
   const int64_t grid = std::min<int64_t>(gemm_tiles(M, N) * splits, sms * CTAS);
-  launch_dependent(kernel, dim3(unsigned(grid)), dim3(kGemmThreads), L::kSmem, stream, maps[0], maps[1], maps[2], code,
-                   static_cast<AT*>(out), int(M), int(N), int(K), splits, partial);
+  launch_dependent(kernel, dim3(unsigned(grid)), dim3(kGemmThreads), L::kSmem, stream, maps[0], maps[1], maps[2], maps[3],
+                   code, static_cast<const AT*>(bias), static_cast<AT*>(out), int(M), int(N), int(K), splits, partial,
+                   store_async);
   if (splits > 1) {
     const int64_t part = M * N;
     const int64_t sum_grid = std::min<int64_t>((part + 255) / 256, 8 * sms);
-    gemm_splitk_sum_kernel<AT><<<unsigned(sum_grid), 256, 0, stream>>>(partial, splits, part, static_cast<AT*>(out));
+    gemm_splitk_sum_kernel<AT><<<unsigned(sum_grid), 256, 0, stream>>>(partial, splits, part, N,
+                                                                        static_cast<const AT*>(bias),
+                                                                        static_cast<AT*>(out));
   }
 }
 
 template <typename AT>
-void launch_typed(const CUtensorMap (&maps)[3], const Code16& code, int64_t M, int64_t N, int64_t K, int splits,
-                  float* partial, void* out, cudaStream_t stream) {
+void launch_typed(const CUtensorMap (&maps)[4], bool store_async, const Code16& code, int64_t M, int64_t N, int64_t K,
+                  int splits, float* partial, const void* bias, void* out, cudaStream_t stream) {
   switch (gemm_tokens(M)) {
-    case 32: return launch_tiles<AT, 32>(maps, code, M, N, K, splits, partial, out, stream);
-    case 64: return launch_tiles<AT, 64>(maps, code, M, N, K, splits, partial, out, stream);
-    case 128: return launch_tiles<AT, 128>(maps, code, M, N, K, splits, partial, out, stream);
-    default: return launch_tiles<AT, 256>(maps, code, M, N, K, splits, partial, out, stream);
+    case 32: return launch_tiles<AT, 32>(maps, store_async, code, M, N, K, splits, partial, bias, out, stream);
+    case 64: return launch_tiles<AT, 64>(maps, store_async, code, M, N, K, splits, partial, bias, out, stream);
+    case 128: return launch_tiles<AT, 128>(maps, store_async, code, M, N, K, splits, partial, bias, out, stream);
+    default: return launch_tiles<AT, 256>(maps, store_async, code, M, N, K, splits, partial, bias, out, stream);
   }
 }
 
@@ -154,25 +174,26 @@ int64_t gemm_workspace_floats(int64_t M, int64_t N, int64_t K) {
 
 bool launch_gemm(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code, const Scales& sc,
                  bool nested, int log2bs, int64_t M, int64_t N, int64_t K, float* workspace,
-                 int64_t workspace_floats, void* out, cudaStream_t stream) {
+                 int64_t workspace_floats, const void* bias, void* out, cudaStream_t stream) {
   const bool half = dtype == FloatType::kF16;
-  CUtensorMap maps[3];
-  if (!gemm_tensor_maps(A, half, packed, workspace, M, N, K, maps)) return false;
+  // the split count again (the caller sized the workspace with gemm_workspace_floats()): no split-K unless the
+  // partial products fit, should the two counts ever differ
+  int splits = gemm_splits(M, N, K);
+  if (scales_floats(N, K) + splits * M * N > workspace_floats) splits = 1;
+  const bool store_async = gemm_store_async(out, M, N, splits);
+  CUtensorMap maps[4];
+  if (!gemm_tensor_maps(A, half, packed, workspace, out, store_async, M, N, K, maps)) return false;
   const int ld = int(scales_ld(N));
   const dim3 sgrid(unsigned(std::min<int64_t>((N + 255) / 256, 64)), unsigned(K / kGemmK));
   if (nested)
     gemm_scales_kernel<true><<<sgrid, 256, 0, stream>>>(sc, log2bs, int(N), K, workspace, ld);
   else
     gemm_scales_kernel<false><<<sgrid, 256, 0, stream>>>(sc, log2bs, int(N), K, workspace, ld);
-  // the split count again (the caller sized the workspace with gemm_workspace_floats()): no split-K unless the
-  // partial products fit, should the two counts ever differ
-  int splits = gemm_splits(M, N, K);
-  if (scales_floats(N, K) + splits * M * N > workspace_floats) splits = 1;
   float* partial = workspace + scales_floats(N, K);  // 16-byte aligned: scales_ld is a multiple of 4
   if (half)
-    launch_typed<__half>(maps, code, M, N, K, splits, partial, out, stream);
+    launch_typed<__half>(maps, store_async, code, M, N, K, splits, partial, bias, out, stream);
   else
-    launch_typed<__nv_bfloat16>(maps, code, M, N, K, splits, partial, out, stream);
+    launch_typed<__nv_bfloat16>(maps, store_async, code, M, N, K, splits, partial, bias, out, stream);
   return true;
 }
 

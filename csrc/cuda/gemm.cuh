@@ -1,9 +1,10 @@
-// Fused 4-bit GEMM on Hopper (sm_90a): out = A @ W.T with W (N, K) NF4/FP4 and A (M, K) fp16/bf16, float32
+// Fused 4-bit GEMM on Hopper (sm_90a): out = A @ W.T + bias with W (N, K) NF4/FP4 and A (M, K) fp16/bf16, float32
 // accumulation, the packed weight dequantized in registers straight into the tensor cores' A operand (no 16-bit
 // copy of W in device memory). fsdp4bit uses it where it beats dequantize + cuBLAS (gemm.cu's gemm_applies:
 // 9 to 512 tokens, a weight of 2^23 to 2^25 entries or more, enough tiles or split-K parts to fill the GPU); at training
-// shapes its main loop reaches ~550 TFLOP/s against cuBLAS' ~720, so those keep dequantize + cuBLAS (NOTES.md,
-// "Fused 4-bit GEMM").
+// shapes it reaches ~600 TFLOP/s against cuBLAS' ~710, so those keep dequantize + cuBLAS: without the dequantization
+// (constant fragments) the same kernel matches cuBLAS, and the shuffle lookups are what it costs (NOTES.md, "Fused
+// 4-bit GEMM").
 //
 // The product is computed transposed, out.T (N x M) = W (N x K) @ A.T, so that W is wgmma's register operand
 // (64 rows of W per consumer warpgroup) and A, read by the tensor copy engine with the 128-byte swizzle, its
@@ -11,7 +12,9 @@
 // CTA has one producer warpgroup, whose thread 0 streams 64-wide k steps of A, of the packed W and of the block
 // scales through STAGES shared-memory stages, and two consumer warpgroups; the grid is persistent, each CTA
 // taking work units in turn: a tile (128 rows of W x TOK tokens), or with split-K one of a tile's `splits` k
-// ranges, whose float32 partial product a second kernel sums in order.
+// ranges, whose float32 partial product a second kernel sums in order. Where a CTA takes several tiles, each
+// consumer warpgroup writes its finished block (plus the bias) to shared memory with stmatrix and one thread hands
+// it to the tensor store, which runs while the next tile's k steps do; else each thread stores its outputs.
 //
 // Each weight is code[nibble] * scale in float32, rounded once to the 16-bit type: the same values as
 // dequantize_4bit, so only the order of the float32 sums differs from dequantize + cuBLAS. The block scales
@@ -28,13 +31,16 @@ constexpr int kGemmRows = 128;  // rows of W per tile (64 per consumer warpgroup
 constexpr int kGemmK = 64;      // k per stage
 constexpr int kGemmThreads = 384;
 
-// shared memory of STAGES stages of TOK tokens (the tile's width and the wgmma's n: 32, 64, 128 or 256)
+// shared memory of STAGES stages of TOK tokens (the tile's width and the wgmma's n: 32, 64, 128 or 256), and each
+// consumer warpgroup's output tile on its way to the tensor store
 template <int STAGES, int TOK>
 struct GemmLayout {
   static constexpr int kABytes = TOK * kGemmK * 2;          // 128-byte rows, swizzled
+  static constexpr int kOBytes = TOK * 64 * 2;              // TOK tokens x 64 rows of out, 128-byte rows, swizzled
   static constexpr int kWBytes = kGemmRows * kGemmK / 2;    // 32-byte rows of packed W
   static constexpr int kSBytes = kGemmRows * 4;             // float32 scales
-  static constexpr int kWOffset = STAGES * kABytes;
+  static constexpr int kOOffset = STAGES * kABytes;         // 1024-byte aligned, as the swizzle needs
+  static constexpr int kWOffset = kOOffset + 2 * kOBytes;
   static constexpr int kSOffset = kWOffset + STAGES * kWBytes;
   static constexpr int kBarOffset = kSOffset + STAGES * kSBytes;
   static constexpr int kBytes = kBarOffset + 2 * STAGES * 8;
@@ -152,6 +158,39 @@ __device__ __forceinline__ uint32_t weight_pair(float lane_code, uint32_t b, flo
   return pack_pair<AT>(__fmul_rn(hi, scale), __fmul_rn(lo, scale));
 }
 
+// four 8x8 matrices of 16-bit pairs (a thread's word of matrix q: row lane / 4, columns 2 (lane % 4) and + 1)
+// stored transposed: lane l gives the shared address of row l % 8 of matrix l / 8, i.e. of its column l % 8
+__device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(r0), "r"(r1),
+               "r"(r2), "r"(r3)
+               : "memory");
+}
+
+// the bias of output row n, or -0 (which adds nothing, not even to a -0) past N or without a bias
+template <typename OT>
+__device__ __forceinline__ float bias_at(const OT* __restrict__ bias, int64_t n, int64_t N) {
+  return bias != nullptr && n < N ? to_f32(bias[n]) : -0.0f;
+}
+
+// the consumer's 64 x TOK accumulator tile plus the bias of its rows (ba for the thread's row, bb for row + 8),
+// each output rounded once to OT, into `tile` as out's (TOK tokens x 64 rows) block in the 128-byte swizzle of the
+// tensor store (16-byte chunk c of token m's row at chunk c ^ (m % 8)). Each stmatrix writes tokens 8j to 8j + 15
+// of the warp's 16 rows: per 8-lane phase 8 tokens' rows, in distinct chunks (no bank conflict)
+template <typename OT, int TOK>
+__device__ __forceinline__ void stage_tile(const float (&acc)[TOK / 2], float ba, float bb, uint8_t* tile, int w,
+                                           int lane) {
+  const uint32_t base = smem_addr(tile);
+  const int q = lane / 8, chunk = 2 * w + (q & 1);
+#pragma unroll
+  for (int j = 0; j < TOK / 8; j += 2) {
+    const int m = 8 * (j + (q >> 1)) + lane % 8;
+    stmatrix_x4_trans(base + m * 128 + ((chunk ^ (m & 7)) << 4), pack_pair<OT>(acc[4 * j] + ba, acc[4 * j + 1] + ba),
+                      pack_pair<OT>(acc[4 * j + 2] + bb, acc[4 * j + 3] + bb),
+                      pack_pair<OT>(acc[4 * j + 4] + ba, acc[4 * j + 5] + ba),
+                      pack_pair<OT>(acc[4 * j + 6] + bb, acc[4 * j + 7] + bb));
+  }
+}
+
 // two adjacent outputs (8-byte aligned for float, 4-byte for the 16-bit types), each rounded once
 template <typename OT>
 __device__ __forceinline__ void store_pair(OT* p, float lo, float hi) {
@@ -162,14 +201,21 @@ __device__ __forceinline__ void store_pair<float>(float* p, float lo, float hi) 
   *reinterpret_cast<float2*>(p) = make_float2(lo, hi);
 }
 
-// the consumer's 64 x TOK accumulator tile (rows `n` and n + 8 of out.T per 8-token column group) to out (M x N),
-// in A's type or, for a split-K part, float32: lanes g and g ^ 1 swap one value per row pair, so each stores two
-// adjacent outputs of one token: even g token 2t, rows (g, g + 1); odd g token 2t + 1, rows (g - 1, g)
+// the consumer's 64 x TOK accumulator tile (rows `n` and n + 8 of out.T per 8-token column group) plus the bias
+// (null for none) to out (M x N), in A's type or, for a split-K part, float32: lanes g and g ^ 1 swap one value per
+// row pair, so each stores two adjacent outputs of one token: even g token 2t, rows (g, g + 1); odd g token
+// 2t + 1, rows (g - 1, g)
 template <typename OT, int TOK>
-__device__ __forceinline__ void store_tile(const float (&acc)[TOK / 2], OT* __restrict__ out, int M, int N, int m0,
-                                           int row_n, int g, int t) {
+__device__ __forceinline__ void store_tile(const float (&acc)[TOK / 2], const OT* __restrict__ bias,
+                                           OT* __restrict__ out, int M, int N, int m0, int row_n, int g, int t) {
   const bool odd = g & 1;
   const int n = row_n - (odd ? 1 : 0);
+  float bias_lo[2], bias_hi[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    bias_lo[h] = bias_at(bias, n + 8 * h, N);
+    bias_hi[h] = bias_at(bias, n + 8 * h + 1, N);
+  }
 #pragma unroll
   for (int j = 0; j < TOK / 8; ++j) {
     const int m = m0 + 8 * j + 2 * t + (odd ? 1 : 0);
@@ -178,7 +224,7 @@ __device__ __forceinline__ void store_tile(const float (&acc)[TOK / 2], OT* __re
       const float keep = odd ? acc[4 * j + 2 * h + 1] : acc[4 * j + 2 * h];
       const float give = odd ? acc[4 * j + 2 * h] : acc[4 * j + 2 * h + 1];
       const float got = __shfl_xor_sync(0xffffffffu, give, 4);
-      const float lo = odd ? got : keep, hi = odd ? keep : got;
+      const float lo = (odd ? got : keep) + bias_lo[h], hi = (odd ? keep : got) + bias_hi[h];
       const int nn = n + 8 * h;
       if (m < M) {
         if (nn + 1 < N && (N % 2 == 0)) {
@@ -210,21 +256,23 @@ __global__ void gemm_scales_kernel(Scales sc, int log2bs, int N, int64_t K, floa
 }
 
 // split-K: out = the float32 sum of the `splits` partial products (M x N each, `part` apart), in split order (so
-// the result does not depend on which CTA finished first), rounded once
+// the result does not depend on which CTA finished first), plus the bias (null for none), rounded once
 template <typename AT>
-__global__ void gemm_splitk_sum_kernel(const float* __restrict__ partial, int splits, int64_t part, AT* __restrict__ out) {
+__global__ void gemm_splitk_sum_kernel(const float* __restrict__ partial, int splits, int64_t part, int64_t N,
+                                       const AT* __restrict__ bias, AT* __restrict__ out) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < part; i += int64_t(gridDim.x) * blockDim.x) {
     float v = partial[i];
     for (int s = 1; s < splits; ++s) v += partial[s * part + i];
-    out[i] = from_f32<AT>(v);
+    out[i] = from_f32<AT>(v + bias_at(bias, i % N, N));
   }
 }
 
 template <typename AT, int STAGES, int TOK, int CTAS>
 __global__ void __launch_bounds__(kGemmThreads, CTAS)
     gemm_4bit_kernel(const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_w,
-                 const __grid_constant__ CUtensorMap tm_s, Code16 code, AT* __restrict__ out, int M, int N, int K,
-                 int splits, float* __restrict__ partial) {
+                 const __grid_constant__ CUtensorMap tm_s, const __grid_constant__ CUtensorMap tm_o, Code16 code,
+                 const AT* __restrict__ bias, AT* __restrict__ out, int M, int N, int K, int splits,
+                 float* __restrict__ partial, bool store_async) {
 #if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __trap();  // never launched: gemm_applies() requires an sm_90a build
 #else
@@ -289,6 +337,7 @@ __global__ void __launch_bounds__(kGemmThreads, CTAS)
     else
       asm volatile("setmaxnreg.inc.sync.aligned.u32 104;");
     const int wg = warp / 4 - 1, w = warp % 4, g = lane / 4, t = lane % 4;
+    const bool leader = w == 0 && lane == 0;  // the warpgroup's thread that issues its tensor stores
     const int row = wg * 64 + w * 16 + g;  // and row + 8
     const float lane_code = s_code[lane & 15];
     const uint32_t shift = 8u * uint32_t(t);
@@ -341,11 +390,27 @@ __global__ void __launch_bounds__(kGemmThreads, CTAS)
       if (nk % 2) it -= 1;
       wgmma_wait<0>();
       mbar_arrive(&empty[(it - 1) % STAGES]);
-      if (splits == 1)
-        store_tile<AT, TOK>(acc, out, M, N, m0, n0 + row, g, t);
-      else
-        store_tile<float, TOK>(acc, partial + int64_t(split) * M * N, M, N, m0, n0 + row, g, t);
+      if (store_async) {
+        // through shared memory and the tensor store, which runs on while the next tile's k steps do: thread 0 of
+        // the warpgroup waits until its last store has read the staging tile, all write it, thread 0 stores it
+        uint8_t* tile = smem + L::kOOffset + wg * L::kOBytes;
+        auto sync_warpgroup = [&] { wg == 0 ? named_barrier<1, 128>() : named_barrier<2, 128>(); };
+        if (leader) bulk_wait_read_all();
+        sync_warpgroup();
+        stage_tile<AT, TOK>(acc, bias_at(bias, n0 + row, N), bias_at(bias, n0 + row + 8, N), tile, w, lane);
+        fence_async_shared();
+        sync_warpgroup();
+        if (leader) {
+          tma_store_2d(&tm_o, tile, n0 + 64 * wg, m0);
+          bulk_commit();
+        }
+      } else if (splits == 1) {
+        store_tile<AT, TOK>(acc, bias, out, M, N, m0, n0 + row, g, t);
+      } else {
+        store_tile<float, TOK>(acc, nullptr, partial + int64_t(split) * M * N, M, N, m0, n0 + row, g, t);
+      }
     }
+    if (leader) bulk_wait_all();  // the output is written when the kernel ends
   }
 #endif
 }

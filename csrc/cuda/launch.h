@@ -48,12 +48,13 @@ bool gemm_supported(FloatType dtype, int log2bs, int64_t M, int64_t N, int64_t K
 bool gemm_applies(FloatType dtype, int log2bs, int64_t M, int64_t N, int64_t K);
 // float32 entries of the workspace launch_gemm() needs: block scales, and split-K partial products
 int64_t gemm_workspace_floats(int64_t M, int64_t N, int64_t K);
-// `out` (M, N) = A (M, K) @ W.T for a call gemm_supported() takes; A and packed 16-byte aligned, `workspace` of
-// `workspace_floats` >= gemm_workspace_floats(M, N, K). Returns false, launching nothing, when a tensor map cannot
-// be encoded (they are encoded before any launch).
+// `out` (M, N) = A (M, K) @ W.T + bias for a call gemm_supported() takes; A and packed 16-byte aligned, `workspace`
+// of `workspace_floats` >= gemm_workspace_floats(M, N, K), `bias` N entries of A's type or null, added before the
+// one rounding. Returns false, launching nothing, when a tensor map cannot be encoded (they are encoded before any
+// launch).
 bool launch_gemm(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code, const Scales& sc,
                  bool nested, int log2bs, int64_t M, int64_t N, int64_t K, float* workspace, int64_t workspace_floats,
-                 void* out, cudaStream_t stream);
+                 const void* bias, void* out, cudaStream_t stream);
 // 8-bit blockwise quantization of float32 `a - *offset` (offset may be null) against a sorted 256-entry code;
 // a copy of `code` goes to `code_out` when it is not null.
 void launch_quantize_blockwise(const float* a, int64_t n, int64_t blocksize, const float* code, const float* offset,

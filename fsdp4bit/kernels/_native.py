@@ -239,9 +239,11 @@ class NativeOps:
         nested_blocksize: int,
         quant_type: str,
         shape: Sequence[int],
+        bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``A @ W.T`` for the 4-bit W of ``shape`` (N, K); float32 accumulation, output in A's dtype: the fused
-        gemv for few rows, the fused GEMM where :meth:`gemm_applies`, else dequantize + F.linear."""
+        """``A @ W.T + bias`` for the 4-bit W of ``shape`` (N, K) and a bias of A's dtype (or None); float32
+        accumulation, output in A's dtype: the fused gemv for few rows (the bias added after), the fused GEMM where
+        :meth:`gemm_applies` (the bias added before its one rounding), else dequantize + F.linear."""
         check_quant_type(quant_type)
         check_blocksize(blocksize)
         check_float_dtype(A.dtype, "A.dtype")
@@ -250,6 +252,10 @@ class NativeOps:
         N, K = int(shape[0]), int(shape[1])
         if A.shape[-1] != K:
             raise ValueError(f"A's last dimension ({A.shape[-1]}) must equal K = {K}")
+        if bias is not None:
+            if tuple(bias.shape) != (N,):
+                raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+            bias = bias.to(A.dtype)
         flat_packed = _flat_bytes(packed)
         _check_state(flat_packed, absmax, nested_absmax, nested_code, offset, N * K, blocksize, nested_blocksize)
         if A.device != flat_packed.device:
@@ -259,28 +265,19 @@ class NativeOps:
         A2 = A if two_d else A.reshape(-1, K)
         if A2.shape[0] == 0:
             return A.new_empty((*A.shape[:-1], N))
-        kernel = None
-        if self._gemv_fused_ok(A2.shape[0], K, flat_packed):
-            kernel = self.ext.gemv_4bit
-        elif flat_packed.data_ptr() % 16 == 0 and self.gemm_applies(A2, blocksize, shape):
-            kernel = self.ext.gemm_4bit
-        if kernel is not None:
+        gemv = self._gemv_fused_ok(A2.shape[0], K, flat_packed)
+        if gemv or (flat_packed.data_ptr() % 16 == 0 and self.gemm_applies(A2, blocksize, shape)):
             if not A2.is_contiguous() or A2.data_ptr() % 16 != 0:  # the kernels read A in 16-byte rows
                 A2 = A2.clone(memory_format=torch.contiguous_format)  # (at most 512 rows: cheap next to W)
             _, _, code = _tables(quant_type)
-            out = kernel(
-                A2,
-                flat_packed,
-                absmax.contiguous(),
-                _opt(nested_absmax),
-                _opt(nested_code),
-                _opt(offset),
-                int(blocksize),
-                int(nested_blocksize),
-                code,
-                N,
-                K,
-            )
+            args = (A2, flat_packed, absmax.contiguous(), _opt(nested_absmax), _opt(nested_code), _opt(offset))
+            args += (int(blocksize), int(nested_blocksize), code, N, K)
+            if gemv:
+                out = self.ext.gemv_4bit(*args)
+                if bias is not None:
+                    out.add_(bias)
+            else:
+                out = self.ext.gemm_4bit(*args, None if bias is None else bias.contiguous())
             return out if two_d else out.view(*A.shape[:-1], N)
         weight = self.dequantize_4bit(
             flat_packed,
@@ -294,4 +291,4 @@ class NativeOps:
             (N, K),
             A.dtype,
         )
-        return torch.nn.functional.linear(A, weight)
+        return torch.nn.functional.linear(A, weight, bias)
