@@ -1,6 +1,7 @@
 """QLoRA-layer timings on a GPU: 4-bit Linear4bit vs bf16 F.linear in the same run.
 
-- forward+backward (gradient to the input only, the weight is frozen) at 8192 tokens, 14336x4096;
+- forward+backward (gradient to the input only, the weight is frozen) at 8192 tokens, 14336x4096, and at 256
+  tokens (where both directions take the fused 4-bit GEMM on Hopper);
 - forward matmul at 4096 tokens;
 - the whole ``functional.quantize_4bit`` (NF4 bs64, double quant), i.e. kernel + double-quant statistics.
 
@@ -81,7 +82,7 @@ def main() -> None:
     out_f, in_f = w.shape
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": [out_f, in_f]}
     sync = {}
-    for tokens in (8192,):
+    for tokens in (8192, 256):
         x = torch.randn(tokens, in_f, device=dev, dtype=torch.bfloat16, requires_grad=True)
         g = torch.randn(tokens, out_f, device=dev, dtype=torch.bfloat16)
 

@@ -369,11 +369,26 @@ def _backward_weight(ctx, grad_out, packed, absmax, nested_absmax, nested_code, 
     return dequantize_4bit(packed, absmax, nested_absmax, nested_code, offset, *ctx.meta, grad_out.dtype)
 
 
+def _input_grad(ctx, grad_out, packed, absmax, nested_absmax, nested_code, offset) -> torch.Tensor:
+    """``grad_out @ W``: through the transposed fused GEMM where it applies (CUDA sm_90a, 9 to 512 rows of a large
+    layer; eager calls on the native kernels that ran the forward), else ``grad_out`` times the dequantized W."""
+    native = ctx.native
+    if (
+        native is not None
+        and native.gemm_applies(grad_out, ctx.meta[0], ctx.meta[3], trans=True)
+        and packed.data_ptr() % 16 == 0
+        and _eager_direct(grad_out, packed, absmax, nested_absmax, nested_code, offset)
+        and kernels.native_for(packed.device) is native
+    ):
+        return native.input_grad_4bit(grad_out, packed, absmax, nested_absmax, nested_code, offset, *ctx.meta)
+    return grad_out @ _backward_weight(ctx, grad_out, packed, absmax, nested_absmax, nested_code, offset)
+
+
 def _matmul_backward(ctx, grad_out):
     packed, absmax, nested_absmax, nested_code, offset = ctx.saved_tensors
     grad_A = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_A = grad_out @ _backward_weight(ctx, grad_out, packed, absmax, nested_absmax, nested_code, offset)
+        grad_A = _input_grad(ctx, grad_out, packed, absmax, nested_absmax, nested_code, offset)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[1]:
         grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
     return grad_A, grad_bias, None, None, None, None, None, None, None, None, None

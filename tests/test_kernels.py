@@ -183,7 +183,7 @@ def _assert_within_gemm_bound(
     """Every output of the GEMM within its own bound around A @ W.T (+ bias) in float64, W being the dequantized
     weight in A's dtype (the kernel's operand, as dequantize_4bit gives it): the float32 sum's error (at most
     2^-23 * K * sum |a| |w|, twice the textbook bound for any summation order), the float32 bias add (2^-24) and
-    one rounding to A's dtype (half an ulp). Rounding before the bias add too would break it."""
+    one rounding to A's dtype (half an ulp). At short K, rounding before the bias add too breaks it."""
     K = A.shape[-1]
     W = W32.to(A.dtype).double()
     ref = A.double() @ W.T
@@ -197,10 +197,9 @@ def _assert_within_gemm_bound(
     assert not bad.any(), f"{int(bad.sum())} outputs out of bound, first at {bad.nonzero()[0].tolist()}"
 
 
-def _gemv_case(
-    ops, device, M_shape, N, K, blocksize, qt, nested, dtype, seed, a_scale=1.0, direct=False, with_bias=False
-):
-    g = _gen(seed)
+def _quantized_weight(N, K, blocksize, qt, nested, g):
+    """A random (N, K) weight's 4-bit state (packed, absmax, nested absmax, nested code, offset) and its float32
+    dequantized values (the reference path's)."""
     W = torch.randn(N, K, generator=g)
     packed, absmax = reference.quantize_4bit(W, blocksize, qt)
     nabs = ncode = offset = None
@@ -210,6 +209,14 @@ def _gemv_case(
         absmax, nabs = reference.quantize_blockwise(absmax - offset, ncode, 256)
     scale = reference.absmax_float32(absmax, nabs, ncode, offset, 256)
     W32 = reference.dequantize_4bit(packed, scale, blocksize, qt, N * K, torch.float32).view(N, K)
+    return (packed, absmax, nabs, ncode, offset), W32
+
+
+def _gemv_case(
+    ops, device, M_shape, N, K, blocksize, qt, nested, dtype, seed, a_scale=1.0, direct=False, with_bias=False
+):
+    g = _gen(seed)
+    (packed, absmax, nabs, ncode, offset), W32 = _quantized_weight(N, K, blocksize, qt, nested, g)
     A = (torch.randn(*M_shape, K, generator=g) * a_scale).to(dtype)
     # a bias of the outputs' size (so that rounding before adding it would show)
     bias = (torch.randn(N, generator=g) * a_scale * math.sqrt(K)).to(dtype) if with_bias else None
@@ -338,19 +345,77 @@ def test_gemm_many_tiles(hopper_native, dtype):
     """The fused GEMM's persistent grid: each CTA taking 2 or 3 tiles (300 and 396 tiles on 132 SMs) that start
     mid-way through the stage ring (3 or 7 k steps against 4 stages), a partial last 128-row tile, a last token
     tile of 32 tokens; blocksizes 512 and 2048; and split-K, where the tiles alone leave SMs idle. Outputs leave
-    through direct stores (odd N, one tile per CTA) or the tensor store (several tiles per CTA, N % 8 == 0: 396
-    tiles, and 165 tiles whose last 128 rows end 40 rows in, so the second warpgroup's block lies wholly past N).
-    Every output is checked against its own float64 bound; with a bias (every other case) the bound holds only if
-    the bias is added before the one rounding."""
+    through direct stores (odd N), the tensor store (several tiles per CTA, N % 8 == 0: 396 tiles, and 165 tiles
+    whose last 128 rows end 40 rows in, so the second warpgroup's block lies wholly past N) or split-K's sum, each
+    with and without a bias. Every output is checked against its own float64 bound; at the short K of the biased
+    direct and tensor-store cases (256, 448) the bound is tight enough that rounding before adding the bias fails
+    it."""
     ops, device = hopper_native
-    cases = [(800, 9557, 192, 64, True), (3000, 4200, 448, 128, False), (300, 259, 1536, 512, True)]
-    cases += [(77, 300, 4096, 2048, True), (1100, 4136, 256, 64, True)]
-    # split-K (too few tiles for the SMs): 65 k steps in unequal parts and an odd N; 4 parts; 2 parts of 8 steps
-    cases += [(100, 1001, 4160, 64, True), (256, 4096, 4096, 64, True), (40, 2000, 1024, 256, False)]
-    cases += [(20, 1000, 4160, 64, True)]  # 32-token tiles, two CTAs per SM, 65 k steps in 8 parts
-    for i, (M, N, K, bs, nested) in enumerate(cases):  # a bias on every other case: each store path with and without
+    # (M, N, K, blocksize, nested, bias); direct stores: N = 9557; tensor store: N = 4200, 4136; the rest split K
+    cases = [(800, 9557, 192, 64, True, False), (3000, 4200, 448, 128, False, True), (300, 259, 1536, 512, True, False)]
+    cases += [(77, 300, 4096, 2048, True, True), (1100, 4136, 256, 64, True, False), (600, 9557, 256, 64, True, True)]
+    # split-K: 65 k steps in unequal parts and an odd N; 4 parts; 2 parts of 8 steps; 32-token tiles in 8 parts
+    cases += [(100, 1001, 4160, 64, True, True), (256, 4096, 4096, 64, True, False)]
+    cases += [(40, 2000, 1024, 256, False, True), (20, 1000, 4160, 64, True, False)]
+    for i, (M, N, K, bs, nested, bias) in enumerate(cases):
         qt = "nf4" if i % 2 else "fp4"
-        _gemv_case(ops, device, (M,), N, K, bs, qt, nested, dtype, seed=470 + i, direct=True, with_bias=i % 2 == 1)
+        _gemv_case(ops, device, (M,), N, K, bs, qt, nested, dtype, seed=470 + i, direct=True, with_bias=bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemm_trans(hopper_native, dtype):
+    """The transposed fused GEMM, G (M, N) @ W (a linear layer's input gradient), against float64 with a bound
+    per output: W's rows not filling the last 64-row step (N = 1000, 4104), a partial last 128-column tile (K =
+    4160), several token tiles, split-K over W's rows, the tensor store (384 tiles), 32-token tiles, blocks of 64
+    to 4096, NF4/FP4, plain and double quant, with and without a bias (one per column of W)."""
+    ops, device = hopper_native
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    # (M, N, K, blocksize, quant type, nested, bias)
+    cases = [(300, 1000, 4160, 64, "nf4", True, True), (64, 14336, 4096, 64, "nf4", True, False)]
+    cases += [(3000, 2048, 4096, 128, "fp4", False, True), (20, 2048, 2048, 256, "nf4", True, False)]
+    cases += [(777, 4104, 1024, 4096, "nf4", False, True), (1, 64, 64, 64, "fp4", True, False)]
+    for i, (M, N, K, bs, qt, nested, with_bias) in enumerate(cases):
+        g = _gen(520 + i)
+        state, W32 = _quantized_weight(N, K, bs, qt, nested, g)
+        G = torch.randn(M, N, generator=g).to(dtype)
+        bias = (torch.randn(K, generator=g) * math.sqrt(N)).to(dtype) if with_bias else None
+        _poison(M * K, dtype, device)
+        code = get_4bit_code(qt).float().cpu()
+        out = ops.ext.gemm_4bit(to(G), *(to(t) for t in state), bs, 256, code, N, K, to(bias), True)
+        assert out.shape == (M, K) and out.dtype == dtype and not out.isnan().any(), (M, N, K)
+        _assert_within_gemm_bound(out, G, W32.T, bias)
+    with pytest.raises(ValueError, match="does not support"):  # G's rows must be 16-byte multiples
+        state, _ = _quantized_weight(60, 64, 64, "nf4", False, _gen(530))
+        ops.ext.gemm_4bit(
+            to(torch.zeros(16, 60, dtype=dtype)), *(to(t) for t in state), 64, 256, code, 60, 64, None, True
+        )
+
+
+def test_matmul_4bit_backward_takes_gemm(hopper_native):
+    """The input gradient of matmul_4bit at 24 tokens of a 4096 x 4096 layer runs the transposed fused GEMM (no
+    dequantize kernel) and matches float64; a layer whose N is not a multiple of 8 dequantizes instead."""
+    import fsdp4bit
+    from fsdp4bit.functional import dequantize_4bit, quantize_4bit
+
+    ops, device = hopper_native
+    for N, fused in ((4096, True), (_gemm_min_rows() + 5, False)):
+        K = 4096
+        W = torch.randn(N, K, generator=_gen(540)).to(device=device, dtype=torch.bfloat16)
+        packed, state = quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
+        Wd = dequantize_4bit(packed, state).double()
+        A = torch.randn(2, 12, K, generator=_gen(541)).to(device=device, dtype=torch.bfloat16).requires_grad_()
+        grad_out = torch.randn(2, 12, N, generator=_gen(542)).to(device=device, dtype=torch.bfloat16)
+        assert ops.gemm_applies(grad_out, 64, (N, K), trans=True) == fused
+        out = fsdp4bit.matmul_4bit(A, packed, state)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            out.backward(grad_out)
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events()]
+        assert any("gemm_4bit_kernel" in n for n in names) == fused, N
+        assert any("dequantize" in n for n in names) != fused, N
+        grad_ref = grad_out.double() @ Wd
+        err = ((A.grad.double() - grad_ref).norm() / grad_ref.norm()).item()
+        assert A.grad.shape == A.shape and err < GEMV_RTOL[torch.bfloat16], err
 
 
 def test_gemm_reads_the_kernel_before(hopper_native):
@@ -414,6 +479,33 @@ def test_gemm_dispatch(hopper_native):
     absmax = torch.ones(N * 96 // 64, device=device)
     with pytest.raises(ValueError, match="does not support"):
         ops.ext.gemm_4bit(A(64, 96), packed, absmax, None, None, None, 64, 256, get_4bit_code("nf4"), N, 96)
+    # transposed (input gradients, A of N columns): 2^24 entries up to 256 rows, 2^25 past that; N % 8 == 0
+    assert ops.gemm_applies(A(24, 4096), 64, (4096, 4096), trans=True)
+    assert not ops.gemm_applies(A(24, 2048), 64, (2048, 4096), trans=True)
+    assert not ops.gemm_applies(A(512, 4096), 64, (4096, 4096), trans=True)
+    assert ops.gemm_applies(A(512, 14336), 64, (14336, 4096), trans=True)
+    assert not ops.gemm_applies(A(24, 4100), 64, (4100, 4096), trans=True)
+    assert not ops.gemm_applies(A(24, 4096), 64, (4096 + 64, 4096), trans=True)  # A's columns must be N
+
+
+def test_gemm_fresh_thread(hopper_native):
+    """The fused GEMM from a thread that has made no CUDA call yet (its driver context not current there; the
+    tensor-map encoding once failed so in autograd's backward thread) gives the main thread's bits."""
+    import threading
+
+    import fsdp4bit
+    from fsdp4bit.functional import quantize_4bit
+
+    ops, device = hopper_native
+    W = torch.randn(4096, 4096, generator=_gen(550)).to(device=device, dtype=torch.bfloat16)
+    packed, state = quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
+    A = torch.randn(24, 4096, generator=_gen(551)).to(device=device, dtype=torch.bfloat16)
+    assert ops.gemm_applies(A, 64, (4096, 4096))
+    got = {}
+    thread = threading.Thread(target=lambda: got.update(out=fsdp4bit.matmul_4bit(A, packed, state)))
+    thread.start()
+    thread.join()
+    assert "out" in got and torch.equal(got["out"], fsdp4bit.matmul_4bit(A, packed, state))
 
 
 def test_matmul_4bit_takes_gemm(hopper_native):

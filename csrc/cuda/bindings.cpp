@@ -188,14 +188,16 @@ at::Tensor gemv_4bit(const at::Tensor& A, const at::Tensor& packed, const at::Te
   return out;
 }
 
-// A (M, K) @ W (N, K).T + bias through the fused 4-bit GEMM, for any call it supports (fsdp4bit itself takes it only
-// where gemm_4bit_applies(), i.e. where it is the faster path; benchmarks and tests call it at other shapes too); the
-// bias (N values of A's dtype, or none) is added in float32 before the one rounding, as F.linear does.
+// A (M, K) @ W (N, K).T + bias, or with `trans` A (M, N) @ W + bias (a linear layer's input gradient), through the
+// fused 4-bit GEMM, for any call it supports (fsdp4bit itself takes it only where gemm_4bit_applies(), i.e. where
+// it is the faster path; benchmarks and tests call it at other shapes too); the bias (one value per output feature,
+// of A's dtype, or none) is added in float32 before the one rounding, as F.linear does.
 at::Tensor gemm_4bit(const at::Tensor& A, const at::Tensor& packed, const at::Tensor& absmax,
                      const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
                      const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t nested_blocksize,
-                     const at::Tensor& code, int64_t N, int64_t K, const std::optional<at::Tensor>& bias) {
-  const FloatType ft = check_matmul_a(A, K);
+                     const at::Tensor& code, int64_t N, int64_t K, const std::optional<at::Tensor>& bias, bool trans) {
+  const int64_t n_out = trans ? K : N, k_red = trans ? N : K;
+  const FloatType ft = check_matmul_a(A, k_red);
   const at::Device dev = A.device();
   const int64_t M = A.size(0);
   const int log2bs = log2_blocksize(blocksize);
@@ -204,21 +206,23 @@ at::Tensor gemm_4bit(const at::Tensor& A, const at::Tensor& packed, const at::Te
               "the fused CUDA GEMM needs A and packed 16-byte aligned");
   if (bias.has_value()) {
     TORCH_CHECK_VALUE(bias->device() == dev && bias->scalar_type() == A.scalar_type() && bias->dim() == 1 &&
-                          bias->size(0) == N && bias->is_contiguous(),
-                      "bias must be a contiguous (N,) = (", N, ",) tensor of A's dtype (", A.scalar_type(), ") on ",
+                          bias->size(0) == n_out && bias->is_contiguous(),
+                      "bias must be a contiguous (", n_out, ",) tensor of A's dtype (", A.scalar_type(), ") on ",
                       dev, ", got ", bias->sizes(), " ", bias->scalar_type(), " on ", bias->device());
   }
   const c10::cuda::CUDAGuard guard(dev);
-  TORCH_CHECK_VALUE(gemm_supported(ft, log2bs, M, N, K), "the fused CUDA GEMM does not support M = ", M, ", N = ", N,
-                    ", K = ", K, ", blocksize ", blocksize, ", A ", A.scalar_type(),
-                    " on this device (it needs an sm_90a build, fp16/bf16 A, K % 64 == 0, blocksize >= 64)");
+  TORCH_CHECK_VALUE(gemm_supported(ft, log2bs, M, N, K, trans), "the fused CUDA GEMM does not support M = ", M,
+                    ", N = ", N, ", K = ", K, trans ? " (transposed)" : "", ", blocksize ", blocksize, ", A ",
+                    A.scalar_type(),
+                    " on this device (it needs an sm_90a build, fp16/bf16 A, K % 64 == 0, blocksize >= 64, and N % 8 "
+                    "== 0 transposed)");
   const Code16 c = make_code(code);
   const Scales sc = make_scales(absmax, nested_absmax, nested_code, offset, (N * K + blocksize - 1) / blocksize,
                                 nested_blocksize, dev);
-  auto workspace = at::empty({gemm_workspace_floats(M, N, K)}, A.options().dtype(at::kFloat));
-  auto out = at::empty({M, N}, A.options());
+  auto workspace = at::empty({gemm_workspace_floats(M, N, K, trans)}, A.options().dtype(at::kFloat));
+  auto out = at::empty({M, n_out}, A.options());
   TORCH_CHECK(launch_gemm(A.data_ptr(), ft, packed.data_ptr<uint8_t>(), c, sc, nested_absmax.has_value(), log2bs, M,
-                          N, K, workspace.data_ptr<float>(), workspace.numel(),
+                          N, K, trans, workspace.data_ptr<float>(), workspace.numel(),
                           bias.has_value() ? bias->data_ptr() : nullptr, out.data_ptr(),
                           c10::cuda::getCurrentCUDAStream()),
               "cuTensorMapEncodeTiled failed for the fused CUDA GEMM");
@@ -226,14 +230,14 @@ at::Tensor gemm_4bit(const at::Tensor& A, const at::Tensor& packed, const at::Te
   return out;
 }
 
-// whether gemm_4bit takes A of `dtype` ("float16" or "bfloat16"; "float32" never) (M, K) and a 4-bit (N, K) weight
-// of `blocksize` on device `device_index`
+// whether gemm_4bit takes A of `dtype` ("float16" or "bfloat16"; "float32" never) of M rows and a 4-bit (N, K)
+// weight of `blocksize`, transposed or not, on device `device_index`
 bool gemm_4bit_applies(const std::string& dtype, int64_t blocksize, int64_t M, int64_t N, int64_t K,
-                       int64_t device_index) {
+                       int64_t device_index, bool trans) {
   const FloatType ft = float_type_named(dtype);
   const int log2bs = log2_blocksize(blocksize);
   const c10::cuda::CUDAGuard guard(at::Device(at::kCUDA, c10::DeviceIndex(device_index)));
-  return gemm_applies(ft, log2bs, M, N, K);
+  return gemm_applies(ft, log2bs, M, N, K, trans);
 }
 
 // The kernel gemv_4bit takes for A of `dtype` ("float32", "float16" or "bfloat16") (M, K) and a 4-bit (N, K) weight on device `device_index`: "row",
@@ -312,12 +316,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("double_quant", &fsdp4bit::double_quant,
         "double quant of a float32 absmax -> (offset = mean, uint8 codes, float32 nested absmax, copy of code)");
   m.def("gemv_4bit", &fsdp4bit::gemv_4bit, "A (M, K) @ W(N, K).T with W 4-bit, M <= 8, K % 32 == 0 -> (M, N)");
-  m.def("gemm_4bit", &fsdp4bit::gemm_4bit, "A (M, K) @ W(N, K).T + bias with W 4-bit through the fused GEMM -> (M, N)",
+  m.def("gemm_4bit", &fsdp4bit::gemm_4bit,
+        "A (M, K) @ W(N, K).T + bias -> (M, N), or trans: A (M, N) @ W + bias -> (M, K), with W 4-bit, fused GEMM",
         py::arg("A"), py::arg("packed"), py::arg("absmax"), py::arg("nested_absmax"), py::arg("nested_code"),
         py::arg("offset"), py::arg("blocksize"), py::arg("nested_blocksize"), py::arg("code"), py::arg("N"),
-        py::arg("K"), py::arg("bias") = py::none());
+        py::arg("K"), py::arg("bias") = py::none(), py::arg("trans") = false);
   m.def("gemm_4bit_applies", &fsdp4bit::gemm_4bit_applies,
-        "whether gemm_4bit takes (dtype, blocksize, M, N, K) on device_index");
+        "whether gemm_4bit takes (dtype, blocksize, M, N, K) on device_index (trans: A (M, N) @ W)", py::arg("dtype"),
+        py::arg("blocksize"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("device_index"),
+        py::arg("trans") = false);
   m.def("gemv_kernel", &fsdp4bit::gemv_kernel,
         "the kernel gemv_4bit takes: (dtype, blocksize, nested, nested_blocksize, M, N, K, device_index) -> name");
 }

@@ -1,5 +1,5 @@
-// Launcher of the fused 4-bit GEMM (gemm.cuh): which calls it takes, how many split-K parts, the block-scale
-// kernel, the three tensor maps (cuTensorMapEncodeTiled, found through the runtime so the extension needs no link
+// Launcher of the fused 4-bit GEMM (gemm.cuh), plain and transposed: which calls it takes, how many split-K parts,
+// the block-scale kernel, the tensor maps (cuTensorMapEncodeTiled, found through the runtime so the extension needs no link
 // against the driver library), the persistent wgmma kernel and the split-K sum. The kernel exists only in an sm_90a build (FSDP4BIT_WGMMA, set by
 // fsdp4bit/kernels/_build.py when a compute capability 9.0 GPU is visible).
 #include "gemm.cuh"
@@ -41,6 +41,18 @@ EncodeTiled encode_tiled() {
   return fn;
 }
 
+// cuTensorMapEncodeTiled is a driver call and needs the device's context current on the calling thread, which a
+// thread that has made no runtime call needing one lacks (autograd's backward thread: it failed there with
+// CUDA_ERROR_INVALID_CONTEXT); cudaSetDevice makes the primary context current, once per thread and device
+void make_context_current() {
+  thread_local uint64_t done = 0;
+  int dev = 0;
+  cudaGetDevice(&dev);
+  const uint64_t bit = uint64_t(1) << (dev & 63);
+  if (done & bit) return;
+  if (cudaSetDevice(dev) == cudaSuccess) done |= bit;
+}
+
 // a row-major (rows x cols) tensor, rows `stride_bytes` apart, read in boxes of box_rows x box_cols
 bool tensor_map_2d(CUtensorMap* map, CUtensorMapDataType type, const void* base, uint64_t rows, uint64_t cols,
                    uint64_t stride_bytes, uint32_t box_rows, uint32_t box_cols, CUtensorMapSwizzle swizzle) {
@@ -71,9 +83,16 @@ constexpr int kMinSplitSteps = 8;   // 64-wide k steps per part at least (a part
 int gemm_splits(int64_t M, int64_t N, int64_t K) {
   const int64_t slots = device_attribute(cudaDevAttrMultiProcessorCount) * gemm_ctas(M), tiles = gemm_tiles(M, N);
   if (tiles <= 0 || 4 * tiles >= 3 * slots) return 1;
-  const int64_t s = std::min<int64_t>({slots / tiles, kMaxSplits, (K / kGemmK) / kMinSplitSteps});
+  const int64_t s = std::min<int64_t>({slots / tiles, kMaxSplits, (K + kGemmK - 1) / kGemmK / kMinSplitSteps});
   return int(std::max<int64_t>(s, 1));
 }
+
+// The product's output features and summed length: W's rows and columns, or with `trans` (A @ W, A of N columns)
+// its columns and rows.
+struct GemmDims {
+  int64_t n_out, k_red;
+  GemmDims(int64_t N, int64_t K, bool trans) : n_out(trans ? K : N), k_red(trans ? N : K) {}
+};
 
 int64_t scales_floats(int64_t N, int64_t K) { return (K / kGemmK) * scales_ld(N); }
 
@@ -86,31 +105,39 @@ bool gemm_store_async(const void* out, int64_t M, int64_t N, int splits) {
   return splits == 1 && gemm_tiles(M, N) > slots && N % 8 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
 }
 
-// the tensor maps of A, packed W, the scale workspace and, with store_async, of out (else a copy of A's, unused);
-// false if one cannot be encoded
+// the tensor maps of A (M x k_red), packed W (N x K), the scale workspace and, with store_async, of out
+// (M x n_out; else a copy of A's, unused). A tile reads W as 128 rows x 32 bytes or, with `trans`, 64 rows x 64
+// bytes in the 64-byte swizzle, and the scales of its rows at one k step or of its two 64-column blocks in 64
+// rows. False if a map cannot be encoded.
 bool gemm_tensor_maps(const void* A, bool half, const uint8_t* packed, const float* scales, void* out, bool store_async,
-                      int64_t M, int64_t N, int64_t K, CUtensorMap (&maps)[4]) {
+                      int64_t M, int64_t N, int64_t K, bool trans, CUtensorMap (&maps)[4]) {
   const CUtensorMapDataType at = half ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  const GemmDims d(N, K, trans);
+  const CUtensorMapDataType u8 = CU_TENSOR_MAP_DATA_TYPE_UINT8, f32 = CU_TENSOR_MAP_DATA_TYPE_FLOAT32;
   const bool ok =
-      tensor_map_2d(&maps[0], at, A, M, K, K * 2, gemm_tokens(M), kGemmK, CU_TENSOR_MAP_SWIZZLE_128B) &&
-      tensor_map_2d(&maps[1], CU_TENSOR_MAP_DATA_TYPE_UINT8, packed, N, K / 2, K / 2, kGemmRows, kGemmK / 2,
-                    CU_TENSOR_MAP_SWIZZLE_NONE) &&
-      tensor_map_2d(&maps[2], CU_TENSOR_MAP_DATA_TYPE_FLOAT32, scales, K / kGemmK, N, scales_ld(N) * 4, 1, kGemmRows,
-                    CU_TENSOR_MAP_SWIZZLE_NONE);
+      tensor_map_2d(&maps[0], at, A, M, d.k_red, d.k_red * 2, gemm_tokens(M), kGemmK, CU_TENSOR_MAP_SWIZZLE_128B) &&
+      (trans ? tensor_map_2d(&maps[1], u8, packed, N, K / 2, K / 2, kGemmK, kGemmRows / 2, CU_TENSOR_MAP_SWIZZLE_64B) &&
+                   tensor_map_2d(&maps[2], f32, scales, K / kGemmK, N, scales_ld(N) * 4, kGemmRows / kGemmK, kGemmK,
+                                 CU_TENSOR_MAP_SWIZZLE_NONE)
+             : tensor_map_2d(&maps[1], u8, packed, N, K / 2, K / 2, kGemmRows, kGemmK / 2, CU_TENSOR_MAP_SWIZZLE_NONE) &&
+                   tensor_map_2d(&maps[2], f32, scales, K / kGemmK, N, scales_ld(N) * 4, 1, kGemmRows,
+                                 CU_TENSOR_MAP_SWIZZLE_NONE));
   if (!ok) return false;
   if (!store_async) {
     maps[3] = maps[0];
     return true;
   }
-  return tensor_map_2d(&maps[3], at, out, M, N, N * 2, gemm_tokens(M), 64, CU_TENSOR_MAP_SWIZZLE_128B);
+  return tensor_map_2d(&maps[3], at, out, M, d.n_out, d.n_out * 2, gemm_tokens(M), 64, CU_TENSOR_MAP_SWIZZLE_128B);
 }
 
-template <typename AT, int TOK>
+// the (persistent) tile kernel and, with split-K, the sum of its parts; N and K here are the product's output
+// features and summed length (GemmDims)
+template <typename AT, int TOK, bool TRANS>
 void launch_tiles(const CUtensorMap (&maps)[4], bool store_async, const Code16& code, int64_t M, int64_t N, int64_t K,
                   int splits, float* partial, const void* bias, void* out, cudaStream_t stream) {
   constexpr int CTAS = gemm_ctas_for(TOK);
   using L = GemmLayout<kGemmStages<TOK>, TOK>;
-  auto kernel = gemm_4bit_kernel<AT, kGemmStages<TOK>, TOK, CTAS>;
+  auto kernel = gemm_4bit_kernel<AT, kGemmStages<TOK>, TOK, CTAS, TRANS>;
   static std::atomic<uint64_t> smem_set{0};
   allow_dynamic_smem(kernel, int(L::kSmem), smem_set);
   const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
@@ -127,62 +154,72 @@ void launch_tiles(const CUtensorMap (&maps)[4], bool store_async, const Code16& 
   }
 }
 
-template <typename AT>
+template <typename AT, bool TRANS>
 void launch_typed(const CUtensorMap (&maps)[4], bool store_async, const Code16& code, int64_t M, int64_t N, int64_t K,
                   int splits, float* partial, const void* bias, void* out, cudaStream_t stream) {
   switch (gemm_tokens(M)) {
-    case 32: return launch_tiles<AT, 32>(maps, store_async, code, M, N, K, splits, partial, bias, out, stream);
-    case 64: return launch_tiles<AT, 64>(maps, store_async, code, M, N, K, splits, partial, bias, out, stream);
-    case 128: return launch_tiles<AT, 128>(maps, store_async, code, M, N, K, splits, partial, bias, out, stream);
-    default: return launch_tiles<AT, 256>(maps, store_async, code, M, N, K, splits, partial, bias, out, stream);
+    case 32: return launch_tiles<AT, 32, TRANS>(maps, store_async, code, M, N, K, splits, partial, bias, out, stream);
+    case 64: return launch_tiles<AT, 64, TRANS>(maps, store_async, code, M, N, K, splits, partial, bias, out, stream);
+    case 128: return launch_tiles<AT, 128, TRANS>(maps, store_async, code, M, N, K, splits, partial, bias, out, stream);
+    default: return launch_tiles<AT, 256, TRANS>(maps, store_async, code, M, N, K, splits, partial, bias, out, stream);
   }
 }
 
 }  // namespace
 
-bool gemm_supported(FloatType dtype, int log2bs, int64_t M, int64_t N, int64_t K) {
+bool gemm_supported(FloatType dtype, int log2bs, int64_t M, int64_t N, int64_t K, bool trans) {
 #if defined(FSDP4BIT_WGMMA)
-  // 32-bit tile, step and coordinate arithmetic in the kernel; the scale kernel's grid.y is K / 64
-  const int64_t tiles = gemm_tiles(M, N);
+  // 32-bit tile, step and coordinate arithmetic in the kernel; the scale kernel's grid.y is K / 64. With `trans`, A's
+  // rows of N values must be 16-byte multiples for the tensor copy
+  const GemmDims d(N, K, trans);
+  const int64_t tiles = gemm_tiles(M, d.n_out), ksteps = (d.k_red + kGemmK - 1) / kGemmK;
   return dtype != FloatType::kF32 && log2bs >= 6 && K > 0 && K % kGemmK == 0 && K / kGemmK <= 65535 && M >= 1 &&
-         M < (int64_t(1) << 30) && N >= 1 && N < (int64_t(1) << 30) && tiles * (K / kGemmK) < (int64_t(1) << 31) &&
-         device_attribute(cudaDevAttrComputeCapabilityMajor) == 9 &&
+         M < (int64_t(1) << 30) && N >= 1 && N < (int64_t(1) << 30) && (!trans || N % 8 == 0) &&
+         tiles * ksteps < (int64_t(1) << 31) && device_attribute(cudaDevAttrComputeCapabilityMajor) == 9 &&
          device_attribute(cudaDevAttrComputeCapabilityMinor) == 0 && encode_tiled() != nullptr;
 #else
-  (void)dtype, (void)log2bs, (void)M, (void)N, (void)K;
+  (void)dtype, (void)log2bs, (void)M, (void)N, (void)K, (void)trans;
   return false;
 #endif
 }
 
-bool gemm_applies(FloatType dtype, int log2bs, int64_t M, int64_t N, int64_t K) {
+bool gemm_applies(FloatType dtype, int log2bs, int64_t M, int64_t N, int64_t K, bool trans) {
   // 9 to 512 tokens (fewer take the gemv), a weight large enough that the fused kernel's fixed cost (~10 us of GPU
   // time) pays: 2^23 entries up to 128 tokens, 2^24 up to 256, 2^25 past that; and tiles (or split-K parts of
   // them) for at least 3/4 of the SMs. H100, GPU time: 0.37-0.44x dequantize + cuBLAS at 16-128 tokens on
   // 14336x4096, 0.56-0.80x at 256-512; 0.75-0.91x for 2048x4096 at 16-128 tokens; smaller weights 1.1-2.5x.
   // With more tokens cuBLAS' faster main loop wins (NOTES.md, "Fused 4-bit GEMM").
+  // Transposed (input gradients), whose W loads cost more per weight: 2^24 entries up to 256 tokens, 2^25 past
+  // that (H100, GPU time: 0.37-0.70x dequantize + cuBLAS at 16-256 tokens on 14336x4096, 4096x14336, 28672x8192,
+  // 0.64-0.92x on 4096x4096, 0.88-0.94x at 512 tokens on the large three; 2048x4096 0.98-1.14x, 4096x4096 at 512
+  // tokens 1.16x).
   if (M < 9 || M > 512 || N < 1 || K < 1) return false;
+  const GemmDims d(N, K, trans);
   const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
-  const int64_t units = gemm_tiles(M, N) * gemm_splits(M, N, K);
-  const int64_t min_weights = int64_t(1) << (M <= 128 ? 23 : M <= 256 ? 24 : 25);
-  return N * K >= min_weights && 4 * units >= 3 * sms && gemm_supported(dtype, log2bs, M, N, K);
+  const int64_t units = gemm_tiles(M, d.n_out) * gemm_splits(M, d.n_out, d.k_red);
+  const int64_t min_weights = int64_t(1) << (trans ? (M <= 256 ? 24 : 25) : (M <= 128 ? 23 : M <= 256 ? 24 : 25));
+  return N * K >= min_weights && 4 * units >= 3 * sms && gemm_supported(dtype, log2bs, M, N, K, trans);
 }
 
-int64_t gemm_workspace_floats(int64_t M, int64_t N, int64_t K) {
-  const int splits = gemm_splits(M, N, K);
-  return scales_floats(N, K) + (splits > 1 ? splits * M * N : 0);
+int64_t gemm_workspace_floats(int64_t M, int64_t N, int64_t K, bool trans) {
+  const GemmDims d(N, K, trans);
+  const int splits = gemm_splits(M, d.n_out, d.k_red);
+  return scales_floats(N, K) + (splits > 1 ? splits * M * d.n_out : 0);
 }
 
 bool launch_gemm(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code, const Scales& sc,
-                 bool nested, int log2bs, int64_t M, int64_t N, int64_t K, float* workspace,
+                 bool nested, int log2bs, int64_t M, int64_t N, int64_t K, bool trans, float* workspace,
                  int64_t workspace_floats, const void* bias, void* out, cudaStream_t stream) {
   const bool half = dtype == FloatType::kF16;
+  const GemmDims d(N, K, trans);
   // the split count again (the caller sized the workspace with gemm_workspace_floats()): no split-K unless the
   // partial products fit, should the two counts ever differ
-  int splits = gemm_splits(M, N, K);
-  if (scales_floats(N, K) + splits * M * N > workspace_floats) splits = 1;
-  const bool store_async = gemm_store_async(out, M, N, splits);
+  int splits = gemm_splits(M, d.n_out, d.k_red);
+  if (scales_floats(N, K) + splits * M * d.n_out > workspace_floats) splits = 1;
+  const bool store_async = gemm_store_async(out, M, d.n_out, splits);
   CUtensorMap maps[4];
-  if (!gemm_tensor_maps(A, half, packed, workspace, out, store_async, M, N, K, maps)) return false;
+  make_context_current();
+  if (!gemm_tensor_maps(A, half, packed, workspace, out, store_async, M, N, K, trans, maps)) return false;
   const int ld = int(scales_ld(N));
   const dim3 sgrid(unsigned(std::min<int64_t>((N + 255) / 256, 64)), unsigned(K / kGemmK));
   if (nested)
@@ -190,10 +227,13 @@ bool launch_gemm(const void* A, FloatType dtype, const uint8_t* packed, const Co
   else
     gemm_scales_kernel<false><<<sgrid, 256, 0, stream>>>(sc, log2bs, int(N), K, workspace, ld);
   float* partial = workspace + scales_floats(N, K);  // 16-byte aligned: scales_ld is a multiple of 4
+  auto run = [&](auto typed) {
+    typed(maps, store_async, code, M, d.n_out, d.k_red, splits, partial, bias, out, stream);
+  };
   if (half)
-    launch_typed<__half>(maps, store_async, code, M, N, K, splits, partial, bias, out, stream);
+    trans ? run(launch_typed<__half, true>) : run(launch_typed<__half, false>);
   else
-    launch_typed<__nv_bfloat16>(maps, store_async, code, M, N, K, splits, partial, bias, out, stream);
+    trans ? run(launch_typed<__nv_bfloat16, true>) : run(launch_typed<__nv_bfloat16, false>);
   return true;
 }
 

@@ -158,6 +158,15 @@ __device__ __forceinline__ uint32_t weight_pair(float lane_code, uint32_t b, flo
   return pack_pair<AT>(__fmul_rn(hi, scale), __fmul_rn(lo, scale));
 }
 
+// two weights of one column of W in adjacent rows (the low 5 bits of each word index its nibble, as in
+// weight_pair), each times its row's scale, rounded once: the transposed operand's fragment register
+template <typename AT>
+__device__ __forceinline__ uint32_t column_pair(float lane_code, uint32_t first, uint32_t second, float2 scales) {
+  const float a = __shfl_sync(0xffffffffu, lane_code, int(first));
+  const float b = __shfl_sync(0xffffffffu, lane_code, int(second));
+  return pack_pair<AT>(__fmul_rn(a, scales.x), __fmul_rn(b, scales.y));
+}
+
 // four 8x8 matrices of 16-bit pairs (a thread's word of matrix q: row lane / 4, columns 2 (lane % 4) and + 1)
 // stored transposed: lane l gives the shared address of row l % 8 of matrix l / 8, i.e. of its column l % 8
 __device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
@@ -267,7 +276,7 @@ __global__ void gemm_splitk_sum_kernel(const float* __restrict__ partial, int sp
   }
 }
 
-template <typename AT, int STAGES, int TOK, int CTAS>
+template <typename AT, int STAGES, int TOK, int CTAS, bool TRANS>
 __global__ void __launch_bounds__(kGemmThreads, CTAS)
     gemm_4bit_kernel(const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_w,
                  const __grid_constant__ CUtensorMap tm_s, const __grid_constant__ CUtensorMap tm_o, Code16 code,
@@ -296,7 +305,7 @@ __global__ void __launch_bounds__(kGemmThreads, CTAS)
   // a work unit is one tile's k steps [kb0, kb1) of split `split` (all of them when splits == 1)
   const int tiles_n = (N + kGemmRows - 1) / kGemmRows;
   const int units = tiles_n * ((M + TOK - 1) / TOK) * splits;
-  const int ksteps = K / kGemmK;
+  const int ksteps = (K + kGemmK - 1) / kGemmK;  // TRANS: N rows of W need not fill the last step
   auto unit_at = [&](int u, int& n0, int& m0, int& split, int& kb0, int& kb1) {
     const int tile = u / splits;
     split = u % splits;
@@ -323,11 +332,17 @@ __global__ void __launch_bounds__(kGemmThreads, CTAS)
           mbar_wait(&empty[s], uint32_t((it / STAGES) & 1) ^ 1u);
           mbar_arrive_expect_tx(&full[s], uint32_t(L::kABytes + L::kWBytes + L::kSBytes));
           tma_load_2d(smem + s * L::kABytes, &tm_a, kb * kGemmK, m0, &full[s]);
-          tma_load_2d(smem + L::kWOffset + s * L::kWBytes, &tm_w, kb * (kGemmK / 2), n0, &full[s]);
+          if constexpr (TRANS)  // 64 rows of W (this k step) x the tile's 128 columns (64 bytes)
+            tma_load_2d(smem + L::kWOffset + s * L::kWBytes, &tm_w, n0 / 2, kb * kGemmK, &full[s]);
+          else  // the tile's 128 rows of W x this k step's 64 columns (32 bytes)
+            tma_load_2d(smem + L::kWOffset + s * L::kWBytes, &tm_w, kb * (kGemmK / 2), n0, &full[s]);
           // the scales come from the kernel just before (a programmatic dependent launch): wait for it once,
           // after the first stage's A and W copies are under way (A and W were written before that kernel ran)
           if (it == 0) pdl_wait();
-          tma_load_2d(smem + L::kSOffset + s * L::kSBytes, &tm_s, n0, kb, &full[s]);
+          if constexpr (TRANS)  // the scales of this step's 64 rows in the tile's two 64-column blocks
+            tma_load_2d(smem + L::kSOffset + s * L::kSBytes, &tm_s, kb * kGemmK, n0 / kGemmK, &full[s]);
+          else
+            tma_load_2d(smem + L::kSOffset + s * L::kSBytes, &tm_s, n0, kb, &full[s]);
         }
       }
     }
@@ -341,6 +356,8 @@ __global__ void __launch_bounds__(kGemmThreads, CTAS)
     const int row = wg * 64 + w * 16 + g;  // and row + 8
     const float lane_code = s_code[lane & 15];
     const uint32_t shift = 8u * uint32_t(t);
+    // TRANS: the nibble of column g of a byte pair group: byte g / 2, high nibble (the first) for even g
+    const uint32_t tshift = 8u * uint32_t(g / 2) + ((g & 1) ? 0u : 4u);
     float acc[TOK / 2];
     uint32_t a0[4][4], a1[4][4];  // two register sets: one feeds the wgmmas in flight while the next is built
     // the unit's k step i: wait for stage `it`, dequantize this thread's 2 rows x 16 weights into `a`, issue its
@@ -348,18 +365,45 @@ __global__ void __launch_bounds__(kGemmThreads, CTAS)
     auto step = [&](int i, int it, uint32_t(&a)[4][4]) {
       const int s = it % STAGES;
       mbar_wait(&full[s], uint32_t((it / STAGES) & 1));
-      const uint4* wp = reinterpret_cast<const uint4*>(smem + L::kWOffset + s * L::kWBytes);
-      const uint4 r0 = wp[row * 2], r1 = wp[row * 2 + 1], q0 = wp[row * 2 + 16], q1 = wp[row * 2 + 17];
+      const uint8_t* ws = smem + L::kWOffset + s * L::kWBytes;
       const float* sp = reinterpret_cast<const float*>(smem + L::kSOffset + s * L::kSBytes);
-      const float sa = sp[row], sb = sp[row + 8];
-      const uint32_t wa[8] = {r0.x, r0.y, r0.z, r0.w, r1.x, r1.y, r1.z, r1.w};
-      const uint32_t wb[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
+      if constexpr (TRANS) {
+        // W.T's rows c = row and row + 8 are columns of W: bytes col + g / 2 and + 4 of the 8 at `col` in each
+        // of W's rows n = 16j + 2t (+1, +8, +9), the high nibble for even g; the stage's 64-byte rows are in the
+        // 64-byte swizzle (16-byte chunk q of row n at q ^ (n / 2 % 4): the 4 rows a load's lanes read lie in
+        // distinct chunks); each row has its own scale (row n of this warpgroup's 64-column block)
+        const int col = wg * 32 + w * 8;
+        const float* sw = sp + wg * kGemmK;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        a[j][0] = weight_pair<AT>(lane_code, wa[2 * j] >> shift, sa);
-        a[j][1] = weight_pair<AT>(lane_code, wb[2 * j] >> shift, sb);
-        a[j][2] = weight_pair<AT>(lane_code, wa[2 * j + 1] >> shift, sa);
-        a[j][3] = weight_pair<AT>(lane_code, wb[2 * j + 1] >> shift, sb);
+        for (int j = 0; j < 4; ++j) {
+          uint32_t lo[4], hi[4];  // the 8 bytes of rows 16j + 2t + {0, 1, 8, 9}
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int n = 16 * j + 2 * t + (e & 1) + 8 * (e >> 1);
+            const uint2 v = *reinterpret_cast<const uint2*>(ws + n * 64 + ((((col >> 4) ^ (n >> 1)) & 3) << 4) + (col & 15));
+            lo[e] = v.x >> tshift;
+            hi[e] = v.y >> tshift;
+          }
+          const float2 s01 = *reinterpret_cast<const float2*>(sw + 16 * j + 2 * t);
+          const float2 s89 = *reinterpret_cast<const float2*>(sw + 16 * j + 2 * t + 8);
+          a[j][0] = column_pair<AT>(lane_code, lo[0], lo[1], s01);
+          a[j][1] = column_pair<AT>(lane_code, hi[0], hi[1], s01);
+          a[j][2] = column_pair<AT>(lane_code, lo[2], lo[3], s89);
+          a[j][3] = column_pair<AT>(lane_code, hi[2], hi[3], s89);
+        }
+      } else {
+        const uint4* wp = reinterpret_cast<const uint4*>(ws);
+        const uint4 r0 = wp[row * 2], r1 = wp[row * 2 + 1], q0 = wp[row * 2 + 16], q1 = wp[row * 2 + 17];
+        const float sa = sp[row], sb = sp[row + 8];
+        const uint32_t wa[8] = {r0.x, r0.y, r0.z, r0.w, r1.x, r1.y, r1.z, r1.w};
+        const uint32_t wb[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          a[j][0] = weight_pair<AT>(lane_code, wa[2 * j] >> shift, sa);
+          a[j][1] = weight_pair<AT>(lane_code, wb[2 * j] >> shift, sb);
+          a[j][2] = weight_pair<AT>(lane_code, wa[2 * j + 1] >> shift, sa);
+          a[j][3] = weight_pair<AT>(lane_code, wb[2 * j + 1] >> shift, sb);
+        }
       }
       const uint32_t a_base = smem_addr(smem + s * L::kABytes);
       wgmma_fence();

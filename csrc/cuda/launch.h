@@ -42,19 +42,20 @@ void launch_gemv(const void* A, FloatType dtype, const uint8_t* packed, const Co
 // which kernel launch_gemv() takes for this call on the current device (only `sc.nested_log2` is read)
 const char* gemv_kernel_name(FloatType dtype, bool nested, const Scales& sc, int log2bs, int64_t M, int64_t N,
                              int64_t K);
-// whether the fused 4-bit GEMM (sm_90a build only) can compute A (M, K) @ W (N, K).T on the current device
-bool gemm_supported(FloatType dtype, int log2bs, int64_t M, int64_t N, int64_t K);
+// The fused 4-bit GEMM (sm_90a build only) with W (N, K): out (M, N) = A (M, K) @ W.T, or with `trans` out (M, K)
+// = A (M, N) @ W (a linear layer's input gradient). Whether it can compute such a call on the current device:
+bool gemm_supported(FloatType dtype, int log2bs, int64_t M, int64_t N, int64_t K, bool trans);
 // whether fsdp4bit takes it for such a call: supported, and faster there than dequantize + cuBLAS
-bool gemm_applies(FloatType dtype, int log2bs, int64_t M, int64_t N, int64_t K);
+bool gemm_applies(FloatType dtype, int log2bs, int64_t M, int64_t N, int64_t K, bool trans);
 // float32 entries of the workspace launch_gemm() needs: block scales, and split-K partial products
-int64_t gemm_workspace_floats(int64_t M, int64_t N, int64_t K);
-// `out` (M, N) = A (M, K) @ W.T + bias for a call gemm_supported() takes; A and packed 16-byte aligned, `workspace`
-// of `workspace_floats` >= gemm_workspace_floats(M, N, K), `bias` N entries of A's type or null, added before the
-// one rounding. Returns false, launching nothing, when a tensor map cannot be encoded (they are encoded before any
-// launch).
+int64_t gemm_workspace_floats(int64_t M, int64_t N, int64_t K, bool trans);
+// `out` = A @ W.T (+ bias) or, with `trans`, A @ W (+ bias) for a call gemm_supported() takes; A and packed 16-byte
+// aligned, `workspace` of `workspace_floats` >= gemm_workspace_floats(), `bias` one entry per output feature of A's
+// type or null, added before the one rounding. Returns false, launching nothing, when a tensor map cannot be
+// encoded (they are encoded before any launch).
 bool launch_gemm(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code, const Scales& sc,
-                 bool nested, int log2bs, int64_t M, int64_t N, int64_t K, float* workspace, int64_t workspace_floats,
-                 const void* bias, void* out, cudaStream_t stream);
+                 bool nested, int log2bs, int64_t M, int64_t N, int64_t K, bool trans, float* workspace,
+                 int64_t workspace_floats, const void* bias, void* out, cudaStream_t stream);
 // 8-bit blockwise quantization of float32 `a - *offset` (offset may be null) against a sorted 256-entry code;
 // a copy of `code` goes to `code_out` when it is not null.
 void launch_quantize_blockwise(const float* a, int64_t n, int64_t blocksize, const float* code, const float* offset,

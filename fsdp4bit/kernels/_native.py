@@ -11,6 +11,7 @@ import functools
 import math
 from collections.abc import Sequence
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -207,25 +208,42 @@ class NativeOps:
             return K % 32 == 0 and packed.data_ptr() % 16 == 0
         return True
 
-    def gemm_applies(self, A: torch.Tensor, blocksize: int, shape: Sequence[int]) -> bool:
-        """Whether the fused 4-bit GEMM takes ``A @ W.T`` for W of ``shape`` (N, K) and ``blocksize``: CUDA with an
-        sm_90a build, fp16/bf16 A, 9 to 512 rows, a large enough weight (2^23 entries up to 128 rows, 2^24 up to
-        256, 2^25 up to 512) and enough tiles, or split-K parts of them, to fill the GPU (the extension's rule)."""
+    def gemm_applies(self, A: torch.Tensor, blocksize: int, shape: Sequence[int], trans: bool = False) -> bool:
+        """Whether the fused 4-bit GEMM takes ``A @ W.T`` (or, with ``trans``, ``A @ W``: a linear layer's input
+        gradient) for W of ``shape`` (N, K) and ``blocksize``: CUDA with an sm_90a build, fp16/bf16 A, 9 to 512
+        rows, a large enough weight (2^23 entries up to 128 rows, 2^24 up to 256, 2^25 up to 512) and enough tiles,
+        or split-K parts of them, to fill the GPU (the extension's rule)."""
         if self.device_type != "cuda" or A.dtype not in _GEMM_DTYPES or len(shape) != 2:
             return False
         N, K = int(shape[0]), int(shape[1])
         if N <= 0 or K <= 0 or blocksize not in BLOCKSIZES or blocksize < 64:  # the wgmma k step is 64 wide
             return False
-        rows = A.numel() // K
+        if A.dim() == 0 or A.shape[-1] != (N if trans else K):
+            return False
+        rows = A.numel() // A.shape[-1]
         if rows not in _GEMM_ROWS:
             return False
-        return self._gemm_rule(_GEMM_DTYPES[A.dtype], int(blocksize), rows, N, K, A.device.index)
+        return self._gemm_rule(_GEMM_DTYPES[A.dtype], int(blocksize), rows, N, K, A.device.index, bool(trans))
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019 (one NativeOps per device type, alive for the process)
-    def _gemm_rule(self, dtype: str, blocksize: int, rows: int, N: int, K: int, device_index: int) -> bool:
+    def _gemm_rule(self, dtype: str, blocksize: int, rows: int, N: int, K: int, device_index: int, trans: bool) -> bool:
         """The extension's rule for one call shape, remembered: a routed call asks it twice (ops.py, then
         :meth:`gemv_4bit`), and a model asks it for the same few shapes on every step."""
-        return bool(self.ext.gemm_4bit_applies(dtype, blocksize, rows, N, K, device_index))
+        return bool(self.ext.gemm_4bit_applies(dtype, blocksize, rows, N, K, device_index, trans))
+
+    def input_grad_4bit(self, grad_out: torch.Tensor, packed: torch.Tensor, *stats: Any) -> torch.Tensor:
+        """``grad_out @ W`` for the 4-bit W (the input gradient of ``A @ W.T``) through the transposed fused GEMM,
+        for a call :meth:`gemm_applies` takes with ``trans=True``. ``stats`` are :meth:`gemv_4bit`'s arguments
+        from absmax to shape, the state the forward checked."""
+        absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape = stats
+        N, K = int(shape[0]), int(shape[1])
+        G = grad_out.reshape(-1, N)
+        if not G.is_contiguous() or G.data_ptr() % 16 != 0:
+            G = G.clone(memory_format=torch.contiguous_format)
+        _, _, code = _tables(quant_type)
+        args = (G, _flat_bytes(packed), absmax.contiguous(), _opt(nested_absmax), _opt(nested_code), _opt(offset))
+        out = self.ext.gemm_4bit(*args, int(blocksize), int(nested_blocksize), code, N, K, None, True)
+        return out.view(*grad_out.shape[:-1], K)
 
     def gemv_4bit(
         self,
