@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -369,19 +370,58 @@ def _backward_weight(ctx, grad_out, packed, absmax, nested_absmax, nested_code, 
     return dequantize_4bit(packed, absmax, nested_absmax, nested_code, offset, *ctx.meta, grad_out.dtype)
 
 
+def _input_grad_with(native, grad_out, packed, *stats) -> torch.Tensor | None:
+    """``grad_out @ W`` through the transposed fused GEMM on ``native`` where it applies (CUDA sm_90a, 9 to 512
+    rows of a large layer), else None."""
+    blocksize, shape = stats[4], stats[7]
+    if native is None or packed.data_ptr() % 16 != 0 or not native.gemm_applies(grad_out, blocksize, shape, trans=True):
+        return None
+    return native.input_grad_4bit(grad_out, packed, *stats)
+
+
 def _input_grad(ctx, grad_out, packed, absmax, nested_absmax, nested_code, offset) -> torch.Tensor:
-    """``grad_out @ W``: through the transposed fused GEMM where it applies (CUDA sm_90a, 9 to 512 rows of a large
-    layer; eager calls on the native kernels that ran the forward), else ``grad_out`` times the dequantized W."""
+    """``grad_out @ W``: in eager mode on the native kernels that ran the forward, the transposed fused GEMM where
+    it applies, else ``grad_out`` times the dequantized W; traced (torch.compile), the input_grad_4bit operator."""
+    stats = (absmax, nested_absmax, nested_code, offset, *ctx.meta)
+    if torch.is_grad_enabled():  # backward(create_graph=True): grad_A must stay differentiable in grad_out
+        return grad_out @ _backward_weight(ctx, grad_out, packed, absmax, nested_absmax, nested_code, offset)
     native = ctx.native
+    if native is None and not _eager_direct(grad_out, packed, absmax, nested_absmax, nested_code, offset):
+        return _input_grad_4bit_op(grad_out, packed, *stats)
     if (
         native is not None
-        and native.gemm_applies(grad_out, ctx.meta[0], ctx.meta[3], trans=True)
-        and packed.data_ptr() % 16 == 0
         and _eager_direct(grad_out, packed, absmax, nested_absmax, nested_code, offset)
         and kernels.native_for(packed.device) is native
     ):
-        return native.input_grad_4bit(grad_out, packed, absmax, nested_absmax, nested_code, offset, *ctx.meta)
+        fused = _input_grad_with(native, grad_out, packed, *stats)
+        if fused is not None:
+            return fused
     return grad_out @ _backward_weight(ctx, grad_out, packed, absmax, nested_absmax, nested_code, offset)
+
+
+# matmul_4bit's input gradient under tracing (torch.compile): the transposed fused GEMM where it applies, else
+# grad_out @ the dequantized W. Defined from its schema (the arguments of gemv_4bit, grad_out first).
+torch.library.define(
+    f"{_LIB}::input_grad_4bit",
+    "(Tensor grad_out, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, "
+    "int blocksize, int nested_blocksize, str quant_type, int[] shape) -> Tensor",
+)
+
+
+@torch.library.impl(f"{_LIB}::input_grad_4bit", "default")
+def _input_grad_4bit_kernel(grad_out: torch.Tensor, packed: torch.Tensor, *stats: Any) -> torch.Tensor:
+    fused = _input_grad_with(kernels.native_for(grad_out.device), grad_out, packed, *stats)
+    if fused is not None:
+        return fused
+    return grad_out @ _dequantize_4bit_impl(packed, *stats, grad_out.dtype)
+
+
+@torch.library.register_fake(f"{_LIB}::input_grad_4bit")
+def _(grad_out: torch.Tensor, packed: torch.Tensor, *stats: Any) -> torch.Tensor:
+    return grad_out.new_empty((*grad_out.shape[:-1], stats[-1][1]))
+
+
+_input_grad_4bit_op = getattr(torch.ops, _LIB).input_grad_4bit
 
 
 def _matmul_backward(ctx, grad_out):

@@ -374,6 +374,7 @@ def test_gemm_trans(hopper_native, dtype):
     cases = [(300, 1000, 4160, 64, "nf4", True, True), (64, 14336, 4096, 64, "nf4", True, False)]
     cases += [(3000, 2048, 4096, 128, "fp4", False, True), (20, 2048, 2048, 256, "nf4", True, False)]
     cases += [(777, 4104, 1024, 4096, "nf4", False, True), (1, 64, 64, 64, "fp4", True, False)]
+    cases += [(100, 2048, 4096, 64, "nf4", True, True)]  # 128-token tiles
     for i, (M, N, K, bs, qt, nested, with_bias) in enumerate(cases):
         g = _gen(520 + i)
         state, W32 = _quantized_weight(N, K, bs, qt, nested, g)
@@ -393,7 +394,8 @@ def test_gemm_trans(hopper_native, dtype):
 
 def test_matmul_4bit_backward_takes_gemm(hopper_native):
     """The input gradient of matmul_4bit at 24 tokens of a 4096 x 4096 layer runs the transposed fused GEMM (no
-    dequantize kernel) and matches float64; a layer whose N is not a multiple of 8 dequantizes instead."""
+    dequantize kernel) and matches float64, eager and compiled (the same bits); a layer whose N is not a multiple
+    of 8 dequantizes instead; with create_graph=True the input gradient keeps its graph."""
     import fsdp4bit
     from fsdp4bit.functional import dequantize_4bit, quantize_4bit
 
@@ -416,6 +418,23 @@ def test_matmul_4bit_backward_takes_gemm(hopper_native):
         grad_ref = grad_out.double() @ Wd
         err = ((A.grad.double() - grad_ref).norm() / grad_ref.norm()).item()
         assert A.grad.shape == A.shape and err < GEMV_RTOL[torch.bfloat16], err
+        # compiled (fullgraph), the backward's input_grad_4bit operator runs the same kernels: the eager bits
+        x = A.detach().requires_grad_()
+        compiled = torch.compile(lambda t, p=packed, s=state: fsdp4bit.matmul_4bit(t, p, s), fullgraph=True)
+        out = compiled(x)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            out.backward(grad_out)
+            torch.cuda.synchronize()
+        assert any("gemm_4bit_kernel" in e.name for e in prof.events()) == fused, N
+        assert torch.equal(x.grad, A.grad), N
+        # backward(create_graph=True): the input gradient stays differentiable in grad_out (d/dg of g @ W is W)
+        g = grad_out.clone().requires_grad_()
+        (grad_x,) = torch.autograd.grad(fsdp4bit.matmul_4bit(A, packed, state), A, g, create_graph=True)
+        assert grad_x.requires_grad
+        h = torch.randn(2, 12, K, generator=_gen(543)).to(device=device, dtype=torch.bfloat16)
+        grad_x.backward(h)
+        ref = h.double() @ Wd.T
+        assert ((g.grad.double() - ref).norm() / ref.norm()).item() < GEMV_RTOL[torch.bfloat16]
 
 
 def test_gemm_reads_the_kernel_before(hopper_native):

@@ -211,8 +211,9 @@ class NativeOps:
     def gemm_applies(self, A: torch.Tensor, blocksize: int, shape: Sequence[int], trans: bool = False) -> bool:
         """Whether the fused 4-bit GEMM takes ``A @ W.T`` (or, with ``trans``, ``A @ W``: a linear layer's input
         gradient) for W of ``shape`` (N, K) and ``blocksize``: CUDA with an sm_90a build, fp16/bf16 A, 9 to 512
-        rows, a large enough weight (2^23 entries up to 128 rows, 2^24 up to 256, 2^25 up to 512) and enough tiles,
-        or split-K parts of them, to fill the GPU (the extension's rule)."""
+        rows, a large enough weight (2^23 entries up to 128 rows, 2^24 up to 256, 2^25 up to 512; transposed 2^24
+        up to 256 rows and 2^25 past that, and N % 8 == 0) and enough tiles, or split-K parts of them, to fill the
+        GPU (the extension's rule)."""
         if self.device_type != "cuda" or A.dtype not in _GEMM_DTYPES or len(shape) != 2:
             return False
         N, K = int(shape[0]), int(shape[1])
