@@ -59,16 +59,25 @@ def check(ext, M, N, K, dtype, bs, nested, quant_type="nf4") -> bool:
     return ok
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def hopper_setup(doc: str) -> tuple[argparse.Namespace, kernels.NativeOps | None]:
+    """(the --json argument, the CUDA kernels), or None kernels without a compute capability 9.0 GPU; exits when
+    the extension did not build."""
+    parser = argparse.ArgumentParser(description=doc)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         print("needs a compute capability 9.0 GPU (H100/H200); nothing run")
-        return
+        return args, None
     native = kernels.native_for("cuda")
     if native is None:
         sys.exit("the CUDA extension did not build")
+    return args, native
+
+
+def main() -> None:
+    args, native = hopper_setup(__doc__)
+    if native is None:
+        return
     ext = native.ext
     cases = [
         (300, 1000, 640, torch.bfloat16, 64, True),
@@ -108,8 +117,13 @@ def main() -> None:
                 f"{r['fused'] / r['dequant']:.3f}  matmul_4bit {r['matmul_4bit']:8.1f}  applied {r['applied']}",
                 flush=True,
             )
-    if args.json:
-        with open(args.json, "w") as f:
+    dump_rows(args.json, rows)
+
+
+def dump_rows(path: str | None, rows: list[dict]) -> None:
+    """The benchmark's rows and the GPU's name as JSON at ``path`` (nothing without one)."""
+    if path:
+        with open(path, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
 
 
