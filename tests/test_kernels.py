@@ -375,6 +375,7 @@ def test_gemm_trans(hopper_native, dtype):
     cases += [(3000, 2048, 4096, 128, "fp4", False, True), (20, 2048, 2048, 256, "nf4", True, False)]
     cases += [(777, 4104, 1024, 4096, "nf4", False, True), (1, 64, 64, 64, "fp4", True, False)]
     cases += [(100, 2048, 4096, 64, "nf4", True, True)]  # 128-token tiles
+    cases += [(600, 1000, 8192, 128, "fp4", True, True)]  # a partial last step without split-K (192 tiles)
     for i, (M, N, K, bs, qt, nested, with_bias) in enumerate(cases):
         g = _gen(520 + i)
         state, W32 = _quantized_weight(N, K, bs, qt, nested, g)
