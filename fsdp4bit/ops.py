@@ -386,13 +386,10 @@ def _input_grad(ctx, grad_out, packed, absmax, nested_absmax, nested_code, offse
     if torch.is_grad_enabled():  # backward(create_graph=True): grad_A must stay differentiable in grad_out
         return grad_out @ _backward_weight(ctx, grad_out, packed, absmax, nested_absmax, nested_code, offset)
     native = ctx.native
-    if native is None and not _eager_direct(grad_out, packed, absmax, nested_absmax, nested_code, offset):
+    direct = _eager_direct(grad_out, packed, absmax, nested_absmax, nested_code, offset)
+    if native is None and not direct:
         return _input_grad_4bit_op(grad_out, packed, *stats)
-    if (
-        native is not None
-        and _eager_direct(grad_out, packed, absmax, nested_absmax, nested_code, offset)
-        and kernels.native_for(packed.device) is native
-    ):
+    if native is not None and direct and kernels.native_for(packed.device) is native:
         fused = _input_grad_with(native, grad_out, packed, *stats)
         if fused is not None:
             return fused

@@ -21,6 +21,8 @@ constexpr int kGemmStages = TOK == 256 ? 4 : 8;
 // 6144x8192, 0.94x at 4096x14336, 0.97-1.02x at 14336x4096); wider tiles lost with two (up to 1.09x)
 constexpr int gemm_ctas_for(int tok) { return tok == 32 ? 2 : 1; }
 int gemm_ctas(int64_t M) { return gemm_ctas_for(gemm_tokens(M)); }
+// the CTAs one wave of M-token tiles holds: SMs x CTAs per SM
+int64_t gemm_slots(int64_t M) { return device_attribute(cudaDevAttrMultiProcessorCount) * gemm_ctas(M); }
 
 using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
                                  const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
@@ -81,7 +83,7 @@ constexpr int kMinSplitSteps = 8;   // 64-wide k steps per part at least (a part
 // float32 partial product that a second kernel adds up in order. 1 when the tiles alone fill the GPU or K is too
 // short to split.
 int gemm_splits(int64_t M, int64_t N, int64_t K) {
-  const int64_t slots = device_attribute(cudaDevAttrMultiProcessorCount) * gemm_ctas(M), tiles = gemm_tiles(M, N);
+  const int64_t slots = gemm_slots(M), tiles = gemm_tiles(M, N);
   if (tiles <= 0 || 4 * tiles >= 3 * slots) return 1;
   const int64_t s = std::min<int64_t>({slots / tiles, kMaxSplits, (K + kGemmK - 1) / kGemmK / kMinSplitSteps});
   return int(std::max<int64_t>(s, 1));
@@ -101,8 +103,7 @@ int64_t scales_floats(int64_t N, int64_t K) { return (K / kGemmK) * scales_ld(N)
 // direct stores, 512 tokens 0.88-1.02x; with one tile per CTA there is nothing to overlap and it lost up to 11%
 // at 16 tokens). Not for split-K's float32 partial products; out's rows must be 16-byte multiples
 bool gemm_store_async(const void* out, int64_t M, int64_t N, int splits) {
-  const int64_t slots = device_attribute(cudaDevAttrMultiProcessorCount) * gemm_ctas(M);
-  return splits == 1 && gemm_tiles(M, N) > slots && N % 8 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  return splits == 1 && gemm_tiles(M, N) > gemm_slots(M) && N % 8 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
 }
 
 // the tensor maps of A (M x k_red), packed W (N x K), the scale workspace and, with store_async, of out
@@ -141,7 +142,7 @@ void launch_tiles(const CUtensorMap (&maps)[4], bool store_async, const Code16& 
   static std::atomic<uint64_t> smem_set{0};
   allow_dynamic_smem(kernel, int(L::kSmem), smem_set);
   const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
-  const int64_t grid = std::min<int64_t>(gemm_tiles(M, N) * splits, sms * CTAS);
+  const int64_t grid = std::min<int64_t>(gemm_tiles(M, N) * splits, gemm_slots(M));
   launch_dependent(kernel, dim3(unsigned(grid)), dim3(kGemmThreads), L::kSmem, stream, maps[0], maps[1], maps[2], maps[3],
                    code, static_cast<const AT*>(bias), static_cast<AT*>(out), int(M), int(N), int(K), splits, partial,
                    store_async);

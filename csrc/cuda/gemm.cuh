@@ -148,23 +148,21 @@ __device__ __forceinline__ uint64_t sw128_desc(uint32_t smem_byte_addr) {
          (uint64_t(1) << 62);
 }
 
-// the two weights of the packed byte in the low 8 bits of `b` (high nibble first in k), each code * scale rounded
-// once. A shuffle reads only the low 5 bits of its source lane and every lane holds code[lane % 16], so bit 4 of
-// either index (and all above) selects the same entry: the nibbles need no masking
-template <typename AT>
-__device__ __forceinline__ uint32_t weight_pair(float lane_code, uint32_t b, float scale) {
-  const float hi = __shfl_sync(0xffffffffu, lane_code, int(b >> 4));
-  const float lo = __shfl_sync(0xffffffffu, lane_code, int(b));
-  return pack_pair<AT>(__fmul_rn(hi, scale), __fmul_rn(lo, scale));
-}
-
-// two weights of one column of W in adjacent rows (the low 5 bits of each word index its nibble, as in
-// weight_pair), each times its row's scale, rounded once: the transposed operand's fragment register
+// two weights, the codes of the nibbles in the low bits of `first` and `second`, times their scales, each rounded
+// once, as one fragment register (`first`'s in the low half). A shuffle reads only the low 5 bits of its source
+// lane and every lane holds code[lane % 16], so bit 4 of either index (and all above) selects the same entry: the
+// nibbles need no masking. The transposed operand's pairs are one column of W in adjacent rows, each row's scale
 template <typename AT>
 __device__ __forceinline__ uint32_t column_pair(float lane_code, uint32_t first, uint32_t second, float2 scales) {
   const float a = __shfl_sync(0xffffffffu, lane_code, int(first));
   const float b = __shfl_sync(0xffffffffu, lane_code, int(second));
   return pack_pair<AT>(__fmul_rn(a, scales.x), __fmul_rn(b, scales.y));
+}
+
+// the two weights of the packed byte in the low 8 bits of `b` (high nibble first in k), one scale
+template <typename AT>
+__device__ __forceinline__ uint32_t weight_pair(float lane_code, uint32_t b, float scale) {
+  return column_pair<AT>(lane_code, b >> 4, b, make_float2(scale, scale));
 }
 
 // four 8x8 matrices of 16-bit pairs (a thread's word of matrix q: row lane / 4, columns 2 (lane % 4) and + 1)

@@ -43,6 +43,18 @@ def _tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return mids.contiguous(), enc.contiguous(), get_4bit_code(quant_type, "cpu").contiguous()
 
 
+def _fused_args(A: torch.Tensor, flat_packed: torch.Tensor, *stats: Any) -> tuple:
+    """The extension's fused gemv / GEMM arguments up to K, for a 2-D A (copied to a packed, 16-byte aligned
+    tensor where it is not one: the kernels read it in 16-byte rows, and it has at most 512 rows, cheap next to
+    W) and ``stats``, gemv_4bit's arguments from absmax to shape."""
+    absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape = stats
+    if not A.is_contiguous() or A.data_ptr() % 16 != 0:
+        A = A.clone(memory_format=torch.contiguous_format)
+    _, _, code = _tables(quant_type)
+    args = (A, flat_packed, absmax.contiguous(), _opt(nested_absmax), _opt(nested_code), _opt(offset))
+    return (*args, int(blocksize), int(nested_blocksize), code, int(shape[0]), int(shape[1]))
+
+
 def _flat_bytes(packed: torch.Tensor) -> torch.Tensor:
     if packed.dtype != torch.uint8:
         raise TypeError(f"packed must be a uint8 tensor, got {packed.dtype}")
@@ -236,14 +248,8 @@ class NativeOps:
         """``grad_out @ W`` for the 4-bit W (the input gradient of ``A @ W.T``) through the transposed fused GEMM,
         for a call :meth:`gemm_applies` takes with ``trans=True``. ``stats`` are :meth:`gemv_4bit`'s arguments
         from absmax to shape, the state the forward checked."""
-        absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape = stats
-        N, K = int(shape[0]), int(shape[1])
-        G = grad_out.reshape(-1, N)
-        if not G.is_contiguous() or G.data_ptr() % 16 != 0:
-            G = G.clone(memory_format=torch.contiguous_format)
-        _, _, code = _tables(quant_type)
-        args = (G, _flat_bytes(packed), absmax.contiguous(), _opt(nested_absmax), _opt(nested_code), _opt(offset))
-        out = self.ext.gemm_4bit(*args, int(blocksize), int(nested_blocksize), code, N, K, None, True)
+        N, K = int(stats[-1][0]), int(stats[-1][1])
+        out = self.ext.gemm_4bit(*_fused_args(grad_out.reshape(-1, N), _flat_bytes(packed), *stats), None, True)
         return out.view(*grad_out.shape[:-1], K)
 
     def gemv_4bit(
@@ -286,11 +292,8 @@ class NativeOps:
             return A.new_empty((*A.shape[:-1], N))
         gemv = self._gemv_fused_ok(A2.shape[0], K, flat_packed)
         if gemv or (flat_packed.data_ptr() % 16 == 0 and self.gemm_applies(A2, blocksize, shape)):
-            if not A2.is_contiguous() or A2.data_ptr() % 16 != 0:  # the kernels read A in 16-byte rows
-                A2 = A2.clone(memory_format=torch.contiguous_format)  # (at most 512 rows: cheap next to W)
-            _, _, code = _tables(quant_type)
-            args = (A2, flat_packed, absmax.contiguous(), _opt(nested_absmax), _opt(nested_code), _opt(offset))
-            args += (int(blocksize), int(nested_blocksize), code, N, K)
+            stats = (absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape)
+            args = _fused_args(A2, flat_packed, *stats)
             if gemv:
                 out = self.ext.gemv_4bit(*args)
                 if bias is not None:
