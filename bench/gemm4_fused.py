@@ -59,6 +59,21 @@ def check(ext, M, N, K, dtype, bs, nested, quant_type="nf4") -> bool:
     return ok
 
 
+def graphed(fn, calls: int):
+    """``calls`` calls of ``fn`` captured in one CUDA graph: a replay times the GPU alone, not Python."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph.replay
+
+
 def hopper_setup(doc: str) -> tuple[argparse.Namespace, kernels.NativeOps | None]:
     """(the --json argument, the CUDA kernels), or None kernels without a compute capability 9.0 GPU; exits when
     the extension did not build."""
@@ -95,7 +110,7 @@ def main() -> None:
     for N, K in [(14336, 4096), (4096, 14336), (4096, 4096), (1024, 4096), (28672, 8192)]:
         packed, st = quantized(N, K, torch.bfloat16, 64, True)
         W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
-        for M in [16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]:
+        for M in [16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048, 4096, 8192]:
             A = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             ms = batched_ms(
                 {

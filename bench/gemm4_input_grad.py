@@ -12,28 +12,13 @@ Each side is captured as 5 calls in a CUDA graph (so host time drops out) and ti
 from __future__ import annotations
 
 import torch
-from gemm4_fused import dump_rows, hopper_setup, quantized
+from gemm4_fused import dump_rows, graphed, hopper_setup, quantized
 from layer import batched_ms
 
 import fsdp4bit.functional as Fq
 from fsdp4bit.codebooks import get_4bit_code
 
 CALLS = 5
-
-
-def graphed(fn):
-    """CALLS calls of fn captured in one CUDA graph: a replay times the GPU alone."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(CALLS):
-            fn()
-    return graph.replay
 
 
 def main() -> None:
@@ -55,9 +40,9 @@ def main() -> None:
             ref = G.double() @ Wd.double()
             err = ((fused().double() - ref).norm() / ref.norm()).item()
             sides = {
-                "fused": graphed(fused),
-                "dequant": graphed(lambda G=G: G @ Fq.dequantize_4bit(packed, st)),
-                "bf16": graphed(lambda G=G: G @ Wd),
+                "fused": graphed(fused, CALLS),
+                "dequant": graphed(lambda G=G: G @ Fq.dequantize_4bit(packed, st), CALLS),
+                "bf16": graphed(lambda G=G: G @ Wd, CALLS),
             }
             us = {k: v / CALLS * 1000 for k, v in batched_ms(sides, calls=1, reps=9).items()}
             r = {"M": M, "N": N, "K": K, **us, "rel_err": err, "rule": native.gemm_applies(G, 64, (N, K), trans=True)}

@@ -311,7 +311,7 @@ def matmul_4bit(
     shape: Sequence[int],
 ) -> torch.Tensor:
     """``A @ W.T + bias`` in A's dtype: gemv for a few rows, the fused 4-bit GEMM where it is faster (CUDA sm_90a,
-    9 to 512 rows, large weights), else dequantize + one matmul.
+    9 to 1536 rows, large weights), else dequantize + one matmul.
 
     One opaque op (with its own autograd) so eager and compiled runs round identically; when no gradient
     is needed the eager path runs the same implementation without the dispatcher.

@@ -283,6 +283,45 @@ def test_gemv_bias_shape(native):
             ops.gemv_4bit(*args, bias)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemv_bias_rounds_once(native, dtype):
+    """The fused gemv adds the bias to its float32 sums before the one rounding to A's dtype, as F.linear does, on
+    every kernel path. Each output is a * s exactly (one weight s per row, a everywhere in A, both 1 + 2^-7, so the
+    product 1 + 2^-6 + 2^-14 is exact in every kernel's arithmetic) and the bias is half an ulp at 1: rounded once
+    the sum goes up, rounded twice it ties back to even."""
+    ops, device = native
+    s = 1.0 + 2.0**-7
+    b = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    dot = s * s
+    # (rows of A, K, blocksize): CUDA row (K <= 4096), row_stream (K past 4096), pair-table (rows ending inside a
+    # block), CUDA-core (2 rows) and tensor-core (4 rows, sm_90) kernels; the CPU kernel for all
+    cases = [
+        (1, 4096, 64, "nf4"),
+        (1, 8192, 64, "fp4"),
+        (1, 4160, 128, "nf4"),
+        (2, 4096, 64, "fp4"),
+        (4, 4096, 64, "nf4"),
+    ]
+    kernels_run = set()
+    for M, K, bs, qt in cases:
+        N = 300
+        W = torch.zeros(N, K)
+        W[torch.arange(N), (torch.arange(N) * 37) % K] = s
+        packed, absmax = reference.quantize_4bit(W, bs, qt)
+        A = torch.full((M, K), s, dtype=dtype, device=device)
+        bias = torch.full((N,), b, dtype=dtype)
+        bias[::7] = 0.0
+        args = (A, packed.to(device), absmax.to(device), None, None, None, bs, 256, qt, (N, K))
+        expected = (torch.full((M, N), dot, dtype=torch.float64) + bias.double()).to(dtype)
+        out = ops.gemv_4bit(*args, bias.to(device)).cpu()
+        assert torch.equal(out, expected), (M, K, bs, qt, (out != expected).sum().item())
+        assert torch.equal(ops.gemv_4bit(*args).cpu(), torch.full((M, N), dot, dtype=torch.float64).to(dtype))
+        if device.type == "cuda":
+            kernels_run.add(_cuda_gemv_kernel(ops, dtype, N, K, bs, False, M))
+    if device.type == "cuda":
+        assert {"row", "row_stream", "pair_table", "cuda_core"} <= kernels_run, kernels_run
+
+
 def test_gemv_strided_a(native):
     """A strided or misaligned A (a slice of a larger activation) still takes the fused gemv, on a packed copy:
     the same bits as its contiguous twin."""
@@ -466,14 +505,28 @@ def test_gemm_reads_the_kernel_before(hopper_native):
 
 
 def test_gemm_dispatch(hopper_native):
-    """What the fused GEMM leaves to other paths: 8 rows or fewer (gemv), more than 512 (dequantize + cuBLAS,
-    faster there), too few tiles and split-K parts to fill the GPU, K % 64 != 0, blocks of 32, float32."""
+    """What the fused GEMM leaves to other paths: 8 rows or fewer (gemv); more than 1536 rows, or 513 to 1536 rows
+    whose tiles fill their waves of SMs less than 85% or whose weight is under 2^24 entries (dequantize + cuBLAS,
+    faster there); too few tiles and split-K parts to fill the GPU; K % 64 != 0, blocks of 32, float32."""
     ops, device = hopper_native
     N = _gemm_min_rows()
     A = lambda rows, K=2048, dtype=torch.bfloat16: torch.empty(rows, K, dtype=dtype, device=device)  # noqa: E731
     assert ops.gemm_applies(A(9), 64, (N, 2048)) and ops.gemm_applies(A(512, 4096), 64, (N, 4096))
     assert not ops.gemm_applies(A(8), 64, (N, 2048))
-    assert not ops.gemm_applies(A(513, 4096), 64, (N, 4096))
+    # 513 to 1536 rows: 256-token tiles (or split-K parts) filling their waves of SMs to 85%, 2^24 entries or more
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    assert ops.gemm_applies(A(1024, 2048), 64, (128 * sms, 2048))  # 4 x sms tiles: 4 full waves
+    assert ops.gemm_applies(A(1536, 2048), 64, (128 * sms, 2048))
+    assert ops.gemm_applies(A(513, 2048), 64, (128 * sms, 2048))
+    assert not ops.gemm_applies(A(1537, 2048), 64, (128 * sms, 2048))
+    assert not ops.gemm_applies(A(1024, 512), 64, (128 * sms, 512))  # under 2^24 entries
+    assert not ops.gemm_applies(A(1024, 2048), 64, (128 * (sms // 4 + 1), 2048))  # sms + 4 tiles: 2 waves, half full
+    assert not ops.gemm_applies(A(1024, 128 * sms), 64, (2048, 128 * sms), trans=True)  # transposed: 512 rows at most
+    layers = [(640, 11008, 4096), (768, 14336, 4096), (1024, 14336, 4096), (1024, 5120, 5120), (1536, 5120, 5120)]
+    for M, n, K in layers:
+        units = math.ceil(M / 256) * math.ceil(n / 128)
+        fill = units / (math.ceil(units / sms) * sms)
+        assert ops.gemm_applies(A(M, K), 64, (n, K)) == (fill >= 0.85), (M, n, K, fill)
     assert not ops.gemm_applies(A(64), 64, (N - 128, 2048))
     # enough tiles, but too small a weight: 2^23 entries up to 128 rows, 2^24 up to 256, 2^25 past that
     assert not ops.gemm_applies(A(64, 512), 64, (N, 512)) and ops.gemm_applies(A(64, 1024), 64, (N, 1024))
@@ -486,7 +539,6 @@ def test_gemm_dispatch(hopper_native):
     assert not ops.gemm_applies(A(16, 4096), 64, (0, 4096))
     assert not ops.ext.gemm_4bit_applies("bfloat16", 64, 16, 0, 4096, torch.cuda.current_device())
     # few tiles: K split into up to slots // tiles parts (at most 16, each at least 8 k steps of 64)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
     assert ops.gemm_applies(A(256, 4096), 64, (4096, 4096))  # 32 tiles x 4 parts on an H100
     shapes = [(16, 4096, 14336), (512, 4096, 14336), (128, 2048, 8192), (64, 1024, 16384), (100, 6000, 4096)]
     for M, n, K in shapes:
@@ -528,17 +580,19 @@ def test_gemm_fresh_thread(hopper_native):
     assert "out" in got and torch.equal(got["out"], fsdp4bit.matmul_4bit(A, packed, state))
 
 
-def test_matmul_4bit_takes_gemm(hopper_native):
-    """fsdp4bit.matmul_4bit with 24 tokens (past the gemv's 16) and a bias runs the fused GEMM kernel and matches
-    dequantize + F.linear."""
+@pytest.mark.parametrize("tokens", [(2, 12), (4, 256)])
+def test_matmul_4bit_takes_gemm(hopper_native, tokens):
+    """fsdp4bit.matmul_4bit with 24 tokens (past the gemv's 16), and with 1024 on a layer whose tiles fill whole
+    waves of SMs, with a bias runs the fused GEMM kernel and matches dequantize + F.linear."""
     import fsdp4bit
     from fsdp4bit.functional import dequantize_4bit, quantize_4bit
 
     _, device = hopper_native
-    N, K = _gemm_min_rows() + 5, 2048
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    N, K = (_gemm_min_rows() + 5 if tokens == (2, 12) else 128 * sms), 2048
     W = torch.randn(N, K, generator=_gen(450)).to(device=device, dtype=torch.bfloat16)
     packed, state = quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
-    A = torch.randn(2, 12, K, generator=_gen(451)).to(device=device, dtype=torch.bfloat16)
+    A = torch.randn(*tokens, K, generator=_gen(451)).to(device=device, dtype=torch.bfloat16)
     bias = torch.randn(N, generator=_gen(452)).to(device=device, dtype=torch.bfloat16)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         out = fsdp4bit.matmul_4bit(A, packed, state, bias=bias)
@@ -547,7 +601,7 @@ def test_matmul_4bit_takes_gemm(hopper_native):
     Wd = dequantize_4bit(packed, state)
     ref = A.double() @ Wd.double().T + bias.double()
     err = ((out.double() - ref).norm() / ref.norm()).item()
-    assert out.shape == (2, 12, N) and out.dtype == torch.bfloat16 and err < GEMV_RTOL[torch.bfloat16], err
+    assert out.shape == (*tokens, N) and out.dtype == torch.bfloat16 and err < GEMV_RTOL[torch.bfloat16], err
 
 
 def test_matmul_4bit_gemm_public(hopper_native):

@@ -277,11 +277,12 @@ void dequantize_impl(const uint8_t* packed, const Scales& sc, const float* code,
   });
 }
 
-// ---------------------------------------------------------------- gemv: out[m, n] = sum_k A[m, k] W[n, k]
+// ---------------------------------------------------------------- gemv: out[m, n] = sum_k A[m, k] W[n, k] + bias[n]
 // Each output row n decodes its K weights to float32 (scale applied per element, exactly the
-// dequantized float32 value) and dots them with the float32 rows of A, 16 partial sums per dot.
+// dequantized float32 value) and dots them with the float32 rows of A, 16 partial sums per dot; the bias (float32,
+// or null) joins the float32 sum, before the one rounding to A's dtype.
 void gemv_impl(const float* a, int64_t M, const uint8_t* packed, const Scales& sc, const float* code, int64_t N,
-               int64_t K, int64_t bs, float* out) {
+               int64_t K, int64_t bs, const float* bias, float* out) {
   at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1) {
     std::vector<float> w(K + 1);
     float lut[16];
@@ -312,7 +313,7 @@ void gemv_impl(const float* a, int64_t M, const uint8_t* packed, const Scales& s
         for (; k < K; ++k) tail += w[k] * ar[k];
         float sum = tail;
         for (int l = 0; l < 16; ++l) sum += acc[l];
-        out[m * N + n] = sum;
+        out[m * N + n] = bias != nullptr ? sum + bias[n] : sum;
       }
     }
   });
@@ -443,7 +444,8 @@ torch::Tensor dequantize_4bit(const torch::Tensor& packed, const torch::Tensor& 
 torch::Tensor gemv_4bit(const torch::Tensor& A, const torch::Tensor& packed, const torch::Tensor& absmax,
                         const c10::optional<torch::Tensor>& nested_absmax,
                         const c10::optional<torch::Tensor>& nested_code, const c10::optional<torch::Tensor>& offset,
-                        int64_t blocksize, int64_t nested_blocksize, const torch::Tensor& code, int64_t N, int64_t K) {
+                        int64_t blocksize, int64_t nested_blocksize, const torch::Tensor& code, int64_t N, int64_t K,
+                        const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(A.device().is_cpu(), "A must be on the CPU");
   TORCH_CHECK(A.dim() == 2 && A.size(1) == K, "A must be 2-D with K = ", K, " columns");
   TORCH_CHECK(A.scalar_type() == torch::kFloat32 || A.scalar_type() == torch::kBFloat16 ||
@@ -455,12 +457,20 @@ torch::Tensor gemv_4bit(const torch::Tensor& A, const torch::Tensor& packed, con
   check_code(code);
   const int64_t nblocks = (N * K + blocksize - 1) / blocksize;
   const Scales sc = make_scales(absmax, nested_absmax, nested_code, offset, nblocks, nested_blocksize);
+  torch::Tensor bias32;
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->device().is_cpu() && bias->scalar_type() == A.scalar_type() && bias->dim() == 1 &&
+                          bias->size(0) == N,
+                      "bias must be a (", N, ",) CPU tensor of A's dtype (", A.scalar_type(), "), got ", bias->sizes(),
+                      " ", bias->scalar_type(), " on ", bias->device());
+    bias32 = bias->to(torch::kFloat32).contiguous();
+  }
   const auto a32 = A.to(torch::kFloat32).contiguous();
   const int64_t M = A.size(0);
   auto out = torch::empty({M, N}, A.options().dtype(torch::kFloat32));
   if (M > 0 && N > 0)
     gemv_impl(a32.data_ptr<float>(), M, packed.data_ptr<uint8_t>(), sc, code.data_ptr<float>(), N, K, blocksize,
-              out.data_ptr<float>());
+              bias.has_value() ? bias32.data_ptr<float>() : nullptr, out.data_ptr<float>());
   return out.to(A.scalar_type());
 }
 
@@ -509,5 +519,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "8-bit blockwise quantize of float32 A - offset against a 256-entry code -> (uint8 codes, float32 absmax)");
   m.def("double_quant", &double_quant,
         "double quant of a float32 absmax -> (offset = mean, uint8 codes, float32 nested absmax, copy of code)");
-  m.def("gemv_4bit", &gemv_4bit, "A (M, K) @ W(N, K).T with W 4-bit -> (M, N) in A's dtype");
+  m.def("gemv_4bit", &gemv_4bit,
+        "A (M, K) @ W(N, K).T + bias with W 4-bit -> (M, N) in A's dtype, the bias added before the one rounding",
+        py::arg("A"), py::arg("packed"), py::arg("absmax"), py::arg("nested_absmax"), py::arg("nested_code"),
+        py::arg("offset"), py::arg("blocksize"), py::arg("nested_blocksize"), py::arg("code"), py::arg("N"),
+        py::arg("K"), py::arg("bias") = py::none());
 }

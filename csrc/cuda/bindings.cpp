@@ -161,10 +161,20 @@ FloatType check_matmul_a(const at::Tensor& A, int64_t K) {
   return ft;
 }
 
+// the bias's data (null for none), checked to be a contiguous (n_out,) tensor of A's dtype on A's device
+const void* checked_bias(const std::optional<at::Tensor>& bias, const at::Tensor& A, int64_t n_out) {
+  if (!bias.has_value()) return nullptr;
+  TORCH_CHECK_VALUE(bias->device() == A.device() && bias->scalar_type() == A.scalar_type() && bias->dim() == 1 &&
+                        bias->size(0) == n_out && bias->is_contiguous(),
+                    "bias must be a contiguous (", n_out, ",) tensor of A's dtype (", A.scalar_type(), ") on ",
+                    A.device(), ", got ", bias->sizes(), " ", bias->scalar_type(), " on ", bias->device());
+  return bias->data_ptr();
+}
+
 at::Tensor gemv_4bit(const at::Tensor& A, const at::Tensor& packed, const at::Tensor& absmax,
                      const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
                      const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t nested_blocksize,
-                     const at::Tensor& code, int64_t N, int64_t K) {
+                     const at::Tensor& code, int64_t N, int64_t K, const std::optional<at::Tensor>& bias) {
   const FloatType ft = check_matmul_a(A, K);
   const at::Device dev = A.device();
   TORCH_CHECK_VALUE(N >= 0 && K >= 0, "shape must be non-negative");
@@ -178,12 +188,13 @@ at::Tensor gemv_4bit(const at::Tensor& A, const at::Tensor& packed, const at::Te
   const Code16 c = make_code(code);
   const int64_t nblocks = (N * K + blocksize - 1) / blocksize;
   const Scales sc = make_scales(absmax, nested_absmax, nested_code, offset, nblocks, nested_blocksize, dev);
+  const void* bias_data = checked_bias(bias, A, N);
   const c10::cuda::CUDAGuard guard(dev);
   auto out = at::empty({M, N}, A.options());
   if (N == 0) return out;
-  if (K == 0) return out.zero_();
+  if (K == 0) return bias.has_value() ? out.copy_(bias->expand({M, N})) : out.zero_();
   launch_gemv(A.data_ptr(), ft, packed.data_ptr<uint8_t>(), c, sc, nested_absmax.has_value(), log2bs, M, N, K,
-              out.data_ptr(), c10::cuda::getCurrentCUDAStream());
+              out.data_ptr(), bias_data, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
@@ -204,12 +215,7 @@ at::Tensor gemm_4bit(const at::Tensor& A, const at::Tensor& packed, const at::Te
   check_packed(packed, N * K, dev);
   TORCH_CHECK(aligned(packed.data_ptr(), 16) && aligned(A.data_ptr(), 16),
               "the fused CUDA GEMM needs A and packed 16-byte aligned");
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->device() == dev && bias->scalar_type() == A.scalar_type() && bias->dim() == 1 &&
-                          bias->size(0) == n_out && bias->is_contiguous(),
-                      "bias must be a contiguous (", n_out, ",) tensor of A's dtype (", A.scalar_type(), ") on ",
-                      dev, ", got ", bias->sizes(), " ", bias->scalar_type(), " on ", bias->device());
-  }
+  const void* bias_data = checked_bias(bias, A, n_out);
   const c10::cuda::CUDAGuard guard(dev);
   TORCH_CHECK_VALUE(gemm_supported(ft, log2bs, M, N, K, trans), "the fused CUDA GEMM does not support M = ", M,
                     ", N = ", N, ", K = ", K, trans ? " (transposed)" : "", ", blocksize ", blocksize, ", A ",
@@ -223,7 +229,7 @@ at::Tensor gemm_4bit(const at::Tensor& A, const at::Tensor& packed, const at::Te
   auto out = at::empty({M, n_out}, A.options());
   TORCH_CHECK(launch_gemm(A.data_ptr(), ft, packed.data_ptr<uint8_t>(), c, sc, nested_absmax.has_value(), log2bs, M,
                           N, K, trans, workspace.data_ptr<float>(), workspace.numel(),
-                          bias.has_value() ? bias->data_ptr() : nullptr, out.data_ptr(),
+                          bias_data, out.data_ptr(),
                           c10::cuda::getCurrentCUDAStream()),
               "cuTensorMapEncodeTiled failed for the fused CUDA GEMM");
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -315,7 +321,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "8-bit blockwise quantize of float32 A - offset against a 256-entry code -> (uint8 codes, float32 absmax)");
   m.def("double_quant", &fsdp4bit::double_quant,
         "double quant of a float32 absmax -> (offset = mean, uint8 codes, float32 nested absmax, copy of code)");
-  m.def("gemv_4bit", &fsdp4bit::gemv_4bit, "A (M, K) @ W(N, K).T with W 4-bit, M <= 8, K % 32 == 0 -> (M, N)");
+  m.def("gemv_4bit", &fsdp4bit::gemv_4bit,
+        "A (M, K) @ W(N, K).T + bias with W 4-bit, M <= 8, K % 32 == 0 -> (M, N), the bias added before rounding",
+        py::arg("A"), py::arg("packed"), py::arg("absmax"), py::arg("nested_absmax"), py::arg("nested_code"),
+        py::arg("offset"), py::arg("blocksize"), py::arg("nested_blocksize"), py::arg("code"), py::arg("N"),
+        py::arg("K"), py::arg("bias") = py::none());
   m.def("gemm_4bit", &fsdp4bit::gemm_4bit,
         "A (M, K) @ W(N, K).T + bias -> (M, N), or trans: A (M, N) @ W + bias -> (M, K), with W 4-bit, fused GEMM",
         py::arg("A"), py::arg("packed"), py::arg("absmax"), py::arg("nested_absmax"), py::arg("nested_code"),

@@ -179,6 +179,13 @@ template <> __device__ __forceinline__ float from_f32<float>(float v) { return v
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
 
+// the bias of output feature n, or -0 (which adds nothing, not even to a -0) past N or without a bias: the gemv and
+// GEMM kernels add it to the float32 sum before its one rounding, as F.linear does
+template <typename OT>
+__device__ __forceinline__ float bias_at(const OT* __restrict__ bias, int64_t n, int64_t N) {
+  return bias != nullptr && n < N ? to_f32(bias[n]) : -0.0f;
+}
+
 // two floats as a 16-bit pair in one word, each rounded once: `even` (the lower k) in the low half
 template <typename AT>
 __device__ __forceinline__ uint32_t pack_pair(float even, float odd);

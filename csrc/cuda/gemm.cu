@@ -89,6 +89,13 @@ int gemm_splits(int64_t M, int64_t N, int64_t K) {
   return int(std::max<int64_t>(s, 1));
 }
 
+// The share of one wave's CTA slots that `units` work units fill, summed over the waves they take: 1 when they fill
+// every wave (448 units on 132 slots, four waves: 0.85). Past 512 tokens the fused GEMM wins only where this is high.
+double gemm_wave_fill(int64_t units, int64_t slots) {
+  const int64_t waves = (units + slots - 1) / slots;
+  return waves > 0 ? double(units) / double(waves * slots) : 0.0;
+}
+
 // The product's output features and summed length: W's rows and columns, or with `trans` (A @ W, A of N columns)
 // its columns and rows.
 struct GemmDims {
@@ -189,15 +196,21 @@ bool gemm_applies(FloatType dtype, int log2bs, int64_t M, int64_t N, int64_t K, 
   // time) pays: 2^23 entries up to 128 tokens, 2^24 up to 256, 2^25 past that; and tiles (or split-K parts of
   // them) for at least 3/4 of the SMs. H100, GPU time: 0.37-0.44x dequantize + cuBLAS at 16-128 tokens on
   // 14336x4096, 0.56-0.80x at 256-512; 0.75-0.91x for 2048x4096 at 16-128 tokens; smaller weights 1.1-2.5x.
-  // With more tokens cuBLAS' faster main loop wins (NOTES.md, "Fused 4-bit GEMM").
-  // Transposed (input gradients), whose W loads cost more per weight: 2^24 entries up to 256 tokens, 2^25 past
-  // that (H100, GPU time: 0.37-0.70x dequantize + cuBLAS at 16-256 tokens on 14336x4096, 4096x14336, 28672x8192,
-  // 0.64-0.92x on 4096x4096, 0.88-0.94x at 512 tokens on the large three; 2048x4096 0.98-1.14x, 4096x4096 at 512
-  // tokens 1.16x).
-  if (M < 9 || M > 512 || N < 1 || K < 1) return false;
+  // 513 to 1536 tokens: a weight of 2^24 entries or more whose work units fill the waves of CTA slots to 85% or
+  // more (gemm_wave_fill); there cuBLAS' faster main loop is worth less than the dequantization it needs first
+  // (H100, GPU time, 14 LLM layer shapes at 640-1536 tokens: 0.82-1.00x where the rule takes it, 1.03-1.60x
+  // where the fill is lower; at 2048 tokens 0.97-1.22x, so more tokens keep dequantize + cuBLAS).
+  // Transposed (input gradients), whose W loads cost more per weight: 9 to 512 tokens, 2^24 entries up to 256
+  // tokens, 2^25 past that (H100, GPU time: 0.37-0.70x dequantize + cuBLAS at 16-256 tokens on 14336x4096,
+  // 4096x14336, 28672x8192, 0.64-0.92x on 4096x4096, 0.88-0.94x at 512 tokens on the large three; 2048x4096
+  // 0.98-1.14x, 4096x4096 at 512 tokens 1.16x; 1.00-1.67x at 640-1536 tokens).
+  if (M < 9 || M > (trans ? 512 : 1536) || N < 1 || K < 1) return false;
   const GemmDims d(N, K, trans);
   const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
   const int64_t units = gemm_tiles(M, d.n_out) * gemm_splits(M, d.n_out, d.k_red);
+  if (M > 512)
+    return N * K >= (int64_t(1) << 24) && gemm_wave_fill(units, gemm_slots(M)) >= 0.85 &&
+           gemm_supported(dtype, log2bs, M, N, K, trans);
   const int64_t min_weights = int64_t(1) << (trans ? (M <= 256 ? 24 : 25) : (M <= 128 ? 23 : M <= 256 ? 24 : 25));
   return N * K >= min_weights && 4 * units >= 3 * sms && gemm_supported(dtype, log2bs, M, N, K, trans);
 }

@@ -36,33 +36,35 @@ const char* gemv_kernel_name(FloatType dtype, bool nested, const Scales& sc, int
 }
 
 void launch_gemv(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code, const Scales& sc, bool nested,
-                 int log2bs, int64_t M, int64_t N, int64_t K, void* out, cudaStream_t stream) {
+                 int log2bs, int64_t M, int64_t N, int64_t K, void* out, const void* bias, cudaStream_t stream) {
   switch (pick_gemv(dtype, nested, sc, log2bs, M, N, K)) {
     case GemvKernel::kRow:
-      launch_gemv_row_any(A, dtype, packed, code, sc, nested, log2bs, N, K, out, stream);
+      launch_gemv_row_any(A, dtype, packed, code, sc, nested, log2bs, N, K, out, bias, stream);
       return;
     case GemvKernel::kRowStream:
-      launch_gemv_row_stream_any(A, dtype, packed, code, sc, nested, log2bs, N, K, out, stream);
+      launch_gemv_row_stream_any(A, dtype, packed, code, sc, nested, log2bs, N, K, out, bias, stream);
       return;
     case GemvKernel::kPairTable:
-      launch_gemv_lut_any(A, dtype, packed, code, sc, nested, log2bs, N, K, out, stream);
+      launch_gemv_lut_any(A, dtype, packed, code, sc, nested, log2bs, N, K, out, bias, stream);
       return;
     case GemvKernel::kTensorCore:
-      launch_gemv_tma_any(A, dtype, packed, code, sc, nested, log2bs, M, N, K, out, stream);
+      launch_gemv_tma_any(A, dtype, packed, code, sc, nested, log2bs, M, N, K, out, bias, stream);
       return;
     case GemvKernel::kCudaCore:
       break;
   }
   switch (dtype) {
     case FloatType::kF32:
-      gemv_dispatch(static_cast<const float*>(A), packed, code, sc, nested, log2bs, M, N, K, static_cast<float*>(out), stream);
+      gemv_dispatch(static_cast<const float*>(A), packed, code, sc, nested, log2bs, M, N, K, static_cast<float*>(out),
+                    static_cast<const float*>(bias), stream);
       break;
     case FloatType::kF16:
-      gemv_dispatch(static_cast<const __half*>(A), packed, code, sc, nested, log2bs, M, N, K, static_cast<__half*>(out), stream);
+      gemv_dispatch(static_cast<const __half*>(A), packed, code, sc, nested, log2bs, M, N, K, static_cast<__half*>(out),
+                    static_cast<const __half*>(bias), stream);
       break;
     case FloatType::kBF16:
       gemv_dispatch(static_cast<const __nv_bfloat16*>(A), packed, code, sc, nested, log2bs, M, N, K,
-                    static_cast<__nv_bfloat16*>(out), stream);
+                    static_cast<__nv_bfloat16*>(out), static_cast<const __nv_bfloat16*>(bias), stream);
       break;
   }
 }

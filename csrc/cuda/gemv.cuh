@@ -9,7 +9,8 @@
 namespace fsdp4bit {
 
 // ------------------------------------------------------------------------- gemv
-// out[m, n] = sum_k A[m, k] * W[n, k], W 4-bit of shape (N, K) with K % 32 == 0.
+// out[m, n] = sum_k A[m, k] * W[n, k] + bias[n], W 4-bit of shape (N, K) with K % 32 == 0 (the bias, if any, added
+// to the float32 sum before its one rounding).
 // A CTA of 4 warps computes R rows of W for all M rows of A; the warps split K, each lane takes
 // 16-byte chunks (32 weights) and reuses its A values (held in registers) across the R rows.
 // Partial sums: per chunk sum(code * a) in float32, times the block scale, accumulated in float32.
@@ -33,7 +34,7 @@ __device__ __forceinline__ void load_a8(const AT* __restrict__ p, float (&a)[8])
 template <typename AT, int M, int R, bool NESTED>
 __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const AT* __restrict__ A, const uint8_t* __restrict__ packed,
                                                                Code16 code, Scales sc, int log2bs, int64_t N, int64_t K,
-                                                               AT* __restrict__ out) {
+                                                               AT* __restrict__ out, const AT* __restrict__ bias) {
   __shared__ float s_code[16];
   __shared__ float s_ncode[NESTED ? 256 : 1];
   __shared__ float s_part[kGemvWarps][R * M];
@@ -111,43 +112,44 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const AT* __restr
       float v = 0.0f;
 #pragma unroll
       for (int wi = 0; wi < kGemvWarps; ++wi) v += s_part[wi][i];
-      out[m * N + n0 + r] = from_f32<AT>(v);
+      out[m * N + n0 + r] = from_f32<AT>(v + bias_at(bias, n0 + r, N));
     }
   }
 }
 
 template <typename AT, int M, int R>
 void launch_gemv(const AT* a, const uint8_t* p, const Code16& c, const Scales& sc, bool nested, int log2bs, int64_t N,
-                 int64_t K, AT* o, cudaStream_t stream) {
+                 int64_t K, AT* o, const AT* bias, cudaStream_t stream) {
   const int64_t grid = (N + R - 1) / R;
   if (nested)
-    gemv_kernel<AT, M, R, true><<<grid, kGemvWarps * 32, 0, stream>>>(a, p, c, sc, log2bs, N, K, o);
+    gemv_kernel<AT, M, R, true><<<grid, kGemvWarps * 32, 0, stream>>>(a, p, c, sc, log2bs, N, K, o, bias);
   else
-    gemv_kernel<AT, M, R, false><<<grid, kGemvWarps * 32, 0, stream>>>(a, p, c, sc, log2bs, N, K, o);
+    gemv_kernel<AT, M, R, false><<<grid, kGemvWarps * 32, 0, stream>>>(a, p, c, sc, log2bs, N, K, o, bias);
 }
 
 
 // All M in [1, 8] for one A dtype: R (rows of W per CTA) shrinks as M grows to bound registers.
 template <typename AT>
 void gemv_dispatch(const AT* a, const uint8_t* p, const Code16& c, const Scales& sc, bool nested, int log2bs,
-                   int64_t M, int64_t N, int64_t K, AT* o, cudaStream_t stream) {
+                   int64_t M, int64_t N, int64_t K, AT* o, const AT* bias, cudaStream_t stream) {
   switch (M) {
-    case 1: launch_gemv<AT, 1, 4>(a, p, c, sc, nested, log2bs, N, K, o, stream); break;
-    case 2: launch_gemv<AT, 2, 4>(a, p, c, sc, nested, log2bs, N, K, o, stream); break;
-    case 3: launch_gemv<AT, 3, 4>(a, p, c, sc, nested, log2bs, N, K, o, stream); break;
-    case 4: launch_gemv<AT, 4, 4>(a, p, c, sc, nested, log2bs, N, K, o, stream); break;
-    case 5: launch_gemv<AT, 5, 2>(a, p, c, sc, nested, log2bs, N, K, o, stream); break;
-    case 6: launch_gemv<AT, 6, 2>(a, p, c, sc, nested, log2bs, N, K, o, stream); break;
-    case 7: launch_gemv<AT, 7, 2>(a, p, c, sc, nested, log2bs, N, K, o, stream); break;
-    default: launch_gemv<AT, 8, 2>(a, p, c, sc, nested, log2bs, N, K, o, stream); break;
+    case 1: launch_gemv<AT, 1, 4>(a, p, c, sc, nested, log2bs, N, K, o, bias, stream); break;
+    case 2: launch_gemv<AT, 2, 4>(a, p, c, sc, nested, log2bs, N, K, o, bias, stream); break;
+    case 3: launch_gemv<AT, 3, 4>(a, p, c, sc, nested, log2bs, N, K, o, bias, stream); break;
+    case 4: launch_gemv<AT, 4, 4>(a, p, c, sc, nested, log2bs, N, K, o, bias, stream); break;
+    case 5: launch_gemv<AT, 5, 2>(a, p, c, sc, nested, log2bs, N, K, o, bias, stream); break;
+    case 6: launch_gemv<AT, 6, 2>(a, p, c, sc, nested, log2bs, N, K, o, bias, stream); break;
+    case 7: launch_gemv<AT, 7, 2>(a, p, c, sc, nested, log2bs, N, K, o, bias, stream); break;
+    default: launch_gemv<AT, 8, 2>(a, p, c, sc, nested, log2bs, N, K, o, bias, stream); break;
   }
 }
 
 extern template void gemv_dispatch<float>(const float*, const uint8_t*, const Code16&, const Scales&, bool, int,
-                                          int64_t, int64_t, int64_t, float*, cudaStream_t);
+                                          int64_t, int64_t, int64_t, float*, const float*, cudaStream_t);
 extern template void gemv_dispatch<__half>(const __half*, const uint8_t*, const Code16&, const Scales&, bool, int,
-                                           int64_t, int64_t, int64_t, __half*, cudaStream_t);
+                                           int64_t, int64_t, int64_t, __half*, const __half*, cudaStream_t);
 extern template void gemv_dispatch<__nv_bfloat16>(const __nv_bfloat16*, const uint8_t*, const Code16&, const Scales&,
-                                                  bool, int, int64_t, int64_t, int64_t, __nv_bfloat16*, cudaStream_t);
+                                                  bool, int, int64_t, int64_t, int64_t, __nv_bfloat16*,
+                                                  const __nv_bfloat16*, cudaStream_t);
 
 }  // namespace fsdp4bit

@@ -1,4 +1,4 @@
-// 4-bit gemv for one token: out = a @ W.T, W (N, K) 4-bit, K % 32 == 0, float32 accumulation.
+// 4-bit gemv for one token: out = a @ W.T + bias, W (N, K) 4-bit, K % 32 == 0, float32 accumulation.
 // The CUDA-core gemv of gemv.cuh spends ~8 instructions per weight (nibble extract, address, shared-memory
 // code lookup, bf16 convert, FMA) and its short-lived CTAs load, then compute, wave after wave. Here:
 //  - a packed byte is looked up whole in a pair table (byte -> both of its weights as float2), replicated for
@@ -95,7 +95,7 @@ __device__ __forceinline__ void lut_rows(const unsigned char* smem, const float4
 template <typename AT, int R, int WARPS, bool NESTED, bool F16>
 __global__ void __launch_bounds__(WARPS * 32, WARPS >= 16 ? 1 : 16 / WARPS)
     gemv_lut_kernel(const AT* __restrict__ a, const uint8_t* __restrict__ packed, Code16 code, Scales sc, int log2bs,
-                    int64_t N, int64_t K, int kparts, AT* __restrict__ out) {
+                    int64_t N, int64_t K, int kparts, AT* __restrict__ out, const AT* __restrict__ bias) {
   extern __shared__ __align__(16) unsigned char lut_smem[];
   unsigned char* smem = lut_smem;
   float4* s_x = reinterpret_cast<float4*>(smem + kLutTableBytes);
@@ -175,7 +175,7 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS >= 16 ? 1 : 16 / WARPS)
       const int64_t row = step * step_rows + threadIdx.x;
       float v = 0.0f;
       for (int p = 0; p < kparts; ++p) v += s_red[parity][g * kparts + p][r];
-      if (row < N) out[row] = from_f32<AT>(v);
+      if (row < N) out[row] = from_f32<AT>(v + bias_at(bias, row, N));
     }
   }
 }
@@ -206,7 +206,7 @@ inline int gemv_lut_kparts(int warps, int rows, int64_t N, int64_t K, int64_t ct
 // launch (the table is filled while the kernel before it finishes).
 template <typename AT, int R, int WARPS, bool F16>
 void launch_gemv_lut(const AT* a, const uint8_t* p, const Code16& c, const Scales& sc, bool nested, int log2bs,
-                     int64_t N, int64_t K, AT* o, cudaStream_t stream) {
+                     int64_t N, int64_t K, AT* o, const AT* bias, cudaStream_t stream) {
   auto kernel = nested ? gemv_lut_kernel<AT, R, WARPS, true, F16> : gemv_lut_kernel<AT, R, WARPS, false, F16>;
   static std::atomic<uint64_t> configured[2] = {0, 0};  // per kernel: devices where its smem limit is raised
   allow_dynamic_smem(kernel, device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin), configured[nested]);
@@ -216,13 +216,14 @@ void launch_gemv_lut(const AT* a, const uint8_t* p, const Code16& c, const Scale
   const int kparts = gemv_lut_kparts(WARPS, R, N, K, ctas);
   const int64_t steps = (N + int64_t(WARPS / kparts) * R - 1) / (int64_t(WARPS / kparts) * R);
   const unsigned grid = unsigned(std::min(ctas, steps));
-  launch_dependent(kernel, dim3(grid), dim3(WARPS * 32), smem, stream, a, p, c, sc, log2bs, N, K, kparts, o);
+  launch_dependent(kernel, dim3(grid), dim3(WARPS * 32), smem, stream, a, p, c, sc, log2bs, N, K, kparts, o, bias);
 }
 
 // Whether the pair-table gemv takes this call (one token of fp16/bf16 A, power-of-two nested blocks, K within
 // shared memory); launch_gemv (gemv.cu) asks before falling back to the CUDA-core kernel.
 bool gemv_lut_applies(FloatType dtype, bool nested, const Scales& sc, int64_t M, int64_t K);
 void launch_gemv_lut_any(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code, const Scales& sc,
-                         bool nested, int log2bs, int64_t N, int64_t K, void* out, cudaStream_t stream);
+                         bool nested, int log2bs, int64_t N, int64_t K, void* out, const void* bias,
+                         cudaStream_t stream);
 
 }  // namespace fsdp4bit

@@ -27,35 +27,37 @@ bool gemv_row_stream_applies(FloatType dtype, bool nested, const Scales& sc, int
 
 void launch_gemv_row_stream_any(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code,
                                 const Scales& sc, bool nested, int log2bs, int64_t N, int64_t K, void* out,
-                                cudaStream_t stream) {
+                                const void* bias, cudaStream_t stream) {
   if (dtype == FloatType::kBF16)
     launch_gemv_row_stream<__nv_bfloat16, kRowWarps>(static_cast<const __nv_bfloat16*>(A), packed, code, sc, nested,
-                                                     log2bs, N, K, static_cast<__nv_bfloat16*>(out), stream);
+                                                     log2bs, N, K, static_cast<__nv_bfloat16*>(out),
+                                                     static_cast<const __nv_bfloat16*>(bias), stream);
   else
     launch_gemv_row_stream<__half, kRowWarps>(static_cast<const __half*>(A), packed, code, sc, nested, log2bs, N, K,
-                                              static_cast<__half*>(out), stream);
+                                              static_cast<__half*>(out), static_cast<const __half*>(bias), stream);
 }
 
 // D = chunk rounds per row (K / 1024 rounded up), a compile-time count: the lane keeps D chunks of a in registers
 template <typename AT>
 static void launch_row_rounds(const AT* a, const uint8_t* packed, const Code16& code, const Scales& sc, bool nested,
-                              int log2bs, int64_t N, int64_t K, AT* out, cudaStream_t stream) {
+                              int log2bs, int64_t N, int64_t K, AT* out, const AT* bias, cudaStream_t stream) {
   switch ((K + 1023) / 1024) {
-    case 1: launch_gemv_row<AT, kRowWarps, 1>(a, packed, code, sc, nested, log2bs, N, K, out, stream); break;
-    case 2: launch_gemv_row<AT, kRowWarps, 2>(a, packed, code, sc, nested, log2bs, N, K, out, stream); break;
-    case 3: launch_gemv_row<AT, kRowWarps, 3>(a, packed, code, sc, nested, log2bs, N, K, out, stream); break;
-    default: launch_gemv_row<AT, kRowWarps, 4>(a, packed, code, sc, nested, log2bs, N, K, out, stream); break;
+    case 1: launch_gemv_row<AT, kRowWarps, 1>(a, packed, code, sc, nested, log2bs, N, K, out, bias, stream); break;
+    case 2: launch_gemv_row<AT, kRowWarps, 2>(a, packed, code, sc, nested, log2bs, N, K, out, bias, stream); break;
+    case 3: launch_gemv_row<AT, kRowWarps, 3>(a, packed, code, sc, nested, log2bs, N, K, out, bias, stream); break;
+    default: launch_gemv_row<AT, kRowWarps, 4>(a, packed, code, sc, nested, log2bs, N, K, out, bias, stream); break;
   }
 }
 
 void launch_gemv_row_any(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code, const Scales& sc,
-                         bool nested, int log2bs, int64_t N, int64_t K, void* out, cudaStream_t stream) {
+                         bool nested, int log2bs, int64_t N, int64_t K, void* out, const void* bias,
+                         cudaStream_t stream) {
   if (dtype == FloatType::kBF16)
     launch_row_rounds(static_cast<const __nv_bfloat16*>(A), packed, code, sc, nested, log2bs, N, K,
-                      static_cast<__nv_bfloat16*>(out), stream);
+                      static_cast<__nv_bfloat16*>(out), static_cast<const __nv_bfloat16*>(bias), stream);
   else
     launch_row_rounds(static_cast<const __half*>(A), packed, code, sc, nested, log2bs, N, K, static_cast<__half*>(out),
-                      stream);
+                      static_cast<const __half*>(bias), stream);
 }
 
 }  // namespace fsdp4bit

@@ -12,15 +12,16 @@ bool gemv_tma_applies(FloatType dtype, int log2bs, int64_t M, int64_t K) {
 }
 
 void launch_gemv_tma_any(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code, const Scales& sc,
-                         bool nested, int log2bs, int64_t M, int64_t N, int64_t K, void* out, cudaStream_t stream) {
+                         bool nested, int log2bs, int64_t M, int64_t N, int64_t K, void* out, const void* bias,
+                         cudaStream_t stream) {
   if (dtype == FloatType::kBF16)
     launch_gemv_tma<__nv_bfloat16, kTmaWarps, kTmaChunkSpans, kTmaStages>(
         static_cast<const __nv_bfloat16*>(A), packed, code, sc, nested, log2bs, int(M), N, K,
-        static_cast<__nv_bfloat16*>(out), kTmaCtasPerSm, stream);
+        static_cast<__nv_bfloat16*>(out), static_cast<const __nv_bfloat16*>(bias), kTmaCtasPerSm, stream);
   else
-    launch_gemv_tma<__half, kTmaWarps, kTmaChunkSpans, kTmaStages>(static_cast<const __half*>(A), packed, code, sc,
-                                                                   nested, log2bs, int(M), N, K,
-                                                                   static_cast<__half*>(out), kTmaCtasPerSm, stream);
+    launch_gemv_tma<__half, kTmaWarps, kTmaChunkSpans, kTmaStages>(
+        static_cast<const __half*>(A), packed, code, sc, nested, log2bs, int(M), N, K, static_cast<__half*>(out),
+        static_cast<const __half*>(bias), kTmaCtasPerSm, stream);
 }
 
 }  // namespace fsdp4bit

@@ -1,4 +1,4 @@
-// Tensor-core 4-bit gemv for 1 to 8 tokens of fp16/bf16 A: out = A @ W.T, W (N, K) 4-bit, blocksize >= 64,
+// Tensor-core 4-bit gemv for 1 to 8 tokens of fp16/bf16 A: out = A @ W.T + bias, W (N, K) 4-bit, blocksize >= 64,
 // K % 64 == 0 (sm_90: TMA bulk copies and mbarriers). The CUDA-core gemv (gemv.cuh) spends ~8 instructions
 // per weight (nibble extract, shared-memory code lookup, bf16 convert, FMA); here one shared-memory lookup
 // turns a packed byte into both of its weights as a 16-bit pair and mma.sync multiplies them with float32
@@ -78,7 +78,8 @@ template <typename AT, int WARPS, int CSPANS, int STAGES, bool NESTED>
 __global__ void __launch_bounds__((WARPS + 1) * 32, 2) gemv_tma_kernel(const AT* __restrict__ A,
                                                                        const uint8_t* __restrict__ packed, Code16 code,
                                                                        Scales sc, int log2bs, int M, int64_t N,
-                                                                       int64_t K, AT* __restrict__ out) {
+                                                                       int64_t K, AT* __restrict__ out,
+                                                                       const AT* __restrict__ bias) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();  // never launched: gemv_tma_applies() requires compute capability 9.0
 #else
@@ -220,7 +221,7 @@ __global__ void __launch_bounds__((WARPS + 1) * 32, 2) gemv_tma_kernel(const AT*
           float v = 0.0f;
 #pragma unroll
           for (int wi = 0; wi < WARPS; ++wi) v += reinterpret_cast<const float*>(&s_red[wi][l])[i];
-          out[int64_t(token) * N + row] = from_f32<AT>(v);
+          out[int64_t(token) * N + row] = from_f32<AT>(v + bias_at(bias, row, N));
         }
       }
       asm volatile("bar.sync 1, %0;" ::"n"(WARPS * 32) : "memory");
@@ -232,7 +233,7 @@ __global__ void __launch_bounds__((WARPS + 1) * 32, 2) gemv_tma_kernel(const AT*
 // Persistent grid: `ctas_per_sm` CTAs on each SM loop over the tiles; the pair table is built once per CTA.
 template <typename AT, int WARPS, int CSPANS, int STAGES>
 void launch_gemv_tma(const AT* a, const uint8_t* p, const Code16& c, const Scales& sc, bool nested, int log2bs, int M,
-                     int64_t N, int64_t K, AT* o, int ctas_per_sm, cudaStream_t stream) {
+                     int64_t N, int64_t K, AT* o, const AT* bias, int ctas_per_sm, cudaStream_t stream) {
   using L = GemvTmaLayout<CSPANS, STAGES>;
   auto kernel =
       nested ? gemv_tma_kernel<AT, WARPS, CSPANS, STAGES, true> : gemv_tma_kernel<AT, WARPS, CSPANS, STAGES, false>;
@@ -241,13 +242,14 @@ void launch_gemv_tma(const AT* a, const uint8_t* p, const Code16& c, const Scale
   const int64_t tiles = (N + L::kRows - 1) / L::kRows;
   const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
   const unsigned grid = unsigned(std::min<int64_t>(tiles, sms * ctas_per_sm));
-  kernel<<<grid, (WARPS + 1) * 32, L::kSmem, stream>>>(a, p, c, sc, log2bs, M, N, K, o);
+  kernel<<<grid, (WARPS + 1) * 32, L::kSmem, stream>>>(a, p, c, sc, log2bs, M, N, K, o, bias);
 }
 
 // Whether the tensor-core gemv takes this call (fp16/bf16 A, 4..8 tokens, blocksize >= 64, K % 64 == 0, sm_90+);
 // launch_gemv (gemv.cu) asks before falling back to the CUDA-core kernel.
 bool gemv_tma_applies(FloatType dtype, int log2bs, int64_t M, int64_t K);
 void launch_gemv_tma_any(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code, const Scales& sc,
-                         bool nested, int log2bs, int64_t M, int64_t N, int64_t K, void* out, cudaStream_t stream);
+                         bool nested, int log2bs, int64_t M, int64_t N, int64_t K, void* out, const void* bias,
+                         cudaStream_t stream);
 
 }  // namespace fsdp4bit

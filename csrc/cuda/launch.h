@@ -37,8 +37,10 @@ void launch_quantize(const void* x, FloatType dtype, int64_t n, int blocksize, c
 // `code`: the 16 code values in device memory
 void launch_dequantize(const uint8_t* packed, int64_t n, const float* code, const Scales& sc, bool nested, int log2bs,
                        bool vec_ok, void* out, FloatType dtype, cudaStream_t stream);
+// out (M, N) = A (M, K) @ W.T + bias, W (N, K) 4-bit, the bias (N values of A's dtype, or null) added to the float32
+// sums before their one rounding
 void launch_gemv(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code, const Scales& sc, bool nested,
-                 int log2bs, int64_t M, int64_t N, int64_t K, void* out, cudaStream_t stream);
+                 int log2bs, int64_t M, int64_t N, int64_t K, void* out, const void* bias, cudaStream_t stream);
 // which kernel launch_gemv() takes for this call on the current device (only `sc.nested_log2` is read)
 const char* gemv_kernel_name(FloatType dtype, bool nested, const Scales& sc, int log2bs, int64_t M, int64_t N,
                              int64_t K);

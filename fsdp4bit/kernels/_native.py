@@ -32,7 +32,7 @@ CUDA_GEMV_MAX_ROWS = 8
 _GEMM_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 # The fused GEMM's row range (csrc/cuda/gemm.cu's gemm_applies asks the rest): a host-side pre-filter so that
 # training-sized calls skip the extension call.
-_GEMM_ROWS = range(CUDA_GEMV_MAX_ROWS + 1, 513)
+_GEMM_ROWS = range(CUDA_GEMV_MAX_ROWS + 1, 1537)
 
 
 @functools.cache
@@ -45,7 +45,7 @@ def _tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def _fused_args(A: torch.Tensor, flat_packed: torch.Tensor, *stats: Any) -> tuple:
     """The extension's fused gemv / GEMM arguments up to K, for a 2-D A (copied to a packed, 16-byte aligned
-    tensor where it is not one: the kernels read it in 16-byte rows, and it has at most 512 rows, cheap next to
+    tensor where it is not one: the kernels read it in 16-byte rows, and it has at most 1536 rows, cheap next to
     W) and ``stats``, gemv_4bit's arguments from absmax to shape."""
     absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape = stats
     if not A.is_contiguous() or A.data_ptr() % 16 != 0:
@@ -225,7 +225,8 @@ class NativeOps:
         gradient) for W of ``shape`` (N, K) and ``blocksize``: CUDA with an sm_90a build, fp16/bf16 A, 9 to 512
         rows, a large enough weight (2^23 entries up to 128 rows, 2^24 up to 256, 2^25 up to 512; transposed 2^24
         up to 256 rows and 2^25 past that, and N % 8 == 0) and enough tiles, or split-K parts of them, to fill the
-        GPU (the extension's rule)."""
+        GPU; or, not transposed, 513 to 1536 rows, 2^24 entries and work units that fill their waves of CTA slots
+        to 85% (the extension's rule)."""
         if self.device_type != "cuda" or A.dtype not in _GEMM_DTYPES or len(shape) != 2:
             return False
         N, K = int(shape[0]), int(shape[1])
@@ -267,8 +268,8 @@ class NativeOps:
         bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``A @ W.T + bias`` for the 4-bit W of ``shape`` (N, K) and a bias of A's dtype (or None); float32
-        accumulation, output in A's dtype: the fused gemv for few rows (the bias added after), the fused GEMM where
-        :meth:`gemm_applies` (the bias added before its one rounding), else dequantize + F.linear."""
+        accumulation, output in A's dtype, the bias added before the one rounding: the fused gemv for few rows, the
+        fused GEMM where :meth:`gemm_applies`, else dequantize + F.linear."""
         check_quant_type(quant_type)
         check_blocksize(blocksize)
         check_float_dtype(A.dtype, "A.dtype")
@@ -294,12 +295,8 @@ class NativeOps:
         if gemv or (flat_packed.data_ptr() % 16 == 0 and self.gemm_applies(A2, blocksize, shape)):
             stats = (absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape)
             args = _fused_args(A2, flat_packed, *stats)
-            if gemv:
-                out = self.ext.gemv_4bit(*args)
-                if bias is not None:
-                    out.add_(bias)
-            else:
-                out = self.ext.gemm_4bit(*args, None if bias is None else bias.contiguous())
+            bias = None if bias is None else bias.contiguous()
+            out = self.ext.gemv_4bit(*args, bias) if gemv else self.ext.gemm_4bit(*args, bias)
             return out if two_d else out.view(*A.shape[:-1], N)
         weight = self.dequantize_4bit(
             flat_packed,
