@@ -74,10 +74,12 @@ def graphed(fn, calls: int):
     return graph.replay
 
 
-def hopper_setup(doc: str) -> tuple[argparse.Namespace, kernels.NativeOps | None]:
-    """(the --json argument, the CUDA kernels), or None kernels without a compute capability 9.0 GPU; exits when
-    the extension did not build."""
-    parser = argparse.ArgumentParser(description=doc)
+def hopper_setup(
+    doc: str, parser: argparse.ArgumentParser | None = None
+) -> tuple[argparse.Namespace, kernels.NativeOps | None]:
+    """(the parsed arguments, --json and those of ``parser`` if given, the CUDA kernels), or None kernels without a
+    compute capability 9.0 GPU; exits when the extension did not build."""
+    parser = parser or argparse.ArgumentParser(description=doc)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):

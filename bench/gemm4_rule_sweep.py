@@ -6,11 +6,12 @@ the extension's fused GEMM against ``F.linear(A, dequantize_4bit(W))``, and of t
 layer's input gradient, ``G @ W``) against ``G @ dequantize_4bit(W)``, with each call's 256-token tiles and how
 full they fill their waves of SMs. Results: NOTES.md ("Fused 4-bit GEMM", session 13).
 
-    python bench/gemm4_rule_sweep.py [--json bench/results/gemm4_rule_sweep_1k_<gpu>.json]
+    python bench/gemm4_rule_sweep.py [--tokens 640,768,...] [--json bench/results/gemm4_rule_sweep_1k_<gpu>.json]
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 
 import torch
@@ -46,7 +47,9 @@ def wave_fill(tiles: int, sms: int) -> float:
 
 
 def main() -> None:
-    args, native = hopper_setup(__doc__)
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma-separated token counts")
+    args, native = hopper_setup(__doc__, parser)
     if native is None:
         return
     ext, sms = native.ext, torch.cuda.get_device_properties(0).multi_processor_count
@@ -55,7 +58,7 @@ def main() -> None:
         packed, st = quantized(N, K, torch.bfloat16, 64, True)
         flat, code = Fq.packed_bytes(packed), get_4bit_code(st.quant_type)
         nested = (st.state2.absmax, st.state2.code, st.offset)
-        for M in TOKENS:
+        for M in [int(m) for m in args.tokens.split(",")]:
             A = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             G = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
             fns = {

@@ -506,19 +506,23 @@ def test_gemm_reads_the_kernel_before(hopper_native):
 
 def test_gemm_dispatch(hopper_native):
     """What the fused GEMM leaves to other paths: 8 rows or fewer (gemv); more than 1536 rows, or 513 to 1536 rows
-    whose tiles fill their waves of SMs less than 85% or whose weight is under 2^24 entries (dequantize + cuBLAS,
-    faster there); too few tiles and split-K parts to fill the GPU; K % 64 != 0, blocks of 32, float32."""
+    whose tiles fill their waves of SMs less than 85%, whose tokens fill their 256-token tiles less than 80% (95% past
+    768 rows) or whose weight is under 2^24 entries (dequantize + cuBLAS, faster there); too few tiles and split-K
+    parts to fill the GPU; K % 64 != 0, blocks of 32, float32."""
     ops, device = hopper_native
     N = _gemm_min_rows()
     A = lambda rows, K=2048, dtype=torch.bfloat16: torch.empty(rows, K, dtype=dtype, device=device)  # noqa: E731
     assert ops.gemm_applies(A(9), 64, (N, 2048)) and ops.gemm_applies(A(512, 4096), 64, (N, 4096))
     assert not ops.gemm_applies(A(8), 64, (N, 2048))
-    # 513 to 1536 rows: 256-token tiles (or split-K parts) filling their waves of SMs to 85%, 2^24 entries or more
+    # 513 to 1536 rows: 256-token tiles (or split-K parts) filling their waves of SMs to 85%, tokens filling their
+    # tiles to 80% (95% past 768 rows), 2^24 entries or more
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    assert ops.gemm_applies(A(1024, 2048), 64, (128 * sms, 2048))  # 4 x sms tiles: 4 full waves
-    assert ops.gemm_applies(A(1536, 2048), 64, (128 * sms, 2048))
-    assert ops.gemm_applies(A(513, 2048), 64, (128 * sms, 2048))
-    assert not ops.gemm_applies(A(1537, 2048), 64, (128 * sms, 2048))
+    wide = (128 * sms, 2048)  # sms tiles of W rows: each token tile fills one wave
+    assert ops.gemm_applies(A(1024, 2048), 64, wide) and ops.gemm_applies(A(1536, 2048), 64, wide)
+    assert ops.gemm_applies(A(640, 2048), 64, wide) and ops.gemm_applies(A(1000, 2048), 64, wide)
+    assert not ops.gemm_applies(A(513, 2048), 64, wide) and not ops.gemm_applies(A(600, 2048), 64, wide)
+    assert not ops.gemm_applies(A(800, 2048), 64, wide) and not ops.gemm_applies(A(1300, 2048), 64, wide)
+    assert not ops.gemm_applies(A(1537, 2048), 64, wide)
     assert not ops.gemm_applies(A(1024, 512), 64, (128 * sms, 512))  # under 2^24 entries
     assert not ops.gemm_applies(A(1024, 2048), 64, (128 * (sms // 4 + 1), 2048))  # sms + 4 tiles: 2 waves, half full
     assert not ops.gemm_applies(A(1024, 128 * sms), 64, (2048, 128 * sms), trans=True)  # transposed: 512 rows at most

@@ -197,9 +197,11 @@ bool gemm_applies(FloatType dtype, int log2bs, int64_t M, int64_t N, int64_t K, 
   // them) for at least 3/4 of the SMs. H100, GPU time: 0.37-0.44x dequantize + cuBLAS at 16-128 tokens on
   // 14336x4096, 0.56-0.80x at 256-512; 0.75-0.91x for 2048x4096 at 16-128 tokens; smaller weights 1.1-2.5x.
   // 513 to 1536 tokens: a weight of 2^24 entries or more whose work units fill the waves of CTA slots to 85% or
-  // more (gemm_wave_fill); there cuBLAS' faster main loop is worth less than the dequantization it needs first
-  // (H100, GPU time, 14 LLM layer shapes at 640-1536 tokens: 0.82-1.00x where the rule takes it, 1.03-1.60x
-  // where the fill is lower; at 2048 tokens 0.97-1.22x, so more tokens keep dequantize + cuBLAS).
+  // more (gemm_wave_fill), and tokens that fill their 256-token tiles to 80% (up to 768 tokens) or 95% (past it);
+  // there cuBLAS' faster main loop is worth less than the dequantization it needs first (H100, GPU time, 14 LLM
+  // layer shapes: 0.82-1.00x where the rule takes it at 640-1536 tokens; 1.03-1.60x where the waves are less
+  // full; with the last token tile partly empty 1.01-1.24x at 520, 576, 800, 1100 and 1300 tokens; at 2048 tokens
+  // 0.97-1.22x, so more tokens keep dequantize + cuBLAS).
   // Transposed (input gradients), whose W loads cost more per weight: 9 to 512 tokens, 2^24 entries up to 256
   // tokens, 2^25 past that (H100, GPU time: 0.37-0.70x dequantize + cuBLAS at 16-256 tokens on 14336x4096,
   // 4096x14336, 28672x8192, 0.64-0.92x on 4096x4096, 0.88-0.94x at 512 tokens on the large three; 2048x4096
@@ -208,9 +210,11 @@ bool gemm_applies(FloatType dtype, int log2bs, int64_t M, int64_t N, int64_t K, 
   const GemmDims d(N, K, trans);
   const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
   const int64_t units = gemm_tiles(M, d.n_out) * gemm_splits(M, d.n_out, d.k_red);
-  if (M > 512)
+  if (M > 512) {
+    const double tile_use = double(M) / double((M + 255) / 256 * 256);
     return N * K >= (int64_t(1) << 24) && gemm_wave_fill(units, gemm_slots(M)) >= 0.85 &&
-           gemm_supported(dtype, log2bs, M, N, K, trans);
+           tile_use >= (M <= 768 ? 0.8 : 0.95) && gemm_supported(dtype, log2bs, M, N, K, trans);
+  }
   const int64_t min_weights = int64_t(1) << (trans ? (M <= 256 ? 24 : 25) : (M <= 128 ? 23 : M <= 256 ? 24 : 25));
   return N * K >= min_weights && 4 * units >= 3 * sms && gemm_supported(dtype, log2bs, M, N, K, trans);
 }
