@@ -207,15 +207,15 @@ at::Tensor gemm_4bit(const at::Tensor& A, const at::Tensor& packed, const at::Te
                      const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
                      const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t nested_blocksize,
                      const at::Tensor& code, int64_t N, int64_t K, const std::optional<at::Tensor>& bias, bool trans) {
-  const int64_t n_out = trans ? K : N, k_red = trans ? N : K;
-  const FloatType ft = check_matmul_a(A, k_red);
+  const GemmDims d(N, K, trans);
+  const FloatType ft = check_matmul_a(A, d.k_red);
   const at::Device dev = A.device();
   const int64_t M = A.size(0);
   const int log2bs = log2_blocksize(blocksize);
   check_packed(packed, N * K, dev);
   TORCH_CHECK(aligned(packed.data_ptr(), 16) && aligned(A.data_ptr(), 16),
               "the fused CUDA GEMM needs A and packed 16-byte aligned");
-  const void* bias_data = checked_bias(bias, A, n_out);
+  const void* bias_data = checked_bias(bias, A, d.n_out);
   const c10::cuda::CUDAGuard guard(dev);
   TORCH_CHECK_VALUE(gemm_supported(ft, log2bs, M, N, K, trans), "the fused CUDA GEMM does not support M = ", M,
                     ", N = ", N, ", K = ", K, trans ? " (transposed)" : "", ", blocksize ", blocksize, ", A ",
@@ -226,7 +226,7 @@ at::Tensor gemm_4bit(const at::Tensor& A, const at::Tensor& packed, const at::Te
   const Scales sc = make_scales(absmax, nested_absmax, nested_code, offset, (N * K + blocksize - 1) / blocksize,
                                 nested_blocksize, dev);
   auto workspace = at::empty({gemm_workspace_floats(M, N, K, trans)}, A.options().dtype(at::kFloat));
-  auto out = at::empty({M, n_out}, A.options());
+  auto out = at::empty({M, d.n_out}, A.options());
   TORCH_CHECK(launch_gemm(A.data_ptr(), ft, packed.data_ptr<uint8_t>(), c, sc, nested_absmax.has_value(), log2bs, M,
                           N, K, trans, workspace.data_ptr<float>(), workspace.numel(),
                           bias_data, out.data_ptr(),

@@ -96,13 +96,6 @@ double gemm_wave_fill(int64_t units, int64_t slots) {
   return waves > 0 ? double(units) / double(waves * slots) : 0.0;
 }
 
-// The product's output features and summed length: W's rows and columns, or with `trans` (A @ W, A of N columns)
-// its columns and rows.
-struct GemmDims {
-  int64_t n_out, k_red;
-  GemmDims(int64_t N, int64_t K, bool trans) : n_out(trans ? K : N), k_red(trans ? N : K) {}
-};
-
 int64_t scales_floats(int64_t N, int64_t K) { return (K / kGemmK) * scales_ld(N); }
 
 // whether the output goes out through shared memory and the tensor store, which overlaps a tile's stores with the
@@ -211,7 +204,8 @@ bool gemm_applies(FloatType dtype, int log2bs, int64_t M, int64_t N, int64_t K, 
   const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
   const int64_t units = gemm_tiles(M, d.n_out) * gemm_splits(M, d.n_out, d.k_red);
   if (M > 512) {
-    const double tile_use = double(M) / double((M + 255) / 256 * 256);
+    const int64_t tok = gemm_tokens(M);
+    const double tile_use = double(M) / double((M + tok - 1) / tok * tok);
     return N * K >= (int64_t(1) << 24) && gemm_wave_fill(units, gemm_slots(M)) >= 0.85 &&
            tile_use >= (M <= 768 ? 0.8 : 0.95) && gemm_supported(dtype, log2bs, M, N, K, trans);
   }

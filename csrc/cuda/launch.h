@@ -44,6 +44,12 @@ void launch_gemv(const void* A, FloatType dtype, const uint8_t* packed, const Co
 // which kernel launch_gemv() takes for this call on the current device (only `sc.nested_log2` is read)
 const char* gemv_kernel_name(FloatType dtype, bool nested, const Scales& sc, int log2bs, int64_t M, int64_t N,
                              int64_t K);
+// The fused 4-bit GEMM's output features and summed length for W (N, K): W's rows and columns, or with `trans`
+// (A @ W, A of N columns) its columns and rows.
+struct GemmDims {
+  int64_t n_out, k_red;
+  GemmDims(int64_t N, int64_t K, bool trans) : n_out(trans ? K : N), k_red(trans ? N : K) {}
+};
 // The fused 4-bit GEMM (sm_90a build only) with W (N, K): out (M, N) = A (M, K) @ W.T, or with `trans` out (M, K)
 // = A (M, N) @ W (a linear layer's input gradient). Whether it can compute such a call on the current device:
 bool gemm_supported(FloatType dtype, int log2bs, int64_t M, int64_t N, int64_t K, bool trans);
