@@ -260,19 +260,19 @@ static double check_gemv(const GemvVariant& v, int64_t N, int64_t K) {
 template <int M, int R>
 static void gemv_call(const bf16* a, const uint8_t* p, const Code16& c, const Scales& sc, bool nested, int log2bs,
                       int64_t N, int64_t K, bf16* o, cudaStream_t st) {
-  launch_gemv<bf16, M, R>(a, p, c, sc, nested, log2bs, N, K, o, st);
+  launch_gemv<bf16, M, R>(a, p, c, sc, nested, log2bs, N, K, o, nullptr, st);
 }
 
 template <int M, int WARPS, int CSPANS, int STAGES, int CPS>
 static void gemv_tma_call(const bf16* a, const uint8_t* p, const Code16& c, const Scales& sc, bool nested, int log2bs,
                           int64_t N, int64_t K, bf16* o, cudaStream_t st) {
-  launch_gemv_tma<bf16, WARPS, CSPANS, STAGES>(a, p, c, sc, nested, log2bs, M, N, K, o, CPS, st);
+  launch_gemv_tma<bf16, WARPS, CSPANS, STAGES>(a, p, c, sc, nested, log2bs, M, N, K, o, nullptr, CPS, st);
 }
 
 template <int R, int WARPS, bool F16>
 static void gemv_lut_call(const bf16* a, const uint8_t* p, const Code16& c, const Scales& sc, bool nested, int log2bs,
                           int64_t N, int64_t K, bf16* o, cudaStream_t st) {
-  launch_gemv_lut<bf16, R, WARPS, F16>(a, p, c, sc, nested, log2bs, N, K, o, st);
+  launch_gemv_lut<bf16, R, WARPS, F16>(a, p, c, sc, nested, log2bs, N, K, o, nullptr, st);
 }
 
 // the row kernels (a in registers for K <= 4096, D = K / 1024 rounded up; a in shared memory past it) where
@@ -281,22 +281,43 @@ template <int WARPS>
 static void gemv_row_call(const bf16* a, const uint8_t* p, const Code16& c, const Scales& sc, bool nested, int log2bs,
                           int64_t N, int64_t K, bf16* o, cudaStream_t st) {
   if (log2bs > 10 || (K >> log2bs) << log2bs != K)
-    launch_gemv_lut<bf16, 4, 16, true>(a, p, c, sc, nested, log2bs, N, K, o, st);
+    launch_gemv_lut<bf16, 4, 16, true>(a, p, c, sc, nested, log2bs, N, K, o, nullptr, st);
   else if (K > 4096)
-    launch_gemv_row_stream<bf16, WARPS>(a, p, c, sc, nested, log2bs, N, K, o, st);
+    launch_gemv_row_stream<bf16, WARPS>(a, p, c, sc, nested, log2bs, N, K, o, nullptr, st);
   else if (K > 3072)
-    launch_gemv_row<bf16, WARPS, 4>(a, p, c, sc, nested, log2bs, N, K, o, st);
+    launch_gemv_row<bf16, WARPS, 4>(a, p, c, sc, nested, log2bs, N, K, o, nullptr, st);
   else if (K > 2048)
-    launch_gemv_row<bf16, WARPS, 3>(a, p, c, sc, nested, log2bs, N, K, o, st);
+    launch_gemv_row<bf16, WARPS, 3>(a, p, c, sc, nested, log2bs, N, K, o, nullptr, st);
   else if (K > 1024)
-    launch_gemv_row<bf16, WARPS, 2>(a, p, c, sc, nested, log2bs, N, K, o, st);
+    launch_gemv_row<bf16, WARPS, 2>(a, p, c, sc, nested, log2bs, N, K, o, nullptr, st);
   else
-    launch_gemv_row<bf16, WARPS, 1>(a, p, c, sc, nested, log2bs, N, K, o, st);
+    launch_gemv_row<bf16, WARPS, 1>(a, p, c, sc, nested, log2bs, N, K, o, nullptr, st);
+}
+
+// the split register row kernel (a row in P parts of at most 4096 values, each a warp's, a in registers) where
+// K > 4096 divides so, else as gemv_row_call
+template <int WARPS>
+static void gemv_split_call(const bf16* a, const uint8_t* p, const Code16& c, const Scales& sc, bool nested, int log2bs,
+                            int64_t N, int64_t K, bf16* o, cudaStream_t st) {
+  const int parts = K > 4096 && log2bs <= 10 && (K >> log2bs) << log2bs == K ? row_split_parts(K) : 0;
+  const bool d4 = parts > 0 && K / parts > 3072;
+  if (parts == 2)
+    d4 ? launch_gemv_row<bf16, WARPS, 4, 2>(a, p, c, sc, nested, log2bs, N, K, o, nullptr, st)
+       : launch_gemv_row<bf16, WARPS, 3, 2>(a, p, c, sc, nested, log2bs, N, K, o, nullptr, st);
+  else if (parts == 4)
+    d4 ? launch_gemv_row<bf16, WARPS, 4, 4>(a, p, c, sc, nested, log2bs, N, K, o, nullptr, st)
+       : launch_gemv_row<bf16, WARPS, 3, 4>(a, p, c, sc, nested, log2bs, N, K, o, nullptr, st);
+  else if (parts == 8)
+    d4 ? launch_gemv_row<bf16, WARPS, 4, 8>(a, p, c, sc, nested, log2bs, N, K, o, nullptr, st)
+       : launch_gemv_row<bf16, WARPS, 3, 8>(a, p, c, sc, nested, log2bs, N, K, o, nullptr, st);
+  else
+    gemv_row_call<WARPS>(a, p, c, sc, nested, log2bs, N, K, o, st);
 }
 
 static void sweep_gemv(double bw) {
   const std::vector<GemvVariant> variants = {
       {"M1 row W16", 1, gemv_row_call<16>}, {"M1 row W8", 1, gemv_row_call<8>},
+      {"M1 split W16", 1, gemv_split_call<16>},
       {"M1 lut R2W16", 1, gemv_lut_call<2, 16, false>}, {"M1 lut R4W16", 1, gemv_lut_call<4, 16, false>},
       {"M1 lut R4W8", 1, gemv_lut_call<4, 8, false>}, {"M1 lut R2W16h", 1, gemv_lut_call<2, 16, true>},
       {"M1 lut R4W16h", 1, gemv_lut_call<4, 16, true>}, {"M1 lut R4W8h", 1, gemv_lut_call<4, 8, true>},
@@ -321,7 +342,7 @@ static void sweep_gemv(double bw) {
   }
   const int64_t shapes[][2] = {{4096, 4096}, {14336, 4096}, {4096, 14336}, {8192, 8192}, {28672, 8192},
                                {4096, 11008}, {11008, 4096}, {3072, 3072}, {8192, 3072}, {2048, 2048},
-                               {8192, 2048}, {1024, 1024}, {4096, 1024}, {2048, 512}};
+                               {8192, 2048}, {1024, 1024}, {4096, 1024}, {2048, 512}, {5120, 13824}, {8192, 28672}};
   std::printf("\n%-14s %-15s %9s %8s\n", "shape", "variant", "us", "floor%");
   for (const auto& sh : shapes) {
     const int64_t N = sh[0], K = sh[1], n = N * K;

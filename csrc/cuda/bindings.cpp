@@ -247,7 +247,8 @@ bool gemm_4bit_applies(const std::string& dtype, int64_t blocksize, int64_t M, i
 }
 
 // The kernel gemv_4bit takes for A of `dtype` ("float32", "float16" or "bfloat16") (M, K) and a 4-bit (N, K) weight on device `device_index`: "row",
-// "row_stream", "pair_table", "tensor_core" or "cuda_core" (for tests and benchmarks that must know the path).
+// "row_split", "row_stream", "pair_table", "tensor_core" or "cuda_core" (for tests and benchmarks that must know the
+// path).
 std::string gemv_kernel(const std::string& dtype, int64_t blocksize, bool nested, int64_t nested_blocksize, int64_t M,
                         int64_t N, int64_t K, int64_t device_index) {
   const FloatType ft = float_type_named(dtype);

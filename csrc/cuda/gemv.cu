@@ -1,5 +1,5 @@
-// Launcher of the fused gemv: for one token a row kernel (gemv_row.cu: a in registers up to K = 4096, in shared
-// memory past it) or the pair-table kernel (gemv_lut.cu: rows ending inside a block, blocks past 1024 weights),
+// Launcher of the fused gemv: for one token a row kernel (gemv_row.cu: a in registers up to K = 4096 and, rows split
+// in parts, past it where K divides so; else in shared memory) or the pair-table kernel (gemv_lut.cu: rows ending inside a block, blocks past 1024 weights),
 // the tensor-core kernel for 4 to 8 tokens (gemv_tma.cu) where they apply, else the CUDA-core kernel with one
 // dispatch on the A dtype (the instantiations live in gemv_<dtype>.cu).
 #include "gemv.cuh"
@@ -11,11 +11,12 @@ namespace fsdp4bit {
 
 namespace {
 
-enum class GemvKernel { kRow, kRowStream, kPairTable, kTensorCore, kCudaCore };
+enum class GemvKernel { kRow, kRowSplit, kRowStream, kPairTable, kTensorCore, kCudaCore };
 
 // the first kernel, in order of speed, whose conditions the call meets
 GemvKernel pick_gemv(FloatType dtype, bool nested, const Scales& sc, int log2bs, int64_t M, int64_t N, int64_t K) {
   if (gemv_row_applies(dtype, nested, sc, log2bs, M, N, K)) return GemvKernel::kRow;
+  if (gemv_row_split_applies(dtype, nested, sc, log2bs, M, N, K)) return GemvKernel::kRowSplit;
   if (gemv_row_stream_applies(dtype, nested, sc, log2bs, M, N, K)) return GemvKernel::kRowStream;
   if (gemv_lut_applies(dtype, nested, sc, M, K)) return GemvKernel::kPairTable;
   if (gemv_tma_applies(dtype, log2bs, M, K)) return GemvKernel::kTensorCore;
@@ -28,6 +29,7 @@ const char* gemv_kernel_name(FloatType dtype, bool nested, const Scales& sc, int
                              int64_t K) {
   switch (pick_gemv(dtype, nested, sc, log2bs, M, N, K)) {
     case GemvKernel::kRow: return "row";
+    case GemvKernel::kRowSplit: return "row_split";
     case GemvKernel::kRowStream: return "row_stream";
     case GemvKernel::kPairTable: return "pair_table";
     case GemvKernel::kTensorCore: return "tensor_core";
@@ -40,6 +42,9 @@ void launch_gemv(const void* A, FloatType dtype, const uint8_t* packed, const Co
   switch (pick_gemv(dtype, nested, sc, log2bs, M, N, K)) {
     case GemvKernel::kRow:
       launch_gemv_row_any(A, dtype, packed, code, sc, nested, log2bs, N, K, out, bias, stream);
+      return;
+    case GemvKernel::kRowSplit:
+      launch_gemv_row_split_any(A, dtype, packed, code, sc, nested, log2bs, N, K, out, bias, stream);
       return;
     case GemvKernel::kRowStream:
       launch_gemv_row_stream_any(A, dtype, packed, code, sc, nested, log2bs, N, K, out, bias, stream);

@@ -1,5 +1,6 @@
-// Row gemvs (gemv_row.cuh) for one token of fp16/bf16 A: a in registers for K up to 4096, a in shared memory
-// past it; the rules that pick them over the pair-table kernel.
+// Row gemvs (gemv_row.cuh) for one token of fp16/bf16 A: a in registers for K up to 4096, and past it with each
+// row split into 2, 4 or 8 parts where K divides so, else a in shared memory; the rules that pick them over the
+// pair-table kernel.
 #include "gemv_row.cuh"
 
 namespace fsdp4bit {
@@ -20,6 +21,22 @@ bool gemv_row_applies(FloatType dtype, bool nested, const Scales& sc, int log2bs
   return M == 1 && dtype != FloatType::kF32 && K <= 4096 && row_blocks_fit(sc, nested, log2bs, N, K);
 }
 
+bool gemv_row_split_applies(FloatType dtype, bool nested, const Scales& sc, int log2bs, int64_t M, int64_t N,
+                            int64_t K) {
+  const int parts = row_split_parts(K);
+  if (M != 1 || dtype == FloatType::kF32 || K <= 4096 || parts == 0 || !row_blocks_fit(sc, nested, log2bs, N, K))
+    return false;
+  // where it measured faster than the streaming kernel (H100 sweep of 16 LLM shapes, NOTES.md): 1-18% on 13 of
+  // them (4096x11008 13.2 -> 11.4 us, 5120x13824 20.6 -> 17.0, 8192x8192 15.3 -> 14.9, 5120x5120 9.0 -> 8.1). It
+  // lost with 2 rows or fewer per group of warps (2048x8192: 6.3 -> 6.7) and with 4 or 8 parts that end half-way
+  // through a chunk round (4096x14336: 14.0 -> 14.1, 8192x28672: 45.7 -> 46.7), which keep the streaming kernel.
+  const int64_t groups = device_attribute(cudaDevAttrMultiProcessorCount) * (kRowWarps / parts);
+  if (N <= 2 * groups || (parts >= 4 && K / parts % 1024 == 512)) return false;
+  // the parts' sums of the CTA's rows must fit beside the rest of its shared memory (a grid of one CTA per SM)
+  return int64_t(row_split_smem_bytes(K, parts, kRowWarps, (N + groups - 1) / groups)) <=
+         device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
+}
+
 bool gemv_row_stream_applies(FloatType dtype, bool nested, const Scales& sc, int log2bs, int64_t M, int64_t N,
                              int64_t K) {
   return M == 1 && dtype != FloatType::kF32 && K > 4096 && row_blocks_fit(sc, nested, log2bs, N, K);
@@ -35,6 +52,37 @@ void launch_gemv_row_stream_any(const void* A, FloatType dtype, const uint8_t* p
   else
     launch_gemv_row_stream<__half, kRowWarps>(static_cast<const __half*>(A), packed, code, sc, nested, log2bs, N, K,
                                               static_cast<__half*>(out), static_cast<const __half*>(bias), stream);
+}
+
+// P parts per row, D = chunk rounds per part (K / P / 1024 rounded up: 3 or 4, since fewer parts would not do)
+template <typename AT, int P>
+static void launch_split_rounds(const AT* a, const uint8_t* packed, const Code16& code, const Scales& sc, bool nested,
+                                int log2bs, int64_t N, int64_t K, AT* out, const AT* bias, cudaStream_t stream) {
+  if (K / P > 3072)
+    launch_gemv_row<AT, kRowWarps, 4, P>(a, packed, code, sc, nested, log2bs, N, K, out, bias, stream);
+  else
+    launch_gemv_row<AT, kRowWarps, 3, P>(a, packed, code, sc, nested, log2bs, N, K, out, bias, stream);
+}
+
+template <typename AT>
+static void launch_split(const AT* a, const uint8_t* packed, const Code16& code, const Scales& sc, bool nested,
+                         int log2bs, int64_t N, int64_t K, AT* out, const AT* bias, cudaStream_t stream) {
+  switch (row_split_parts(K)) {
+    case 2: return launch_split_rounds<AT, 2>(a, packed, code, sc, nested, log2bs, N, K, out, bias, stream);
+    case 4: return launch_split_rounds<AT, 4>(a, packed, code, sc, nested, log2bs, N, K, out, bias, stream);
+    default: return launch_split_rounds<AT, 8>(a, packed, code, sc, nested, log2bs, N, K, out, bias, stream);
+  }
+}
+
+void launch_gemv_row_split_any(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code,
+                               const Scales& sc, bool nested, int log2bs, int64_t N, int64_t K, void* out,
+                               const void* bias, cudaStream_t stream) {
+  if (dtype == FloatType::kBF16)
+    launch_split(static_cast<const __nv_bfloat16*>(A), packed, code, sc, nested, log2bs, N, K,
+                 static_cast<__nv_bfloat16*>(out), static_cast<const __nv_bfloat16*>(bias), stream);
+  else
+    launch_split(static_cast<const __half*>(A), packed, code, sc, nested, log2bs, N, K, static_cast<__half*>(out),
+                 static_cast<const __half*>(bias), stream);
 }
 
 // D = chunk rounds per row (K / 1024 rounded up), a compile-time count: the lane keeps D chunks of a in registers

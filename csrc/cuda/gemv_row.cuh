@@ -3,7 +3,9 @@
 // l, l + 32, ... of a row (D = K / 1024 rounded up of them), so a warp's loads are contiguous and the lane's
 // chunks of a are the same for every row: they live in registers, as half2 scaled by a power of two (max |a|
 // lands in [2^9, 2^10), so 16 products of |w| <= 1 sum to at most 2^14 in half precision).
-// gemv_row_stream_kernel (K past 4096: down projections, 70B-class models) reads a from shared memory per chunk.
+// Past 4096 (down projections, 70B-class models) the same kernel splits each row into 2, 4 or 8 parts of at most
+// 4096 values, a group of warps per row, where that measured faster; elsewhere gemv_row_stream_kernel reads a from
+// shared memory per chunk.
 // Per packed byte: one PRMT (the byte and the lane make the table address), one conflict-free LDS of both
 // weights as half2 (the pair table is replicated per lane) and one HFMA2; each 32-weight partial sum is widened
 // to float32 and scaled by its block's absmax there. The next chunks are loaded while a row is computed (each
@@ -141,19 +143,15 @@ __device__ __forceinline__ float row_chunk_dot(const unsigned char* table, uint3
   return f.x + f.y;
 }
 
-// A row kernel's start: it lets the next kernel launch, asks L2 for the start of each warp's first row, fills the
-// pair table (byte -> both weights as half2, per lane) from the by-value code, which no earlier kernel writes,
-// then waits for the kernel before it.
-template <int WARPS, int PF>
-__device__ __forceinline__ void row_table_then_wait(const Code16& code, unsigned char* row_smem, const uint8_t* packed,
-                                                    int64_t N, int64_t K) {
+// A row kernel's start: it lets the next kernel launch, asks L2 for the first `pf_bytes` of the warp's first row
+// (`pf_from`, null past N), fills the pair table (byte -> both weights as half2, per lane) from the by-value code,
+// which no earlier kernel writes, then waits for the kernel before it.
+__device__ __forceinline__ void row_table_then_wait(const Code16& code, unsigned char* row_smem, const uint8_t* pf_from,
+                                                    uint32_t pf_bytes, int64_t K) {
   pdl_launch_dependents();
-  // the first PF packed bytes of the warp's first row asked of L2 (a bulk prefetch returns nothing to the program
-  // and L2 stays coherent with the kernel before, which may still write them): their DRAM reads overlap its tail
-  if constexpr (PF > 0) {
-    const int64_t row = int64_t(blockIdx.x) * WARPS + threadIdx.x / 32;
-    if (threadIdx.x % 32 == 0 && row < N) prefetch_l2(packed + row * (K / 2), uint32_t(min(K / 2, int64_t(PF))));
-  }
+  // a bulk prefetch returns nothing to the program and L2 stays coherent with the kernel before, which may still
+  // write those bytes: their DRAM reads overlap its tail
+  if (pf_bytes > 0 && pf_from != nullptr && threadIdx.x % 32 == 0) prefetch_l2(pf_from, pf_bytes);
   float* s_code = reinterpret_cast<float*>(row_smem + row_code_offset(K));
   copy_table(s_code, code.v);
   __syncthreads();
@@ -192,28 +190,35 @@ __device__ __forceinline__ void row_load_x(unsigned char* row_smem, uint32_t chu
 // Launched as a programmatic dependent launch (launch_dependent): the pair table is filled while the kernel
 // before it finishes (back to back 1-token gemvs, H100 14336x4096: 13.6 vs 15.2 us per call), and the kernel
 // lets the next one start at once (that one waits for this one's output before reading anything).
-template <typename AT, int WARPS, int D, bool NESTED, int PF = kRowPrefetchBytes>
+// P > 1 splits each row into P parts of K / P values (whole 32-value chunks, at most 4096 values): the CTA's warps
+// form WARPS / P groups of P, warp p of a group takes part p of the group's rows and keeps that part of a in
+// registers, and each part's sum goes to shared memory; after the last row the CTA adds every row's parts in
+// order (a fixed order: the same bits every run) and writes the outputs. So K past 4096 keeps a in registers too.
+template <typename AT, int WARPS, int D, bool NESTED, int P = 1, int PF = kRowPrefetchBytes>
 __global__ void __launch_bounds__(WARPS * 32, 1)
     gemv_row_kernel(const AT* __restrict__ a, const uint8_t* __restrict__ packed, Code16 code, Scales sc, int log2bs,
                     int64_t N, int64_t K, AT* __restrict__ out, const AT* __restrict__ bias) {
+  static_assert(WARPS % P == 0, "a CTA holds whole groups of P warps");
+  constexpr int G = WARPS / P;  // row groups per CTA
   extern __shared__ __align__(16) unsigned char row_smem[];
-  row_table_then_wait<WARPS, PF>(code, row_smem, packed, N, K);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, part = warp % P, group = warp / P;
+  const int64_t stride = int64_t(gridDim.x) * G, Kp = K / P;
+  int64_t row = int64_t(blockIdx.x) * G + group;
+  const uint8_t* part_start = packed + row * (K / 2) + part * (Kp / 2);
+  row_table_then_wait(code, row_smem, row < N ? part_start : nullptr, uint32_t(min(Kp / 2, int64_t(PF))), K);
 
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t stride = int64_t(gridDim.x) * WARPS;
-  uint32_t valid = 0;  // bit d: the lane's chunk d lies inside the row (K < 1024 D leaves lanes past the end)
+  uint32_t valid = 0;  // bit d: the lane's chunk d lies inside the part (K < 1024 D leaves lanes past the end)
 #pragma unroll
   for (int d = 0; d < D; ++d)
-    if (int64_t(d) * 32 + lane < K / 32) valid |= 1u << d;
+    if (int64_t(d) * 32 + lane < Kp / 32) valid |= 1u << d;
 
   // The ring holds the lane's D chunks of the warp's next row: slot d is read, refilled with chunk d of the row
   // after, then computed. The row's packed bytes advance by a constant per row, and so does the block of the
   // lane's first chunk (K % blocksize == 0, blocksize <= 1024, block indices below 2^31: the launcher checks):
   // chunk d lies in block b_lane + d * 1024 / blocksize, so a chunk's addresses are a few 32-bit adds.
-  int64_t row = int64_t(blockIdx.x) * WARPS + warp;
-  const uint8_t* pw = packed + row * (K / 2) + lane * 16;
+  const uint8_t* pw = part_start + lane * 16;
   const uint32_t row_blocks = uint32_t(K >> log2bs), blocks_per_1024 = 1024u >> log2bs;
-  uint32_t b_lane = uint32_t(row) * row_blocks + ((uint32_t(lane) * 32u) >> log2bs);
+  uint32_t b_lane = uint32_t(row) * row_blocks + ((uint32_t(part * Kp) + uint32_t(lane) * 32u) >> log2bs);
   const int64_t step_bytes = stride * (K / 2);
   const uint32_t step_blocks = uint32_t(stride) * row_blocks;
   const int nlog2 = NESTED ? sc.nested_log2 : 0;
@@ -232,26 +237,28 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
   };
 #pragma unroll
   for (int d = 0; d < D; ++d) {
-    ring[d] = ChunkIn{make_uint4(0u, 0u, 0u, 0u), 0u, 0.0f};  // chunks past the row stay zero (zero a too)
+    ring[d] = ChunkIn{make_uint4(0u, 0u, 0u, 0u), 0u, 0.0f};  // chunks past the part stay zero (zero a too)
     fetch(d, row < N);  // in flight during the prologue
   }
 
   float off = 0.0f;
   const float down = row_prologue<AT, WARPS, NESTED>(a, sc, K, row_smem, off);
-  uint4 xr[D][4];  // the lane's chunks of a, the same for every row (chunks past K: zero)
+  uint4 xr[D][4];  // the lane's chunks of a, the same for every row (chunks past the part: zero)
+  const uint32_t first_chunk = uint32_t(part * (Kp / 32) + lane);
 #pragma unroll
   for (int d = 0; d < D; ++d) {
     if ((valid >> d) & 1u) {
-      row_load_x(row_smem, uint32_t(d * 32 + lane), xr[d]);
+      row_load_x(row_smem, first_chunk + uint32_t(d * 32), xr[d]);
     } else {
 #pragma unroll
       for (int q = 0; q < 4; ++q) xr[d][q] = make_uint4(0u, 0u, 0u, 0u);
     }
   }
   const float* s_ncode = row_ncode(row_smem);
+  float* s_part = reinterpret_cast<float*>(row_smem + row_smem_bytes(K));  // P > 1: [row of the CTA][part]
 
   const uint32_t lane_off = uint32_t(lane) * 4u;
-  for (; row < N; row += stride) {
+  for (int64_t it = 0; row < N; row += stride, ++it) {
     const bool more = row + stride < N;
     pw += step_bytes;
     b_lane += step_blocks;
@@ -267,32 +274,66 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-    if (lane == 0) out[row] = from_f32<AT>(acc * down + bias_at(bias, row, N));
+    if (lane == 0) {
+      if constexpr (P == 1)
+        out[row] = from_f32<AT>(acc * down + bias_at(bias, row, N));
+      else
+        s_part[(it * G + group) * P + part] = acc;
+    }
+  }
+  if constexpr (P > 1) {
+    __syncthreads();
+    const int64_t slots = (N + stride - 1) / stride * G;  // (iteration, group) pairs, as the launcher sized them
+    for (int64_t t = threadIdx.x; t < slots; t += blockDim.x) {
+      const int64_t r = int64_t(blockIdx.x) * G + t % G + t / G * stride;
+      if (r < N) {
+        float sum = s_part[t * P];
+#pragma unroll
+        for (int p = 1; p < P; ++p) sum += s_part[t * P + p];
+        out[r] = from_f32<AT>(sum * down + bias_at(bias, r, N));
+      }
+    }
   }
 }
 
-// Grid: rows per warp so that the warps split N evenly, at most one wave. `configured` and `waves` belong to
-// `kernel` (its raised shared-memory limit per device, its occupancy).
-template <typename AT, int WARPS, typename Kernel>
+// Parts of a row for the split register kernel (K past 4096): the fewest of 2, 4 or 8 that leave whole 32-value
+// chunks and at most 4096 values (4 chunk rounds) per part; 0 when none does (the streaming kernel takes it).
+inline int row_split_parts(int64_t K) {
+  for (int parts : {2, 4, 8})
+    if (K % (32 * parts) == 0 && K / parts <= 4096) return parts;
+  return 0;
+}
+
+// Shared memory of the row kernel with P parts per row: the P = 1 layout, then (P > 1) one float per part of each
+// row the CTA's groups take (`rows_per_group` each)
+constexpr size_t row_split_smem_bytes(int64_t K, int P, int warps, int64_t rows_per_group) {
+  return row_smem_bytes(K) + (P > 1 ? size_t(warps) * size_t(rows_per_group) * 4 : 0);
+}
+
+// Grid: rows per group of P warps so that the groups split N evenly, at most one wave. `configured` and `waves`
+// belong to `kernel` (its raised shared-memory limit per device, its occupancy).
+template <typename AT, int WARPS, int P = 1, typename Kernel>
 void launch_row_kernel(Kernel kernel, std::atomic<uint64_t>& configured, WaveCache& waves, const AT* a,
                        const uint8_t* p, const Code16& c, const Scales& sc, int log2bs, int64_t N, int64_t K, AT* o,
                        const AT* bias, cudaStream_t stream) {
   allow_dynamic_smem(kernel, device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin), configured);
-  const size_t smem = row_smem_bytes(K);
-  const int64_t max_warps = one_wave_cached(kernel, WARPS * 32, smem, waves) * WARPS;
-  const int64_t rows_per_warp = (N + max_warps - 1) / max_warps;
-  const int64_t warps = (N + rows_per_warp - 1) / rows_per_warp;
-  launch_dependent(kernel, dim3(unsigned((warps + WARPS - 1) / WARPS)), dim3(WARPS * 32), smem, stream, a, p, c, sc,
-                   log2bs, N, K, o, bias);
+  constexpr int G = WARPS / P;
+  const int64_t max_groups = one_wave_cached(kernel, WARPS * 32, row_smem_bytes(K), waves) * G;
+  const int64_t rows_per_group = (N + max_groups - 1) / max_groups;
+  const int64_t groups = (N + rows_per_group - 1) / rows_per_group;
+  const int64_t grid = (groups + G - 1) / G;
+  const int64_t iterations = (N + grid * G - 1) / (grid * G);  // the kernel's rows per group
+  launch_dependent(kernel, dim3(unsigned(grid)), dim3(WARPS * 32), row_split_smem_bytes(K, P, WARPS, iterations),
+                   stream, a, p, c, sc, log2bs, N, K, o, bias);
 }
 
-template <typename AT, int WARPS, int D>
+template <typename AT, int WARPS, int D, int P = 1>
 void launch_gemv_row(const AT* a, const uint8_t* p, const Code16& c, const Scales& sc, bool nested, int log2bs,
                      int64_t N, int64_t K, AT* o, const AT* bias, cudaStream_t stream) {
   static std::atomic<uint64_t> configured[2] = {0, 0};
   static WaveCache waves[2];
-  launch_row_kernel<AT, WARPS>(nested ? gemv_row_kernel<AT, WARPS, D, true> : gemv_row_kernel<AT, WARPS, D, false>,
-                               configured[nested], waves[nested], a, p, c, sc, log2bs, N, K, o, bias, stream);
+  launch_row_kernel<AT, WARPS, P>(nested ? gemv_row_kernel<AT, WARPS, D, true, P> : gemv_row_kernel<AT, WARPS, D, false, P>,
+                                  configured[nested], waves[nested], a, p, c, sc, log2bs, N, K, o, bias, stream);
 }
 
 // The row kernel for K past 4096 (a in shared memory): lane l's chunks of a row are l + 32 c for c < C =
@@ -307,15 +348,15 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
                            const AT* __restrict__ bias) {
   constexpr int D = 4;
   extern __shared__ __align__(16) unsigned char row_smem[];
-  row_table_then_wait<WARPS, PF>(code, row_smem, packed, N, K);
-
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t stride = int64_t(gridDim.x) * WARPS;
+  int64_t row = int64_t(blockIdx.x) * WARPS + warp;
+  row_table_then_wait(code, row_smem, row < N ? packed + row * (K / 2) : nullptr, uint32_t(min(K / 2, int64_t(PF))), K);
+
   const uint32_t C = uint32_t((K + 1023) >> 10);  // chunk rounds per row (lanes past K in the last: zeros)
   const uint32_t KC = uint32_t(K / 32);
   const uint32_t row_blocks = uint32_t(K >> log2bs), blocks_per_chunk = 1024u >> log2bs;
   const int nlog2 = NESTED ? sc.nested_log2 : 0;
-  int64_t row = int64_t(blockIdx.x) * WARPS + warp;
 
   // the fetch cursor: chunks left to load, chunk in the row, packed bytes and block of the lane's next chunk
   // (32-bit counts and blocks: the launcher checks); past a row's last chunk it jumps to the warp's next row
@@ -415,11 +456,16 @@ void launch_gemv_row_stream(const AT* a, const uint8_t* p, const Code16& c, cons
 
 // Whether the row kernel takes this call; launch_gemv (gemv.cu) asks it first.
 bool gemv_row_applies(FloatType dtype, bool nested, const Scales& sc, int log2bs, int64_t M, int64_t N, int64_t K);
+bool gemv_row_split_applies(FloatType dtype, bool nested, const Scales& sc, int log2bs, int64_t M, int64_t N,
+                            int64_t K);
 bool gemv_row_stream_applies(FloatType dtype, bool nested, const Scales& sc, int log2bs, int64_t M, int64_t N,
                              int64_t K);
 void launch_gemv_row_stream_any(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code,
                                 const Scales& sc, bool nested, int log2bs, int64_t N, int64_t K, void* out,
                                 const void* bias, cudaStream_t stream);
+void launch_gemv_row_split_any(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code,
+                               const Scales& sc, bool nested, int log2bs, int64_t N, int64_t K, void* out,
+                               const void* bias, cudaStream_t stream);
 void launch_gemv_row_any(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code, const Scales& sc,
                          bool nested, int log2bs, int64_t N, int64_t K, void* out, const void* bias,
                          cudaStream_t stream);
