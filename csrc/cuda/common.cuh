@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 namespace fsdp4bit {
 
@@ -170,6 +171,21 @@ __device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
 }
 
 // ------------------------------------------------------------------------- dtype helpers
+// launch(a, out, bias) with the three pointers cast to A's 16-bit type (bfloat16, else half): the one dtype
+// dispatch of the fp16/bf16-only kernels' launchers, which take the element type from their arguments
+template <typename Launch>
+inline void with_16bit_type(FloatType dtype, const void* a, void* out, const void* bias, Launch&& launch) {
+  if (dtype == FloatType::kBF16)
+    launch(static_cast<const __nv_bfloat16*>(a), static_cast<__nv_bfloat16*>(out),
+           static_cast<const __nv_bfloat16*>(bias));
+  else
+    launch(static_cast<const __half*>(a), static_cast<__half*>(out), static_cast<const __half*>(bias));
+}
+
+// the element type behind a typed pointer that with_16bit_type() hands its launch
+template <typename P>
+using element_of = std::remove_cv_t<std::remove_pointer_t<P>>;
+
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }

@@ -14,15 +14,10 @@ bool gemv_lut_applies(FloatType dtype, bool nested, const Scales& sc, int64_t M,
 void launch_gemv_lut_any(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code, const Scales& sc,
                          bool nested, int log2bs, int64_t N, int64_t K, void* out, const void* bias,
                          cudaStream_t stream) {
-  if (dtype == FloatType::kBF16)
-    launch_gemv_lut<__nv_bfloat16, kLutRows, kLutWarps, true>(static_cast<const __nv_bfloat16*>(A), packed, code, sc,
-                                                              nested, log2bs, N, K,
-                                                              static_cast<__nv_bfloat16*>(out),
-                                                              static_cast<const __nv_bfloat16*>(bias), stream);
-  else
-    launch_gemv_lut<__half, kLutRows, kLutWarps, true>(static_cast<const __half*>(A), packed, code, sc, nested, log2bs,
-                                                       N, K, static_cast<__half*>(out),
-                                                       static_cast<const __half*>(bias), stream);
+  with_16bit_type(dtype, A, out, bias, [&](auto a, auto o, auto b) {
+    launch_gemv_lut<element_of<decltype(a)>, kLutRows, kLutWarps, true>(a, packed, code, sc, nested, log2bs, N, K, o,
+                                                                        b, stream);
+  });
 }
 
 }  // namespace fsdp4bit

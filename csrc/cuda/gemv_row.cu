@@ -45,13 +45,9 @@ bool gemv_row_stream_applies(FloatType dtype, bool nested, const Scales& sc, int
 void launch_gemv_row_stream_any(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code,
                                 const Scales& sc, bool nested, int log2bs, int64_t N, int64_t K, void* out,
                                 const void* bias, cudaStream_t stream) {
-  if (dtype == FloatType::kBF16)
-    launch_gemv_row_stream<__nv_bfloat16, kRowWarps>(static_cast<const __nv_bfloat16*>(A), packed, code, sc, nested,
-                                                     log2bs, N, K, static_cast<__nv_bfloat16*>(out),
-                                                     static_cast<const __nv_bfloat16*>(bias), stream);
-  else
-    launch_gemv_row_stream<__half, kRowWarps>(static_cast<const __half*>(A), packed, code, sc, nested, log2bs, N, K,
-                                              static_cast<__half*>(out), static_cast<const __half*>(bias), stream);
+  with_16bit_type(dtype, A, out, bias, [&](auto a, auto o, auto b) {
+    launch_gemv_row_stream<element_of<decltype(a)>, kRowWarps>(a, packed, code, sc, nested, log2bs, N, K, o, b, stream);
+  });
 }
 
 // P parts per row, D = chunk rounds per part (K / P / 1024 rounded up: 3 or 4, since fewer parts would not do)
@@ -77,12 +73,9 @@ static void launch_split(const AT* a, const uint8_t* packed, const Code16& code,
 void launch_gemv_row_split_any(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code,
                                const Scales& sc, bool nested, int log2bs, int64_t N, int64_t K, void* out,
                                const void* bias, cudaStream_t stream) {
-  if (dtype == FloatType::kBF16)
-    launch_split(static_cast<const __nv_bfloat16*>(A), packed, code, sc, nested, log2bs, N, K,
-                 static_cast<__nv_bfloat16*>(out), static_cast<const __nv_bfloat16*>(bias), stream);
-  else
-    launch_split(static_cast<const __half*>(A), packed, code, sc, nested, log2bs, N, K, static_cast<__half*>(out),
-                 static_cast<const __half*>(bias), stream);
+  with_16bit_type(dtype, A, out, bias, [&](auto a, auto o, auto b) {
+    launch_split(a, packed, code, sc, nested, log2bs, N, K, o, b, stream);
+  });
 }
 
 // D = chunk rounds per row (K / 1024 rounded up), a compile-time count: the lane keeps D chunks of a in registers
@@ -100,12 +93,9 @@ static void launch_row_rounds(const AT* a, const uint8_t* packed, const Code16& 
 void launch_gemv_row_any(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code, const Scales& sc,
                          bool nested, int log2bs, int64_t N, int64_t K, void* out, const void* bias,
                          cudaStream_t stream) {
-  if (dtype == FloatType::kBF16)
-    launch_row_rounds(static_cast<const __nv_bfloat16*>(A), packed, code, sc, nested, log2bs, N, K,
-                      static_cast<__nv_bfloat16*>(out), static_cast<const __nv_bfloat16*>(bias), stream);
-  else
-    launch_row_rounds(static_cast<const __half*>(A), packed, code, sc, nested, log2bs, N, K, static_cast<__half*>(out),
-                      static_cast<const __half*>(bias), stream);
+  with_16bit_type(dtype, A, out, bias, [&](auto a, auto o, auto b) {
+    launch_row_rounds(a, packed, code, sc, nested, log2bs, N, K, o, b, stream);
+  });
 }
 
 }  // namespace fsdp4bit

@@ -14,14 +14,10 @@ bool gemv_tma_applies(FloatType dtype, int log2bs, int64_t M, int64_t K) {
 void launch_gemv_tma_any(const void* A, FloatType dtype, const uint8_t* packed, const Code16& code, const Scales& sc,
                          bool nested, int log2bs, int64_t M, int64_t N, int64_t K, void* out, const void* bias,
                          cudaStream_t stream) {
-  if (dtype == FloatType::kBF16)
-    launch_gemv_tma<__nv_bfloat16, kTmaWarps, kTmaChunkSpans, kTmaStages>(
-        static_cast<const __nv_bfloat16*>(A), packed, code, sc, nested, log2bs, int(M), N, K,
-        static_cast<__nv_bfloat16*>(out), static_cast<const __nv_bfloat16*>(bias), kTmaCtasPerSm, stream);
-  else
-    launch_gemv_tma<__half, kTmaWarps, kTmaChunkSpans, kTmaStages>(
-        static_cast<const __half*>(A), packed, code, sc, nested, log2bs, int(M), N, K, static_cast<__half*>(out),
-        static_cast<const __half*>(bias), kTmaCtasPerSm, stream);
+  with_16bit_type(dtype, A, out, bias, [&](auto a, auto o, auto b) {
+    launch_gemv_tma<element_of<decltype(a)>, kTmaWarps, kTmaChunkSpans, kTmaStages>(
+        a, packed, code, sc, nested, log2bs, int(M), N, K, o, b, kTmaCtasPerSm, stream);
+  });
 }
 
 }  // namespace fsdp4bit
