@@ -294,8 +294,8 @@ def test_gemv_bias_rounds_once(native, dtype):
     b = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
     dot = s * s
     # (rows of A, rows of W, K, blocksize): CUDA row (K <= 4096), row_split (K past 4096 in 2 parts, more than 2
-    # rows per group of warps), row_stream (K past 4096 that no split divides; or few rows), pair-table (rows ending
-    # inside a block), CUDA-core (2 rows) and tensor-core (4 rows, sm_90) kernels; the CPU kernel for all
+    # rows per group of warps), row_stream (K past 4096 with few rows), pair-table (rows ending inside a block),
+    # CUDA-core (2 rows) and tensor-core (4 rows, sm_90) kernels; the CPU kernel for all
     cases = [
         (1, 300, 4096, 64, "nf4"),
         (1, 4805, 4160, 64, "fp4"),
@@ -673,59 +673,64 @@ def test_gemv_row_path(cuda_native, dtype):
         _gemv_case(ops, device, (1,), 300, 4096, 64, "nf4", True, dtype, seed=310 + i, a_scale=mag)
 
 
-def _split_groups(parts: int) -> int:
-    """Groups of `parts` warps in one wave of the split row kernel (16-warp CTAs, one per SM)."""
-    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count * (16 // parts)
+def _sms() -> int:
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gemv_row_split_path(cuda_native, dtype):
-    """1 token of fp16/bf16 with K past 4096 that 2, 4 or 8 parts of whole 32-value chunks and at most 4096 values
-    divide, with more than 2 rows per group of warps, takes the split register row kernel (each part's sums added
-    in order at the CTA's end): every part count with 3 or 4 chunk rounds per part, lanes past a part's end in its
-    last round (half a round with 2 parts: 7168), parts that start inside a block, rows that do not divide evenly
-    among the groups, every blocksize it takes, with and without double quant."""
+    """1 token of fp16/bf16 with K in (4096, 32768] and more than 2 rows per group of warps takes the split register
+    row kernel: each row's 1024-value chunk rounds dealt out to 2, 4 or 8 parts of at most 4 (unequal parts: 14336
+    in 4, 4, 3, 3 rounds; a partial last round: 4128 ends 1 chunk into its fifth, 11008 and 8256 half-way), each
+    part's sum added in order at the CTA's end. Every part count, rows that do not divide evenly among the groups,
+    every blocksize it takes, with and without double quant; 8 parts of a K % 1024 == 0 where the streaming kernel
+    would leave warps idle (a row more than one per warp)."""
     ops, device = cuda_native
     cases = [(4805, 8192, "nf4", True, 64), (4500, 5120, "fp4", False, 128), (1400, 32768, "nf4", True, 64)]
     cases += [(4805, 7168, "nf4", True, 256), (2300, 16384, "fp4", False, 128), (1045, 18944, "fp4", False, 64)]
     cases += [(4805, 11008, "nf4", True, 256), (2301, 13824, "nf4", True, 256), (6000, 12800, "nf4", False, 64)]
     cases += [(4805, 4160, "nf4", True, 64), (9000, 4160, "fp4", False, 32), (20000, 8192, "nf4", True, 1024)]
+    cases += [(4805, 4128, "nf4", True, 32), (2500, 8256, "fp4", True, 64), (4805, 14336, "nf4", True, 1024)]
+    cases += [(16 * _sms() + 1, 17408, "nf4", True, 64)]
     _gemv_path_cases(ops, device, dtype, cases, "row_split", seed=340)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gemv_row_stream_path(cuda_native, dtype):
     """1 token of fp16/bf16 with K past 4096, whole blocks of <= 1024 weights per row, that the split kernel leaves
-    takes the streaming row kernel (a in shared memory, each lane's chunks one stream across row ends): K that no
-    split into whole chunks of at most 4096 values divides, 4 or 8 parts ending half-way through a round (14336,
-    28672), 2 rows or fewer per group of warps; rows ending mid-group of chunks (5, 7, 11, 13, 14 rounds), lanes
-    past K in the last round, more rows than warps and fewer, every blocksize it takes, with and without double
-    quant; blocks past 1024 weights take the pair-table kernel."""
+    takes the streaming row kernel (a in shared memory, each lane's chunks one stream across row ends): K past
+    32768, 2 rows or fewer per group of warps, and 8 parts of a K % 1024 == 0 whose rows fill the streaming
+    kernel's warps (one row per warp); rows ending mid-group of chunks (5, 7, 11, 13 rounds), lanes past K in the
+    last round, more rows than warps and fewer, every blocksize it takes, with and without double quant; blocks
+    past 1024 weights take the pair-table kernel."""
     ops, device = cuda_native
-    cases = [(4805, 4128, "nf4", True, 32), (130, 6176, "fp4", False, 32), (301, 36864, "nf4", True, 1024)]
-    cases += [(3, 12320, "nf4", True, 32), (2500, 8256, "fp4", True, 64), (9000, 4192, "nf4", False, 32)]
-    cases += [(4805, 14336, "nf4", True, 1024), (3, 28672, "nf4", True, 64), (130, 11008, "fp4", True, 32)]
-    cases += [(200, 4160, "fp4", False, 32), (2 * _split_groups(2), 8192, "nf4", True, 64)]
+    cases = [(130, 6176, "fp4", False, 32), (301, 36864, "nf4", True, 1024), (3, 12320, "nf4", True, 32)]
+    cases += [(3, 28672, "nf4", True, 64), (130, 11008, "fp4", True, 32), (200, 4160, "fp4", False, 32)]
+    cases += [(16 * _sms(), 8192, "nf4", True, 64), (16 * _sms(), 17408, "fp4", True, 128)]
     _gemv_path_cases(ops, device, dtype, cases, "row_stream", seed=380)
     _gemv_path_cases(ops, device, dtype, [(64, 9216, "nf4", True, 2048)], "pair_table", seed=360)
 
 
-@pytest.mark.parametrize("K", [4096, 8192, 8256, 992], ids=["row", "row-split", "row-stream", "pair-table"])
-def test_gemv_chain_reads_the_kernel_before(cuda_native, K):
+@pytest.mark.parametrize(
+    ("N", "K"),
+    [(4096, 4096), (8192, 8192), (200, 4160), (992, 992)],
+    ids=["row", "row-split", "row-stream", "pair-table"],
+)
+def test_gemv_chain_reads_the_kernel_before(cuda_native, N, K):
     """1-token gemvs are programmatic dependent launches on sm_90: each may start while the kernel before it
     runs, so what it reads must still be that kernel's finished output. A chain on one stream where every gemv
-    reads the gemv before, and the last one reads weights quantized by the kernels just before it, eagerly and
-    replayed from a CUDA graph with new inputs and new weights each time, matches the float64 product of each
-    step's actual input and weight."""
+    reads the gemv before (an (N, K) weight, then a (K, N) one, alternating), and the last one reads weights
+    quantized by the kernels just before it, eagerly and replayed from a CUDA graph with new inputs and new weights
+    each time, matches the float64 product of each step's actual input and weight."""
     from fsdp4bit import functional as F
 
     ops, device = cuda_native
-    expected = {4096: "row", 8192: "row_split", 8256: "row_stream", 992: "pair_table"}[K]
-    assert _cuda_gemv_kernel(ops, torch.bfloat16, K, K, 64, True) == expected
+    expected = {4096: "row", 8192: "row_split", 4160: "row_stream", 992: "pair_table"}[K]
+    assert _cuda_gemv_kernel(ops, torch.bfloat16, N, K, 64, True) == expected
     g = _gen(330 + K)
     quant = dict(blocksize=64, compress_statistics=True, quant_type="nf4")
-    states = [F.quantize_4bit(torch.randn(K, K, generator=g).to(device, torch.bfloat16) / math.sqrt(K), **quant)]
-    states.append(F.quantize_4bit(torch.randn(K, K, generator=g).to(device, torch.bfloat16) / math.sqrt(K), **quant))
+    states = [F.quantize_4bit(torch.randn(N, K, generator=g).to(device, torch.bfloat16) / math.sqrt(K), **quant)]
+    states.append(F.quantize_4bit(torch.randn(K, N, generator=g).to(device, torch.bfloat16) / math.sqrt(N), **quant))
     dense = [F.dequantize_4bit(p, s).double().cpu() for p, s in states]
     fresh = torch.randn(K, K, generator=g).to(device, torch.bfloat16) / math.sqrt(K)
     a0 = torch.randn(1, K, generator=g).to(device, torch.bfloat16)

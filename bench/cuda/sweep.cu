@@ -294,13 +294,13 @@ static void gemv_row_call(const bf16* a, const uint8_t* p, const Code16& c, cons
     launch_gemv_row<bf16, WARPS, 1>(a, p, c, sc, nested, log2bs, N, K, o, nullptr, st);
 }
 
-// the split register row kernel (a row in P parts of at most 4096 values, each a warp's, a in registers) where
-// K > 4096 divides so, else as gemv_row_call
+// the split register row kernel (a row in P parts of whole 1024-value rounds, at most 4 each, a in registers) for
+// every K past 4096 it takes, else as gemv_row_call
 template <int WARPS>
 static void gemv_split_call(const bf16* a, const uint8_t* p, const Code16& c, const Scales& sc, bool nested, int log2bs,
                             int64_t N, int64_t K, bf16* o, cudaStream_t st) {
   const int parts = K > 4096 && log2bs <= 10 && (K >> log2bs) << log2bs == K ? row_split_parts(K) : 0;
-  const bool d4 = parts > 0 && K / parts > 3072;
+  const bool d4 = parts > 0 && row_split_rounds(K, parts) == 4;
   if (parts == 2)
     d4 ? launch_gemv_row<bf16, WARPS, 4, 2>(a, p, c, sc, nested, log2bs, N, K, o, nullptr, st)
        : launch_gemv_row<bf16, WARPS, 3, 2>(a, p, c, sc, nested, log2bs, N, K, o, nullptr, st);

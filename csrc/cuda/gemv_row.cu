@@ -21,17 +21,26 @@ bool gemv_row_applies(FloatType dtype, bool nested, const Scales& sc, int log2bs
   return M == 1 && dtype != FloatType::kF32 && K <= 4096 && row_blocks_fit(sc, nested, log2bs, N, K);
 }
 
+// The share of the streaming kernel's row slots that hold rows (its grid: one wave of 16-warp CTAs, every warp
+// taking the same number of rows, the last ones fewer)
+static double stream_fill(int64_t N) {
+  const int64_t warps = device_attribute(cudaDevAttrMultiProcessorCount) * kRowWarps;
+  const int64_t per_warp = (N + warps - 1) / warps;
+  return double(N) / double(per_warp * warps);
+}
+
 bool gemv_row_split_applies(FloatType dtype, bool nested, const Scales& sc, int log2bs, int64_t M, int64_t N,
                             int64_t K) {
   const int parts = row_split_parts(K);
   if (M != 1 || dtype == FloatType::kF32 || K <= 4096 || parts == 0 || !row_blocks_fit(sc, nested, log2bs, N, K))
     return false;
-  // where it measured faster than the streaming kernel (H100 sweep of 16 LLM shapes, NOTES.md): 1-18% on 13 of
-  // them (4096x11008 13.2 -> 11.4 us, 5120x13824 20.6 -> 17.0, 8192x8192 15.3 -> 14.9, 5120x5120 9.0 -> 8.1). It
-  // lost with 2 rows or fewer per group of warps (2048x8192: 6.3 -> 6.7) and with 4 or 8 parts that end half-way
-  // through a chunk round (4096x14336: 14.0 -> 14.1, 8192x28672: 45.7 -> 46.7), which keep the streaming kernel.
+  // where it measured faster than the streaming kernel (H100 sweep of 16 LLM shapes, NOTES.md): 1-20% on 14 of
+  // them (4096x11008 13.2 -> 10.6 us, 5120x13824 20.5 -> 16.6, 8192x8192 15.3 -> 14.7, 5120x5120 9.0 -> 7.5,
+  // 4096x14336 13.9 -> 13.8). It lost with 2 rows or fewer per group of warps (2048x8192: 6.3 -> 6.5) and with 8
+  // parts where the streaming kernel neither pads a last round nor leaves warps idle (8192x28672: 45.5 -> 46.9;
+  // 5120x27648, whose 5120 rows fill 81% of the streaming kernel's warps, went 33.9 -> 30.8).
   const int64_t groups = device_attribute(cudaDevAttrMultiProcessorCount) * (kRowWarps / parts);
-  if (N <= 2 * groups || (parts >= 4 && K / parts % 1024 == 512)) return false;
+  if (N <= 2 * groups || (parts == 8 && K % 1024 == 0 && stream_fill(N) >= 0.9)) return false;
   // the parts' sums of the CTA's rows must fit beside the rest of its shared memory (a grid of one CTA per SM)
   return int64_t(row_split_smem_bytes(K, parts, kRowWarps, (N + groups - 1) / groups)) <=
          device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
@@ -50,11 +59,11 @@ void launch_gemv_row_stream_any(const void* A, FloatType dtype, const uint8_t* p
   });
 }
 
-// P parts per row, D = chunk rounds per part (K / P / 1024 rounded up: 3 or 4, since fewer parts would not do)
+// P parts per row, D = chunk rounds of the longest part (3 or 4, since fewer parts would not do)
 template <typename AT, int P>
 static void launch_split_rounds(const AT* a, const uint8_t* packed, const Code16& code, const Scales& sc, bool nested,
                                 int log2bs, int64_t N, int64_t K, AT* out, const AT* bias, cudaStream_t stream) {
-  if (K / P > 3072)
+  if (row_split_rounds(K, P) == 4)
     launch_gemv_row<AT, kRowWarps, 4, P>(a, packed, code, sc, nested, log2bs, N, K, out, bias, stream);
   else
     launch_gemv_row<AT, kRowWarps, 3, P>(a, packed, code, sc, nested, log2bs, N, K, out, bias, stream);

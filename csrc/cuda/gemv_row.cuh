@@ -190,10 +190,11 @@ __device__ __forceinline__ void row_load_x(unsigned char* row_smem, uint32_t chu
 // Launched as a programmatic dependent launch (launch_dependent): the pair table is filled while the kernel
 // before it finishes (back to back 1-token gemvs, H100 14336x4096: 13.6 vs 15.2 us per call), and the kernel
 // lets the next one start at once (that one waits for this one's output before reading anything).
-// P > 1 splits each row into P parts of K / P values (whole 32-value chunks, at most 4096 values): the CTA's warps
-// form WARPS / P groups of P, warp p of a group takes part p of the group's rows and keeps that part of a in
-// registers, and each part's sum goes to shared memory; after the last row the CTA adds every row's parts in
-// order (a fixed order: the same bits every run) and writes the outputs. So K past 4096 keeps a in registers too.
+// P > 1 splits each row into P parts of whole 1024-value chunk rounds (the row's C rounds dealt out as evenly as
+// they go: 14 rounds in 4 parts are 4, 4, 3, 3; at most D = 4 each): the CTA's warps form WARPS / P groups of P,
+// warp p of a group takes part p of the group's rows and keeps that part of a in registers, and each part's sum
+// goes to shared memory; after the last row the CTA adds every row's parts in order (a fixed order: the same bits
+// every run) and writes the outputs. So K past 4096 keeps a in registers too.
 template <typename AT, int WARPS, int D, bool NESTED, int P = 1, int PF = kRowPrefetchBytes>
 __global__ void __launch_bounds__(WARPS * 32, 1)
     gemv_row_kernel(const AT* __restrict__ a, const uint8_t* __restrict__ packed, Code16 code, Scales sc, int log2bs,
@@ -202,15 +203,22 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
   constexpr int G = WARPS / P;  // row groups per CTA
   extern __shared__ __align__(16) unsigned char row_smem[];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, part = warp % P, group = warp / P;
-  const int64_t stride = int64_t(gridDim.x) * G, Kp = K / P;
+  const int64_t stride = int64_t(gridDim.x) * G;
+  // the part's first chunk round and its chunks (a partial last round of the row: fewer)
+  uint32_t round0 = 0, part_chunks = uint32_t(K / 32);
+  if constexpr (P > 1) {
+    const uint32_t rounds = uint32_t((K + 1023) >> 10), base = rounds / P, extra = rounds % P;
+    round0 = uint32_t(part) * base + min(uint32_t(part), extra);
+    part_chunks = min(part_chunks - round0 * 32u, (base + (uint32_t(part) < extra ? 1u : 0u)) * 32u);
+  }
   int64_t row = int64_t(blockIdx.x) * G + group;
-  const uint8_t* part_start = packed + row * (K / 2) + part * (Kp / 2);
-  row_table_then_wait(code, row_smem, row < N ? part_start : nullptr, uint32_t(min(Kp / 2, int64_t(PF))), K);
+  const uint8_t* part_start = packed + row * (K / 2) + int64_t(round0) * 512;
+  row_table_then_wait(code, row_smem, row < N ? part_start : nullptr, min(part_chunks * 16u, uint32_t(PF)), K);
 
-  uint32_t valid = 0;  // bit d: the lane's chunk d lies inside the part (K < 1024 D leaves lanes past the end)
+  uint32_t valid = 0;  // bit d: the lane's chunk d lies inside the part (fewer than D full rounds leave lanes out)
 #pragma unroll
   for (int d = 0; d < D; ++d)
-    if (int64_t(d) * 32 + lane < Kp / 32) valid |= 1u << d;
+    if (uint32_t(d * 32 + lane) < part_chunks) valid |= 1u << d;
 
   // The ring holds the lane's D chunks of the warp's next row: slot d is read, refilled with chunk d of the row
   // after, then computed. The row's packed bytes advance by a constant per row, and so does the block of the
@@ -218,7 +226,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
   // chunk d lies in block b_lane + d * 1024 / blocksize, so a chunk's addresses are a few 32-bit adds.
   const uint8_t* pw = part_start + lane * 16;
   const uint32_t row_blocks = uint32_t(K >> log2bs), blocks_per_1024 = 1024u >> log2bs;
-  uint32_t b_lane = uint32_t(row) * row_blocks + ((uint32_t(part * Kp) + uint32_t(lane) * 32u) >> log2bs);
+  uint32_t b_lane = uint32_t(row) * row_blocks + ((round0 * 1024u + uint32_t(lane) * 32u) >> log2bs);
   const int64_t step_bytes = stride * (K / 2);
   const uint32_t step_blocks = uint32_t(stride) * row_blocks;
   const int nlog2 = NESTED ? sc.nested_log2 : 0;
@@ -244,7 +252,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
   float off = 0.0f;
   const float down = row_prologue<AT, WARPS, NESTED>(a, sc, K, row_smem, off);
   uint4 xr[D][4];  // the lane's chunks of a, the same for every row (chunks past the part: zero)
-  const uint32_t first_chunk = uint32_t(part * (Kp / 32) + lane);
+  const uint32_t first_chunk = round0 * 32u + uint32_t(lane);
 #pragma unroll
   for (int d = 0; d < D; ++d) {
     if ((valid >> d) & 1u) {
@@ -296,13 +304,17 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
   }
 }
 
-// Parts of a row for the split register kernel (K past 4096): the fewest of 2, 4 or 8 that leave whole 32-value
-// chunks and at most 4096 values (4 chunk rounds) per part; 0 when none does (the streaming kernel takes it).
+// Parts of a row for the split register kernel (K past 4096): the fewest of 2, 4 or 8 that leave at most 4 chunk
+// rounds of 1024 values per part; 0 past 8 x 4096 (the streaming kernel takes it).
 inline int row_split_parts(int64_t K) {
+  const int64_t rounds = (K + 1023) / 1024;
   for (int parts : {2, 4, 8})
-    if (K % (32 * parts) == 0 && K / parts <= 4096) return parts;
+    if (rounds <= 4 * parts) return parts;
   return 0;
 }
+
+// chunk rounds of the split kernel's longest part (its D): the row's rounds dealt out to `parts` parts
+inline int row_split_rounds(int64_t K, int parts) { return int(((K + 1023) / 1024 + parts - 1) / parts); }
 
 // Shared memory of the row kernel with P parts per row: the P = 1 layout, then (P > 1) one float per part of each
 // row the CTA's groups take (`rows_per_group` each)
