@@ -345,11 +345,15 @@ def test_gemv_tensor_core_path(cuda_native, dtype):
         _gemv_case(ops, device, (M,), 4805, 4160, bs, qt, nested, dtype, seed=100 + i)
 
 
+def _sms() -> int:
+    """The current GPU's SM count (the fused kernels' rules depend on it)."""
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
 def _gemm_min_rows() -> int:
     """Rows of W from which the fused 4-bit GEMM takes up to 256 tokens on this GPU: 128-row tiles for 3/4 of
     the SMs."""
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    return 128 * math.ceil(0.75 * sms)
+    return 128 * math.ceil(0.75 * _sms())
 
 
 @pytest.fixture
@@ -671,10 +675,6 @@ def test_gemv_row_path(cuda_native, dtype):
     big, small = (1e30, 1e-30) if dtype == torch.bfloat16 else (1e2, 1e-3)
     for i, mag in enumerate((big, small)):
         _gemv_case(ops, device, (1,), 300, 4096, 64, "nf4", True, dtype, seed=310 + i, a_scale=mag)
-
-
-def _sms() -> int:
-    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

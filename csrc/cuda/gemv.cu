@@ -1,5 +1,6 @@
 // Launcher of the fused gemv: for one token a row kernel (gemv_row.cu: a in registers up to K = 4096 and, rows split
-// in parts, past it where K divides so; else in shared memory) or the pair-table kernel (gemv_lut.cu: rows ending inside a block, blocks past 1024 weights),
+// in parts, up to 32768 where that measured faster; else in shared memory) or the pair-table kernel (gemv_lut.cu:
+// rows ending inside a block, blocks past 1024 weights),
 // the tensor-core kernel for 4 to 8 tokens (gemv_tma.cu) where they apply, else the CUDA-core kernel with one
 // dispatch on the A dtype (the instantiations live in gemv_<dtype>.cu).
 #include "gemv.cuh"
