@@ -8,6 +8,9 @@ shown, when the native CPU build is unavailable; CUDA tests run only where a GPU
 from __future__ import annotations
 
 import math
+import re
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -764,6 +767,36 @@ def test_gemv_chain_reads_the_kernel_before(cuda_native, N, K):
         graph.replay()
         torch.cuda.synchronize()
         check(outs, last)
+
+
+def _sass_functions(library: str) -> dict[str, str]:
+    """Each kernel's SASS in a built extension (cuobjdump of the CUDA toolkit that built it), by mangled name."""
+    from torch.utils import cpp_extension
+
+    tool = Path(cpp_extension.CUDA_HOME or "", "bin", "cuobjdump")
+    if not tool.exists():
+        pytest.skip(f"no cuobjdump beside the nvcc that built the extension ({tool})")
+    sass = subprocess.run([str(tool), "-sass", library], capture_output=True, text=True, check=True).stdout
+    parts = re.split(r"^\s*Function : (\S+)\s*$", sass, flags=re.MULTILINE)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def test_pdl_kernels_read_nothing_before_the_wait(cuda_native):
+    """A programmatic dependent launch may run while the kernel before it still writes, so nothing it reads from
+    global memory may be loaded before griddepcontrol.wait (SASS ACQBULK). The compiler may move a non-coherent
+    load (__ldg, SASS LDG...CONSTANT) above the wait, as it did with the split row gemv's scale loads; the
+    kernels read what an earlier kernel may write with ld.global.ca instead. Checked in the built extension."""
+    ops, _ = cuda_native
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launches are compiled in from compute capability 9.0")
+    waiting = {name: body for name, body in _sass_functions(ops.ext.__file__).items() if "ACQBULK" in body}
+    assert any("gemv_row_kernel" in name for name in waiting), "no row gemv waits: is PDL compiled in?"
+    early = {
+        name: loads
+        for name, body in waiting.items()
+        if (loads := re.findall(r"\bLDG\S*\.CONSTANT\b", body.split("ACQBULK")[0]))
+    }
+    assert not early, f"non-coherent loads before griddepcontrol.wait in {len(early)} kernels: {sorted(early)[:4]}"
 
 
 def test_gemv_row_path_nan_input(cuda_native):

@@ -97,10 +97,10 @@ inline int64_t one_wave_cached(Kernel kernel, int threads, size_t smem, WaveCach
 // A kernel launched with launch_dependent() may start while the kernel before it in the stream finishes (Hopper's
 // programmatic dependent launch): its CTAs take SMs as the earlier kernel's CTAs leave and can do work that reads
 // nothing an earlier kernel writes (kernel parameters, shared memory) before pdl_wait(), which returns once every
-// earlier kernel has finished and its writes are visible. The one global access allowed before it is an L2
-// prefetch (prefetch_l2): it returns nothing to the program, and L2 stays coherent with a kernel still writing
-// those bytes. Both are no-ops before sm_90 (and pdl_wait() is one when the kernel was launched without the
-// attribute).
+// earlier kernel has finished and its writes are visible. The only global accesses allowed before it are L2
+// prefetches (prefetch_l2, prefetch_l2_lines): they return nothing to the program, and L2 stays coherent with a
+// kernel still writing those bytes; after it, such data is read with ld_after_wait(), never __ldg. Both are no-ops
+// before sm_90 (and pdl_wait() is one when the kernel was launched without the attribute).
 __device__ __forceinline__ void pdl_launch_dependents() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
@@ -111,6 +111,15 @@ __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
+}
+
+// A load of data an earlier kernel may have written, for code that runs after pdl_wait() in a kernel launched with
+// launch_dependent(): ld.global.ca, which the compiler keeps behind griddepcontrol.wait. __ldg (ld.global.nc)
+// declares the data read-only for the kernel's whole life, and ptxas did move such loads above the wait (the split
+// row gemv's scale loads; tests/test_kernels.py reads the built kernels' SASS for it).
+template <typename T>
+__device__ __forceinline__ T ld_after_wait(const T* p) {
+  return __ldca(p);
 }
 
 // an empty kernel compiled like every other: its PTX version tells whether griddepcontrol was compiled in
@@ -170,6 +179,17 @@ __device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
 #endif
 }
 
+// Ask L2 for the 128-byte lines that hold bytes [p, p + bytes), line i by lane i of the warp (prefetch.global.L2,
+// one plain instruction each: cheaper to issue than a bulk prefetch); lines past the 32nd are left out.
+__device__ __forceinline__ void prefetch_l2_lines(const void* p, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(127);
+  const uintptr_t line = first + 128 * (threadIdx.x % 32);
+  if (bytes > 0 && line < reinterpret_cast<uintptr_t>(p) + bytes)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(line) : "memory");
+#endif
+}
+
 // ------------------------------------------------------------------------- dtype helpers
 // launch(a, out, bias) with the three pointers cast to A's 16-bit type (bfloat16, else half): the one dtype
 // dispatch of the fp16/bf16-only kernels' launchers, which take the element type from their arguments
@@ -199,7 +219,7 @@ template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return
 // GEMM kernels add it to the float32 sum before its one rounding, as F.linear does
 template <typename OT>
 __device__ __forceinline__ float bias_at(const OT* __restrict__ bias, int64_t n, int64_t N) {
-  return bias != nullptr && n < N ? to_f32(bias[n]) : -0.0f;
+  return bias != nullptr && n < N ? to_f32(ld_after_wait(bias + n)) : -0.0f;
 }
 
 // two floats as a 16-bit pair in one word, each rounded once: `even` (the lower k) in the low half
@@ -309,11 +329,11 @@ struct ChunkIn {
 template <bool NESTED>
 __device__ __forceinline__ void load_scale_in(const Scales& sc, int64_t b, uint32_t& q, float& s) {
   if constexpr (NESTED) {
-    q = __ldg(sc.absmax_q + b);
-    s = __ldg(sc.nested_absmax + (b >> sc.nested_log2));
+    q = ld_after_wait(sc.absmax_q + b);
+    s = ld_after_wait(sc.nested_absmax + (b >> sc.nested_log2));
   } else {
     q = 0u;
-    s = __ldg(sc.absmax_f + b);
+    s = ld_after_wait(sc.absmax_f + b);
   }
 }
 
@@ -340,8 +360,8 @@ __device__ __forceinline__ float chunk_scale(uint32_t q, float s, const float* s
 template <bool NESTED>
 __device__ __forceinline__ void load_scale_tables(const Scales& sc, float* s_ncode, float& off) {
   if constexpr (NESTED) {
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) s_ncode[i] = __ldg(sc.nested_code + i);
-    off = __ldg(sc.offset);
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) s_ncode[i] = ld_after_wait(sc.nested_code + i);
+    off = ld_after_wait(sc.offset);
   }
 }
 

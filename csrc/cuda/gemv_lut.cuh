@@ -134,7 +134,8 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS >= 16 ? 1 : 16 / WARPS)
   for (int64_t i = threadIdx.x; i < K / 4; i += blockDim.x) {
     const int64_t c = i / 8;
     const AT* p = a + 4 * i;
-    s_x[x_slot(c, int(i % 8))] = make_float4(to_f32(p[0]), to_f32(p[1]), to_f32(p[2]), to_f32(p[3]));
+    s_x[x_slot(c, int(i % 8))] = make_float4(to_f32(ld_after_wait(p)), to_f32(ld_after_wait(p + 1)),
+                                             to_f32(ld_after_wait(p + 2)), to_f32(ld_after_wait(p + 3)));
   }
   __syncthreads();
 

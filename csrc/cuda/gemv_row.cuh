@@ -86,10 +86,11 @@ __device__ __forceinline__ float row_stage_a(const AT* __restrict__ a, int64_t K
 #pragma unroll
   for (int t = 0; t < kStash; ++t) {
     const int64_t i = threadIdx.x + int64_t(t) * blockDim.x;
-    stash[t] = i < nquads ? __ldg(a4 + i) : make_uint4(0u, 0u, 0u, 0u);
+    stash[t] = i < nquads ? ld_after_wait(a4 + i) : make_uint4(0u, 0u, 0u, 0u);
     quad_max(stash[t]);
   }
-  for (int64_t i = threadIdx.x + int64_t(kStash) * blockDim.x; i < nquads; i += blockDim.x) quad_max(__ldg(a4 + i));
+  for (int64_t i = threadIdx.x + int64_t(kStash) * blockDim.x; i < nquads; i += blockDim.x)
+    quad_max(ld_after_wait(a4 + i));
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
   if (lane == 0) s_red[warp] = m;
@@ -115,7 +116,8 @@ __device__ __forceinline__ float row_stage_a(const AT* __restrict__ a, int64_t K
     const int64_t i = threadIdx.x + int64_t(t) * blockDim.x;
     if (i < nquads) put_quad(i, stash[t]);
   }
-  for (int64_t i = threadIdx.x + int64_t(kStash) * blockDim.x; i < nquads; i += blockDim.x) put_quad(i, __ldg(a4 + i));
+  for (int64_t i = threadIdx.x + int64_t(kStash) * blockDim.x; i < nquads; i += blockDim.x)
+    put_quad(i, ld_after_wait(a4 + i));
   return __int_as_float((127 - ex) << 23);
 }
 
@@ -141,6 +143,20 @@ __device__ __forceinline__ float row_chunk_dot(const unsigned char* table, uint3
   }
   const float2 f = __half22float2(__hadd2(h0, h1));
   return f.x + f.y;
+}
+
+// Before pdl_wait(): the warp asks L2 for the scale inputs of `blocks` blocks from block b (its first row), so the
+// ring's first scale loads, which must follow the wait, hit L2. (A load issued before the wait may read what the
+// kernel before is still writing: the compiler had moved the split kernel's __ldg scale loads there.)
+template <bool NESTED>
+__device__ __forceinline__ void row_prefetch_scales(const Scales& sc, uint32_t b, uint32_t blocks) {
+  if constexpr (NESTED) {
+    prefetch_l2_lines(sc.absmax_q + b, blocks);
+    const uint32_t n0 = b >> sc.nested_log2, n1 = (b + blocks - 1) >> sc.nested_log2;
+    prefetch_l2_lines(sc.nested_absmax + n0, 4 * (n1 - n0 + 1));
+  } else {
+    prefetch_l2_lines(sc.absmax_f + b, 4 * blocks);
+  }
 }
 
 // A row kernel's start: it lets the next kernel launch, asks L2 for the first `pf_bytes` of the warp's first row
@@ -213,6 +229,13 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
   }
   int64_t row = int64_t(blockIdx.x) * G + group;
   const uint8_t* part_start = packed + row * (K / 2) + int64_t(round0) * 512;
+  // split rows of 4 rounds per part: their first scale loads measured 0.2-1.9 us faster from L2 (4096x14336 14.55 ->
+  // 14.05, 28672x8192 45.5 -> 43.6); with 3 rounds, or one part, the prefetch cost 0.1-0.2 us (NOTES.md)
+  if constexpr (P > 1 && D == 4) {
+    if (row < N)
+      row_prefetch_scales<NESTED>(sc, uint32_t(row * (K >> log2bs)) + ((round0 * 1024u) >> log2bs),
+                                  max((part_chunks * 32u) >> log2bs, 1u));
+  }
   row_table_then_wait(code, row_smem, row < N ? part_start : nullptr, min(part_chunks * 16u, uint32_t(PF)), K);
 
   uint32_t valid = 0;  // bit d: the lane's chunk d lies inside the part (fewer than D full rounds leave lanes out)
@@ -236,10 +259,10 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
       ring[d].w = __ldcs(reinterpret_cast<const uint4*>(pw + d * 512));
       const uint32_t b = b_lane + uint32_t(d) * blocks_per_1024;
       if constexpr (NESTED) {
-        ring[d].q = __ldg(sc.absmax_q + b);
-        ring[d].s = __ldg(sc.nested_absmax + (b >> nlog2));
+        ring[d].q = ld_after_wait(sc.absmax_q + b);
+        ring[d].s = ld_after_wait(sc.nested_absmax + (b >> nlog2));
       } else {
-        ring[d].s = __ldg(sc.absmax_f + b);
+        ring[d].s = ld_after_wait(sc.absmax_f + b);
       }
     }
   };
@@ -386,10 +409,10 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
       if (!PAD || f_c * 32 + uint32_t(lane) < KC) {
         ring[d].w = __ldcs(reinterpret_cast<const uint4*>(f_p));
         if constexpr (NESTED) {
-          ring[d].q = __ldg(sc.absmax_q + f_b);
-          ring[d].s = __ldg(sc.nested_absmax + (f_b >> nlog2));
+          ring[d].q = ld_after_wait(sc.absmax_q + f_b);
+          ring[d].s = ld_after_wait(sc.nested_absmax + (f_b >> nlog2));
         } else {
-          ring[d].s = __ldg(sc.absmax_f + f_b);
+          ring[d].s = ld_after_wait(sc.absmax_f + f_b);
         }
       } else {
         // past K: a is zero there, so the chunk adds 0 x code[0] x (its scale: the double-quant offset or 0),
