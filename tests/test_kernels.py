@@ -687,14 +687,16 @@ def test_gemv_row_split_path(cuda_native, dtype):
     in 4, 4, 3, 3 rounds; a partial last round: 4128 ends 1 chunk into its fifth, 11008 and 8256 half-way), each
     part's sum added in order at the CTA's end. Every part count, rows that do not divide evenly among the groups,
     every blocksize it takes, with and without double quant; 8 parts of a K % 1024 == 0 where the streaming kernel
-    would leave warps idle (a row more than one per warp)."""
+    would leave warps idle (a row more than one per warp); rows of 7 or 8 rounds in 4 parts of at most 2 (1024 rows
+    to 12 per group of 4 warps; 7200 and 6176 end one chunk into their last round), and in 2 parts past that."""
     ops, device = cuda_native
     cases = [(4805, 8192, "nf4", True, 64), (4500, 5120, "fp4", False, 128), (1400, 32768, "nf4", True, 64)]
     cases += [(4805, 7168, "nf4", True, 256), (2300, 16384, "fp4", False, 128), (1045, 18944, "fp4", False, 64)]
     cases += [(4805, 11008, "nf4", True, 256), (2301, 13824, "nf4", True, 256), (6000, 12800, "nf4", False, 64)]
     cases += [(4805, 4160, "nf4", True, 64), (9000, 4160, "fp4", False, 32), (20000, 8192, "nf4", True, 1024)]
     cases += [(4805, 4128, "nf4", True, 32), (2500, 8256, "fp4", True, 64), (4805, 14336, "nf4", True, 1024)]
-    cases += [(16 * _sms() + 1, 17408, "nf4", True, 64)]
+    cases += [(16 * _sms() + 1, 17408, "nf4", True, 64), (1024, 7200, "fp4", True, 32), (1500, 6176, "nf4", True, 32)]
+    cases += [(12 * 4 * _sms() + 1, 8192, "nf4", True, 64)]
     _gemv_path_cases(ops, device, dtype, cases, "row_split", seed=340)
 
 
@@ -709,7 +711,11 @@ def test_gemv_row_stream_path(cuda_native, dtype):
     ops, device = cuda_native
     cases = [(130, 6176, "fp4", False, 32), (301, 36864, "nf4", True, 1024), (3, 12320, "nf4", True, 32)]
     cases += [(3, 28672, "nf4", True, 64), (130, 11008, "fp4", True, 32), (200, 4160, "fp4", False, 32)]
-    cases += [(16 * _sms(), 8192, "nf4", True, 64), (16 * _sms(), 17408, "fp4", True, 128)]
+    cases += [
+        (16 * _sms(), 6144, "nf4", True, 64),
+        (16 * _sms(), 17408, "fp4", True, 128),
+        (1000, 8192, "nf4", True, 64),
+    ]
     _gemv_path_cases(ops, device, dtype, cases, "row_stream", seed=380)
     _gemv_path_cases(ops, device, dtype, [(64, 9216, "nf4", True, 2048)], "pair_table", seed=360)
 

@@ -314,10 +314,26 @@ static void gemv_split_call(const bf16* a, const uint8_t* p, const Code16& c, co
     gemv_row_call<WARPS>(a, p, c, sc, nested, log2bs, N, K, o, st);
 }
 
+// twice the parts gemv_split_call takes (so at most 2 chunk rounds per part), where it takes 2 or 4; else as it
+template <int WARPS>
+static void gemv_split_more_call(const bf16* a, const uint8_t* p, const Code16& c, const Scales& sc, bool nested,
+                                 int log2bs, int64_t N, int64_t K, bf16* o, cudaStream_t st) {
+  const int parts = K > 4096 && log2bs <= 10 && (K >> log2bs) << log2bs == K ? row_split_parts(K) : 0;
+  const int64_t rounds = (K + 1023) / 1024;
+  if (parts == 2)
+    rounds > 4 ? launch_gemv_row<bf16, WARPS, 2, 4>(a, p, c, sc, nested, log2bs, N, K, o, nullptr, st)
+               : launch_gemv_row<bf16, WARPS, 1, 4>(a, p, c, sc, nested, log2bs, N, K, o, nullptr, st);
+  else if (parts == 4)
+    rounds > 8 ? launch_gemv_row<bf16, WARPS, 2, 8>(a, p, c, sc, nested, log2bs, N, K, o, nullptr, st)
+               : launch_gemv_row<bf16, WARPS, 1, 8>(a, p, c, sc, nested, log2bs, N, K, o, nullptr, st);
+  else
+    gemv_split_call<WARPS>(a, p, c, sc, nested, log2bs, N, K, o, st);
+}
+
 static void sweep_gemv(double bw) {
   const std::vector<GemvVariant> variants = {
       {"M1 row W16", 1, gemv_row_call<16>}, {"M1 row W8", 1, gemv_row_call<8>},
-      {"M1 split W16", 1, gemv_split_call<16>},
+      {"M1 split W16", 1, gemv_split_call<16>}, {"M1 splitmore W16", 1, gemv_split_more_call<16>},
       {"M1 lut R2W16", 1, gemv_lut_call<2, 16, false>}, {"M1 lut R4W16", 1, gemv_lut_call<4, 16, false>},
       {"M1 lut R4W8", 1, gemv_lut_call<4, 8, false>}, {"M1 lut R2W16h", 1, gemv_lut_call<2, 16, true>},
       {"M1 lut R4W16h", 1, gemv_lut_call<4, 16, true>}, {"M1 lut R4W8h", 1, gemv_lut_call<4, 8, true>},
@@ -344,7 +360,8 @@ static void sweep_gemv(double bw) {
                                {4096, 11008}, {11008, 4096}, {3072, 3072}, {8192, 3072}, {2048, 2048},
                                {8192, 2048}, {1024, 1024}, {4096, 1024}, {2048, 512}, {5120, 13824}, {8192, 28672},
                                {3584, 18944}, {5120, 27648}, {8192, 22016}, {4096, 16384}, {4096, 12288},
-                               {4096, 7168}, {4096, 6144}, {4096, 5120}, {5120, 5120}, {2048, 8192}};
+                               {4096, 7168}, {4096, 6144}, {4096, 5120}, {5120, 5120}, {2048, 8192},
+                               {1024, 8192}, {3072, 8192}, {4096, 8192}, {6144, 8192}, {2048, 7168}, {8192, 7168}};
   std::printf("\n%-14s %-15s %9s %8s\n", "shape", "variant", "us", "floor%");
   for (const auto& sh : shapes) {
     const int64_t N = sh[0], K = sh[1], n = N * K;

@@ -29,9 +29,26 @@ static double stream_fill(int64_t N) {
   return double(N) / double(per_warp * warps);
 }
 
+// Rows of 7 or 8 chunk rounds (K in (6144, 8192]) go in 4 parts of at most 2 rounds instead of 2 of 4 while there
+// are 1024 rows to 12 per group of 4 warps: more warps share the rows, fewer chunks wait in each ring. H100 sweep
+// (NOTES.md, session 15), us: 1024x8192 5.6 (streaming) -> 4.3, 2048x8192 6.3 (streaming) -> 5.7, 3072x8192 8.1 ->
+// 7.2, 4096x8192 9.3 -> 8.7, 6144x8192 12.0 -> 11.8, 2048x7168 6.0 (streaming) -> 5.5, 4096x7168 9.0 -> 8.3;
+// 8192x8192 (15.5 rows per group) lost, 14.7 -> 14.9, and rows of 5, 6 or 9-16 rounds lost in 2 rounds per part
+// (4096x6144 7.1 -> 7.9, 4096x11008 10.6 -> 13.2).
+static bool row_split_short_parts(int64_t N, int64_t K) {
+  const int64_t rounds = (K + 1023) / 1024;
+  const int64_t groups = device_attribute(cudaDevAttrMultiProcessorCount) * (kRowWarps / 4);
+  return (rounds == 7 || rounds == 8) && N >= 1024 && N <= 12 * groups;
+}
+
+// the split kernel's parts per row for an N x K call
+static int row_split_parts_for(int64_t N, int64_t K) {
+  return row_split_short_parts(N, K) ? 4 : row_split_parts(K);
+}
+
 bool gemv_row_split_applies(FloatType dtype, bool nested, const Scales& sc, int log2bs, int64_t M, int64_t N,
                             int64_t K) {
-  const int parts = row_split_parts(K);
+  const int parts = row_split_parts_for(N, K);
   if (M != 1 || dtype == FloatType::kF32 || K <= 4096 || parts == 0 || !row_blocks_fit(sc, nested, log2bs, N, K))
     return false;
   // where it measured faster than the streaming kernel (H100 sweep of 16 LLM shapes, NOTES.md): 1-20% on 14 of
@@ -40,7 +57,8 @@ bool gemv_row_split_applies(FloatType dtype, bool nested, const Scales& sc, int 
   // parts where the streaming kernel neither pads a last round nor leaves warps idle (8192x28672: 45.5 -> 46.9;
   // 5120x27648, whose 5120 rows fill 81% of the streaming kernel's warps, went 33.9 -> 30.8).
   const int64_t groups = device_attribute(cudaDevAttrMultiProcessorCount) * (kRowWarps / parts);
-  if (N <= 2 * groups || (parts == 8 && K % 1024 == 0 && stream_fill(N) >= 0.9)) return false;
+  if (!row_split_short_parts(N, K) && (N <= 2 * groups || (parts == 8 && K % 1024 == 0 && stream_fill(N) >= 0.9)))
+    return false;
   // the parts' sums of the CTA's rows must fit beside the rest of its shared memory (a grid of one CTA per SM)
   return int64_t(row_split_smem_bytes(K, parts, kRowWarps, (N + groups - 1) / groups)) <=
          device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
@@ -59,11 +77,17 @@ void launch_gemv_row_stream_any(const void* A, FloatType dtype, const uint8_t* p
   });
 }
 
-// P parts per row, D = chunk rounds of the longest part (3 or 4, since fewer parts would not do)
+// P parts per row, D = chunk rounds of the longest part: 3 or 4 with the fewest parts that do, 2 for the short
+// parts of row_split_short_parts (P = 4)
 template <typename AT, int P>
 static void launch_split_rounds(const AT* a, const uint8_t* packed, const Code16& code, const Scales& sc, bool nested,
                                 int log2bs, int64_t N, int64_t K, AT* out, const AT* bias, cudaStream_t stream) {
-  if (row_split_rounds(K, P) == 4)
+  const int rounds = row_split_rounds(K, P);
+  if constexpr (P == 4) {
+    if (rounds == 2)
+      return launch_gemv_row<AT, kRowWarps, 2, P>(a, packed, code, sc, nested, log2bs, N, K, out, bias, stream);
+  }
+  if (rounds == 4)
     launch_gemv_row<AT, kRowWarps, 4, P>(a, packed, code, sc, nested, log2bs, N, K, out, bias, stream);
   else
     launch_gemv_row<AT, kRowWarps, 3, P>(a, packed, code, sc, nested, log2bs, N, K, out, bias, stream);
@@ -72,7 +96,7 @@ static void launch_split_rounds(const AT* a, const uint8_t* packed, const Code16
 template <typename AT>
 static void launch_split(const AT* a, const uint8_t* packed, const Code16& code, const Scales& sc, bool nested,
                          int log2bs, int64_t N, int64_t K, AT* out, const AT* bias, cudaStream_t stream) {
-  switch (row_split_parts(K)) {
+  switch (row_split_parts_for(N, K)) {
     case 2: return launch_split_rounds<AT, 2>(a, packed, code, sc, nested, log2bs, N, K, out, bias, stream);
     case 4: return launch_split_rounds<AT, 4>(a, packed, code, sc, nested, log2bs, N, K, out, bias, stream);
     default: return launch_split_rounds<AT, 8>(a, packed, code, sc, nested, log2bs, N, K, out, bias, stream);
