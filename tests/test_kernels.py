@@ -296,13 +296,14 @@ def test_gemv_bias_rounds_once(native, dtype):
     s = 1.0 + 2.0**-7
     b = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
     dot = s * s
-    # (rows of A, rows of W, K, blocksize): CUDA row (K <= 4096), row_split (K past 4096 in 2 parts, more than 2
-    # rows per group of warps), row_stream (K past 4096 with few rows), pair-table (rows ending inside a block),
-    # CUDA-core (2 rows) and tensor-core (4 rows, sm_90) kernels; the CPU kernel for all
+    # (rows of A, rows of W, K, blocksize): CUDA row (K <= 4096), row_split (K past 4096 in 2 parts; 8192 in 4 of
+    # 2 rounds), row_stream (K past 32768), pair-table (rows ending inside a block), CUDA-core (2 rows) and
+    # tensor-core (4 rows, sm_90) kernels; the CPU kernel for all
     cases = [
         (1, 300, 4096, 64, "nf4"),
         (1, 4805, 4160, 64, "fp4"),
         (1, 300, 8192, 64, "fp4"),
+        (1, 300, 33792, 64, "nf4"),
         (1, 300, 4128, 32, "nf4"),
         (1, 300, 4160, 128, "nf4"),
         (2, 300, 4096, 64, "fp4"),
@@ -687,8 +688,9 @@ def test_gemv_row_split_path(cuda_native, dtype):
     in 4, 4, 3, 3 rounds; a partial last round: 4128 ends 1 chunk into its fifth, 11008 and 8256 half-way), each
     part's sum added in order at the CTA's end. Every part count, rows that do not divide evenly among the groups,
     every blocksize it takes, with and without double quant; 8 parts of a K % 1024 == 0 where the streaming kernel
-    would leave warps idle (a row more than one per warp); rows of 7 or 8 rounds in 4 parts of at most 2 (1024 rows
-    to 12 per group of 4 warps; 7200 and 6176 end one chunk into their last round), and in 2 parts past that."""
+    would leave warps idle (a row more than one per warp); twice the parts, of at most 2 rounds, for rows of 7 or 8
+    rounds (in 4 parts) and 13 to 16 (in 8) while there are at most 12 rows per group (7200 and 6176 end one chunk
+    into their last round, 12320 half-way), and the usual parts past that; a handful of rows."""
     ops, device = cuda_native
     cases = [(4805, 8192, "nf4", True, 64), (4500, 5120, "fp4", False, 128), (1400, 32768, "nf4", True, 64)]
     cases += [(4805, 7168, "nf4", True, 256), (2300, 16384, "fp4", False, 128), (1045, 18944, "fp4", False, 64)]
@@ -696,7 +698,9 @@ def test_gemv_row_split_path(cuda_native, dtype):
     cases += [(4805, 4160, "nf4", True, 64), (9000, 4160, "fp4", False, 32), (20000, 8192, "nf4", True, 1024)]
     cases += [(4805, 4128, "nf4", True, 32), (2500, 8256, "fp4", True, 64), (4805, 14336, "nf4", True, 1024)]
     cases += [(16 * _sms() + 1, 17408, "nf4", True, 64), (1024, 7200, "fp4", True, 32), (1500, 6176, "nf4", True, 32)]
-    cases += [(12 * 4 * _sms() + 1, 8192, "nf4", True, 64)]
+    cases += [(12 * 4 * _sms() + 1, 8192, "nf4", True, 64), (12 * 2 * _sms(), 14336, "fp4", False, 64)]
+    cases += [(3, 12320, "nf4", True, 32), (130, 11008, "fp4", True, 32), (200, 4160, "fp4", False, 32)]
+    cases += [(3, 28672, "nf4", True, 64), (256, 16384, "nf4", True, 128), (128, 8192, "fp4", False, 256)]
     _gemv_path_cases(ops, device, dtype, cases, "row_split", seed=340)
 
 
@@ -704,25 +708,20 @@ def test_gemv_row_split_path(cuda_native, dtype):
 def test_gemv_row_stream_path(cuda_native, dtype):
     """1 token of fp16/bf16 with K past 4096, whole blocks of <= 1024 weights per row, that the split kernel leaves
     takes the streaming row kernel (a in shared memory, each lane's chunks one stream across row ends): K past
-    32768, 2 rows or fewer per group of warps, and 8 parts of a K % 1024 == 0 whose rows fill the streaming
-    kernel's warps (one row per warp); rows ending mid-group of chunks (5, 7, 11, 13 rounds), lanes past K in the
-    last round, more rows than warps and fewer, every blocksize it takes, with and without double quant; blocks
-    past 1024 weights take the pair-table kernel."""
+    32768, and 8 parts of 3 or 4 rounds of a K % 1024 == 0 whose rows fill the streaming kernel's warps (one row
+    per warp); rows ending mid-group of chunks (34 and 38 rounds), lanes past K in the last round, more rows than
+    warps and fewer, every blocksize it takes, with and without double quant; blocks past 1024 weights take the
+    pair-table kernel."""
     ops, device = cuda_native
-    cases = [(130, 6176, "fp4", False, 32), (301, 36864, "nf4", True, 1024), (3, 12320, "nf4", True, 32)]
-    cases += [(3, 28672, "nf4", True, 64), (130, 11008, "fp4", True, 32), (200, 4160, "fp4", False, 32)]
-    cases += [
-        (16 * _sms(), 6144, "nf4", True, 64),
-        (16 * _sms(), 17408, "fp4", True, 128),
-        (1000, 8192, "nf4", True, 64),
-    ]
+    cases = [(301, 36864, "nf4", True, 1024), (77, 33824, "fp4", False, 32), (130, 37952, "nf4", True, 64)]
+    cases += [(16 * _sms(), 17408, "fp4", True, 128), (16 * _sms() - 50, 24576, "nf4", True, 64)]
     _gemv_path_cases(ops, device, dtype, cases, "row_stream", seed=380)
     _gemv_path_cases(ops, device, dtype, [(64, 9216, "nf4", True, 2048)], "pair_table", seed=360)
 
 
 @pytest.mark.parametrize(
     ("N", "K"),
-    [(4096, 4096), (8192, 8192), (200, 4160), (992, 992)],
+    [(4096, 4096), (8192, 8192), (130, 32832), (992, 992)],
     ids=["row", "row-split", "row-stream", "pair-table"],
 )
 def test_gemv_chain_reads_the_kernel_before(cuda_native, N, K):
@@ -734,14 +733,14 @@ def test_gemv_chain_reads_the_kernel_before(cuda_native, N, K):
     from fsdp4bit import functional as F
 
     ops, device = cuda_native
-    expected = {4096: "row", 8192: "row_split", 4160: "row_stream", 992: "pair_table"}[K]
+    expected = {4096: "row", 8192: "row_split", 32832: "row_stream", 992: "pair_table"}[K]
     assert _cuda_gemv_kernel(ops, torch.bfloat16, N, K, 64, True) == expected
     g = _gen(330 + K)
     quant = dict(blocksize=64, compress_statistics=True, quant_type="nf4")
     states = [F.quantize_4bit(torch.randn(N, K, generator=g).to(device, torch.bfloat16) / math.sqrt(K), **quant)]
     states.append(F.quantize_4bit(torch.randn(K, N, generator=g).to(device, torch.bfloat16) / math.sqrt(N), **quant))
     dense = [F.dequantize_4bit(p, s).double().cpu() for p, s in states]
-    fresh = torch.randn(K, K, generator=g).to(device, torch.bfloat16) / math.sqrt(K)
+    fresh = torch.randn(N, K, generator=g).to(device, torch.bfloat16) / math.sqrt(K)
     a0 = torch.randn(1, K, generator=g).to(device, torch.bfloat16)
 
     def chain(a: torch.Tensor) -> tuple[list[torch.Tensor], tuple]:
@@ -769,7 +768,7 @@ def test_gemv_chain_reads_the_kernel_before(cuda_native, N, K):
         outs, last = chain(static_a)
     for seed in (1, 2):
         static_a.copy_(torch.randn(1, K, generator=_gen(seed)).to(device, torch.bfloat16))
-        fresh.copy_(torch.randn(K, K, generator=_gen(seed + 10)).to(device, torch.bfloat16) / math.sqrt(K))
+        fresh.copy_(torch.randn(N, K, generator=_gen(seed + 10)).to(device, torch.bfloat16) / math.sqrt(K))
         graph.replay()
         torch.cuda.synchronize()
         check(outs, last)

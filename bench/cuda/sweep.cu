@@ -8,7 +8,9 @@
 //
 //   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode=arch=compute_90,code=sm_90 -I csrc/cuda \
 //        bench/cuda/sweep.cu -o /tmp/sweep && /tmp/sweep [gemv|dequantize|quantize] [variant] [shape]
+// (SWEEP_SHAPES=NxK,NxK,... replaces the gemv shapes)
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -356,12 +358,23 @@ static void sweep_gemv(double bw) {
     std::printf("check gemv %-15s rel err %.2e %.2e %.2e %.2e %.2e %.2e %.2e %s\n", v.name.c_str(), e1, e2, e3, e4, e5,
                 e6, e7, std::max({e1, e2, e3, e4, e5, e6, e7}) < 8e-3 ? "ok" : "FAIL");
   }
-  const int64_t shapes[][2] = {{4096, 4096}, {14336, 4096}, {4096, 14336}, {8192, 8192}, {28672, 8192},
+  std::vector<std::array<int64_t, 2>> shapes = {{4096, 4096}, {14336, 4096}, {4096, 14336}, {8192, 8192}, {28672, 8192},
                                {4096, 11008}, {11008, 4096}, {3072, 3072}, {8192, 3072}, {2048, 2048},
                                {8192, 2048}, {1024, 1024}, {4096, 1024}, {2048, 512}, {5120, 13824}, {8192, 28672},
                                {3584, 18944}, {5120, 27648}, {8192, 22016}, {4096, 16384}, {4096, 12288},
                                {4096, 7168}, {4096, 6144}, {4096, 5120}, {5120, 5120}, {2048, 8192},
-                               {1024, 8192}, {3072, 8192}, {4096, 8192}, {6144, 8192}, {2048, 7168}, {8192, 7168}};
+                               {1024, 8192}, {3072, 8192}, {4096, 8192}, {6144, 8192}, {2048, 7168}, {8192, 7168},
+                               {1536, 8960}, {2304, 9216}, {2048, 11008}, {1024, 14336}, {2048, 14336}, {896, 4864},
+                               {1024, 5120}, {2048, 6144}, {1536, 5120}, {3072, 6144}};
+  if (const char* env = std::getenv("SWEEP_SHAPES")) {  // "NxK,NxK,...": these shapes instead
+    shapes.clear();
+    for (const char* c = env; *c != '\0';) {
+      char* end = nullptr;
+      const int64_t N = std::strtoll(c, &end, 10), K = std::strtoll(end + 1, &end, 10);
+      shapes.push_back({N, K});
+      c = *end == ',' ? end + 1 : end;
+    }
+  }
   std::printf("\n%-14s %-15s %9s %8s\n", "shape", "variant", "us", "floor%");
   for (const auto& sh : shapes) {
     const int64_t N = sh[0], K = sh[1], n = N * K;

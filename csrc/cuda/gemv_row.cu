@@ -29,21 +29,20 @@ static double stream_fill(int64_t N) {
   return double(N) / double(per_warp * warps);
 }
 
-// Rows of 7 or 8 chunk rounds (K in (6144, 8192]) go in 4 parts of at most 2 rounds instead of 2 of 4 while there
-// are 1024 rows to 12 per group of 4 warps: more warps share the rows, fewer chunks wait in each ring. H100 sweep
-// (NOTES.md, session 15), us: 1024x8192 5.6 (streaming) -> 4.3, 2048x8192 6.3 (streaming) -> 5.7, 3072x8192 8.1 ->
-// 7.2, 4096x8192 9.3 -> 8.7, 6144x8192 12.0 -> 11.8, 2048x7168 6.0 (streaming) -> 5.5, 4096x7168 9.0 -> 8.3;
-// 8192x8192 (15.5 rows per group) lost, 14.7 -> 14.9, and rows of 5, 6 or 9-16 rounds lost in 2 rounds per part
-// (4096x6144 7.1 -> 7.9, 4096x11008 10.6 -> 13.2).
-static bool row_split_short_parts(int64_t N, int64_t K) {
-  const int64_t rounds = (K + 1023) / 1024;
-  const int64_t groups = device_attribute(cudaDevAttrMultiProcessorCount) * (kRowWarps / 4);
-  return (rounds == 7 || rounds == 8) && N >= 1024 && N <= 12 * groups;
-}
-
-// the split kernel's parts per row for an N x K call
+// The split kernel's parts per row for an N x K call: the fewest of 2, 4 or 8 that leave at most 4 chunk rounds per
+// part (row_split_parts), or twice as many of at most 2 rounds where those parts are at least 7/8 full (7 or 8
+// rounds in 4 parts, 13 to 16 in 8) and there are at most 12 rows per group of warps: more warps share the rows,
+// fewer chunks wait in each ring. H100 sweep (NOTES.md, session 15), us, 2 rounds per part against 4: 128x8192 4.0
+// -> 2.8, 1024x8192 5.3 -> 4.3, 3072x8192 8.1 -> 7.2, 6144x8192 12.0 -> 11.8, 4096x7168 9.0 -> 8.3, 256x14336 4.4
+// -> 3.8, 1024x14336 6.7 -> 5.7, 3072x14336 11.5 -> 11.2, 1024x13312 6.5 -> 5.6, 2048x16384 9.4 -> 8.8; lost past
+// 12 rows per group (8192x8192 14.7 -> 14.9, 4096x14336 14.1 -> 14.2) and with emptier parts (4096x6144 7.1 -> 7.9,
+// 2048x11008 7.1 -> 8.0, 1536x8960 5.9 -> 6.6).
 static int row_split_parts_for(int64_t N, int64_t K) {
-  return row_split_short_parts(N, K) ? 4 : row_split_parts(K);
+  const int parts = row_split_parts(K);
+  const int64_t rounds = (K + 1023) / 1024;
+  const bool full = rounds == 7 || rounds == 8 || (rounds >= 13 && rounds <= 16);
+  const int64_t groups = device_attribute(cudaDevAttrMultiProcessorCount) * (kRowWarps / (2 * parts));
+  return full && N <= 12 * groups ? 2 * parts : parts;
 }
 
 bool gemv_row_split_applies(FloatType dtype, bool nested, const Scales& sc, int log2bs, int64_t M, int64_t N,
@@ -51,15 +50,14 @@ bool gemv_row_split_applies(FloatType dtype, bool nested, const Scales& sc, int 
   const int parts = row_split_parts_for(N, K);
   if (M != 1 || dtype == FloatType::kF32 || K <= 4096 || parts == 0 || !row_blocks_fit(sc, nested, log2bs, N, K))
     return false;
-  // where it measured faster than the streaming kernel (H100 sweep of 16 LLM shapes, NOTES.md): 1-20% on 14 of
-  // them (4096x11008 13.2 -> 10.6 us, 5120x13824 20.5 -> 16.6, 8192x8192 15.3 -> 14.7, 5120x5120 9.0 -> 7.5,
-  // 4096x14336 13.9 -> 13.8). It lost with 2 rows or fewer per group of warps (2048x8192: 6.3 -> 6.5) and with 8
-  // parts where the streaming kernel neither pads a last round nor leaves warps idle (8192x28672: 45.5 -> 46.9;
-  // 5120x27648, whose 5120 rows fill 81% of the streaming kernel's warps, went 33.9 -> 30.8).
-  const int64_t groups = device_attribute(cudaDevAttrMultiProcessorCount) * (kRowWarps / parts);
-  if (!row_split_short_parts(N, K) && (N <= 2 * groups || (parts == 8 && K % 1024 == 0 && stream_fill(N) >= 0.9)))
-    return false;
+  // where it measured faster than the streaming kernel (H100 sweeps, NOTES.md, sessions 14 and 15): everywhere up
+  // to 32768 (4096x11008 13.2 -> 10.6 us, 5120x13824 20.5 -> 16.6, 8192x8192 15.3 -> 14.7, 256x5120 5.2 -> 3.3,
+  // 1024x14336 8.9 -> 5.7, 2048x8192 6.3 -> 5.7), except with 8 parts of 3 or 4 rounds where the streaming kernel
+  // neither pads a last round nor leaves warps idle (8192x28672: 45.5 -> 46.9; 5120x27648, whose 5120 rows fill 81%
+  // of the streaming kernel's warps, went 33.9 -> 30.8).
+  if (row_split_parts(K) == 8 && K % 1024 == 0 && stream_fill(N) >= 0.9) return false;
   // the parts' sums of the CTA's rows must fit beside the rest of its shared memory (a grid of one CTA per SM)
+  const int64_t groups = device_attribute(cudaDevAttrMultiProcessorCount) * (kRowWarps / parts);
   return int64_t(row_split_smem_bytes(K, parts, kRowWarps, (N + groups - 1) / groups)) <=
          device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
 }
@@ -77,13 +75,13 @@ void launch_gemv_row_stream_any(const void* A, FloatType dtype, const uint8_t* p
   });
 }
 
-// P parts per row, D = chunk rounds of the longest part: 3 or 4 with the fewest parts that do, 2 for the short
-// parts of row_split_short_parts (P = 4)
+// P parts per row, D = chunk rounds of the longest part: 3 or 4 with the fewest parts that do, 2 with twice as many
+// (row_split_parts_for: P = 4 or 8)
 template <typename AT, int P>
 static void launch_split_rounds(const AT* a, const uint8_t* packed, const Code16& code, const Scales& sc, bool nested,
                                 int log2bs, int64_t N, int64_t K, AT* out, const AT* bias, cudaStream_t stream) {
   const int rounds = row_split_rounds(K, P);
-  if constexpr (P == 4) {
+  if constexpr (P >= 4) {
     if (rounds == 2)
       return launch_gemv_row<AT, kRowWarps, 2, P>(a, packed, code, sc, nested, log2bs, N, K, out, bias, stream);
   }
