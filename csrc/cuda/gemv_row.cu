@@ -1,6 +1,6 @@
 // Row gemvs (gemv_row.cuh) for one token of fp16/bf16 A: a in registers for K up to 4096, and up to 32768 with each
-// row split into 2, 4 or 8 parts where that measured faster, else a in shared memory; the rules that pick them over
-// the pair-table kernel.
+// row split into 2, 4 or 8 parts (save where the streaming kernel measured faster), else a in shared memory; the
+// rules that pick them over the pair-table kernel.
 #include "gemv_row.cuh"
 
 namespace fsdp4bit {

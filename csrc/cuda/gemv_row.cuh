@@ -4,8 +4,8 @@
 // chunks of a are the same for every row: they live in registers, as half2 scaled by a power of two (max |a|
 // lands in [2^9, 2^10), so 16 products of |w| <= 1 sum to at most 2^14 in half precision).
 // Past 4096 (down projections, 70B-class models) the same kernel splits each row into 2, 4 or 8 parts of at most
-// 4096 values, a group of warps per row, where that measured faster; elsewhere gemv_row_stream_kernel reads a from
-// shared memory per chunk.
+// 4096 values (2048 where that measured faster), a group of warps per row, up to K = 32768; past that, and for 8
+// parts whose rows fill its warps, gemv_row_stream_kernel reads a from shared memory per chunk.
 // Per packed byte: one PRMT (the byte and the lane make the table address), one conflict-free LDS of both
 // weights as half2 (the pair table is replicated per lane) and one HFMA2; each 32-weight partial sum is widened
 // to float32 and scaled by its block's absmax there. The next chunks are loaded while a row is computed (each
