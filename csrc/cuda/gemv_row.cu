@@ -39,6 +39,7 @@ static double stream_fill(int64_t N) {
 // 2048x11008 7.1 -> 8.0, 1536x8960 5.9 -> 6.6).
 static int row_split_parts_for(int64_t N, int64_t K) {
   const int parts = row_split_parts(K);
+  if (parts == 0) return 0;  // past 32768: the streaming kernel
   const int64_t rounds = (K + 1023) / 1024;
   const bool full = rounds == 7 || rounds == 8 || (rounds >= 13 && rounds <= 16);
   const int64_t groups = device_attribute(cudaDevAttrMultiProcessorCount) * (kRowWarps / (2 * parts));
