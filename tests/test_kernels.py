@@ -683,14 +683,14 @@ def test_gemv_row_path(cuda_native, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gemv_row_split_path(cuda_native, dtype):
-    """1 token of fp16/bf16 with K in (4096, 32768] and more than 2 rows per group of warps takes the split register
-    row kernel: each row's 1024-value chunk rounds dealt out to 2, 4 or 8 parts of at most 4 (unequal parts: 14336
-    in 4, 4, 3, 3 rounds; a partial last round: 4128 ends 1 chunk into its fifth, 11008 and 8256 half-way), each
-    part's sum added in order at the CTA's end. Every part count, rows that do not divide evenly among the groups,
+    """1 token of fp16/bf16 with K in (4096, 32768] takes the split register row kernel: each row's 1024-value chunk
+    rounds dealt out to 2, 4 or 8 parts of at most 4 (unequal parts: 14336 in 4, 4, 3, 3 rounds; a partial last
+    round: 4128 ends 1 chunk into its fifth, 11008 three quarters in, 8256 2 chunks in), each part's sum added in
+    order at the CTA's end. Every part count, rows that do not divide evenly among the groups,
     every blocksize it takes, with and without double quant; 8 parts of a K % 1024 == 0 where the streaming kernel
     would leave warps idle (a row more than one per warp); twice the parts, of at most 2 rounds, for rows of 7 or 8
     rounds (in 4 parts) and 13 to 16 (in 8) while there are at most 12 rows per group (7200 and 6176 end one chunk
-    into their last round, 12320 half-way), and the usual parts past that; a handful of rows."""
+    into their last round, 12320 one chunk into its 13th), and the usual parts past that; a handful of rows."""
     ops, device = cuda_native
     cases = [(4805, 8192, "nf4", True, 64), (4500, 5120, "fp4", False, 128), (1400, 32768, "nf4", True, 64)]
     cases += [(4805, 7168, "nf4", True, 256), (2300, 16384, "fp4", False, 128), (1045, 18944, "fp4", False, 64)]
@@ -774,8 +774,9 @@ def test_gemv_chain_reads_the_kernel_before(cuda_native, N, K):
         check(outs, last)
 
 
-def _sass_functions(library: str) -> dict[str, str]:
-    """Each kernel's SASS in a built extension (cuobjdump of the CUDA toolkit that built it), by mangled name."""
+def _sass_functions(library: str) -> list[tuple[str, str]]:
+    """(mangled name, SASS) of every kernel in a built extension, one entry per compiled architecture (cuobjdump of
+    the CUDA toolkit that built it)."""
     from torch.utils import cpp_extension
 
     tool = Path(cpp_extension.CUDA_HOME or "", "bin", "cuobjdump")
@@ -783,7 +784,7 @@ def _sass_functions(library: str) -> dict[str, str]:
         pytest.skip(f"no cuobjdump beside the nvcc that built the extension ({tool})")
     sass = subprocess.run([str(tool), "-sass", library], capture_output=True, text=True, check=True).stdout
     parts = re.split(r"^\s*Function : (\S+)\s*$", sass, flags=re.MULTILINE)
-    return dict(zip(parts[1::2], parts[2::2], strict=True))
+    return list(zip(parts[1::2], parts[2::2], strict=True))
 
 
 def test_pdl_kernels_read_nothing_before_the_wait(cuda_native):
@@ -794,13 +795,9 @@ def test_pdl_kernels_read_nothing_before_the_wait(cuda_native):
     ops, _ = cuda_native
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("programmatic dependent launches are compiled in from compute capability 9.0")
-    waiting = {name: body for name, body in _sass_functions(ops.ext.__file__).items() if "ACQBULK" in body}
-    assert any("gemv_row_kernel" in name for name in waiting), "no row gemv waits: is PDL compiled in?"
-    early = {
-        name: loads
-        for name, body in waiting.items()
-        if (loads := re.findall(r"\bLDG\S*\.CONSTANT\b", body.split("ACQBULK")[0]))
-    }
+    waiting = [(name, body) for name, body in _sass_functions(ops.ext.__file__) if "ACQBULK" in body]
+    assert any("gemv_row_kernel" in name for name, _ in waiting), "no row gemv waits: is PDL compiled in?"
+    early = {name for name, body in waiting if re.search(r"\bLDG\S*\.CONSTANT\b", body.split("ACQBULK")[0])}
     assert not early, f"non-coherent loads before griddepcontrol.wait in {len(early)} kernels: {sorted(early)[:4]}"
 
 

@@ -30,13 +30,13 @@ static double stream_fill(int64_t N) {
 }
 
 // The split kernel's parts per row for an N x K call: the fewest of 2, 4 or 8 that leave at most 4 chunk rounds per
-// part (row_split_parts), or twice as many of at most 2 rounds where those parts are at least 7/8 full (7 or 8
-// rounds in 4 parts, 13 to 16 in 8) and there are at most 12 rows per group of warps: more warps share the rows,
-// fewer chunks wait in each ring. H100 sweep (NOTES.md, session 15), us, 2 rounds per part against 4: 128x8192 4.0
-// -> 2.8, 1024x8192 5.3 -> 4.3, 3072x8192 8.1 -> 7.2, 6144x8192 12.0 -> 11.8, 4096x7168 9.0 -> 8.3, 256x14336 4.4
-// -> 3.8, 1024x14336 6.7 -> 5.7, 3072x14336 11.5 -> 11.2, 1024x13312 6.5 -> 5.6, 2048x16384 9.4 -> 8.8; lost past
-// 12 rows per group (8192x8192 14.7 -> 14.9, 4096x14336 14.1 -> 14.2) and with emptier parts (4096x6144 7.1 -> 7.9,
-// 2048x11008 7.1 -> 8.0, 1536x8960 5.9 -> 6.6).
+// part (row_split_parts), or twice as many of at most 2 rounds where those parts are at least 13/16 full (7 or 8 rounds
+// in 4 parts, 13 to 16 in 8; 6 in 4 lost) and there are at most 12 rows per group of warps: more warps share the rows,
+// fewer chunks wait in each ring. H100 sweep (NOTES.md, session 15), us, 2 rounds per part against 4: 128x8192 4.0 ->
+// 2.8, 1024x8192 5.3 -> 4.3, 3072x8192 8.1 -> 7.2, 6144x8192 12.0 -> 11.8, 4096x7168 9.0 -> 8.3, 256x14336 4.4 -> 3.8,
+// 1024x14336 6.7 -> 5.7, 3072x14336 11.5 -> 11.2, 1024x13312 6.5 -> 5.6, 2048x16384 9.4 -> 8.8; lost past 12 rows per
+// group (8192x8192 14.7 -> 14.9, 4096x14336 14.1 -> 14.2) and with emptier parts (4096x6144 7.1 -> 7.9, 2048x11008 7.1
+// -> 8.0, 1536x8960 5.9 -> 6.6).
 static int row_split_parts_for(int64_t N, int64_t K) {
   const int parts = row_split_parts(K);
   if (parts == 0) return 0;  // past 32768: the streaming kernel
@@ -55,7 +55,8 @@ bool gemv_row_split_applies(FloatType dtype, bool nested, const Scales& sc, int 
   // to 32768 (4096x11008 13.2 -> 10.6 us, 5120x13824 20.5 -> 16.6, 8192x8192 15.3 -> 14.7, 256x5120 5.2 -> 3.3,
   // 1024x14336 8.9 -> 5.7, 2048x8192 6.3 -> 5.7), except with 8 parts of 3 or 4 rounds where the streaming kernel
   // neither pads a last round nor leaves warps idle (8192x28672: 45.5 -> 46.9; 5120x27648, whose 5120 rows fill 81%
-  // of the streaming kernel's warps, went 33.9 -> 30.8).
+  // of the streaming kernel's warps, went 33.9 -> 30.8). Left to the split kernel though the streaming one measured
+  // faster: 8192x7168 (13.96 against 13.65) and 4096x14336 (14.06 against 14.0).
   if (row_split_parts(K) == 8 && K % 1024 == 0 && stream_fill(N) >= 0.9) return false;
   // the parts' sums of the CTA's rows must fit beside the rest of its shared memory (a grid of one CTA per SM)
   const int64_t groups = device_attribute(cudaDevAttrMultiProcessorCount) * (kRowWarps / parts);

@@ -229,8 +229,9 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
   }
   int64_t row = int64_t(blockIdx.x) * G + group;
   const uint8_t* part_start = packed + row * (K / 2) + int64_t(round0) * 512;
-  // split rows of 4 rounds per part: their first scale loads measured 0.2-1.9 us faster from L2 (4096x14336 14.55 ->
-  // 14.05, 28672x8192 45.5 -> 43.6); with 3 rounds, or one part, the prefetch cost 0.1-0.2 us (NOTES.md)
+  // split rows of 4 rounds per part: their first scale loads measured 0.5-1.9 us faster from L2 (4096x14336 14.55 ->
+  // 14.05, 8192^2 15.45 -> 14.75, 28672x8192 45.5 -> 43.6); with 3 rounds, or one part, the prefetch cost 0.1-0.2 us
+  // (NOTES.md)
   if constexpr (P > 1 && D == 4) {
     if (row < N)
       row_prefetch_scales<NESTED>(sc, uint32_t(row * (K >> log2bs)) + ((round0 * 1024u) >> log2bs),
