@@ -297,9 +297,10 @@ def test_gemv_bias_rounds_once(native, dtype):
     b = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
     dot = s * s
     # (rows of A, rows of W, K, blocksize): CUDA row (K <= 4096), row_split (K past 4096 in 2 parts; 8192 in 4 of
-    # 2 rounds), row_stream (K past 32768), pair-table (rows ending inside a block), CUDA-core (2 rows) and
-    # tensor-core (4 rows, sm_90) kernels; the CPU kernel for all
+    # 2 rounds; 300 rows of 4096 in 2 parts), row_stream (K past 32768), pair-table (rows ending inside a block),
+    # CUDA-core (2 rows) and tensor-core (4 rows, sm_90) kernels; the CPU kernel for all
     cases = [
+        (1, 300, 3072, 64, "nf4"),
         (1, 300, 4096, 64, "nf4"),
         (1, 4805, 4160, 64, "fp4"),
         (1, 300, 8192, 64, "fp4"),
@@ -670,20 +671,23 @@ def test_gemv_row_path(cuda_native, dtype):
     more rows than warps, lanes past K in the last round, FP4 and plain absmax, every blocksize it takes, and a
     at magnitudes far outside half precision (the kernel rescales a by a power of two)."""
     ops, device = cuda_native
-    cases = [(4805, 4096, "nf4", True, 64), (4805, 3136, "fp4", False, 64), (77, 3584, "nf4", True, 512)]
-    cases += [(301, 4096, "fp4", True, 1024), (5, 3104, "nf4", True, 32), (1000, 1024, "nf4", True, 64)]
+    many = 32 * _sms() + 1  # rows of 4 rounds: more than 4 per group of 2 warps, else the split kernel takes them
+    cases = [(many, 4096, "nf4", True, 64), (many + 4, 3136, "fp4", False, 64), (many + 2, 3584, "nf4", True, 512)]
+    cases += [(many, 4096, "fp4", True, 1024), (many + 6, 3104, "nf4", True, 32), (1000, 1024, "nf4", True, 64)]
     cases += [(999, 2048, "fp4", False, 128), (500, 2080, "nf4", True, 32), (3000, 3072, "nf4", True, 256)]
-    cases += [(2500, 576, "nf4", True, 64), (17, 96, "fp4", False, 32)]
+    cases += [(2500, 576, "nf4", True, 64), (17, 96, "fp4", False, 32), (5, 3072, "nf4", True, 32)]
     _gemv_path_cases(ops, device, dtype, cases, "row", seed=300)
-    # fp16: |a| up to ~400 keeps the 4096-term outputs (std ~ 64 |a|) inside half precision's range
+    # fp16: |a| up to ~400 keeps the 4096-term outputs (std ~ 64 |a|) inside half precision's range; 300 rows of
+    # 3072 take this kernel, of 4096 the split one
     big, small = (1e30, 1e-30) if dtype == torch.bfloat16 else (1e2, 1e-3)
-    for i, mag in enumerate((big, small)):
-        _gemv_case(ops, device, (1,), 300, 4096, 64, "nf4", True, dtype, seed=310 + i, a_scale=mag)
+    for i, (mag, K) in enumerate([(big, 3072), (small, 3072), (big, 4096), (small, 4096)]):
+        _gemv_case(ops, device, (1,), 300, K, 64, "nf4", True, dtype, seed=310 + i, a_scale=mag)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gemv_row_split_path(cuda_native, dtype):
-    """1 token of fp16/bf16 with K in (4096, 32768] takes the split register row kernel: each row's 1024-value chunk
+    """1 token of fp16/bf16 with K in (4096, 32768], or of 4 rounds with at most 4 rows per group of 2 warps, takes
+    the split register row kernel: each row's 1024-value chunk
     rounds dealt out to 2, 4 or 8 parts of at most 4 (unequal parts: 14336 in 4, 4, 3, 3 rounds; a partial last
     round: 4128 ends 1 chunk into its fifth, 11008 three quarters in, 8256 2 chunks in), each part's sum added in
     order at the CTA's end. Every part count, rows that do not divide evenly among the groups,
@@ -701,6 +705,8 @@ def test_gemv_row_split_path(cuda_native, dtype):
     cases += [(12 * 4 * _sms() + 1, 8192, "nf4", True, 64), (12 * 2 * _sms(), 14336, "fp4", False, 64)]
     cases += [(3, 12320, "nf4", True, 32), (130, 11008, "fp4", True, 32), (200, 4160, "fp4", False, 32)]
     cases += [(3, 28672, "nf4", True, 64), (256, 16384, "nf4", True, 128), (128, 8192, "fp4", False, 256)]
+    cases += [(32 * _sms(), 4096, "nf4", True, 64), (301, 4096, "fp4", True, 1024), (77, 3584, "nf4", True, 512)]
+    cases += [(5, 3104, "nf4", True, 32), (1000, 3136, "fp4", False, 64)]
     _gemv_path_cases(ops, device, dtype, cases, "row_split", seed=340)
 
 
@@ -721,7 +727,7 @@ def test_gemv_row_stream_path(cuda_native, dtype):
 
 @pytest.mark.parametrize(
     ("N", "K"),
-    [(4096, 4096), (8192, 8192), (130, 32832), (992, 992)],
+    [(8192, 4096), (8192, 8192), (130, 32832), (992, 992)],
     ids=["row", "row-split", "row-stream", "pair-table"],
 )
 def test_gemv_chain_reads_the_kernel_before(cuda_native, N, K):
@@ -801,16 +807,16 @@ def test_pdl_kernels_read_nothing_before_the_wait(cuda_native):
     assert not early, f"non-coherent loads before griddepcontrol.wait in {len(early)} kernels: {sorted(early)[:4]}"
 
 
-def test_gemv_row_path_nan_input(cuda_native):
-    """A NaN in a reaches every output row, as in the float64 reference."""
+@pytest.mark.parametrize("K", [3072, 4096, 8192])
+def test_gemv_row_path_nan_input(cuda_native, K):
+    """A NaN in a reaches every output row, as in the float64 reference (the row kernel at 3072, the split kernel at
+    4096 and 8192)."""
     ops, device = cuda_native
-    W = torch.randn(64, 4096, generator=_gen(320))
+    W = torch.randn(64, K, generator=_gen(320))
     packed, absmax = reference.quantize_4bit(W, 64, "nf4")
-    A = torch.randn(1, 4096, generator=_gen(321)).to(torch.bfloat16)
+    A = torch.randn(1, K, generator=_gen(321)).to(torch.bfloat16)
     A[0, 1234] = float("nan")
-    out = ops.gemv_4bit(
-        A.to(device), packed.to(device), absmax.to(device), None, None, None, 64, 256, "nf4", (64, 4096)
-    )
+    out = ops.gemv_4bit(A.to(device), packed.to(device), absmax.to(device), None, None, None, 64, 256, "nf4", (64, K))
     assert out.isnan().all()
 
 

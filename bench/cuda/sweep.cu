@@ -332,10 +332,24 @@ static void gemv_split_more_call(const bf16* a, const uint8_t* p, const Code16& 
     gemv_split_call<WARPS>(a, p, c, sc, nested, log2bs, N, K, o, st);
 }
 
+// K up to 4096 in 2 parts per row (D = half the rounds, rounded up), else as gemv_row_call
+template <int WARPS>
+static void gemv_split2_call(const bf16* a, const uint8_t* p, const Code16& c, const Scales& sc, bool nested,
+                             int log2bs, int64_t N, int64_t K, bf16* o, cudaStream_t st) {
+  const int64_t rounds = (K + 1023) / 1024;
+  if (K <= 4096 && rounds >= 3 && log2bs <= 10 && (K >> log2bs) << log2bs == K)
+    launch_gemv_row<bf16, WARPS, 2, 2>(a, p, c, sc, nested, log2bs, N, K, o, nullptr, st);
+  else if (K <= 4096 && rounds == 2 && log2bs <= 10 && (K >> log2bs) << log2bs == K)
+    launch_gemv_row<bf16, WARPS, 1, 2>(a, p, c, sc, nested, log2bs, N, K, o, nullptr, st);
+  else
+    gemv_row_call<WARPS>(a, p, c, sc, nested, log2bs, N, K, o, st);
+}
+
 static void sweep_gemv(double bw) {
   const std::vector<GemvVariant> variants = {
       {"M1 row W16", 1, gemv_row_call<16>}, {"M1 row W8", 1, gemv_row_call<8>},
       {"M1 split W16", 1, gemv_split_call<16>}, {"M1 splitmore W16", 1, gemv_split_more_call<16>},
+      {"M1 split2 W16", 1, gemv_split2_call<16>},
       {"M1 lut R2W16", 1, gemv_lut_call<2, 16, false>}, {"M1 lut R4W16", 1, gemv_lut_call<4, 16, false>},
       {"M1 lut R4W8", 1, gemv_lut_call<4, 8, false>}, {"M1 lut R2W16h", 1, gemv_lut_call<2, 16, true>},
       {"M1 lut R4W16h", 1, gemv_lut_call<4, 16, true>}, {"M1 lut R4W8h", 1, gemv_lut_call<4, 8, true>},

@@ -1,6 +1,6 @@
 // Row gemvs (gemv_row.cuh) for one token of fp16/bf16 A: a in registers for K up to 4096, and up to 32768 with each
-// row split into 2, 4 or 8 parts (save where the streaming kernel measured faster), else a in shared memory; the
-// rules that pick them over the pair-table kernel.
+// row split into 2, 4 or 8 parts (also K up to 4096 for few rows; save where the streaming kernel measured faster),
+// else a in shared memory; the rules that pick them over the pair-table kernel.
 #include "gemv_row.cuh"
 
 namespace fsdp4bit {
@@ -17,8 +17,17 @@ static bool row_blocks_fit(const Scales& sc, bool nested, int log2bs, int64_t N,
          int64_t(row_smem_bytes(K)) <= device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
 }
 
+// Rows of 4 chunk rounds (K in (3072, 4096]) go to the split kernel in 2 parts of 2 rounds while there are at most 4
+// rows per group of 2 warps. H100 sweep (NOTES.md, session 15), us, one part against two: 512x4096 3.54 -> 2.88,
+// 2048x4096 4.47 -> 4.25, 4096x4096 5.92 -> 5.66; even at 6144x4096 (7.2 -> 7.15), lost at 8192x4096 (8.3 -> 8.7);
+// rows of 2 or 3 rounds lost in 2 parts (2048x2048 3.29 -> 3.75, 3072x3072 4.62 -> 4.75).
+static bool row_split_short_row(int64_t N, int64_t K) {
+  return (K + 1023) / 1024 == 4 && N <= 4 * device_attribute(cudaDevAttrMultiProcessorCount) * (kRowWarps / 2);
+}
+
 bool gemv_row_applies(FloatType dtype, bool nested, const Scales& sc, int log2bs, int64_t M, int64_t N, int64_t K) {
-  return M == 1 && dtype != FloatType::kF32 && K <= 4096 && row_blocks_fit(sc, nested, log2bs, N, K);
+  return M == 1 && dtype != FloatType::kF32 && K <= 4096 && !row_split_short_row(N, K) &&
+         row_blocks_fit(sc, nested, log2bs, N, K);
 }
 
 // The share of the streaming kernel's row slots that hold rows (its grid: one wave of 16-warp CTAs, every warp
@@ -49,7 +58,8 @@ static int row_split_parts_for(int64_t N, int64_t K) {
 bool gemv_row_split_applies(FloatType dtype, bool nested, const Scales& sc, int log2bs, int64_t M, int64_t N,
                             int64_t K) {
   const int parts = row_split_parts_for(N, K);
-  if (M != 1 || dtype == FloatType::kF32 || K <= 4096 || parts == 0 || !row_blocks_fit(sc, nested, log2bs, N, K))
+  if (M != 1 || dtype == FloatType::kF32 || (K <= 4096 && !row_split_short_row(N, K)) || parts == 0 ||
+      !row_blocks_fit(sc, nested, log2bs, N, K))
     return false;
   // where it measured faster than the streaming kernel (H100 sweeps, NOTES.md, sessions 14 and 15): everywhere up
   // to 32768 (4096x11008 13.2 -> 10.6 us, 5120x13824 20.5 -> 16.6, 8192x8192 15.3 -> 14.7, 256x5120 5.2 -> 3.3,
@@ -78,16 +88,14 @@ void launch_gemv_row_stream_any(const void* A, FloatType dtype, const uint8_t* p
 }
 
 // P parts per row, D = chunk rounds of the longest part: 3 or 4 with the fewest parts that do, 2 with twice as many
-// (row_split_parts_for: P = 4 or 8)
+// (row_split_parts_for: P = 4 or 8) or for rows of 4 rounds (row_split_short_row: P = 2)
 template <typename AT, int P>
 static void launch_split_rounds(const AT* a, const uint8_t* packed, const Code16& code, const Scales& sc, bool nested,
                                 int log2bs, int64_t N, int64_t K, AT* out, const AT* bias, cudaStream_t stream) {
   const int rounds = row_split_rounds(K, P);
-  if constexpr (P >= 4) {
-    if (rounds == 2)
-      return launch_gemv_row<AT, kRowWarps, 2, P>(a, packed, code, sc, nested, log2bs, N, K, out, bias, stream);
-  }
-  if (rounds == 4)
+  if (rounds == 2)
+    launch_gemv_row<AT, kRowWarps, 2, P>(a, packed, code, sc, nested, log2bs, N, K, out, bias, stream);
+  else if (rounds == 4)
     launch_gemv_row<AT, kRowWarps, 4, P>(a, packed, code, sc, nested, log2bs, N, K, out, bias, stream);
   else
     launch_gemv_row<AT, kRowWarps, 3, P>(a, packed, code, sc, nested, log2bs, N, K, out, bias, stream);
