@@ -667,9 +667,10 @@ def test_gemv_pair_table_path(cuda_native, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gemv_row_path(cuda_native, dtype):
     """1 token of fp16/bf16 with K up to 4096 and whole blocks of <= 1024 weights per row takes the register row
-    kernel (a warp per row, a in registers as scaled half2, D = K / 1024 rounded up chunk rounds): every D,
-    more rows than warps, lanes past K in the last round, FP4 and plain absmax, every blocksize it takes, and a
-    at magnitudes far outside half precision (the kernel rescales a by a power of two)."""
+    kernel (a warp per row, a in registers as scaled half2, D = K / 1024 rounded up chunk rounds), except rows of
+    4 rounds with at most 4 per group of 2 warps (the split kernel's): every D, more rows than warps, lanes past K
+    in the last round, FP4 and plain absmax, every blocksize it takes, and a at magnitudes far outside half
+    precision (the kernel rescales a by a power of two)."""
     ops, device = cuda_native
     many = 32 * _sms() + 1  # rows of 4 rounds: more than 4 per group of 2 warps, else the split kernel takes them
     cases = [(many, 4096, "nf4", True, 64), (many + 4, 3136, "fp4", False, 64), (many + 2, 3584, "nf4", True, 512)]
@@ -687,14 +688,14 @@ def test_gemv_row_path(cuda_native, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gemv_row_split_path(cuda_native, dtype):
     """1 token of fp16/bf16 with K in (4096, 32768], or of 4 rounds with at most 4 rows per group of 2 warps, takes
-    the split register row kernel: each row's 1024-value chunk
-    rounds dealt out to 2, 4 or 8 parts of at most 4 (unequal parts: 14336 in 4, 4, 3, 3 rounds; a partial last
-    round: 4128 ends 1 chunk into its fifth, 11008 three quarters in, 8256 2 chunks in), each part's sum added in
-    order at the CTA's end. Every part count, rows that do not divide evenly among the groups,
-    every blocksize it takes, with and without double quant; 8 parts of a K % 1024 == 0 where the streaming kernel
-    would leave warps idle (a row more than one per warp); twice the parts, of at most 2 rounds, for rows of 7 or 8
-    rounds (in 4 parts) and 13 to 16 (in 8) while there are at most 12 rows per group (7200 and 6176 end one chunk
-    into their last round, 12320 one chunk into its 13th), and the usual parts past that; a handful of rows."""
+    the split register row kernel: each row's 1024-value chunk rounds dealt out to 2, 4 or 8 parts of at most 4
+    (unequal parts: 14336 in 4, 4, 3, 3 rounds; a partial last round: 4128 ends 1 chunk into its fifth, 11008 three
+    quarters in, 8256 2 chunks in), each part's sum added in order at the CTA's end. Every part count, rows that do
+    not divide evenly among the groups, every blocksize it takes, with and without double quant; 8 parts of a
+    K % 1024 == 0 where the streaming kernel would leave warps idle (a row more than one per warp); twice the parts,
+    of at most 2 rounds, for rows of 7 or 8 rounds (in 4 parts) and 13 to 16 (in 8) while there are at most 12 rows
+    per group (7200 and 6176 end one chunk into their last round, 12320 one chunk into its 13th), and the usual
+    parts past that; 2 parts of 2 rounds for rows of 4 rounds, up to 32 x SMs of them; a handful of rows."""
     ops, device = cuda_native
     cases = [(4805, 8192, "nf4", True, 64), (4500, 5120, "fp4", False, 128), (1400, 32768, "nf4", True, 64)]
     cases += [(4805, 7168, "nf4", True, 256), (2300, 16384, "fp4", False, 128), (1045, 18944, "fp4", False, 64)]
