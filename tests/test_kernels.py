@@ -692,10 +692,12 @@ def test_gemv_row_split_path(cuda_native, dtype):
     (unequal parts: 14336 in 4, 4, 3, 3 rounds; a partial last round: 4128 ends 1 chunk into its fifth, 11008 three
     quarters in, 8256 2 chunks in), each part's sum added in order at the CTA's end. Every part count, rows that do
     not divide evenly among the groups, every blocksize it takes, with and without double quant; 8 parts of a
-    K % 1024 == 0 where the streaming kernel would leave warps idle (a row more than one per warp); twice the parts,
-    of at most 2 rounds, for rows of 7 or 8 rounds (in 4 parts) and 13 to 16 (in 8) while there are at most 12 rows
+    K % 1024 == 0 with as many rows as warps (which the streaming kernel took until session 16); twice the parts,
+    of at most 2 rounds, for rows of 7 or 8 rounds (in 4 parts) and 13 to 16 (in 8) while there are at most 8 rows
     per group (7200 and 6176 end one chunk into their last round, 12320 one chunk into its 13th), and the usual
-    parts past that; 2 parts of 2 rounds for rows of 4 rounds, up to 32 x SMs of them; a handful of rows."""
+    parts past that; 2 parts of 2 rounds for rows of 4 rounds, up to 32 x SMs of them; a handful of rows. Each row
+    order: contiguous shares per CTA (parts of 4 rounds: a row more than the SMs, a few rows per CTA, 3 rows on 2
+    CTAs), interleaved groups (parts of 2 rounds: one row per group exactly, then one more) and bands."""
     ops, device = cuda_native
     cases = [(4805, 8192, "nf4", True, 64), (4500, 5120, "fp4", False, 128), (1400, 32768, "nf4", True, 64)]
     cases += [(4805, 7168, "nf4", True, 256), (2300, 16384, "fp4", False, 128), (1045, 18944, "fp4", False, 64)]
@@ -703,7 +705,10 @@ def test_gemv_row_split_path(cuda_native, dtype):
     cases += [(4805, 4160, "nf4", True, 64), (9000, 4160, "fp4", False, 32), (20000, 8192, "nf4", True, 1024)]
     cases += [(4805, 4128, "nf4", True, 32), (2500, 8256, "fp4", True, 64), (4805, 14336, "nf4", True, 1024)]
     cases += [(16 * _sms() + 1, 17408, "nf4", True, 64), (1024, 7200, "fp4", True, 32), (1500, 6176, "nf4", True, 32)]
-    cases += [(12 * 4 * _sms() + 1, 8192, "nf4", True, 64), (12 * 2 * _sms(), 14336, "fp4", False, 64)]
+    cases += [(8 * 4 * _sms() + 1, 8192, "nf4", True, 64), (8 * 2 * _sms(), 14336, "fp4", False, 64)]
+    cases += [(16 * _sms(), 20480, "fp4", True, 128), (16 * _sms() - 50, 24576, "nf4", True, 64)]
+    cases += [(_sms() + 1, 26624, "nf4", True, 64), (2 * _sms() + 3, 28672, "fp4", False, 128)]
+    cases += [(8 * _sms(), 4096, "nf4", True, 64), (8 * _sms() + 1, 4096, "fp4", True, 64)]
     cases += [(3, 12320, "nf4", True, 32), (130, 11008, "fp4", True, 32), (200, 4160, "fp4", False, 32)]
     cases += [(3, 28672, "nf4", True, 64), (256, 16384, "nf4", True, 128), (128, 8192, "fp4", False, 256)]
     cases += [(32 * _sms(), 4096, "nf4", True, 64), (301, 4096, "fp4", True, 1024), (77, 3584, "nf4", True, 512)]
@@ -713,15 +718,13 @@ def test_gemv_row_split_path(cuda_native, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gemv_row_stream_path(cuda_native, dtype):
-    """1 token of fp16/bf16 with K past 4096, whole blocks of <= 1024 weights per row, that the split kernel leaves
-    takes the streaming row kernel (a in shared memory, each lane's chunks one stream across row ends): K past
-    32768, and 8 parts of 3 or 4 rounds of a K % 1024 == 0 whose rows fill the streaming kernel's warps (one row
-    per warp); rows ending mid-group of chunks (34 and 38 rounds), lanes past K in the last round, more rows than
-    warps and fewer, every blocksize it takes, with and without double quant; blocks past 1024 weights take the
-    pair-table kernel."""
+    """1 token of fp16/bf16 with K past 32768, whole blocks of <= 1024 weights per row, takes the streaming row kernel
+    (a in shared memory, each lane's chunks one stream across row ends): rows ending mid-group of chunks (34 and 38
+    rounds), lanes past K in the last round, more rows than warps and fewer, every blocksize it takes, with and
+    without double quant; blocks past 1024 weights take the pair-table kernel."""
     ops, device = cuda_native
     cases = [(301, 36864, "nf4", True, 1024), (77, 33824, "fp4", False, 32), (130, 37952, "nf4", True, 64)]
-    cases += [(16 * _sms(), 17408, "fp4", True, 128), (16 * _sms() - 50, 24576, "nf4", True, 64)]
+    cases += [(16 * _sms() + 7, 33792, "fp4", True, 128), (2 * _sms() - 5, 40960, "nf4", True, 64)]
     _gemv_path_cases(ops, device, dtype, cases, "row_stream", seed=380)
     _gemv_path_cases(ops, device, dtype, [(64, 9216, "nf4", True, 2048)], "pair_table", seed=360)
 

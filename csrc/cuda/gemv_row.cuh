@@ -4,8 +4,8 @@
 // chunks of a are the same for every row: they live in registers, as half2 scaled by a power of two (max |a|
 // lands in [2^9, 2^10), so 16 products of |w| <= 1 sum to at most 2^14 in half precision).
 // Past 4096 (down projections, 70B-class models) the same kernel splits each row into 2, 4 or 8 parts of at most
-// 4096 values (2048 where that measured faster), a group of warps per row, up to K = 32768; past that, and for 8
-// parts whose rows fill its warps, gemv_row_stream_kernel reads a from shared memory per chunk.
+// 4096 values (2048 where that measured faster), a group of warps per row, up to K = 32768; past that
+// gemv_row_stream_kernel reads a from shared memory per chunk. How rows are dealt to warps: RowOrder.
 // Per packed byte: one PRMT (the byte and the lane make the table address), one conflict-free LDS of both
 // weights as half2 (the pair table is replicated per lane) and one HFMA2; each 32-weight partial sum is widened
 // to float32 and scaled by its block's absmax there. The next chunks are loaded while a row is computed (each
@@ -16,6 +16,7 @@
 
 #include "common.cuh"
 
+#include <algorithm>
 #include <atomic>
 
 namespace fsdp4bit {
@@ -28,8 +29,11 @@ constexpr int kRowPrefetchBytes = 2048, kStreamPrefetchBytes = 1024;
 // Shared memory of the row kernels: the pair table, the nested code (256 floats), the max's partials (one per
 // warp), a as half2, the 16-entry code.
 constexpr size_t kRowNcodeOffset = kRowTableBytes, kRowXOffset = kRowNcodeOffset + 4 * (256 + kRowMaxWarps);
+// chunk rounds of a row: a warp's 32 lanes read 1024 values (32 x 16 packed bytes) per round, the last one partial
+// when K % 1024 != 0
+__host__ __device__ constexpr int64_t row_rounds(int64_t K) { return (K + 1023) / 1024; }
 // a as half2, padded with zeros to whole rounds of 1024 values (a lane's chunks past K read zeros)
-constexpr size_t row_x_bytes(int64_t K) { return 2 * size_t((K + 1023) / 1024 * 1024); }
+constexpr size_t row_x_bytes(int64_t K) { return 2 * size_t(row_rounds(K) * 1024); }
 constexpr size_t row_code_offset(int64_t K) { return kRowXOffset + row_x_bytes(K); }
 constexpr size_t row_smem_bytes(int64_t K) { return row_code_offset(K) + 4 * 16; }
 
@@ -203,6 +207,41 @@ __device__ __forceinline__ void row_load_x(unsigned char* row_smem, uint32_t chu
   for (int q = 0; q < 4; ++q) x[q] = s_x[row_x_quad(chunk, q)];
 }
 
+// How the row kernel deals rows to the groups of P warps of its CTAs (G groups per CTA):
+// - kBands: CTA b's groups take rows b * G + g, then the same in each next band of grid x G rows, on a grid sized so
+//   that every group takes as many rows (at 14336x4096 and 8192^2 that leaves 4 of 132 SMs idle);
+// - kShares: one full wave, CTA b taking the contiguous rows [N b / grid, N (b + 1) / grid) (counts that differ by one
+//   at most), its group g every G-th of them from the g-th;
+// - kInterleaved: one full wave, group g of CTA b taking rows g * grid + b, then the same in each next band of
+//   grid x G rows (counts that differ by one at most).
+// Whole rows and parts of 3 rounds keep kBands, parts of 4 rounds take kShares, parts of 1 or 2 kInterleaved unless
+// that leaves a group one row or none (launch_gemv_row). H100 sweep (NOTES.md, session 16), us, kBands against the
+// order taken: 4 rounds 8192^2 15.10 -> 14.18, 4096x14336 14.34 -> 13.67, 28672x8192 44.39 -> 42.59, 4096x7168 8.99 ->
+// 8.45; 2 rounds 4096^2 5.98 -> 5.71, 2048x8192 6.08 -> 5.76. Against the others: whole rows in kShares 14336x4096
+// 12.35 -> 12.76, in kInterleaved 2048x2048 3.29 -> 3.46; 3 rounds in kShares 8192x22016 35.14 -> 36.36, 4096x6144
+// 7.07 -> 7.18; 2 rounds in kShares 4096^2 5.98 -> 6.11; 2 rounds of one row per group interleaved, 512x4096 2.88 ->
+// 3.10.
+enum class RowOrder { kBands, kShares, kInterleaved };
+constexpr RowOrder row_order(int P, int D) {
+  return P == 1 || D == 3 ? RowOrder::kBands : D == 4 ? RowOrder::kShares : RowOrder::kInterleaved;
+}
+
+// The grid of the row kernel dealing N rows in `order` to CTAs of G groups, `wave` CTAs at most, and the most rows
+// a group takes (one part sum per row of each group in shared memory when P > 1)
+struct RowGrid {
+  int64_t ctas, rows_per_group;
+};
+inline RowGrid row_grid(RowOrder order, int64_t N, int G, int64_t wave) {
+  if (order == RowOrder::kBands) {
+    const int64_t per_group = (N + wave * G - 1) / (wave * G), groups = (N + per_group - 1) / per_group;
+    const int64_t ctas = (groups + G - 1) / G;
+    return {ctas, (N + ctas * G - 1) / (ctas * G)};
+  }
+  const int64_t ctas = std::min(wave, (N + G - 1) / G);
+  if (order == RowOrder::kShares) return {ctas, ((N + ctas - 1) / ctas + G - 1) / G};
+  return {ctas, (N + ctas * G - 1) / (ctas * G)};
+}
+
 // Launched as a programmatic dependent launch (launch_dependent): the pair table is filled while the kernel
 // before it finishes (back to back 1-token gemvs, H100 14336x4096: 13.6 vs 15.2 us per call), and the kernel
 // lets the next one start at once (that one waits for this one's output before reading anything).
@@ -211,7 +250,9 @@ __device__ __forceinline__ void row_load_x(unsigned char* row_smem, uint32_t chu
 // warp p of a group takes part p of the group's rows and keeps that part of a in registers, and each part's sum
 // goes to shared memory; after the last row the CTA adds every row's parts in order (a fixed order: the same bits
 // every run) and writes the outputs. So K past 4096 keeps a in registers too.
-template <typename AT, int WARPS, int D, bool NESTED, int P = 1, int PF = kRowPrefetchBytes>
+// Rows are dealt to the groups in order O (RowOrder).
+template <typename AT, int WARPS, int D, bool NESTED, int P = 1, RowOrder O = RowOrder::kBands,
+          int PF = kRowPrefetchBytes>
 __global__ void __launch_bounds__(WARPS * 32, 1)
     gemv_row_kernel(const AT* __restrict__ a, const uint8_t* __restrict__ packed, Code16 code, Scales sc, int log2bs,
                     int64_t N, int64_t K, AT* __restrict__ out, const AT* __restrict__ bias) {
@@ -219,25 +260,31 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
   constexpr int G = WARPS / P;  // row groups per CTA
   extern __shared__ __align__(16) unsigned char row_smem[];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, part = warp % P, group = warp / P;
-  const int64_t stride = int64_t(gridDim.x) * G;
+  // the group's rows: row, row + stride, ... below row_end
+  constexpr bool kShares = O == RowOrder::kShares;
+  const int64_t stride = kShares ? int64_t(G) : int64_t(gridDim.x) * G;
+  const int64_t row_begin = kShares ? N * blockIdx.x / gridDim.x : 0;
+  const int64_t row_end = kShares ? N * (blockIdx.x + 1) / gridDim.x : N;
   // the part's first chunk round and its chunks (a partial last round of the row: fewer)
   uint32_t round0 = 0, part_chunks = uint32_t(K / 32);
   if constexpr (P > 1) {
-    const uint32_t rounds = uint32_t((K + 1023) >> 10), base = rounds / P, extra = rounds % P;
+    const uint32_t rounds = uint32_t(row_rounds(K)), base = rounds / P, extra = rounds % P;
     round0 = uint32_t(part) * base + min(uint32_t(part), extra);
     part_chunks = min(part_chunks - round0 * 32u, (base + (uint32_t(part) < extra ? 1u : 0u)) * 32u);
   }
-  int64_t row = int64_t(blockIdx.x) * G + group;
+  int64_t row = kShares                          ? row_begin + group
+                : O == RowOrder::kInterleaved ? int64_t(group) * gridDim.x + blockIdx.x
+                                              : int64_t(blockIdx.x) * G + group;
   const uint8_t* part_start = packed + row * (K / 2) + int64_t(round0) * 512;
   // split rows of 4 rounds per part: their first scale loads measured 0.5-1.9 us faster from L2 (4096x14336 14.55 ->
   // 14.05, 8192^2 15.45 -> 14.75, 28672x8192 45.5 -> 43.6); with 3 rounds, or one part, the prefetch cost 0.1-0.2 us
   // (NOTES.md)
   if constexpr (P > 1 && D == 4) {
-    if (row < N)
+    if (row < row_end)
       row_prefetch_scales<NESTED>(sc, uint32_t(row * (K >> log2bs)) + ((round0 * 1024u) >> log2bs),
                                   max((part_chunks * 32u) >> log2bs, 1u));
   }
-  row_table_then_wait(code, row_smem, row < N ? part_start : nullptr, min(part_chunks * 16u, uint32_t(PF)), K);
+  row_table_then_wait(code, row_smem, row < row_end ? part_start : nullptr, min(part_chunks * 16u, uint32_t(PF)), K);
 
   uint32_t valid = 0;  // bit d: the lane's chunk d lies inside the part (fewer than D full rounds leave lanes out)
 #pragma unroll
@@ -270,7 +317,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
 #pragma unroll
   for (int d = 0; d < D; ++d) {
     ring[d] = ChunkIn{make_uint4(0u, 0u, 0u, 0u), 0u, 0.0f};  // chunks past the part stay zero (zero a too)
-    fetch(d, row < N);  // in flight during the prologue
+    fetch(d, row < row_end);  // in flight during the prologue
   }
 
   float off = 0.0f;
@@ -290,8 +337,8 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
   float* s_part = reinterpret_cast<float*>(row_smem + row_smem_bytes(K));  // P > 1: [row of the CTA][part]
 
   const uint32_t lane_off = uint32_t(lane) * 4u;
-  for (int64_t it = 0; row < N; row += stride, ++it) {
-    const bool more = row + stride < N;
+  for (int64_t it = 0; row < row_end; row += stride, ++it) {
+    const bool more = row + stride < row_end;
     pw += step_bytes;
     b_lane += step_blocks;
     float acc = 0.0f;
@@ -315,9 +362,12 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
   }
   if constexpr (P > 1) {
     __syncthreads();
-    const int64_t slots = (N + stride - 1) / stride * G;  // (iteration, group) pairs, as the launcher sized them
+    // slot t holds row t / G of group t % G (the launcher sized them for every group's rows)
+    const int64_t slots = kShares ? row_end - row_begin : (N + stride - 1) / stride * G;
     for (int64_t t = threadIdx.x; t < slots; t += blockDim.x) {
-      const int64_t r = int64_t(blockIdx.x) * G + t % G + t / G * stride;
+      const int64_t r = kShares                          ? row_begin + t
+                        : O == RowOrder::kInterleaved ? t % G * gridDim.x + blockIdx.x + t / G * stride
+                                                      : int64_t(blockIdx.x) * G + t % G + t / G * stride;
       if (r < N) {
         float sum = s_part[t * P];
 #pragma unroll
@@ -331,14 +381,14 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
 // Parts of a row for the split register kernel (K past 4096): the fewest of 2, 4 or 8 that leave at most 4 chunk
 // rounds of 1024 values per part; 0 past 8 x 4096 (the streaming kernel takes it).
 inline int row_split_parts(int64_t K) {
-  const int64_t rounds = (K + 1023) / 1024;
+  const int64_t rounds = row_rounds(K);
   for (int parts : {2, 4, 8})
     if (rounds <= 4 * parts) return parts;
   return 0;
 }
 
 // chunk rounds of the split kernel's longest part (its D): the row's rounds dealt out to `parts` parts
-inline int row_split_rounds(int64_t K, int parts) { return int(((K + 1023) / 1024 + parts - 1) / parts); }
+inline int row_split_rounds(int64_t K, int parts) { return int((row_rounds(K) + parts - 1) / parts); }
 
 // Shared memory of the row kernel with P parts per row: the P = 1 layout, then (P > 1) one float per part of each
 // row the CTA's groups take (`rows_per_group` each)
@@ -346,30 +396,39 @@ constexpr size_t row_split_smem_bytes(int64_t K, int P, int warps, int64_t rows_
   return row_smem_bytes(K) + (P > 1 ? size_t(warps) * size_t(rows_per_group) * 4 : 0);
 }
 
-// Grid: rows per group of P warps so that the groups split N evenly, at most one wave. `configured` and `waves`
-// belong to `kernel` (its raised shared-memory limit per device, its occupancy).
-template <typename AT, int WARPS, int P = 1, typename Kernel>
+// Grid: one wave at most, rows dealt in `O` (row_grid). `configured` and `waves` belong to `kernel` (its raised
+// shared-memory limit per device, its occupancy).
+template <typename AT, int WARPS, int P = 1, RowOrder O = RowOrder::kBands, typename Kernel>
 void launch_row_kernel(Kernel kernel, std::atomic<uint64_t>& configured, WaveCache& waves, const AT* a,
                        const uint8_t* p, const Code16& c, const Scales& sc, int log2bs, int64_t N, int64_t K, AT* o,
                        const AT* bias, cudaStream_t stream) {
   allow_dynamic_smem(kernel, device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin), configured);
   constexpr int G = WARPS / P;
-  const int64_t max_groups = one_wave_cached(kernel, WARPS * 32, row_smem_bytes(K), waves) * G;
-  const int64_t rows_per_group = (N + max_groups - 1) / max_groups;
-  const int64_t groups = (N + rows_per_group - 1) / rows_per_group;
-  const int64_t grid = (groups + G - 1) / G;
-  const int64_t iterations = (N + grid * G - 1) / (grid * G);  // the kernel's rows per group
-  launch_dependent(kernel, dim3(unsigned(grid)), dim3(WARPS * 32), row_split_smem_bytes(K, P, WARPS, iterations),
-                   stream, a, p, c, sc, log2bs, N, K, o, bias);
+  const RowGrid grid = row_grid(O, N, G, one_wave_cached(kernel, WARPS * 32, row_smem_bytes(K), waves));
+  launch_dependent(kernel, dim3(unsigned(grid.ctas)), dim3(WARPS * 32),
+                   row_split_smem_bytes(K, P, WARPS, grid.rows_per_group), stream, a, p, c, sc, log2bs, N, K, o, bias);
 }
 
+template <typename AT, int WARPS, int D, int P, RowOrder O>
+void launch_gemv_row_in(const AT* a, const uint8_t* p, const Code16& c, const Scales& sc, bool nested, int log2bs,
+                        int64_t N, int64_t K, AT* o, const AT* bias, cudaStream_t stream) {
+  static std::atomic<uint64_t> configured[2] = {0, 0};
+  static WaveCache waves[2];
+  launch_row_kernel<AT, WARPS, P, O>(nested ? gemv_row_kernel<AT, WARPS, D, true, P, O>
+                                            : gemv_row_kernel<AT, WARPS, D, false, P, O>,
+                                     configured[nested], waves[nested], a, p, c, sc, log2bs, N, K, o, bias, stream);
+}
+
+// The row kernel with P parts of at most D chunk rounds per row, its rows in row_order(P, D); kInterleaved with at
+// most one row per group of a full wave (one CTA per SM) takes kBands instead.
 template <typename AT, int WARPS, int D, int P = 1>
 void launch_gemv_row(const AT* a, const uint8_t* p, const Code16& c, const Scales& sc, bool nested, int log2bs,
                      int64_t N, int64_t K, AT* o, const AT* bias, cudaStream_t stream) {
-  static std::atomic<uint64_t> configured[2] = {0, 0};
-  static WaveCache waves[2];
-  launch_row_kernel<AT, WARPS, P>(nested ? gemv_row_kernel<AT, WARPS, D, true, P> : gemv_row_kernel<AT, WARPS, D, false, P>,
-                                  configured[nested], waves[nested], a, p, c, sc, log2bs, N, K, o, bias, stream);
+  constexpr RowOrder O = row_order(P, D);
+  if (O == RowOrder::kInterleaved && N <= device_attribute(cudaDevAttrMultiProcessorCount) * (WARPS / P))
+    launch_gemv_row_in<AT, WARPS, D, P, RowOrder::kBands>(a, p, c, sc, nested, log2bs, N, K, o, bias, stream);
+  else
+    launch_gemv_row_in<AT, WARPS, D, P, O>(a, p, c, sc, nested, log2bs, N, K, o, bias, stream);
 }
 
 // The row kernel for K past 4096 (a in shared memory): lane l's chunks of a row are l + 32 c for c < C =
@@ -389,7 +448,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
   int64_t row = int64_t(blockIdx.x) * WARPS + warp;
   row_table_then_wait(code, row_smem, row < N ? packed + row * (K / 2) : nullptr, uint32_t(min(K / 2, int64_t(PF))), K);
 
-  const uint32_t C = uint32_t((K + 1023) >> 10);  // chunk rounds per row (lanes past K in the last: zeros)
+  const uint32_t C = uint32_t(row_rounds(K));  // chunk rounds per row (lanes past K in the last: zeros)
   const uint32_t KC = uint32_t(K / 32);
   const uint32_t row_blocks = uint32_t(K >> log2bs), blocks_per_chunk = 1024u >> log2bs;
   const int nlog2 = NESTED ? sc.nested_log2 : 0;
