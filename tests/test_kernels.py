@@ -697,7 +697,8 @@ def test_gemv_row_split_path(cuda_native, dtype):
     per group (7200 and 6176 end one chunk into their last round, 12320 one chunk into its 13th), and the usual
     parts past that; 2 parts of 2 rounds for rows of 4 rounds, up to 32 x SMs of them; a handful of rows. Each row
     order: contiguous shares per CTA (parts of 4 rounds: a row more than the SMs, a few rows per CTA, 3 rows on 2
-    CTAs), interleaved groups (parts of 2 rounds: one row per group exactly, then one more) and bands."""
+    CTAs), interleaved groups (parts of 2 rounds) and bands, and the launcher's switch between those two (bands at
+    one row per group of a full wave, interleaved one row past it)."""
     ops, device = cuda_native
     cases = [(4805, 8192, "nf4", True, 64), (4500, 5120, "fp4", False, 128), (1400, 32768, "nf4", True, 64)]
     cases += [(4805, 7168, "nf4", True, 256), (2300, 16384, "fp4", False, 128), (1045, 18944, "fp4", False, 64)]
@@ -714,6 +715,9 @@ def test_gemv_row_split_path(cuda_native, dtype):
     cases += [(32 * _sms(), 4096, "nf4", True, 64), (301, 4096, "fp4", True, 1024), (77, 3584, "nf4", True, 512)]
     cases += [(5, 3104, "nf4", True, 32), (1000, 3136, "fp4", False, 64)]
     _gemv_path_cases(ops, device, dtype, cases, "row_split", seed=340)
+    # no rows: the rule still answers (it once sized a grid for them: a division by zero in the process)
+    for K in (4096, 8192):
+        assert _cuda_gemv_kernel(ops, dtype, 0, K, 64, True) in {"row", "row_stream", "pair_table"}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -53,7 +53,7 @@ static int row_split_parts_for(int64_t N, int64_t K) {
 
 bool gemv_row_split_applies(FloatType dtype, bool nested, const Scales& sc, int log2bs, int64_t M, int64_t N,
                             int64_t K) {
-  const int parts = row_split_parts_for(N, K);
+  const int parts = N < 1 ? 0 : row_split_parts_for(N, K);  // no rows: nothing to size the grid for
   if (M != 1 || dtype == FloatType::kF32 || (K <= 4096 && !row_split_short_row(N, K)) || parts == 0 ||
       !row_blocks_fit(sc, nested, log2bs, N, K))
     return false;

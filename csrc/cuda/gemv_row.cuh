@@ -209,10 +209,11 @@ __device__ __forceinline__ void row_load_x(unsigned char* row_smem, uint32_t chu
 
 // How the row kernel deals rows to the groups of P warps of its CTAs (G groups per CTA):
 // - kBands: CTA b's groups take rows b * G + g, then the same in each next band of grid x G rows, on a grid sized so
-//   that every group takes as many rows (at 14336x4096 and 8192^2 that leaves 4 of 132 SMs idle);
-// - kShares: one full wave, CTA b taking the contiguous rows [N b / grid, N (b + 1) / grid) (counts that differ by one
-//   at most), its group g every G-th of them from the g-th;
-// - kInterleaved: one full wave, group g of CTA b taking rows g * grid + b, then the same in each next band of
+//   that the groups' row counts differ by one at most, the last groups' being the smaller (at 14336x4096 and 8192^2
+//   that leaves 4 of 132 SMs idle);
+// - kShares: one wave (fewer CTAs, N / G rounded up, for fewer rows), CTA b taking the contiguous rows
+//   [N b / grid, N (b + 1) / grid) (counts that differ by one at most), its group g every G-th of them from the g-th;
+// - kInterleaved: the same grid, group g of CTA b taking rows g * grid + b, then the same in each next band of
 //   grid x G rows (counts that differ by one at most).
 // Whole rows and parts of 3 rounds keep kBands, parts of 4 rounds take kShares, parts of 1 or 2 kInterleaved unless
 // that leaves a group one row or none (launch_gemv_row). H100 sweep (NOTES.md, session 16), us, kBands against the
@@ -425,10 +426,11 @@ template <typename AT, int WARPS, int D, int P = 1>
 void launch_gemv_row(const AT* a, const uint8_t* p, const Code16& c, const Scales& sc, bool nested, int log2bs,
                      int64_t N, int64_t K, AT* o, const AT* bias, cudaStream_t stream) {
   constexpr RowOrder O = row_order(P, D);
-  if (O == RowOrder::kInterleaved && N <= device_attribute(cudaDevAttrMultiProcessorCount) * (WARPS / P))
-    launch_gemv_row_in<AT, WARPS, D, P, RowOrder::kBands>(a, p, c, sc, nested, log2bs, N, K, o, bias, stream);
-  else
-    launch_gemv_row_in<AT, WARPS, D, P, O>(a, p, c, sc, nested, log2bs, N, K, o, bias, stream);
+  if constexpr (O == RowOrder::kInterleaved) {
+    if (N <= device_attribute(cudaDevAttrMultiProcessorCount) * (WARPS / P))
+      return launch_gemv_row_in<AT, WARPS, D, P, RowOrder::kBands>(a, p, c, sc, nested, log2bs, N, K, o, bias, stream);
+  }
+  launch_gemv_row_in<AT, WARPS, D, P, O>(a, p, c, sc, nested, log2bs, N, K, o, bias, stream);
 }
 
 // The row kernel for K past 4096 (a in shared memory): lane l's chunks of a row are l + 32 c for c < C =
