@@ -692,7 +692,7 @@ def test_gemv_row_split_path(cuda_native, dtype):
     (unequal parts: 14336 in 4, 4, 3, 3 rounds; a partial last round: 4128 ends 1 chunk into its fifth, 11008 three
     quarters in, 8256 2 chunks in), each part's sum added in order at the CTA's end. Every part count, rows that do
     not divide evenly among the groups, every blocksize it takes, with and without double quant; 8 parts of a
-    K % 1024 == 0 with as many rows as warps (which the streaming kernel took until session 16); twice the parts,
+    K % 1024 == 0 with about as many rows as warps (the streaming kernel took those before); twice the parts,
     of at most 2 rounds, for rows of 7 or 8 rounds (in 4 parts) and 13 to 16 (in 8) while there are at most 8 rows
     per group (7200 and 6176 end one chunk into their last round, 12320 one chunk into its 13th), and the usual
     parts past that; 2 parts of 2 rounds for rows of 4 rounds, up to 32 x SMs of them; a handful of rows. Each row
