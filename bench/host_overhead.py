@@ -3,7 +3,8 @@
 With one sequence per rank, a QLoRA step launches many tiny kernels and the GPU waits on the host: what
 then matters is the Python time ``Linear4bit`` spends around its kernels. This benchmark measures it
 with shapes small enough (256x256 by default) that the kernels cost little: per call, the forward
-under ``torch.no_grad``, the forward recording autograd (input requiring grad, no backward) and the
+under ``torch.no_grad``, the same through bitsandbytes' idiom ``matmul_4bit(x, weight.t(), quant_state=...)``
+(what transformers and peft call), the forward recording autograd (input requiring grad, no backward) and the
 forward+backward (gradient to the input only, both layers frozen) of
 
 - ``Linear4bit`` (NF4, blocksize 64, double-quantized statistics, bfloat16 storage, computing in float32
@@ -83,6 +84,16 @@ def forward_no_grad(layer: torch.nn.Module, x: torch.Tensor) -> Callable[[], obj
     return run
 
 
+def matmul_transposed_no_grad(layer: bnb.nn.Linear4bit, x: torch.Tensor) -> Callable[[], object]:
+    """bitsandbytes' own idiom (transformers and peft call it): ``matmul_4bit(x, weight.t(), quant_state=...)``."""
+
+    def run() -> object:
+        with torch.no_grad():
+            return bnb.matmul_4bit(x, layer.weight.t(), quant_state=layer.weight.quant_state, bias=layer.bias)
+
+    return run
+
+
 def forward_grad(layer: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
     def run() -> object:
         return layer(x)
@@ -120,6 +131,7 @@ def measure(args: argparse.Namespace) -> dict:
         grad = torch.randn(rows, args.features, device=device, dtype=dtype)
         for name, fns in (
             ("forward no_grad", (forward_no_grad(quant, x), forward_no_grad(plain, x))),
+            ("matmul_4bit(W.t())", (matmul_transposed_no_grad(quant, x), forward_no_grad(plain, x))),
             ("forward grad", (forward_grad(quant, xg), forward_grad(plain, xg))),
             ("forward+backward", (forward_backward(quant, xg, grad), forward_backward(plain, xg, grad))),
         ):
@@ -137,10 +149,10 @@ def print_table(result: dict) -> None:
         f"{result['features']}x{result['features']} {result['dtype']}{bias}, {result['clock']} us per call "
         f"(best of {result['repeats']} x {result['iters']} calls)"
     )
-    print(f"{'rows':>5} {'case':<17} {'Linear4bit':>11} {'nn.Linear':>10} {'4bit-plain':>11}")
+    print(f"{'rows':>5} {'case':<18} {'Linear4bit':>11} {'nn.Linear':>10} {'4bit-plain':>11}")
     for c in result["cases"]:
         diff = c["linear4bit_us"] - c["linear_us"]
-        print(f"{c['rows']:>5} {c['case']:<17} {c['linear4bit_us']:>11.1f} {c['linear_us']:>10.1f} {diff:>11.1f}")
+        print(f"{c['rows']:>5} {c['case']:<18} {c['linear4bit_us']:>11.1f} {c['linear_us']:>10.1f} {diff:>11.1f}")
 
 
 def main() -> None:

@@ -40,18 +40,29 @@ def plain(t: torch.Tensor) -> torch.Tensor:
 
 
 def unwrap_call(func, args: tuple, kwargs: dict) -> Any:
-    """Run ``func`` on inner tensors: results are plain tensors."""
+    """Run ``func`` on inner tensors: results are plain tensors.
+
+    Flat positional arguments (``weight.t()``, ``numel``, most ops) skip the pytree walk, which cost about half of
+    such a call's Python time; lists, tuples and keyword arguments take it.
+    """
 
     def unwrap(x):
         return plain(x) if _is_params4bit(x) else x
 
+    if not kwargs and not any(isinstance(a, (list, tuple, dict)) for a in args):
+        return func(*[unwrap(a) for a in args])
     return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
 
 
-def _is_params4bit(x: Any) -> bool:
-    from .nn import Params4bit
+_PARAMS4BIT: list[type] = []  # nn.Params4bit, imported on first use (nn imports this module)
 
-    return isinstance(x, Params4bit)
+
+def _is_params4bit(x: Any) -> bool:
+    if not _PARAMS4BIT:
+        from .nn import Params4bit
+
+        _PARAMS4BIT.append(Params4bit)
+    return isinstance(x, _PARAMS4BIT[0])
 
 
 def copy_state(state: QuantState | None, device: torch.device | None = None) -> QuantState | None:
