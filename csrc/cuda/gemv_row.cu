@@ -9,8 +9,8 @@ namespace fsdp4bit {
 // measured the same or slower.
 constexpr int kRowWarps = 16;
 
-// groups of `parts` warps in one wave of the row kernels' grid (one 16-warp CTA per SM)
-static int64_t row_groups(int parts) { return device_attribute(cudaDevAttrMultiProcessorCount) * (kRowWarps / parts); }
+// groups of `parts` warps in one wave of the row kernels' 16-warp CTAs
+static int64_t row_groups(int parts) { return row_wave_groups(kRowWarps, parts); }
 
 // Both kernels index blocks in 32 bits per lane: whole blocks per row, at most 1024 weights per block and fewer
 // than 2^31 blocks (bitsandbytes' NF4 default: 64-weight blocks); other calls take the pair-table kernel.

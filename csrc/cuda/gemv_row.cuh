@@ -227,6 +227,11 @@ constexpr RowOrder row_order(int P, int D) {
   return P == 1 || D == 3 ? RowOrder::kBands : D == 4 ? RowOrder::kShares : RowOrder::kInterleaved;
 }
 
+// groups of `parts` warps in one wave of `warps`-warp CTAs, one per SM (the row kernels' occupancy)
+inline int64_t row_wave_groups(int warps, int parts) {
+  return device_attribute(cudaDevAttrMultiProcessorCount) * (warps / parts);
+}
+
 // The grid of the row kernel dealing N rows in `order` to CTAs of G groups, `wave` CTAs at most, and the most rows
 // a group takes (one part sum per row of each group in shared memory when P > 1)
 struct RowGrid {
@@ -427,7 +432,7 @@ void launch_gemv_row(const AT* a, const uint8_t* p, const Code16& c, const Scale
                      int64_t N, int64_t K, AT* o, const AT* bias, cudaStream_t stream) {
   constexpr RowOrder O = row_order(P, D);
   if constexpr (O == RowOrder::kInterleaved) {
-    if (N <= device_attribute(cudaDevAttrMultiProcessorCount) * (WARPS / P))
+    if (N <= row_wave_groups(WARPS, P))
       return launch_gemv_row_in<AT, WARPS, D, P, RowOrder::kBands>(a, p, c, sc, nested, log2bs, N, K, o, bias, stream);
   }
   launch_gemv_row_in<AT, WARPS, D, P, O>(a, p, c, sc, nested, log2bs, N, K, o, bias, stream);
