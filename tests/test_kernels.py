@@ -688,9 +688,11 @@ def test_gemv_row_path(cuda_native, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gemv_row_split_path(cuda_native, dtype):
     """1 token of fp16/bf16 with K in (4096, 32768], or of 4 rounds with at most 4 rows per group of 2 warps, takes
-    the split register row kernel: each row's 1024-value chunk rounds dealt out to 2, 4 or 8 parts of at most 4
-    (unequal parts: 14336 in 4, 4, 3, 3 rounds; a partial last round: 4128 ends 1 chunk into its fifth, 11008 three
-    quarters in, 8256 2 chunks in), each part's sum added in order at the CTA's end. Every part count, rows that do
+    the split register row kernel: each row's 32-value chunks dealt out to 2, 4 or 8 parts of at most 4 rounds of
+    1024 values (parts that end mid-round and start on an odd chunk: 4160 in 65 + 65 chunks, 4128 in 65 + 64, 8256 in
+    65, 65, 64, 64, 11008 in 4 x 86, 14336 in 4 x 112), or its whole rounds to parts of at most 2 (14336 in 8 parts:
+    2, 2, 2, 2, 2, 2, 1, 1 rounds; 7200 ends one chunk into its last round, 3104 is 64 + 33 chunks), each part's sum
+    added in order at the CTA's end. Every part count, rows that do
     not divide evenly among the groups, every blocksize it takes, with and without double quant; 8 parts of a
     K % 1024 == 0 with about as many rows as warps (the streaming kernel took those before); twice the parts,
     of at most 2 rounds, for rows of 7 or 8 rounds (in 4 parts) and 13 to 16 (in 8) while there are at most 8 rows

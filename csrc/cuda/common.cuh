@@ -325,14 +325,15 @@ struct ChunkIn {
   float s;     // nested absmax (double quant) or the float32 absmax
 };
 
-// the raw scale inputs of block b (power-of-two nested blocks: the gemv launchers check)
-template <bool NESTED>
-__device__ __forceinline__ void load_scale_in(const Scales& sc, int64_t b, uint32_t& q, float& s) {
+// the raw scale inputs of block b, whose nested block is b >> nlog2 (power-of-two nested blocks: the gemv launchers
+// check; the row kernels pass a 32-bit b and nlog2 read once)
+template <bool NESTED, typename Block>
+__device__ __forceinline__ void load_scale_in(const Scales& sc, Block b, int nlog2, uint32_t& q, float& s) {
   if constexpr (NESTED) {
     q = ld_after_wait(sc.absmax_q + b);
-    s = ld_after_wait(sc.nested_absmax + (b >> sc.nested_log2));
+    s = ld_after_wait(sc.nested_absmax + (b >> nlog2));
   } else {
-    q = 0u;
+    (void)q;  // no code: q keeps what the caller gave it
     s = ld_after_wait(sc.absmax_f + b);
   }
 }
@@ -341,9 +342,9 @@ __device__ __forceinline__ void load_scale_in(const Scales& sc, int64_t b, uint3
 template <bool NESTED>
 __device__ __forceinline__ ChunkIn load_gemv_chunk(const uint8_t* __restrict__ packed, const Scales& sc, int log2bs,
                                                   int64_t e) {
-  ChunkIn c;
+  ChunkIn c{};
   c.w = __ldcs(reinterpret_cast<const uint4*>(packed + e / 2));
-  load_scale_in<NESTED>(sc, e >> log2bs, c.q, c.s);
+  load_scale_in<NESTED>(sc, e >> log2bs, sc.nested_log2, c.q, c.s);
   return c;
 }
 

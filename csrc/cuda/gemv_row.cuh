@@ -251,8 +251,9 @@ inline RowGrid row_grid(RowOrder order, int64_t N, int G, int64_t wave) {
 // Launched as a programmatic dependent launch (launch_dependent): the pair table is filled while the kernel
 // before it finishes (back to back 1-token gemvs, H100 14336x4096: 13.6 vs 15.2 us per call), and the kernel
 // lets the next one start at once (that one waits for this one's output before reading anything).
-// P > 1 splits each row into P parts of whole 1024-value chunk rounds (the row's C rounds dealt out as evenly as
-// they go: 14 rounds in 4 parts are 4, 4, 3, 3; at most D = 4 each): the CTA's warps form WARPS / P groups of P,
+// P > 1 splits each row into P parts of its 32-value chunks dealt out as evenly as they go (14336 in 4 parts are 112
+// chunks, 3.5 rounds, each; at most D = 4 rounds), or of whole 1024-value chunk rounds for D = 2 (14 rounds in 8 parts
+// are 2, 2, 2, 2, 2, 2, 1, 1): the CTA's warps form WARPS / P groups of P,
 // warp p of a group takes part p of the group's rows and keeps that part of a in registers, and each part's sum
 // goes to shared memory; after the last row the CTA adds every row's parts in order (a fixed order: the same bits
 // every run) and writes the outputs. So K past 4096 keeps a in registers too.
@@ -271,23 +272,32 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
   const int64_t stride = kShares ? int64_t(G) : int64_t(gridDim.x) * G;
   const int64_t row_begin = kShares ? N * blockIdx.x / gridDim.x : 0;
   const int64_t row_end = kShares ? N * (blockIdx.x + 1) / gridDim.x : N;
-  // the part's first chunk round and its chunks (a partial last round of the row: fewer)
-  uint32_t round0 = 0, part_chunks = uint32_t(K / 32);
-  if constexpr (P > 1) {
+  // the part's first chunk of 32 values and its chunk count: the row's K / 32 chunks dealt out as evenly as they go,
+  // or for parts of at most 2 rounds its whole chunk rounds (a partial last round of the row: fewer chunks). H100
+  // sweep (NOTES.md, session 17), us, whole rounds against chunks: 4 rounds 4096x14336 13.66 -> 13.52, 8192x20480
+  // 33.55 -> 32.97, 4096x5120 6.78 -> 6.66; 2 rounds 1024x14336 5.70 -> 6.08, 8192^2 15.06 -> 15.85 (the same parts:
+  // ptxas issued the ring's refill after the chunk's math instead of before it).
+  uint32_t chunk0 = 0, part_chunks = uint32_t(K / 32);
+  if constexpr (P > 1 && D == 2) {
     const uint32_t rounds = uint32_t(row_rounds(K)), base = rounds / P, extra = rounds % P;
-    round0 = uint32_t(part) * base + min(uint32_t(part), extra);
-    part_chunks = min(part_chunks - round0 * 32u, (base + (uint32_t(part) < extra ? 1u : 0u)) * 32u);
+    const uint32_t round0 = uint32_t(part) * base + min(uint32_t(part), extra);
+    chunk0 = round0 * 32u;
+    part_chunks = min(part_chunks - chunk0, (base + (uint32_t(part) < extra ? 1u : 0u)) * 32u);
+  } else if constexpr (P > 1) {
+    const uint32_t base = part_chunks / P, extra = part_chunks % P;
+    chunk0 = uint32_t(part) * base + min(uint32_t(part), extra);
+    part_chunks = base + (uint32_t(part) < extra ? 1u : 0u);
   }
   int64_t row = kShares                          ? row_begin + group
                 : O == RowOrder::kInterleaved ? int64_t(group) * gridDim.x + blockIdx.x
                                               : int64_t(blockIdx.x) * G + group;
-  const uint8_t* part_start = packed + row * (K / 2) + int64_t(round0) * 512;
+  const uint8_t* part_start = packed + row * (K / 2) + int64_t(chunk0) * 16;
   // split rows of 4 rounds per part: their first scale loads measured 0.5-1.9 us faster from L2 (4096x14336 14.55 ->
   // 14.05, 8192^2 15.45 -> 14.75, 28672x8192 45.5 -> 43.6); with 3 rounds, or one part, the prefetch cost 0.1-0.2 us
   // (NOTES.md)
   if constexpr (P > 1 && D == 4) {
     if (row < row_end)
-      row_prefetch_scales<NESTED>(sc, uint32_t(row * (K >> log2bs)) + ((round0 * 1024u) >> log2bs),
+      row_prefetch_scales<NESTED>(sc, uint32_t(row * (K >> log2bs)) + ((chunk0 * 32u) >> log2bs),
                                   max((part_chunks * 32u) >> log2bs, 1u));
   }
   row_table_then_wait(code, row_smem, row < row_end ? part_start : nullptr, min(part_chunks * 16u, uint32_t(PF)), K);
@@ -303,7 +313,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
   // chunk d lies in block b_lane + d * 1024 / blocksize, so a chunk's addresses are a few 32-bit adds.
   const uint8_t* pw = part_start + lane * 16;
   const uint32_t row_blocks = uint32_t(K >> log2bs), blocks_per_1024 = 1024u >> log2bs;
-  uint32_t b_lane = uint32_t(row) * row_blocks + ((round0 * 1024u + uint32_t(lane) * 32u) >> log2bs);
+  uint32_t b_lane = uint32_t(row) * row_blocks + (((chunk0 + uint32_t(lane)) * 32u) >> log2bs);
   const int64_t step_bytes = stride * (K / 2);
   const uint32_t step_blocks = uint32_t(stride) * row_blocks;
   const int nlog2 = NESTED ? sc.nested_log2 : 0;
@@ -311,13 +321,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
   auto fetch = [&](int d, bool ok) {
     if (ok && ((valid >> d) & 1u)) {
       ring[d].w = __ldcs(reinterpret_cast<const uint4*>(pw + d * 512));
-      const uint32_t b = b_lane + uint32_t(d) * blocks_per_1024;
-      if constexpr (NESTED) {
-        ring[d].q = ld_after_wait(sc.absmax_q + b);
-        ring[d].s = ld_after_wait(sc.nested_absmax + (b >> nlog2));
-      } else {
-        ring[d].s = ld_after_wait(sc.absmax_f + b);
-      }
+      load_scale_in<NESTED>(sc, b_lane + uint32_t(d) * blocks_per_1024, nlog2, ring[d].q, ring[d].s);
     }
   };
 #pragma unroll
@@ -329,7 +333,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
   float off = 0.0f;
   const float down = row_prologue<AT, WARPS, NESTED>(a, sc, K, row_smem, off);
   uint4 xr[D][4];  // the lane's chunks of a, the same for every row (chunks past the part: zero)
-  const uint32_t first_chunk = round0 * 32u + uint32_t(lane);
+  const uint32_t first_chunk = chunk0 + uint32_t(lane);
 #pragma unroll
   for (int d = 0; d < D; ++d) {
     if ((valid >> d) & 1u) {
@@ -475,12 +479,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
       --f_left;
       if (!PAD || f_c * 32 + uint32_t(lane) < KC) {
         ring[d].w = __ldcs(reinterpret_cast<const uint4*>(f_p));
-        if constexpr (NESTED) {
-          ring[d].q = ld_after_wait(sc.absmax_q + f_b);
-          ring[d].s = ld_after_wait(sc.nested_absmax + (f_b >> nlog2));
-        } else {
-          ring[d].s = ld_after_wait(sc.absmax_f + f_b);
-        }
+        load_scale_in<NESTED>(sc, f_b, nlog2, ring[d].q, ring[d].s);
       } else {
         // past K: a is zero there, so the chunk adds 0 x code[0] x (its scale: the double-quant offset or 0),
         // exactly zero while those are finite (a NaN offset makes every row NaN anyway)
