@@ -270,7 +270,9 @@ def test_gemv(native, dtype, qt, nested):
         ((17,), 11, 64, 32),
         ((1,), 19, 100, 64),
         ((4,), 7, 45, 32),
-    ]  # the last two: K % 32 != 0 (blocks straddle rows)
+        ((2,), 9, 77, 32),
+        ((3,), 13, 88, 32),
+    ]  # the last four: K % 32 != 0 (blocks straddle rows; 45 and 77 start every other row inside a byte)
     for i, (M_shape, N, K, bs) in enumerate(cases):
         _gemv_case(ops, device, M_shape, N, K, bs, qt, nested, dtype, seed=i, with_bias=i % 3 == 0)
 

@@ -282,9 +282,10 @@ void dequantize_impl(const uint8_t* packed, const Scales& sc, const float* code,
 
 // ---------------------------------------------------------------- gemv: out[m, n] = sum_k A[m, k] W[n, k] + bias[n]
 // Each output row n decodes its K weights to float32 (code * block scale: exactly the dequantized float32 value) and
-// dots them with the float32 rows of A: straight into the dot for one row of A, through an L1-sized buffer for more;
-// the bias (float32, or null) joins the float32 sum, before the one rounding to A's dtype. With AVX2 both steps take
-// 8 weights per instruction (2-3x the scalar loop's speed: NOTES.md).
+// dots them with the float32 rows of A; the bias (float32, or null) joins the float32 sum, before the one rounding to
+// A's dtype. With AVX2 the weights are decoded 8 at a time straight into the dots of up to 4 rows of A (more rows:
+// the row decoded again per 4, from L1); without it, once into an L1-sized buffer that each row of A is dotted with
+// (a loop the compiler vectorizes). NOTES.md has the timings.
 
 #ifdef FSDP4BIT_AVX2
 // the 8 weights of 4 packed bytes from the block's 16-value table (lo: values 0-7, hi: 8-15): one variable shift per
@@ -305,40 +306,12 @@ inline float hsum(__m256 v) {
   const __m128 d = _mm_add_ps(q, _mm_movehl_ps(q, q));
   return _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
 }
-#endif
 
-// Where decoded weights go: into a row buffer (several rows of A), or straight into one row's dot product
-struct StoreWeights {
-  float* w;
-  void one(int64_t k, float v) { w[k] = v; }
-#ifdef FSDP4BIT_AVX2
-  void eight(int64_t k, __m256 v0, __m256 v1) {
-    _mm256_storeu_ps(w + k, v0);
-    _mm256_storeu_ps(w + k + 8, v1);
-  }
-  void eight(int64_t k, __m256 v) { _mm256_storeu_ps(w + k, v); }
 #endif
-};
-
-struct DotWeights {
-  const float* a;
-  float tail = 0.0f;
-  void one(int64_t k, float v) { tail += v * a[k]; }
-#ifdef FSDP4BIT_AVX2
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();  // two chains: an FMA's latency is 4 cycles
-  void eight(int64_t k, __m256 v0, __m256 v1) {
-    acc0 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(a + k), acc0);
-    acc1 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(a + k + 8), acc1);
-  }
-  void eight(int64_t k, __m256 v) { acc0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(a + k), acc0); }
-  float sum() const { return hsum(_mm256_add_ps(acc0, acc1)) + tail; }
-#else
-  float sum() const { return tail; }
-#endif
-};
 
 // Weights [e, end) of the packed stream (any start and end: a row may begin or end inside a byte or a block), each
-// code[nibble] * its block's scale in float32, handed to `sink` numbered from 0 at weight e
+// code[nibble] * its block's scale in float32, handed to `sink` numbered from 0 at weight e: one at a time, or
+// (AVX2) 8 or 16 at a time
 template <typename Sink>
 inline void decode_weights(const uint8_t* packed, const Scales& sc, const float* code, int64_t bs, int64_t e,
                            int64_t end, Sink& sink) {
@@ -374,50 +347,87 @@ inline void decode_weights(const uint8_t* packed, const Scales& sc, const float*
   }
 }
 
-// w . a over K floats
-inline float dot_f32(const float* w, const float* a, int64_t K) {
 #ifdef FSDP4BIT_AVX2
-  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-  int64_t k = 0;
-  for (; k + 32 <= K; k += 32)
-    for (int j = 0; j < 4; ++j)
-      acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8 * j), _mm256_loadu_ps(a + k + 8 * j), acc[j]);
-  for (; k + 8 <= K; k += 8) acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(a + k), acc[0]);
-  float sum = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
-#else
-  float acc[16] = {0};
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16)
-    for (int l = 0; l < 16; ++l) acc[l] += w[k + l] * a[k + l];
-  float sum = 0.0f;
-  for (int l = 0; l < 16; ++l) sum += acc[l];
-#endif
-  for (; k < K; ++k) sum += w[k] * a[k];
-  return sum;
+// The dots of R rows of A (K apart) with one decoded weight row
+template <int R>
+struct DotWeights {
+  static constexpr int C = R == 1 ? 2 : 1;  // FMA chains per row of A (an FMA's latency is 4 cycles)
+  const float* a;
+  int64_t K;
+  __m256 acc[R][C];
+  float tail[R] = {};
+  DotWeights(const float* a_, int64_t K_) : a(a_), K(K_) {
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+  }
+  void one(int64_t k, float v) {
+    for (int r = 0; r < R; ++r) tail[r] += v * a[r * K + k];
+  }
+  void eight(int64_t k, __m256 v0, __m256 v1) {
+    for (int r = 0; r < R; ++r) {
+      acc[r][0] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(a + r * K + k), acc[r][0]);
+      acc[r][C - 1] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(a + r * K + k + 8), acc[r][C - 1]);
+    }
+  }
+  void eight(int64_t k, __m256 v) {
+    for (int r = 0; r < R; ++r) acc[r][0] = _mm256_fmadd_ps(v, _mm256_loadu_ps(a + r * K + k), acc[r][0]);
+  }
+  float sum(int r) const { return hsum(C == 2 ? _mm256_add_ps(acc[r][0], acc[r][C - 1]) : acc[r][0]) + tail[r]; }
+};
+
+// weight row n against R rows of A from `a`, into the R outputs of column n from `out` (rows N apart)
+template <int R>
+inline void gemv_row_rows(const float* a, const uint8_t* packed, const Scales& sc, const float* code, int64_t n,
+                          int64_t N, int64_t K, int64_t bs, const float* bias, float* out) {
+  DotWeights<R> dot(a, K);
+  decode_weights(packed, sc, code, bs, n * K, (n + 1) * K, dot);
+  for (int r = 0; r < R; ++r) out[r * N + n] = bias != nullptr ? dot.sum(r) + bias[n] : dot.sum(r);
 }
 
-// One row of A: each weight row decoded straight into its dot product. More rows: each weight row decoded once into
-// an L1-sized buffer, then dotted with every row of A.
 void gemv_impl(const float* a, int64_t M, const uint8_t* packed, const Scales& sc, const float* code, int64_t N,
                int64_t K, int64_t bs, const float* bias, float* out) {
   at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1) {
-    std::vector<float> w(M > 1 ? K : 0);
-    for (int64_t n = n0; n < n1; ++n) {
-      if (M == 1) {
-        DotWeights dot{a};
-        decode_weights(packed, sc, code, bs, n * K, (n + 1) * K, dot);
-        out[n] = bias != nullptr ? dot.sum() + bias[n] : dot.sum();
-        continue;
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m = 0; m < M; m += 4) {
+        const float* am = a + m * K;
+        float* om = out + m * N;
+        switch (std::min<int64_t>(M - m, 4)) {
+          case 1: gemv_row_rows<1>(am, packed, sc, code, n, N, K, bs, bias, om); break;
+          case 2: gemv_row_rows<2>(am, packed, sc, code, n, N, K, bs, bias, om); break;
+          case 3: gemv_row_rows<3>(am, packed, sc, code, n, N, K, bs, bias, om); break;
+          default: gemv_row_rows<4>(am, packed, sc, code, n, N, K, bs, bias, om); break;
+        }
       }
+  });
+}
+#else
+struct StoreWeights {
+  float* w;
+  void one(int64_t k, float v) { w[k] = v; }
+};
+
+void gemv_impl(const float* a, int64_t M, const uint8_t* packed, const Scales& sc, const float* code, int64_t N,
+               int64_t K, int64_t bs, const float* bias, float* out) {
+  at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1) {
+    std::vector<float> w(K);
+    for (int64_t n = n0; n < n1; ++n) {
       StoreWeights store{w.data()};
       decode_weights(packed, sc, code, bs, n * K, (n + 1) * K, store);
       for (int64_t m = 0; m < M; ++m) {
-        const float sum = dot_f32(w.data(), a + m * K, K);
+        const float* ar = a + m * K;
+        float acc[16] = {0};
+        int64_t k = 0;
+        for (; k + 16 <= K; k += 16)
+          for (int l = 0; l < 16; ++l) acc[l] += w[k + l] * ar[k + l];
+        float sum = 0.0f;
+        for (; k < K; ++k) sum += w[k] * ar[k];
+        for (int l = 0; l < 16; ++l) sum += acc[l];
         out[m * N + n] = bias != nullptr ? sum + bias[n] : sum;
       }
     }
   });
 }
+#endif
 
 // ---------------------------------------------------------------- argument checks
 void check_blocksize(int64_t bs, const char* name) {
