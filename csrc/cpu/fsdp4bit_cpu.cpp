@@ -306,7 +306,6 @@ inline float hsum(__m256 v) {
   const __m128 d = _mm_add_ps(q, _mm_movehl_ps(q, q));
   return _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
 }
-
 #endif
 
 // Weights [e, end) of the packed stream (any start and end: a row may begin or end inside a byte or a block), each
