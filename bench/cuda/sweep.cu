@@ -277,9 +277,6 @@ static void gemv_lut_call(const bf16* a, const uint8_t* p, const Code16& c, cons
   launch_gemv_lut<bf16, R, WARPS, F16>(a, p, c, sc, nested, log2bs, N, K, o, nullptr, st);
 }
 
-// whole blocks of at most 1024 weights per row: the row kernels' precondition (else the pair-table kernel)
-static bool row_blocks_whole(int log2bs, int64_t K) { return log2bs <= 10 && (K >> log2bs) << log2bs == K; }
-
 // the row kernels (a in registers for K <= 4096, D = K / 1024 rounded up; a in shared memory past it) where
 // their blocks fit (whole blocks of <= 1024 weights per row), else the pair-table kernel
 template <int WARPS>

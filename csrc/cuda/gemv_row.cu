@@ -15,7 +15,7 @@ static int64_t row_groups(int parts) { return row_wave_groups(kRowWarps, parts);
 // Both kernels index blocks in 32 bits per lane: whole blocks per row, at most 1024 weights per block and fewer
 // than 2^31 blocks (bitsandbytes' NF4 default: 64-weight blocks); other calls take the pair-table kernel.
 static bool row_blocks_fit(const Scales& sc, bool nested, int log2bs, int64_t N, int64_t K) {
-  return (!nested || sc.nested_log2 >= 0) && log2bs <= 10 && (K >> log2bs) << log2bs == K &&
+  return (!nested || sc.nested_log2 >= 0) && row_blocks_whole(log2bs, K) &&
          N * (K >> log2bs) < (int64_t(1) << 31) &&
          int64_t(row_smem_bytes(K)) <= device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
 }

@@ -32,6 +32,11 @@ constexpr size_t kRowNcodeOffset = kRowTableBytes, kRowXOffset = kRowNcodeOffset
 // chunk rounds of a row: a warp's 32 lanes read 1024 values (32 x 16 packed bytes) per round, the last one partial
 // when K % 1024 != 0
 __host__ __device__ constexpr int64_t row_rounds(int64_t K) { return (K + 1023) / 1024; }
+// whole blocks of at most 1024 weights per row: the row kernels' precondition on the blocksize (a chunk of 32 values
+// lies in one block, a round of 1024 in whole blocks)
+__host__ __device__ constexpr bool row_blocks_whole(int log2bs, int64_t K) {
+  return log2bs <= 10 && (K >> log2bs) << log2bs == K;
+}
 // a as half2, padded with zeros to whole rounds of 1024 values (a lane's chunks past K read zeros)
 constexpr size_t row_x_bytes(int64_t K) { return 2 * size_t(row_rounds(K) * 1024); }
 constexpr size_t row_code_offset(int64_t K) { return kRowXOffset + row_x_bytes(K); }
