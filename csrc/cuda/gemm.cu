@@ -149,9 +149,9 @@ void launch_tiles(const CUtensorMap (&maps)[4], bool store_async, const Code16& 
   if (splits > 1) {
     const int64_t part = M * N;
     const int64_t sum_grid = std::min<int64_t>((part + 255) / 256, 8 * sms);
-    gemm_splitk_sum_kernel<AT><<<unsigned(sum_grid), 256, 0, stream>>>(partial, splits, part, N,
-                                                                        static_cast<const AT*>(bias),
-                                                                        static_cast<AT*>(out));
+    launch_dependent(gemm_splitk_sum_kernel<AT>, dim3(unsigned(sum_grid)), dim3(256), 0, stream,
+                     static_cast<const float*>(partial), splits, part, N, static_cast<const AT*>(bias),
+                     static_cast<AT*>(out));
   }
 }
 
@@ -170,8 +170,9 @@ void launch_typed(const CUtensorMap (&maps)[4], bool store_async, const Code16& 
 
 bool gemm_supported(FloatType dtype, int log2bs, int64_t M, int64_t N, int64_t K, bool trans) {
 #if defined(FSDP4BIT_WGMMA)
-  // 32-bit tile, step and coordinate arithmetic in the kernel; the scale kernel's grid.y is K / 64. With `trans`, A's
-  // rows of N values must be 16-byte multiples for the tensor copy
+  // 32-bit tile, step and coordinate arithmetic in the kernel, and K / 64 <= 65535 (the scale kernel once had it as
+  // its grid.y; kept as the supported range). With `trans`, A's rows of N values must be 16-byte multiples for the
+  // tensor copy
   const GemmDims d(N, K, trans);
   const int64_t tiles = gemm_tiles(M, d.n_out), ksteps = (d.k_red + kGemmK - 1) / kGemmK;
   return dtype != FloatType::kF32 && log2bs >= 6 && K > 0 && K % kGemmK == 0 && K / kGemmK <= 65535 && M >= 1 &&
@@ -233,7 +234,7 @@ bool launch_gemm(const void* A, FloatType dtype, const uint8_t* packed, const Co
   make_context_current();
   if (!gemm_tensor_maps(A, half, packed, workspace, out, store_async, M, N, K, trans, maps)) return false;
   const int ld = int(scales_ld(N));
-  const dim3 sgrid(unsigned(std::min<int64_t>((N + 255) / 256, 64)), unsigned(K / kGemmK));
+  const dim3 sgrid(unsigned((N + 255) / 256), unsigned((K / kGemmK + kScaleSteps - 1) / kScaleSteps));
   if (nested)
     gemm_scales_kernel<true><<<sgrid, 256, 0, stream>>>(sc, log2bs, int(N), K, workspace, ld);
   else

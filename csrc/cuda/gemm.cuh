@@ -239,9 +239,43 @@ __device__ __forceinline__ void store_tile(const float (&acc)[TOK / 2], const OT
   }
 }
 
-// scales of the tiles' rows for every k step, transposed: out[kb * ld + n] = scale of (n, 64 kb). Launched as an
-// ordinary kernel, so it starts only once every kernel before it has finished: the GEMM, its programmatic
-// dependent, may then read A and W before griddepcontrol.wait
+// k steps one thread of gemm_scales_kernel covers: its row's absmax bytes for them lie in one 32-byte sector, which
+// L2 then serves once per row and k-step group (one k step per thread fetched a sector per row and k step: ~7 us at
+// 14336x4096)
+constexpr int kScaleSteps = 8;
+
+// row n's scales for k steps kb0 .. kb0 + steps - 1 of gemm_scales_kernel: every load first, then the stores (the
+// compiler may not move a load past a store to `out`). GENERIC takes any step count and nested blocksize; the other
+// form, for a whole group with a power-of-two nested blocksize, has no branch between the loads.
+template <bool NESTED, bool GENERIC>
+__device__ __forceinline__ void store_scale_group(const Scales& sc, const float* s_ncode, float off, int log2bs,
+                                                  int64_t row, int kb0, int steps, float* __restrict__ out, int64_t ld,
+                                                  int n) {
+  uint32_t q[kScaleSteps] = {};
+  float s[kScaleSteps];
+#pragma unroll
+  for (int i = 0; i < kScaleSteps; ++i) {
+    if (!GENERIC || i < steps) {
+      const int64_t b = (row + int64_t(kb0 + i) * kGemmK) >> log2bs;
+      if constexpr (NESTED) {
+        q[i] = __ldg(sc.absmax_q + b);
+        s[i] = __ldg(sc.nested_absmax + (GENERIC ? nested_block(sc, b) : b >> sc.nested_log2));
+      } else {
+        s[i] = __ldg(sc.absmax_f + b);
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kScaleSteps; ++i) {
+    if (!GENERIC || i < steps) out[int64_t(kb0 + i) * ld + n] = chunk_scale<NESTED>(q[i], s[i], s_ncode, off);
+  }
+}
+
+// scales of the tiles' rows for every k step, transposed: out[kb * ld + n] = scale of (n, 64 kb). A thread takes
+// row n (consecutive threads, consecutive rows: each k step's stores coalesce) for the kScaleSteps k steps of
+// blockIdx.y. Launched as an ordinary kernel, so it starts only once every kernel before it has finished (and may
+// read through the read-only cache): the GEMM, its programmatic dependent, may then read A and W before
+// griddepcontrol.wait
 template <bool NESTED>
 __global__ void gemm_scales_kernel(Scales sc, int log2bs, int N, int64_t K, float* __restrict__ out, int ld) {
   pdl_launch_dependents();  // the GEMM may start its prologue and its A and W copies now (it waits before S)
@@ -249,21 +283,27 @@ __global__ void gemm_scales_kernel(Scales sc, int log2bs, int N, int64_t K, floa
   float off = 0.0f;
   load_scale_tables<NESTED>(sc, s_ncode, off);
   __syncthreads();
-  const int kb = blockIdx.y;
-  for (int n = blockIdx.x * blockDim.x + threadIdx.x; n < N; n += gridDim.x * blockDim.x) {
-    const int64_t b = (int64_t(n) * K + int64_t(kb) * kGemmK) >> log2bs;
-    out[int64_t(kb) * ld + n] = block_scale<NESTED>(sc, s_ncode, off, b);
-  }
+  const int n = blockIdx.x * blockDim.x + threadIdx.x;
+  if (n >= N) return;
+  const int kb0 = blockIdx.y * kScaleSteps;
+  const int steps = min(kScaleSteps, int(K / kGemmK) - kb0);
+  const int64_t row = int64_t(n) * K;
+  if (steps == kScaleSteps && (!NESTED || sc.nested_log2 >= 0))
+    store_scale_group<NESTED, false>(sc, s_ncode, off, log2bs, row, kb0, steps, out, ld, n);
+  else
+    store_scale_group<NESTED, true>(sc, s_ncode, off, log2bs, row, kb0, steps, out, ld, n);
 }
 
 // split-K: out = the float32 sum of the `splits` partial products (M x N each, `part` apart), in split order (so
-// the result does not depend on which CTA finished first), plus the bias (null for none), rounded once
+// the result does not depend on which CTA finished first), plus the bias (null for none), rounded once. Launched as
+// the GEMM's programmatic dependent (launch_dependent): its CTAs take SMs as the GEMM's leave and wait for it
 template <typename AT>
 __global__ void gemm_splitk_sum_kernel(const float* __restrict__ partial, int splits, int64_t part, int64_t N,
                                        const AT* __restrict__ bias, AT* __restrict__ out) {
+  pdl_wait();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < part; i += int64_t(gridDim.x) * blockDim.x) {
-    float v = partial[i];
-    for (int s = 1; s < splits; ++s) v += partial[s * part + i];
+    float v = ld_after_wait(partial + i);
+    for (int s = 1; s < splits; ++s) v += ld_after_wait(partial + s * part + i);
     out[i] = from_f32<AT>(v + bias_at(bias, i % N, N));
   }
 }
@@ -292,6 +332,9 @@ __global__ void __launch_bounds__(kGemmThreads, CTAS)
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
+  // the kernel after (the split-K sum, or another programmatic dependent) may launch now: its CTAs start as this
+  // grid's leave (one CTA fills an SM's registers) and wait for it before reading anything
+  pdl_launch_dependents();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   // a work unit is one tile's k steps [kb0, kb1) of split `split` (all of them when splits == 1)

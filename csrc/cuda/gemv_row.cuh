@@ -300,10 +300,12 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
   // split rows of 4 rounds per part: their first scale loads measured 0.5-1.9 us faster from L2 (4096x14336 14.55 ->
   // 14.05, 8192^2 15.45 -> 14.75, 28672x8192 45.5 -> 43.6); with 3 rounds, or one part, the prefetch cost 0.1-0.2 us
   // (NOTES.md)
+  // (every block the part touches: a part that starts inside a block also ends inside one)
   if constexpr (P > 1 && D == 4) {
-    if (row < row_end)
-      row_prefetch_scales<NESTED>(sc, uint32_t(row * (K >> log2bs)) + ((chunk0 * 32u) >> log2bs),
-                                  max((part_chunks * 32u) >> log2bs, 1u));
+    if (row < row_end) {
+      const uint32_t first = (chunk0 * 32u) >> log2bs, last = ((chunk0 + part_chunks) * 32u - 1u) >> log2bs;
+      row_prefetch_scales<NESTED>(sc, uint32_t(row * (K >> log2bs)) + first, last - first + 1u);
+    }
   }
   row_table_then_wait(code, row_smem, row < row_end ? part_start : nullptr, min(part_chunks * 16u, uint32_t(PF)), K);
 
