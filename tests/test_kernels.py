@@ -358,8 +358,8 @@ def _sms() -> int:
 
 
 def _gemm_min_rows() -> int:
-    """Rows of W from which the fused 4-bit GEMM takes up to 256 tokens on this GPU: 128-row tiles for 3/4 of
-    the SMs."""
+    """Rows of W in 128-row tiles for 3/4 of this GPU's SMs: a layer wide enough for the fused 4-bit GEMM at any
+    token count up to 512 with K >= 1024 (up to session 18 the rule also asked for this many tiles)."""
     return 128 * math.ceil(0.75 * _sms())
 
 
@@ -520,8 +520,8 @@ def test_gemm_reads_the_kernel_before(hopper_native):
 def test_gemm_dispatch(hopper_native):
     """What the fused GEMM leaves to other paths: 8 rows or fewer (gemv); more than 1536 rows, or 513 to 1536 rows
     whose tiles fill their waves of SMs less than 85%, whose tokens fill their 256-token tiles less than 80% (95% past
-    768 rows) or whose weight is under 2^24 entries (dequantize + cuBLAS, faster there); too few tiles and split-K
-    parts to fill the GPU; K % 64 != 0, blocks of 32, float32."""
+    768 rows) or whose weight is under 2^24 entries (dequantize + cuBLAS, faster there); up to 512 rows, weights
+    under 2^23 entries (2^24 past 128 rows, 2^25 past 256), however many tiles; K % 64 != 0, blocks of 32, float32."""
     ops, device = hopper_native
     N = _gemm_min_rows()
     A = lambda rows, K=2048, dtype=torch.bfloat16: torch.empty(rows, K, dtype=dtype, device=device)  # noqa: E731
@@ -544,7 +544,7 @@ def test_gemm_dispatch(hopper_native):
         units = math.ceil(M / 256) * math.ceil(n / 128)
         fill = units / (math.ceil(units / sms) * sms)
         assert ops.gemm_applies(A(M, K), 64, (n, K)) == (fill >= 0.85), (M, n, K, fill)
-    assert not ops.gemm_applies(A(64), 64, (N - 128, 2048))
+    assert ops.gemm_applies(A(64), 64, (N - 128, 2048))  # fewer tiles than 3/4 of the SMs: taken all the same
     # enough tiles, but too small a weight: 2^23 entries up to 128 rows, 2^24 up to 256, 2^25 past that
     assert not ops.gemm_applies(A(64, 512), 64, (N, 512)) and ops.gemm_applies(A(64, 1024), 64, (N, 1024))
     assert not ops.gemm_applies(A(300, 2048), 64, (N, 2048)) and ops.gemm_applies(A(200, 2048), 64, (N, 2048))
@@ -555,15 +555,17 @@ def test_gemm_dispatch(hopper_native):
     # an empty weight is no GEMM (the extension's own rule too: it once divided by its 0 tiles)
     assert not ops.gemm_applies(A(16, 4096), 64, (0, 4096))
     assert not ops.ext.gemm_4bit_applies("bfloat16", 64, 16, 0, 4096, torch.cuda.current_device())
-    # few tiles: K split into up to slots // tiles parts (at most 16, each at least 8 k steps of 64)
+    # few tiles (K split into up to slots // tiles parts where it is long enough) or not, up to 512 rows the weight's
+    # size decides: the layers of session 18's sweep whose work units fill under 3/4 of an H100's SMs, and more
     assert ops.gemm_applies(A(256, 4096), 64, (4096, 4096))  # 32 tiles x 4 parts on an H100
-    shapes = [(16, 4096, 14336), (512, 4096, 14336), (128, 2048, 8192), (64, 1024, 16384), (100, 6000, 4096)]
+    shapes = [(64, 6144, 4096), (256, 6144, 4096), (64, 11008, 4096), (128, 11008, 4096), (100, 6000, 4096)]
+    shapes += [(16, 4096, 14336), (512, 4096, 14336), (128, 2048, 8192), (64, 1024, 16384), (128, 9000, 1024)]
     for M, n, K in shapes:
-        tokens = next(t for t in (32, 64, 128, 256) if M <= t or t == 256)  # the tile's width
-        tiles = math.ceil(M / tokens) * math.ceil(n / 128)
-        slots = sms * (2 if tokens == 32 else 1)  # two 32-token CTAs per SM
-        parts = 1 if 4 * tiles >= 3 * slots else max(1, min(slots // tiles, 16, K // 64 // 8))
-        assert ops.gemm_applies(A(M, K), 64, (n, K)) == (4 * tiles * parts >= 3 * sms), (M, n, K)
+        assert ops.gemm_applies(A(M, K), 64, (n, K)), (M, n, K)
+    assert ops.gemm_applies(A(128, 4096), 64, (4096, 6144), trans=True)  # 48 tiles of the output, 2 parts
+    assert ops.gemm_applies(A(256, 4096), 64, (4096, 11008), trans=True)  # 86 tiles of the output, 1 part
+    assert not ops.gemm_applies(A(128, 4096), 64, (1024, 4096))  # 2^22 entries
+    assert not ops.gemm_applies(A(256, 8192), 64, (1024, 8192))  # 2^23 entries past 128 rows
     packed = torch.zeros(N * 96 // 2, dtype=torch.uint8, device=device)
     absmax = torch.ones(N * 96 // 64, device=device)
     with pytest.raises(ValueError, match="does not support"):
