@@ -299,8 +299,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
   const uint8_t* part_start = packed + row * (K / 2) + int64_t(chunk0) * 16;
   // split rows of 4 rounds per part: their first scale loads measured 0.5-1.9 us faster from L2 (4096x14336 14.55 ->
   // 14.05, 8192^2 15.45 -> 14.75, 28672x8192 45.5 -> 43.6); with 3 rounds, or one part, the prefetch cost 0.1-0.2 us
-  // (NOTES.md)
-  // (every block the part touches: a part that starts inside a block also ends inside one)
+  // (NOTES.md). It asks for every block the part touches: a part that starts inside a block ends inside one too
   if constexpr (P > 1 && D == 4) {
     if (row < row_end) {
       const uint32_t first = (chunk0 * 32u) >> log2bs, last = ((chunk0 + part_chunks) * 32u - 1u) >> log2bs;
