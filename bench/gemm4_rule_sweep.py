@@ -1,12 +1,12 @@
-"""Where the fused 4-bit GEMM (plain and transposed) beats dequantize + cuBLAS past 512 tokens: the sweep behind
-gemm.cu's rule for 513 to 1536 tokens.
+"""Where the fused 4-bit GEMM (plain and transposed) beats dequantize + cuBLAS: the sweep behind gemm.cu's rule
+(for 513 to 1536 tokens by default; session 18 ran it at 16 to 256 tokens with ``--tokens``).
 
 For 14 LLM layer shapes (N x K) and 640 to 2048 tokens, GPU time (CUDA graphs of 10 calls, so no host time) of
 the extension's fused GEMM against ``F.linear(A, dequantize_4bit(W))``, and of the transposed one (a linear
 layer's input gradient, ``G @ W``) against ``G @ dequantize_4bit(W)``, with each call's 256-token tiles and how
 full they fill their waves of SMs. Results: NOTES.md ("Fused 4-bit GEMM", session 13).
 
-    python bench/gemm4_rule_sweep.py [--tokens 640,768,...] [--json bench/results/gemm4_rule_sweep_1k_<gpu>.json]
+    python bench/gemm4_rule_sweep.py [--tokens 640,768,...] [--shapes NxK,...] [--json bench/results/gemm4_rule_sweep_1k_<gpu>.json]
 """
 
 from __future__ import annotations
@@ -49,12 +49,14 @@ def wave_fill(tiles: int, sms: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma-separated token counts")
+    parser.add_argument("--shapes", default=None, help="NxK,NxK,... instead of the 14 LLM layer shapes")
     args, native = hopper_setup(__doc__, parser)
     if native is None:
         return
     ext, sms = native.ext, torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
-    for N, K in SHAPES:
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
+    for N, K in shapes:
         packed, st = quantized(N, K, torch.bfloat16, 64, True)
         flat, code = Fq.packed_bytes(packed), get_4bit_code(st.quant_type)
         nested = (st.state2.absmax, st.state2.code, st.offset)
