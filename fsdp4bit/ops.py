@@ -314,11 +314,18 @@ def matmul_4bit(
     9 to 1536 rows, large weights), else dequantize + one matmul.
 
     One opaque op (with its own autograd) so eager and compiled runs round identically; when no gradient
-    is needed the eager path runs the same implementation without the dispatcher.
+    is needed the eager path runs the same implementation without the dispatcher, and when one is, on CUDA, the
+    extension's C++ autograd node with the same route and kernels (``NativeOps.matmul_4bit_autograd``), elsewhere
+    ``_Matmul4bitFunction``.
     """
     args = (A, bias, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape)
     if _eager_direct(A, bias, packed, absmax, nested_absmax, nested_code, offset, plain=_PLAIN_OR_PARAMETER):
-        return _Matmul4bitFunction.apply(*args) if _needs_grad(A, bias) else _matmul_4bit_impl(*args)
+        if not _needs_grad(A, bias):
+            return _matmul_4bit_impl(*args)
+        native = kernels.native_for(A.device)
+        if native is not None and native.has_matmul_autograd(A, shape):  # one C++ node: no Python in the backward
+            return native.matmul_4bit_autograd(*args)
+        return _Matmul4bitFunction.apply(*args)
     return _matmul_4bit_op(*args)
 
 

@@ -490,6 +490,43 @@ def test_matmul_4bit_backward_takes_gemm(hopper_native):
         assert ((g.grad.double() - ref).norm() / ref.norm()).item() < GEMV_RTOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("rows", [(4,), (2, 12), (64,), (3, 700)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_matmul_autograd_node_matches_the_function(cuda_native, rows, dtype):
+    """Eager matmul_4bit recording autograd on CUDA is one C++ autograd node (NativeOps.matmul_4bit_autograd): its
+    output and its input and bias gradients equal those of the Python autograd.Function it replaced
+    (ops._Matmul4bitFunction, which other devices still take) bit for bit on every route (gemv for 4 rows; on sm_90a
+    the fused GEMM and its transposed backward for 24 and 64 rows; dequantize + cuBLAS for 2100), with a float32
+    bias on 16-bit A and a non-contiguous gradient."""
+    import fsdp4bit
+    from fsdp4bit import ops as fops
+    from fsdp4bit.functional import packed_bytes, quantize_4bit
+
+    ops, device = cuda_native
+    N = K = 4096
+    W = torch.randn(N, K, generator=_gen(560)).to(device=device, dtype=dtype)
+    packed, state = quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
+    op_args = (packed_bytes(packed), *state.absmax_tensors(), 64, state.state2.blocksize, "nf4", [N, K])
+    A = torch.randn(*rows, K, generator=_gen(561)).to(device=device, dtype=dtype)
+    bias = torch.randn(N, generator=_gen(562)).to(device)
+    grad = torch.randn(*rows, 2 * N, generator=_gen(563)).to(device=device, dtype=dtype)[..., ::2]
+    assert not grad.is_contiguous()
+    results = []
+    for run in ("node", "function"):
+        a, b = A.clone().requires_grad_(), bias.clone().requires_grad_()
+        if run == "node":
+            out = fsdp4bit.matmul_4bit(a, packed, state, bias=b)
+            node = out.grad_fn.name()
+            assert "CppNode" in node and "Matmul4bitFunction" in node, node
+        else:
+            out = fops._Matmul4bitFunction.apply(a, b, *op_args)
+        out.backward(grad)
+        results.append((out.detach(), a.grad, b.grad))
+    for x, y in zip(*results, strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x.view(torch.uint8), y.view(torch.uint8))
+    assert results[0][2].dtype == torch.float32
+
+
 def test_gemm_reads_the_kernel_before(hopper_native):
     """The fused GEMM starts while its block-scale kernel runs (a programmatic dependent launch) and reads A then:
     an A that the kernel just before computes is read whole, in a chain of calls whose inputs and outputs feed

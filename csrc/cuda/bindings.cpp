@@ -236,6 +236,117 @@ at::Tensor gemm_4bit(const at::Tensor& A, const at::Tensor& packed, const at::Te
   return out;
 }
 
+// rows of A the fused gemv takes (NativeOps.max_gemv_rows on CUDA; 9 and more take the GEMM or dequantize + cuBLAS)
+constexpr int64_t kGemvMaxRows = 8;
+
+// A's rows as a contiguous, 16-byte aligned (rows, cols) tensor for the fused kernels (a copy where A is not one)
+at::Tensor fused_rows(const at::Tensor& A, int64_t cols) {
+  at::Tensor a = A.reshape({-1, cols});
+  return a.is_contiguous() && aligned(a.data_ptr(), 16) ? a : a.clone(at::MemoryFormat::Contiguous);
+}
+
+// A @ W.T + bias for the 4-bit W (N, K), as fsdp4bit.ops' eager path routes it: the fused gemv for up to 8 rows
+// (K % 32 == 0, packed 16-byte aligned), the fused GEMM where gemm_applies() takes the call, else W dequantized in A's
+// dtype and at::linear (F.linear). The bias is of A's dtype (or none).
+at::Tensor matmul_4bit_forward(const at::Tensor& A, const std::optional<at::Tensor>& bias, const at::Tensor& packed,
+                               const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+                               const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
+                               int64_t blocksize, int64_t nested_blocksize, const at::Tensor& code_cpu,
+                               const at::Tensor& code_dev, int64_t N, int64_t K) {
+  const int64_t rows = A.numel() / K;
+  const bool packed_aligned = aligned(packed.data_ptr(), 16);
+  const bool gemv = rows <= kGemvMaxRows && K % 32 == 0 && packed_aligned;
+  const c10::cuda::CUDAGuard guard(A.device());
+  if (gemv || (packed_aligned && gemm_applies(float_type(A.scalar_type(), "A"), log2_blocksize(blocksize), rows, N, K,
+                                              false))) {
+    const at::Tensor a = fused_rows(A, K);
+    const at::Tensor out = gemv ? gemv_4bit(a, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                            nested_blocksize, code_cpu, N, K, bias)
+                                : gemm_4bit(a, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                            nested_blocksize, code_cpu, N, K, bias, false);
+    std::vector<int64_t> shape(A.sizes().begin(), A.sizes().end());
+    shape.back() = N;
+    return out.view(shape);
+  }
+  const at::Tensor W = dequantize_4bit(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                                       code_dev, N * K, A.scalar_type());
+  return at::linear(A, W.view({N, K}), bias);
+}
+
+// The eager autograd of matmul_4bit on CUDA as one C++ node (fsdp4bit.ops' _Matmul4bitFunction, without Python on
+// either pass): the forward above; the backward's input gradient through the transposed fused GEMM where it applies,
+// else grad_out @ W dequantized in grad_out's dtype (differentiable under create_graph), and the bias gradient as the
+// sum of grad_out's rows in the bias's dtype. The caller (NativeOps.matmul_4bit_autograd) checked every argument.
+class Matmul4bitFunction : public torch::autograd::Function<Matmul4bitFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& A,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& packed, const at::Tensor& absmax,
+                            const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
+                            const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t nested_blocksize,
+                            const at::Tensor& code_cpu, const at::Tensor& code_dev, int64_t N, int64_t K) {
+    const std::optional<at::Tensor> b =
+        bias.has_value() ? std::optional<at::Tensor>(bias->to(A.scalar_type()).contiguous()) : std::nullopt;
+    ctx->save_for_backward({packed, absmax, nested_absmax.value_or(at::Tensor()), nested_code.value_or(at::Tensor()),
+                            offset.value_or(at::Tensor()), code_cpu, code_dev});
+    ctx->saved_data["blocksize"] = blocksize;
+    ctx->saved_data["nested_blocksize"] = nested_blocksize;
+    ctx->saved_data["N"] = N;
+    ctx->saved_data["K"] = K;
+    if (bias.has_value()) ctx->saved_data["bias_dtype"] = bias->scalar_type();
+    return matmul_4bit_forward(A, b, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                               code_cpu, code_dev, N, K);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &packed = saved[0], &absmax = saved[1], &code_cpu = saved[5], &code_dev = saved[6];
+    auto opt = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
+    const std::optional<at::Tensor> nested_absmax = opt(saved[2]), nested_code = opt(saved[3]), offset = opt(saved[4]);
+    const int64_t blocksize = ctx->saved_data["blocksize"].toInt();
+    const int64_t nested_blocksize = ctx->saved_data["nested_blocksize"].toInt();
+    const int64_t N = ctx->saved_data["N"].toInt(), K = ctx->saved_data["K"].toInt();
+    const at::Tensor& g = grads[0];
+    at::Tensor grad_A, grad_bias;
+    if (ctx->needs_input_grad(0)) {
+      const int64_t rows = g.numel() / N;
+      const c10::cuda::CUDAGuard guard(g.device());
+      const bool fused = !at::GradMode::is_enabled() && aligned(packed.data_ptr(), 16) &&
+                         (g.scalar_type() == at::kHalf || g.scalar_type() == at::kBFloat16) &&
+                         gemm_applies(float_type(g.scalar_type(), "grad_out"), log2_blocksize(blocksize), rows, N, K,
+                                      true);
+      if (fused) {
+        std::vector<int64_t> shape(g.sizes().begin(), g.sizes().end());
+        shape.back() = K;
+        grad_A = gemm_4bit(fused_rows(g, N), packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                           nested_blocksize, code_cpu, N, K, std::nullopt, true)
+                     .view(shape);
+      } else {
+        const at::Tensor W = dequantize_4bit(packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                             nested_blocksize, code_dev, N * K, g.scalar_type());
+        grad_A = at::matmul(g, W.view({N, K}));
+      }
+    }
+    if (ctx->saved_data.count("bias_dtype") && ctx->needs_input_grad(1))
+      grad_bias = g.reshape({-1, N}).sum(0).to(ctx->saved_data["bias_dtype"].toScalarType());
+    torch::autograd::variable_list out(13);
+    out[0] = grad_A;
+    out[1] = grad_bias;
+    return out;
+  }
+};
+
+at::Tensor matmul_4bit_autograd(const at::Tensor& A, const std::optional<at::Tensor>& bias, const at::Tensor& packed,
+                                const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+                                const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
+                                int64_t blocksize, int64_t nested_blocksize, const at::Tensor& code_cpu,
+                                const at::Tensor& code_dev, int64_t N, int64_t K) {
+  TORCH_CHECK_VALUE(N >= 1 && K >= 1 && A.dim() >= 1 && A.size(-1) == K && A.numel() > 0,
+                    "matmul_4bit_autograd needs a non-empty A of last dimension K = ", K, " and N >= 1");
+  return Matmul4bitFunction::apply(A, bias, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                   nested_blocksize, code_cpu, code_dev, N, K);
+}
+
 // whether gemm_4bit takes A of `dtype` ("float16" or "bfloat16"; "float32" never) of M rows and a 4-bit (N, K)
 // weight of `blocksize`, transposed or not, on device `device_index`
 bool gemm_4bit_applies(const std::string& dtype, int64_t blocksize, int64_t M, int64_t N, int64_t K,
@@ -332,6 +443,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("A"), py::arg("packed"), py::arg("absmax"), py::arg("nested_absmax"), py::arg("nested_code"),
         py::arg("offset"), py::arg("blocksize"), py::arg("nested_blocksize"), py::arg("code"), py::arg("N"),
         py::arg("K"), py::arg("bias") = py::none(), py::arg("trans") = false);
+  m.def("matmul_4bit_autograd", &fsdp4bit::matmul_4bit_autograd,
+        "A @ W(N, K).T + bias with W 4-bit, differentiable in A and bias, as one C++ autograd node (eager CUDA)",
+        py::arg("A"), py::arg("bias"), py::arg("packed"), py::arg("absmax"), py::arg("nested_absmax"),
+        py::arg("nested_code"), py::arg("offset"), py::arg("blocksize"), py::arg("nested_blocksize"),
+        py::arg("code_cpu"), py::arg("code_dev"), py::arg("N"), py::arg("K"));
   m.def("gemm_4bit_applies", &fsdp4bit::gemm_4bit_applies,
         "whether gemm_4bit takes (dtype, blocksize, M, N, K) on device_index (trans: A (M, N) @ W)", py::arg("dtype"),
         py::arg("blocksize"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("device_index"),

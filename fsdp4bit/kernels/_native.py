@@ -253,6 +253,57 @@ class NativeOps:
         out = self.ext.gemm_4bit(*_fused_args(grad_out.reshape(-1, N), _flat_bytes(packed), *stats), None, True)
         return out.view(*grad_out.shape[:-1], K)
 
+    def _check_matmul(
+        self, A: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, *stats: Any
+    ) -> tuple[torch.Tensor, int, int]:
+        """(flat packed bytes, N, K) after checking a matmul's arguments (ValueError / TypeError naming them);
+        ``stats`` are :meth:`gemv_4bit`'s arguments from absmax to shape."""
+        absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape = stats
+        check_quant_type(quant_type)
+        check_blocksize(blocksize)
+        check_float_dtype(A.dtype, "A.dtype")
+        if len(shape) != 2:
+            raise ValueError(f"shape must be (N, K), got {tuple(shape)}")
+        N, K = int(shape[0]), int(shape[1])
+        if A.shape[-1] != K:
+            raise ValueError(f"A's last dimension ({A.shape[-1]}) must equal K = {K}")
+        if bias is not None and tuple(bias.shape) != (N,):
+            raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+        flat_packed = _flat_bytes(packed)
+        _check_state(flat_packed, absmax, nested_absmax, nested_code, offset, N * K, blocksize, nested_blocksize)
+        if A.device != flat_packed.device:
+            raise ValueError(f"A is on {A.device}, packed on {flat_packed.device}")
+        return flat_packed, N, K
+
+    def has_matmul_autograd(self, A: torch.Tensor, shape: Sequence[int]) -> bool:
+        """Whether :meth:`matmul_4bit_autograd` serves ``A`` (CUDA, a non-empty A and weight)."""
+        return self.device_type == "cuda" and A.numel() > 0 and len(shape) == 2 and shape[0] > 0 and shape[1] > 0
+
+    def matmul_4bit_autograd(
+        self, A: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor, *stats: Any
+    ) -> torch.Tensor:
+        """``A @ W.T + bias``, differentiable in A and bias, as one autograd node in C++ (CUDA, eager): the route and
+        the gradients of ``fsdp4bit.ops``' eager matmul (the same kernels, so the same bits), without Python on the
+        forward's kernel choice or in the backward, which autograd runs on its own thread. ``stats`` are
+        :meth:`gemv_4bit`'s arguments from absmax to shape."""
+        absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, _ = stats
+        flat_packed, N, K = self._check_matmul(A, packed, bias, *stats)
+        code_cpu, code_dev = _tables(quant_type)[2], shared_4bit_code(quant_type, flat_packed.device)
+        opts = (_opt(nested_absmax), _opt(nested_code), _opt(offset))
+        return self.ext.matmul_4bit_autograd(
+            A,
+            bias,
+            flat_packed,
+            absmax.contiguous(),
+            *opts,
+            int(blocksize),
+            int(nested_blocksize),
+            code_cpu,
+            code_dev,
+            N,
+            K,
+        )
+
     def gemv_4bit(
         self,
         A: torch.Tensor,
@@ -270,22 +321,10 @@ class NativeOps:
         """``A @ W.T + bias`` for the 4-bit W of ``shape`` (N, K) and a bias of A's dtype (or None); float32
         accumulation, output in A's dtype, the bias added before the one rounding: the fused gemv for few rows, the
         fused GEMM where :meth:`gemm_applies`, else dequantize + F.linear."""
-        check_quant_type(quant_type)
-        check_blocksize(blocksize)
-        check_float_dtype(A.dtype, "A.dtype")
-        if len(shape) != 2:
-            raise ValueError(f"shape must be (N, K), got {tuple(shape)}")
-        N, K = int(shape[0]), int(shape[1])
-        if A.shape[-1] != K:
-            raise ValueError(f"A's last dimension ({A.shape[-1]}) must equal K = {K}")
+        stats = (absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape)
+        flat_packed, N, K = self._check_matmul(A, packed, bias, *stats)
         if bias is not None:
-            if tuple(bias.shape) != (N,):
-                raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
             bias = bias.to(A.dtype)
-        flat_packed = _flat_bytes(packed)
-        _check_state(flat_packed, absmax, nested_absmax, nested_code, offset, N * K, blocksize, nested_blocksize)
-        if A.device != flat_packed.device:
-            raise ValueError(f"A is on {A.device}, packed on {flat_packed.device}")
         # a 2-D A is its own (M, K) view (K = 0 still goes through reshape, which rejects it)
         two_d = A.dim() == 2 and K != 0
         A2 = A if two_d else A.reshape(-1, K)
@@ -293,7 +332,6 @@ class NativeOps:
             return A.new_empty((*A.shape[:-1], N))
         gemv = self._gemv_fused_ok(A2.shape[0], K, flat_packed)
         if gemv or (flat_packed.data_ptr() % 16 == 0 and self.gemm_applies(A2, blocksize, shape)):
-            stats = (absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape)
             args = _fused_args(A2, flat_packed, *stats)
             bias = None if bias is None else bias.contiguous()
             out = self.ext.gemv_4bit(*args, bias) if gemv else self.ext.gemm_4bit(*args, bias)
