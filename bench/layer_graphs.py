@@ -1,10 +1,10 @@
 """GPU time of a frozen 4-bit layer's forward and forward+backward at few tokens, in CUDA graphs (no host time).
 
 At 16-512 tokens an eager step is host-bound (bench/host_overhead.py), so timing it eagerly measures Python;
-this captures ``reps`` steps of each side in one CUDA graph and times replays with events (median of 15), for
-``fsdp4bit.nn.Linear4bit`` (NF4, blocksize 64, double quant, bf16 compute: the fused GEMM where it applies, else
-dequantize + cuBLAS) and ``torch.nn.Linear`` in bf16 with the same weight (both frozen; the backward is the
-input gradient). It is the number the GEMM's own kernels (scale kernel, split-K sum) move.
+this captures 10 steps of each side in one CUDA graph and times replays with events, the sides taking turns
+(median of 15), for ``fsdp4bit.nn.Linear4bit`` (NF4, blocksize 64, double quant, bf16 compute: the fused GEMM
+where it applies, else dequantize + cuBLAS) and ``torch.nn.Linear`` in bf16 with the same weight (both frozen;
+the backward is the input gradient). It is the number the GEMM's own kernels (scale kernel, split-K sum) move.
 
     python bench/layer_graphs.py [--shapes 14336x4096,4096x14336] [--tokens 16,128,256] [--json PATH]
 """
@@ -16,35 +16,19 @@ import json
 from collections.abc import Callable
 
 import torch
+from gemm4_fused import graphed
+from layer import batched_ms
 
 import fsdp4bit
 
+REPS = 10  # steps per CUDA graph
 
-def graph_us(fn: Callable[[], object], reps: int = 10) -> float:
-    """Median microseconds of one ``fn()`` over 15 replays of a CUDA graph holding ``reps`` calls."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(15):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / reps)
-    return sorted(times)[len(times) // 2]
+
+def graph_us(fns: dict[str, Callable[[], object]]) -> dict[str, float]:
+    """Median microseconds of one call of each function, from replays of a CUDA graph holding ``REPS`` calls (the
+    sides taking turns, median of 15)."""
+    replays = {name: graphed(fn, REPS) for name, fn in fns.items()}
+    return {name: ms * 1000 / REPS for name, ms in batched_ms(replays, calls=1, reps=15).items()}
 
 
 def layers(N: int, K: int) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -88,7 +72,8 @@ def main() -> None:
             grad = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
             ours, theirs = steps(quant, x, grad), steps(plain, x, grad)
             for case in ours:
-                q_us, p_us = graph_us(ours[case]), graph_us(theirs[case])
+                us = graph_us({"4-bit": ours[case], "bf16": theirs[case]})
+                q_us, p_us = us["4-bit"], us["bf16"]
                 rows.append({"N": N, "K": K, "tokens": M, "case": case, "linear4bit_us": q_us, "bf16_us": p_us})
                 print(f"{shape:>12} {M:>6} {case:>16} {q_us:>9.1f} {p_us:>8.1f} {q_us / p_us:>6.3f}")
     if args.json:

@@ -322,7 +322,7 @@ def matmul_4bit(
     if _eager_direct(A, bias, packed, absmax, nested_absmax, nested_code, offset, plain=_PLAIN_OR_PARAMETER):
         if not _needs_grad(A, bias):
             return _matmul_4bit_impl(*args)
-        native = kernels.native_for(A.device)
+        native = kernels.native_for(A.device) if A.is_cuda else None
         if native is not None and native.has_matmul_autograd(A, shape):  # one C++ node: no Python in the backward
             return native.matmul_4bit_autograd(*args)
         return _Matmul4bitFunction.apply(*args)

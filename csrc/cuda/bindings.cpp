@@ -245,6 +245,13 @@ at::Tensor fused_rows(const at::Tensor& A, int64_t cols) {
   return a.is_contiguous() && aligned(a.data_ptr(), 16) ? a : a.clone(at::MemoryFormat::Contiguous);
 }
 
+// t's sizes with the last one replaced by `last` (the shape of a product's rows of `last` features)
+std::vector<int64_t> with_last(const at::Tensor& t, int64_t last) {
+  std::vector<int64_t> sizes(t.sizes().begin(), t.sizes().end());
+  sizes.back() = last;
+  return sizes;
+}
+
 // A @ W.T + bias for the 4-bit W (N, K), as fsdp4bit.ops' eager path routes it: the fused gemv for up to 8 rows
 // (K % 32 == 0, packed 16-byte aligned), the fused GEMM where gemm_applies() takes the call, else W dequantized in A's
 // dtype and at::linear (F.linear). The bias is of A's dtype (or none).
@@ -264,9 +271,7 @@ at::Tensor matmul_4bit_forward(const at::Tensor& A, const std::optional<at::Tens
                                             nested_blocksize, code_cpu, N, K, bias)
                                 : gemm_4bit(a, packed, absmax, nested_absmax, nested_code, offset, blocksize,
                                             nested_blocksize, code_cpu, N, K, bias, false);
-    std::vector<int64_t> shape(A.sizes().begin(), A.sizes().end());
-    shape.back() = N;
-    return out.view(shape);
+    return out.view(with_last(A, N));
   }
   const at::Tensor W = dequantize_4bit(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
                                        code_dev, N * K, A.scalar_type());
@@ -316,11 +321,9 @@ class Matmul4bitFunction : public torch::autograd::Function<Matmul4bitFunction> 
                          gemm_applies(float_type(g.scalar_type(), "grad_out"), log2_blocksize(blocksize), rows, N, K,
                                       true);
       if (fused) {
-        std::vector<int64_t> shape(g.sizes().begin(), g.sizes().end());
-        shape.back() = K;
         grad_A = gemm_4bit(fused_rows(g, N), packed, absmax, nested_absmax, nested_code, offset, blocksize,
                            nested_blocksize, code_cpu, N, K, std::nullopt, true)
-                     .view(shape);
+                     .view(with_last(g, K));
       } else {
         const at::Tensor W = dequantize_4bit(packed, absmax, nested_absmax, nested_code, offset, blocksize,
                                              nested_blocksize, code_dev, N * K, g.scalar_type());
