@@ -558,7 +558,8 @@ def test_gemm_dispatch(hopper_native):
     """What the fused GEMM leaves to other paths: 8 rows or fewer (gemv); more than 1536 rows, or 513 to 1536 rows
     whose tiles fill their waves of SMs less than 85%, whose tokens fill their 256-token tiles less than 80% (95% past
     768 rows) or whose weight is under 2^24 entries (dequantize + cuBLAS, faster there); up to 512 rows, weights
-    under 2^23 entries (2^24 past 128 rows, 2^25 past 256), however many tiles; K % 64 != 0, blocks of 32, float32."""
+    under 2^22 entries (2^23 past 32 rows, 2^24 past 128, 2^25 past 256), however many tiles; K % 64 != 0, blocks
+    of 32, float32."""
     ops, device = hopper_native
     N = _gemm_min_rows()
     A = lambda rows, K=2048, dtype=torch.bfloat16: torch.empty(rows, K, dtype=dtype, device=device)  # noqa: E731
@@ -601,7 +602,10 @@ def test_gemm_dispatch(hopper_native):
         assert ops.gemm_applies(A(M, K), 64, (n, K)), (M, n, K)
     assert ops.gemm_applies(A(128, 4096), 64, (4096, 6144), trans=True)  # 48 tiles of the output, 2 parts
     assert ops.gemm_applies(A(256, 4096), 64, (4096, 11008), trans=True)  # 86 tiles of the output, 1 part
-    assert not ops.gemm_applies(A(128, 4096), 64, (1024, 4096))  # 2^22 entries
+    assert not ops.gemm_applies(A(128, 4096), 64, (1024, 4096))  # 2^22 entries: up to 32 rows only
+    assert ops.gemm_applies(A(32, 4096), 64, (1024, 4096)) and ops.gemm_applies(A(9, 1024), 64, (4096, 1024))
+    assert not ops.gemm_applies(A(33, 4096), 64, (1024, 4096))
+    assert not ops.gemm_applies(A(16, 3072), 64, (1024, 3072))  # 3 M entries
     assert not ops.gemm_applies(A(256, 8192), 64, (1024, 8192))  # 2^23 entries past 128 rows
     packed = torch.zeros(N * 96 // 2, dtype=torch.uint8, device=device)
     absmax = torch.ones(N * 96 // 64, device=device)

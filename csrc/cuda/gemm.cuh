@@ -1,10 +1,11 @@
 // Fused 4-bit GEMM on Hopper (sm_90a): out = A @ W.T + bias with W (N, K) NF4/FP4 and A (M, K) fp16/bf16, float32
 // accumulation, the packed weight dequantized in registers straight into the tensor cores' A operand (no 16-bit
 // copy of W in device memory). fsdp4bit uses it where it beats dequantize + cuBLAS (gemm.cu's gemm_applies:
-// 9 to 512 tokens, a weight of 2^23 to 2^25 entries or more, enough tiles or split-K parts to fill the GPU; 513 to
-// 1536 tokens where the tiles fill their waves of SMs); at 2048 tokens and more (training shapes) it reaches ~600
-// TFLOP/s against cuBLAS' ~710, so those keep dequantize + cuBLAS: without the dequantization (constant fragments)
-// the same kernel matches cuBLAS, and the shuffle lookups are what it costs (NOTES.md, "Fused 4-bit GEMM").
+// 9 to 512 tokens, a weight of 2^22 to 2^25 entries or more by the token count; 513 to 1536 tokens where the
+// tiles fill their waves of SMs); at 2048 tokens and more (training shapes) it reaches ~600 TFLOP/s against
+// cuBLAS' ~710, so those keep dequantize + cuBLAS: without the dequantization (constant fragments) the same kernel
+// matches cuBLAS, and the shuffle lookups are what it costs. Moving the dequantization to its own warpgroup, which
+// writes 16-bit W to shared memory for shared-memory wgmmas, was slower still (NOTES.md, "Fused 4-bit GEMM").
 //
 // The product is computed transposed, out.T (N x M) = W (N x K) @ A.T, so that W is wgmma's register operand
 // (64 rows of W per consumer warpgroup) and A, read by the tensor copy engine with the 128-byte swizzle, its
