@@ -187,15 +187,16 @@ bool gemm_supported(FloatType dtype, int log2bs, int64_t M, int64_t N, int64_t K
 
 bool gemm_applies(FloatType dtype, int log2bs, int64_t M, int64_t N, int64_t K, bool trans) {
   // 9 to 512 tokens (fewer take the gemv), a weight large enough that the fused kernel's fixed cost (~10 us of GPU
-  // time) pays: 2^22 entries up to 32 tokens, 2^23 up to 128, 2^24 up to 256, 2^25 past that, however few tiles (and
-  // split-K parts) it has. H100, GPU time: 0.37-0.44x dequantize + cuBLAS at 16-128 tokens on 14336x4096, 0.56-0.80x at 256-512;
-  // 0.75-0.91x for 2048x4096 at 16-128 tokens; smaller weights 1.1-2.5x (session 11). Session 18's sweep (14 LLM
-  // shapes, 16-256 tokens, `bench/gemm4_rule_sweep.py --tokens 16,64,128,256`) found every call above these sizes
-  // faster fused (0.24-0.92x), also those whose work units fill under 3/4 of the SMs, which an earlier rule left
-  // to dequantize + cuBLAS (6144x4096 at 64-256 tokens 0.50-0.81x, 11008x4096 0.39-0.70x, transposed 4096x11008
-  // 0.52-0.83x); 1024x4096 (2^22) was 0.80x at 16 and 64 tokens, 0.97x at 128, 1.18x at 256. Weights of 2^22
-  // entries at 16 / 32 tokens (`--shapes 1024x4096,512x8192,2048x2048,4096x1024,8192x512`): 0.79-0.98x, where
-  // 4096x1024 lost at 64 tokens (1.07x); 3 M entries lost at 32 (3072x1024 1.01x).
+  // time) pays: 2^22 entries up to 32 tokens, 2^23 up to 128, 2^24 up to 256, 2^25 past that, however few tiles
+  // (and split-K parts) it has. H100, GPU time: 0.37-0.44x dequantize + cuBLAS at 16-128 tokens on 14336x4096,
+  // 0.56-0.80x at 256-512; 0.75-0.91x for 2048x4096 at 16-128 tokens; smaller weights 1.1-2.5x (session 11).
+  // Session 18's sweep (14 LLM shapes, 16-256 tokens, `bench/gemm4_rule_sweep.py --tokens 16,64,128,256`) found
+  // every call above these sizes faster fused (0.24-0.92x), also those whose work units fill under 3/4 of the SMs,
+  // which an earlier rule left to dequantize + cuBLAS (6144x4096 at 64-256 tokens 0.50-0.81x, 11008x4096
+  // 0.39-0.70x, transposed 4096x11008 0.52-0.83x). Weights of 2^22 entries (sessions 18 and 19, `--shapes
+  // 1024x4096,512x8192,2048x2048,4096x1024,8192x512`): 0.74-0.98x at 16 and 32 tokens; past that 1024x4096 was
+  // 0.81x at 64 tokens, 0.97x at 128, 1.18x at 256, and 4096x1024 1.07x at 64. Of 3 M entries, 3072x1024 lost at
+  // 32 tokens (1.01x, session 18).
   // 513 to 1536 tokens: a weight of 2^24 entries or more whose work units fill the waves of CTA slots to 85% or
   // more (gemm_wave_fill), and tokens that fill their 256-token tiles to 80% (up to 768 tokens) or 95% (past it);
   // there cuBLAS' faster main loop is worth less than the dequantization it needs first (H100, GPU time, 14 LLM

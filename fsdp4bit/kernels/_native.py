@@ -223,8 +223,8 @@ class NativeOps:
     def gemm_applies(self, A: torch.Tensor, blocksize: int, shape: Sequence[int], trans: bool = False) -> bool:
         """Whether the fused 4-bit GEMM takes ``A @ W.T`` (or, with ``trans``, ``A @ W``: a linear layer's input
         gradient) for W of ``shape`` (N, K) and ``blocksize``: CUDA with an sm_90a build, fp16/bf16 A, 9 to 512
-        rows and a large enough weight (2^22 entries up to 32 rows, 2^23 up to 128, 2^24 up to 256, 2^25 up to 512; transposed
-        2^24 up to 256 rows and 2^25 past that, and N % 8 == 0); or, not transposed, 513 to 1536 rows, 2^24
+        rows and a large enough weight (2^22 entries up to 32 rows, 2^23 up to 128, 2^24 up to 256, 2^25 up to 512;
+        transposed 2^24 up to 256 rows and 2^25 past that, and N % 8 == 0); or, not transposed, 513 to 1536 rows, 2^24
         entries, work units that fill their waves of CTA slots to 85% and rows that fill their 256-row tiles to 80%
         (95% past 768 rows) (the extension's rule)."""
         if self.device_type != "cuda" or A.dtype not in _GEMM_DTYPES or len(shape) != 2:
