@@ -3,8 +3,9 @@
 At few tokens an eager QLoRA step is host-bound, so this measures what a training loop sees without CUDA graphs:
 ``layer(x).backward(g)`` (the input gradient only; the weight is frozen) 100 times back to back, the device
 synchronized before and after, best of 5 loops; "issue" is the host time to queue the 100 steps, "wall" includes
-the wait for the GPU. ``fsdp4bit.nn.Linear4bit`` is NF4, blocksize 64, double quant, bf16 compute. The host's speed
-moves between machines and runs, so compare builds alternately in one call (``PYTHONPATH`` picks the package).
+the wait for the GPU. The layers are ``layer_graphs.layers``' (NF4, blocksize 64, double quant, bf16 compute, and
+nn.Linear with the same weight). The host's speed moves between machines and runs, so compare builds alternately in
+one call (``PYTHONPATH`` picks the package).
 
     python bench/eager_step.py [--shapes 14336x4096,4096x4096] [--tokens 1,16,256]
 """
@@ -16,6 +17,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from layer_graphs import layers
 
 import fsdp4bit
 
@@ -45,14 +47,7 @@ def main() -> None:
     print(f"fsdp4bit from {fsdp4bit.__file__}")
     for shape in args.shapes.split(","):
         N, K = (int(v) for v in shape.split("x"))
-        torch.manual_seed(0)
-        weight = torch.randn(N, K) * 0.02
-        quant = fsdp4bit.nn.Linear4bit(
-            K, N, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4"
-        )
-        quant.weight = fsdp4bit.nn.Params4bit(weight.clone(), quant_type="nf4", compress_statistics=True)
-        quant = quant.to("cuda")
-        plain = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+        quant, plain = layers(N, K)
         for M in (int(t) for t in args.tokens.split(",")):
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
             grad = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
