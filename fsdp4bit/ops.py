@@ -23,8 +23,6 @@ from . import kernels, reference
 from .codebooks import get_4bit_code
 
 _LIB = "fsdp4bit"
-# Row counts up to this take the gemv kernel (and more rows the fused 4-bit GEMM where it applies).
-GEMV_MAX_ROWS = 16
 
 
 _PLAIN = (torch.Tensor,)
@@ -279,18 +277,14 @@ def _matmul_4bit_impl(*args) -> torch.Tensor:
 def _matmul_4bit_run(
     A, bias, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape
 ) -> tuple[torch.Tensor, kernels.NativeOps | None]:
-    """(:func:`matmul_4bit`'s output, the native kernels that ran it and so checked the state, or None)."""
+    """(:func:`matmul_4bit`'s output, the native kernels that ran it and so checked the state, or None). The native
+    kernels route every row count themselves (:meth:`~fsdp4bit.kernels.NativeOps.gemv_4bit`); the reference
+    dequantizes and calls F.linear."""
     stats = (absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape)
     if bias is not None and bias.dtype != A.dtype:
         bias = bias.to(A.dtype)
     native = kernels.native_for(A.device)
-    if A.numel() // max(A.shape[-1], 1) <= GEMV_MAX_ROWS or (
-        native is not None and native.gemm_applies(A, blocksize, shape)
-    ):
-        return _gemv_4bit_with(native, A, packed, *stats, bias=bias), native
-    native = kernels.native_for(packed.device)
-    weight = _dequantize_4bit_with(native, packed, *stats, A.dtype)
-    return torch.nn.functional.linear(A, weight, bias), native
+    return _gemv_4bit_with(native, A, packed, *stats, bias=bias), native
 
 
 def _needs_grad(A: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -377,18 +371,10 @@ def _backward_weight(ctx, grad_out, packed, absmax, nested_absmax, nested_code, 
     return dequantize_4bit(packed, absmax, nested_absmax, nested_code, offset, *ctx.meta, grad_out.dtype)
 
 
-def _input_grad_with(native, grad_out, packed, *stats) -> torch.Tensor | None:
-    """``grad_out @ W`` through the transposed fused GEMM on ``native`` where it applies (CUDA sm_90a, 9 to 512
-    rows of a large layer), else None."""
-    blocksize, shape = stats[4], stats[7]
-    if native is None or packed.data_ptr() % 16 != 0 or not native.gemm_applies(grad_out, blocksize, shape, trans=True):
-        return None
-    return native.input_grad_4bit(grad_out, packed, *stats)
-
-
 def _input_grad(ctx, grad_out, packed, absmax, nested_absmax, nested_code, offset) -> torch.Tensor:
-    """``grad_out @ W``: in eager mode on the native kernels that ran the forward, the transposed fused GEMM where
-    it applies, else ``grad_out`` times the dequantized W; traced (torch.compile), the input_grad_4bit operator."""
+    """``grad_out @ W``: in eager mode on the CUDA kernels that ran the forward, the extension's route (the
+    transposed fused GEMM where it applies), else ``grad_out`` times the dequantized W; traced (torch.compile), the
+    input_grad_4bit operator."""
     stats = (absmax, nested_absmax, nested_code, offset, *ctx.meta)
     if torch.is_grad_enabled():  # backward(create_graph=True): grad_A must stay differentiable in grad_out
         return grad_out @ _backward_weight(ctx, grad_out, packed, absmax, nested_absmax, nested_code, offset)
@@ -396,10 +382,8 @@ def _input_grad(ctx, grad_out, packed, absmax, nested_absmax, nested_code, offse
     direct = _eager_direct(grad_out, packed, absmax, nested_absmax, nested_code, offset)
     if native is None and not direct:
         return _input_grad_4bit_op(grad_out, packed, *stats)
-    if native is not None and direct and kernels.native_for(packed.device) is native:
-        fused = _input_grad_with(native, grad_out, packed, *stats)
-        if fused is not None:
-            return fused
+    if native is not None and native.device_type == "cuda" and direct and kernels.native_for(packed.device) is native:
+        return native.input_grad_4bit(grad_out, packed, *stats)
     return grad_out @ _backward_weight(ctx, grad_out, packed, absmax, nested_absmax, nested_code, offset)
 
 
@@ -414,9 +398,9 @@ torch.library.define(
 
 @torch.library.impl(f"{_LIB}::input_grad_4bit", "default")
 def _input_grad_4bit_kernel(grad_out: torch.Tensor, packed: torch.Tensor, *stats: Any) -> torch.Tensor:
-    fused = _input_grad_with(kernels.native_for(grad_out.device), grad_out, packed, *stats)
-    if fused is not None:
-        return fused
+    native = kernels.native_for(grad_out.device)
+    if native is not None and native.device_type == "cuda":
+        return native.input_grad_4bit(grad_out, packed, *stats)
     return grad_out @ _dequantize_4bit_impl(packed, *stats, grad_out.dtype)
 
 

@@ -288,6 +288,22 @@ def test_gemv_bias_shape(native):
             ops.gemv_4bit(*args, bias)
 
 
+def test_matmul_without_rows(native):
+    """An A with no rows gives an empty (.., N) product in A's dtype, a float32 bias cast to it (on CUDA through the
+    extension's route, which dequantizes for it rather than launch a kernel on nothing); the input gradient's
+    route is the extension's, so the CPU ops refuse it by name."""
+    ops, device = native
+    packed, absmax = reference.quantize_4bit(torch.randn(40, 64, generator=_gen(64)), 64, "nf4")
+    args = (packed.to(device), absmax.to(device), None, None, None, 64, 256, "nf4", (40, 64))
+    for shape in ((0, 64), (2, 0, 64)):
+        A = torch.zeros(shape, device=device, dtype=torch.bfloat16)
+        out = ops.gemv_4bit(A, *args, torch.zeros(40, device=device))
+        assert out.shape == (*shape[:-1], 40) and out.dtype == torch.bfloat16 and out.device == A.device
+    if device.type == "cpu":
+        with pytest.raises(ValueError, match="input_grad_4bit runs on CUDA only"):
+            ops.input_grad_4bit(torch.zeros(2, 40), *args)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gemv_bias_rounds_once(native, dtype):
     """The fused gemv adds the bias to its float32 sums before the one rounding to A's dtype, as F.linear does, on
@@ -495,9 +511,10 @@ def test_matmul_4bit_backward_takes_gemm(hopper_native):
 def test_matmul_autograd_node_matches_the_function(cuda_native, rows, dtype):
     """Eager matmul_4bit recording autograd on CUDA is one C++ autograd node (NativeOps.matmul_4bit_autograd): its
     output and its input and bias gradients equal those of the Python autograd.Function it replaced
-    (ops._Matmul4bitFunction, which other devices still take) bit for bit on every route (gemv for 4 rows; on sm_90a
-    the fused GEMM and its transposed backward for 24 and 64 rows; dequantize + cuBLAS for 2100), with a float32
-    bias on 16-bit A and a non-contiguous gradient."""
+    (ops._Matmul4bitFunction, which other devices still take, and which on CUDA calls the extension's same forward
+    and input-gradient routes) bit for bit on every route (gemv for 4 rows; on sm_90a the fused GEMM and its
+    transposed backward for 24 and 64 rows; dequantize + cuBLAS for 2100), with a float32 bias on 16-bit A and a
+    non-contiguous gradient."""
     import fsdp4bit
     from fsdp4bit import ops as fops
     from fsdp4bit.functional import packed_bytes, quantize_4bit

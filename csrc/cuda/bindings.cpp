@@ -252,30 +252,59 @@ std::vector<int64_t> with_last(const at::Tensor& t, int64_t last) {
   return sizes;
 }
 
-// A @ W.T + bias for the 4-bit W (N, K), as fsdp4bit.ops' eager path routes it: the fused gemv for up to 8 rows
-// (K % 32 == 0, packed 16-byte aligned), the fused GEMM where gemm_applies() takes the call, else W dequantized in A's
-// dtype and at::linear (F.linear). The bias is of A's dtype (or none).
+// A @ W.T + bias for the 4-bit W (N, K), the route of every CUDA matmul (NativeOps.gemv_4bit and the autograd node
+// below): the fused gemv for up to 8 rows (K % 32 == 0, packed 16-byte aligned), the fused GEMM where gemm_applies()
+// takes the call, else W dequantized in A's dtype and at::linear (F.linear; also every empty product). The bias (or
+// none) is cast to A's dtype.
 at::Tensor matmul_4bit_forward(const at::Tensor& A, const std::optional<at::Tensor>& bias, const at::Tensor& packed,
                                const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
                                const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
                                int64_t blocksize, int64_t nested_blocksize, const at::Tensor& code_cpu,
                                const at::Tensor& code_dev, int64_t N, int64_t K) {
-  const int64_t rows = A.numel() / K;
-  const bool packed_aligned = aligned(packed.data_ptr(), 16);
-  const bool gemv = rows <= kGemvMaxRows && K % 32 == 0 && packed_aligned;
+  TORCH_CHECK_VALUE(A.dim() >= 1 && A.size(-1) == K && N >= 0 && K >= 0, "matmul_4bit needs A's last dimension K = ",
+                    K, " and N >= 0");
+  const std::optional<at::Tensor> b =
+      bias.has_value() ? std::optional<at::Tensor>(bias->to(A.scalar_type()).contiguous()) : std::nullopt;
+  const bool fusable = A.numel() > 0 && N > 0 && K > 0 && aligned(packed.data_ptr(), 16);
+  const int64_t rows = fusable ? A.numel() / K : 0;
+  const bool gemv = fusable && rows <= kGemvMaxRows && K % 32 == 0;
   const c10::cuda::CUDAGuard guard(A.device());
-  if (gemv || (packed_aligned && gemm_applies(float_type(A.scalar_type(), "A"), log2_blocksize(blocksize), rows, N, K,
-                                              false))) {
+  if (gemv || (fusable && gemm_applies(float_type(A.scalar_type(), "A"), log2_blocksize(blocksize), rows, N, K, false))) {
     const at::Tensor a = fused_rows(A, K);
     const at::Tensor out = gemv ? gemv_4bit(a, packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                                            nested_blocksize, code_cpu, N, K, bias)
+                                            nested_blocksize, code_cpu, N, K, b)
                                 : gemm_4bit(a, packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                                            nested_blocksize, code_cpu, N, K, bias, false);
+                                            nested_blocksize, code_cpu, N, K, b, false);
     return out.view(with_last(A, N));
   }
   const at::Tensor W = dequantize_4bit(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
                                        code_dev, N * K, A.scalar_type());
-  return at::linear(A, W.view({N, K}), bias);
+  return at::linear(A, W.view({N, K}), b);
+}
+
+// grad_out (.., N) @ W (N, K) for the 4-bit W, the input gradient of matmul_4bit_forward (NativeOps.input_grad_4bit
+// and the autograd node's backward): the transposed fused GEMM where gemm_applies() takes it and autograd is not
+// recording, else grad_out @ W dequantized in grad_out's dtype (differentiable in grad_out under create_graph)
+at::Tensor matmul_4bit_input_grad(const at::Tensor& g, const at::Tensor& packed, const at::Tensor& absmax,
+                                  const std::optional<at::Tensor>& nested_absmax,
+                                  const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
+                                  int64_t blocksize, int64_t nested_blocksize, const at::Tensor& code_cpu,
+                                  const at::Tensor& code_dev, int64_t N, int64_t K) {
+  TORCH_CHECK_VALUE(g.dim() >= 1 && g.size(-1) == N && N >= 0 && K >= 0, "matmul_4bit_input_grad needs grad_out's "
+                    "last dimension N = ", N, " and K >= 0");
+  const c10::cuda::CUDAGuard guard(g.device());
+  const bool fused = g.numel() > 0 && N > 0 && K > 0 && !at::GradMode::is_enabled() &&
+                     aligned(packed.data_ptr(), 16) &&
+                     (g.scalar_type() == at::kHalf || g.scalar_type() == at::kBFloat16) &&
+                     gemm_applies(float_type(g.scalar_type(), "grad_out"), log2_blocksize(blocksize), g.numel() / N, N,
+                                  K, true);
+  if (fused)
+    return gemm_4bit(fused_rows(g, N), packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                     code_cpu, N, K, std::nullopt, true)
+        .view(with_last(g, K));
+  const at::Tensor W = dequantize_4bit(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                                       code_dev, N * K, g.scalar_type());
+  return at::matmul(g, W.view({N, K}));
 }
 
 // The eager autograd of matmul_4bit on CUDA as one C++ node (fsdp4bit.ops' _Matmul4bitFunction, without Python on
@@ -289,8 +318,6 @@ class Matmul4bitFunction : public torch::autograd::Function<Matmul4bitFunction> 
                             const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
                             const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t nested_blocksize,
                             const at::Tensor& code_cpu, const at::Tensor& code_dev, int64_t N, int64_t K) {
-    const std::optional<at::Tensor> b =
-        bias.has_value() ? std::optional<at::Tensor>(bias->to(A.scalar_type()).contiguous()) : std::nullopt;
     ctx->save_for_backward({packed, absmax, nested_absmax.value_or(at::Tensor()), nested_code.value_or(at::Tensor()),
                             offset.value_or(at::Tensor()), code_cpu, code_dev});
     ctx->saved_data["blocksize"] = blocksize;
@@ -298,7 +325,7 @@ class Matmul4bitFunction : public torch::autograd::Function<Matmul4bitFunction> 
     ctx->saved_data["N"] = N;
     ctx->saved_data["K"] = K;
     if (bias.has_value()) ctx->saved_data["bias_dtype"] = bias->scalar_type();
-    return matmul_4bit_forward(A, b, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+    return matmul_4bit_forward(A, bias, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
                                code_cpu, code_dev, N, K);
   }
 
@@ -313,23 +340,9 @@ class Matmul4bitFunction : public torch::autograd::Function<Matmul4bitFunction> 
     const int64_t N = ctx->saved_data["N"].toInt(), K = ctx->saved_data["K"].toInt();
     const at::Tensor& g = grads[0];
     at::Tensor grad_A, grad_bias;
-    if (ctx->needs_input_grad(0)) {
-      const int64_t rows = g.numel() / N;
-      const c10::cuda::CUDAGuard guard(g.device());
-      const bool fused = !at::GradMode::is_enabled() && aligned(packed.data_ptr(), 16) &&
-                         (g.scalar_type() == at::kHalf || g.scalar_type() == at::kBFloat16) &&
-                         gemm_applies(float_type(g.scalar_type(), "grad_out"), log2_blocksize(blocksize), rows, N, K,
-                                      true);
-      if (fused) {
-        grad_A = gemm_4bit(fused_rows(g, N), packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                           nested_blocksize, code_cpu, N, K, std::nullopt, true)
-                     .view(with_last(g, K));
-      } else {
-        const at::Tensor W = dequantize_4bit(packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                                             nested_blocksize, code_dev, N * K, g.scalar_type());
-        grad_A = at::matmul(g, W.view({N, K}));
-      }
-    }
+    if (ctx->needs_input_grad(0))
+      grad_A = matmul_4bit_input_grad(g, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                      nested_blocksize, code_cpu, code_dev, N, K);
     if (ctx->saved_data.count("bias_dtype") && ctx->needs_input_grad(1))
       grad_bias = g.reshape({-1, N}).sum(0).to(ctx->saved_data["bias_dtype"].toScalarType());
     torch::autograd::variable_list out(13);
@@ -446,6 +459,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("A"), py::arg("packed"), py::arg("absmax"), py::arg("nested_absmax"), py::arg("nested_code"),
         py::arg("offset"), py::arg("blocksize"), py::arg("nested_blocksize"), py::arg("code"), py::arg("N"),
         py::arg("K"), py::arg("bias") = py::none(), py::arg("trans") = false);
+  m.def("matmul_4bit", &fsdp4bit::matmul_4bit_forward,
+        "A @ W(N, K).T + bias with W 4-bit: the fused gemv, the fused GEMM or dequantize + F.linear, as they apply",
+        py::arg("A"), py::arg("bias"), py::arg("packed"), py::arg("absmax"), py::arg("nested_absmax"),
+        py::arg("nested_code"), py::arg("offset"), py::arg("blocksize"), py::arg("nested_blocksize"),
+        py::arg("code_cpu"), py::arg("code_dev"), py::arg("N"), py::arg("K"));
+  m.def("matmul_4bit_input_grad", &fsdp4bit::matmul_4bit_input_grad,
+        "grad_out (.., N) @ W(N, K) with W 4-bit: the transposed fused GEMM or dequantize + matmul, as they apply",
+        py::arg("grad_out"), py::arg("packed"), py::arg("absmax"), py::arg("nested_absmax"), py::arg("nested_code"),
+        py::arg("offset"), py::arg("blocksize"), py::arg("nested_blocksize"), py::arg("code_cpu"),
+        py::arg("code_dev"), py::arg("N"), py::arg("K"));
   m.def("matmul_4bit_autograd", &fsdp4bit::matmul_4bit_autograd,
         "A @ W(N, K).T + bias with W 4-bit, differentiable in A and bias, as one C++ autograd node (eager CUDA)",
         py::arg("A"), py::arg("bias"), py::arg("packed"), py::arg("absmax"), py::arg("nested_absmax"),

@@ -26,7 +26,8 @@ from ..codebooks import (
 )
 
 # Fused gemv serves up to this many rows of A; more rows go through the fused 4-bit GEMM where it applies
-# (CUDA, sm_90a: NativeOps.gemm_applies), else dequantize + torch matmul.
+# (CUDA, sm_90a: NativeOps.gemm_applies), else dequantize + torch matmul. On CUDA the extension routes each call
+# (its matmul_4bit_forward; CUDA_GEMV_MAX_ROWS is its kGemvMaxRows).
 CPU_GEMV_MAX_ROWS = 16
 CUDA_GEMV_MAX_ROWS = 8
 _GEMM_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -36,8 +37,10 @@ _GEMM_ROWS = range(CUDA_GEMV_MAX_ROWS + 1, 1537)
 
 
 @functools.cache
+@functools.cache
 def _tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(midpoints float32 [15], bucket -> code uint8 [16], code values float32 [16]), all on the CPU."""
+    """(midpoints float32 [15], bucket -> code uint8 [16], code values float32 [16]), all on the CPU; built once
+    per quant type (the kernels only read them)."""
     mids, order = quantize_bounds(quant_type)
     enc = order.to(torch.uint8) if quant_type != "nf4" else torch.arange(16, dtype=torch.uint8)
     return mids.contiguous(), enc.contiguous(), get_4bit_code(quant_type, "cpu").contiguous()
@@ -213,13 +216,6 @@ class NativeOps:
         )
         return flat.view(tuple(shape))
 
-    def _gemv_fused_ok(self, rows: int, K: int, packed: torch.Tensor) -> bool:
-        if rows > self.max_gemv_rows:
-            return False
-        if self.device_type == "cuda":  # 16-byte weight loads, 32 weights per load inside one block
-            return K % 32 == 0 and packed.data_ptr() % 16 == 0
-        return True
-
     def gemm_applies(self, A: torch.Tensor, blocksize: int, shape: Sequence[int], trans: bool = False) -> bool:
         """Whether the fused 4-bit GEMM takes ``A @ W.T`` (or, with ``trans``, ``A @ W``: a linear layer's input
         gradient) for W of ``shape`` (N, K) and ``blocksize``: CUDA with an sm_90a build, fp16/bf16 A, 9 to 512
@@ -245,13 +241,24 @@ class NativeOps:
         :meth:`gemv_4bit`), and a model asks it for the same few shapes on every step."""
         return bool(self.ext.gemm_4bit_applies(dtype, blocksize, rows, N, K, device_index, trans))
 
+    def _state_args(self, flat_packed: torch.Tensor, *stats: Any) -> tuple:
+        """The extension's matmul arguments from absmax to K (both code tables, CPU and device), for ``stats``,
+        :meth:`gemv_4bit`'s arguments from absmax to shape."""
+        absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape = stats
+        code_cpu, code_dev = _tables(quant_type)[2], shared_4bit_code(quant_type, flat_packed.device)
+        opts = (_opt(nested_absmax), _opt(nested_code), _opt(offset))
+        nk = (int(shape[0]), int(shape[1]))
+        return (absmax.contiguous(), *opts, int(blocksize), int(nested_blocksize), code_cpu, code_dev, *nk)
+
     def input_grad_4bit(self, grad_out: torch.Tensor, packed: torch.Tensor, *stats: Any) -> torch.Tensor:
-        """``grad_out @ W`` for the 4-bit W (the input gradient of ``A @ W.T``) through the transposed fused GEMM,
-        for a call :meth:`gemm_applies` takes with ``trans=True``. ``stats`` are :meth:`gemv_4bit`'s arguments
-        from absmax to shape, the state the forward checked."""
-        N, K = int(stats[-1][0]), int(stats[-1][1])
-        out = self.ext.gemm_4bit(*_fused_args(grad_out.reshape(-1, N), _flat_bytes(packed), *stats), None, True)
-        return out.view(*grad_out.shape[:-1], K)
+        """``grad_out @ W`` for the 4-bit W (the input gradient of ``A @ W.T``), CUDA only, routed by the extension as
+        the autograd node's backward is: the transposed fused GEMM where :meth:`gemm_applies` takes it with
+        ``trans=True``, else grad_out times W dequantized. ``stats`` are :meth:`gemv_4bit`'s arguments from absmax
+        to shape, a state the forward checked (the extension checks them again)."""
+        if self.device_type != "cuda":
+            raise ValueError(f"input_grad_4bit runs on CUDA only, not {self.device_type}")
+        flat_packed = _flat_bytes(packed)
+        return self.ext.matmul_4bit_input_grad(grad_out, flat_packed, *self._state_args(flat_packed, *stats))
 
     def _check_matmul(
         self, A: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, *stats: Any
@@ -286,23 +293,8 @@ class NativeOps:
         the gradients of ``fsdp4bit.ops``' eager matmul (the same kernels, so the same bits), without Python on the
         forward's kernel choice or in the backward, which autograd runs on its own thread. ``stats`` are
         :meth:`gemv_4bit`'s arguments from absmax to shape."""
-        absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, _ = stats
-        flat_packed, N, K = self._check_matmul(A, packed, bias, *stats)
-        code_cpu, code_dev = _tables(quant_type)[2], shared_4bit_code(quant_type, flat_packed.device)
-        opts = (_opt(nested_absmax), _opt(nested_code), _opt(offset))
-        return self.ext.matmul_4bit_autograd(
-            A,
-            bias,
-            flat_packed,
-            absmax.contiguous(),
-            *opts,
-            int(blocksize),
-            int(nested_blocksize),
-            code_cpu,
-            code_dev,
-            N,
-            K,
-        )
+        flat_packed, _, _ = self._check_matmul(A, packed, bias, *stats)
+        return self.ext.matmul_4bit_autograd(A, bias, flat_packed, *self._state_args(flat_packed, *stats))
 
     def gemv_4bit(
         self,
@@ -318,11 +310,15 @@ class NativeOps:
         shape: Sequence[int],
         bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``A @ W.T + bias`` for the 4-bit W of ``shape`` (N, K) and a bias of A's dtype (or None); float32
-        accumulation, output in A's dtype, the bias added before the one rounding: the fused gemv for few rows, the
-        fused GEMM where :meth:`gemm_applies`, else dequantize + F.linear."""
+        """``A @ W.T + bias`` for the 4-bit W of ``shape`` (N, K) and a bias (cast to A's dtype) or None; float32
+        accumulation, output in A's dtype, the bias added before the one rounding. On CUDA the extension routes the
+        call (the fused gemv for up to 8 rows, the fused GEMM where :meth:`gemm_applies`, else dequantize +
+        F.linear), as the autograd node's forward does; on the CPU the fused gemv for up to 16 rows, else dequantize
+        + F.linear."""
         stats = (absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape)
         flat_packed, N, K = self._check_matmul(A, packed, bias, *stats)
+        if self.device_type == "cuda":
+            return self.ext.matmul_4bit(A, bias, flat_packed, *self._state_args(flat_packed, *stats))
         if bias is not None:
             bias = bias.to(A.dtype)
         # a 2-D A is its own (M, K) view (K = 0 still goes through reshape, which rejects it)
@@ -330,11 +326,8 @@ class NativeOps:
         A2 = A if two_d else A.reshape(-1, K)
         if A2.shape[0] == 0:
             return A.new_empty((*A.shape[:-1], N))
-        gemv = self._gemv_fused_ok(A2.shape[0], K, flat_packed)
-        if gemv or (flat_packed.data_ptr() % 16 == 0 and self.gemm_applies(A2, blocksize, shape)):
-            args = _fused_args(A2, flat_packed, *stats)
-            bias = None if bias is None else bias.contiguous()
-            out = self.ext.gemv_4bit(*args, bias) if gemv else self.ext.gemm_4bit(*args, bias)
+        if A2.shape[0] <= self.max_gemv_rows:
+            out = self.ext.gemv_4bit(*_fused_args(A2, flat_packed, *stats), None if bias is None else bias.contiguous())
             return out if two_d else out.view(*A.shape[:-1], N)
         weight = self.dequantize_4bit(
             flat_packed,
@@ -347,5 +340,6 @@ class NativeOps:
             quant_type,
             (N, K),
             A.dtype,
+            state_checked=True,
         )
         return torch.nn.functional.linear(A, weight, bias)
