@@ -31,16 +31,11 @@ from ..codebooks import (
 CPU_GEMV_MAX_ROWS = 16
 CUDA_GEMV_MAX_ROWS = 8
 _GEMM_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
-# The fused GEMM's row range (csrc/cuda/gemm.cu's gemm_applies asks the rest): a host-side pre-filter so that
-# training-sized calls skip the extension call.
-_GEMM_ROWS = range(CUDA_GEMV_MAX_ROWS + 1, 1537)
 
 
-@functools.cache
 @functools.cache
 def _tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(midpoints float32 [15], bucket -> code uint8 [16], code values float32 [16]), all on the CPU; built once
-    per quant type (the kernels only read them)."""
+    """(midpoints float32 [15], bucket -> code uint8 [16], code values float32 [16]), all on the CPU."""
     mids, order = quantize_bounds(quant_type)
     enc = order.to(torch.uint8) if quant_type != "nf4" else torch.arange(16, dtype=torch.uint8)
     return mids.contiguous(), enc.contiguous(), get_4bit_code(quant_type, "cpu").contiguous()
@@ -222,7 +217,8 @@ class NativeOps:
         rows and a large enough weight (2^22 entries up to 32 rows, 2^23 up to 128, 2^24 up to 256, 2^25 up to 512;
         transposed 2^24 up to 256 rows and 2^25 past that, and N % 8 == 0); or, not transposed, 513 to 1536 rows, 2^24
         entries, work units that fill their waves of CTA slots to 85% and rows that fill their 256-row tiles to 80%
-        (95% past 768 rows) (the extension's rule)."""
+        (95% past 768 rows). The extension's rule, which its matmul route asks itself: this is for benchmarks and
+        tests that must know the path."""
         if self.device_type != "cuda" or A.dtype not in _GEMM_DTYPES or len(shape) != 2:
             return False
         N, K = int(shape[0]), int(shape[1])
@@ -231,15 +227,8 @@ class NativeOps:
         if A.dim() == 0 or A.shape[-1] != (N if trans else K):
             return False
         rows = A.numel() // A.shape[-1]
-        if rows not in _GEMM_ROWS:
-            return False
-        return self._gemm_rule(_GEMM_DTYPES[A.dtype], int(blocksize), rows, N, K, A.device.index, bool(trans))
-
-    @functools.lru_cache(maxsize=4096)  # noqa: B019 (one NativeOps per device type, alive for the process)
-    def _gemm_rule(self, dtype: str, blocksize: int, rows: int, N: int, K: int, device_index: int, trans: bool) -> bool:
-        """The extension's rule for one call shape, remembered: a routed call asks it twice (ops.py, then
-        :meth:`gemv_4bit`), and a model asks it for the same few shapes on every step."""
-        return bool(self.ext.gemm_4bit_applies(dtype, blocksize, rows, N, K, device_index, trans))
+        dtype = _GEMM_DTYPES[A.dtype]
+        return bool(self.ext.gemm_4bit_applies(dtype, int(blocksize), rows, N, K, A.device.index, bool(trans)))
 
     def _state_args(self, flat_packed: torch.Tensor, *stats: Any) -> tuple:
         """The extension's matmul arguments from absmax to K (both code tables, CPU and device), for ``stats``,
