@@ -269,7 +269,8 @@ at::Tensor matmul_4bit_forward(const at::Tensor& A, const std::optional<at::Tens
   const int64_t rows = fusable ? A.numel() / K : 0;
   const bool gemv = fusable && rows <= kGemvMaxRows && K % 32 == 0;
   const c10::cuda::CUDAGuard guard(A.device());
-  if (gemv || (fusable && gemm_applies(float_type(A.scalar_type(), "A"), log2_blocksize(blocksize), rows, N, K, false))) {
+  if (gemv ||
+      (fusable && gemm_applies(float_type(A.scalar_type(), "A"), log2_blocksize(blocksize), rows, N, K, false))) {
     const at::Tensor a = fused_rows(A, K);
     const at::Tensor out = gemv ? gemv_4bit(a, packed, absmax, nested_absmax, nested_code, offset, blocksize,
                                             nested_blocksize, code_cpu, N, K, b)
