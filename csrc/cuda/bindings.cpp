@@ -236,7 +236,7 @@ at::Tensor gemm_4bit(const at::Tensor& A, const at::Tensor& packed, const at::Te
   return out;
 }
 
-// rows of A the fused gemv takes (NativeOps.max_gemv_rows on CUDA; 9 and more take the GEMM or dequantize + cuBLAS)
+// rows of A the fused gemv takes (9 and more take the GEMM or dequantize + cuBLAS: matmul_4bit_forward)
 constexpr int64_t kGemvMaxRows = 8;
 
 // A's rows as a contiguous, 16-byte aligned (rows, cols) tensor for the fused kernels (a copy where A is not one)

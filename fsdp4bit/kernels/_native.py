@@ -25,11 +25,10 @@ from ..codebooks import (
     shared_4bit_code,
 )
 
-# Fused gemv serves up to this many rows of A; more rows go through the fused 4-bit GEMM where it applies
-# (CUDA, sm_90a: NativeOps.gemm_applies), else dequantize + torch matmul. On CUDA the extension routes each call
-# (its matmul_4bit_forward; CUDA_GEMV_MAX_ROWS is its kGemvMaxRows).
+# The CPU's fused gemv serves up to this many rows of A; more rows dequantize + torch matmul. On CUDA the extension
+# routes each call itself (its matmul_4bit_forward: gemv up to kGemvMaxRows = 8 rows, then the fused 4-bit GEMM where
+# it applies, else dequantize + cuBLAS).
 CPU_GEMV_MAX_ROWS = 16
-CUDA_GEMV_MAX_ROWS = 8
 _GEMM_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -42,9 +41,9 @@ def _tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def _fused_args(A: torch.Tensor, flat_packed: torch.Tensor, *stats: Any) -> tuple:
-    """The extension's fused gemv / GEMM arguments up to K, for a 2-D A (copied to a packed, 16-byte aligned
-    tensor where it is not one: the kernels read it in 16-byte rows, and it has at most 1536 rows, cheap next to
-    W) and ``stats``, gemv_4bit's arguments from absmax to shape."""
+    """The CPU extension's gemv arguments up to K, for a 2-D A of at most CPU_GEMV_MAX_ROWS rows (copied to a
+    packed, 16-byte aligned tensor where it is not one, cheap next to W) and ``stats``, gemv_4bit's arguments from
+    absmax to shape."""
     absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape = stats
     if not A.is_contiguous() or A.data_ptr() % 16 != 0:
         A = A.clone(memory_format=torch.contiguous_format)
@@ -116,7 +115,6 @@ class NativeOps:
         self.ext = ext
         self.device_type = device_type
         self.build_seconds = build_seconds
-        self.max_gemv_rows = CUDA_GEMV_MAX_ROWS if device_type == "cuda" else CPU_GEMV_MAX_ROWS
 
     def __repr__(self) -> str:
         return f"NativeOps({self.device_type!r})"
@@ -315,7 +313,7 @@ class NativeOps:
         A2 = A if two_d else A.reshape(-1, K)
         if A2.shape[0] == 0:
             return A.new_empty((*A.shape[:-1], N))
-        if A2.shape[0] <= self.max_gemv_rows:
+        if A2.shape[0] <= CPU_GEMV_MAX_ROWS:
             out = self.ext.gemv_4bit(*_fused_args(A2, flat_packed, *stats), None if bias is None else bias.contiguous())
             return out if two_d else out.view(*A.shape[:-1], N)
         weight = self.dequantize_4bit(
