@@ -31,13 +31,13 @@ def quantized(N: int, K: int, dtype: torch.dtype, bs: int, nested: bool, quant_t
     return Fq.quantize_4bit(W, blocksize=bs, compress_statistics=nested, quant_type=quant_type)
 
 
-def fused(ext, A: torch.Tensor, packed: torch.Tensor, st, N: int) -> torch.Tensor:
-    """A @ W.T through the extension's fused GEMM, whatever fsdp4bit's dispatch would pick."""
+def fused(ext, A: torch.Tensor, packed: torch.Tensor, st, N: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A @ W.T + bias through the extension's fused GEMM, whatever fsdp4bit's dispatch would pick."""
     code, K, packed = get_4bit_code(st.quant_type), A.shape[1], Fq.packed_bytes(packed)
     if st.nested:
         nested = (st.state2.absmax, st.state2.code, st.offset)
-        return ext.gemm_4bit(A, packed, st.absmax, *nested, st.blocksize, st.state2.blocksize, code, N, K)
-    return ext.gemm_4bit(A, packed, st.absmax, None, None, None, st.blocksize, 256, code, N, K)
+        return ext.gemm_4bit(A, packed, st.absmax, *nested, st.blocksize, st.state2.blocksize, code, N, K, bias)
+    return ext.gemm_4bit(A, packed, st.absmax, None, None, None, st.blocksize, 256, code, N, K, bias)
 
 
 def check(ext, M, N, K, dtype, bs, nested, quant_type="nf4") -> bool:

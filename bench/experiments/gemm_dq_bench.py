@@ -46,30 +46,11 @@ for M, N, K, dtype, bs, nested, qt, bias in [
     Wd = Fq.dequantize_4bit(packed, st)
     ref = A.double() @ Wd.double().T + (b.double() if bias else 0)
     err_cublas = ((F.linear(A, Wd, b).double() - ref).norm() / ref.norm()).item()
-    code = __import__("fsdp4bit.codebooks", fromlist=["x"]).get_4bit_code(st.quant_type)
-    pk = Fq.packed_bytes(packed)
     outs = {}
     for v in [0, 1, 2, 3]:
         os.environ["FSDP4BIT_GEMM_DQ"] = str(v)
         torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
-        if nested:
-            o = ext.gemm_4bit(
-                A,
-                pk,
-                st.absmax,
-                st.state2.absmax,
-                st.state2.code,
-                st.offset,
-                st.blocksize,
-                st.state2.blocksize,
-                code,
-                N,
-                K,
-                b,
-                False,
-            )
-        else:
-            o = ext.gemm_4bit(A, pk, st.absmax, None, None, None, st.blocksize, 256, code, N, K, b, False)
+        o = fused(ext, A, packed, st, N, b)
         torch.cuda.synchronize()
         outs[v] = o
         err = ((o.double() - ref).norm() / ref.norm()).item()

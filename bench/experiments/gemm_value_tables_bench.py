@@ -16,36 +16,18 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import torch
 import torch.nn.functional as F
-from gemm4_fused import quantized
+from gemm4_fused import fused, quantized
 from layer import batched_ms
 
 import fsdp4bit.functional as Fq
 from fsdp4bit import kernels
-from fsdp4bit.codebooks import get_4bit_code
 
 ext = kernels.native_for("cuda").ext
 
 
-def call(A, pk, st, N, K, b, lut):
+def call(A, packed, st, N, b, lut):
     os.environ["FSDP4BIT_GEMM_LUT"] = "1" if lut else "0"
-    code = get_4bit_code(st.quant_type)
-    if st.nested:
-        return ext.gemm_4bit(
-            A,
-            pk,
-            st.absmax,
-            st.state2.absmax,
-            st.state2.code,
-            st.offset,
-            st.blocksize,
-            st.state2.blocksize,
-            code,
-            N,
-            K,
-            b,
-            False,
-        )
-    return ext.gemm_4bit(A, pk, st.absmax, None, None, None, st.blocksize, 256, code, N, K, b, False)
+    return fused(ext, A, packed, st, N, b)
 
 
 ok = True
@@ -66,11 +48,10 @@ for M, N, K, dtype, bs, nested, qt, bias in cases:
     packed, st = quantized(N, K, dtype, bs, nested, qt)
     A = torch.randn(M, K, device="cuda", dtype=dtype)
     b = torch.randn(N, device="cuda", dtype=dtype) if bias else None
-    pk = Fq.packed_bytes(packed)
     outs = []
     for lut in (False, True):
         torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
-        outs.append(call(A, pk, st, N, K, b, lut))
+        outs.append(call(A, packed, st, N, b, lut))
     torch.cuda.synchronize()
     same = torch.equal(outs[0], outs[1])
     nan = int(torch.isnan(outs[1]).sum())
@@ -83,15 +64,14 @@ if not ok:
     sys.exit("check FAILED")
 for N, K in [(14336, 4096), (4096, 14336)]:
     packed, st = quantized(N, K, torch.bfloat16, 64, True)
-    pk = Fq.packed_bytes(packed)
     W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
     for M in [int(m) for m in os.environ.get("LUT_TOKENS", "16,128,256,512,1024,2048,4096,8192").split(",")]:
         A = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         fns = {
             "bf16": lambda: F.linear(A, W),
             "deq": lambda: F.linear(A, Fq.dequantize_4bit(packed, st)),
-            "shfl": lambda: call(A, pk, st, N, K, None, False),
-            "lut": lambda: call(A, pk, st, N, K, None, True),
+            "shfl": lambda: call(A, packed, st, N, None, False),
+            "lut": lambda: call(A, packed, st, N, None, True),
         }
         us = {k: v * 1000 for k, v in batched_ms(fns, reps=11).items()}
         print(f"{M}x{N}x{K}: " + "  ".join(f"{k} {us[k]:.1f}us ({us[k] / us['bf16']:.3f})" for k in us), flush=True)
