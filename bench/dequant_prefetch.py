@@ -3,15 +3,17 @@
 A chain of 8 layers alternating 14336x4096 / 4096x14336 (NF4 bs64 double quant, bf16), forward only, at T tokens:
 bf16 ``F.linear``; dequantize + ``F.linear`` in order; and the same with layer i + 1's dequantization issued on a
 normal-priority side stream (after layer i - 1's GEMM) while layer i's GEMM runs on a high-priority stream. Prints
-µs per layer and the ratio to bf16 (session 17, H100: no gain at 4096 tokens; NOTES.md).
+µs per layer and the ratio to bf16 (session 17, H100: no gain at 4096 tokens; NOTES.md). With ``--carveouts``, the
+same through cuBLASLt with each SM carveout (``torch._C._set_sm_carveout_experimental``: the GEMMs leave that many
+SMs to the side stream's dequantization), bf16 too (session 21, H100: no gain; NOTES.md).
 
-    python bench/dequant_prefetch.py [T]
+    python bench/dequant_prefetch.py [T] [--carveouts 2,4,8,16]
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
-import sys
 
 import torch
 import torch.nn.functional as Fn
@@ -21,8 +23,27 @@ from fsdp4bit import functional as F
 LAYERS = 8
 
 
+def with_blas(fn, carveout: int | None):
+    """``fn`` run through cuBLASLt with ``carveout`` SMs left out of its GEMMs, the defaults restored after."""
+
+    def run() -> torch.Tensor:
+        torch.backends.cuda.preferred_blas_library("cublaslt")
+        torch._C._set_sm_carveout_experimental(carveout)
+        try:
+            return fn()
+        finally:
+            torch._C._set_sm_carveout_experimental(None)
+            torch.backends.cuda.preferred_blas_library("default")
+
+    return run
+
+
 def main() -> None:
-    T = int(sys.argv[1]) if len(sys.argv) > 1 else 4096
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("tokens", nargs="?", type=int, default=4096)
+    parser.add_argument("--carveouts", default="", help="comma-separated SM carveouts to time through cuBLASLt")
+    args = parser.parse_args()
+    T = args.tokens
     torch.manual_seed(0)
     shapes = [(14336, 4096) if i % 2 == 0 else (4096, 14336) for i in range(LAYERS)]
     Ws = [torch.randn(s, device="cuda", dtype=torch.bfloat16) * 0.02 for s in shapes]
@@ -74,6 +95,9 @@ def main() -> None:
         return x
 
     fns = {"bf16": bf16, "dequantize + F.linear": in_order, "with the prefetch": prefetch}
+    for c in (int(v) for v in args.carveouts.split(",") if v):
+        fns[f"bf16, cuBLASLt carveout {c}"] = with_blas(bf16, c)
+        fns[f"with the prefetch, cuBLASLt carveout {c}"] = with_blas(prefetch, c)
     print("prefetch output equals the in-order one:", torch.equal(in_order(), prefetch()))
     for f in fns.values():
         for _ in range(3):
