@@ -5,7 +5,8 @@ bf16 ``F.linear``; dequantize + ``F.linear`` in order; and the same with layer i
 normal-priority side stream (after layer i - 1's GEMM) while layer i's GEMM runs on a high-priority stream. Prints
 µs per layer and the ratio to bf16 (session 17, H100: no gain at 4096 tokens; NOTES.md). With ``--carveouts``, the
 same through cuBLASLt with each SM carveout (``torch._C._set_sm_carveout_experimental``: the GEMMs leave that many
-SMs to the side stream's dequantization), bf16 too (session 21, H100: no gain; NOTES.md).
+SMs to the side stream's dequantization), bf16 too (session 21, H100: the stacked forward at 4096 tokens
+~1.05-1.08x, within the spread between machines; NOTES.md).
 
     python bench/dequant_prefetch.py [T] [--carveouts 2,4,8,16]
 """

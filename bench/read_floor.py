@@ -2,7 +2,7 @@
 as ``bench/kernels.py`` times the gemv (a CUDA graph of 20 calls back to back, input sets rotated past L2)? (GPU)
 
 ``bench/kernels.py``'s floor is bytes / the bandwidth of a 1 GiB copy; at tens of MB a kernel's ramp-up and tail
-cost a fixed ~1-2 µs that no kernel avoids. This builds a bespoke read-only kernel (``bench/cuda/read_floor.cu``:
+cost a fixed ~1 µs (H100) that no kernel avoids. This builds a bespoke read-only kernel (``bench/cuda/read_floor.cu``:
 16-byte loads, 4 or 8 in flight per thread, 1/2/4 CTAs per SM; launched plainly, as a programmatic dependent
 launch waiting for the kernel before, or that plus an L2 prefetch of its slice before the wait) and reports the
 best variant next to fsdp4bit's gemv over the same bytes, in the same run.
