@@ -7,7 +7,8 @@ they overflow the L2 cache (so small shapes are not flattered); eager back-to-ba
 when an op cannot be captured. Floor = bytes the op must move / measured device-to-device copy bandwidth.
 On sm_90 the 1-token gemvs are programmatic dependent launches, so back to back each one starts during the
 previous one's tail (a decode step's projections do the same); ``FSDP4BIT_NO_PDL=1`` times them launched plainly.
-``--cpu``: the CPU kernels on this machine, with the PyTorch reference and bitsandbytes' CPU backend.
+``--cpu``: the CPU kernels on this machine, with the PyTorch reference and bitsandbytes' CPU backend. On a GPU
+machine without network, ``bench/incumbents.py`` stages bitsandbytes and torchao to put on PYTHONPATH.
 
     python bench/kernels.py            # GPU table, JSON in bench/results/kernels_<device>.json
     python bench/kernels.py --cpu      # CPU table, JSON in bench/results/kernels_cpu.json
@@ -56,6 +57,15 @@ def try_import(name: str):
 
 
 # ----------------------------------------------------------------------------------------- GPU
+def torchao_to_nf4():
+    """torchao's ``to_nf4`` (``torchao.quantization`` since 0.18, ``torchao.dtypes.nf4tensor`` before)."""
+    try:
+        from torchao.quantization import to_nf4
+    except ImportError:
+        from torchao.dtypes.nf4tensor import to_nf4
+    return to_nf4
+
+
 def gpu_time_us(fns, reps: int = 20, replays: int = 7) -> tuple[float, str]:
     """Median microseconds per call over CUDA-graph replays (``fns`` cycled); eager timing as fallback."""
     for f in fns:
@@ -175,10 +185,13 @@ def bench_gpu(shapes) -> dict:
             )
         if torchao is not None:
             try:
-                from torchao.dtypes.nf4tensor import to_nf4
-
+                to_nf4 = torchao_to_nf4()
                 ts = [to_nf4(W, BS, 256) for W in Ws]
+                row["torchao_quantize_us"], _ = gpu_time_us([lambda W=W: to_nf4(W, BS, 256) for W in Ws], reps=5)
                 row["torchao_dequantize_us"], _ = gpu_time_us([lambda t=t: t.get_original_weight() for t in ts], reps=5)
+                row["torchao_gemv_us"], _ = gpu_time_us(
+                    [lambda t=t, x=x: torch.nn.functional.linear(x, t) for t, x in zip(ts, xs)], reps=5
+                )
             except Exception as exc:  # noqa: BLE001
                 row["torchao_error"] = repr(exc)[:200]
         rows.append(row)
@@ -195,7 +208,7 @@ def print_gpu(res: dict) -> None:
     )
     hdr = (
         f"{'shape':>12} | {'quant':>7} {'floor':>6} {'%':>4} | {'dequant':>7} {'floor':>6} {'%':>4} | "
-        f"{'gemv':>6} {'floor':>6} {'%':>4} | {'bf16 lin':>8} | {'bnb q/dq/gemv':>18}"
+        f"{'gemv':>6} {'floor':>6} {'%':>4} | {'bf16 lin':>8} | {'bnb q/dq/gemv':>18} | {'torchao q/dq/gemv':>18}"
     )
     print(hdr)
     print("-" * len(hdr))
@@ -204,19 +217,37 @@ def print_gpu(res: dict) -> None:
         def pct(op):
             return 100 * r[f"floor_{op}_us"] / r[f"fsdp4bit_{op}_us"]
 
-        bnb = (
-            "/".join(f"{r[k]:.0f}" for k in ("bnb_quantize_us", "bnb_dequantize_us", "bnb_gemv_us") if k in r) or "n/a"
-        )
+        def others(lib):
+            ops = (f"{lib}_quantize_us", f"{lib}_dequantize_us", f"{lib}_gemv_us")
+            return "/".join(f"{r[k]:.0f}" for k in ops if k in r) or "n/a"
+
         print(
             f"{r['shape']:>12} | {r['fsdp4bit_quantize_us']:7.1f} {r['floor_quantize_us']:6.1f} {pct('quantize'):4.0f} | "
             f"{r['fsdp4bit_dequantize_us']:7.1f} {r['floor_dequantize_us']:6.1f} {pct('dequantize'):4.0f} | "
             f"{r['fsdp4bit_gemv_us']:6.1f} {r['floor_gemv_us']:6.1f} {pct('gemv'):4.0f} | "
-            f"{r['bf16_linear_us']:8.1f} | {bnb:>18}"
+            f"{r['bf16_linear_us']:8.1f} | {others('bnb'):>18} | {others('torchao'):>18}"
         )
         if "fsdp4bit_functional_quantize_us" in r:
             print(
                 f"{'':>12}   functional.quantize_4bit (with double quant): {r['fsdp4bit_functional_quantize_us']:.1f} us"
             )
+        for lib in ("bnb", "torchao"):
+            # speed-ups over the library in the same run: its quantize (bitsandbytes' with double quant) against
+            # fsdp4bit's whole functional.quantize_4bit with double quant
+            pairs = (
+                ("quantize", "fsdp4bit_functional_quantize_us"),
+                ("dequantize", "fsdp4bit_dequantize_us"),
+                ("gemv", "fsdp4bit_gemv_us"),
+            )
+            got = [
+                f"{op} {r[f'{lib}_{op}_us'] / r[ours]:.2f}x"
+                for op, ours in pairs
+                if f"{lib}_{op}_us" in r and ours in r
+            ]
+            if got:
+                print(f"{'':>12}   fsdp4bit's speed-up over {lib}: " + ", ".join(got))
+        if "torchao_error" in r:
+            print(f"{'':>12}   torchao: {r['torchao_error']}")
 
 
 # ----------------------------------------------------------------------------------------- CPU
