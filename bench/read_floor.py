@@ -19,7 +19,7 @@ import math
 from pathlib import Path
 
 import torch
-from kernels import BS, QT, SHAPES, copy_bandwidth, double_quant, gpu_time_us
+from kernels import BS, QT, SHAPES, copy_bandwidth, double_quant, gemv_bytes, gemv_call, gpu_time_us, l2_bytes
 from torch.utils.cpp_extension import load
 
 from fsdp4bit import kernels
@@ -46,11 +46,9 @@ def main() -> None:
     rows = []
     print(f"{torch.cuda.get_device_name()}, copy bandwidth {bw / 1e12:.3f} TB/s; floor = bytes / that; µs per call")
     for N, K in SHAPES:
-        n, nb = N * K, N * K // BS
-        gbytes = n // 2 + nb + 4 * math.ceil(nb / 256) + 2 * K + 2 * N
+        gbytes = gemv_bytes(N, K)
         read_bytes = (gbytes + 15) // 16 * 16
-        l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
-        sets = max(2, math.ceil(4 * l2 / read_bytes))
+        sets = max(2, math.ceil(4 * l2_bytes() / read_bytes))
         bufs = [torch.randint(0, 256, (read_bytes,), dtype=torch.uint8, device="cuda") for _ in range(sets)]
         best: dict[int, tuple[float, str]] = {}
         for mode, per_sm, unroll in itertools.product(MODES, (1, 2, 4), (4, 8)):
@@ -64,12 +62,7 @@ def main() -> None:
             packed, absmax, _ = native.quantize_4bit(W, BS, QT)
             states.append((packed, *double_quant(absmax)))
             xs.append(torch.randn(1, K, device="cuda", dtype=torch.bfloat16))
-        gemv_us, _ = gpu_time_us(
-            [
-                lambda s=s, x=x: native.gemv_4bit(x, s[0], s[1], s[2], s[3], s[4], BS, 256, QT, (N, K))
-                for s, x in zip(states, xs)
-            ]
-        )
+        gemv_us, _ = gpu_time_us([gemv_call(native, s, x, N, K) for s, x in zip(states, xs)])
         del states, xs
         torch.cuda.empty_cache()
         floor = gbytes / bw * 1e6
