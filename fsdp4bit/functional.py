@@ -99,7 +99,8 @@ def quantize_4bit(
         packed = torch.nn.functional.pad(packed, (0, itemsize - packed.numel() % itemsize))
     packed = packed.view(quant_storage).unsqueeze(1)
     if compress_statistics:
-        # offset = stats.mean(), then quantize_blockwise(stats - offset, dynamic map, 256): one fused op; the
+        # offset = the mean of stats (reference.absmax_mean: the same bits on every device), then
+        # quantize_blockwise(stats - offset, dynamic map, 256): one fused op; the
         # state owns the fresh copy of the map it returns (the cached map is never handed out)
         offset, qabsmax, nested_absmax, nested_code = ops.double_quant(
             stats, shared_dynamic_map(A.device), NESTED_BLOCKSIZE

@@ -116,9 +116,9 @@ DoubleQuant = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 def _double_quant_impl(absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> DoubleQuant:
     native = _blockwise_native(absmax, code, blocksize) if absmax.dtype == torch.float32 else None
-    if native is not None:  # offset from torch's own mean inside the extension: bit-identical to absmax.mean()
+    if native is not None:  # the extension's offset has reference.absmax_mean's bits
         return native.double_quant(absmax, code, blocksize)
-    offset = absmax.mean()
+    offset = reference.absmax_mean(absmax)
     return (offset, *reference.quantize_blockwise(absmax - offset, code, blocksize), code.clone())
 
 
@@ -126,8 +126,9 @@ def double_quant(absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> Do
     """bitsandbytes' double quantization of a float32 absmax: (offset, uint8 codes, float32 nested absmax,
     a fresh copy of ``code`` for the nested QuantState to own).
 
-    offset = absmax.mean() (0-dim), then 8-bit blockwise quantization of ``absmax - offset`` against
-    ``code``, exactly ``reference.quantize_blockwise(absmax - offset, code, blocksize)``. The native path
+    offset = ``reference.absmax_mean(absmax)`` (0-dim float32, the same bits on every device), then 8-bit
+    blockwise quantization of ``absmax - offset`` against ``code``, exactly
+    ``reference.quantize_blockwise(absmax - offset, code, blocksize)``. The native path
     fuses the subtraction and quantization into one kernel (the unfused path is ~25 small ops), which also
     writes the copy of ``code``.
     """

@@ -53,6 +53,24 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> t
     return torch.bucketize(scaled, mids, out_int32=True).to(torch.uint8), absmax
 
 
+def absmax_mean(absmax: torch.Tensor) -> torch.Tensor:
+    """Double quant's offset: the mean of ``absmax`` as a float32 0-dim tensor, the same bits on every device.
+
+    The sum is the pairwise float64 tree over the values zero-padded to a power of two (element i of each
+    level is x[2i] + x[2i + 1]); the offset is float32((sum + 0.0) / n), the + 0.0 making a zero sum +0.0
+    however far it was padded. torch's own float32 mean differs between CPU and CUDA in the last bit for most
+    large weights (NOTES.md), which made a double-quantized state depend on the device it was quantized on.
+    """
+    x = absmax.reshape(-1).to(torch.float64)
+    n = x.numel()
+    if n == 0:
+        return torch.full((), float("nan"), dtype=torch.float32, device=absmax.device)
+    x = torch.nn.functional.pad(x, (0, (1 << (n - 1).bit_length()) - n))
+    while x.numel() > 1:
+        x = x[0::2] + x[1::2]
+    return ((x[0] + 0.0) / n).to(torch.float32)
+
+
 def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
     """Inverse of :func:`quantize_blockwise`, in float32: code[q] * absmax[block]."""
     vals = code[q.reshape(-1).long()]

@@ -233,3 +233,24 @@ def test_float_checkpoint_loads_then_quantizes():
     x = torch.randn(3, 64)
     rel = ((layer(x) - lin(x)).norm() / lin(x).norm()).item()
     assert rel < 0.15
+
+
+def test_absmax_mean_is_the_rounded_pairwise_float64_mean():
+    """reference.absmax_mean: within one float32 ulp of the exact mean, exact where the mean is representable,
+    NaN for no values or a NaN value, +0.0 for zeros of either sign."""
+    from fractions import Fraction
+
+    from fsdp4bit import reference
+
+    for n in (1, 5, 1000, 4097):
+        a = torch.rand(n, generator=torch.Generator().manual_seed(n)) * 3
+        exact = sum(Fraction(v) for v in a.double().tolist()) / n
+        got = reference.absmax_mean(a)
+        assert got.dtype == torch.float32 and got.shape == ()
+        ulp = abs(Fraction(torch.nextafter(got, torch.tensor(float("inf"))).item()) - Fraction(got.item()))
+        assert abs(Fraction(got.item()) - exact) <= ulp
+    assert reference.absmax_mean(torch.full((777,), 0.1875)).item() == 0.1875
+    assert torch.isnan(reference.absmax_mean(torch.zeros(0)))
+    assert torch.isnan(reference.absmax_mean(torch.tensor([1.0, float("nan"), 2.0])))
+    z = reference.absmax_mean(-torch.zeros(64))
+    assert z.item() == 0.0 and not torch.signbit(z)

@@ -110,7 +110,8 @@ def _assert_quantize_equal(ops, x: torch.Tensor, blocksize: int, qt: str) -> Non
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_quantize_bit_exact(native, qt, blocksize, dtype):
     ops, device = native
-    for n in ODD_SIZES + (2 * blocksize, 3 * blocksize + 2):
+    # 20481: two whole 16 KB tiles of a 16-bit input (five of float32) and a partial one, for the CUDA bulk kernel
+    for n in ODD_SIZES + (2 * blocksize, 3 * blocksize + 2, 20481):
         for i, x in enumerate(_adversarial(n, blocksize, qt, seed=n + blocksize)):
             try:
                 _assert_quantize_equal(ops, x.to(dtype).to(device), blocksize, qt)
@@ -995,7 +996,7 @@ def test_quantize_blockwise_bit_exact(native, blocksize):
 
 
 def test_double_quant_matches_unfused_path(native, monkeypatch):
-    """ops.double_quant (native) == absmax.mean() + reference.quantize_blockwise(absmax - mean, map, 256)."""
+    """ops.double_quant (native) == reference.absmax_mean + reference.quantize_blockwise(absmax - mean, map, 256)."""
     from fsdp4bit import functional
     from fsdp4bit import ops as fops
 
@@ -1004,7 +1005,7 @@ def test_double_quant_matches_unfused_path(native, monkeypatch):
     for n in (1, 255, 256, 3584, 917504 // 64 + 13):
         absmax = (torch.rand(n, generator=_gen(n)) * 0.2).to(device)
         offset, q, nested, code_copy = fops.double_quant(absmax, code, 256)
-        ref_offset = absmax.mean()
+        ref_offset = reference.absmax_mean(absmax)
         ref_q, ref_nested = reference.quantize_blockwise(absmax - ref_offset, code, 256)
         assert offset.shape == () and _same_float_bits(offset, ref_offset)
         assert torch.equal(q, ref_q) and _same_float_bits(nested, ref_nested), f"n={n}"
@@ -1019,6 +1020,37 @@ def test_double_quant_matches_unfused_path(native, monkeypatch):
     assert _same_float_bits(state.offset, ref_state.offset)
     assert _same_float_bits(state.state2.absmax, ref_state.state2.absmax)
     assert state.state2.blocksize == ref_state.state2.blocksize and state.state2.dtype == ref_state.state2.dtype
+
+
+def _mean_cases() -> list[torch.Tensor]:
+    """float32 absmax-like vectors for the offset: sizes around the CUDA tree's 16 / 4096-value spans and its
+    1024-partial top (4194305 values take two levels), and special values."""
+    cases = [torch.rand(n, generator=_gen(n)) * 4 for n in (1, 2, 3, 17, 4096, 4097, 65537, 917517, 4194305)]
+    special = torch.rand(5000, generator=_gen(5)) * 1e-3
+    special[::7] = 3e38  # the float64 sum exceeds float32's range, the mean does not
+    cases += [special, torch.zeros(300), -torch.zeros(4096), torch.full((3000,), 0.1875)]
+    cases += [torch.tensor([1.0, float("inf"), 2.0]), torch.tensor([1.0, float("nan")] * 2000)]
+    cases.append(torch.rand(10001, generator=_gen(6)) - 0.5)  # not an absmax: signs mix
+    return cases
+
+
+def test_double_quant_offset_has_the_reference_bits(native):
+    """The offset is reference.absmax_mean's: the same bits on the CPU and on the GPU, whatever the size."""
+    from fsdp4bit import ops as fops
+
+    _, device = native
+    code = get_dynamic_map(device)
+    for i, a in enumerate(_mean_cases()):
+        offset = fops.double_quant(a.to(device), code, 256)[0]
+        ref = reference.absmax_mean(a)
+        assert offset.shape == () and offset.dtype == torch.float32
+        assert _same_float_bits(offset.cpu(), ref), f"case {i} (n={a.numel()}): {offset.item()!r} vs {ref.item()!r}"
+    for bs in (64, 4096):  # the generic nested kernel takes the offset from the tree's own one-warp kernel
+        a = _mean_cases()[6]
+        offset, q, nested, _ = fops.double_quant(a.to(device), code, bs)
+        ref_q, ref_nested = reference.quantize_blockwise(a - reference.absmax_mean(a), code.cpu(), bs)
+        assert _same_float_bits(offset.cpu(), reference.absmax_mean(a))
+        assert torch.equal(q.cpu(), ref_q) and _same_float_bits(nested.cpu(), ref_nested)
 
 
 def test_quant_states_own_their_code_tables(native):

@@ -555,6 +555,13 @@ static void quant_call(const bf16* x, int64_t n, uint8_t* out, float* absmax, in
                                                                   true, out, absmax);
 }
 
+// the shipped launcher: quantize_bulk_kernel over whole tiles, quantize_kernel for the rest
+template <bool FP4>
+static void quant_bulk_call(const bf16* x, int64_t n, uint8_t* out, float* absmax, int64_t, cudaStream_t st) {
+  launch_quantize_blocks<bf16, 64, FP4 ? 512 : 16>(x, n, FP4 ? fp4_tables() : nf4_tables(), !FP4, true, out, absmax,
+                                                   st);
+}
+
 struct QuantVariant {
   std::string name;
   QuantLaunch fn;
@@ -618,6 +625,8 @@ static void sweep_quantize(double bw, int sms) {
   variants.push_back({"P2 wave b16 pf2", quant_call<2, false, 16, 2>, -1});
   variants.push_back({"P4 wave b16 pf1", quant_call<4, false, 16, 1>, -1});
   variants.push_back({"P2 wave fp4 pf1", quant_call<2, true, 512, 1>, -1});
+  variants.push_back({"bulk b16", quant_bulk_call<false>, -1});
+  variants.push_back({"bulk fp4", quant_bulk_call<true>, -1});
   for (const auto& v : variants) {
     if (!picked(v.name, "")) continue;
     const bool ok = check_quant(v, 4096 * 4096 + 64 * 3 + 37, sms) && check_quant(v, 1001, sms);

@@ -183,6 +183,28 @@ void quantize_blockwise_impl(const float* a, int64_t n, int64_t bs, const float*
   });
 }
 
+// Pairwise float64 sum of a[lo, lo + len) (len a power of two) with the values past n read as +0.0: the tree of
+// reference.absmax_mean, whose levels add element 2i and 2i + 1. Subtrees of 16 leaves are summed in place.
+double tree_sum(const float* a, int64_t n, int64_t lo, int64_t len) {
+  if (lo >= n) return 0.0;  // only padding: a tree of +0.0 leaves
+  if (len <= 16) {
+    double v[16];
+    for (int64_t i = 0; i < len; ++i) v[i] = lo + i < n ? static_cast<double>(a[lo + i]) : 0.0;
+    for (int64_t w = len; w > 1; w /= 2)
+      for (int64_t i = 0; i < w / 2; ++i) v[i] = v[2 * i] + v[2 * i + 1];
+    return v[0];
+  }
+  return tree_sum(a, n, lo, len / 2) + tree_sum(a, n, lo + len / 2, len / 2);
+}
+
+// double quant's offset: float32((tree sum + 0.0) / n), NaN for no values (reference.absmax_mean)
+float absmax_mean(const float* a, int64_t n) {
+  if (n == 0) return std::numeric_limits<float>::quiet_NaN();
+  int64_t p = 1;
+  while (p < n) p *= 2;
+  return static_cast<float>((tree_sum(a, n, 0, p) + 0.0) / static_cast<double>(n));
+}
+
 // ---------------------------------------------------------------- per-block float32 scale
 struct Scales {
   const float* absmax_f = nullptr;  // plain float32 absmax
@@ -607,14 +629,15 @@ std::tuple<torch::Tensor, torch::Tensor> quantize_blockwise(const torch::Tensor&
   return {q, absmax};
 }
 
-// Double quant of a float32 absmax: offset = A.mean() (torch's own reduction, so bit-identical to
-// absmax.mean() in Python), then the 8-bit quantization of A - offset; last, a fresh copy of `code`.
+// Double quant of a float32 absmax: offset = reference.absmax_mean(A) (absmax_mean above: the bits of every
+// device), then the 8-bit quantization of A - offset; last, a fresh copy of `code`.
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> double_quant(const torch::Tensor& A,
                                                                                     const torch::Tensor& code,
                                                                                     int64_t blocksize) {
   TORCH_CHECK_TYPE(A.scalar_type() == torch::kFloat32, "A must be float32, got ", A.scalar_type());
-  auto offset = A.mean();
-  auto [q, absmax] = quantize_blockwise(A, code, blocksize, offset);
+  const auto a = A.contiguous();
+  auto offset = torch::full({}, absmax_mean(a.data_ptr<float>(), a.numel()), a.options());
+  auto [q, absmax] = quantize_blockwise(a, code, blocksize, offset);
   return {offset, q, absmax, code.clone()};
 }
 

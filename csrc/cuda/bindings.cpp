@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -389,52 +390,61 @@ std::string gemv_kernel(const std::string& dtype, int64_t blocksize, bool nested
   return gemv_kernel_name(ft, nested, sc, log2bs, M, N, K);
 }
 
-// (codes, absmax); a copy of `code` goes to `code_out` when it is given (a 256-entry float32 tensor on A's device).
-std::tuple<at::Tensor, at::Tensor> quantize_blockwise_into(const at::Tensor& A, const at::Tensor& code, int64_t blocksize,
-                                                           const std::optional<at::Tensor>& offset, float* code_out) {
+// The checks of an 8-bit blockwise quantization of float32 A against a 256-entry code; returns the block count.
+int64_t check_blockwise(const at::Tensor& A, const at::Tensor& code, int64_t blocksize) {
   TORCH_CHECK(A.is_cuda(), "A must be a CUDA tensor");
-  const at::Device dev = A.device();
   TORCH_CHECK_TYPE(A.scalar_type() == at::kFloat, "A must be float32, got ", A.scalar_type());
   TORCH_CHECK(A.dim() == 1 && A.is_contiguous(), "A must be a contiguous 1-D tensor");
-  check_on(code, dev, "code");
+  check_on(code, A.device(), "code");
   TORCH_CHECK(code.scalar_type() == at::kFloat && code.is_contiguous() && code.numel() == 256,
               "code must be a contiguous float32 tensor of 256 entries");
   TORCH_CHECK_VALUE(blocksize >= 1, "blocksize must be positive, got ", blocksize);
+  const int64_t nblocks = (A.numel() + blocksize - 1) / blocksize;
+  TORCH_CHECK_VALUE(nblocks <= 0x7fffffff, "too many blocks: ", nblocks);
+  return nblocks;
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& A, const at::Tensor& code, int64_t blocksize,
+                                                      const std::optional<at::Tensor>& offset) {
+  const int64_t nblocks = check_blockwise(A, code, blocksize);
   if (offset.has_value()) {
-    check_on(*offset, dev, "offset");
+    check_on(*offset, A.device(), "offset");
     TORCH_CHECK(offset->scalar_type() == at::kFloat && offset->numel() == 1, "offset must be a one-element float32 tensor");
   }
+  const c10::cuda::CUDAGuard guard(A.device());
   const int64_t n = A.numel();
-  const int64_t nblocks = (n + blocksize - 1) / blocksize;
-  TORCH_CHECK_VALUE(nblocks <= 0x7fffffff, "too many blocks: ", nblocks);
-  const c10::cuda::CUDAGuard guard(dev);
   auto q = at::empty({n}, A.options().dtype(at::kByte));
   auto absmax = at::empty({nblocks}, A.options());
   if (n == 0) return {q, absmax};
   launch_quantize_blockwise(A.data_ptr<float>(), n, blocksize, code.data_ptr<float>(),
                             offset.has_value() ? offset->data_ptr<float>() : nullptr, q.data_ptr<uint8_t>(),
-                            absmax.data_ptr<float>(), code_out, c10::cuda::getCurrentCUDAStream());
+                            absmax.data_ptr<float>(), nullptr, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {q, absmax};
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& A, const at::Tensor& code, int64_t blocksize,
-                                                      const std::optional<at::Tensor>& offset) {
-  return quantize_blockwise_into(A, code, blocksize, offset, nullptr);
-}
-
-// Double quant of a float32 absmax: offset = A.mean() (torch's own reduction, so bit-identical to
-// absmax.mean() in Python), then the fused 8-bit quantization of A - offset, whose kernel also writes the
-// returned copy of `code` (the nested QuantState's own table). Saves the Python round trips.
+// Double quant of a float32 absmax: offset = reference.absmax_mean(A) (a pairwise float64 tree: the CPU's bits),
+// then the fused 8-bit quantization of A - offset, whose kernel also writes the offset and the returned copy of
+// `code` (the nested QuantState's own table). Saves the Python round trips.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> double_quant(const at::Tensor& A, const at::Tensor& code,
                                                                         int64_t blocksize) {
-  TORCH_CHECK(A.is_cuda(), "A must be a CUDA tensor");
-  TORCH_CHECK_TYPE(A.scalar_type() == at::kFloat, "A must be float32, got ", A.scalar_type());
+  const int64_t nblocks = check_blockwise(A, code, blocksize);
   const c10::cuda::CUDAGuard guard(A.device());
-  auto offset = A.mean();
+  const int64_t n = A.numel();
+  auto offset = at::empty({}, A.options());
+  auto q = at::empty({n}, A.options().dtype(at::kByte));
+  auto absmax = at::empty({nblocks}, A.options());
   auto code_out = at::empty({256}, A.options());
-  auto [q, absmax] = quantize_blockwise_into(A, code, blocksize, offset, code_out.data_ptr<float>());
-  if (A.numel() == 0) code_out.copy_(code);
+  if (n == 0) {  // the mean of nothing, as torch's
+    offset.fill_(std::numeric_limits<float>::quiet_NaN());
+    code_out.copy_(code);
+    return {offset, q, absmax, code_out};
+  }
+  auto workspace = at::empty({double_quant_workspace(n)}, A.options().dtype(at::kDouble));
+  launch_double_quant(A.data_ptr<float>(), n, blocksize, code.data_ptr<float>(), workspace.data_ptr<double>(),
+                      offset.data_ptr<float>(), q.data_ptr<uint8_t>(), absmax.data_ptr<float>(),
+                      code_out.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {offset, q, absmax, code_out};
 }
 

@@ -6,7 +6,13 @@
 // One CUDA block per quantization block (one warp per block for blocksize 256, double quant's case);
 // bit-exact with reference.quantize_blockwise(a - offset, code, bs). When `code_out` is given, the first CTA
 // also writes a copy of `code` there (the caller's fresh code tensor: no separate copy kernel).
+// Double quant's offset is reference.absmax_mean: the pairwise float64 tree over the values (zero-padded to a
+// power of two), summed in aligned spans of 4096 values per CTA, level by level, until at most 1024 partial sums
+// are left, which one warp adds up. H100, against torch's absmax.mean() (reduction + memset of its semaphores),
+// 14336x4096's 917504 values: 3.2 us for the tree's level against 6.5 + 0.7 us.
 #include "common.cuh"
+
+#include <algorithm>
 
 namespace fsdp4bit {
 namespace {
@@ -66,6 +72,87 @@ __global__ void __launch_bounds__(256) quantize_blockwise_kernel(const float* __
     const float s = bn.scale(d);
     q[start + i] = uint8_t(bucket256(clamp_unit(s), s_mids));
   }
+}
+
+// ------------------------------------------------------------------------- double quant's offset
+constexpr int kTreeThreads = 256;
+constexpr int kTreeLeaves = 16;                          // per thread
+constexpr int64_t kTreeSpan = kTreeThreads * kTreeLeaves;  // values per CTA and level
+constexpr int64_t kTreeTop = 1024;                       // partial sums the last warp adds
+
+// ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7)): one pairwise subtree
+__device__ __forceinline__ double pair8(const double (&v)[8]) {
+  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
+// pairwise sum of p[lo, lo + 8), values at n and past it read as +0.0
+template <typename In>
+__device__ __forceinline__ double tree8(const In* __restrict__ p, int64_t lo, int64_t n) {
+  double v[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) v[j] = lo + j < n ? double(__ldg(p + lo + j)) : 0.0;
+  return pair8(v);
+}
+
+// The sum of lane-ordered subtrees over the warp: level k adds lanes l and l ^ 2^k (the same double in both,
+// addition being commutative), so lane l's value is the subtree over the 32 lanes' spans in order.
+__device__ __forceinline__ double warp_tree(double s) {
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) s = s + __shfl_xor_sync(0xffffffffu, s, o);
+  return s;
+}
+
+// partials[c] = the pairwise sum of v[c * kTreeSpan, (c + 1) * kTreeSpan) (past n: +0.0); thread t sums its 16
+// values, the warp its 32 threads', the CTA its 8 warps'.
+template <typename In>
+__global__ void __launch_bounds__(kTreeThreads) tree_partials_kernel(const In* __restrict__ v, int64_t n,
+                                                                     double* __restrict__ partials) {
+  __shared__ double s_warp[kTreeThreads / 32];
+  const int64_t lo = (int64_t(blockIdx.x) * kTreeThreads + threadIdx.x) * kTreeLeaves;
+  double s = 0.0;
+  bool vec = false;
+  if constexpr (std::is_same<In, float>::value) vec = lo + kTreeLeaves <= n && (reinterpret_cast<uintptr_t>(v) & 15) == 0;
+  if constexpr (std::is_same<In, float>::value) {
+    if (vec) {
+      double h[2][8];
+    const float4* p = reinterpret_cast<const float4*>(v + lo);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float4 f = __ldg(p + i);
+        h[i / 2][4 * (i % 2)] = f.x;
+        h[i / 2][4 * (i % 2) + 1] = f.y;
+        h[i / 2][4 * (i % 2) + 2] = f.z;
+        h[i / 2][4 * (i % 2) + 3] = f.w;
+      }
+      s = pair8(h[0]) + pair8(h[1]);
+    }
+  }
+  if (!vec) s = tree8(v, lo, n) + tree8(v, lo + 8, n);
+  s = warp_tree(s);
+  if (threadIdx.x % 32 == 0) s_warp[threadIdx.x / 32] = s;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double w[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) w[i] = s_warp[i];
+    partials[blockIdx.x] = pair8(w);
+  }
+}
+
+// The offset from the last level's `count` (<= kTreeTop) partial sums, by one whole warp (every lane gets it):
+// float32((sum + 0.0) / n) as reference.absmax_mean rounds it.
+__device__ __forceinline__ float tree_mean(const double* __restrict__ partials, int64_t count, int64_t n) {
+  const int64_t lo = int64_t(threadIdx.x % 32) * 32;
+  double s = (tree8(partials, lo, count) + tree8(partials, lo + 8, count)) +
+             (tree8(partials, lo + 16, count) + tree8(partials, lo + 24, count));
+  s = warp_tree(s);
+  return __double2float_rn(__ddiv_rn(__dadd_rn(s, 0.0), double(n)));
+}
+
+__global__ void tree_mean_kernel(const double* __restrict__ partials, int64_t count, int64_t n,
+                                 float* __restrict__ offset_out) {
+  const float m = tree_mean(partials, count, n);
+  if (threadIdx.x == 0) *offset_out = m;
 }
 
 // Blocksize 256 (double quant's nested blocks): one warp per block, 8 values per lane held in registers. The CTA
@@ -138,6 +225,22 @@ __global__ void __launch_bounds__(kBs256Warps * 32) quantize_blockwise256_kernel
   }
 }
 
+// Sums the tree's levels into `workspace` until at most kTreeTop partial sums are left; returns them and their count.
+std::pair<const double*, int64_t> tree_levels(const float* a, int64_t n, double* workspace, cudaStream_t stream) {
+  int64_t count = (n + kTreeSpan - 1) / kTreeSpan;
+  tree_partials_kernel<float><<<unsigned(count), kTreeThreads, 0, stream>>>(a, n, workspace);
+  const double* level = workspace;
+  while (count > kTreeTop) {
+    double* next = workspace + count;
+    const int64_t up = (count + kTreeSpan - 1) / kTreeSpan;
+    tree_partials_kernel<double><<<unsigned(up), kTreeThreads, 0, stream>>>(level, count, next);
+    workspace = next;
+    level = next;
+    count = up;
+  }
+  return {level, count};
+}
+
 }  // namespace
 
 void launch_quantize_blockwise(const float* a, int64_t n, int64_t blocksize, const float* code, const float* offset,
@@ -153,6 +256,21 @@ void launch_quantize_blockwise(const float* a, int64_t n, int64_t blocksize, con
   while (threads < 256 && threads < blocksize) threads *= 2;
   quantize_blockwise_kernel<<<unsigned(nblocks), threads, 0, stream>>>(a, n, blocksize, code, offset, q, absmax,
                                                                       code_out);
+}
+
+int64_t double_quant_workspace(int64_t n) {
+  int64_t total = 0;
+  for (int64_t count = (n + kTreeSpan - 1) / kTreeSpan;; count = (count + kTreeSpan - 1) / kTreeSpan) {
+    total += count;
+    if (count <= kTreeTop) return total;
+  }
+}
+
+void launch_double_quant(const float* a, int64_t n, int64_t blocksize, const float* code, double* workspace,
+                         float* offset_out, uint8_t* q, float* absmax, float* code_out, cudaStream_t stream) {
+  const auto [partials, count] = tree_levels(a, n, workspace, stream);
+  tree_mean_kernel<<<1, 32, 0, stream>>>(partials, count, n, offset_out);
+  launch_quantize_blockwise(a, n, blocksize, code, offset_out, q, absmax, code_out, stream);
 }
 
 }  // namespace fsdp4bit

@@ -68,5 +68,11 @@ bool launch_gemm(const void* A, FloatType dtype, const uint8_t* packed, const Co
 // a copy of `code` goes to `code_out` when it is not null.
 void launch_quantize_blockwise(const float* a, int64_t n, int64_t blocksize, const float* code, const float* offset,
                                uint8_t* q, float* absmax, float* code_out, cudaStream_t stream);
+// float64 workspace (in values) that launch_double_quant needs for n > 0 values
+int64_t double_quant_workspace(int64_t n);
+// Double quant of n > 0 float32 values: *offset_out = their mean as reference.absmax_mean computes it (a pairwise
+// float64 tree: the same bits as on the CPU), then launch_quantize_blockwise of a - offset.
+void launch_double_quant(const float* a, int64_t n, int64_t blocksize, const float* code, double* workspace,
+                         float* offset_out, uint8_t* q, float* absmax, float* code_out, cudaStream_t stream);
 
 }  // namespace fsdp4bit

@@ -4,8 +4,11 @@
 // A header so bench/cuda/sweep.cu can instantiate other tile shapes; quantize.cu holds the launcher.
 #pragma once
 
+#include "async_copy.cuh"
 #include "common.cuh"
 
+#include <algorithm>
+#include <atomic>
 #include <type_traits>
 
 namespace fsdp4bit {
@@ -78,6 +81,25 @@ inline int bins_per_unit(const QuantTables& tab) {
   return 16;
 }
 
+// A quantize kernel's shared tables: the 15 midpoints, the bucket -> code map and the bin table.
+template <int BPU>
+struct QuantShared {
+  float mids[16];
+  uint8_t enc[16];
+  Bin bins[BinLayout<BPU>::kEntries];
+};
+
+// Fills `sh` from `tab` (the first CTA also writes the caller's code copy); ends with a barrier.
+template <int BPU>
+__device__ __forceinline__ void stage_tables(QuantShared<BPU>& sh, const QuantTables& tab) {
+  copy_table(sh.mids, tab.mids);
+  copy_table(sh.enc, tab.enc);
+  if (blockIdx.x == 0 && tab.code_out != nullptr) copy_table(tab.code_out, tab.code);
+  __syncthreads();
+  fill_bins<BPU>(sh.bins, sh.mids, sh.enc);
+  __syncthreads();
+}
+
 template <typename T>
 __device__ __forceinline__ Chunk8<T> load_chunk(const T* __restrict__ x, int64_t e, int64_t n, bool vec_ok) {
   Chunk8<T> c;
@@ -114,15 +136,8 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const T* __rest
   constexpr int NCH = BS / (8 * G);
   constexpr bool KEEP = NCH * P <= 4;
   constexpr int BPC = kQuantThreads / G;  // blocks per CTA per step
-  __shared__ float s_mids[16];
-  __shared__ uint8_t s_enc[16];
-  __shared__ Bin s_bins[BinLayout<BPU>::kEntries];
-  copy_table(s_mids, tab.mids);
-  copy_table(s_enc, tab.enc);
-  if (blockIdx.x == 0 && tab.code_out != nullptr) copy_table(tab.code_out, tab.code);
-  __syncthreads();
-  fill_bins<BPU>(s_bins, s_mids, s_enc);
-  __syncthreads();
+  __shared__ QuantShared<BPU> sh;
+  stage_tables(sh, tab);
   const uint32_t lane8 = (threadIdx.x % 32) * 8u;
 
   const int g = int(threadIdx.x % G);
@@ -181,8 +196,8 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const T* __rest
         if (!bn.tail) {  // full block: every element in range, scale by the reciprocal
 #pragma unroll
           for (int k = 0; k < 4; ++k) {
-            const uint32_t hi = code_of<BPU>(bn.scale(chunk_at(t, 2 * k)), s_bins, lane8);
-            const uint32_t lo = code_of<BPU>(bn.scale(chunk_at(t, 2 * k + 1)), s_bins, lane8);
+            const uint32_t hi = code_of<BPU>(bn.scale(chunk_at(t, 2 * k)), sh.bins, lane8);
+            const uint32_t lo = code_of<BPU>(bn.scale(chunk_at(t, 2 * k + 1)), sh.bins, lane8);
             word |= ((hi << 4) | lo) << (8 * k);
           }
           *reinterpret_cast<uint32_t*>(out + e0 / 2) = word;  // out is freshly allocated: 4-byte aligned
@@ -193,8 +208,8 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const T* __rest
           // Short last block: divide. The element at n is the zero pad of an odd length (0.0 after scaling,
           // as the reference pads the scaled tensor); later ones fall in bytes that are not written.
           const float s = (e0 + j >= n) ? 0.0f : bn.scale(chunk_at(t, j));
-          uint32_t q = bucket4(s, s_mids) >> 2;
-          if (!identity) q = s_enc[q];
+          uint32_t q = bucket4(s, sh.mids) >> 2;
+          if (!identity) q = sh.enc[q];
           word |= q << ((j & 1) ? 8 * (j >> 1) : 8 * (j >> 1) + 4);  // byte k: elements 2k (high), 2k+1
         }
         const int64_t byte0 = e0 / 2;
@@ -202,6 +217,108 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const T* __rest
       }
     }
   }
+}
+
+// ------------------------------------------------------------------------- quantize, bulk-copy fed
+// The same quantization with the input streamed by Hopper bulk copies (sm_90): a producer warp copies whole tiles
+// of kBulkTileBytes into a kBulkStages-stage shared-memory ring (cp.async.bulk, one mbarrier per stage); 8
+// consumer warps load a tile into registers (LDS.128), release its stage, and quantize it as quantize_kernel
+// does (block_norm, code_of: the same bytes). The grid is persistent (one wave); the partial last tile is left
+// to quantize_kernel. H100 sweep (bench/cuda/sweep.cu, bf16, NF4 bs64), quantize_kernel -> this: 4096² 19.6 ->
+// 19.1 us, 14336x4096 59.5 -> 57.1, 8192² 67.3 -> 64.6, 28672x8192 229.4 -> 209.8 (101% of the sweep's copy
+// floor); 4 KB or 32 KB tiles, or 2, 4 or 6 stages, were slower.
+constexpr int kBulkConsumers = 256;  // 8 consumer warps, + 1 producer warp
+constexpr int kBulkTileBytes = 16384;
+constexpr int kBulkStages = 3;
+
+// blocks of BS elements of T that one consumer pass covers: G threads per block, 8 elements per thread and chunk
+template <typename T, int BS>
+struct BulkShape {
+  static constexpr int G = BS / 8 < 32 ? BS / 8 : 32;
+  static constexpr int NCH = BS / (8 * G);
+  static constexpr int BPC = kBulkConsumers / G;  // blocks per pass
+  static constexpr int TILE = kBulkTileBytes / int(sizeof(T));
+  static constexpr int BPT = TILE / BS;  // blocks per tile
+  static constexpr bool kFits = BPT >= BPC && BPT % BPC == 0;  // a tile is whole passes
+  static constexpr int PASSES = kFits ? BPT / BPC : 1;
+};
+
+template <typename T, int BS, int BPU>
+__global__ void __launch_bounds__(kBulkConsumers + 32)
+    quantize_bulk_kernel(const T* __restrict__ x, int64_t ntiles, QuantTables tab, uint8_t* __restrict__ out,
+                         float* __restrict__ absmax) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap();  // never launched: launch_quantize_blocks requires compute capability 9.0
+#else
+  using Sh = BulkShape<T, BS>;
+  constexpr int G = Sh::G, NCH = Sh::NCH, BPC = Sh::BPC, TILE = Sh::TILE;
+  extern __shared__ __align__(128) unsigned char bulk_ring[];
+  T* ring = reinterpret_cast<T*>(bulk_ring);
+  __shared__ uint64_t full[kBulkStages], empty[kBulkStages];
+  __shared__ QuantShared<BPU> sh;
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < kBulkStages; ++i) {
+      mbar_init(&full[i], 1);
+      mbar_init(&empty[i], kBulkConsumers / 32);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  stage_tables(sh, tab);  // its barriers also publish the mbarriers' initialisation
+
+  if (threadIdx.x >= kBulkConsumers) {  // producer warp: one lane issues the copies
+    if (threadIdx.x == kBulkConsumers) {
+      int64_t it = 0;
+      for (int64_t t = blockIdx.x; t < ntiles; t += gridDim.x, ++it) {
+        const int s = int(it % kBulkStages);
+        if (it >= kBulkStages) mbar_wait(&empty[s], uint32_t(it / kBulkStages - 1) & 1u);
+        mbar_arrive_expect_tx(&full[s], kBulkTileBytes);
+        bulk_copy(ring + s * TILE, x + t * TILE, kBulkTileBytes, &full[s]);
+      }
+    }
+    return;
+  }
+  const uint32_t lane8 = (threadIdx.x % 32) * 8u;
+  const int g = int(threadIdx.x % G);
+  int64_t it = 0;
+  for (int64_t t = blockIdx.x; t < ntiles; t += gridDim.x, ++it) {
+    const int s = int(it % kBulkStages);
+    mbar_wait(&full[s], uint32_t(it / kBulkStages) & 1u);
+    const T* tile = ring + s * TILE;
+    Chunk8<T> v[Sh::PASSES][NCH];
+#pragma unroll
+    for (int p = 0; p < Sh::PASSES; ++p)
+#pragma unroll
+      for (int i = 0; i < NCH; ++i) {
+        const uint4* src = reinterpret_cast<const uint4*>(tile + (p * BPC + int(threadIdx.x) / G) * BS + 8 * (g + i * G));
+#pragma unroll
+        for (int r = 0; r < int(sizeof(v[p][i].raw) / 16); ++r) v[p][i].raw[r] = src[r];
+      }
+    __syncwarp();
+    if (threadIdx.x % 32 == 0) mbar_arrive(&empty[s]);  // the stage is in registers: the producer may refill it
+#pragma unroll
+    for (int p = 0; p < Sh::PASSES; ++p) {
+      uint32_t mm = 0;
+#pragma unroll
+      for (int i = 0; i < NCH; ++i) mm = max(mm, chunk_absmax_bits(v[p][i]));
+#pragma unroll
+      for (int o = G / 2; o > 0; o >>= 1) mm = max(mm, __shfl_xor_sync(0xffffffffu, mm, o));
+      const int64_t b = t * Sh::BPT + p * BPC + int(threadIdx.x) / G;
+      const BlockNorm bn = block_norm(mm, false);  // whole tiles hold whole blocks
+      if (g == 0) absmax[b] = bn.stored();
+#pragma unroll
+      for (int i = 0; i < NCH; ++i) {
+        uint32_t word = 0;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const uint32_t hi = code_of<BPU>(bn.scale(chunk_at(v[p][i], 2 * k)), sh.bins, lane8);
+          const uint32_t lo = code_of<BPU>(bn.scale(chunk_at(v[p][i], 2 * k + 1)), sh.bins, lane8);
+          word |= ((hi << 4) | lo) << (8 * k);
+        }
+        *reinterpret_cast<uint32_t*>(out + (b * BS + 8 * (g + i * G)) / 2) = word;
+      }
+    }
+  }
+#endif
 }
 
 // Grid for the kernel above: enough CTAs to cover every block once, capped at `max_ctas` (0: no cap),
@@ -220,20 +337,57 @@ inline int64_t quantize_grid(int64_t nblocks, int64_t max_ctas) {
 // L2 for its next step's input (kQuantPrefetch): H100 14336x4096 61.9 -> 59.4 us, where two steps ahead or
 // register prefetching were slower.
 constexpr int kQuantPrefetch = 1;
+
+template <typename T, int BS, int BPU>
+void launch_quantize_plain(const T* x, int64_t n, const QuantTables& tab, bool identity, bool vec_ok, uint8_t* out,
+                           float* absmax, cudaStream_t stream) {
+  constexpr int P = BS <= 256 ? 2 : 1;
+  auto kernel = quantize_kernel<T, BS, P, BPU, kQuantPrefetch>;
+  static const int per_sm = ctas_per_sm(kernel, kQuantThreads);
+  const int64_t nblocks = (n + BS - 1) / BS;
+  const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
+  kernel<<<quantize_grid<BS, P>(nblocks, per_sm * sms), kQuantThreads, 0, stream>>>(x, n, nblocks, tab, identity,
+                                                                                    vec_ok, out, absmax);
+}
+
+// Whole tiles through the bulk-copy kernel where it applies (sm_90+, a 16-byte aligned input, blocks that tile
+// it), the rest (or everything) through quantize_kernel.
+template <typename T, int BS, int BPU>
+void launch_quantize_blocks(const T* x, int64_t n, const QuantTables& tab, bool identity, bool vec_ok, uint8_t* out,
+                            float* absmax, cudaStream_t stream) {
+  using Sh = BulkShape<T, BS>;
+  int64_t ntiles = 0;
+  if constexpr (Sh::kFits) {
+    ntiles = vec_ok && device_attribute(cudaDevAttrComputeCapabilityMajor) >= 9 ? n / Sh::TILE : 0;
+    if (ntiles > 0) {
+      auto kernel = quantize_bulk_kernel<T, BS, BPU>;
+      constexpr int smem = kBulkTileBytes * kBulkStages;
+      static std::atomic<uint64_t> smem_set{0};
+      allow_dynamic_smem(kernel, smem, smem_set);
+      static WaveCache waves;
+      const int64_t grid = std::min<int64_t>(ntiles, one_wave_cached(kernel, kBulkConsumers + 32, smem, waves));
+      kernel<<<unsigned(grid), kBulkConsumers + 32, smem, stream>>>(x, ntiles, tab, out, absmax);
+    }
+  }
+  const int64_t done = ntiles * Sh::TILE;
+  if (done == n) return;
+  QuantTables rest = tab;
+  if (done > 0) rest.code_out = nullptr;  // the bulk kernel's first CTA writes it
+  launch_quantize_plain<T, BS, BPU>(x + done, n - done, rest, identity, vec_ok, out + done / 2, absmax + done / BS,
+                                    stream);
+}
+
 template <typename T>
 void launch_quantize_typed(const T* x, int64_t n, int blocksize, const QuantTables& tab, bool identity, bool vec_ok,
                            uint8_t* out, float* absmax, cudaStream_t stream) {
-  const int64_t nblocks = (n + blocksize - 1) / blocksize;
   const bool coarse = bins_per_unit(tab) == 16;
-  const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
   auto go = [&](auto bs_tag) {
     constexpr int BS = decltype(bs_tag)::value;
-    constexpr int P = BS <= 256 ? 2 : 1;
-    auto kernel = coarse ? quantize_kernel<T, BS, P, 16, kQuantPrefetch> : quantize_kernel<T, BS, P, 512, kQuantPrefetch>;
-    static const int per_sm[2] = {ctas_per_sm(quantize_kernel<T, BS, P, 512, kQuantPrefetch>, kQuantThreads),
-                                  ctas_per_sm(quantize_kernel<T, BS, P, 16, kQuantPrefetch>, kQuantThreads)};
-    kernel<<<quantize_grid<BS, P>(nblocks, per_sm[coarse] * sms), kQuantThreads, 0, stream>>>(x, n, nblocks, tab,
-                                                                                           identity, vec_ok, out, absmax);
+    if (coarse) {
+      launch_quantize_blocks<T, BS, 16>(x, n, tab, identity, vec_ok, out, absmax, stream);
+    } else {
+      launch_quantize_blocks<T, BS, 512>(x, n, tab, identity, vec_ok, out, absmax, stream);
+    }
   };
   switch (blocksize) {
     case 32: go(std::integral_constant<int, 32>{}); break;

@@ -159,8 +159,8 @@ class NativeOps:
     def double_quant(
         self, absmax: torch.Tensor, code: torch.Tensor, blocksize: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(offset = absmax.mean(), uint8 codes, float32 nested absmax, a fresh copy of ``code``) in one call:
-        see ``ops.double_quant``."""
+        """(offset = ``reference.absmax_mean(absmax)``, uint8 codes, float32 nested absmax, a fresh copy of
+        ``code``) in one call: see ``ops.double_quant``."""
         self._check_blockwise(absmax, code, blocksize, None)
         return self.ext.double_quant(absmax.reshape(-1).contiguous(), code.reshape(-1).contiguous(), blocksize)
 
