@@ -1045,8 +1045,11 @@ def test_double_quant_offset_has_the_reference_bits(native):
         ref = reference.absmax_mean(a)
         assert offset.shape == () and offset.dtype == torch.float32
         assert _same_float_bits(offset.cpu(), ref), f"case {i} (n={a.numel()}): {offset.item()!r} vs {ref.item()!r}"
-    for bs in (64, 4096):  # the generic nested kernel takes the offset from the tree's own one-warp kernel
-        a = _mean_cases()[6]
+    big = (torch.rand(70001, generator=_gen(7)) * 4).to(device)
+    offset = fops.double_quant(big[1:], code, 256)[0]  # a view 4 bytes past a 16-byte boundary
+    assert _same_float_bits(offset.cpu(), reference.absmax_mean(big[1:].cpu()))
+    a = torch.rand(65537, generator=_gen(65537)) * 4
+    for bs in (64, 4096):  # the generic nested kernel (blocksizes other than 256)
         offset, q, nested, _ = fops.double_quant(a.to(device), code, bs)
         ref_q, ref_nested = reference.quantize_blockwise(a - reference.absmax_mean(a), code.cpu(), bs)
         assert _same_float_bits(offset.cpu(), reference.absmax_mean(a))

@@ -423,9 +423,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& A, const
   return {q, absmax};
 }
 
-// Double quant of a float32 absmax: offset = reference.absmax_mean(A) (a pairwise float64 tree: the CPU's bits),
-// then the fused 8-bit quantization of A - offset, whose kernel also writes the offset and the returned copy of
-// `code` (the nested QuantState's own table). Saves the Python round trips.
+// Double quant of a float32 absmax: offset = reference.absmax_mean(A) (a pairwise float64 tree: the CPU's bits,
+// written by the tree's kernels), then the fused 8-bit quantization of A - offset, whose kernel also writes the
+// returned copy of `code` (the nested QuantState's own table). Saves the Python round trips.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> double_quant(const at::Tensor& A, const at::Tensor& code,
                                                                         int64_t blocksize) {
   const int64_t nblocks = check_blockwise(A, code, blocksize);

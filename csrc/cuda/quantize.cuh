@@ -226,7 +226,7 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const T* __rest
 // does (block_norm, code_of: the same bytes). The grid is persistent (one wave); the partial last tile is left
 // to quantize_kernel. H100 sweep (bench/cuda/sweep.cu, bf16, NF4 bs64), quantize_kernel -> this: 4096² 19.6 ->
 // 19.1 us, 14336x4096 59.5 -> 57.1, 8192² 67.3 -> 64.6, 28672x8192 229.4 -> 209.8 (101% of the sweep's copy
-// floor); 4 KB or 32 KB tiles, or 2, 4 or 6 stages, were slower.
+// floor); 4 KB x 4 or 6 stages, 16 KB x 4 and 32 KB x 2 or 3 were slower.
 constexpr int kBulkConsumers = 256;  // 8 consumer warps, + 1 producer warp
 constexpr int kBulkTileBytes = 16384;
 constexpr int kBulkStages = 3;
