@@ -225,17 +225,19 @@ __global__ void __launch_bounds__(kBs256Warps * 32) quantize_blockwise256_kernel
   }
 }
 
-// Sums the tree's levels into `workspace` until at most kTreeTop partial sums are left; returns them and their count.
+// partial sums the level above `count` values holds
+int64_t tree_level_size(int64_t count) { return (count + kTreeSpan - 1) / kTreeSpan; }
+
+// Sums the tree's levels into `workspace`, one after another, until at most kTreeTop partial sums are left;
+// returns them and their count.
 std::pair<const double*, int64_t> tree_levels(const float* a, int64_t n, double* workspace, cudaStream_t stream) {
-  int64_t count = (n + kTreeSpan - 1) / kTreeSpan;
-  tree_partials_kernel<float><<<unsigned(count), kTreeThreads, 0, stream>>>(a, n, workspace);
-  const double* level = workspace;
+  double* level = workspace;
+  int64_t count = tree_level_size(n);
+  tree_partials_kernel<float><<<unsigned(count), kTreeThreads, 0, stream>>>(a, n, level);
   while (count > kTreeTop) {
-    double* next = workspace + count;
-    const int64_t up = (count + kTreeSpan - 1) / kTreeSpan;
-    tree_partials_kernel<double><<<unsigned(up), kTreeThreads, 0, stream>>>(level, count, next);
-    workspace = next;
-    level = next;
+    const int64_t up = tree_level_size(count);
+    tree_partials_kernel<double><<<unsigned(up), kTreeThreads, 0, stream>>>(level, count, level + count);
+    level += count;
     count = up;
   }
   return {level, count};
@@ -260,7 +262,7 @@ void launch_quantize_blockwise(const float* a, int64_t n, int64_t blocksize, con
 
 int64_t double_quant_workspace(int64_t n) {
   int64_t total = 0;
-  for (int64_t count = (n + kTreeSpan - 1) / kTreeSpan;; count = (count + kTreeSpan - 1) / kTreeSpan) {
+  for (int64_t count = tree_level_size(n);; count = tree_level_size(count)) {
     total += count;
     if (count <= kTreeTop) return total;
   }

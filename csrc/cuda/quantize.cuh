@@ -74,6 +74,21 @@ __device__ __forceinline__ uint32_t code_of(float s, const Bin* __restrict__ bin
   return (s > bin.mid ? bin.codes >> 4 : bin.codes) & 15u;
 }
 
+// The 4 packed bytes of a chunk of 8 elements of a full block (element 2k in byte k's high nibble): both quantize
+// kernels pack with this, so their bytes are the same.
+template <int BPU, typename T>
+__device__ __forceinline__ uint32_t pack_full_chunk(const Chunk8<T>& t, const BlockNorm& bn, const Bin* __restrict__ bins,
+                                                    uint32_t lane8) {
+  uint32_t word = 0;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const uint32_t hi = code_of<BPU>(bn.scale(chunk_at(t, 2 * k)), bins, lane8);
+    const uint32_t lo = code_of<BPU>(bn.scale(chunk_at(t, 2 * k + 1)), bins, lane8);
+    word |= ((hi << 4) | lo) << (8 * k);
+  }
+  return word;
+}
+
 // Bins per unit for these midpoints: 16 when every gap exceeds 1/16 (NF4), else 512 (FP4: gaps >= 0.0052).
 inline int bins_per_unit(const QuantTables& tab) {
   for (int i = 0; i + 1 < 15; ++i)
@@ -192,17 +207,12 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const T* __rest
         } else {
           t = load_chunk(x, e0, n, vec_ok);
         }
-        uint32_t word = 0;
         if (!bn.tail) {  // full block: every element in range, scale by the reciprocal
-#pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            const uint32_t hi = code_of<BPU>(bn.scale(chunk_at(t, 2 * k)), sh.bins, lane8);
-            const uint32_t lo = code_of<BPU>(bn.scale(chunk_at(t, 2 * k + 1)), sh.bins, lane8);
-            word |= ((hi << 4) | lo) << (8 * k);
-          }
-          *reinterpret_cast<uint32_t*>(out + e0 / 2) = word;  // out is freshly allocated: 4-byte aligned
+          // out is freshly allocated: 4-byte aligned
+          *reinterpret_cast<uint32_t*>(out + e0 / 2) = pack_full_chunk<BPU>(t, bn, sh.bins, lane8);
           continue;
         }
+        uint32_t word = 0;
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
           // Short last block: divide. The element at n is the zero pad of an odd length (0.0 after scaling,
@@ -306,16 +316,8 @@ __global__ void __launch_bounds__(kBulkConsumers + 32)
       const BlockNorm bn = block_norm(mm, false);  // whole tiles hold whole blocks
       if (g == 0) absmax[b] = bn.stored();
 #pragma unroll
-      for (int i = 0; i < NCH; ++i) {
-        uint32_t word = 0;
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const uint32_t hi = code_of<BPU>(bn.scale(chunk_at(v[p][i], 2 * k)), sh.bins, lane8);
-          const uint32_t lo = code_of<BPU>(bn.scale(chunk_at(v[p][i], 2 * k + 1)), sh.bins, lane8);
-          word |= ((hi << 4) | lo) << (8 * k);
-        }
-        *reinterpret_cast<uint32_t*>(out + (b * BS + 8 * (g + i * G)) / 2) = word;
-      }
+      for (int i = 0; i < NCH; ++i)
+        *reinterpret_cast<uint32_t*>(out + (b * BS + 8 * (g + i * G)) / 2) = pack_full_chunk<BPU>(v[p][i], bn, sh.bins, lane8);
     }
   }
 #endif
