@@ -152,6 +152,7 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const T* __rest
   constexpr bool KEEP = NCH * P <= 4;
   constexpr int BPC = kQuantThreads / G;  // blocks per CTA per step
   __shared__ QuantShared<BPU> sh;
+  pdl_launch_dependents();  // a programmatic dependent after it (double quant's tree) may launch and wait
   stage_tables(sh, tab);
   const uint32_t lane8 = (threadIdx.x % 32) * 8u;
 
@@ -273,6 +274,7 @@ __global__ void __launch_bounds__(kBulkConsumers + 32)
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
+  pdl_launch_dependents();  // as quantize_kernel
   stage_tables(sh, tab);  // its barriers also publish the mbarriers' initialisation
 
   if (threadIdx.x >= kBulkConsumers) {  // producer warp: one lane issues the copies
