@@ -20,7 +20,9 @@ __device__ __forceinline__ float code_at(float lane_code, uint32_t nibble) {
 // ------------------------------------------------------------------------- dequantize
 // Each thread turns 8 packed bytes into 16 outputs (one quantization block: blocks are >= 32 elements and
 // chunks start at multiples of 16), with 16-byte streaming (evict-first) stores: the output is written once
-// and read by the next kernel, and evict-first stores keep the write stream from churning L2 (another 2-5%).
+// and read by the next kernel, and evict-first stores keep the write stream from churning L2 (H100, session 23:
+// plain stores took 14336x4096 from 52.2 to 73.9 us, 28672x8192 from 204 to 287, and the QLoRA layer's
+// forward at 4096 tokens from 779-796 to 809-816 us).
 constexpr int kDequantThreads = 256;
 
 template <typename OutT, bool NESTED>
