@@ -853,6 +853,39 @@ def test_gemv_chain_reads_the_kernel_before(cuda_native, N, K):
         check(outs, last)
 
 
+def test_double_quant_chain_reads_the_kernel_before(cuda_native):
+    """On sm_90 double quant's kernels are programmatic dependent launches: the tree's first level is resident
+    and waiting while the 4-bit quantize kernel still runs, and each later kernel waits for the one before. A
+    large weight (2058 bulk tiles and a partial one, a tree level of 65 spans) quantized eagerly, then twice
+    more replayed from a CUDA graph with new weights, gets the CPU's packed bytes, absmax, offset and nested
+    absmax."""
+    from fsdp4bit import functional
+
+    _, device = cuda_native
+    quant = dict(blocksize=64, quant_type="nf4", compress_statistics=True)
+    shape = (4100, 4112)
+
+    def check(packed: torch.Tensor, state, w: torch.Tensor) -> None:
+        ref_packed, ref_state = functional.quantize_4bit(w, **quant)
+        assert torch.equal(packed.cpu(), ref_packed) and torch.equal(state.absmax.cpu(), ref_state.absmax)
+        assert _same_float_bits(state.offset.cpu(), ref_state.offset)
+        assert _same_float_bits(state.state2.absmax.cpu(), ref_state.state2.absmax)
+
+    w = torch.randn(shape, generator=_gen(23)).to(torch.bfloat16)
+    static_w = w.to(device)
+    check(*functional.quantize_4bit(static_w, **quant), w)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        packed, state = functional.quantize_4bit(static_w, **quant)
+    for seed in (1, 2):
+        w = (torch.randn(shape, generator=_gen(seed)) * 3 * seed).to(torch.bfloat16)
+        static_w.copy_(w.to(device))
+        graph.replay()
+        torch.cuda.synchronize()
+        check(packed, state, w)
+
+
 def _sass_functions(library: str) -> list[tuple[str, str]]:
     """(mangled name, SASS) of every kernel in a built extension, one entry per compiled architecture (cuobjdump of
     the CUDA toolkit that built it)."""
