@@ -90,6 +90,14 @@ def _same_float_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(ia[~na], ib[~nb])
 
 
+def _assert_same_double_quant(packed: torch.Tensor, state, ref_packed: torch.Tensor, ref_state) -> None:
+    """A double-quantized 4-bit result has the reference's packed bytes, absmax codes, offset and nested absmax
+    (bits; the reference may be on another device)."""
+    assert torch.equal(packed.cpu(), ref_packed.cpu()) and torch.equal(state.absmax.cpu(), ref_state.absmax.cpu())
+    assert _same_float_bits(state.offset.cpu(), ref_state.offset.cpu())
+    assert _same_float_bits(state.state2.absmax.cpu(), ref_state.state2.absmax.cpu())
+
+
 def _assert_quantize_equal(ops, x: torch.Tensor, blocksize: int, qt: str) -> None:
     packed, absmax, code = ops.quantize_4bit(x, blocksize, qt)
     ref_packed, ref_absmax = reference.quantize_4bit(x, blocksize, qt)
@@ -866,10 +874,7 @@ def test_double_quant_chain_reads_the_kernel_before(cuda_native):
     shape = (4100, 4112)
 
     def check(packed: torch.Tensor, state, w: torch.Tensor) -> None:
-        ref_packed, ref_state = functional.quantize_4bit(w, **quant)
-        assert torch.equal(packed.cpu(), ref_packed) and torch.equal(state.absmax.cpu(), ref_state.absmax)
-        assert _same_float_bits(state.offset.cpu(), ref_state.offset)
-        assert _same_float_bits(state.state2.absmax.cpu(), ref_state.state2.absmax)
+        _assert_same_double_quant(packed, state, *functional.quantize_4bit(w, **quant))
 
     w = torch.randn(shape, generator=_gen(23)).to(torch.bfloat16)
     static_w = w.to(device)
@@ -1049,9 +1054,7 @@ def test_double_quant_matches_unfused_path(native, monkeypatch):
     packed, state = functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
     monkeypatch.setenv("FSDP4BIT_NO_NATIVE", "1")
     ref_packed, ref_state = functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
-    assert torch.equal(packed, ref_packed) and torch.equal(state.absmax, ref_state.absmax)
-    assert _same_float_bits(state.offset, ref_state.offset)
-    assert _same_float_bits(state.state2.absmax, ref_state.state2.absmax)
+    _assert_same_double_quant(packed, state, ref_packed, ref_state)
     assert state.state2.blocksize == ref_state.state2.blocksize and state.state2.dtype == ref_state.state2.dtype
 
 
