@@ -10,7 +10,7 @@ import torch
 
 from . import ops
 from .codebooks import NESTED_BLOCKSIZE
-from .functional import as_quant_state, check_packed_matches
+from .functional import as_quant_state, check_out, check_packed_matches
 from .quant_state import QuantState
 
 
@@ -27,8 +27,15 @@ def matmul_4bit(
     quant_state = as_quant_state(quant_state)
     packed = check_packed_matches(B, quant_state, "B")
     shape = list(quant_state.shape)
-    if len(shape) != 2 or A.shape[-1] != shape[1]:
-        raise ValueError(f"A's last dim is {A.shape[-1]} but the 4-bit weight has shape {tuple(shape)}")
+    try:
+        last = A.shape[-1]
+    except IndexError:
+        ops.check_rows(A)
+        raise
+    if len(shape) != 2 or last != shape[1]:
+        raise ValueError(f"A's last dim is {last} but the 4-bit weight has shape {tuple(shape)}")
+    if out is not None:
+        check_out(out, (*A.shape[:-1], shape[0]), A.dtype, A.device)
     absmax, nested_absmax, nested_code, offset = quant_state.absmax_tensors()
     nested_blocksize = quant_state.state2.blocksize if quant_state.nested else NESTED_BLOCKSIZE
     result = ops.matmul_4bit(

@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from .quant_state import unpack_tensor_to_dict
 from .tensor_ops import plain
 
 
@@ -27,13 +28,38 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _check_model(model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _is_blob(key: str) -> bool:
+    """Whether ``key`` is a packed JSON quant-state entry (its length depends on its values)."""
+    return key.rsplit(".", 1)[-1].startswith("bitsandbytes__")
+
+
+def _save_target_problem(path: str) -> str:
+    """Why ``path`` cannot take a checkpoint ("" if it can): save replaces only a checkpoint folder or an empty one."""
+    if not os.path.exists(path):
+        return ""
+    if not os.path.isdir(path):
+        return f"path {path!r} exists and is not a folder: save writes a checkpoint folder and would replace it"
+    if os.listdir(path) and not os.path.exists(os.path.join(path, ".metadata")):
+        return f"path {path!r} is a folder that holds no checkpoint (no .metadata): save would replace it"
+    return ""
+
+
 def save(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write ``model``'s state with DCP into ``path`` atomically: a temporary folder renamed into place at the end."""
+    """Write ``model``'s state with DCP into ``path`` atomically: a temporary folder renamed into place at the end.
+    An existing ``path`` must be a checkpoint folder (or an empty one), which is replaced."""
+    _check_model(model)
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path)) or "."
-    token = [uuid.uuid4().hex if _rank() == 0 else ""]
+    token = [uuid.uuid4().hex, _save_target_problem(path)] if _rank() == 0 else ["", ""]
     if dist.is_initialized():
         dist.broadcast_object_list(token, src=0)
+    if token[1]:
+        raise ValueError(token[1])
     tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{token[0]}")
     if _rank() == 0:
         os.makedirs(tmp, exist_ok=False)
@@ -57,22 +83,51 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 def load(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load a checkpoint written by :func:`save` (on any world size) into ``model`` in place."""
+    """Load a checkpoint written by :func:`save` (on any world size) into ``model`` in place. Entries the model lacks
+    are ignored; a missing entry, or one of another shape or 4-bit layout, raises ValueError before anything loads."""
+    _check_model(model)
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no checkpoint folder at {path!r}")
+    if not os.path.exists(os.path.join(path, ".metadata")):
+        raise FileNotFoundError(f"{path!r} holds no checkpoint (no .metadata file)")
     state = model.state_dict()
     saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-    for key in state:
-        # The JSON metadata blob's length depends on its values: receive it at the saved length.
-        if key.rsplit(".", 1)[-1].startswith("bitsandbytes__") and key in saved:
-            state[key] = torch.empty(saved[key].size, dtype=torch.uint8)
+    _check_entries(state, saved, path)
+    blobs = {key: torch.empty(saved[key].size, dtype=torch.uint8) for key in state if _is_blob(key)}
+    if blobs:  # first the small JSON entries, at their saved lengths: their shapes must be the model's
+        dcp.load(blobs, checkpoint_id=path)
+        _check_layouts(state, blobs)
+        state.update(blobs)
     dcp.load(state, checkpoint_id=path)
     model.load_state_dict(state)
 
 
+def _check_entries(state: dict, saved: dict, path: str) -> None:
+    """Every entry of ``state`` is in the checkpoint with the same shape (the JSON entries' lengths aside)."""
+    missing = [key for key in state if key not in saved]
+    if missing:
+        raise ValueError(f"checkpoint {path!r} has no entries {missing}")
+    for key, value in state.items():
+        size = getattr(saved[key], "size", None)
+        if isinstance(value, torch.Tensor) and not _is_blob(key) and size is not None and size != value.shape:
+            raise ValueError(f"checkpoint entry {key!r} has shape {tuple(size)}, the model's has {tuple(value.shape)}")
+
+
+def _check_layouts(state: dict, blobs: dict) -> None:
+    """The checkpoint's 4-bit weights have the model's shapes (the same byte count can hold another shape)."""
+    for key, blob in blobs.items():
+        ours, theirs = unpack_tensor_to_dict(plain(state[key]), key), unpack_tensor_to_dict(blob, key)
+        if ours.get("shape") != theirs.get("shape"):
+            raise ValueError(
+                f"checkpoint entry {key!r} describes a 4-bit weight of shape {theirs.get('shape')}, "
+                f"the model's is {ours.get('shape')}"
+            )
+
+
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole model's state dict as plain CPU tensors in bitsandbytes' format (collective: every rank calls it)."""
+    _check_model(model)
     out = {}
     for key, value in model.state_dict().items():
         if hasattr(value, "full_tensor"):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Sequence
 
 import torch
 
@@ -104,7 +106,12 @@ def check_quant_type(quant_type: object) -> None:
 
 
 def check_blocksize(blocksize: object, name: str = "blocksize") -> None:
-    if isinstance(blocksize, bool) or blocksize not in BLOCKSIZES:
+    """An int (a SymInt under tracing) of BLOCKSIZES: TypeError for any other type (64.0, "64", True), else ValueError."""
+    if type(blocksize) is int and blocksize in BLOCKSIZES:
+        return
+    if isinstance(blocksize, bool) or not isinstance(blocksize, (int, torch.SymInt)):
+        raise TypeError(f"{name} must be an int, one of {BLOCKSIZES}, got {type(blocksize).__name__} {blocksize!r}")
+    if blocksize not in BLOCKSIZES:
         raise ValueError(f"{name} must be one of {BLOCKSIZES}, got {blocksize!r}")
 
 
@@ -120,3 +127,47 @@ def check_quant_storage(quant_storage: object) -> None:
 def check_float_dtype(dtype: object, name: str) -> None:
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"{name} must be one of {FLOAT_DTYPES}, got {dtype}")
+
+
+def check_shape(shape: Sequence[int]) -> int:
+    """The number of values of ``shape``, a sequence of non-negative ints (ValueError if it is not one)."""
+    if not all(isinstance(s, (int, torch.SymInt)) and not isinstance(s, bool) and s >= 0 for s in shape):
+        raise ValueError(f"shape must be a sequence of non-negative ints, got {list(shape)}")
+    return math.prod(shape)
+
+
+def check_stats_counts(
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    shape: Sequence[int],
+    blocksize: int,
+    nested_blocksize: int,
+) -> None:
+    """absmax holds exactly ceil(numel / blocksize) entries and a nested absmax exactly ceil(blocks / nested_blocksize),
+    both blocksizes of BLOCKSIZES (else ValueError / TypeError naming them); the passing case tests the least."""
+    numel = math.prod(shape)
+    if type(blocksize) is int and blocksize in BLOCKSIZES and absmax.numel() == -(-numel // blocksize):
+        if nested_absmax is None:
+            return
+        nblocks = -(-numel // blocksize)
+        if (
+            type(nested_blocksize) is int
+            and nested_blocksize in BLOCKSIZES
+            and nested_absmax.numel() == -(-nblocks // nested_blocksize)
+        ):
+            return
+    check_blocksize(blocksize)
+    check_shape(shape)
+    nblocks = -(-numel // blocksize)
+    if absmax.numel() != nblocks:
+        raise ValueError(
+            f"absmax has {absmax.numel()} entries but shape {tuple(shape)} with blocksize {blocksize} needs {nblocks}"
+        )
+    if nested_absmax is not None:
+        check_blocksize(nested_blocksize, "nested_blocksize")
+        need = -(-nblocks // nested_blocksize)
+        if nested_absmax.numel() != need:
+            raise ValueError(
+                f"nested_absmax has {nested_absmax.numel()} entries but {nblocks} absmax entries with nested_blocksize "
+                f"{nested_blocksize} need {need}"
+            )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from . import ops, reference
@@ -62,6 +64,19 @@ def _check_input(A: object, name: str = "A") -> torch.Tensor:
     return A
 
 
+def check_out(out: object, shape: Sequence[int], dtype: torch.dtype, device: torch.device, name: str = "out") -> None:
+    """``out`` (an ``out=`` or ``absmax=`` argument) must take a result of exactly this shape, dtype and device:
+    no silent cast or broadcast (TypeError for the type or dtype, ValueError for the shape or device)."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(out).__name__}")
+    if out.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {out.dtype}")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(out.shape)}")
+    if out.device != device:
+        raise ValueError(f"{name} is on {out.device}, the result on {device}")
+
+
 def quantize_blockwise(
     A: torch.Tensor, code: torch.Tensor | None = None, blocksize: int = 4096
 ) -> tuple[torch.Tensor, QuantState]:
@@ -75,6 +90,15 @@ def quantize_blockwise(
 
 def dequantize_blockwise(A: torch.Tensor, quant_state: QuantState) -> torch.Tensor:
     """Inverse of :func:`quantize_blockwise`, float32 values."""
+    blocksize = quant_state.blocksize
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+        raise ValueError(f"quant_state.blocksize must be a positive int, got {blocksize!r}")
+    nblocks = -(-A.numel() // blocksize)
+    if quant_state.absmax.numel() != nblocks:
+        raise ValueError(
+            f"quant_state.absmax has {quant_state.absmax.numel()} entries but {A.numel()} values with blocksize "
+            f"{blocksize} need {nblocks}"
+        )
     return reference.dequantize_blockwise(A, quant_state.absmax, quant_state.code, quant_state.blocksize).view(A.shape)
 
 
@@ -93,6 +117,11 @@ def quantize_4bit(
     check_blocksize(blocksize)
     check_quant_type(quant_type)
     check_quant_storage(quant_storage)
+    if out is not None:
+        check_out(out, (-(-((A.numel() + 1) // 2) // quant_storage.itemsize), 1), quant_storage, A.device)
+    if absmax is not None:
+        absmax_dtype = torch.uint8 if compress_statistics else torch.float32
+        check_out(absmax, (-(-A.numel() // blocksize),), absmax_dtype, A.device, "absmax")
     packed, stats, code = ops.quantize_4bit(A, blocksize, quant_type)
     itemsize = quant_storage.itemsize
     if packed.numel() % itemsize:
@@ -169,12 +198,21 @@ def dequantize_4bit(
     if quant_state is None:
         if absmax is None or out is None:
             raise ValueError("dequantize_4bit needs quant_state, or both absmax and out")
-        quant_state = QuantState(absmax, out.shape, None, 64 if blocksize is None else blocksize, quant_type, out.dtype)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+        if not isinstance(absmax, torch.Tensor):
+            raise TypeError(f"absmax must be a torch.Tensor or None, got {type(absmax).__name__}")
+        blocksize = 64 if blocksize is None else blocksize
+        check_blocksize(blocksize)
+        check_float_dtype(out.dtype, "out.dtype")
+        quant_state = QuantState(absmax, out.shape, None, blocksize, quant_type, out.dtype)
     quant_state = as_quant_state(quant_state)
     check_blocksize(quant_state.blocksize, "quant_state.blocksize")
     check_quant_type(quant_state.quant_type)
     check_float_dtype(quant_state.dtype, "quant_state.dtype")
     data = check_packed_matches(A, quant_state)
+    if out is not None:
+        check_out(out, quant_state.shape, quant_state.dtype, A.device)
     absmax_t, nested_absmax, nested_code, offset = quant_state.absmax_tensors()
     result = ops.dequantize_4bit(
         data,
@@ -221,15 +259,16 @@ def gemv_4bit(
     data = check_packed_matches(B, state, "B")
     if len(state.shape) != 2:
         raise ValueError(f"gemv_4bit needs a 2-D weight, quant_state.shape is {tuple(state.shape)}")
+    ops.check_rows(A)
     if A.shape[-1] != state.shape[1]:
         raise ValueError(
             f"A has {A.shape[-1]} features in its last dim but the 4-bit weight has shape {tuple(state.shape)} "
             f"(needs {state.shape[1]})"
         )
+    if out is not None:
+        check_out(out, (*A.shape[:-1], state.shape[0]), A.dtype, A.device)
     absmax_t, nested_absmax, nested_code, offset = state.absmax_tensors()
-    result = ops.gemv_4bit(
-        A,
-        data,
+    stats = (
         absmax_t,
         nested_absmax,
         nested_code,
@@ -239,4 +278,8 @@ def gemv_4bit(
         state.quant_type,
         list(state.shape),
     )
+    if torch.is_grad_enabled() and A.requires_grad:  # the same kernels, through the op that has a backward
+        result = ops.matmul_4bit(A, None, data, *stats)
+    else:
+        result = ops.gemv_4bit(A, data, *stats)
     return out.copy_(result) if out is not None else result

@@ -40,44 +40,66 @@ def safetensors_reader(paths: str | os.PathLike | Iterable[str | os.PathLike]) -
     return read, set(index)
 
 
+def _read(key: str, read: Reader, keys: set[str], shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """The checkpoint's tensor ``key`` (KeyError if it has none), checked against ``shape`` (ValueError) when given."""
+    if key not in keys:
+        raise KeyError(f"checkpoint has no tensor {key!r}")
+    value = read(key)
+    if shape is not None and tuple(value.shape) != tuple(shape):
+        raise ValueError(f"checkpoint tensor {key!r} has shape {tuple(value.shape)}, the model's has {tuple(shape)}")
+    return value
+
+
 def _load_linear4bit(layer: Linear4bit, prefix: str, read: Reader, keys: set[str], device: torch.device) -> None:
+    """Read, check and build the layer's weight and bias, then set both (the layer is unchanged if anything fails)."""
     weight_key = prefix + "weight"
+    shape = (layer.out_features, layer.in_features)
     stat_keys = [k for k in keys if k.startswith(weight_key + ".")]
     if stat_keys:
         stats = {k[len(prefix) :]: read(k) for k in stat_keys}
-        layer.weight = Params4bit.from_prequantized(read(weight_key), stats, device=device)
+        weight = Params4bit.from_prequantized(_read(weight_key, read, keys), stats, device=device)
+        if tuple(weight.quant_state.shape) != shape:
+            raise ValueError(
+                f"checkpoint tensor {weight_key!r} is a 4-bit weight of shape {tuple(weight.quant_state.shape)}, "
+                f"the model's has {shape}"
+            )
     else:
         template = layer.weight
         weight = Params4bit(
-            read(weight_key).to(template.dtype if template.dtype.is_floating_point else torch.float32),
+            _read(weight_key, read, keys, shape).to(
+                template.dtype if template.dtype.is_floating_point else torch.float32
+            ),
             requires_grad=False,
             blocksize=template.blocksize,
             compress_statistics=template.compress_statistics,
             quant_type=template.quant_type,
             quant_storage=template.quant_storage,
-        )
-        layer.weight = weight.to(device)
-    if layer.bias is not None:
-        layer.bias = nn.Parameter(read(prefix + "bias").to(device), requires_grad=layer.bias.requires_grad)
+        ).to(device)
+    bias = None if layer.bias is None else _read(prefix + "bias", read, keys, tuple(layer.bias.shape)).to(device)
+    layer.weight = weight
+    if bias is not None:
+        layer.bias = nn.Parameter(bias, requires_grad=layer.bias.requires_grad)
 
 
 def materialize(module: nn.Module, prefix: str, read: Reader, keys: set[str], device: torch.device) -> None:
-    """Give every meta tensor of ``module`` (recursively) its checkpoint value on ``device``."""
+    """Give every meta tensor of ``module`` (recursively) its checkpoint value on ``device`` (KeyError for a tensor
+    the checkpoint lacks, ValueError for one of another shape)."""
     for name, child in module.named_children():
         if isinstance(child, Linear4bit) and child.weight.is_meta:
             _load_linear4bit(child, f"{prefix}{name}.", read, keys, device)
         materialize(child, f"{prefix}{name}.", read, keys, device)
     for name, param in list(module.named_parameters(recurse=False)):
         if param.is_meta:
-            key = prefix + name
-            if key not in keys:
-                raise KeyError(f"checkpoint has no tensor {key!r}")
-            value = read(key).to(device=device, dtype=param.dtype)
+            value = _read(prefix + name, read, keys, tuple(param.shape)).to(device=device, dtype=param.dtype)
             setattr(module, name, nn.Parameter(value, requires_grad=param.requires_grad))
     for name, buf in list(module.named_buffers(recurse=False)):
         if buf.is_meta:
             key = prefix + name
-            value = read(key).to(device) if key in keys else torch.zeros_like(buf, device=device)
+            value = (
+                _read(key, read, keys, tuple(buf.shape)).to(device)
+                if key in keys
+                else torch.zeros_like(buf, device=device)
+            )
             module.register_buffer(name, value, persistent=name not in module._non_persistent_buffers_set)
 
 
@@ -94,6 +116,13 @@ def load_sharded(
     ``shard`` (default: FSDP2 ``fully_shard``) as soon as it is loaded, then the root."""
     from torch.distributed.fsdp import fully_shard
 
+    params = [param for _, param in model.named_parameters()]
+    if params and not any(param.is_meta for param in params):
+        raise ValueError(
+            f"load_sharded loads the meta tensors of a model built on the meta device, but none of its {len(params)} "
+            "parameters is on meta: build it under torch.device('meta'), or load a materialized model with "
+            "load_state_dict"
+        )
     device = torch.device(device)
     shard = shard or fully_shard
     names = {id(m): n for n, m in model.named_modules()}

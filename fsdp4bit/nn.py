@@ -7,10 +7,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _EXTRA_STATE_KEY_SUFFIX
 
 from . import functional as F
 from .autograd import matmul_4bit
-from .codebooks import check_blocksize, check_quant_storage, check_quant_type
+from .codebooks import check_blocksize, check_float_dtype, check_quant_storage, check_quant_type
 from .quant_state import PACKED_KEY_PREFIX, QuantState
 from .sharding import as_like, is_sharded, load_sharded_entries, sharded_state_dict_entries
 from .tensor_ops import TENSOR_OPS, SliceCache, copy_state, plain, slice_state, unwrap_call
@@ -18,6 +19,14 @@ from .tensor_ops import TENSOR_OPS, SliceCache, copy_state, plain, slice_state, 
 __all__ = ["Params4bit", "Linear4bit", "LinearNF4", "LinearFP4"]
 
 _QS_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+
+
+def _check_frozen(requires_grad: object) -> None:
+    if requires_grad:
+        raise ValueError(
+            f"requires_grad must be False: a Params4bit is a frozen 4-bit weight (train adapters such as LoRA on top "
+            f"of it), got {requires_grad!r}"
+        )
 
 
 class _StorageMeta:
@@ -41,7 +50,7 @@ class _StorageMeta:
 def _rebuild_params4bit(
     data: torch.Tensor, requires_grad: bool, attrs: dict[str, Any], quant_state: QuantState | None, row_start: int
 ) -> Params4bit:
-    param = Params4bit.__new__(Params4bit, data, requires_grad=requires_grad, quant_state=quant_state)
+    param = Params4bit._new(data, requires_grad, quant_state)
     param.__dict__.update(attrs)
     param.set_row_start(row_start)
     return param
@@ -71,6 +80,25 @@ class Params4bit(nn.Parameter):
         bnb_quantized: bool = False,
         **kwargs: Any,
     ) -> Params4bit:
+        _check_frozen(requires_grad)
+        return cls._new(
+            data, False, quant_state, blocksize, compress_statistics, quant_type, quant_storage, module, bnb_quantized
+        )
+
+    @classmethod
+    def _new(
+        cls,
+        data: torch.Tensor | None,
+        requires_grad: bool,
+        quant_state: QuantState | None,
+        blocksize: int | None = None,
+        compress_statistics: bool = True,
+        quant_type: str = "fp4",
+        quant_storage: torch.dtype = torch.uint8,
+        module: nn.Module | None = None,
+        bnb_quantized: bool = False,
+    ) -> Params4bit:
+        """The constructor without its requires_grad refusal, for the copies ops and pickling make of a parameter."""
         blocksize = 64 if blocksize is None else blocksize
         check_blocksize(blocksize)
         check_quant_type(quant_type)
@@ -142,8 +170,7 @@ class Params4bit(nn.Parameter):
     @classmethod
     def wrap(cls, data: torch.Tensor, like: Params4bit, quant_state: QuantState | None, row_start: int) -> Params4bit:
         """A Params4bit over new ``data`` at global word ``row_start`` with ``like``'s attributes."""
-        out = cls.__new__(
-            cls,
+        out = cls._new(
             data,
             requires_grad=like.requires_grad,
             quant_state=quant_state,
@@ -202,7 +229,7 @@ class Params4bit(nn.Parameter):
                 )
                 offset = inner["_qs_offset"]
             state = QuantState(inner["_qs_absmax"], shape, inner["_qs_code"], qblocksize, qtype, dtype, offset, state2)
-        out = Params4bit(
+        out = Params4bit._new(
             inner["_data"],
             requires_grad,
             state,
@@ -306,10 +333,17 @@ class Params4bit(nn.Parameter):
         **kwargs: Any,
     ) -> Params4bit:
         """A quantized Params4bit from packed ``data`` and its state-dict statistics (bitsandbytes keys)."""
+        _check_frozen(requires_grad)
+        if not isinstance(quantized_stats, dict):
+            raise TypeError(
+                f"quantized_stats must be a dict of the weight's quant-state entries, got {type(quantized_stats).__name__}"
+            )
         if not isinstance(data, torch.Tensor):
             raise TypeError(f"data must be a torch.Tensor of packed 4-bit bytes, got {type(data).__name__}")
         check_quant_storage(data.dtype)
         device = data.device if device is None else torch.device(device)
+        if data.is_meta and device.type != "meta":
+            raise ValueError(f"data is on the meta device (it holds no values) and cannot be moved to {device}")
         state = QuantState.from_dict(quantized_stats, device=device)
         F.check_packed_matches(data, state, "data")
         return cls(
@@ -328,7 +362,15 @@ class Params4bit(nn.Parameter):
 
     def _quantize(self, device: torch.device, dtype: torch.dtype | None = None) -> Params4bit:
         """Quantize the float values in place: this very object becomes the packed weight."""
+        if dtype is not None:
+            check_float_dtype(dtype, "dtype")
+        if self._data.is_meta:
+            raise ValueError(
+                f"data is on the meta device (it holds no values) and cannot be quantized on {device}: give the "
+                "weight real values first (load_state_dict, fsdp4bit.loading)"
+            )
         weight = self._data.to(device=device, dtype=dtype).contiguous()
+        F._check_input(weight, "data")
         packed, state = F.quantize_4bit(
             weight,
             blocksize=self.blocksize,
@@ -404,6 +446,11 @@ class Linear4bit(nn.Linear):
         quant_storage: torch.dtype = torch.uint8,
         device: torch.device | str | None = None,
     ) -> None:
+        for name, value in (("input_features", input_features), ("output_features", output_features)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1 (a 4-bit weight cannot be empty), got {value}")
         check_quant_type(quant_type)
         check_quant_storage(quant_storage)
         if compute_dtype is not None and compute_dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -430,8 +477,13 @@ class Linear4bit(nn.Linear):
             raise RuntimeError(
                 "Linear4bit weight is not quantized: call .to(device) on the module first (it quantizes the weight)"
             )
-        inp_dtype = x.dtype
+        try:
+            inp_dtype = x.dtype
+        except AttributeError:
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}") from None
         if self.compute_dtype is not None and inp_dtype != self.compute_dtype:
+            if not x.is_floating_point():
+                raise TypeError(f"x must be a floating-point tensor, got {inp_dtype}")
             x = x.to(self.compute_dtype)
         out = matmul_4bit(x, weight, quant_state=state, bias=self.bias)
         return out if out.dtype == inp_dtype else out.to(inp_dtype)
@@ -460,59 +512,123 @@ class Linear4bit(nn.Linear):
         for key, value in state.as_dict(packed=True).items():
             destination[prefix + "weight." + key] = value if keep_vars else value.detach()
 
+    def _bias_errors(self, state_dict: dict, key: str) -> list[str]:
+        """What is wrong with the checkpoint's bias (nn.Module's messages), checked before anything is loaded."""
+        if self.bias is None or key not in state_dict:
+            return []
+        value = state_dict[key]
+        if not isinstance(value, torch.Tensor):
+            return [f"while loading {key}: expected a torch.Tensor, got {type(value).__name__}"]
+        if value.shape != self.bias.shape:
+            return [
+                f"size mismatch for {key}: copying a param with shape {value.shape} from checkpoint, "
+                f"the shape in current model is {self.bias.shape}."
+            ]
+        return []
+
+    def _plain_weight_errors(self, state_dict: dict, key: str) -> list[str]:
+        """A weight without quant-state entries fits a quantized layer only as its own packed words (never cast)."""
+        weight = self.weight
+        if key not in state_dict or getattr(weight, "quant_state", None) is None:
+            return []  # not quantized yet: nn.Module loads a float checkpoint, .to(device) quantizes it
+        value = state_dict[key]
+        if isinstance(value, torch.Tensor) and value.dtype == weight.dtype and value.shape == weight.shape:
+            return []
+        got = (
+            f"a {value.dtype} tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+        )
+        return [
+            f"while loading {key}: the layer's weight is quantized ({weight.quant_type} words of shape "
+            f"{tuple(weight.shape)} in {weight.dtype}) and the checkpoint holds {got} without quant-state entries "
+            f"({key}.absmax, {key}.quant_state.bitsandbytes__*): load a float checkpoint before quantizing the layer "
+            "(.to(device)), or a 4-bit one with its statistics"
+        ]
+
+    def _unexpected_keys(self, state_dict: dict, prefix: str, stat_keys: list[str]) -> list[str]:
+        """The keys under ``prefix`` that nn.Module would report as unexpected, the weight's statistics excepted."""
+        local = {"weight", *(["bias"] if self.bias is not None else [])}
+        local.update(k for k, v in self._buffers.items() if v is not None and k not in self._non_persistent_buffers_set)
+        known = {*stat_keys, prefix + _EXTRA_STATE_KEY_SUFFIX}
+        out = []
+        for key in state_dict:
+            if not key.startswith(prefix) or key in known:
+                continue
+            name = key[len(prefix) :].split(".", 1)
+            if (len(name) > 1 and name[0] not in self._modules) or (len(name) == 1 and name[0] not in local):
+                out.append(key)
+        return out
+
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
+        weight_key, bias_key = prefix + "weight", prefix + "bias"
         qs_keys = [
             k
             for k in state_dict
-            if k.startswith(prefix + "weight.")
-            and (k.split(".")[-1] in _QS_SUFFIXES or k.startswith(prefix + "weight." + PACKED_KEY_PREFIX))
+            if k.startswith(weight_key + ".")
+            and (k.split(".")[-1] in _QS_SUFFIXES or k.startswith(weight_key + "." + PACKED_KEY_PREFIX))
         ]
+        errors = self._bias_errors(state_dict, bias_key)
         if not qs_keys:
+            errors += self._plain_weight_errors(state_dict, weight_key)
+            if errors:
+                error_msgs.extend(errors)
+                return
             super()._load_from_state_dict(
                 state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
             )
             return
         stats = {k[len(prefix) :]: state_dict[k] for k in qs_keys}
-        if prefix + "weight" not in state_dict:
-            missing_keys.append(prefix + "weight")
+        if weight_key not in state_dict:
+            missing_keys.append(weight_key)
             return
+        if strict:
+            unexpected_keys.extend(self._unexpected_keys(state_dict, prefix, qs_keys))
         if is_sharded(self.weight):
             try:
                 full_state = QuantState.from_dict(stats, device=self.weight.device)
-                load_sharded_entries(self.weight, state_dict[prefix + "weight"], full_state)
             except (ValueError, TypeError) as err:
-                error_msgs.append(f"while loading 4-bit weight {prefix}weight: {err}")
+                errors.append(f"while loading 4-bit weight {weight_key}: {err}")
+            if errors:
+                error_msgs.extend(errors)
                 return
-            if self.bias is not None and prefix + "bias" in state_dict:
+            try:
+                load_sharded_entries(self.weight, state_dict[weight_key], full_state)
+            except (ValueError, TypeError) as err:
+                error_msgs.append(f"while loading 4-bit weight {weight_key}: {err}")
+                return
+            if self.bias is not None and bias_key in state_dict:
                 with torch.no_grad():
-                    self.bias.copy_(as_like(state_dict[prefix + "bias"], self.bias))
+                    self.bias.copy_(as_like(state_dict[bias_key], self.bias))
             elif self.bias is not None and strict:
-                missing_keys.append(prefix + "bias")
+                missing_keys.append(bias_key)
             return
-        device = self.weight.device if self.weight.device.type != "meta" else state_dict[prefix + "weight"].device
+        device = self.weight.device if self.weight.device.type != "meta" else state_dict[weight_key].device
         try:
-            weight = Params4bit.from_prequantized(state_dict[prefix + "weight"], stats, device=device)
+            weight = Params4bit.from_prequantized(state_dict[weight_key], stats, device=device)
         except (ValueError, TypeError) as err:
-            error_msgs.append(f"while loading 4-bit weight {prefix}weight: {err}")
+            errors.append(f"while loading 4-bit weight {weight_key}: {err}")
+        else:
+            shape, expected = tuple(weight.quant_state.shape), (self.out_features, self.in_features)
+            if shape != expected:
+                errors.append(
+                    f"size mismatch for {weight_key}: the checkpoint holds a 4-bit weight of shape {shape}, "
+                    f"the shape in current model is {expected}."
+                )
+        if errors:
+            error_msgs.extend(errors)
             return
         self.weight = weight
         if self.bias is not None:
-            key = prefix + "bias"
-            if key in state_dict:
+            if bias_key in state_dict:
                 with torch.no_grad():
-                    bias = state_dict[key]
+                    bias = state_dict[bias_key]
                     if self.bias.device.type == "meta":
                         self.bias = nn.Parameter(bias.to(self.bias.dtype), requires_grad=self.bias.requires_grad)
                     else:
                         self.bias.copy_(bias)
             elif strict:
-                missing_keys.append(key)
-        known = set(qs_keys) | {prefix + "weight", prefix + "bias"}
-        for key in state_dict:
-            if key.startswith(prefix + "weight.") and key not in known and strict:
-                unexpected_keys.append(key)
+                missing_keys.append(bias_key)
 
 
 class LinearNF4(Linear4bit):

@@ -20,9 +20,80 @@ from typing import Any
 import torch
 
 from . import kernels, reference
-from .codebooks import get_4bit_code
+from .codebooks import (
+    check_blocksize,
+    check_float_dtype,
+    check_quant_type,
+    check_shape,
+    check_stats_counts,
+    get_4bit_code,
+)
+from .kernels._native import NativeOps, _check_state, _flat_bytes
 
 _LIB = "fsdp4bit"
+
+
+# -- argument checks ------------------------------------------------------------------------------------------------
+# Every path checks the same things with the same messages: exact statistics counts (check_stats_counts), then the
+# native kernels' checks (NativeOps' and its helpers, which read nothing of an instance). NativeOps runs its own on the
+# native path; the reference and the fake implementations (meta tensors, torch.compile) run all of them, so a meta
+# tensor among CPU tensors raises as it does on the native path. The counts run in the operators' bodies; the
+# library's eager calls pass states that QuantState.check passed (one attribute read per call on the hot path).
+
+
+def _check_quantize(A: torch.Tensor, blocksize: int, quant_type: str) -> None:
+    """What quantizing ``A`` needs (``NativeOps.quantize_4bit`` checks the same, in this order)."""
+    check_quant_type(quant_type)
+    check_blocksize(blocksize)
+    check_float_dtype(A.dtype, "A.dtype")
+
+
+def _check_dequantize(
+    packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype
+) -> None:
+    """Every check of :func:`dequantize_4bit`'s arguments: the counts (first, as in the operator's body), then
+    ``NativeOps.dequantize_4bit``'s."""
+    check_stats_counts(absmax, nested_absmax, shape, blocksize, nested_blocksize)
+    check_quant_type(quant_type)
+    check_float_dtype(dtype, "dtype")
+    numel = check_shape(shape)
+    _check_state(_flat_bytes(packed), absmax, nested_absmax, nested_code, offset, numel, blocksize, nested_blocksize)
+
+
+def check_rows(A: torch.Tensor) -> None:
+    """A 0-dim A raises ValueError (a matmul's A ends in its input features)."""
+    if A.dim() == 0:
+        raise ValueError("A must have at least one dimension (its last holds the input features), got a 0-dim tensor")
+
+
+def _check_matmul(A: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor, *stats: Any) -> None:
+    """Every check of :func:`matmul_4bit`'s (and :func:`gemv_4bit`'s) arguments: the counts (first, as in the
+    operators' bodies), ``NativeOps._check_matmul``'s, then a bias on A's device (which the native extension checks
+    itself); ``stats`` run from absmax to shape."""
+    check_rows(A)
+    absmax, nested_absmax, _, _, blocksize, nested_blocksize, _, shape = stats
+    check_stats_counts(absmax, nested_absmax, shape, blocksize, nested_blocksize)
+    NativeOps._check_matmul(None, A, packed, bias, *stats)
+    check_shape(shape)
+    if bias is not None and bias.device != A.device:
+        raise ValueError(f"bias is on {bias.device}, A on {A.device}")
+
+
+def _check_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> None:
+    """What 8-bit blockwise quantization needs on every path: a positive int blocksize and the code on A's device
+    (the native kernels check the same, and more: the reference takes any code table)."""
+    if isinstance(blocksize, bool) or not isinstance(blocksize, (int, torch.SymInt)) or blocksize < 1:
+        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+    if code.device != A.device:
+        raise ValueError(f"code is on {code.device}, A on {A.device}")
+
+
+def _check_grad_out(grad_out: torch.Tensor, shape: Sequence[int]) -> None:
+    if grad_out.dim() == 0 or len(shape) != 2 or grad_out.shape[-1] != shape[0]:
+        raise ValueError(
+            f"grad_out must end in N = {shape[0]} features for a weight of shape {tuple(shape)}, got shape "
+            f"{tuple(grad_out.shape)}"
+        )
 
 
 _PLAIN = (torch.Tensor,)
@@ -50,6 +121,7 @@ def _quantize_4bit_impl(A: torch.Tensor, blocksize: int, quant_type: str) -> Qua
     native = kernels.native_for(A.device)
     if native is not None:
         return native.quantize_4bit(A.contiguous(), blocksize, quant_type)
+    _check_quantize(A, blocksize, quant_type)
     return (*reference.quantize_4bit(A, blocksize, quant_type), get_4bit_code(quant_type, A.device))
 
 
@@ -70,6 +142,7 @@ def _quantize_4bit_op(A: torch.Tensor, blocksize: int, quant_type: str) -> Quant
 
 @_quantize_4bit_op.register_fake
 def _(A: torch.Tensor, blocksize: int, quant_type: str) -> Quantized:
+    _check_quantize(A, blocksize, quant_type)
     n = A.numel()
     return (
         A.new_empty((n + 1) // 2, dtype=torch.uint8),
@@ -89,6 +162,7 @@ def _quantize_blockwise_impl(A: torch.Tensor, code: torch.Tensor, blocksize: int
     native = _blockwise_native(A, code, blocksize)
     if native is not None:
         return native.quantize_blockwise(A.reshape(-1).float(), code, blocksize)
+    _check_blockwise(A, code, blocksize)
     return reference.quantize_blockwise(A, code, blocksize)
 
 
@@ -107,6 +181,7 @@ def _quantize_blockwise_op(A: torch.Tensor, code: torch.Tensor, blocksize: int) 
 
 @_quantize_blockwise_op.register_fake
 def _(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_blockwise(A, code, blocksize)
     n = A.numel()
     return A.new_empty(n, dtype=torch.uint8), A.new_empty(math.ceil(n / blocksize), dtype=torch.float32)
 
@@ -118,6 +193,7 @@ def _double_quant_impl(absmax: torch.Tensor, code: torch.Tensor, blocksize: int)
     native = _blockwise_native(absmax, code, blocksize) if absmax.dtype == torch.float32 else None
     if native is not None:  # the extension's offset has reference.absmax_mean's bits
         return native.double_quant(absmax, code, blocksize)
+    _check_blockwise(absmax, code, blocksize)
     offset = reference.absmax_mean(absmax)
     return (offset, *reference.quantize_blockwise(absmax - offset, code, blocksize), code.clone())
 
@@ -145,6 +221,7 @@ def _double_quant_op(absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -
 
 @_double_quant_op.register_fake
 def _(absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> DoubleQuant:
+    _check_blockwise(absmax, code, blocksize)
     n = absmax.numel()
     return (
         absmax.new_empty((), dtype=torch.float32),
@@ -162,10 +239,10 @@ def _dequantize_4bit_with(
     native, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype
 ) -> torch.Tensor:
     """:func:`dequantize_4bit` on ``native`` (``kernels.native_for(packed.device)``), the reference if None."""
+    args = (packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype)
     if native is not None:
-        return native.dequantize_4bit(
-            packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype
-        )
+        return native.dequantize_4bit(*args)
+    _check_dequantize(*args)
     scale = reference.absmax_float32(absmax, nested_absmax, nested_code, offset, nested_blocksize)
     return reference.dequantize_4bit(packed, scale, blocksize, quant_type, math.prod(shape), dtype).view(shape)
 
@@ -203,6 +280,7 @@ def _dequantize_4bit_op(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """Dequantize packed uint8 bytes to a ``shape`` tensor of ``dtype``; see :func:`dequantize_4bit`."""
+    check_stats_counts(absmax, nested_absmax, shape, blocksize, nested_blocksize)
     return _dequantize_4bit_impl(
         packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype
     )
@@ -210,6 +288,9 @@ def _dequantize_4bit_op(
 
 @_dequantize_4bit_op.register_fake
 def _(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype):
+    _check_dequantize(
+        packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype
+    )
     return packed.new_empty(shape, dtype=dtype)
 
 
@@ -221,7 +302,12 @@ def _gemv_4bit_with(native, A, packed, *stats, bias=None) -> torch.Tensor:
     """:func:`gemv_4bit` (plus ``bias``, of A's dtype) on ``native`` (``kernels.native_for(A.device)``), the
     reference if None; ``stats`` are gemv_4bit's arguments from absmax to shape."""
     if native is not None:
-        return native.gemv_4bit(A, packed, *stats, bias)
+        try:
+            return native.gemv_4bit(A, packed, *stats, bias)
+        except IndexError:  # NativeOps indexes A's last dimension before anything else looks at A
+            check_rows(A)
+            raise
+    _check_matmul(A, bias, packed, *stats)
     absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape = stats
     scale = reference.absmax_float32(absmax, nested_absmax, nested_code, offset, nested_blocksize)
     weight = reference.dequantize_4bit(packed, scale, blocksize, quant_type, math.prod(shape), A.dtype)
@@ -261,6 +347,7 @@ def _gemv_4bit_op(
     shape: Sequence[int],
 ) -> torch.Tensor:
     """``A @ W.T`` for a 4-bit weight W of ``shape`` (N, K); see :func:`gemv_4bit`."""
+    check_stats_counts(absmax, nested_absmax, shape, blocksize, nested_blocksize)
     return _gemv_4bit_impl(
         A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape
     )
@@ -268,6 +355,9 @@ def _gemv_4bit_op(
 
 @_gemv_4bit_op.register_fake
 def _(A, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape):
+    _check_matmul(
+        A, None, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape
+    )
     return A.new_empty((*A.shape[:-1], shape[0]))
 
 
@@ -321,6 +411,8 @@ def matmul_4bit(
         if native is not None and native.has_matmul_autograd(A, shape):  # one C++ node: no Python in the backward
             return native.matmul_4bit_autograd(*args)
         return _Matmul4bitFunction.apply(*args)
+    if bias is not None and not isinstance(bias, torch.Tensor):  # (a list is not a plain tensor: it lands here)
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
     return _matmul_4bit_op(*args)
 
 
@@ -339,6 +431,7 @@ def _matmul_4bit_op(
     shape: Sequence[int],
 ) -> torch.Tensor:
     """``A @ W.T + bias`` in A's dtype; see :func:`matmul_4bit`."""
+    check_stats_counts(absmax, nested_absmax, shape, blocksize, nested_blocksize)
     return _matmul_4bit_impl(
         A, bias, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape
     )
@@ -346,6 +439,9 @@ def _matmul_4bit_op(
 
 @_matmul_4bit_op.register_fake
 def _(A, bias, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape):
+    _check_matmul(
+        A, bias, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape
+    )
     return A.new_empty((*A.shape[:-1], shape[0]))
 
 
@@ -399,6 +495,7 @@ torch.library.define(
 
 @torch.library.impl(f"{_LIB}::input_grad_4bit", "default")
 def _input_grad_4bit_kernel(grad_out: torch.Tensor, packed: torch.Tensor, *stats: Any) -> torch.Tensor:
+    _check_grad_out(grad_out, stats[-1])
     native = kernels.native_for(grad_out.device)
     if native is not None and native.device_type == "cuda":
         return native.input_grad_4bit(grad_out, packed, *stats)
@@ -407,6 +504,8 @@ def _input_grad_4bit_kernel(grad_out: torch.Tensor, packed: torch.Tensor, *stats
 
 @torch.library.register_fake(f"{_LIB}::input_grad_4bit")
 def _(grad_out: torch.Tensor, packed: torch.Tensor, *stats: Any) -> torch.Tensor:
+    _check_grad_out(grad_out, stats[-1])
+    _check_dequantize(packed, *stats, grad_out.dtype)
     return grad_out.new_empty((*grad_out.shape[:-1], stats[-1][1]))
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .codebooks import QUANT_TYPES, check_blocksize, check_quant_type
+from .codebooks import NESTED_BLOCKSIZE, QUANT_TYPES, check_blocksize, check_quant_type, check_stats_counts
 
 PACKED_KEY_PREFIX = "quant_state.bitsandbytes__"
 _TENSOR_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
@@ -50,12 +50,24 @@ def unpack_tensor_to_dict(tensor: torch.Tensor, key: str) -> dict[str, Any]:
     return values
 
 
+def _as_size(shape: Any, name: str) -> torch.Size:
+    """``shape`` as a torch.Size of non-negative ints (TypeError / ValueError naming ``name`` if it is not one)."""
+    try:
+        size = torch.Size(shape)
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of non-negative ints, got {shape!r}") from None
+    if any(isinstance(s, bool) or s < 0 for s in shape):
+        raise ValueError(f"{name} must be a sequence of non-negative ints, got {shape!r}")
+    return size
+
+
 class QuantState:
     """Statistics and metadata of one 4-bit tensor: per-block absmax (double-quantized when ``state2`` is set),
     code table, original shape and dtype, blocksize and quant type."""
 
     valid_quant_types = QUANT_TYPES
     valid_qs_type_keys = [f"bitsandbytes__{t}" for t in QUANT_TYPES]
+    _checked = False  # True once check() passed; any assignment to a field clears it (also on older pickles)
 
     def __init__(
         self,
@@ -68,15 +80,26 @@ class QuantState:
         offset: torch.Tensor | None = None,
         state2: QuantState | None = None,
     ) -> None:
-        self.absmax = absmax
-        self.shape = torch.Size(shape) if shape is not None else None
-        self.code = code
-        self.dtype = dtype
-        self.blocksize = blocksize
-        self.quant_type = quant_type
-        self.offset = offset
-        self.state2 = state2
-        self.nested = state2 is not None
+        if blocksize is not None and (isinstance(blocksize, bool) or not isinstance(blocksize, int)):
+            raise TypeError(f"blocksize must be an int or None, got {type(blocksize).__name__} {blocksize!r}")
+        if quant_type is not None:
+            check_quant_type(quant_type)
+        self.__dict__.update(
+            absmax=absmax,
+            shape=_as_size(shape, "shape") if shape is not None else None,
+            code=code,
+            dtype=dtype,
+            blocksize=blocksize,
+            quant_type=quant_type,
+            offset=offset,
+            state2=state2,
+            nested=state2 is not None,
+        )
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Any assignment makes the next computation check the state again (see :meth:`check`)."""
+        self.__dict__[name] = value
+        self.__dict__["_checked"] = False
 
     def __getattr__(self, name: str) -> Any:
         # FSDP and DCP resolve the dotted key "weight.quant_state.bitsandbytes__nf4" with getattr.
@@ -95,17 +118,56 @@ class QuantState:
     @property
     def numel(self) -> int:
         """Number of values the state describes (elements of the original tensor)."""
-        return self.shape.numel()
+        try:
+            return self.shape.numel()
+        except AttributeError:  # a tuple or list assigned as the shape, or a malformed one
+            return _as_size(self.shape, "QuantState.shape").numel()
+
+    def check(self) -> None:
+        """Check that the fields agree: tensors where tensors belong, ``nested`` against ``state2``, exactly
+        ceil(numel / blocksize) absmax entries and ceil(blocks / nested_blocksize) nested ones, blocksizes of the
+        accepted values (ValueError / TypeError naming the field). Passing is remembered until a field of this state
+        or of its state2 is assigned, so a computation pays one attribute read (:meth:`absmax_tensors`)."""
+        absmax, state2 = self.absmax, self.state2
+        if not isinstance(absmax, torch.Tensor):
+            raise TypeError(f"QuantState.absmax must be a torch.Tensor, got {type(absmax).__name__}")
+        shape = _as_size(self.shape, "QuantState.shape")
+        if not self.nested:
+            if state2 is not None:
+                raise ValueError("QuantState.nested is False but the state has a nested state2 (double quantization)")
+            check_stats_counts(absmax, None, shape, self.blocksize, NESTED_BLOCKSIZE)
+        else:
+            if not isinstance(state2, QuantState) or not isinstance(self.offset, torch.Tensor):
+                raise TypeError(
+                    "a nested QuantState needs a QuantState state2 and a tensor offset, got "
+                    f"{type(state2).__name__} and {type(self.offset).__name__}"
+                )
+            if not isinstance(state2.absmax, torch.Tensor) or not isinstance(state2.code, torch.Tensor):
+                raise TypeError(
+                    "QuantState.state2 needs tensors absmax and code, got "
+                    f"{type(state2.absmax).__name__} and {type(state2.code).__name__}"
+                )
+            check_stats_counts(absmax, state2.absmax, shape, self.blocksize, state2.blocksize)
+        if not torch.compiler.is_compiling():  # traced code must not mutate the state
+            self.__dict__["_checked"] = True
+            if state2 is not None:
+                state2.__dict__["_checked"] = True
 
     def absmax_tensors(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """(absmax, nested_absmax, nested_code, offset) as the ``fsdp4bit::`` ops take them."""
+        """(absmax, nested_absmax, nested_code, offset) as the ``fsdp4bit::`` ops take them, after :meth:`check`
+        (once per change of the state)."""
+        state2 = self.state2
+        if not (self._checked and (state2 is None or state2._checked)):
+            self.check()
         if self.nested:
-            return self.absmax, self.state2.absmax, self.state2.code, self.offset
+            return self.absmax, state2.absmax, state2.code, self.offset
         return self.absmax, None, None, None
 
     @classmethod
     def from_dict(cls, qs_dict: dict[str, Any], device: torch.device | str | None) -> QuantState:
         """Rebuild from a (possibly prefixed) state-dict slice in bitsandbytes' format; bad input raises ValueError."""
+        if not isinstance(qs_dict, dict):
+            raise TypeError(f"qs_dict must be a dict of quant-state entries, got {type(qs_dict).__name__}")
         qs_dict = dict(qs_dict)
         packed_keys = [k for k, v in qs_dict.items() if "quant_state." in k or k.startswith("quant_state")]
         meta: dict[str, Any] = {}
@@ -149,15 +211,13 @@ class QuantState:
         if (
             shape is None
             or not isinstance(shape, (list, tuple))
-            or not all(isinstance(s, int) and s >= 0 for s in shape)
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
         ):
             raise ValueError(f"quant-state shape must be a list of non-negative ints, got {shape!r}")
-        nblocks = -(-torch.Size(shape).numel() // meta["blocksize"])
-        if tensors["absmax"].numel() != nblocks:
-            raise ValueError(
-                f"absmax has {tensors['absmax'].numel()} entries but shape {tuple(shape)} with blocksize "
-                f"{meta['blocksize']} needs {nblocks}"
-            )
+        if nested:
+            check_blocksize(meta["nested_blocksize"], "nested_blocksize")
+        nested_absmax = tensors["nested_absmax"] if nested else None
+        check_stats_counts(tensors["absmax"], nested_absmax, shape, meta["blocksize"], meta.get("nested_blocksize"))
         if tensors["quant_map"].numel() != 16:
             raise ValueError(f"quant_map must have 16 entries, got {tensors['quant_map'].numel()}")
         state2 = offset = None
@@ -166,14 +226,12 @@ class QuantState:
                 raise ValueError(f"nested_dtype must be one of {sorted(_DTYPES)}, got {meta['nested_dtype']!r}")
             if tensors["nested_quant_map"].numel() != 256:
                 raise ValueError(f"nested_quant_map must have 256 entries, got {tensors['nested_quant_map'].numel()}")
-            nested_blocks = -(-nblocks // meta["nested_blocksize"])
-            if tensors["nested_absmax"].numel() != nested_blocks:
-                raise ValueError(
-                    f"nested_absmax has {tensors['nested_absmax'].numel()} entries, expected {nested_blocks}"
-                )
             if tensors["absmax"].dtype != torch.uint8:
                 raise ValueError(f"double-quantized absmax must be uint8, got {tensors['absmax'].dtype}")
-            offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=device)
+            nested_offset = meta["nested_offset"]
+            if isinstance(nested_offset, bool) or not isinstance(nested_offset, (int, float)):
+                raise ValueError(f"nested_offset must be a number, got {nested_offset!r}")
+            offset = torch.tensor(float(nested_offset), dtype=torch.float32, device=device)
             state2 = cls(
                 absmax=tensors["nested_absmax"].to(device),
                 code=tensors["nested_quant_map"].to(device),

@@ -245,10 +245,12 @@ def load_sharded_entries(weight, packed: torch.Tensor, full_state: QuantState) -
     mesh = weight.device_mesh
     world, rank = mesh.size(), mesh.get_local_rank()
     state = local.quant_state
-    if tuple(full_state.shape) != tuple(state.shape) or full_state.quant_type != state.quant_type:
+    layout = (tuple(full_state.shape), full_state.quant_type, full_state.blocksize, full_state.nested)
+    if layout != (tuple(state.shape), state.quant_type, state.blocksize, state.nested):
         raise ValueError(
-            f"checkpoint holds a {full_state.quant_type} weight of shape {tuple(full_state.shape)}, "
-            f"the model a {state.quant_type} weight of shape {tuple(state.shape)}"
+            f"checkpoint holds a {full_state.quant_type} weight of shape {tuple(full_state.shape)} (blocksize "
+            f"{full_state.blocksize}, nested {full_state.nested}), the model a {state.quant_type} weight of shape "
+            f"{tuple(state.shape)} (blocksize {state.blocksize}, nested {state.nested})"
         )
     _, rows, blocks, _ = _layout_of(local, world)
     target = plain(local)

@@ -106,15 +106,36 @@ def test_shard_slice_follows_changed_fields():
 
 
 def test_broken_state_still_raises_on_access():
-    """A state without a shape raises as before, for the whole weight too (no shortcut around the block count)."""
+    """A state without a shape raises on access, for the whole weight too (no shortcut around the block count), with
+    a TypeError naming the field (it was an AttributeError about a missing ``numel``, read as "not quantized")."""
     param = _quantized("cpu", nested=False)
     param._storage_meta.quant_state = F.QuantState(param.quant_state.absmax)
-    with pytest.raises(AttributeError):
+    message = "QuantState.shape must be a sequence of non-negative ints, got None"
+    with pytest.raises(TypeError, match=message):
         _ = param.quant_state
     layer = bnb.nn.Linear4bit(256, 48, bias=False, quant_type="nf4")
     layer.weight = param
-    with pytest.raises(RuntimeError, match="not quantized"):
+    with pytest.raises(TypeError, match=message):
         layer(torch.randn(2, 256))
+
+
+def test_state_is_checked_once_until_a_field_changes(monkeypatch):
+    """The hot path reads one flag: QuantState.check runs on first use and again only after a field (of the state
+    or of its nested state) is assigned."""
+    param = _quantized("cpu")
+    state = param.quant_state
+    x = torch.randn(2, 256)
+    bnb.matmul_4bit(x, param, state)
+    checks = _recording(monkeypatch, F.QuantState, "check")
+    for _ in range(3):
+        bnb.matmul_4bit(x, param, state)
+    assert checks == []
+    state.blocksize = 64
+    bnb.matmul_4bit(x, param, state)
+    state.state2.blocksize = 256
+    bnb.matmul_4bit(x, param, state)
+    bnb.matmul_4bit(x, param, state)
+    assert len(checks) == 2
 
 
 # ------------------------------------------------------------------------------------------- matmul bits
