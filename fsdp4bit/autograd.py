@@ -27,13 +27,9 @@ def matmul_4bit(
     quant_state = as_quant_state(quant_state)
     packed = check_packed_matches(B, quant_state, "B")
     shape = list(quant_state.shape)
-    try:
-        last = A.shape[-1]
-    except IndexError:
-        ops.check_rows(A)
-        raise
-    if len(shape) != 2 or last != shape[1]:
-        raise ValueError(f"A's last dim is {last} but the 4-bit weight has shape {tuple(shape)}")
+    ops.check_rows(A)
+    if len(shape) != 2 or A.shape[-1] != shape[1]:
+        raise ValueError(f"A's last dim is {A.shape[-1]} but the 4-bit weight has shape {tuple(shape)}")
     if out is not None:
         check_out(out, (*A.shape[:-1], shape[0]), A.dtype, A.device)
     absmax, nested_absmax, nested_code, offset = quant_state.absmax_tensors()

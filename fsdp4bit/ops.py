@@ -21,31 +21,23 @@ import torch
 
 from . import kernels, reference
 from .codebooks import (
-    check_blocksize,
     check_float_dtype,
     check_quant_type,
     check_shape,
     check_stats_counts,
     get_4bit_code,
 )
-from .kernels._native import NativeOps, _check_state, _flat_bytes
+from .kernels._native import _check_state, _flat_bytes, check_matmul_args, check_quantize_args
 
 _LIB = "fsdp4bit"
 
 
 # -- argument checks ------------------------------------------------------------------------------------------------
 # Every path checks the same things with the same messages: exact statistics counts (check_stats_counts), then the
-# native kernels' checks (NativeOps' and its helpers, which read nothing of an instance). NativeOps runs its own on the
+# native kernels' checks (check_quantize_args, check_matmul_args, _check_state in kernels/_native.py). NativeOps runs them on the
 # native path; the reference and the fake implementations (meta tensors, torch.compile) run all of them, so a meta
 # tensor among CPU tensors raises as it does on the native path. The counts run in the operators' bodies; the
 # library's eager calls pass states that QuantState.check passed (one attribute read per call on the hot path).
-
-
-def _check_quantize(A: torch.Tensor, blocksize: int, quant_type: str) -> None:
-    """What quantizing ``A`` needs (``NativeOps.quantize_4bit`` checks the same, in this order)."""
-    check_quant_type(quant_type)
-    check_blocksize(blocksize)
-    check_float_dtype(A.dtype, "A.dtype")
 
 
 def _check_dequantize(
@@ -68,12 +60,12 @@ def check_rows(A: torch.Tensor) -> None:
 
 def _check_matmul(A: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor, *stats: Any) -> None:
     """Every check of :func:`matmul_4bit`'s (and :func:`gemv_4bit`'s) arguments: the counts (first, as in the
-    operators' bodies), ``NativeOps._check_matmul``'s, then a bias on A's device (which the native extension checks
+    operators' bodies), ``check_matmul_args`` (the native path's), then a bias on A's device (which the native extension checks
     itself); ``stats`` run from absmax to shape."""
     check_rows(A)
     absmax, nested_absmax, _, _, blocksize, nested_blocksize, _, shape = stats
     check_stats_counts(absmax, nested_absmax, shape, blocksize, nested_blocksize)
-    NativeOps._check_matmul(None, A, packed, bias, *stats)
+    check_matmul_args(A, packed, bias, *stats)
     check_shape(shape)
     if bias is not None and bias.device != A.device:
         raise ValueError(f"bias is on {bias.device}, A on {A.device}")
@@ -121,7 +113,7 @@ def _quantize_4bit_impl(A: torch.Tensor, blocksize: int, quant_type: str) -> Qua
     native = kernels.native_for(A.device)
     if native is not None:
         return native.quantize_4bit(A.contiguous(), blocksize, quant_type)
-    _check_quantize(A, blocksize, quant_type)
+    check_quantize_args(A, blocksize, quant_type)
     return (*reference.quantize_4bit(A, blocksize, quant_type), get_4bit_code(quant_type, A.device))
 
 
@@ -142,7 +134,7 @@ def _quantize_4bit_op(A: torch.Tensor, blocksize: int, quant_type: str) -> Quant
 
 @_quantize_4bit_op.register_fake
 def _(A: torch.Tensor, blocksize: int, quant_type: str) -> Quantized:
-    _check_quantize(A, blocksize, quant_type)
+    check_quantize_args(A, blocksize, quant_type)
     n = A.numel()
     return (
         A.new_empty((n + 1) // 2, dtype=torch.uint8),
@@ -302,11 +294,8 @@ def _gemv_4bit_with(native, A, packed, *stats, bias=None) -> torch.Tensor:
     """:func:`gemv_4bit` (plus ``bias``, of A's dtype) on ``native`` (``kernels.native_for(A.device)``), the
     reference if None; ``stats`` are gemv_4bit's arguments from absmax to shape."""
     if native is not None:
-        try:
-            return native.gemv_4bit(A, packed, *stats, bias)
-        except IndexError:  # NativeOps indexes A's last dimension before anything else looks at A
-            check_rows(A)
-            raise
+        check_rows(A)  # before NativeOps indexes A's last dimension
+        return native.gemv_4bit(A, packed, *stats, bias)
     _check_matmul(A, bias, packed, *stats)
     absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape = stats
     scale = reference.absmax_float32(absmax, nested_absmax, nested_code, offset, nested_blocksize)

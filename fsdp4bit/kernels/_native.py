@@ -108,6 +108,36 @@ def _check_state(
         raise ValueError("offset must be a one-element float32 tensor")
 
 
+def check_quantize_args(A: torch.Tensor, blocksize: int, quant_type: str) -> None:
+    """What quantizing ``A`` needs (ValueError / TypeError naming the argument), on every path (fsdp4bit.ops)."""
+    check_quant_type(quant_type)
+    check_blocksize(blocksize)
+    check_float_dtype(A.dtype, "A.dtype")
+
+
+def check_matmul_args(
+    A: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, *stats: Any
+) -> tuple[torch.Tensor, int, int]:
+    """(flat packed bytes, N, K) after checking a matmul's arguments (ValueError / TypeError naming them), on every
+    path (fsdp4bit.ops); ``stats`` are :meth:`NativeOps.gemv_4bit`'s arguments from absmax to shape."""
+    absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape = stats
+    check_quant_type(quant_type)
+    check_blocksize(blocksize)
+    check_float_dtype(A.dtype, "A.dtype")
+    if len(shape) != 2:
+        raise ValueError(f"shape must be (N, K), got {tuple(shape)}")
+    N, K = int(shape[0]), int(shape[1])
+    if A.shape[-1] != K:
+        raise ValueError(f"A's last dimension ({A.shape[-1]}) must equal K = {K}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+    flat_packed = _flat_bytes(packed)
+    _check_state(flat_packed, absmax, nested_absmax, nested_code, offset, N * K, blocksize, nested_blocksize)
+    if A.device != flat_packed.device:
+        raise ValueError(f"A is on {A.device}, packed on {flat_packed.device}")
+    return flat_packed, N, K
+
+
 class NativeOps:
     """Native kernels of one device type (``"cpu"`` or ``"cuda"``)."""
 
@@ -124,9 +154,7 @@ class NativeOps:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Flatten ``A`` and quantize: (packed uint8 [ceil(n/2)], float32 absmax [ceil(n/blocksize)], a fresh
         copy of the 16-entry code on A's device, written by the kernel)."""
-        check_quant_type(quant_type)
-        check_blocksize(blocksize)
-        check_float_dtype(A.dtype, "A.dtype")
+        check_quantize_args(A, blocksize, quant_type)
         mids, enc, code = _tables(quant_type)
         return self.ext.quantize_4bit(A.contiguous(), int(blocksize), mids, enc, code)
 
@@ -247,28 +275,6 @@ class NativeOps:
         flat_packed = _flat_bytes(packed)
         return self.ext.matmul_4bit_input_grad(grad_out, flat_packed, *self._state_args(flat_packed, *stats))
 
-    def _check_matmul(
-        self, A: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, *stats: Any
-    ) -> tuple[torch.Tensor, int, int]:
-        """(flat packed bytes, N, K) after checking a matmul's arguments (ValueError / TypeError naming them);
-        ``stats`` are :meth:`gemv_4bit`'s arguments from absmax to shape."""
-        absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape = stats
-        check_quant_type(quant_type)
-        check_blocksize(blocksize)
-        check_float_dtype(A.dtype, "A.dtype")
-        if len(shape) != 2:
-            raise ValueError(f"shape must be (N, K), got {tuple(shape)}")
-        N, K = int(shape[0]), int(shape[1])
-        if A.shape[-1] != K:
-            raise ValueError(f"A's last dimension ({A.shape[-1]}) must equal K = {K}")
-        if bias is not None and tuple(bias.shape) != (N,):
-            raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
-        flat_packed = _flat_bytes(packed)
-        _check_state(flat_packed, absmax, nested_absmax, nested_code, offset, N * K, blocksize, nested_blocksize)
-        if A.device != flat_packed.device:
-            raise ValueError(f"A is on {A.device}, packed on {flat_packed.device}")
-        return flat_packed, N, K
-
     def has_matmul_autograd(self, A: torch.Tensor, shape: Sequence[int]) -> bool:
         """Whether :meth:`matmul_4bit_autograd` serves ``A`` (CUDA, a non-empty A and weight)."""
         return self.device_type == "cuda" and A.numel() > 0 and len(shape) == 2 and shape[0] > 0 and shape[1] > 0
@@ -280,7 +286,7 @@ class NativeOps:
         the gradients of ``fsdp4bit.ops``' eager matmul (the same kernels, so the same bits), without Python on the
         forward's kernel choice or in the backward, which autograd runs on its own thread. ``stats`` are
         :meth:`gemv_4bit`'s arguments from absmax to shape."""
-        flat_packed, _, _ = self._check_matmul(A, packed, bias, *stats)
+        flat_packed, _, _ = check_matmul_args(A, packed, bias, *stats)
         return self.ext.matmul_4bit_autograd(A, bias, flat_packed, *self._state_args(flat_packed, *stats))
 
     def gemv_4bit(
@@ -303,7 +309,7 @@ class NativeOps:
         F.linear), as the autograd node's forward does; on the CPU the fused gemv for up to 16 rows, else dequantize
         + F.linear."""
         stats = (absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape)
-        flat_packed, N, K = self._check_matmul(A, packed, bias, *stats)
+        flat_packed, N, K = check_matmul_args(A, packed, bias, *stats)
         if self.device_type == "cuda":
             return self.ext.matmul_4bit(A, bias, flat_packed, *self._state_args(flat_packed, *stats))
         if bias is not None:
