@@ -1,6 +1,7 @@
 """fsdp4bit: 4-bit (NF4/FP4) quantized weights as first-class citizens of PyTorch FSDP2.
 
-``import fsdp4bit as bnb`` is enough for code written against bitsandbytes' 4-bit API.
+``import fsdp4bit as bnb`` is enough for code written against bitsandbytes' 4-bit API (its deliberate
+differences are listed in NOTES.md, "bitsandbytes compatibility").
 """
 
 from . import functional, nn

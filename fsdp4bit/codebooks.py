@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -113,6 +114,15 @@ def check_blocksize(blocksize: object, name: str = "blocksize") -> None:
         raise TypeError(f"{name} must be an int, one of {BLOCKSIZES}, got {type(blocksize).__name__} {blocksize!r}")
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"{name} must be one of {BLOCKSIZES}, got {blocksize!r}")
+
+
+def as_blocksize(blocksize: object, name: str = "blocksize") -> int:
+    """``blocksize`` as a Python int after :func:`check_blocksize`; any integral number (a NumPy int too) is taken,
+    so states and their JSON hold plain ints."""
+    if isinstance(blocksize, numbers.Integral) and not isinstance(blocksize, bool) and type(blocksize) is not int:
+        blocksize = int(blocksize)
+    check_blocksize(blocksize, name)
+    return blocksize
 
 
 def check_quant_storage(quant_storage: object) -> None:

@@ -10,6 +10,7 @@ from . import ops, reference
 from .codebooks import (
     NESTED_BLOCKSIZE,
     STORAGE_DTYPES,
+    as_blocksize,
     check_blocksize,
     check_float_dtype,
     check_quant_storage,
@@ -18,7 +19,7 @@ from .codebooks import (
     get_dynamic_map,
     shared_dynamic_map,
 )
-from .quant_state import QuantState
+from .quant_state import QuantState, pack_dict_to_tensor, unpack_tensor_to_dict
 from .tensor_ops import plain
 
 __all__ = [
@@ -34,6 +35,8 @@ __all__ = [
     "dequantize_blockwise",
     "get_4bit_type",
     "packed_bytes",
+    "pack_dict_to_tensor",
+    "unpack_tensor_to_dict",
 ]
 
 
@@ -78,18 +81,56 @@ def check_out(out: object, shape: Sequence[int], dtype: torch.dtype, device: tor
 
 
 def quantize_blockwise(
-    A: torch.Tensor, code: torch.Tensor | None = None, blocksize: int = 4096
+    A: torch.Tensor,
+    code: torch.Tensor | None = None,
+    absmax: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    blocksize: int = 4096,
+    nested: bool = False,
 ) -> tuple[torch.Tensor, QuantState]:
-    """8-bit blockwise quantization with the dynamic map (bitsandbytes' double-quant format for absmax)."""
+    """8-bit blockwise quantization against ``code`` (default: the dynamic map), bitsandbytes' signature: returns
+    (uint8 codes of A's shape, QuantState). ``nested`` quantizes the absmax again, relative to its mean."""
     _check_input(A)
     if code is None:
         code = get_dynamic_map(A.device)
-    q, absmax = ops.quantize_blockwise(A.reshape(-1), code, blocksize)
-    return q.view(A.shape), QuantState(absmax=absmax, code=code, blocksize=blocksize, dtype=A.dtype)
+    q, amax = ops.quantize_blockwise(A.reshape(-1), code, blocksize)
+    if nested:
+        offset = reference.absmax_mean(amax)
+        qabsmax, state2 = quantize_blockwise(amax - offset, blocksize=blocksize)
+        state = QuantState(absmax=qabsmax, code=code, blocksize=blocksize, dtype=A.dtype, offset=offset, state2=state2)
+    else:
+        state = QuantState(absmax=amax, code=code, blocksize=blocksize, dtype=A.dtype)
+    q = q.view(A.shape)
+    if out is not None:
+        check_out(out, A.shape, torch.uint8, A.device)
+        q = out.copy_(q)
+    if absmax is not None:
+        check_out(absmax, state.absmax.shape, state.absmax.dtype, A.device, "absmax")
+        state.absmax = absmax.copy_(state.absmax)
+    return q, state
 
 
-def dequantize_blockwise(A: torch.Tensor, quant_state: QuantState) -> torch.Tensor:
-    """Inverse of :func:`quantize_blockwise`, float32 values."""
+def dequantize_blockwise(
+    A: torch.Tensor,
+    quant_state: QuantState | None = None,
+    absmax: torch.Tensor | None = None,
+    code: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    blocksize: int = 4096,
+    nested: bool = False,
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_blockwise` in ``quant_state.dtype``; without a state, from ``absmax`` (and
+    ``code``, ``blocksize``) to float32, as bitsandbytes. ``nested`` is implied by the state, as there."""
+    if quant_state is None:
+        if absmax is None:
+            raise ValueError("dequantize_blockwise needs quant_state or absmax")
+        if not isinstance(absmax, torch.Tensor):
+            raise TypeError(f"absmax must be a torch.Tensor or None, got {type(absmax).__name__}")
+        if code is None:
+            code = get_dynamic_map(absmax.device)
+        quant_state = QuantState(absmax=absmax, code=code, blocksize=blocksize, dtype=torch.float32)
+    if not isinstance(A, torch.Tensor) or A.dtype != torch.uint8:
+        raise TypeError(f"A must be a uint8 tensor of codes, got {A.dtype if isinstance(A, torch.Tensor) else type(A)}")
     blocksize = quant_state.blocksize
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
         raise ValueError(f"quant_state.blocksize must be a positive int, got {blocksize!r}")
@@ -99,7 +140,16 @@ def dequantize_blockwise(A: torch.Tensor, quant_state: QuantState) -> torch.Tens
             f"quant_state.absmax has {quant_state.absmax.numel()} entries but {A.numel()} values with blocksize "
             f"{blocksize} need {nblocks}"
         )
-    return reference.dequantize_blockwise(A, quant_state.absmax, quant_state.code, quant_state.blocksize).view(A.shape)
+    dtype = torch.float32 if quant_state.dtype is None else quant_state.dtype
+    check_float_dtype(dtype, "quant_state.dtype")
+    amax = quant_state.absmax
+    if quant_state.state2 is not None:
+        amax = dequantize_blockwise(amax, quant_state.state2).float() + quant_state.offset
+    values = reference.dequantize_blockwise(A, amax, quant_state.code, blocksize).view(A.shape).to(dtype)
+    if out is None:
+        return values
+    check_out(out, A.shape, dtype, A.device)
+    return out.copy_(values)
 
 
 def quantize_4bit(
@@ -112,9 +162,8 @@ def quantize_4bit(
     quant_storage: torch.dtype = torch.uint8,
 ) -> tuple[torch.Tensor, QuantState]:
     """Quantize ``A`` blockwise to 4 bits: returns (packed [(ceil(n/2)/itemsize), 1] in quant_storage, QuantState)."""
-    blocksize = 64 if blocksize is None else blocksize
     _check_input(A)
-    check_blocksize(blocksize)
+    blocksize = as_blocksize(64 if blocksize is None else blocksize)
     check_quant_type(quant_type)
     check_quant_storage(quant_storage)
     if out is not None:
@@ -147,22 +196,26 @@ def quantize_4bit(
 
 def quantize_nf4(
     A: torch.Tensor,
+    absmax: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
     blocksize: int | None = None,
     compress_statistics: bool = False,
     quant_storage: torch.dtype = torch.uint8,
-):
-    """:func:`quantize_4bit` with quant_type="nf4"."""
-    return quantize_4bit(A, None, None, blocksize, compress_statistics, "nf4", quant_storage)
+) -> tuple[torch.Tensor, QuantState]:
+    """:func:`quantize_4bit` with quant_type="nf4" (bitsandbytes' positional order)."""
+    return quantize_4bit(A, absmax, out, blocksize, compress_statistics, "nf4", quant_storage)
 
 
 def quantize_fp4(
     A: torch.Tensor,
+    absmax: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
     blocksize: int | None = None,
     compress_statistics: bool = False,
     quant_storage: torch.dtype = torch.uint8,
-):
-    """:func:`quantize_4bit` with quant_type="fp4"."""
-    return quantize_4bit(A, None, None, blocksize, compress_statistics, "fp4", quant_storage)
+) -> tuple[torch.Tensor, QuantState]:
+    """:func:`quantize_4bit` with quant_type="fp4" (bitsandbytes' positional order)."""
+    return quantize_4bit(A, absmax, out, blocksize, compress_statistics, "fp4", quant_storage)
 
 
 def as_quant_state(state: object, name: str = "quant_state") -> QuantState:
@@ -202,8 +255,7 @@ def dequantize_4bit(
             raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
         if not isinstance(absmax, torch.Tensor):
             raise TypeError(f"absmax must be a torch.Tensor or None, got {type(absmax).__name__}")
-        blocksize = 64 if blocksize is None else blocksize
-        check_blocksize(blocksize)
+        blocksize = as_blocksize(64 if blocksize is None else blocksize)
         check_float_dtype(out.dtype, "out.dtype")
         quant_state = QuantState(absmax, out.shape, None, blocksize, quant_type, out.dtype)
     quant_state = as_quant_state(quant_state)
@@ -233,14 +285,26 @@ def dequantize_4bit(
     return result
 
 
-def dequantize_nf4(A: torch.Tensor, quant_state: QuantState | None = None, **kwargs) -> torch.Tensor:
-    """:func:`dequantize_4bit` with quant_type="nf4"."""
-    return dequantize_4bit(A, quant_state, quant_type="nf4", **kwargs)
+def dequantize_nf4(
+    A: torch.Tensor,
+    quant_state: QuantState | None = None,
+    absmax: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    blocksize: int | None = None,
+) -> torch.Tensor:
+    """:func:`dequantize_4bit` with quant_type="nf4" (bitsandbytes' positional order)."""
+    return dequantize_4bit(A, quant_state, absmax, out, blocksize, "nf4")
 
 
-def dequantize_fp4(A: torch.Tensor, quant_state: QuantState | None = None, **kwargs) -> torch.Tensor:
-    """:func:`dequantize_4bit` with quant_type="fp4"."""
-    return dequantize_4bit(A, quant_state, quant_type="fp4", **kwargs)
+def dequantize_fp4(
+    A: torch.Tensor,
+    quant_state: QuantState | None = None,
+    absmax: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    blocksize: int | None = None,
+) -> torch.Tensor:
+    """:func:`dequantize_4bit` with quant_type="fp4" (bitsandbytes' positional order)."""
+    return dequantize_4bit(A, quant_state, absmax, out, blocksize, "fp4")
 
 
 def gemv_4bit(

@@ -11,7 +11,7 @@ from torch.nn.modules.module import _EXTRA_STATE_KEY_SUFFIX
 
 from . import functional as F
 from .autograd import matmul_4bit
-from .codebooks import check_blocksize, check_float_dtype, check_quant_storage, check_quant_type
+from .codebooks import as_blocksize, check_float_dtype, check_quant_storage, check_quant_type
 from .quant_state import PACKED_KEY_PREFIX, QuantState
 from .sharding import as_like, is_sharded, load_sharded_entries, sharded_state_dict_entries
 from .tensor_ops import TENSOR_OPS, SliceCache, copy_state, plain, slice_state, unwrap_call
@@ -99,8 +99,7 @@ class Params4bit(nn.Parameter):
         bnb_quantized: bool = False,
     ) -> Params4bit:
         """The constructor without its requires_grad refusal, for the copies ops and pickling make of a parameter."""
-        blocksize = 64 if blocksize is None else blocksize
-        check_blocksize(blocksize)
+        blocksize = as_blocksize(64 if blocksize is None else blocksize)
         check_quant_type(quant_type)
         check_quant_storage(quant_storage)
         if data is None:
@@ -313,6 +312,36 @@ class Params4bit(nn.Parameter):
         return qs.state2.code if qs is not None and qs.nested else None
 
     @property
+    def offset(self) -> torch.Tensor | None:
+        """Double quant's offset (the mean the nested absmax codes are relative to), or None."""
+        return None if self.quant_state is None else self.quant_state.offset
+
+    nested_offset = offset
+
+    @property
+    def state2(self) -> QuantState | None:
+        """The nested (8-bit) state of the absmax under double quant, or None."""
+        return None if self.quant_state is None else self.quant_state.state2
+
+    @property
+    def nested_blocksize(self) -> int | None:
+        qs = self.quant_state
+        return qs.state2.blocksize if qs is not None and qs.nested else None
+
+    @property
+    def nested_dtype(self) -> torch.dtype | None:
+        qs = self.quant_state
+        return qs.state2.dtype if qs is not None and qs.nested else None
+
+    def numpy(self, *, force: bool = False) -> Any:
+        """The packed words as a NumPy array of the storage dtype (what ``numpy()`` of bitsandbytes' weight gives)."""
+        return self._data.detach().numpy(force=force)
+
+    def tolist(self) -> Any:
+        """The packed words as nested Python lists (as ``tolist()`` of a plain tensor of the storage dtype)."""
+        return self._data.tolist()
+
+    @property
     def is_full(self) -> bool:
         """True unless this is a slice (an FSDP shard) of a larger quantized weight."""
         if self.quant_state is None:
@@ -380,7 +409,17 @@ class Params4bit(nn.Parameter):
         )
         quantized = Params4bit.wrap(packed, self, quant_state=state, row_start=0)
         quantized.bnb_quantized = True
-        torch.utils.swap_tensors(self, quantized)
+        try:
+            torch.utils.swap_tensors(self, quantized)
+        except RuntimeError as err:
+            if "weakref" not in str(err):
+                raise
+            raise RuntimeError(
+                "cannot quantize this Params4bit in place: something holds a weak reference to it (a "
+                "torch.utils.weak.WeakIdKeyDictionary, a torch.compile'd graph, ...), and the packed weight replaces "
+                "the float one in the same object; quantize the module first (module.to(device)), then compile or "
+                "register its weights"
+            ) from err
         return self
 
     def to(self, *args: Any, **kwargs: Any) -> Params4bit:
@@ -469,6 +508,11 @@ class Linear4bit(nn.Linear):
         self.compress_statistics = compress_statistics
         self.quant_type = quant_type
         self.quant_storage = quant_storage
+
+    @property
+    def quant_state(self) -> QuantState | None:
+        """The weight's quant state (bitsandbytes' ``Linear4bit.quant_state``); None before quantization."""
+        return getattr(self.weight, "quant_state", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight

@@ -434,12 +434,20 @@ def _(A, bias, packed, absmax, nested_absmax, nested_code, offset, blocksize, ne
     return A.new_empty((*A.shape[:-1], shape[0]))
 
 
-def _matmul_setup_context(ctx, inputs, output):
+def _matmul_setup_context(ctx, inputs, output, on_ctx: bool = False):
+    """What the backward needs. W only for A's gradient (a bias-only gradient needs grad_out alone); the eager
+    Function keeps it as a plain attribute (``on_ctx``), as bitsandbytes does: a frozen weight needs no saved-tensor
+    version check, hooks such as ``save_on_cpu`` should not copy it, and a weight quantized under
+    ``torch.inference_mode()`` (inference tensors, which ``save_for_backward`` refuses) still trains adapters."""
     A, bias, packed, absmax, nested_absmax, nested_code, offset, *meta = inputs
     ctx.meta = meta
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.native = None
-    ctx.save_for_backward(packed, absmax, nested_absmax, nested_code, offset)
+    weight = (packed, absmax, nested_absmax, nested_code, offset) if ctx.needs_input_grad[0] else (None,) * 5
+    if on_ctx:
+        ctx.weight = weight
+    else:
+        ctx.save_for_backward(*weight)
 
 
 def _backward_weight(ctx, grad_out, packed, absmax, nested_absmax, nested_code, offset) -> torch.Tensor:
@@ -502,7 +510,8 @@ _input_grad_4bit_op = getattr(torch.ops, _LIB).input_grad_4bit
 
 
 def _matmul_backward(ctx, grad_out):
-    packed, absmax, nested_absmax, nested_code, offset = ctx.saved_tensors
+    weight = getattr(ctx, "weight", None)
+    packed, absmax, nested_absmax, nested_code, offset = ctx.saved_tensors if weight is None else weight
     grad_A = grad_bias = None
     if ctx.needs_input_grad[0]:
         grad_A = _input_grad(ctx, grad_out, packed, absmax, nested_absmax, nested_code, offset)
@@ -521,7 +530,7 @@ class _Matmul4bitFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):
         out, native = _matmul_4bit_run(*inputs)
-        _matmul_setup_context(ctx, inputs, out)
+        _matmul_setup_context(ctx, inputs, out, on_ctx=True)
         ctx.native = native
         return out
 

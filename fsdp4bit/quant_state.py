@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 from typing import Any
 
 import torch
@@ -37,7 +38,7 @@ def pack_dict_to_tensor(values: dict[str, Any]) -> torch.Tensor:
     return torch.tensor(list(json.dumps(values).encode("utf-8")), dtype=torch.uint8)
 
 
-def unpack_tensor_to_dict(tensor: torch.Tensor, key: str) -> dict[str, Any]:
+def unpack_tensor_to_dict(tensor: torch.Tensor, key: str = "quant_state") -> dict[str, Any]:
     """Decode :func:`pack_dict_to_tensor`; a broken blob raises ValueError naming ``key``."""
     if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.uint8:
         raise ValueError(f"{key!r} must be a uint8 tensor of UTF-8 JSON, got {type(tensor).__name__}")
@@ -67,6 +68,20 @@ class QuantState:
 
     valid_quant_types = QUANT_TYPES
     valid_qs_type_keys = [f"bitsandbytes__{t}" for t in QUANT_TYPES]
+    valid_qs_keys = [
+        "absmax",
+        "quant_map",
+        "nested_absmax",
+        "nested_quant_map",
+        "quant_state",
+        "quant_type",
+        "blocksize",
+        "dtype",
+        "shape",
+        "nested_blocksize",
+        "nested_dtype",
+        "nested_offset",
+    ]
     _checked = False  # True once check() passed; any assignment to a field clears it (also on older pickles)
 
     def __init__(
@@ -80,8 +95,9 @@ class QuantState:
         offset: torch.Tensor | None = None,
         state2: QuantState | None = None,
     ) -> None:
-        if blocksize is not None and (isinstance(blocksize, bool) or not isinstance(blocksize, int)):
+        if blocksize is not None and (isinstance(blocksize, bool) or not isinstance(blocksize, numbers.Integral)):
             raise TypeError(f"blocksize must be an int or None, got {type(blocksize).__name__} {blocksize!r}")
+        blocksize = None if blocksize is None else int(blocksize)
         if quant_type is not None:
             check_quant_type(quant_type)
         self.__dict__.update(

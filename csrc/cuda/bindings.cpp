@@ -314,14 +314,24 @@ at::Tensor matmul_4bit_input_grad(const at::Tensor& g, const at::Tensor& packed,
 // else grad_out @ W dequantized in grad_out's dtype (differentiable under create_graph), and the bias gradient as the
 // sum of grad_out's rows in the bias's dtype. The caller (NativeOps.matmul_4bit_autograd) checked every argument.
 class Matmul4bitFunction : public torch::autograd::Function<Matmul4bitFunction> {
+  static constexpr int kWeightParts = 7;
+  static constexpr const char* kWeightKeys[kWeightParts] = {"packed", "absmax", "nested_absmax", "nested_code",
+                                                            "offset", "code_cpu", "code_dev"};
+
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& A,
                             const std::optional<at::Tensor>& bias, const at::Tensor& packed, const at::Tensor& absmax,
                             const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
                             const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t nested_blocksize,
                             const at::Tensor& code_cpu, const at::Tensor& code_dev, int64_t N, int64_t K) {
-    ctx->save_for_backward({packed, absmax, nested_absmax.value_or(at::Tensor()), nested_code.value_or(at::Tensor()),
-                            offset.value_or(at::Tensor()), code_cpu, code_dev});
+    // the frozen weight as plain context data, not saved variables (as the Python Function and bitsandbytes keep
+    // it): no version check, no saved-tensor hooks (save_on_cpu would copy it), and a weight quantized under
+    // inference mode (inference tensors, which save_for_backward refuses) still trains adapters
+    const at::Tensor weight[kWeightParts] = {packed, absmax, nested_absmax.value_or(at::Tensor()),
+                                             nested_code.value_or(at::Tensor()), offset.value_or(at::Tensor()),
+                                             code_cpu, code_dev};
+    for (int i = 0; i < kWeightParts; ++i)
+      if (weight[i].defined()) ctx->saved_data[kWeightKeys[i]] = weight[i];
     ctx->saved_data["blocksize"] = blocksize;
     ctx->saved_data["nested_blocksize"] = nested_blocksize;
     ctx->saved_data["N"] = N;
@@ -333,7 +343,9 @@ class Matmul4bitFunction : public torch::autograd::Function<Matmul4bitFunction> 
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
+    std::vector<at::Tensor> saved(kWeightParts);
+    for (int i = 0; i < kWeightParts; ++i)
+      if (ctx->saved_data.count(kWeightKeys[i])) saved[i] = ctx->saved_data[kWeightKeys[i]].toTensor();
     const at::Tensor &packed = saved[0], &absmax = saved[1], &code_cpu = saved[5], &code_dev = saved[6];
     auto opt = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
     const std::optional<at::Tensor> nested_absmax = opt(saved[2]), nested_code = opt(saved[3]), offset = opt(saved[4]);
