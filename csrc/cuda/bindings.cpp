@@ -324,13 +324,14 @@ class Matmul4bitFunction : public torch::autograd::Function<Matmul4bitFunction> 
                             const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
                             const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t nested_blocksize,
                             const at::Tensor& code_cpu, const at::Tensor& code_dev, int64_t N, int64_t K) {
-    // the frozen weight as plain context data, not saved variables (as the Python Function and bitsandbytes keep
-    // it): no version check, no saved-tensor hooks (save_on_cpu would copy it), and a weight quantized under
-    // inference mode (inference tensors, which save_for_backward refuses) still trains adapters
+    // the frozen weight, for A's gradient only, as plain context data rather than saved variables (as the Python
+    // Function and bitsandbytes keep it): no version check, no saved-tensor hooks (save_on_cpu would copy it), and
+    // a weight quantized under inference mode (inference tensors, which save_for_backward refuses) still trains
+    // adapters
     const at::Tensor weight[kWeightParts] = {packed, absmax, nested_absmax.value_or(at::Tensor()),
                                              nested_code.value_or(at::Tensor()), offset.value_or(at::Tensor()),
                                              code_cpu, code_dev};
-    for (int i = 0; i < kWeightParts; ++i)
+    for (int i = 0; i < kWeightParts && A.requires_grad(); ++i)
       if (weight[i].defined()) ctx->saved_data[kWeightKeys[i]] = weight[i];
     ctx->saved_data["blocksize"] = blocksize;
     ctx->saved_data["nested_blocksize"] = nested_blocksize;
