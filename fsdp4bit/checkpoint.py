@@ -49,13 +49,39 @@ def _save_target_problem(path: str) -> str:
     return ""
 
 
+def _backup(path: str) -> str:
+    """Where :func:`save` keeps the checkpoint it replaces until the new one is in place."""
+    return os.path.join(os.path.dirname(os.path.abspath(path)) or ".", f".{os.path.basename(path)}.old")
+
+
+def _recover(path: str) -> None:
+    """Finish a replacement a crash interrupted: the old checkpoint comes back if the new one never reached
+    ``path``, else its leftover copy goes; folders of unfinished writes to ``path`` go (one writer per path)."""
+    backup = _backup(path)
+    if os.path.isdir(backup):
+        if os.path.exists(path):
+            shutil.rmtree(backup)
+        else:
+            os.rename(backup, path)
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    stale = f".{os.path.basename(path)}.tmp-"
+    for name in os.listdir(parent):
+        if name.startswith(stale):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
 def save(model: nn.Module, path: str | os.PathLike) -> None:
     """Write ``model``'s state with DCP into ``path`` atomically: a temporary folder renamed into place at the end.
-    An existing ``path`` must be a checkpoint folder (or an empty one), which is replaced."""
+    An existing ``path`` must be a checkpoint folder (or an empty one), which is replaced. A failed write leaves
+    the previous checkpoint as it was and removes its temporary folder; a crash between the two renames that swap
+    the folders leaves the old checkpoint at ``.NAME.old``, which :func:`load` reads and the next save restores."""
     _check_model(model)
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path)) or "."
-    token = [uuid.uuid4().hex, _save_target_problem(path)] if _rank() == 0 else ["", ""]
+    token = ["", ""]
+    if _rank() == 0:
+        _recover(path)
+        token = [uuid.uuid4().hex, _save_target_problem(path)]
     if dist.is_initialized():
         dist.broadcast_object_list(token, src=0)
     if token[1]:
@@ -64,16 +90,21 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     if _rank() == 0:
         os.makedirs(tmp, exist_ok=False)
     _barrier()
-    dcp.save(model.state_dict(), checkpoint_id=tmp)
+    try:
+        dcp.save(model.state_dict(), checkpoint_id=tmp)
+    except BaseException:  # DCP's CheckpointException is a BaseException: every rank raises it
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _barrier()
     if _rank() == 0:
-        old = None
+        backup = None
         if os.path.exists(path):
-            old = f"{tmp}.old"
-            os.rename(path, old)
+            backup = _backup(path)
+            os.rename(path, backup)
         os.rename(tmp, path)
-        if old:
-            shutil.rmtree(old)
+        if backup:
+            shutil.rmtree(backup)
         fd = os.open(parent, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -87,6 +118,8 @@ def load(model: nn.Module, path: str | os.PathLike) -> None:
     are ignored; a missing entry, or one of another shape or 4-bit layout, raises ValueError before anything loads."""
     _check_model(model)
     path = os.fspath(path)
+    if not os.path.isdir(path) and os.path.isdir(_backup(path)):
+        path = _backup(path)  # a save crashed between its renames: the checkpoint it was replacing
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no checkpoint folder at {path!r}")
     if not os.path.exists(os.path.join(path, ".metadata")):

@@ -81,25 +81,63 @@ def _load_linear4bit(layer: Linear4bit, prefix: str, read: Reader, keys: set[str
         layer.bias = nn.Parameter(bias, requires_grad=layer.bias.requires_grad)
 
 
-def materialize(module: nn.Module, prefix: str, read: Reader, keys: set[str], device: torch.device) -> None:
+class TiedParams:
+    """The meta parameters ``model`` holds under several names (tied embeddings: one Parameter object, e.g.
+    ``embed_tokens.weight`` and ``lm_head.weight``): each is read once, from whichever of its names the checkpoint
+    has (``save_pretrained`` writes only one), and the one new Parameter is set under every name, so the tie
+    survives loading."""
+
+    def __init__(self, model: nn.Module, prefix: str = "") -> None:
+        self.names: dict[int, list[str]] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            if param.is_meta:
+                self.names.setdefault(id(param), []).append(prefix + name)
+        self.loaded: dict[int, nn.Parameter] = {}
+
+    def key(self, param: nn.Parameter, name: str, keys: set[str]) -> str:
+        """The checkpoint key to read ``param`` (found as ``name``) from: its own, else a tied name's."""
+        if name in keys:
+            return name
+        return next((other for other in self.names.get(id(param), ()) if other in keys), name)
+
+
+def materialize(
+    module: nn.Module,
+    prefix: str,
+    read: Reader,
+    keys: set[str],
+    device: torch.device,
+    tied: TiedParams | None = None,
+) -> None:
     """Give every meta tensor of ``module`` (recursively) its checkpoint value on ``device`` (KeyError for a tensor
-    the checkpoint lacks, ValueError for one of another shape)."""
+    the checkpoint lacks, ValueError for one of another shape). A meta buffer the checkpoint lacks is an error too:
+    non-persistent buffers (rotary tables) are computed when a module is built and never saved, so build the model
+    with real buffers (``accelerate.init_empty_weights(include_buffers=False)``)."""
+    tied = TiedParams(module, prefix) if tied is None else tied
     for name, child in module.named_children():
         if isinstance(child, Linear4bit) and child.weight.is_meta:
             _load_linear4bit(child, f"{prefix}{name}.", read, keys, device)
-        materialize(child, f"{prefix}{name}.", read, keys, device)
+        materialize(child, f"{prefix}{name}.", read, keys, device, tied)
     for name, param in list(module.named_parameters(recurse=False)):
         if param.is_meta:
-            value = _read(prefix + name, read, keys, tuple(param.shape)).to(device=device, dtype=param.dtype)
-            setattr(module, name, nn.Parameter(value, requires_grad=param.requires_grad))
+            new = tied.loaded.get(id(param))
+            if new is None:
+                key = tied.key(param, prefix + name, keys)
+                value = _read(key, read, keys, tuple(param.shape)).to(device=device, dtype=param.dtype)
+                new = tied.loaded[id(param)] = nn.Parameter(value, requires_grad=param.requires_grad)
+            setattr(module, name, new)
     for name, buf in list(module.named_buffers(recurse=False)):
         if buf.is_meta:
             key = prefix + name
-            value = (
-                _read(key, read, keys, tuple(buf.shape)).to(device)
-                if key in keys
-                else torch.zeros_like(buf, device=device)
-            )
+            if key not in keys:
+                kind = "non-persistent " if name in module._non_persistent_buffers_set else ""
+                raise ValueError(
+                    f"{kind}buffer {key!r} is on the meta device and the checkpoint has no value for it (a "
+                    "non-persistent buffer such as a rotary table is computed when its module is built, never "
+                    "saved): build the model with real buffers, e.g. under "
+                    "accelerate.init_empty_weights(include_buffers=False)"
+                )
+            value = _read(key, read, keys, tuple(buf.shape)).to(device)
             module.register_buffer(name, value, persistent=name not in module._non_persistent_buffers_set)
 
 
@@ -126,11 +164,12 @@ def load_sharded(
     device = torch.device(device)
     shard = shard or fully_shard
     names = {id(m): n for n, m in model.named_modules()}
+    tied = TiedParams(model)
     for block in [m for m in model.modules() if isinstance(m, block_types)]:
         name = names[id(block)]
-        materialize(block, f"{name}." if name else "", read, keys, device)
+        materialize(block, f"{name}." if name else "", read, keys, device, tied)
         shard(block)
-    materialize(model, "", read, keys, device)
+    materialize(model, "", read, keys, device, tied)
     shard(model)
     return model
 

@@ -236,3 +236,64 @@ def _copy(func, args, kwargs):
             dst.set_row_start(src.row_start)
             dst.quant_state = copy_state(state)
     return dst
+
+
+_IN_PLACE_ARITHMETIC = [
+    aten.add_.Tensor,
+    aten.add_.Scalar,
+    aten.sub_.Tensor,
+    aten.sub_.Scalar,
+    aten.mul_.Tensor,
+    aten.mul_.Scalar,
+    aten.div_.Tensor,
+    aten.div_.Scalar,
+    aten.addcmul_.default,
+    aten.addcdiv_.default,
+    aten.lerp_.Scalar,
+    aten.lerp_.Tensor,
+]
+
+
+@implements(_IN_PLACE_ARITHMETIC)
+def _in_place_arithmetic(func, args, kwargs):
+    """Arithmetic on a quantized weight acts on its values, never on its packed words: ``weight.data += delta`` and
+    ``-= delta`` with a float tensor of the weight's shape (how peft merges and unmerges a LoRA adapter) dequantize,
+    add in float32 and quantize again in place with the same format (as bitsandbytes' merge does); anything else is
+    refused, since run on the words it would corrupt them silently."""
+    dst = args[0]
+    if not dst.bnb_quantized:  # float values not yet quantized: an ordinary tensor op
+        func(plain(dst), *[plain(a) if isinstance(a, torch.Tensor) else a for a in args[1:]], **kwargs)
+        return dst
+    state = dst.quant_state
+    other = args[1] if len(args) > 1 else None
+    merge = func in (aten.add_.Tensor, aten.sub_.Tensor) and isinstance(other, torch.Tensor)
+    if not merge or _is_params4bit(other) or not other.is_floating_point():
+        raise TypeError(
+            f"{func.overloadpacket.__name__} on a quantized Params4bit would change its packed 4-bit words, not its values; only "
+            "weight += delta / weight -= delta with a float tensor of the weight's shape (a LoRA merge) is supported: "
+            "dequantize with fsdp4bit.functional.dequantize_4bit for other arithmetic"
+        )
+    if state is None or not dst.is_full:
+        raise ValueError(
+            "cannot merge into a shard of a 4-bit weight (FSDP2): each block's scale spans the whole block; merge "
+            "on the gathered model (e.g. after fsdp4bit.checkpoint.load at world size 1)"
+        )
+    if tuple(other.shape) != tuple(state.shape):
+        raise ValueError(
+            f"a delta merged into a 4-bit weight must have its shape {tuple(state.shape)}, got {tuple(other.shape)}"
+        )
+    from . import functional as F
+
+    alpha = kwargs.get("alpha", args[2] if len(args) > 2 else 1)
+    sign = 1 if func is aten.add_.Tensor else -1
+    values = F.dequantize_4bit(dst, state).float() + (sign * alpha) * other.to(dst.device, torch.float32)
+    packed, new_state = F.quantize_4bit(
+        values.to(state.dtype),
+        blocksize=state.blocksize,
+        compress_statistics=state.nested,
+        quant_type=state.quant_type,
+        quant_storage=dst.dtype,
+    )
+    plain(dst).copy_(packed.view(plain(dst).shape))
+    dst.quant_state = new_state
+    return dst

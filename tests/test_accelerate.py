@@ -1,4 +1,9 @@
-"""accelerate's FSDP2 plugin with Linear4bit layers (accelerate #3983 is the failure this guards against)."""
+"""accelerate's FSDP2 plugin with Linear4bit layers (accelerate #3983 is the failure this guards against).
+
+accelerate shards with FSDP only on accelerators: on CPU ``accelerate launch --cpu`` starts one process (MPI
+is its multi-CPU launcher) and torchrun with ``cpu=True`` gets DDP. So this runs on a machine with 2+ GPUs (the
+device tool) and skips elsewhere; the worker reports what accelerate actually built, and the test checks it.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +15,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("accelerate")
 WORKER = Path(__file__).parent / "distributed" / "accelerate_worker.py"
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="accelerate runs FSDP2 only on 2+ accelerators")
 @pytest.mark.parametrize("storage", ["uint8", "bfloat16"])
 def test_accelerate_fsdp2_trains_4bit_model(storage):
     with socket.socket() as s:
@@ -24,9 +31,9 @@ def test_accelerate_fsdp2_trains_4bit_model(storage):
         sys.executable,
         "-m",
         "accelerate.commands.launch",
+        "--multi_gpu",
         "--num_processes",
         "2",
-        "--cpu",
         "--main_process_port",
         str(port),
         str(WORKER),
@@ -41,6 +48,7 @@ def test_accelerate_fsdp2_trains_4bit_model(storage):
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     report = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("REPORT "))[7:])
+    assert (report["world"], report["distributed_type"], report["sharded"]) == (2, "FSDP", True), report
     losses, ref = report["losses"], report["reference"]
     assert all(v == v and v < 1e6 for v in losses), losses  # finite, no NaN
     assert losses[-1] < losses[0], losses

@@ -169,3 +169,58 @@ def test_state_dict_helpers_under_bitsandbytes_names():
     keys = {k.split(".", 1)[0] for k in keys} | set(meta)
     assert keys <= set(QuantState.valid_qs_keys)
     assert fsdp4bit.functional.QuantState is QuantState
+
+
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_lora_merge_requantizes_in_place(device, storage):
+    """peft's merge (``weight.data += delta``) and unmerge (``-= delta``) act on the weight's values: dequantize,
+    add, quantize again in the same format, as bitsandbytes' merge does."""
+    torch.manual_seed(0)
+    layer = Linear4bit(128, 64, bias=False, quant_type="nf4", quant_storage=storage).to(device)
+    w = layer.weight
+    before = F.dequantize_4bit(w, w.quant_state)
+    delta = 0.01 * torch.randn(64, 128, device=device)
+    expect_packed, expect_state = F.quantize_4bit(
+        before.float() + delta, blocksize=64, compress_statistics=True, quant_type="nf4", quant_storage=storage
+    )
+    w.data += delta
+    assert torch.equal(F.packed_bytes(w), F.packed_bytes(expect_packed))
+    assert torch.equal(w.quant_state.absmax, expect_state.absmax) and w.quant_state.nested
+    assert torch.equal(F.dequantize_4bit(w, w.quant_state), F.dequantize_4bit(expect_packed, expect_state))
+    assert layer.quant_state is w.quant_state
+    # unmerge: back to the original values within two half NF4 steps (a step is at most 1 - 0.723 of a block's
+    # absmax, which the merged weight's can exceed by max |delta|)
+    w.data -= delta
+    bound = 0.28 * (before.abs().max() + delta.abs().max())
+    assert (F.dequantize_4bit(w, w.quant_state) - before).abs().max() <= bound
+
+
+def test_other_arithmetic_on_packed_words_is_refused():
+    layer = Linear4bit(128, 64, quant_type="nf4", quant_storage=torch.bfloat16)
+    layer.weight.data.mul_(0.5)  # float values before quantization: an ordinary in-place op
+    layer = layer.to("cpu")
+    w = layer.weight
+    words = F.packed_bytes(w).clone()
+    with pytest.raises(TypeError, match="mul_ on a quantized Params4bit would change its packed 4-bit words"):
+        w.data.mul_(0.5)
+    with pytest.raises(TypeError, match="add_ on a quantized Params4bit"):
+        w.data.add_(1.0)
+    with pytest.raises(ValueError, match=r"must have its shape \(64, 128\), got \(64, 1\)"):
+        w.data += torch.ones(64, 1)
+    assert torch.equal(F.packed_bytes(w), words)
+
+
+def test_peft_merge_and_unload_keeps_a_4bit_layer():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Linear4bit(64, 32, quant_type="nf4"), torch.nn.ReLU()).to("cpu")
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["0"], init_lora_weights=False))
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        adapted = lora(x)
+        merged = lora.merge_and_unload()
+        out = merged(x)
+    assert isinstance(merged[0], Linear4bit)
+    # the adapted function, to within the 4-bit rounding of the merged weights
+    assert (out - adapted).abs().max() <= 0.1 * adapted.abs().max()

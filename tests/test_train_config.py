@@ -91,3 +91,20 @@ def test_cli_reports_config_error(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "'train.steps' must be int" in proc.stderr
+
+
+def test_resume_refuses_changed_settings() -> None:
+    from fsdp4bit.train.train_checkpoint import check_resume_settings, resume_settings
+
+    saved = resume_settings(Config())
+    assert saved["train.lr"] == Config().train.lr and "data.seq_len" in saved
+    check_resume_settings(saved, resume_settings(Config()), Path("ck"))
+    check_resume_settings(None, resume_settings(Config()), Path("ck"))  # a checkpoint from before they were kept
+    now = Config()
+    now.train.lr, now.data.seq_len = 1e-4, 64
+    with pytest.raises(ValueError) as err:
+        check_resume_settings(saved, resume_settings(now), Path("ck"))
+    assert str(err.value).startswith(
+        f"cannot resume from ck: train.lr={Config().train.lr!r} -> 0.0001, data.seq_len={Config().data.seq_len!r} -> 64 "
+        "differ from the run that wrote it"
+    )

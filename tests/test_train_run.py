@@ -122,6 +122,9 @@ def test_resume_after_kill_matches(straight: Path, tmp_path: Path) -> None:
     (ckpts / ".tmp-step-00000008").mkdir()
     (ckpts / ".tmp-step-00000008" / "__0_0.distcp").write_bytes(b"partial")
     (ckpts / "step-00000099").mkdir()
+    changed = _run(["--set", "train.lr=1e-4"], out, torchrun=False)  # another schedule: refused, nothing written
+    assert changed.returncode != 0 and "train.lr=" in changed.stdout and "differ from the run" in changed.stdout
+    assert [r["step"] for r in _records(out, "train")] == [1, 2, 3, 4, 5, 6]
     resumed = _run([], out, torchrun=True)
     assert resumed.returncode == 0, resumed.stdout[-4000:]
     assert "resumed from" in resumed.stdout and "step 4" in resumed.stdout

@@ -28,7 +28,16 @@ from .metrics import MetricsLog, current_memory_mb, gather_floats, peak_memory_m
 from .model import count_4bit, decoder_blocks, dtype_of, load_quantized_model, shard
 from .optim import build_optimizer
 from .plot import plot_loss
-from .train_checkpoint import Progress, complete_checkpoints, load_checkpoint, remove_partial, save_checkpoint
+from .train_checkpoint import (
+    Progress,
+    check_resume_settings,
+    complete_checkpoints,
+    load_checkpoint,
+    read_progress,
+    remove_partial,
+    resume_settings,
+    save_checkpoint,
+)
 
 
 def _say(info: DistInfo, text: str) -> None:
@@ -112,6 +121,7 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
     start_step = 0
     found = complete_checkpoints(ckpt_root) if cfg.checkpoint.resume else []
     if found:
+        check_resume_settings(read_progress(found[-1][1]).settings, resume_settings(cfg), found[-1][1])
         progress = load_checkpoint(found[-1][1], peft_model, optimizer, scheduler)
         if progress.world_size != info.world_size:
             _say(
@@ -195,7 +205,7 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
         if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or done:
             save_checkpoint(
                 ckpt_root,
-                Progress(step + 1, batches.position, info.world_size),
+                Progress(step + 1, batches.position, info.world_size, resume_settings(cfg)),
                 peft_model,
                 optimizer,
                 scheduler,

@@ -30,13 +30,53 @@ _NAME = re.compile(r"^step-(\d{8})$")
 PROGRESS_FILE = "progress.json"
 
 
+# The settings a resumed run must share with the run that wrote the checkpoint: the restored optimizer and schedule
+# keep the old learning rates, and the data position counts micro-batches of the old size and sequence length.
+RESUME_SETTINGS = (
+    "train.steps",
+    "train.lr",
+    "train.min_lr_ratio",
+    "train.warmup_steps",
+    "train.micro_batch_size",
+    "train.grad_accum",
+    "train.seed",
+    "data.seq_len",
+)
+
+
+def resume_settings(cfg: Any) -> dict[str, Any]:
+    """The values of :data:`RESUME_SETTINGS` in ``cfg`` (a run config), by dotted name."""
+    values = {}
+    for name in RESUME_SETTINGS:
+        section, field_name = name.split(".")
+        values[name] = getattr(getattr(cfg, section), field_name)
+    return values
+
+
+def check_resume_settings(saved: dict[str, Any] | None, now: dict[str, Any], path: Path) -> None:
+    """ValueError naming each setting that differs from the checkpoint's (a checkpoint without them is taken)."""
+    changed = [
+        f"{name}={saved[name]!r} -> {now[name]!r}"
+        for name in now
+        if saved and name in saved and saved[name] != now[name]
+    ]
+    if changed:
+        raise ValueError(
+            f"cannot resume from {path}: {', '.join(changed)} differ from the run that wrote it (the restored "
+            "optimizer and schedule keep its learning rates, and its data position counts its batches); resume with "
+            "its settings, or start a new run (checkpoint.resume=false, or another output folder)"
+        )
+
+
 @dataclass
 class Progress:
-    """Where training stands: optimizer steps done, micro-batches consumed, and the world size that ran them."""
+    """Where training stands: optimizer steps done, micro-batches consumed, the world size that ran them and the
+    settings a resumed run must keep (:data:`RESUME_SETTINGS`; None in checkpoints written before they were kept)."""
 
     step: int
     data_position: int
     world_size: int
+    settings: dict[str, Any] | None = None
 
 
 def _fsync_tree(path: Path) -> None:
@@ -113,9 +153,14 @@ def save_checkpoint(
     return final
 
 
+def read_progress(path: Path) -> Progress:
+    """The progress saved with checkpoint ``path``."""
+    return Progress(**json.loads((path / PROGRESS_FILE).read_text()))
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> Progress:
     """Restore adapters, optimizer and schedule in place from ``path``; returns the saved progress (collective)."""
-    progress = Progress(**json.loads((path / PROGRESS_FILE).read_text()))
+    progress = read_progress(path)
     state = _state(model, optimizer, scheduler)
     dcp.load(state, checkpoint_id=path)
     set_optimizer_state_dict(model, optimizer, state["optimizer"])

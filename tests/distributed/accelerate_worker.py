@@ -1,7 +1,8 @@
 """accelerate's FSDP2 plugin (fsdp_version=2) prepares and trains a model with Linear4bit layers.
 
-Run with ``accelerate launch --num_processes N --cpu accelerate_worker.py STORAGE``; rank 0 prints the
-losses next to a single-process reference computed on the whole batch.
+Run with ``accelerate launch --multi_gpu --num_processes N accelerate_worker.py STORAGE`` (accelerate shards with
+FSDP only on accelerators); rank 0 prints what accelerate built (world size, distributed type, whether the
+parameters are sharded DTensors) and the losses next to a single-process reference computed on the whole batch.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import FullyShardedDataParallelPlugin
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 import fsdp4bit as bnb
 from fsdp4bit.train.distributed import teardown
@@ -31,9 +33,9 @@ class Block(nn.Module):
         return self.base(x) + self.lora_b(self.lora_a(x))
 
 
-def build(storage: torch.dtype) -> nn.Module:
+def build(storage: torch.dtype, device: torch.device) -> nn.Module:
     torch.manual_seed(0)
-    model = nn.Sequential(Block(33, 21, storage), nn.GELU(), Block(21, 3, storage)).to("cpu")
+    model = nn.Sequential(Block(33, 21, storage), nn.GELU(), Block(21, 3, storage)).to(device)
     for name, param in model.named_parameters():
         if "base" in name:
             param.requires_grad_(False)
@@ -56,22 +58,31 @@ def main() -> None:
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["Block"]
     )
-    acc = Accelerator(fsdp_plugin=plugin, cpu=True)
+    acc = Accelerator(fsdp_plugin=plugin)
     gen = torch.Generator().manual_seed(1)
     world, rank = acc.num_processes, acc.process_index
     batch = (torch.randn(4 * world, 33, generator=gen), torch.randn(4 * world, 3, generator=gen))
-    data = [batch] * 5
-    model = build(storage)
+    data = [tuple(t.to(acc.device) for t in batch)] * 5
+    model = build(storage, acc.device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model, opt = acc.prepare(model, opt)
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())
     local = [(x[rank * 4 : (rank + 1) * 4], y[rank * 4 : (rank + 1) * 4]) for x, y in data]
-    losses = torch.tensor(run(model, opt, local, acc.backward))
+    losses = torch.tensor(run(model, opt, local, acc.backward), device=acc.device)
     losses = acc.reduce(losses, reduction="mean").tolist()
-    ref = build(storage)
+    ref = build(storage, acc.device)
     ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
     ref_losses = run(ref, ref_opt, data, lambda loss: loss.backward())
     if acc.is_main_process:
-        print("REPORT " + json.dumps({"losses": losses, "reference": ref_losses}))
+        kind = acc.distributed_type.name
+        report = {
+            "world": world,
+            "distributed_type": kind,
+            "sharded": sharded,
+            "losses": losses,
+            "reference": ref_losses,
+        }
+        print("REPORT " + json.dumps(report))
     del model, opt, acc
     teardown()
 

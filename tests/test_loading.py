@@ -1,0 +1,71 @@
+"""fsdp4bit.loading on models as transformers builds them: tied embeddings and non-persistent buffers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fsdp4bit import loading
+from fsdp4bit.nn import Linear4bit
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = Linear4bit(16, 16, bias=False, quant_type="nf4")
+
+
+class _TinyLM(nn.Module):
+    """Embedding and output head sharing one weight (``tie_word_embeddings``), a rotary-style non-persistent buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.block = _Block()
+        self.head = nn.Linear(16, 32, bias=False)
+        self.head.weight = self.embed.weight
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, 8) / 8), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids) * self.inv_freq.repeat(2)
+        return self.head(self.block.proj(h))
+
+
+def _checkpoint() -> tuple[dict[str, torch.Tensor], _TinyLM]:
+    torch.manual_seed(0)
+    ref = _TinyLM().to("cpu")  # quantizes the block's weight
+    state = ref.state_dict()
+    del state["head.weight"]  # as save_pretrained writes a tied model: one name only
+    return state, ref
+
+
+def _load(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    return loading.load_sharded(
+        model, state.__getitem__, set(state), block_types=(_Block,), device="cpu", shard=lambda module: None
+    )
+
+
+def test_tied_weights_load_once_and_stay_tied():
+    state, ref = _checkpoint()
+    with torch.device("meta"):
+        model = _TinyLM()
+    model.inv_freq = ref.inv_freq.clone()  # built with real buffers (init_empty_weights(include_buffers=False))
+    _load(model, state)
+    assert model.head.weight is model.embed.weight
+    assert torch.equal(model.embed.weight, ref.embed.weight)
+    ids = torch.randint(0, 32, (2, 5))
+    assert torch.equal(model(ids), ref(ids))
+
+
+def test_meta_buffer_missing_from_the_checkpoint_is_an_error():
+    state, _ = _checkpoint()
+    with torch.device("meta"):
+        model = _TinyLM()
+    with pytest.raises(ValueError) as err:
+        _load(model, state)
+    assert str(err.value) == (
+        "non-persistent buffer 'inv_freq' is on the meta device and the checkpoint has no value for it (a "
+        "non-persistent buffer such as a rotary table is computed when its module is built, never saved): build the "
+        "model with real buffers, e.g. under accelerate.init_empty_weights(include_buffers=False)"
+    )
