@@ -64,9 +64,11 @@ def _recover(path: str) -> None:
         else:
             os.rename(backup, path)
     parent = os.path.dirname(os.path.abspath(path)) or "."
-    stale = f".{os.path.basename(path)}.tmp-"
-    for name in os.listdir(parent):
-        if name.startswith(stale):
+    stale = sorted(name for name in os.listdir(parent) if name.startswith(f".{os.path.basename(path)}.tmp-"))
+    for name in stale:
+        if name.endswith(".old") and not os.path.exists(path):  # where saves before session 25 kept it
+            os.rename(os.path.join(parent, name), path)
+        else:
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 

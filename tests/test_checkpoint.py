@@ -62,3 +62,22 @@ def test_crash_between_the_renames_loses_nothing(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
     checkpoint.load(loaded, path)
     assert _same(loaded, new)
+
+
+def test_checkpoint_an_older_save_left_aside_comes_back(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt"
+    old = _layer(0)
+    checkpoint.save(old, path)
+    os.rename(path, tmp_path / ".ckpt.tmp-0123.old")  # how saves before session 25 left it after a crash
+    (tmp_path / ".ckpt.tmp-4567").mkdir()  # an unfinished write
+
+    def broken(*args, **kwargs):
+        raise dcp.api.CheckpointException("write failed", {})
+
+    monkeypatch.setattr(dcp, "save", broken)
+    with pytest.raises(dcp.api.CheckpointException):
+        checkpoint.save(_layer(1), path)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    loaded = _layer(2)
+    checkpoint.load(loaded, path)
+    assert _same(loaded, old)
