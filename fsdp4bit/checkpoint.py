@@ -49,9 +49,14 @@ def _save_target_problem(path: str) -> str:
     return ""
 
 
+def _parent(path: str) -> str:
+    """The folder holding ``path`` (where save's temporary and backup folders live)."""
+    return os.path.dirname(os.path.abspath(path)) or "."
+
+
 def _backup(path: str) -> str:
     """Where :func:`save` keeps the checkpoint it replaces until the new one is in place."""
-    return os.path.join(os.path.dirname(os.path.abspath(path)) or ".", f".{os.path.basename(path)}.old")
+    return os.path.join(_parent(path), f".{os.path.basename(path)}.old")
 
 
 def _recover(path: str) -> None:
@@ -63,7 +68,7 @@ def _recover(path: str) -> None:
             shutil.rmtree(backup)
         else:
             os.rename(backup, path)
-    parent = os.path.dirname(os.path.abspath(path)) or "."
+    parent = _parent(path)
     stale = sorted(name for name in os.listdir(parent) if name.startswith(f".{os.path.basename(path)}.tmp-"))
     for name in stale:
         if name.endswith(".old") and not os.path.exists(path):  # where saves before session 25 kept it
@@ -79,7 +84,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     the folders leaves the old checkpoint at ``.NAME.old``, which :func:`load` reads and the next save restores."""
     _check_model(model)
     path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path)) or "."
+    parent = _parent(path)
     token = ["", ""]
     if _rank() == 0:
         _recover(path)

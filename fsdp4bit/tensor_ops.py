@@ -262,7 +262,7 @@ def _in_place_arithmetic(func, args, kwargs):
     refused, since run on the words it would corrupt them silently."""
     dst = args[0]
     if not dst.bnb_quantized:  # float values not yet quantized: an ordinary tensor op
-        func(plain(dst), *[plain(a) if isinstance(a, torch.Tensor) else a for a in args[1:]], **kwargs)
+        unwrap_call(func, args, kwargs)
         return dst
     state = dst.quant_state
     other = args[1] if len(args) > 1 else None

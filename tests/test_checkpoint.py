@@ -18,6 +18,11 @@ def _layer(seed: int) -> Linear4bit:
     return Linear4bit(64, 32, quant_type="nf4").to("cpu")
 
 
+def _failing_write(*args, **kwargs):
+    """DCP's save failing on every rank, as it reports a writer's error."""
+    raise dcp.api.CheckpointException("write failed", {})
+
+
 def _same(a: Linear4bit, b: Linear4bit) -> bool:
     return torch.equal(F.packed_bytes(a.weight), F.packed_bytes(b.weight)) and torch.equal(a.bias, b.bias)
 
@@ -27,10 +32,7 @@ def test_failed_save_keeps_the_old_checkpoint_and_leaves_nothing_behind(tmp_path
     old = _layer(0)
     checkpoint.save(old, path)
 
-    def broken(*args, **kwargs):
-        raise dcp.api.CheckpointException("write failed", {})
-
-    monkeypatch.setattr(dcp, "save", broken)
+    monkeypatch.setattr(dcp, "save", _failing_write)
     with pytest.raises(dcp.api.CheckpointException):
         checkpoint.save(_layer(1), path)
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
@@ -71,10 +73,7 @@ def test_checkpoint_an_older_save_left_aside_comes_back(tmp_path, monkeypatch):
     os.rename(path, tmp_path / ".ckpt.tmp-0123.old")  # how saves before session 25 left it after a crash
     (tmp_path / ".ckpt.tmp-4567").mkdir()  # an unfinished write
 
-    def broken(*args, **kwargs):
-        raise dcp.api.CheckpointException("write failed", {})
-
-    monkeypatch.setattr(dcp, "save", broken)
+    monkeypatch.setattr(dcp, "save", _failing_write)
     with pytest.raises(dcp.api.CheckpointException):
         checkpoint.save(_layer(1), path)
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]

@@ -30,10 +30,8 @@ from .optim import build_optimizer
 from .plot import plot_loss
 from .train_checkpoint import (
     Progress,
-    check_resume_settings,
     complete_checkpoints,
     load_checkpoint,
-    read_progress,
     remove_partial,
     resume_settings,
     save_checkpoint,
@@ -121,8 +119,7 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
     start_step = 0
     found = complete_checkpoints(ckpt_root) if cfg.checkpoint.resume else []
     if found:
-        check_resume_settings(read_progress(found[-1][1]).settings, resume_settings(cfg), found[-1][1])
-        progress = load_checkpoint(found[-1][1], peft_model, optimizer, scheduler)
+        progress = load_checkpoint(found[-1][1], peft_model, optimizer, scheduler, resume_settings(cfg))
         if progress.world_size != info.world_size:
             _say(
                 info,

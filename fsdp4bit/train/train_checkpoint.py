@@ -153,14 +153,13 @@ def save_checkpoint(
     return final
 
 
-def read_progress(path: Path) -> Progress:
-    """The progress saved with checkpoint ``path``."""
-    return Progress(**json.loads((path / PROGRESS_FILE).read_text()))
-
-
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> Progress:
-    """Restore adapters, optimizer and schedule in place from ``path``; returns the saved progress (collective)."""
-    progress = read_progress(path)
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, settings: dict[str, Any]
+) -> Progress:
+    """Restore adapters, optimizer and schedule in place from ``path``, after checking that the run's ``settings``
+    (:func:`resume_settings`) are the checkpoint's; returns the saved progress (collective)."""
+    progress = Progress(**json.loads((path / PROGRESS_FILE).read_text()))
+    check_resume_settings(progress.settings, settings, path)
     state = _state(model, optimizer, scheduler)
     dcp.load(state, checkpoint_id=path)
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
