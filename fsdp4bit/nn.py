@@ -12,6 +12,7 @@ from torch.nn.modules.module import _EXTRA_STATE_KEY_SUFFIX
 from . import functional as F
 from .autograd import matmul_4bit
 from .codebooks import as_blocksize, check_float_dtype, check_quant_storage, check_quant_type
+from .dsd import KEY_PATHS_ATTRIBUTE, KeyPaths, statistics_on_every_rank
 from .quant_state import PACKED_KEY_PREFIX, QuantState
 from .sharding import as_like, is_sharded, load_sharded_entries, sharded_state_dict_entries
 from .tensor_ops import TENSOR_OPS, SliceCache, copy_state, plain, slice_state, unwrap_call
@@ -514,6 +515,12 @@ class Linear4bit(nn.Linear):
         """The weight's quant state (bitsandbytes' ``Linear4bit.quant_state``); None before quantization."""
         return getattr(self.weight, "quant_state", None)
 
+    _state_dict_key_paths = KeyPaths()
+
+    def _fqn_modifiers(self) -> dict[str, str]:
+        """torch's DSD walks keys by getattr: ``weight.<statistic>`` keys resolve through a KeyPaths (see dsd.py)."""
+        return {"weight": KEY_PATHS_ATTRIBUTE}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         state = getattr(weight, "quant_state", None)
@@ -612,8 +619,11 @@ class Linear4bit(nn.Linear):
             if k.startswith(weight_key + ".")
             and (k.split(".")[-1] in _QS_SUFFIXES or k.startswith(weight_key + "." + PACKED_KEY_PREFIX))
         ]
+        stats = {k[len(prefix) :]: state_dict[k] for k in qs_keys}
+        if weight_key in state_dict and is_sharded(self.weight):
+            stats = statistics_on_every_rank(self.weight, stats)
         errors = self._bias_errors(state_dict, bias_key)
-        if not qs_keys:
+        if not stats:
             errors += self._plain_weight_errors(state_dict, weight_key)
             if errors:
                 error_msgs.extend(errors)
@@ -622,7 +632,6 @@ class Linear4bit(nn.Linear):
                 state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
             )
             return
-        stats = {k[len(prefix) :]: state_dict[k] for k in qs_keys}
         if weight_key not in state_dict:
             missing_keys.append(weight_key)
             return

@@ -257,7 +257,7 @@ def load_sharded_entries(weight, packed: torch.Tensor, full_state: QuantState) -
     with torch.no_grad():
         if _is_dtensor(packed):
             source = packed.to_local()
-            if source.untyped_storage().data_ptr() != target.untyped_storage().data_ptr():
+            if plain(source).untyped_storage().data_ptr() != target.untyped_storage().data_ptr():
                 target.copy_(plain(source).view(target.dtype).view(target.shape))
         else:
             lo, hi = rows[rank]

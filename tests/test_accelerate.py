@@ -23,7 +23,7 @@ WORKER = Path(__file__).parent / "distributed" / "accelerate_worker.py"
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="accelerate runs FSDP2 only on 2+ accelerators")
 @pytest.mark.parametrize("storage", ["uint8", "bfloat16"])
-def test_accelerate_fsdp2_trains_4bit_model(storage):
+def test_accelerate_fsdp2_trains_4bit_model(storage, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -38,6 +38,7 @@ def test_accelerate_fsdp2_trains_4bit_model(storage):
         str(port),
         str(WORKER),
         storage,
+        str(tmp_path),
     ]
     proc = subprocess.run(
         cmd,
@@ -49,6 +50,10 @@ def test_accelerate_fsdp2_trains_4bit_model(storage):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     report = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("REPORT "))[7:])
     assert (report["world"], report["distributed_type"], report["sharded"]) == (2, "FSDP", True), report
+    outcomes = report["state_dicts"]
+    assert outcomes["SHARDED_STATE_DICT"] == "restored", outcomes
+    # torch's broadcast load with cpu offload cannot take the statistics (pytorch/pytorch#149516): loud, never wrong
+    assert outcomes["FULL_STATE_DICT"] == "restored" or outcomes["FULL_STATE_DICT"].startswith("KeyError"), outcomes
     losses, ref = report["losses"], report["reference"]
     assert all(v == v and v < 1e6 for v in losses), losses  # finite, no NaN
     assert losses[-1] < losses[0], losses

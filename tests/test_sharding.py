@@ -99,6 +99,14 @@ def test_dcp_checkpoint_loads_on_other_world_sizes(tmp_path, save_world, load_wo
         torchrun(world, "dcp_load", path, storage)
 
 
+@pytest.mark.parametrize("world,storage", [(2, "bfloat16"), (3, "float32"), (1, "uint8")])
+def test_torch_state_dict_api_round_trips(tmp_path, world, storage):
+    """get/set_model_state_dict (sharded via DCP, full, full from rank 0 broadcast) restore every byte and output."""
+    skip_unless_fsdp_shards(storage)
+    report = torchrun(world, "dsd", str(tmp_path), storage)
+    assert report["cases"] == ["sharded", "full", "full_rank0"]
+
+
 @pytest.mark.parametrize("kind", ["float", "bnb"])
 @pytest.mark.parametrize("world", [1, 2])
 def test_sharded_model_built_from_meta_device_checkpoint(tmp_path, kind, world):

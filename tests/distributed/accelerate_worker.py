@@ -1,13 +1,15 @@
 """accelerate's FSDP2 plugin (fsdp_version=2) prepares and trains a model with Linear4bit layers.
 
-Run with ``accelerate launch --multi_gpu --num_processes N accelerate_worker.py STORAGE`` (accelerate shards with
+Run with ``accelerate launch --multi_gpu --num_processes N accelerate_worker.py STORAGE FOLDER`` (accelerate shards with
 FSDP only on accelerators); rank 0 prints what accelerate built (world size, distributed type, whether the
-parameters are sharded DTensors) and the losses next to a single-process reference computed on the whole batch.
+parameters are sharded DTensors), the losses next to a single-process reference computed on the whole batch, and
+how accelerate's state-dict round trips ended (``check_state_dicts``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
@@ -53,8 +55,48 @@ def run(model, opt, batches, backward) -> list[float]:
     return losses
 
 
+def check_state_dicts(acc: Accelerator, model: nn.Module, path: str) -> dict[str, str]:
+    """accelerate's FSDP2 state-dict paths (torch's DSD underneath) on the sharded 4-bit model: ``get_state_dict``
+    (what ``Trainer.save_model`` writes) equals fsdp4bit's own full state dict, and ``save_state`` -> every value
+    overwritten -> ``load_state`` gives back the same outputs, or fails loudly on every rank: accelerate forces
+    ``offload_to_cpu`` for FULL_STATE_DICT on several processes, and torch's broadcast load with it raises KeyError
+    on every entry that is not a parameter or buffer (pytorch/pytorch#149516), here the 4-bit statistics."""
+    from worker import plain_bytes, scrambled
+
+    from fsdp4bit import checkpoint
+
+    probe = torch.randn(5, 33, generator=torch.Generator().manual_seed(7)).to(acc.device)
+    with torch.no_grad():
+        expected = model(probe)
+    reference = {k: plain_bytes(v).cpu() for k, v in checkpoint.full_state_dict(model).items()}
+    full = acc.get_state_dict(model)
+    if acc.is_main_process:
+        assert set(full) == set(reference), set(full) ^ set(reference)
+        for k, v in reference.items():
+            assert torch.equal(plain_bytes(full[k]).cpu(), v), f"get_state_dict: {k} differs"
+    plugin = acc.state.fsdp_plugin
+    outcomes = {}
+    for kind in ("SHARDED_STATE_DICT", "FULL_STATE_DICT"):  # SHARDED_STATE_DICT is accelerate's FSDP2 default
+        plugin.state_dict_config = plugin.optim_state_dict_config = None  # the kind's own defaults
+        plugin.set_state_dict_type(kind)
+        folder = os.path.join(path, kind)
+        acc.save_state(folder)
+        scrambled(model)
+        try:
+            acc.load_state(folder)
+        except KeyError as err:
+            assert kind == "FULL_STATE_DICT" and ".weight." in str(err), f"{kind}: {err!r}"
+            outcomes[kind] = f"KeyError {err}"
+            continue
+        with torch.no_grad():
+            assert torch.equal(model(probe), expected), f"{kind}: the reloaded model computes something else"
+        outcomes[kind] = "restored"
+    return outcomes
+
+
 def main() -> None:
     storage = {"uint8": torch.uint8, "bfloat16": torch.bfloat16}[sys.argv[1]]
+    path = sys.argv[2]
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["Block"]
     )
@@ -70,6 +112,7 @@ def main() -> None:
     local = [(x[rank * 4 : (rank + 1) * 4], y[rank * 4 : (rank + 1) * 4]) for x, y in data]
     losses = torch.tensor(run(model, opt, local, acc.backward), device=acc.device)
     losses = acc.reduce(losses, reduction="mean").tolist()
+    state_dicts = check_state_dicts(acc, model, path)
     ref = build(storage, acc.device)
     ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
     ref_losses = run(ref, ref_opt, data, lambda loss: loss.backward())
@@ -81,6 +124,7 @@ def main() -> None:
             "sharded": sharded,
             "losses": losses,
             "reference": ref_losses,
+            "state_dicts": state_dicts,
         }
         print("REPORT " + json.dumps(report))
     del model, opt, acc

@@ -225,6 +225,75 @@ def scenario_dcp_load(path: str, storage_name: str) -> dict:
     return {"loaded": path}
 
 
+def scenario_dsd(path: str, storage_name: str) -> dict:
+    """torch's state-dict API (DSD: accelerate's FSDP2 save/load, torchtitan) round-trips a sharded 4-bit model:
+    sharded through DCP files, full on every rank, and full on rank 0 broadcast to the others."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    storage = STORAGES[storage_name]
+    rank = dist.get_rank()
+    x = torch.randn(5, 67, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+
+    def sharded(seed: int) -> nn.Module:
+        return shard_model(make_model(storage, seed=seed), block_types=(LoRALinear,))
+
+    source = sharded(5)
+    expected = source(x)
+    reference = {k: plain_bytes(v).cpu() for k, v in checkpoint_full(source).items()}
+    options = {
+        "sharded": (StateDictOptions(), StateDictOptions()),
+        "full": (StateDictOptions(full_state_dict=True), StateDictOptions(full_state_dict=True)),
+        "full_rank0": (
+            StateDictOptions(full_state_dict=True, cpu_offload=True),
+            StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+        ),
+    }
+    for name, (get_options, set_options) in options.items():
+        state = get_model_state_dict(source, options=get_options)
+        if name == "full_rank0" and rank != 0:
+            assert state == {}, f"rank {rank} got a rank-0-only state dict with {len(state)} keys"
+        else:
+            assert set(state) == set(reference), set(state) ^ set(reference)
+        target = scrambled(sharded(5))  # the same layout (DCP loads into it), every value overwritten
+        if name == "sharded":
+            dcp.save(state, checkpoint_id=os.path.join(path, name))
+            state = get_model_state_dict(target, options=get_options)
+            dcp.load(state, checkpoint_id=os.path.join(path, name))
+        result = set_model_state_dict(target, state, options=set_options)
+        assert not result.missing_keys and not result.unexpected_keys, (name, result)
+        assert torch.equal(target(x), expected), f"{name}: the reloaded model computes something else"
+        loaded = checkpoint_full(target)
+        for k, v in reference.items():
+            assert torch.equal(plain_bytes(loaded[k]).cpu(), v), f"{name}: {k} differs after the round trip"
+    return {"cases": list(options)}
+
+
+def scrambled(model: nn.Module) -> nn.Module:
+    """``model`` with random packed words, statistics and LoRA weights: what a load must overwrite. The JSON
+    metadata (shapes, nested offset) stays: a DCP load reads into entries of the model's own sizes."""
+    gen = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                local = getattr(module.weight, "_local_tensor", module.weight)
+                words = plain_bytes(local)
+                words.copy_(torch.randint(0, 256, words.shape, generator=gen, dtype=torch.uint8))
+                state = local.quant_state
+                tables = [state.absmax] + ([state.state2.absmax] if state.nested else [])
+                for t in tables:
+                    t.copy_(torch.randint(0, 256, t.shape, generator=gen).to(t.dtype))
+            elif isinstance(module, nn.Linear):
+                weight = getattr(module.weight, "_local_tensor", module.weight)
+                weight.copy_(torch.randn(weight.shape, generator=gen))
+    return model
+
+
+def checkpoint_full(model: nn.Module) -> dict:
+    """The whole model's state dict on every rank (fsdp4bit's own gathering, independent of DSD)."""
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+
+
 class Block(nn.Module):
     """A residual block with one 4-bit projection (the unit ``load_sharded`` materializes and shards)."""
 
