@@ -30,17 +30,24 @@ class KeyPaths:
 
 
 def statistics_on_every_rank(weight, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The statistics a sharded weight loads, taken from the lowest rank of its mesh that was given them.
+    """The statistics a sharded weight loads, taken from a rank of its mesh that was given them.
 
     DSD's ``broadcast_from_rank0`` load copies the packed words into every shard but passes the statistics to
-    rank 0 alone. Loading a sharded 4-bit weight is therefore collective over its mesh: one all-gather of a
-    flag, and a broadcast only when ranks differ. Returns ``stats`` unchanged when every rank (or none) has them.
+    rank 0 alone. Loading a sharded 4-bit weight is therefore collective over its mesh: per mesh dimension, one
+    all-gather of a flag, and a broadcast from the lowest holder where ranks differ (dimension by dimension, so
+    they reach every rank of an HSDP mesh). Returns ``stats`` unchanged when every rank (or none) has them.
     """
+    mesh = weight.device_mesh
+    device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else "cpu"
+    for dim in range(mesh.ndim):
+        stats = _share(stats, mesh.get_group(dim), mesh.size(dim), device)
+    return stats
+
+
+def _share(stats: dict[str, torch.Tensor], group, world: int, device) -> dict[str, torch.Tensor]:
+    """``stats`` of the lowest rank of ``group`` that has any, on the ranks that have none."""
     import torch.distributed as dist
 
-    mesh = weight.device_mesh
-    group, world = mesh.get_group(), mesh.size()
-    device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else "cpu"
     have = torch.tensor([1 if stats else 0], dtype=torch.int32, device=device)
     flags = have.new_empty(world)
     dist.all_gather_into_tensor(flags, have, group=group)
@@ -49,4 +56,4 @@ def statistics_on_every_rank(weight, stats: dict[str, torch.Tensor]) -> dict[str
         return stats
     payload = [{k: v.detach().cpu() for k, v in stats.items()} if stats else None]
     dist.broadcast_object_list(payload, src=dist.get_global_rank(group, holders[0]), group=group, device=device)
-    return payload[0]
+    return stats if stats else payload[0]

@@ -208,14 +208,25 @@ def as_like(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def gather_quant_state(local, mesh) -> QuantState:
-    """The whole weight's QuantState, all-gathering the owned absmax of every shard (one small collective)."""
+def shard_dim(weight) -> int:
+    """The mesh dimension a sharded weight is split over (HSDP's 2-D meshes replicate it over the other one)."""
+    dims = [i for i, placement in enumerate(weight.placements) if placement.is_shard()]
+    if len(dims) != 1:
+        raise ValueError(
+            f"a sharded 4-bit weight must be split over exactly one mesh dimension, got {weight.placements}"
+        )
+    return dims[0]
+
+
+def gather_quant_state(weight) -> QuantState:
+    """The whole QuantState of a sharded weight, all-gathering the owned absmax of every shard (one small collective)."""
     import torch.distributed as dist
 
-    world = mesh.size()
-    absmax = _padded_owned_absmax(local, world, mesh.get_local_rank())
+    local, mesh, dim = weight._local_tensor, weight.device_mesh, shard_dim(weight)
+    world = mesh.size(dim)
+    absmax = _padded_owned_absmax(local, world, mesh.get_local_rank(dim))
     gathered = absmax.new_empty(world * absmax.numel())
-    dist.all_gather_into_tensor(gathered, absmax, group=mesh.get_group())
+    dist.all_gather_into_tensor(gathered, absmax, group=mesh.get_group(dim))
     _, _, blocks, max_blocks = _layout_of(local, world)
     state = local.quant_state
     full = torch.index_select(gathered, 0, _gather_index(blocks, max_blocks, gathered.device))
@@ -236,14 +247,14 @@ def sharded_state_dict_entries(weight) -> tuple[torch.Tensor, QuantState]:
     packed = DTensor.from_local(
         plain(local), weight.device_mesh, weight.placements, run_check=False, shape=weight.shape, stride=weight.stride()
     )
-    return packed, gather_quant_state(local, weight.device_mesh)
+    return packed, gather_quant_state(weight)
 
 
 def load_sharded_entries(weight, packed: torch.Tensor, full_state: QuantState) -> None:
     """Copy a checkpoint's packed words (DTensor or the whole plain tensor) and whole statistics into a shard."""
     local = weight._local_tensor
-    mesh = weight.device_mesh
-    world, rank = mesh.size(), mesh.get_local_rank()
+    mesh, dim = weight.device_mesh, shard_dim(weight)
+    world, rank = mesh.size(dim), mesh.get_local_rank(dim)
     state = local.quant_state
     layout = (tuple(full_state.shape), full_state.quant_type, full_state.blocksize, full_state.nested)
     if layout != (tuple(state.shape), state.quant_type, state.blocksize, state.nested):

@@ -50,6 +50,8 @@ def test_accelerate_fsdp2_trains_4bit_model(storage, tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     report = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("REPORT "))[7:])
     assert (report["world"], report["distributed_type"], report["sharded"]) == (2, "FSDP", True), report
+    if storage == "bfloat16":
+        assert report["base_sharded"], report  # the 4-bit weights themselves are sharded, not only the adapters
     outcomes = report["state_dicts"]
     assert outcomes["SHARDED_STATE_DICT"] == "restored", outcomes
     # torch's broadcast load with cpu offload cannot take the statistics (pytorch/pytorch#149516): loud, never wrong

@@ -107,6 +107,15 @@ def test_torch_state_dict_api_round_trips(tmp_path, world, storage):
     assert report["cases"] == ["sharded", "full", "full_rank0"]
 
 
+def test_hsdp_trains_and_round_trips_state_dicts(tmp_path):
+    """HSDP (a 2-D mesh: 2 replicas, each sharded over 2 ranks) trains like one process and its state dicts
+    (sharded via DCP, full, full from rank 0) round-trip: the statistics follow the shard dimension."""
+    report = torchrun(4, "train", "bfloat16", "fp32", "reshard", "nockpt", "hsdp")
+    assert len(report["losses"]) == 6
+    report = torchrun(4, "dsd", str(tmp_path), "bfloat16", "hsdp")
+    assert report["cases"] == ["sharded", "full", "full_rank0"]
+
+
 @pytest.mark.parametrize("kind", ["float", "bnb"])
 @pytest.mark.parametrize("world", [1, 2])
 def test_sharded_model_built_from_meta_device_checkpoint(tmp_path, kind, world):

@@ -109,6 +109,8 @@ def main() -> None:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model, opt = acc.prepare(model, opt)
     sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    # accelerate leaves integer (uint8-stored) Params4bit unsharded, by class name (its bitsandbytes workaround)
+    base_sharded = all(isinstance(m.weight, DTensor) for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
     local = [(x[rank * 4 : (rank + 1) * 4], y[rank * 4 : (rank + 1) * 4]) for x, y in data]
     losses = torch.tensor(run(model, opt, local, acc.backward), device=acc.device)
     losses = acc.reduce(losses, reduction="mean").tolist()
@@ -122,6 +124,7 @@ def main() -> None:
             "world": world,
             "distributed_type": kind,
             "sharded": sharded,
+            "base_sharded": base_sharded,
             "losses": losses,
             "reference": ref_losses,
             "state_dicts": state_dicts,

@@ -144,8 +144,20 @@ def train(model: nn.Module, batches, steps: int, ckpt: bool = False) -> list[flo
     return losses
 
 
-def scenario_train(storage_name: str, precision: str, reshard: str, ckpt: str) -> dict:
-    """N AdamW steps of 4-bit base + LoRA under FSDP2 match a single-process run on the whole batch."""
+def mesh_for(layout: str):
+    """None (fully_shard's default 1-D mesh over every rank) for "fsdp"; for "hsdp" a 2-D mesh that replicates
+    over 2 groups and shards within each."""
+    if layout == "fsdp":
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    assert layout == "hsdp" and world % 2 == 0, (layout, world)
+    return init_device_mesh(DEVICE.type, (2, world // 2), mesh_dim_names=("replicate", "shard"))
+
+
+def scenario_train(storage_name: str, precision: str, reshard: str, ckpt: str, layout: str = "fsdp") -> dict:
+    """N AdamW steps of 4-bit base + LoRA under FSDP2 (or HSDP) match a single-process run on the whole batch."""
     rank, world = dist.get_rank(), dist.get_world_size()
     storage = STORAGES[storage_name]
     steps, per_rank = 6, 4
@@ -164,6 +176,7 @@ def scenario_train(storage_name: str, precision: str, reshard: str, ckpt: str) -
         ref_model = ref_model.to(torch.bfloat16)
     shard_model(
         model,
+        mesh=mesh_for(layout),
         block_types=(LoRALinear,),
         mp_policy=mp,
         reshard_after_forward=reshard != "noreshard",
@@ -225,7 +238,7 @@ def scenario_dcp_load(path: str, storage_name: str) -> dict:
     return {"loaded": path}
 
 
-def scenario_dsd(path: str, storage_name: str) -> dict:
+def scenario_dsd(path: str, storage_name: str, layout: str = "fsdp") -> dict:
     """torch's state-dict API (DSD: accelerate's FSDP2 save/load, torchtitan) round-trips a sharded 4-bit model:
     sharded through DCP files, full on every rank, and full on rank 0 broadcast to the others."""
     import torch.distributed.checkpoint as dcp
@@ -236,7 +249,7 @@ def scenario_dsd(path: str, storage_name: str) -> dict:
     x = torch.randn(5, 67, generator=torch.Generator().manual_seed(3)).to(DEVICE)
 
     def sharded(seed: int) -> nn.Module:
-        return shard_model(make_model(storage, seed=seed), block_types=(LoRALinear,))
+        return shard_model(make_model(storage, seed=seed), mesh=mesh_for(layout), block_types=(LoRALinear,))
 
     source = sharded(5)
     expected = source(x)
