@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.modules.module import _EXTRA_STATE_KEY_SUFFIX
 
 from . import functional as F
-from .autograd import matmul_4bit
+from .autograd import autocast_on, matmul_4bit
 from .codebooks import as_blocksize, check_float_dtype, check_quant_storage, check_quant_type
 from .dsd import KEY_PATHS_ATTRIBUTE, KeyPaths, statistics_on_every_rank
 from .quant_state import PACKED_KEY_PREFIX, QuantState
@@ -536,7 +536,11 @@ class Linear4bit(nn.Linear):
             if not x.is_floating_point():
                 raise TypeError(f"x must be a floating-point tensor, got {inp_dtype}")
             x = x.to(self.compute_dtype)
-        out = matmul_4bit(x, weight, quant_state=state, bias=self.bias)
+        if self.compute_dtype is not None and autocast_on(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):  # an explicit compute_dtype wins over autocast
+                out = matmul_4bit(x, weight, quant_state=state, bias=self.bias)
+        else:  # in the input's dtype, or autocast's (see matmul_4bit)
+            out = matmul_4bit(x, weight, quant_state=state, bias=self.bias)
         return out if out.dtype == inp_dtype else out.to(inp_dtype)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:

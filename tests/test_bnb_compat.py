@@ -224,3 +224,34 @@ def test_peft_merge_and_unload_keeps_a_4bit_layer():
     assert isinstance(merged[0], Linear4bit)
     # the adapted function, to within the 4-bit rounding of the merged weights
     assert (out - adapted).abs().max() <= 0.1 * adapted.abs().max()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40], ids=lambda r: f"rows={r}")
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_sets_the_base_matmul_dtype_on_every_path(device, rows):
+    """Under torch.autocast a layer without compute_dtype multiplies in the autocast dtype, as bitsandbytes' does
+    through F.linear, whatever path the row count takes (it used to depend on it); an explicit compute_dtype wins.
+    The layer returns the input's dtype (bitsandbytes' rule); matmul_4bit returns autocast's (F.linear's)."""
+    torch.manual_seed(0)
+    layers = {}
+    for name, dtype in (("auto", None), ("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        layers[name] = Linear4bit(256, 96, compute_dtype=dtype, quant_type="nf4")
+        layers[name].load_state_dict(layers["auto"].state_dict())
+        layers[name] = layers[name].to(device)
+    x = torch.randn(rows, 256, device=device)
+    x_auto, x_bf16 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    plain = layers["auto"](x)
+    bf16 = layers["bf16"](x_bf16)
+    bf16.sum().backward()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        auto = layers["auto"](x_auto)
+        fp32 = layers["fp32"](x)
+        weight = layers["auto"].weight
+        direct = fsdp4bit.matmul_4bit(x, weight.t(), weight.quant_state)
+    auto.sum().backward()
+    assert auto.dtype == fp32.dtype == torch.float32
+    assert torch.equal(auto, bf16), "autocast did not give the bf16 compute_dtype result"
+    assert torch.equal(fp32, plain), "an explicit float32 compute_dtype was overridden by autocast"
+    assert torch.equal(x_auto.grad, x_bf16.grad)
+    assert direct.dtype == torch.bfloat16
+    assert torch.equal(direct, fsdp4bit.matmul_4bit(x.to(torch.bfloat16), weight.t(), weight.quant_state))
