@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import torch
 
-KEY_PATHS_ATTRIBUTE = "_state_dict_key_paths"
-
 
 class KeyPaths:
     """Stands for every public attribute path below a 4-bit layer's ``weight`` key, so DSD's key check passes.

@@ -12,7 +12,7 @@ from torch.nn.modules.module import _EXTRA_STATE_KEY_SUFFIX
 from . import functional as F
 from .autograd import autocast_on, matmul_4bit
 from .codebooks import as_blocksize, check_float_dtype, check_quant_storage, check_quant_type
-from .dsd import KEY_PATHS_ATTRIBUTE, KeyPaths, statistics_on_every_rank
+from .dsd import KeyPaths, statistics_on_every_rank
 from .quant_state import PACKED_KEY_PREFIX, QuantState
 from .sharding import as_like, is_sharded, load_sharded_entries, sharded_state_dict_entries
 from .tensor_ops import TENSOR_OPS, SliceCache, copy_state, plain, slice_state, unwrap_call
@@ -519,7 +519,7 @@ class Linear4bit(nn.Linear):
 
     def _fqn_modifiers(self) -> dict[str, str]:
         """torch's DSD walks keys by getattr: ``weight.<statistic>`` keys resolve through a KeyPaths (see dsd.py)."""
-        return {"weight": KEY_PATHS_ATTRIBUTE}
+        return {"weight": "_state_dict_key_paths"}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight

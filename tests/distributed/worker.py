@@ -244,6 +244,8 @@ def scenario_dsd(path: str, storage_name: str, layout: str = "fsdp") -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
+    from fsdp4bit import checkpoint
+
     storage = STORAGES[storage_name]
     rank = dist.get_rank()
     x = torch.randn(5, 67, generator=torch.Generator().manual_seed(3)).to(DEVICE)
@@ -253,7 +255,7 @@ def scenario_dsd(path: str, storage_name: str, layout: str = "fsdp") -> dict:
 
     source = sharded(5)
     expected = source(x)
-    reference = {k: plain_bytes(v).cpu() for k, v in checkpoint_full(source).items()}
+    reference = {k: plain_bytes(v).cpu() for k, v in checkpoint.full_state_dict(source).items()}
     options = {
         "sharded": (StateDictOptions(), StateDictOptions()),
         "full": (StateDictOptions(full_state_dict=True), StateDictOptions(full_state_dict=True)),
@@ -276,7 +278,7 @@ def scenario_dsd(path: str, storage_name: str, layout: str = "fsdp") -> dict:
         result = set_model_state_dict(target, state, options=set_options)
         assert not result.missing_keys and not result.unexpected_keys, (name, result)
         assert torch.equal(target(x), expected), f"{name}: the reloaded model computes something else"
-        loaded = checkpoint_full(target)
+        loaded = checkpoint.full_state_dict(target)
         for k, v in reference.items():
             assert torch.equal(plain_bytes(loaded[k]).cpu(), v), f"{name}: {k} differs after the round trip"
     return {"cases": list(options)}
@@ -300,11 +302,6 @@ def scrambled(model: nn.Module) -> nn.Module:
                 weight = getattr(module.weight, "_local_tensor", module.weight)
                 weight.copy_(torch.randn(weight.shape, generator=gen))
     return model
-
-
-def checkpoint_full(model: nn.Module) -> dict:
-    """The whole model's state dict on every rank (fsdp4bit's own gathering, independent of DSD)."""
-    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
 
 
 class Block(nn.Module):
