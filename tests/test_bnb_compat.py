@@ -62,7 +62,7 @@ def test_packed_weight_converts_to_numpy_and_lists(storage):
         assert torch.equal(torch.from_numpy(arr.copy()).reshape(-1).view(torch.uint8), raw)
     if storage == torch.uint8:  # (float words may hold NaN patterns, which no list comparison keeps)
         assert torch.equal(torch.tensor(w.tolist(), dtype=storage).reshape(-1), raw)
-    assert np.array_equal(w.reshape(-1)[:4].numpy(), w.numpy().reshape(-1)[:4])
+    assert np.array_equal(w.reshape(-1)[:4].numpy().view(np.uint8), w.numpy().reshape(-1)[:4].view(np.uint8))
 
 
 def test_state_views_on_the_weight_and_the_layer():
