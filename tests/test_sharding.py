@@ -116,6 +116,17 @@ def test_hsdp_trains_and_round_trips_state_dicts(tmp_path):
     assert report["cases"] == ["sharded", "full", "full_rank0"]
 
 
+def test_hsdp_checkpoint_loads_on_other_mesh_shapes(tmp_path):
+    """fsdp4bit.checkpoint saved under HSDP (2 x 2) reloads bit-exactly under FSDP at 2 ranks and HSDP at 4, and an
+    FSDP checkpoint of 2 ranks reloads under HSDP: DCP stores the replicated shards once."""
+    hsdp, fsdp = str(tmp_path / "hsdp"), str(tmp_path / "fsdp")
+    torchrun(4, "dcp_save", hsdp, "bfloat16", "hsdp")
+    torchrun(2, "dcp_load", hsdp, "bfloat16")
+    torchrun(4, "dcp_load", hsdp, "bfloat16", "hsdp")
+    torchrun(2, "dcp_save", fsdp, "bfloat16")
+    torchrun(4, "dcp_load", fsdp, "bfloat16", "hsdp")
+
+
 @pytest.mark.parametrize("kind", ["float", "bnb"])
 @pytest.mark.parametrize("world", [1, 2])
 def test_sharded_model_built_from_meta_device_checkpoint(tmp_path, kind, world):

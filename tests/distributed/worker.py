@@ -205,11 +205,11 @@ def scenario_train(storage_name: str, precision: str, reshard: str, ckpt: str, l
     return {"losses": losses_avg, "reference": ref_losses}
 
 
-def scenario_dcp_save(path: str, storage_name: str) -> dict:
+def scenario_dcp_save(path: str, storage_name: str, layout: str = "fsdp") -> dict:
     from fsdp4bit import checkpoint
 
     model = make_model(STORAGES[storage_name], seed=5)
-    shard_model(model, block_types=(LoRALinear,))
+    shard_model(model, mesh=mesh_for(layout), block_types=(LoRALinear,))
     checkpoint.save(model, path)
     full = checkpoint.full_state_dict(model)
     if dist.get_rank() == 0:
@@ -217,11 +217,11 @@ def scenario_dcp_save(path: str, storage_name: str) -> dict:
     return {"saved": path}
 
 
-def scenario_dcp_load(path: str, storage_name: str) -> dict:
+def scenario_dcp_load(path: str, storage_name: str, layout: str = "fsdp") -> dict:
     from fsdp4bit import checkpoint
 
     model = make_model(STORAGES[storage_name], seed=99)  # different weights: all must come from the checkpoint
-    shard_model(model, block_types=(LoRALinear,))
+    shard_model(model, mesh=mesh_for(layout), block_types=(LoRALinear,))
     checkpoint.load(model, path)
     full = checkpoint.full_state_dict(model)
     if dist.get_rank() == 0:
