@@ -27,18 +27,23 @@ def _same(a: Linear4bit, b: Linear4bit) -> bool:
     return torch.equal(F.packed_bytes(a.weight), F.packed_bytes(b.weight)) and torch.equal(a.bias, b.bias)
 
 
+def _failed_save_keeps(old: Linear4bit, path, monkeypatch) -> None:
+    """A save whose DCP write fails raises, leaves only the checkpoint folder beside it, and ``old`` still loads."""
+    monkeypatch.setattr(dcp, "save", _failing_write)
+    with pytest.raises(dcp.api.CheckpointException):
+        checkpoint.save(_layer(1), path)
+    assert sorted(os.listdir(path.parent)) == ["ckpt"]
+    loaded = _layer(2)
+    checkpoint.load(loaded, path)
+    assert _same(loaded, old)
+
+
 def test_failed_save_keeps_the_old_checkpoint_and_leaves_nothing_behind(tmp_path, monkeypatch):
     path = tmp_path / "ckpt"
     old = _layer(0)
     checkpoint.save(old, path)
 
-    monkeypatch.setattr(dcp, "save", _failing_write)
-    with pytest.raises(dcp.api.CheckpointException):
-        checkpoint.save(_layer(1), path)
-    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
-    loaded = _layer(2)
-    checkpoint.load(loaded, path)
-    assert _same(loaded, old)
+    _failed_save_keeps(old, path, monkeypatch)
 
 
 def test_crash_between_the_renames_loses_nothing(tmp_path, monkeypatch):
@@ -73,10 +78,4 @@ def test_checkpoint_an_older_save_left_aside_comes_back(tmp_path, monkeypatch):
     os.rename(path, tmp_path / ".ckpt.tmp-0123.old")  # how saves before session 25 left it after a crash
     (tmp_path / ".ckpt.tmp-4567").mkdir()  # an unfinished write
 
-    monkeypatch.setattr(dcp, "save", _failing_write)
-    with pytest.raises(dcp.api.CheckpointException):
-        checkpoint.save(_layer(1), path)
-    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
-    loaded = _layer(2)
-    checkpoint.load(loaded, path)
-    assert _same(loaded, old)
+    _failed_save_keeps(old, path, monkeypatch)

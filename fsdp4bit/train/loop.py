@@ -118,8 +118,9 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
 
     start_step = 0
     found = complete_checkpoints(ckpt_root) if cfg.checkpoint.resume else []
+    settings = resume_settings(cfg)
     if found:
-        progress = load_checkpoint(found[-1][1], peft_model, optimizer, scheduler, resume_settings(cfg))
+        progress = load_checkpoint(found[-1][1], peft_model, optimizer, scheduler, settings)
         if progress.world_size != info.world_size:
             _say(
                 info,
@@ -202,7 +203,7 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
         if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or done:
             save_checkpoint(
                 ckpt_root,
-                Progress(step + 1, batches.position, info.world_size, resume_settings(cfg)),
+                Progress(step + 1, batches.position, info.world_size, settings),
                 peft_model,
                 optimizer,
                 scheduler,
