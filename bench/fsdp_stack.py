@@ -26,7 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import fsdp4bit as bnb
 from fsdp4bit.train.config import LoraSection, ModelConfig
 from fsdp4bit.train.lora import attach_lora
-from fsdp4bit.train.model import quantized_weight, replace_linears, shard
+from fsdp4bit.train.model import decoder_blocks, quantized_weight, replace_linears, shard
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8)
 TINY = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
@@ -89,7 +89,8 @@ def build(base: str, shapes: dict, layers: int, device: torch.device, mesh) -> n
         to_4bit(model, device)
     model.requires_grad_(False)
     peft_model = attach_lora(model, LoraSection(r=16, alpha=16, dropout=0.0), seed=1)
-    shard(model, mesh=mesh, mp_dtype=torch.bfloat16, reshard_after_forward=True, cpu_offload=False)
+    for module in [block for _, block in decoder_blocks(model)] + [model]:
+        shard(module, mesh=mesh, mp_dtype=torch.bfloat16, reshard_after_forward=True, cpu_offload=False)
     return peft_model
 
 

@@ -148,6 +148,45 @@ def _is_4bit(module: nn.Module) -> bool:
     return isinstance(getattr(module, "weight", None), Params4bit)
 
 
+def check_shardable(module: nn.Module) -> None:
+    """Raise ValueError for a 4-bit weight in ``module`` that FSDP2 cannot shard (not quantized yet, or integer
+    storage on a torch whose FSDP2 refuses integer parameters)."""
+    from .nn import Params4bit
+
+    for name, param in module.named_parameters():
+        if isinstance(param, Params4bit) and param.quant_state is None:
+            raise ValueError(f"{name} is a Params4bit that is not quantized yet: call .to(device) before sharding it")
+        if isinstance(param, Params4bit) and not param.dtype.is_floating_point and not fsdp_supports_integer_params():
+            raise ValueError(
+                f"{name} has quant_storage={param.dtype}, but this torch ({torch.__version__}) FSDP2 cannot shard "
+                "integer parameters (it marks every shard requires_grad=True). Use quant_storage=torch.bfloat16 "
+                "(the packed bytes are identical) or torch >= 2.13."
+            )
+
+
+def shard_module(
+    module: nn.Module,
+    *,
+    mesh=None,
+    mp_policy=None,
+    reshard_after_forward: bool = True,
+    cpu_offload: bool = False,
+) -> nn.Module:
+    """``fully_shard`` one module (a block, or the root once its blocks are sharded) after ``check_shardable``;
+    lets a loader shard each block as soon as it is loaded."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    check_shardable(module)
+    kwargs: dict[str, Any] = {"reshard_after_forward": reshard_after_forward}
+    if mesh is not None:
+        kwargs["mesh"] = mesh
+    kwargs["mp_policy"] = mp_policy if mp_policy is not None else MixedPrecisionPolicy()
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    fully_shard(module, **kwargs)
+    return module
+
+
 def shard_model(
     model: nn.Module,
     *,
@@ -159,32 +198,15 @@ def shard_model(
 ) -> nn.Module:
     """Apply FSDP2 the usual way: ``fully_shard`` each block (given types, or every module holding 4-bit
     weights when none are given), then the root. 4-bit weights must be quantized (``.to(device)``) first."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-
-    from .nn import Params4bit
-
-    for name, param in model.named_parameters():
-        if isinstance(param, Params4bit) and param.quant_state is None:
-            raise ValueError(f"{name} is a Params4bit that is not quantized yet: call .to(device) before shard_model")
-        if isinstance(param, Params4bit) and not param.dtype.is_floating_point and not fsdp_supports_integer_params():
-            raise ValueError(
-                f"{name} has quant_storage={param.dtype}, but this torch ({torch.__version__}) FSDP2 cannot shard "
-                "integer parameters (it marks every shard requires_grad=True). Use quant_storage=torch.bfloat16 "
-                "(the packed bytes are identical) or torch >= 2.13."
-            )
-    kwargs: dict[str, Any] = {"reshard_after_forward": reshard_after_forward}
-    if mesh is not None:
-        kwargs["mesh"] = mesh
-    kwargs["mp_policy"] = mp_policy if mp_policy is not None else MixedPrecisionPolicy()
-    if cpu_offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+    check_shardable(model)
     if block_types is None:
         blocks = [m for m in model.modules() if m is not model and _is_4bit(m)]
     else:
         blocks = [m for m in model.modules() if m is not model and isinstance(m, block_types)]
+    options = dict(mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward, cpu_offload=cpu_offload)
     for block in blocks:
-        fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
+        shard_module(block, **options)
+    shard_module(model, **options)
     return model
 
 

@@ -143,3 +143,15 @@ def test_shard_model_explains_integer_storage_on_old_torch(monkeypatch):
     layer = bnb.nn.Linear4bit(8, 8, quant_type="nf4").to("cpu")
     with pytest.raises(ValueError, match="quant_storage=torch.bfloat16"):
         sharding.shard_model(layer)
+
+
+def test_sharding_refuses_an_unquantized_weight():
+    """A Params4bit not quantized yet (still float, never moved with ``.to(device)``) is refused before FSDP2
+    sees it, by the model-wide and the one-module entry points alike."""
+    import fsdp4bit as bnb
+    from fsdp4bit import sharding
+
+    layer = bnb.nn.Linear4bit(8, 8, quant_type="nf4", quant_storage=torch.bfloat16)
+    for shard in (sharding.shard_model, sharding.shard_module):
+        with pytest.raises(ValueError, match=r"^weight is a Params4bit that is not quantized yet: call \.to\(device\)"):
+            shard(layer)

@@ -77,6 +77,7 @@ def test_loss_finite_and_decreasing(straight: Path) -> None:
 def test_metrics_and_plot_written(straight: Path) -> None:
     (summary,) = _records(straight, "summary")
     assert summary["world_size"] == 2 and len(summary["peak_mem_mb_per_rank"]) == 2
+    assert len(summary["load_peak_mem_mb_per_rank"]) == 2 and min(summary["load_peak_mem_mb_per_rank"]) > 0
     assert summary["ppl_after"] < summary["ppl_before"]
     assert {r["when"] for r in _records(straight, "eval")} == {"before", "after"}
     assert all(r["tokens_per_s"] > 0 for r in _records(straight, "train"))

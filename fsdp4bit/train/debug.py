@@ -20,6 +20,7 @@ from fsdp4bit.functional import packed_bytes
 from fsdp4bit.nn import Linear4bit, Params4bit
 
 from .config import ModelConfig
+from .lora import is_adapter
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -27,12 +28,15 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def check_quantized(model: nn.Module, cfg: ModelConfig) -> None:
-    """Raise if a linear that should be 4-bit is still float, or a Linear4bit was never quantized."""
+    """Raise if a linear that should be 4-bit is still float, or a Linear4bit was never quantized (peft's adapter
+    linears, ``lora_A`` / ``lora_B``, are float by design)."""
     for name, module in model.named_modules():
+        if is_adapter(name):
+            continue
         leaf = name.rsplit(".", 1)[-1]
         if type(module) is nn.Linear and leaf not in cfg.skip_modules:
             raise AssertionError(f"{name} is still a float nn.Linear; it should be fsdp4bit.nn.Linear4bit")
-        if isinstance(module, Linear4bit) and getattr(module.weight, "quant_state", None) is None:
+        if isinstance(module, Linear4bit) and getattr(_local(module.weight), "quant_state", None) is None:
             raise AssertionError(f"{name} is a Linear4bit whose weight was never quantized")
 
 

@@ -23,9 +23,9 @@ from .data import RankBatches, build_datasets
 from .distributed import DistInfo, setup, teardown
 from .embedded import ensure_embedded_model
 from .evaluate import perplexity
-from .lora import attach_lora, save_adapter, trainable_parameters
+from .lora import AdapterInit, attach_lora, save_adapter, trainable_parameters
 from .metrics import MetricsLog, current_memory_mb, gather_floats, peak_memory_mb, read_metrics
-from .model import count_4bit, decoder_blocks, dtype_of, load_quantized_model, shard
+from .model import build_model, count_4bit, dtype_of, load_blocks, load_tokenizer, shard
 from .optim import build_optimizer
 from .plot import plot_loss
 from .train_checkpoint import (
@@ -84,32 +84,40 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
 
     torch.manual_seed(tcfg.seed)
     t0 = time.time()
-    model, tokenizer = load_quantized_model(cfg.model, info.device)
+    model = build_model(cfg.model)
+    train_seqs, eval_seqs = build_datasets(cfg.data, load_tokenizer(cfg.model))
+    peft_model = attach_lora(model, cfg.lora, tcfg.seed)
+    init_adapters = AdapterInit()
+    if cfg.model.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    mp_dtype = dtype_of(tcfg.mixed_precision) if tcfg.mixed_precision else None
+
+    def finish(module: torch.nn.Module) -> None:
+        """A block (or the root) just loaded: adapters get their initial values, then FSDP2 shards it."""
+        init_adapters(module)
+        if cfg.model.compile and module is not model:
+            module.compile()
+        shard(
+            module,
+            mesh=info.mesh,
+            mp_dtype=mp_dtype,
+            reshard_after_forward=cfg.dist.reshard_after_forward,
+            cpu_offload=cfg.dist.cpu_offload,
+        )
+
+    load_blocks(model, cfg.model, info.device, finish)
+    load_peak = gather_floats(peak_memory_mb(info.device))
     n4, nfloat = count_4bit(model)
     if info.debug:
         dbg.check_quantized(model, cfg.model)
-    train_seqs, eval_seqs = build_datasets(cfg.data, tokenizer)
-    peft_model = attach_lora(model, cfg.lora, tcfg.seed)
-    if cfg.model.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.model.compile:
-        for _, block in decoder_blocks(model):
-            block.compile()
-    mp_dtype = dtype_of(tcfg.mixed_precision) if tcfg.mixed_precision else None
-    shard(
-        model,
-        mesh=info.mesh,
-        mp_dtype=mp_dtype,
-        reshard_after_forward=cfg.dist.reshard_after_forward,
-        cpu_offload=cfg.dist.cpu_offload,
-    )
     params = [p for _, p in trainable_parameters(peft_model)]
     n_trainable = sum(p.numel() for p in params)
     _say(
         info,
         f"model ready in {time.time() - t0:.1f}s: {n4} Linear4bit ({cfg.model.quant_type}, blocksize "
         f"{cfg.model.blocksize}), {nfloat} float Linear, {n_trainable:,} trainable adapter parameters; "
-        f"{len(train_seqs)} train / {len(eval_seqs)} held-out sequences of {cfg.data.seq_len} tokens",
+        f"{len(train_seqs)} train / {len(eval_seqs)} held-out sequences of {cfg.data.seq_len} tokens; "
+        f"peak memory per rank after loading (MB): {[round(p, 1) for p in load_peak]}",
     )
     optimizer, scheduler = build_optimizer(params, tcfg)
     batches = RankBatches(train_seqs, tcfg.micro_batch_size, info.rank, info.world_size, tcfg.seed)
@@ -233,6 +241,7 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
         "ppl_after": ppl_after,
         "tokens_per_s": sum(steady) / len(steady) if steady else None,
         "peak_mem_mb_per_rank": [round(p, 1) for p in peak],
+        "load_peak_mem_mb_per_rank": [round(p, 1) for p in load_peak],
         "train_peak_mem_mb_per_rank": [round(p, 1) for p in peak_train],
         "wall_s": round(time.time() - wall_start, 1),
         "world_size": info.world_size,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
@@ -23,7 +24,12 @@ from .config import LoraSection
 
 
 def attach_lora(model: PreTrainedModel, cfg: LoraSection, seed: int) -> PeftModel:
-    """Wrap ``model`` with LoRA adapters (same seed on every rank, so FSDP shards identical initial values)."""
+    """Wrap ``model`` with LoRA adapters (same seed on every rank, so FSDP shards identical initial values).
+
+    On a base still on the meta device (the trainer's, before :func:`fsdp4bit.train.model.load_blocks`) the
+    adapters are created on meta too (peft's ``low_cpu_mem_usage``); an :class:`AdapterInit` made right after this
+    call gives them their values block by block.
+    """
     torch.manual_seed(seed)
     lora_config = LoraConfig(
         r=cfg.r,
@@ -33,10 +39,55 @@ def attach_lora(model: PreTrainedModel, cfg: LoraSection, seed: int) -> PeftMode
         task_type="CAUSAL_LM",
         bias="none",
     )
-    peft_model = get_peft_model(model, lora_config)
+    on_meta = any(p.is_meta for p in model.parameters())
+    peft_model = get_peft_model(model, lora_config, low_cpu_mem_usage=on_meta)
     if not any(p.requires_grad for p in peft_model.parameters()):
         raise ValueError(f"lora.target_modules {cfg.target_modules} matched no module of {type(model).__name__}")
     return peft_model
+
+
+def _fresh_linear(meta: nn.Linear) -> nn.Linear:
+    """A CPU ``nn.Linear`` shaped like ``meta``, initialised by its constructor as peft's would be."""
+    fresh = nn.Linear(meta.in_features, meta.out_features, bias=meta.bias is not None)
+    fresh.requires_grad_(meta.weight.requires_grad)
+    return fresh
+
+
+class AdapterInit:
+    """Initial values for adapters that :func:`attach_lora` created on the meta device, block by block.
+
+    Each adapter is built and initialised as peft's ``update_layer`` does on a loaded base (the same random draws),
+    then moved where peft puts it (its base layer's device). The draws continue from the CPU generator state at
+    construction (right after ``attach_lora`` seeded it), restored around each call, so the values equal peft's on
+    a loaded base with the same seed, whatever else draws random numbers between blocks.
+    """
+
+    def __init__(self) -> None:
+        self.state = torch.get_rng_state()
+
+    def __call__(self, module: nn.Module) -> int:
+        """Initialise every meta adapter in ``module``; returns how many."""
+        count = 0
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self.state)
+            for layer in module.modules():
+                if not isinstance(layer, LoraLayer):
+                    continue
+                for name in list(layer.lora_A.keys()):
+                    if not layer.lora_A[name].weight.is_meta:
+                        continue
+                    layer.lora_A[name] = _fresh_linear(layer.lora_A[name])
+                    layer.lora_B[name] = _fresh_linear(layer.lora_B[name])
+                    layer.reset_lora_parameters(name, True)
+                    layer._move_adapter_to_device_of_base_layer(name)
+                    count += 1
+            self.state = torch.get_rng_state()
+        return count
+
+
+def is_adapter(name: str) -> bool:
+    """Whether a module or parameter name lies inside a peft adapter (``...q_proj.lora_A.default.weight``)."""
+    return any(part.startswith("lora_") for part in name.split("."))
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

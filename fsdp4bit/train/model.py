@@ -4,12 +4,15 @@ No rank ever holds the whole float model: the module tree is created without par
 (``accelerate.init_empty_weights``), every ``nn.Linear`` but the skipped ones becomes ``fsdp4bit.nn.Linear4bit``,
 and each block's float tensors are read from the safetensors file(s) one tensor at a time (``safe_open``) and
 quantized as they move to the device (``Params4bit.to(device)`` quantizes). Peak float memory is one tensor.
-Sharding goes through :func:`shard`, the one place that calls FSDP2.
+Each block is handed to the caller as soon as it is loaded (the trainer initialises its adapters and shards it
+there), so no rank holds the whole 4-bit model either. Sharding goes through :func:`shard`, the one place that
+calls FSDP2.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from fsdp4bit.nn import Linear4bit, Params4bit
 
 from .config import ModelConfig
 from .embedded import ensure_embedded_model
+from .lora import is_adapter
 
 
 def dtype_of(name: str) -> torch.dtype:
@@ -110,16 +114,23 @@ def quantized_weight(value: torch.Tensor, module: Linear4bit, cfg: ModelConfig, 
     ).to(device)
 
 
+def checkpoint_key(name: str) -> str:
+    """The checkpoint's name of a model tensor: peft inserts ``base_layer`` into the names of the layers it wraps."""
+    return ".".join(part for part in name.split(".") if part != "base_layer")
+
+
 def materialize(module: nn.Module, prefix: str, reader: _TensorReader, cfg: ModelConfig, device: torch.device) -> None:
-    """Load ``module``'s meta parameters from the checkpoint onto ``device``; 4-bit weights quantize on the way."""
+    """Load ``module``'s meta parameters from the checkpoint onto ``device`` (4-bit weights quantize on the way) and
+    move its buffers there. Parameters the checkpoint lacks stay on meta: tied weights are tied after loading,
+    adapters are initialised by the caller, anything else is reported by :func:`load_blocks`."""
     dtype = dtype_of(cfg.dtype)
     for sub_name, sub in module.named_modules():
         for pname, param in list(sub._parameters.items()):
             if param is None or not param.is_meta:
                 continue
-            full = ".".join(p for p in (prefix, sub_name, pname) if p)
+            full = checkpoint_key(".".join(p for p in (prefix, sub_name, pname) if p))
             if full not in reader:
-                continue  # tied weights are re-tied after loading; anything else is reported then
+                continue
             value = reader.get(full)
             if tuple(value.shape) != tuple(param.shape):
                 raise ValueError(
@@ -131,6 +142,9 @@ def materialize(module: nn.Module, prefix: str, reader: _TensorReader, cfg: Mode
             else:
                 new = nn.Parameter(value.to(device), requires_grad=False)
             sub._parameters[pname] = new
+        for bname, buf in list(sub._buffers.items()):
+            if buf is not None and not buf.is_meta and buf.device != device:
+                sub._buffers[bname] = buf.to(device)
 
 
 def decoder_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -142,8 +156,9 @@ def decoder_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return blocks
 
 
-def load_quantized_model(cfg: ModelConfig, device: torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The causal LM with 4-bit frozen linears, loaded block by block from ``cfg``'s folder, plus its tokenizer."""
+def build_model(cfg: ModelConfig) -> PreTrainedModel:
+    """The causal LM on the meta device, every targeted linear a 4-bit ``Linear4bit`` without storage yet (buffers
+    such as rotary tables are real). :func:`load_blocks` gives it its weights."""
     path = resolve_model_path(cfg)
     hf_config = AutoConfig.from_pretrained(path)
     if cfg.num_layers:
@@ -154,49 +169,63 @@ def load_quantized_model(cfg: ModelConfig, device: torch.device) -> tuple[PreTra
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype_of(cfg.dtype))
     replace_linears(model, cfg)
-    index = tensor_index(path)
+    model.requires_grad_(False)
+    return model
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer saved with ``cfg``'s model."""
+    return AutoTokenizer.from_pretrained(resolve_model_path(cfg))
+
+
+def load_blocks(
+    model: PreTrainedModel, cfg: ModelConfig, device: torch.device, finish: Callable[[nn.Module], None]
+) -> None:
+    """Load ``model`` (from :func:`build_model`, adapters attached or not) from ``cfg``'s checkpoint one decoder
+    block at a time, calling ``finish`` on each block as soon as it is loaded, then on the root.
+
+    The trainer's ``finish`` initialises the block's adapters and shards it, so a rank holds at most one block's
+    4-bit weights unsharded (plus one float tensor) on top of its shards of the blocks before: loading memory
+    falls with the world size instead of holding the whole 4-bit model first.
+    """
+    path = resolve_model_path(cfg)
     with ExitStack() as stack:
-        reader = _TensorReader(index, stack)
+        reader = _TensorReader(tensor_index(path), stack)
         for name, block in decoder_blocks(model):
             materialize(block, name, reader, cfg, device)
+            finish(block)
         materialize(model, "", reader, cfg, device)
-    if getattr(hf_config, "tie_word_embeddings", False):
-        model.get_output_embeddings().weight = model.get_input_embeddings().weight
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
-    if missing:
-        raise ValueError(f"{path}: no tensor in the checkpoint for {missing[:5]} ({len(missing)} missing)")
-    model.to(device)  # buffers (rotary tables) made outside init_empty_weights
-    model.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.get_output_embeddings().weight = model.get_input_embeddings().weight
+        missing = [n for n, p in model.named_parameters() if p.is_meta and not is_adapter(n)]
+        if missing:
+            raise ValueError(f"{path}: no tensor in the checkpoint for {missing[:5]} ({len(missing)} missing)")
+        finish(model)
 
 
 def count_4bit(model: nn.Module) -> tuple[int, int]:
-    """(Linear4bit modules, plain float nn.Linear modules) in ``model``."""
-    quantized = sum(isinstance(m, Linear4bit) for m in model.modules())
-    plain = sum(type(m) is nn.Linear for m in model.modules())
+    """(Linear4bit modules, plain float nn.Linear modules other than peft's adapters) in ``model``."""
+    quantized = plain = 0
+    for name, module in model.named_modules():
+        quantized += isinstance(module, Linear4bit)
+        plain += type(module) is nn.Linear and not is_adapter(name)
     return quantized, plain
 
 
 def shard(
-    model: nn.Module,
+    module: nn.Module,
     *,
     mesh: DeviceMesh,
     mp_dtype: torch.dtype | None,
     reshard_after_forward: bool,
     cpu_offload: bool,
 ) -> nn.Module:
-    """Apply FSDP2 to each decoder block, then the root, through ``fsdp4bit.sharding.shard_model``: the 4-bit
-    weights shard with their statistics like every other parameter (world size 1 included)."""
-    from fsdp4bit.sharding import shard_model
+    """Apply FSDP2 to one module (a decoder block as it is loaded, then the root) through
+    ``fsdp4bit.sharding.shard_module``: the 4-bit weights shard with their statistics like every other parameter
+    (world size 1 included)."""
+    from fsdp4bit.sharding import shard_module
 
-    block_types = tuple({type(m) for _, m in decoder_blocks(model)})
     mp_policy = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32) if mp_dtype else None
-    return shard_model(
-        model,
-        mesh=mesh,
-        block_types=block_types,
-        mp_policy=mp_policy,
-        reshard_after_forward=reshard_after_forward,
-        cpu_offload=cpu_offload,
+    return shard_module(
+        module, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward, cpu_offload=cpu_offload
     )

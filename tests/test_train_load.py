@@ -1,0 +1,101 @@
+"""The trainer's model loading (``fsdp4bit.train.model`` / ``lora``), in process on CPU with the embedded model.
+
+The trainer builds the model on the meta device, attaches LoRA there, and loads, initialises and shards one
+decoder block at a time. These tests check that contract (each block is handed over complete, before any later
+block is read) and that the result is the model the straightforward way builds: the same 4-bit bytes and
+statistics, the same adapter values (peft's own initialisation, same seed) and the same logits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from fsdp4bit.functional import packed_bytes
+from fsdp4bit.nn import Linear4bit, Params4bit
+from fsdp4bit.train.config import load_config
+from fsdp4bit.train.lora import AdapterInit, attach_lora, is_adapter
+from fsdp4bit.train.model import build_model, decoder_blocks, load_blocks
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(REPO / "configs" / "cpu_tiny.toml")
+
+
+def _bytes(param: torch.Tensor) -> torch.Tensor:
+    return packed_bytes(param) if isinstance(param, Params4bit) else param.detach().view(torch.uint8)
+
+
+def _meta(module: nn.Module) -> list[str]:
+    return [n for n, p in module.named_parameters() if p.is_meta]
+
+
+def test_blocks_are_finished_as_they_load(cfg) -> None:
+    model = build_model(cfg.model)
+    attach_lora(model, cfg.lora, seed=0)
+    init_adapters = AdapterInit()
+    blocks = [block for _, block in decoder_blocks(model)]
+    assert len(blocks) == 4 and all(_meta(b) for b in blocks)
+    seen: list[nn.Module] = []
+
+    def finish(module: nn.Module) -> None:
+        if module is not model:
+            index = len(seen)
+            assert module is blocks[index]
+            # the block is complete but for its adapters, which finish initialises; later blocks are unread
+            assert _meta(module) and all(is_adapter(n) for n in _meta(module))
+            assert all(p.is_meta for later in blocks[index + 1 :] for p in later.parameters())
+        else:
+            assert len(seen) == 4
+        assert init_adapters(module) == (7 if module is not model else 0)
+        assert not _meta(module)
+        seen.append(module)
+
+    load_blocks(model, cfg.model, CPU, finish)
+    assert seen == [*blocks, model]
+
+
+def test_meta_load_builds_the_same_model_as_loading_first(cfg) -> None:
+    """Meta-device adapters initialised block by block equal peft's adapters on a loaded base, bit for bit."""
+    direct = build_model(cfg.model)
+    load_blocks(direct, cfg.model, CPU, lambda module: None)
+    direct_peft = attach_lora(direct, cfg.lora, seed=3)
+    assert not _meta(direct_peft)
+
+    meta = build_model(cfg.model)
+    meta_peft = attach_lora(meta, cfg.lora, seed=3)
+    init_adapters = AdapterInit()
+
+    def finish(module: nn.Module) -> None:
+        torch.rand(7)  # other draws between blocks (dropout, data order) must not change the adapters
+        init_adapters(module)
+
+    load_blocks(meta, cfg.model, CPU, finish)
+
+    want = dict(direct_peft.named_parameters())
+    got = dict(meta_peft.named_parameters())
+    assert want.keys() == got.keys()
+    for name, value in got.items():
+        ref = want[name]
+        assert value.dtype == ref.dtype and value.requires_grad == ref.requires_grad, name
+        assert torch.equal(_bytes(value), _bytes(ref)), name
+    for (name, m), (_, ref) in zip(meta.named_modules(), direct.named_modules(), strict=True):
+        if isinstance(m, Linear4bit):
+            got_state, want_state = (
+                m.weight.quant_state.as_dict(packed=True),
+                ref.weight.quant_state.as_dict(packed=True),
+            )
+            assert got_state.keys() == want_state.keys(), name
+            for key in got_state:
+                assert torch.equal(got_state[key], want_state[key]), (name, key)
+    assert any(is_adapter(n) and "lora_A" in n and v.abs().sum() > 0 for n, v in got.items())
+    ids = torch.arange(100, 164).view(1, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(meta_peft(ids).logits, direct_peft(ids).logits, rtol=0, atol=0)
