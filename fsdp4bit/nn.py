@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any
 
 import torch
@@ -470,6 +471,11 @@ class Params4bit(nn.Parameter):
         from .sharding import post_all_gather
 
         return post_all_gather(self, all_gather_outputs, metadata, param_dtype, out=out)
+
+
+# FSDP2 reads ``inspect.signature(fsdp_pre_all_gather)`` at every all-gather to pick the hook's form; a stored
+# signature makes that a lookup instead of ~50 µs of introspection per weight and gather.
+Params4bit.fsdp_pre_all_gather.__signature__ = inspect.signature(Params4bit.fsdp_pre_all_gather)
 
 
 class Linear4bit(nn.Linear):

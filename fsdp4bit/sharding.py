@@ -15,6 +15,7 @@ rules out a second input (the statistics). Every rank pads its inputs to the sam
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,12 +58,12 @@ def _layout_of(param, world: int) -> tuple:
     return shard_layout(total_words(state, itemsize), world, itemsize, state.blocksize, nblocks)
 
 
-def _padded_owned_absmax(param, world: int, rank: int) -> torch.Tensor:
+def _padded_owned_absmax(param, world: int, rank: int, layout: tuple | None = None) -> torch.Tensor:
     """This rank's owned absmax, checked against the block layout and zero-padded to the largest owned count."""
     state = param.quant_state
     if state is None:
         raise RuntimeError("fully_shard needs quantized Params4bit weights: call .to(device) on the module first")
-    _, _, blocks, max_blocks = _layout_of(param, world)
+    _, _, blocks, max_blocks = layout if layout is not None else _layout_of(param, world)
     lo, hi = blocks[rank]
     if state.absmax.numel() != hi - lo:
         raise RuntimeError(
@@ -74,15 +75,49 @@ def _padded_owned_absmax(param, world: int, rank: int) -> torch.Tensor:
     return absmax
 
 
+class _GatherInputs:
+    """A shard's all-gather inputs, kept on the shard while the words, statistics and mesh they come from are the
+    same objects at the same versions. A frozen weight is gathered with the same inputs twice per step, and
+    building them (statistics slice, layout, padding, the mesh's rank) costs more host time than launching the
+    all-gather; any in-place write (a checkpoint load) bumps a version and rebuilds them."""
+
+    __slots__ = ("mesh", "objects", "versions", "inputs", "metadata")
+
+    def __init__(self, mesh, objects: tuple, versions: tuple, inputs: tuple, metadata: Any) -> None:
+        self.mesh, self.objects, self.versions, self.inputs, self.metadata = mesh, objects, versions, inputs, metadata
+
+    def matches(self, mesh, objects: tuple, versions: tuple) -> bool:
+        return all(map(operator.is_, objects, self.objects)) and versions == self.versions and mesh == self.mesh
+
+
+def _input_key(param, mesh) -> tuple | None:
+    """(mesh, objects, versions) the all-gather inputs of ``param`` depend on; None where versions are not
+    tracked (inference tensors)."""
+    data = plain(param)
+    state = param._storage_meta.quant_state
+    if state is None or torch.is_inference(data) or torch.is_inference(state.absmax):
+        return None
+    return mesh, (data, state, state.absmax), (data._version, state.absmax._version, param.row_start)
+
+
 def pre_all_gather(param, mesh) -> tuple[tuple[torch.Tensor, ...], Any]:
-    """All-gather inputs of this rank's shard: (packed words padded to the chunk size, owned absmax padded)."""
+    """All-gather inputs of this rank's shard: (packed words padded to the chunk size, owned absmax padded);
+    the metadata carries the world size and the shard layout to the post-hook."""
+    key = _input_key(param, mesh)
+    cached = getattr(param, "_gather_inputs", None)
+    if key is not None and cached is not None and cached.matches(*key):
+        return cached.inputs, cached.metadata
     world, rank = mesh.size(), mesh.get_local_rank()
-    absmax = _padded_owned_absmax(param, world, rank)
-    chunk = _layout_of(param, world)[0]
+    layout = _layout_of(param, world)
+    absmax = _padded_owned_absmax(param, world, rank, layout)
+    chunk = layout[0]
     words = plain(param).reshape(-1)
     if words.numel() < chunk:
         words = torch.cat([words, words.new_zeros(chunk - words.numel())])
-    return (words, absmax), (world,)
+    inputs, metadata = (words, absmax), (world, layout)
+    if key is not None:
+        param._gather_inputs = _GatherInputs(*key, inputs, metadata)
+    return inputs, metadata
 
 
 @functools.lru_cache(maxsize=1024)
@@ -101,8 +136,7 @@ def _state_on(state: QuantState, device: torch.device) -> QuantState:
 
 def post_all_gather(param, outputs: Sequence[torch.Tensor], metadata: Any, param_dtype, *, out=None):
     """Rebuild the full Params4bit from gathered words and absmax (refill ``out`` in place after the first time)."""
-    (world,) = metadata
-    chunk, rows, blocks, max_blocks = _layout_of(param, world)
+    world, (chunk, rows, blocks, max_blocks) = metadata
     total = rows[-1][1]
     device = outputs[0].device
     if len(outputs) == 1:

@@ -99,6 +99,13 @@ def test_dcp_checkpoint_loads_on_other_world_sizes(tmp_path, save_world, load_wo
         torchrun(world, "dcp_load", path, storage)
 
 
+@pytest.mark.parametrize("storage", ["bfloat16", "float32"])
+def test_gather_inputs_follow_in_place_writes(storage):
+    """The pre-hook's kept all-gather inputs (padded copies on uneven shards at world size 3) are rebuilt after an
+    in-place write to a shard's words or statistics."""
+    assert torchrun(3, "gather_cache", storage)["shards"] > 0
+
+
 @pytest.mark.parametrize("world,storage", [(2, "bfloat16"), (3, "float32"), (1, "uint8")])
 def test_torch_state_dict_api_round_trips(tmp_path, world, storage):
     """get/set_model_state_dict (sharded via DCP, full, full from rank 0 broadcast) restore every byte and output."""

@@ -212,9 +212,16 @@ def scenario_dcp_save(path: str, storage_name: str, layout: str = "fsdp") -> dic
     shard_model(model, mesh=mesh_for(layout), block_types=(LoRALinear,))
     checkpoint.save(model, path)
     full = checkpoint.full_state_dict(model)
+    out = model(checkpoint_input())
     if dist.get_rank() == 0:
         torch.save(full, os.path.join(path, "reference_full.pt"))
+        torch.save(out.detach().cpu(), os.path.join(path, "reference_out.pt"))
     return {"saved": path}
+
+
+def checkpoint_input() -> torch.Tensor:
+    """The input the checkpoint scenarios compare outputs on (the same on every rank and world size)."""
+    return torch.randn(3, 67, generator=torch.Generator().manual_seed(11)).to(DEVICE)
 
 
 def scenario_dcp_load(path: str, storage_name: str, layout: str = "fsdp") -> dict:
@@ -222,6 +229,8 @@ def scenario_dcp_load(path: str, storage_name: str, layout: str = "fsdp") -> dic
 
     model = make_model(STORAGES[storage_name], seed=99)  # different weights: all must come from the checkpoint
     shard_model(model, mesh=mesh_for(layout), block_types=(LoRALinear,))
+    x = checkpoint_input()
+    model(x)  # gathers the old bytes first: the load must also renew what the gather hook keeps
     checkpoint.load(model, path)
     full = checkpoint.full_state_dict(model)
     if dist.get_rank() == 0:
@@ -232,9 +241,9 @@ def scenario_dcp_load(path: str, storage_name: str, layout: str = "fsdp") -> dic
                 sharding.plain(full[k]).reshape(-1).view(torch.uint8),
                 sharding.plain(ref[k]).reshape(-1).view(torch.uint8),
             ), f"{k} differs after reload"
-    x = torch.randn(3, 67, device=DEVICE)
-    out = model(x)
-    assert torch.isfinite(out).all()
+    out = model(x).detach().cpu()
+    ref_out = torch.load(os.path.join(path, "reference_out.pt"))
+    assert torch.equal(out, ref_out), f"the reloaded model computes something else: {(out - ref_out).abs().max()}"
     return {"loaded": path}
 
 
@@ -271,6 +280,7 @@ def scenario_dsd(path: str, storage_name: str, layout: str = "fsdp") -> dict:
         else:
             assert set(state) == set(reference), set(state) ^ set(reference)
         target = scrambled(sharded(5))  # the same layout (DCP loads into it), every value overwritten
+        target(x)  # gathers the scrambled bytes first: the load must also renew what the gather hook keeps
         if name == "sharded":
             dcp.save(state, checkpoint_id=os.path.join(path, name))
             state = get_model_state_dict(target, options=get_options)
@@ -284,10 +294,10 @@ def scenario_dsd(path: str, storage_name: str, layout: str = "fsdp") -> dict:
     return {"cases": list(options)}
 
 
-def scrambled(model: nn.Module) -> nn.Module:
+def scrambled(model: nn.Module, seed: int = 1234) -> nn.Module:
     """``model`` with random packed words, statistics and LoRA weights: what a load must overwrite. The JSON
     metadata (shapes, nested offset) stays: a DCP load reads into entries of the model's own sizes."""
-    gen = torch.Generator().manual_seed(1234)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, bnb.nn.Linear4bit):
@@ -302,6 +312,23 @@ def scrambled(model: nn.Module) -> nn.Module:
                 weight = getattr(module.weight, "_local_tensor", module.weight)
                 weight.copy_(torch.randn(weight.shape, generator=gen))
     return model
+
+
+def scenario_gather_cache(storage_name: str) -> dict:
+    """The all-gather inputs the pre-hook keeps between gathers follow in-place writes to a shard's words and
+    statistics: after a forward, an in-place rewrite of every shard, then a forward that must see the new bytes
+    (the same output as with nothing kept)."""
+    model = shard_model(make_model(STORAGES[storage_name], seed=2), mesh=mesh_for("fsdp"), block_types=(LoRALinear,))
+    x = checkpoint_input()
+    model(x)
+    kept = [m.weight._local_tensor for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert all(getattr(t, "_gather_inputs", None) is not None for t in kept), "the pre-hook kept no inputs"
+    scrambled(model, seed=77)
+    got = model(x)
+    for t in kept:
+        del t._gather_inputs
+    torch.testing.assert_close(got, model(x), rtol=0, atol=0, equal_nan=True)
+    return {"shards": len(kept)}
 
 
 class Block(nn.Module):
