@@ -8,6 +8,8 @@ statistics, the same adapter values (peft's own initialisation, same seed) and t
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from fsdp4bit.functional import packed_bytes
 from fsdp4bit.nn import Linear4bit, Params4bit
 from fsdp4bit.train.config import load_config
 from fsdp4bit.train.lora import AdapterInit, attach_lora, is_adapter
-from fsdp4bit.train.model import build_model, decoder_blocks, load_blocks
+from fsdp4bit.train.model import build_model, decoder_blocks, load_blocks, resolve_model_path
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -99,3 +101,26 @@ def test_meta_load_builds_the_same_model_as_loading_first(cfg) -> None:
     ids = torch.arange(100, 164).view(1, 64)
     with torch.no_grad():
         torch.testing.assert_close(meta_peft(ids).logits, direct_peft(ids).logits, rtol=0, atol=0)
+
+
+def test_a_tensor_missing_from_a_block_fails_before_that_block_is_finished(cfg, tmp_path) -> None:
+    """A block the checkpoint cannot fill is reported by name before it is handed over (sharded)."""
+    from safetensors.torch import load_file, save_file
+
+    source = resolve_model_path(cfg.model)
+    tensors = {
+        k: v
+        for k, v in load_file(source / "model.safetensors").items()
+        if not k.startswith("model.layers.") or int(k.split(".")[2]) < 4
+    }
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    shutil.copy(source / "config.json", tmp_path / "config.json")
+    model_cfg = dataclasses.replace(cfg.model, path=str(tmp_path))
+    model = build_model(model_cfg)
+    finished: list[nn.Module] = []
+    with pytest.raises(
+        ValueError, match=r"no tensor in the checkpoint for \['model\.layers\.1\.mlp\.down_proj\.weight'\]"
+    ):
+        load_blocks(model, model_cfg, CPU, finished.append)
+    assert finished == [decoder_blocks(model)[0][1]]

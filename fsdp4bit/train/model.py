@@ -189,17 +189,22 @@ def load_blocks(
     falls with the world size instead of holding the whole 4-bit model first.
     """
     path = resolve_model_path(cfg)
+
+    def check_loaded(module: nn.Module, prefix: str) -> None:
+        missing = [prefix + n for n, p in module.named_parameters() if p.is_meta and not is_adapter(n)]
+        if missing:
+            raise ValueError(f"{path}: no tensor in the checkpoint for {missing[:5]} ({len(missing)} missing)")
+
     with ExitStack() as stack:
         reader = _TensorReader(tensor_index(path), stack)
         for name, block in decoder_blocks(model):
             materialize(block, name, reader, cfg, device)
+            check_loaded(block, name + ".")
             finish(block)
         materialize(model, "", reader, cfg, device)
         if getattr(model.config, "tie_word_embeddings", False):
             model.get_output_embeddings().weight = model.get_input_embeddings().weight
-        missing = [n for n, p in model.named_parameters() if p.is_meta and not is_adapter(n)]
-        if missing:
-            raise ValueError(f"{path}: no tensor in the checkpoint for {missing[:5]} ({len(missing)} missing)")
+        check_loaded(model, "")
         finish(model)
 
 
