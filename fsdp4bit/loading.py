@@ -40,6 +40,11 @@ def safetensors_reader(paths: str | os.PathLike | Iterable[str | os.PathLike]) -
     return read, set(index)
 
 
+def checkpoint_name(name: str) -> str:
+    """A model tensor's name in the checkpoint: peft inserts ``base_layer`` into the names of the layers it wraps."""
+    return ".".join(part for part in name.split(".") if part != "base_layer")
+
+
 def _read(key: str, read: Reader, keys: set[str], shape: tuple[int, ...] | None = None) -> torch.Tensor:
     """The checkpoint's tensor ``key`` (KeyError if it has none), checked against ``shape`` (ValueError) when given."""
     if key not in keys:
@@ -52,6 +57,7 @@ def _read(key: str, read: Reader, keys: set[str], shape: tuple[int, ...] | None 
 
 def _load_linear4bit(layer: Linear4bit, prefix: str, read: Reader, keys: set[str], device: torch.device) -> None:
     """Read, check and build the layer's weight and bias, then set both (the layer is unchanged if anything fails)."""
+    prefix = checkpoint_name(prefix)
     weight_key = prefix + "weight"
     shape = (layer.out_features, layer.in_features)
     stat_keys = [k for k in keys if k.startswith(weight_key + ".")]
@@ -98,7 +104,8 @@ class TiedParams:
         """The checkpoint key to read ``param`` (found as ``name``) from: its own, else a tied name's."""
         if name in keys:
             return name
-        return next((other for other in self.names.get(id(param), ()) if other in keys), name)
+        names = (checkpoint_name(other) for other in self.names.get(id(param), ()))
+        return next((other for other in names if other in keys), name)
 
 
 def materialize(
@@ -108,27 +115,31 @@ def materialize(
     keys: set[str],
     device: torch.device,
     tied: TiedParams | None = None,
+    missing_ok: bool = False,
 ) -> None:
     """Give every meta tensor of ``module`` (recursively) its checkpoint value on ``device`` (KeyError for a tensor
-    the checkpoint lacks, ValueError for one of another shape). A meta buffer the checkpoint lacks is an error too:
-    non-persistent buffers (rotary tables) are computed when a module is built and never saved, so build the model
-    with real buffers (``accelerate.init_empty_weights(include_buffers=False)``)."""
+    the checkpoint lacks, ValueError for one of another shape; with ``missing_ok`` a float parameter the checkpoint
+    lacks stays on meta for the caller to fill). A meta buffer the checkpoint lacks is an error too: non-persistent
+    buffers (rotary tables) are computed when a module is built and never saved, so build the model with real
+    buffers (``accelerate.init_empty_weights(include_buffers=False)``)."""
     tied = TiedParams(module, prefix) if tied is None else tied
     for name, child in module.named_children():
         if isinstance(child, Linear4bit) and child.weight.is_meta:
             _load_linear4bit(child, f"{prefix}{name}.", read, keys, device)
-        materialize(child, f"{prefix}{name}.", read, keys, device, tied)
+        materialize(child, f"{prefix}{name}.", read, keys, device, tied, missing_ok)
     for name, param in list(module.named_parameters(recurse=False)):
         if param.is_meta:
             new = tied.loaded.get(id(param))
             if new is None:
-                key = tied.key(param, prefix + name, keys)
+                key = tied.key(param, checkpoint_name(prefix + name), keys)
+                if missing_ok and key not in keys:
+                    continue
                 value = _read(key, read, keys, tuple(param.shape)).to(device=device, dtype=param.dtype)
                 new = tied.loaded[id(param)] = nn.Parameter(value, requires_grad=param.requires_grad)
             setattr(module, name, new)
     for name, buf in list(module.named_buffers(recurse=False)):
         if buf.is_meta:
-            key = prefix + name
+            key = checkpoint_name(prefix + name)
             if key not in keys:
                 kind = "non-persistent " if name in module._non_persistent_buffers_set else ""
                 raise ValueError(
@@ -141,6 +152,13 @@ def materialize(
             module.register_buffer(name, value, persistent=name not in module._non_persistent_buffers_set)
 
 
+def _check_loaded(module: nn.Module, prefix: str) -> None:
+    """KeyError naming the first parameter of ``module`` still on meta (neither in the checkpoint nor filled)."""
+    for name, param in module.named_parameters():
+        if param.is_meta:
+            raise KeyError(f"checkpoint has no tensor {checkpoint_name(prefix + name)!r}")
+
+
 def load_sharded(
     model: nn.Module,
     read: Reader,
@@ -149,9 +167,16 @@ def load_sharded(
     block_types: tuple[type[nn.Module], ...],
     device: torch.device | str,
     shard: Callable[[nn.Module], None] | None = None,
+    init: Callable[[nn.Module], object] | None = None,
 ) -> nn.Module:
     """Materialize a meta-device ``model`` from a checkpoint one block at a time, sharding each block with
-    ``shard`` (default: FSDP2 ``fully_shard``) as soon as it is loaded, then the root."""
+    ``shard`` (default: FSDP2 ``fully_shard``) as soon as it is loaded, then the root.
+
+    ``init`` fills, per block and before it is sharded, the parameters the checkpoint does not hold: LoRA adapters
+    that peft attached on the meta device (pass the model peft wrapped in place, e.g. ``peft_model.base_model.model``,
+    and ``init=fsdp4bit.train.lora.AdapterInit()`` made right after ``get_peft_model``). Without it every parameter
+    must come from the checkpoint.
+    """
     from torch.distributed.fsdp import fully_shard
 
     params = [param for _, param in model.named_parameters()]
@@ -165,12 +190,13 @@ def load_sharded(
     shard = shard or fully_shard
     names = {id(m): n for n, m in model.named_modules()}
     tied = TiedParams(model)
-    for block in [m for m in model.modules() if isinstance(m, block_types)]:
-        name = names[id(block)]
-        materialize(block, f"{name}." if name else "", read, keys, device, tied)
-        shard(block)
-    materialize(model, "", read, keys, device, tied)
-    shard(model)
+    units = [(m, f"{names[id(m)]}." if names[id(m)] else "") for m in model.modules() if isinstance(m, block_types)]
+    for module, prefix in [*units, (model, "")]:
+        materialize(module, prefix, read, keys, device, tied, missing_ok=init is not None)
+        if init is not None:
+            init(module)
+            _check_loaded(module, prefix)
+        shard(module)
     return model
 
 

@@ -69,3 +69,39 @@ def test_meta_buffer_missing_from_the_checkpoint_is_an_error():
         "non-persistent buffer such as a rotary table is computed when its module is built, never saved): build the "
         "model with real buffers, e.g. under accelerate.init_empty_weights(include_buffers=False)"
     )
+
+
+def test_lora_attached_on_meta_loads_block_by_block():
+    """peft adapters attached on the meta device: ``load_sharded`` reads the base through peft's ``base_layer``
+    names and ``init`` (AdapterInit) gives the adapters peft's own values before each block is sharded, so the model
+    equals peft on a loaded model; without ``init`` the first adapter is reported missing."""
+    from peft import LoraConfig, get_peft_model
+
+    from fsdp4bit.train.lora import AdapterInit
+
+    state, ref = _checkpoint()
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["proj"])
+    torch.manual_seed(5)
+    want = get_peft_model(ref, config)
+    for init in (None, "adapters"):
+        with torch.device("meta"):
+            model = _TinyLM()
+        model.inv_freq = ref.inv_freq.clone()
+        torch.manual_seed(5)
+        got = get_peft_model(model, config, low_cpu_mem_usage=True)
+        sharded: list[nn.Module] = []
+        load = dict(block_types=(_Block,), device="cpu", shard=sharded.append)
+        if init is None:
+            with pytest.raises(KeyError, match="checkpoint has no tensor 'block.proj.lora_A.default.weight'"):
+                loading.load_sharded(model, state.__getitem__, set(state), **load)
+            assert sharded == []
+            continue
+        loading.load_sharded(model, state.__getitem__, set(state), init=AdapterInit(), **load)
+    assert sharded == [model.block, model]
+    want_params = dict(want.named_parameters())
+    for name, value in got.named_parameters():
+        ref_value = want_params[name]
+        assert value.dtype == ref_value.dtype and value.requires_grad == ref_value.requires_grad, name
+        assert torch.equal(value.detach().view(torch.uint8), ref_value.detach().view(torch.uint8)), name
+    ids = torch.randint(0, 32, (2, 5))
+    assert torch.equal(got(ids), want(ids))

@@ -24,6 +24,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from fsdp4bit.loading import checkpoint_name
 from fsdp4bit.nn import Linear4bit, Params4bit
 
 from .config import ModelConfig
@@ -114,11 +115,6 @@ def quantized_weight(value: torch.Tensor, module: Linear4bit, cfg: ModelConfig, 
     ).to(device)
 
 
-def checkpoint_key(name: str) -> str:
-    """The checkpoint's name of a model tensor: peft inserts ``base_layer`` into the names of the layers it wraps."""
-    return ".".join(part for part in name.split(".") if part != "base_layer")
-
-
 def materialize(module: nn.Module, prefix: str, reader: _TensorReader, cfg: ModelConfig, device: torch.device) -> None:
     """Load ``module``'s meta parameters from the checkpoint onto ``device`` (4-bit weights quantize on the way) and
     move its buffers there. Parameters the checkpoint lacks stay on meta: tied weights are tied after loading,
@@ -128,7 +124,7 @@ def materialize(module: nn.Module, prefix: str, reader: _TensorReader, cfg: Mode
         for pname, param in list(sub._parameters.items()):
             if param is None or not param.is_meta:
                 continue
-            full = checkpoint_key(".".join(p for p in (prefix, sub_name, pname) if p))
+            full = checkpoint_name(".".join(p for p in (prefix, sub_name, pname) if p))
             if full not in reader:
                 continue
             value = reader.get(full)
