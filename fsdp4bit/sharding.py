@@ -198,6 +198,19 @@ def check_shardable(module: nn.Module) -> None:
             )
 
 
+def _fsdp_options(mesh, mp_policy, reshard_after_forward: bool, cpu_offload: bool) -> dict[str, Any]:
+    """``fully_shard`` keyword arguments for these settings."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+
+    options: dict[str, Any] = {"reshard_after_forward": reshard_after_forward}
+    if mesh is not None:
+        options["mesh"] = mesh
+    options["mp_policy"] = mp_policy if mp_policy is not None else MixedPrecisionPolicy()
+    if cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy()
+    return options
+
+
 def shard_module(
     module: nn.Module,
     *,
@@ -208,16 +221,10 @@ def shard_module(
 ) -> nn.Module:
     """``fully_shard`` one module (a block, or the root once its blocks are sharded) after ``check_shardable``;
     lets a loader shard each block as soon as it is loaded."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
     check_shardable(module)
-    kwargs: dict[str, Any] = {"reshard_after_forward": reshard_after_forward}
-    if mesh is not None:
-        kwargs["mesh"] = mesh
-    kwargs["mp_policy"] = mp_policy if mp_policy is not None else MixedPrecisionPolicy()
-    if cpu_offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
-    fully_shard(module, **kwargs)
+    fully_shard(module, **_fsdp_options(mesh, mp_policy, reshard_after_forward, cpu_offload))
     return module
 
 
@@ -231,16 +238,18 @@ def shard_model(
     cpu_offload: bool = False,
 ) -> nn.Module:
     """Apply FSDP2 the usual way: ``fully_shard`` each block (given types, or every module holding 4-bit
-    weights when none are given), then the root. 4-bit weights must be quantized (``.to(device)``) first."""
+    weights when none are given), then the root. 4-bit weights must be quantized (``.to(device)``) first; every
+    weight is checked before anything is sharded."""
+    from torch.distributed.fsdp import fully_shard
+
     check_shardable(model)
     if block_types is None:
         blocks = [m for m in model.modules() if m is not model and _is_4bit(m)]
     else:
         blocks = [m for m in model.modules() if m is not model and isinstance(m, block_types)]
-    options = dict(mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward, cpu_offload=cpu_offload)
-    for block in blocks:
-        shard_module(block, **options)
-    shard_module(model, **options)
+    options = _fsdp_options(mesh, mp_policy, reshard_after_forward, cpu_offload)
+    for block in [*blocks, model]:
+        fully_shard(block, **options)
     return model
 
 

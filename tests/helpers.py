@@ -39,3 +39,20 @@ def torch_save_to_buffer(obj) -> bytes:
 
 def torch_load_from_buffer(data: bytes):
     return torch.load(io.BytesIO(data), weights_only=False)
+
+
+def assert_same_parameters(got: torch.nn.Module, want: torch.nn.Module) -> None:
+    """``got`` has ``want``'s parameter names, and each its dtype, requires_grad flag and bytes (a 4-bit weight's
+    packed bytes)."""
+    from fsdp4bit.functional import packed_bytes
+    from fsdp4bit.nn import Params4bit
+
+    def raw(param: torch.Tensor) -> torch.Tensor:
+        return packed_bytes(param) if isinstance(param, Params4bit) else param.detach().view(torch.uint8)
+
+    got_params, want_params = dict(got.named_parameters()), dict(want.named_parameters())
+    assert got_params.keys() == want_params.keys(), set(got_params) ^ set(want_params)
+    for name, value in got_params.items():
+        ref = want_params[name]
+        assert value.dtype == ref.dtype and value.requires_grad == ref.requires_grad, name
+        assert torch.equal(raw(value), raw(ref)), name

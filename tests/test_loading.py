@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_same_parameters
 from torch import nn
 
 from fsdp4bit import loading
@@ -98,10 +99,6 @@ def test_lora_attached_on_meta_loads_block_by_block():
             continue
         loading.load_sharded(model, state.__getitem__, set(state), init=AdapterInit(), **load)
     assert sharded == [model.block, model]
-    want_params = dict(want.named_parameters())
-    for name, value in got.named_parameters():
-        ref_value = want_params[name]
-        assert value.dtype == ref_value.dtype and value.requires_grad == ref_value.requires_grad, name
-        assert torch.equal(value.detach().view(torch.uint8), ref_value.detach().view(torch.uint8)), name
+    assert_same_parameters(got, want)
     ids = torch.randint(0, 32, (2, 5))
     assert torch.equal(got(ids), want(ids))

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_same_parameters
 from torch import nn
 
-from fsdp4bit.functional import packed_bytes
-from fsdp4bit.nn import Linear4bit, Params4bit
+from fsdp4bit.nn import Linear4bit
 from fsdp4bit.train.config import load_config
 from fsdp4bit.train.lora import AdapterInit, attach_lora, is_adapter
 from fsdp4bit.train.model import build_model, decoder_blocks, load_blocks, resolve_model_path
@@ -29,10 +29,6 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def cfg():
     return load_config(REPO / "configs" / "cpu_tiny.toml")
-
-
-def _bytes(param: torch.Tensor) -> torch.Tensor:
-    return packed_bytes(param) if isinstance(param, Params4bit) else param.detach().view(torch.uint8)
 
 
 def _meta(module: nn.Module) -> list[str]:
@@ -81,13 +77,7 @@ def test_meta_load_builds_the_same_model_as_loading_first(cfg) -> None:
 
     load_blocks(meta, cfg.model, CPU, finish)
 
-    want = dict(direct_peft.named_parameters())
-    got = dict(meta_peft.named_parameters())
-    assert want.keys() == got.keys()
-    for name, value in got.items():
-        ref = want[name]
-        assert value.dtype == ref.dtype and value.requires_grad == ref.requires_grad, name
-        assert torch.equal(_bytes(value), _bytes(ref)), name
+    assert_same_parameters(meta_peft, direct_peft)
     for (name, m), (_, ref) in zip(meta.named_modules(), direct.named_modules(), strict=True):
         if isinstance(m, Linear4bit):
             got_state, want_state = (
@@ -97,7 +87,7 @@ def test_meta_load_builds_the_same_model_as_loading_first(cfg) -> None:
             assert got_state.keys() == want_state.keys(), name
             for key in got_state:
                 assert torch.equal(got_state[key], want_state[key]), (name, key)
-    assert any(is_adapter(n) and "lora_A" in n and v.abs().sum() > 0 for n, v in got.items())
+    assert any(is_adapter(n) and "lora_A" in n and v.abs().sum() > 0 for n, v in meta_peft.named_parameters())
     ids = torch.arange(100, 164).view(1, 64)
     with torch.no_grad():
         torch.testing.assert_close(meta_peft(ids).logits, direct_peft(ids).logits, rtol=0, atol=0)
