@@ -1,6 +1,6 @@
 """A Llama-3-8B-shaped decoder stack under FSDP2: 4-bit NF4 base + LoRA against a bf16 base + LoRA.
 
-    torchrun --nproc_per_node=N bench/fsdp_stack.py [--layers 4] [--seq 2048] [--steps 8] [--json out.json]
+    torchrun --nproc_per_node=N bench/fsdp_stack.py [--layers 4] [--seq 2048] [--steps 8] [--compile] [--json out.json]
 
 Random weights (this measures speed and memory, not quality). For each base, one process per GPU: tokens/s
 over all ranks, step time, peak memory per GPU, the bytes each rank receives from FSDP2's all-gathers per step
@@ -78,9 +78,10 @@ def to_4bit(model: nn.Module, device: torch.device) -> None:
             module.weight = quantized_weight(floats[name], module, QUANT, device)
 
 
-def build(base: str, shapes: dict, layers: int, device: torch.device, mesh) -> nn.Module:
+def build(base: str, shapes: dict, layers: int, device: torch.device, mesh, compile_blocks: bool = False) -> nn.Module:
     """The stack with frozen ``base`` ("nf4" or "bf16") linears and rank-16 LoRA on all of them (the trainer's
-    ``attach_lora``), sharded by FSDP2 as the trainer shards (``shard``: each decoder block, then the root)."""
+    ``attach_lora``), sharded by FSDP2 as the trainer shards (``shard``: each decoder block, then the root);
+    ``compile_blocks`` compiles each block before sharding it (the trainer's ``model.compile``)."""
     cfg = LlamaConfig(**shapes, num_hidden_layers=layers, vocab_size=256, use_cache=False)
     torch.manual_seed(0)
     with torch.device(device):
@@ -90,6 +91,8 @@ def build(base: str, shapes: dict, layers: int, device: torch.device, mesh) -> n
     model.requires_grad_(False)
     peft_model = attach_lora(model, LoraSection(r=16, alpha=16, dropout=0.0), seed=1)
     for module in [block for _, block in decoder_blocks(model)] + [model]:
+        if compile_blocks and module is not model:
+            module.compile()
         shard(module, mesh=mesh, mp_dtype=torch.bfloat16, reshard_after_forward=True, cpu_offload=False)
     return peft_model
 
@@ -128,7 +131,7 @@ def print_profile(step, base: str, device: torch.device, show: bool) -> None:
 
 def run(base: str, args, shapes: dict, device: torch.device, mesh) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = build(base, shapes, args.layers, device, mesh)
+    model = build(base, shapes, args.layers, device, mesh, compile_blocks=args.compile)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     gen = torch.Generator(device="cpu").manual_seed(100 + rank)
@@ -190,6 +193,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--tiny", action="store_true", help="small shapes, gloo on CPU")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each decoder block (as the trainer can)")
     ap.add_argument("--json", default="")
     ap.add_argument("--profile", choices=("bf16", "nf4"), help="print rank 0's op tables of one step of this base")
     args = ap.parse_args()
@@ -210,6 +214,7 @@ def main() -> None:
             "layers": args.layers,
             "seq": args.seq,
             "batch_per_rank": args.batch,
+            "compile": args.compile,
             "shapes": shapes,
             "results": results,
         }

@@ -121,10 +121,23 @@ def pre_all_gather(param, mesh) -> tuple[tuple[torch.Tensor, ...], Any]:
 
 
 @functools.lru_cache(maxsize=1024)
-def _gather_index(blocks: tuple, max_blocks: int, device: torch.device) -> torch.Tensor:
-    """Positions of the owned absmax entries inside the padded all-gather output, in block order."""
+def _gather_index(blocks: tuple, max_blocks: int, device: torch.device) -> torch.Tensor | None:
+    """Positions of the owned absmax entries inside the padded all-gather output, in block order; None where they
+    are its first entries already (every rank but the last owns ``max_blocks`` blocks, as in any weight whose
+    shards split at block boundaries), so the gathered absmax is used in place."""
     index = [r * max_blocks + i for r, (lo, hi) in enumerate(blocks) for i in range(hi - lo)]
+    if index == list(range(len(index))):
+        return None
     return torch.tensor(index, dtype=torch.long, device=device)
+
+
+def _absmax_in_order(gathered: torch.Tensor, blocks: tuple, max_blocks: int) -> tuple[torch.Tensor, bool]:
+    """Every rank's owned absmax in block order, from the padded all-gather output, and whether it is a view of
+    ``gathered`` (its first entries) rather than a copy."""
+    index = _gather_index(blocks, max_blocks, gathered.device)
+    if index is None:
+        return gathered[: sum(hi - lo for lo, hi in blocks)], True
+    return torch.index_select(gathered, 0, index), False
 
 
 def _state_on(state: QuantState, device: torch.device) -> QuantState:
@@ -145,21 +158,24 @@ def post_all_gather(param, outputs: Sequence[torch.Tensor], metadata: Any, param
             return None
         return type(param).wrap(outputs[0][:total].view(total, 1), param, _state_on(param.quant_state, device), 0), ()
     words_out, absmax_out = outputs
-    index = _gather_index(blocks, max_blocks, absmax_out.device)
     if out is not None:
-        target = out.quant_state.absmax
-        # A refill after resharding: autograd saved this tensor in the forward, keep its version.
-        with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(target):
-            torch.index_select(absmax_out, 0, index, out=target)
+        index = _gather_index(blocks, max_blocks, absmax_out.device)
+        if index is not None:
+            target = out.quant_state.absmax
+            # A refill after resharding: autograd saved this tensor in the forward, keep its version.
+            with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(target):
+                torch.index_select(absmax_out, 0, index, out=target)
         return None
     # ``param`` is the resident shard: with CPU offload its state is on the host, the gathered data is not.
     state = _state_on(param.quant_state, device)
-    absmax = torch.index_select(absmax_out, 0, index)
+    # A view is refilled by FSDP2 itself at every gather, as the words are; a copy is a tensor of its own that
+    # FSDP2 frees and reallocates with the unsharded weight, and the branch above refills.
+    absmax, is_view = _absmax_in_order(absmax_out, blocks, max_blocks)
     full_state = QuantState(
         absmax, state.shape, state.code, state.blocksize, state.quant_type, state.dtype, state.offset, state.state2
     )
     data = words_out[:total].view(total, 1)
-    return type(param).wrap(data, param, quant_state=full_state, row_start=0), (absmax,)
+    return type(param).wrap(data, param, quant_state=full_state, row_start=0), (() if is_view else (absmax,))
 
 
 @functools.cache
@@ -294,7 +310,9 @@ def gather_quant_state(weight) -> QuantState:
     dist.all_gather_into_tensor(gathered, absmax, group=mesh.get_group(dim))
     _, _, blocks, max_blocks = _layout_of(local, world)
     state = local.quant_state
-    full = torch.index_select(gathered, 0, _gather_index(blocks, max_blocks, gathered.device))
+    full, is_view = _absmax_in_order(gathered, blocks, max_blocks)
+    if is_view and full.numel() != gathered.numel():
+        full = full.clone()  # a state dict entry of its own size (torch.save writes a view's whole storage)
     return QuantState(
         full, state.shape, state.code, state.blocksize, state.quant_type, state.dtype, state.offset, state.state2
     )

@@ -53,47 +53,70 @@ def make_layer(out_f: int, in_f: int, storage: torch.dtype, quant_type: str, dq:
 
 
 def scenario_bytes() -> dict:
-    """Random packed bytes with every NaN/Inf pattern survive shard -> all-gather bit-exactly, every storage dtype."""
+    """Random packed bytes with every NaN/Inf pattern survive shard -> all-gather bit-exactly, every storage dtype,
+    for shards that split inside a quantization block (97x131) and at block boundaries (96x256); a second gather
+    after in-place writes to every shard carries the new bytes."""
     world = dist.get_world_size()
     report = {}
     for name, storage in STORAGES.items():
         if storage == torch.uint8 and not sharding.fsdp_supports_integer_params():
             report[f"{name}-skipped"] = "this torch's FSDP2 cannot shard integer parameters"
             continue
-        for quant_type, dq, blocksize in (("nf4", True, 64), ("fp4", False, 32), ("nf4", False, 4096)):
-            layer = make_layer(97, 131, storage, quant_type, dq, blocksize, seed=3)
-            w = layer.weight
-            raw = plain_bytes(w)
-            special = special_words(storage)
-            gen = torch.Generator().manual_seed(7)
-            raw.copy_(torch.randint(0, 256, raw.shape, generator=gen, dtype=torch.uint8))
-            n = min(special.numel(), raw.numel()) // storage.itemsize * storage.itemsize
-            raw[:n] = special[:n]
-            expected_bytes = raw.clone()
-            expected_state = copy.deepcopy(w.quant_state)
-            ref = copy.deepcopy(layer)
-            shard_model(layer)
-            local = layer.weight._local_tensor
-            inputs, _ = local.fsdp_pre_all_gather(layer.weight.device_mesh)
-            words = sharding.total_words(expected_state, storage.itemsize)
-            nblocks = expected_state.absmax.numel()
-            assert local.numel() <= -(-words // world), "each rank holds at most 1/W of the packed words"
-            assert local.quant_state.absmax.numel() <= -(-nblocks // world) + 1, "and about 1/W of the statistics"
-            sent = sum(t.numel() * t.element_size() for t in inputs)
-            layer.unshard()
-            full = layer.weight
-            assert isinstance(full, bnb.nn.Params4bit), type(full)
-            assert torch.equal(plain_bytes(full), expected_bytes), f"bytes changed ({name}, {quant_type})"
-            assert full.quant_state == expected_state, f"quant state changed ({name}, {quant_type})"
-            x = torch.randn(5, 131, device=DEVICE)
-            layer.reshard()
-            if storage == torch.uint8:
-                assert torch.equal(layer(x), ref(x)), "forward differs from the unsharded layer"
-            report[f"{name}-{quant_type}-dq{int(dq)}-bs{blocksize}"] = {
-                "allgather_bytes_per_param": sent * world / (97 * 131),
-                "local_absmax": local.quant_state.absmax.numel(),
-            }
+        for (out_f, in_f), suffix in (((97, 131), ""), ((96, 256), "-aligned")):
+            for quant_type, dq, blocksize in (("nf4", True, 64), ("fp4", False, 32), ("nf4", False, 4096)):
+                layer = make_layer(out_f, in_f, storage, quant_type, dq, blocksize, seed=3)
+                w = layer.weight
+                raw = plain_bytes(w)
+                special = special_words(storage)
+                gen = torch.Generator().manual_seed(7)
+                raw.copy_(torch.randint(0, 256, raw.shape, generator=gen, dtype=torch.uint8))
+                n = min(special.numel(), raw.numel()) // storage.itemsize * storage.itemsize
+                raw[:n] = special[:n]
+                expected_bytes = raw.clone()
+                expected_state = copy.deepcopy(w.quant_state)
+                ref = copy.deepcopy(layer)
+                shard_model(layer)
+                local = layer.weight._local_tensor
+                inputs, _ = local.fsdp_pre_all_gather(layer.weight.device_mesh)
+                words = sharding.total_words(expected_state, storage.itemsize)
+                nblocks = expected_state.absmax.numel()
+                assert local.numel() <= -(-words // world), "each rank holds at most 1/W of the packed words"
+                assert local.quant_state.absmax.numel() <= -(-nblocks // world) + 1, "and about 1/W of the statistics"
+                sent = sum(t.numel() * t.element_size() for t in inputs)
+                layer.unshard()
+                full = layer.weight
+                assert isinstance(full, bnb.nn.Params4bit), type(full)
+                assert torch.equal(plain_bytes(full), expected_bytes), f"bytes changed ({name}, {quant_type})"
+                assert full.quant_state == expected_state, f"quant state changed ({name}, {quant_type})"
+                x = torch.randn(5, in_f, device=DEVICE)
+                layer.reshard()
+                if storage == torch.uint8:
+                    assert torch.equal(layer(x), ref(x)), "forward differs from the unsharded layer"
+                check_refill(layer, seed=11)
+                report[f"{name}-{quant_type}-dq{int(dq)}-bs{blocksize}{suffix}"] = {
+                    "allgather_bytes_per_param": sent * world / (out_f * in_f),
+                    "local_absmax": local.quant_state.absmax.numel(),
+                }
     return report
+
+
+def check_refill(layer: nn.Module, seed: int) -> None:
+    """Rewrite this rank's shard (words and absmax bytes) in place, unshard again: the full weight must hold every
+    rank's new bytes in rank order (FSDP2 refills the gathered weight in place after the first gather)."""
+    local = layer.weight._local_tensor  # FSDP2 may have replaced the shard's local tensor at the first gather
+    gen = torch.Generator().manual_seed(seed + dist.get_rank())
+    words = plain_bytes(local)
+    absmax = local.quant_state.absmax.reshape(-1).view(torch.uint8)
+    for t in (words, absmax):
+        t.copy_(torch.randint(0, 256, t.shape, generator=gen, dtype=torch.uint8))
+    pieces = [None] * dist.get_world_size()
+    dist.all_gather_object(pieces, (words.cpu(), absmax.cpu()))
+    layer.unshard()
+    full = layer.weight
+    assert torch.equal(plain_bytes(full).cpu(), torch.cat([p[0] for p in pieces])), "refilled words differ"
+    got = full.quant_state.absmax.reshape(-1).view(torch.uint8).cpu()
+    assert torch.equal(got, torch.cat([p[1] for p in pieces])), "refilled absmax differs"
+    layer.reshard()
 
 
 def plain_bytes(w) -> torch.Tensor:
