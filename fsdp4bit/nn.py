@@ -243,23 +243,30 @@ class Params4bit(nn.Parameter):
         out.set_row_start(row_start)
         return out
 
+    # The inner tensors by name (``__tensor_flatten__``). A compiled module's call reads them outside its graph;
+    # traced as frames of their own they graph-broke at ``storage_offset()`` and recompiled for every weight.
     @property
+    @torch.compiler.disable
     def _qs_absmax(self) -> torch.Tensor:
         return self.quant_state.absmax
 
     @property
+    @torch.compiler.disable
     def _qs_code(self) -> torch.Tensor:
         return self.quant_state.code
 
     @property
+    @torch.compiler.disable
     def _qs_nested_absmax(self) -> torch.Tensor:
         return self.quant_state.state2.absmax
 
     @property
+    @torch.compiler.disable
     def _qs_nested_code(self) -> torch.Tensor:
         return self.quant_state.state2.code
 
     @property
+    @torch.compiler.disable
     def _qs_offset(self) -> torch.Tensor:
         return self.quant_state.offset
 
