@@ -103,13 +103,17 @@ def main() -> None:
     load_peak, resident = peak_memory_mb(device), current_memory_mb(device)
 
     ids = torch.arange(512, device=device).view(1, 512) * 61 % args.vocab
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     loss = peft_model(input_ids=ids, labels=ids).loss
     loss.backward()
+    step_peak = peak_memory_mb(device)
     row = {
         "mode": args.mode,
         "world": world,
         "load_peak_mib": round(load_peak, 1),
         "resident_after_load_mib": round(resident, 1),
+        "step_peak_mib": round(step_peak, 1),
         "load_s": round(seconds, 2),
         "loss": float(loss),
     }
@@ -123,6 +127,7 @@ def main() -> None:
             "world": world,
             "load_peak_mib_max": max(r["load_peak_mib"] for r in rows),
             "resident_after_load_mib_max": max(r["resident_after_load_mib"] for r in rows),
+            "step_peak_mib_max": max(r["step_peak_mib"] for r in rows),
             "load_s_max": max(r["load_s"] for r in rows),
             "loss": rows[0]["loss"],
         }

@@ -114,3 +114,47 @@ def test_a_tensor_missing_from_a_block_fails_before_that_block_is_finished(cfg, 
     ):
         load_blocks(model, model_cfg, CPU, finished.append)
     assert finished == [decoder_blocks(model)[0][1]]
+
+
+def test_untied_embeddings_load_as_units_of_their_own(cfg, tmp_path) -> None:
+    """With untied embeddings the input and output tables are each loaded and handed over (sharded) on their own,
+    after the blocks and before the root, so no unit holds both vocabulary-sized tables; their values are the
+    checkpoint's (two tensors, not one tied parameter)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    source = resolve_model_path(cfg.model)
+    tensors = {
+        k: v
+        for k, v in load_file(source / "model.safetensors").items()
+        if not k.startswith("model.layers.") or int(k.split(".")[2]) < 4
+    }
+    tensors["lm_head.weight"] = torch.randn(tensors["model.embed_tokens.weight"].shape).to(torch.bfloat16)
+    save_file(tensors, tmp_path / "model.safetensors")
+    config = json.loads((source / "config.json").read_text())
+    config["tie_word_embeddings"] = False
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model_cfg = dataclasses.replace(cfg.model, path=str(tmp_path))
+    model = build_model(model_cfg)
+    attach_lora(model, cfg.lora, seed=0)
+    init_adapters = AdapterInit()
+    blocks = [block for _, block in decoder_blocks(model)]
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    seen: list[nn.Module] = []
+
+    def finish(module: nn.Module) -> None:
+        if module is embed:
+            assert head.weight.is_meta, "the output table is read after the input table is handed over"
+        if module is model:
+            assert not embed.weight.is_meta and not head.weight.is_meta
+        init_adapters(module)
+        assert not _meta(module)
+        seen.append(module)
+
+    load_blocks(model, model_cfg, CPU, finish)
+    assert seen == [*blocks, embed, head, model]
+    assert embed.weight is not head.weight
+    dtype = embed.weight.dtype
+    assert torch.equal(embed.weight, tensors["model.embed_tokens.weight"].to(dtype))
+    assert torch.equal(head.weight, tensors["lm_head.weight"].to(dtype))

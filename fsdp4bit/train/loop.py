@@ -25,7 +25,7 @@ from .embedded import ensure_embedded_model
 from .evaluate import perplexity
 from .lora import AdapterInit, attach_lora, save_adapter, trainable_parameters
 from .metrics import MetricsLog, current_memory_mb, gather_floats, peak_memory_mb, read_metrics
-from .model import build_model, count_4bit, dtype_of, load_blocks, load_tokenizer, shard
+from .model import build_model, count_4bit, decoder_blocks, dtype_of, load_blocks, load_tokenizer, shard
 from .optim import build_optimizer
 from .plot import plot_loss
 from .train_checkpoint import (
@@ -92,10 +92,13 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     mp_dtype = dtype_of(tcfg.mixed_precision) if tcfg.mixed_precision else None
 
+    blocks = {id(block) for _, block in decoder_blocks(model)}
+
     def finish(module: torch.nn.Module) -> None:
-        """A block (or the root) just loaded: adapters get their initial values, then FSDP2 shards it."""
+        """A unit just loaded (a block, an untied embedding, the root): adapters get their initial values, a block
+        is compiled if asked, then FSDP2 shards it."""
         init_adapters(module)
-        if cfg.model.compile and module is not model:
+        if cfg.model.compile and id(module) in blocks:
             module.compile()
         shard(
             module,

@@ -174,15 +174,27 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(resolve_model_path(cfg))
 
 
+def untied_embeddings(model: PreTrainedModel) -> list[tuple[str, nn.Module]]:
+    """(qualified name, module) of the input and output embeddings when they hold separate weights (untied), else
+    none: each is then loaded and sharded as its own unit (torchtitan's layout), so neither loading nor a training
+    step holds both vocabulary-sized tables unsharded at once. Tied ones stay in the root."""
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if inputs is None or outputs is None or getattr(model.config, "tie_word_embeddings", False):
+        return []
+    names = {id(m): n for n, m in model.named_modules()}
+    return [(names[id(inputs)], inputs), (names[id(outputs)], outputs)]
+
+
 def load_blocks(
     model: PreTrainedModel, cfg: ModelConfig, device: torch.device, finish: Callable[[nn.Module], None]
 ) -> None:
-    """Load ``model`` (from :func:`build_model`, adapters attached or not) from ``cfg``'s checkpoint one decoder
-    block at a time, calling ``finish`` on each block as soon as it is loaded, then on the root.
+    """Load ``model`` (from :func:`build_model`, adapters attached or not) from ``cfg``'s checkpoint one unit at a
+    time, calling ``finish`` on each as soon as it is loaded: every decoder block, then the input and output
+    embeddings when untied (:func:`untied_embeddings`), then the root.
 
-    The trainer's ``finish`` initialises the block's adapters and shards it, so a rank holds at most one block's
-    4-bit weights unsharded (plus one float tensor) on top of its shards of the blocks before: loading memory
-    falls with the world size instead of holding the whole 4-bit model first.
+    The trainer's ``finish`` initialises the unit's adapters and shards it, so a rank holds at most one unit's
+    weights unsharded (plus one float tensor) on top of its shards of the units before: loading memory falls with
+    the world size instead of holding the whole 4-bit model first.
     """
     path = resolve_model_path(cfg)
 
@@ -193,10 +205,10 @@ def load_blocks(
 
     with ExitStack() as stack:
         reader = _TensorReader(tensor_index(path), stack)
-        for name, block in decoder_blocks(model):
-            materialize(block, name, reader, cfg, device)
-            check_loaded(block, name + ".")
-            finish(block)
+        for name, unit in [*decoder_blocks(model), *untied_embeddings(model)]:
+            materialize(unit, name, reader, cfg, device)
+            check_loaded(unit, name + ".")
+            finish(unit)
         materialize(model, "", reader, cfg, device)
         if getattr(model.config, "tie_word_embeddings", False):
             model.get_output_embeddings().weight = model.get_input_embeddings().weight
