@@ -17,6 +17,7 @@ from torch import nn
 
 from .nn import Linear4bit, Params4bit
 from .quant_state import PACKED_KEY_PREFIX
+from .sharding import units_bottom_up
 
 Reader = Callable[[str], torch.Tensor]
 
@@ -123,9 +124,9 @@ def materialize(
     buffers (rotary tables) are computed when a module is built and never saved, so build the model with real
     buffers (``accelerate.init_empty_weights(include_buffers=False)``)."""
     tied = TiedParams(module, prefix) if tied is None else tied
+    if isinstance(module, Linear4bit) and module.weight.is_meta:
+        _load_linear4bit(module, prefix, read, keys, device)
     for name, child in module.named_children():
-        if isinstance(child, Linear4bit) and child.weight.is_meta:
-            _load_linear4bit(child, f"{prefix}{name}.", read, keys, device)
         materialize(child, f"{prefix}{name}.", read, keys, device, tied, missing_ok)
     for name, param in list(module.named_parameters(recurse=False)):
         if param.is_meta:
@@ -170,7 +171,7 @@ def load_sharded(
     init: Callable[[nn.Module], object] | None = None,
 ) -> nn.Module:
     """Materialize a meta-device ``model`` from a checkpoint one block at a time, sharding each block with
-    ``shard`` (default: FSDP2 ``fully_shard``) as soon as it is loaded, then the root.
+    ``shard`` (default: FSDP2 ``fully_shard``) as soon as it is loaded (nested blocks inner first), then the root.
 
     ``init`` fills, per block and before it is sharded, the parameters the checkpoint does not hold: LoRA adapters
     that peft attached on the meta device (pass the model peft wrapped in place, e.g. ``peft_model.base_model.model``,
@@ -188,9 +189,8 @@ def load_sharded(
         )
     device = torch.device(device)
     shard = shard or fully_shard
-    names = {id(m): n for n, m in model.named_modules()}
     tied = TiedParams(model)
-    units = [(m, f"{names[id(m)]}." if names[id(m)] else "") for m in model.modules() if isinstance(m, block_types)]
+    units = [(m, f"{name}.") for name, m in units_bottom_up(model, lambda m: isinstance(m, block_types))]
     for module, prefix in [*units, (model, "")]:
         materialize(module, prefix, read, keys, device, tied, missing_ok=init is not None)
         if init is not None:

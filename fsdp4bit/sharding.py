@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -214,6 +214,26 @@ def check_shardable(module: nn.Module) -> None:
             )
 
 
+def units_bottom_up(model: nn.Module, is_unit: Callable[[nn.Module], bool]) -> list[tuple[str, nn.Module]]:
+    """(qualified name, module) of every module below ``model`` that ``is_unit`` selects, each after the units
+    nested in it: the order ``fully_shard`` needs (FSDP2 gives a module the parameters no inner unit holds, so an
+    outer unit sharded first would take its inner units' parameters too)."""
+    units: list[tuple[str, nn.Module]] = []
+    seen: set[int] = set()
+
+    def visit(name: str, module: nn.Module) -> None:
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        for child_name, child in module.named_children():
+            visit(f"{name}.{child_name}" if name else child_name, child)
+        if module is not model and is_unit(module):
+            units.append((name, module))
+
+    visit("", model)
+    return units
+
+
 def _fsdp_options(mesh, mp_policy, reshard_after_forward: bool, cpu_offload: bool) -> dict[str, Any]:
     """``fully_shard`` keyword arguments for these settings."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
@@ -254,15 +274,13 @@ def shard_model(
     cpu_offload: bool = False,
 ) -> nn.Module:
     """Apply FSDP2 the usual way: ``fully_shard`` each block (given types, or every module holding 4-bit
-    weights when none are given), then the root. 4-bit weights must be quantized (``.to(device)``) first; every
+    weights when none are given; nested blocks inner first), then the root. 4-bit weights must be quantized (``.to(device)``) first; every
     weight is checked before anything is sharded."""
     from torch.distributed.fsdp import fully_shard
 
     check_shardable(model)
-    if block_types is None:
-        blocks = [m for m in model.modules() if m is not model and _is_4bit(m)]
-    else:
-        blocks = [m for m in model.modules() if m is not model and isinstance(m, block_types)]
+    is_unit = _is_4bit if block_types is None else (lambda m: isinstance(m, block_types))
+    blocks = [m for _, m in units_bottom_up(model, is_unit)]
     options = _fsdp_options(mesh, mp_policy, reshard_after_forward, cpu_offload)
     for block in [*blocks, model]:
         fully_shard(block, **options)

@@ -134,10 +134,11 @@ def test_hsdp_checkpoint_loads_on_other_mesh_shapes(tmp_path):
     torchrun(4, "dcp_load", fsdp, "bfloat16", "hsdp")
 
 
-@pytest.mark.parametrize("kind", ["float", "bnb"])
+@pytest.mark.parametrize("kind", ["float", "bnb", "nested"])
 @pytest.mark.parametrize("world", [1, 2])
 def test_sharded_model_built_from_meta_device_checkpoint(tmp_path, kind, world):
-    """Float and bitsandbytes-format checkpoints load block by block into a sharded 4-bit model."""
+    """Float and bitsandbytes-format checkpoints load block by block into a sharded 4-bit model; units nested in
+    units (each block and its 4-bit layer) are sharded inner first, by load_sharded and shard_model."""
     torchrun(world, "load_meta", str(tmp_path / f"model_{kind}.safetensors"), kind)
 
 

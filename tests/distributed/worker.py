@@ -373,7 +373,9 @@ def block_model(storage: torch.dtype, device: str, dim: int = 40, depth: int = 3
 
 def scenario_load_meta(path: str, kind: str) -> dict:
     """A meta-device model is built block by block from a float or bitsandbytes-format safetensors file,
-    sharded as it loads, and computes what the whole single-process model computes."""
+    sharded as it loads, and computes what the whole single-process model computes. ``nested``: a float file
+    with units nested in units (each Block and the Linear4bit inside it), for ``load_sharded`` and
+    ``shard_model`` alike."""
     import resource
 
     from safetensors.torch import save_file
@@ -389,13 +391,19 @@ def scenario_load_meta(path: str, kind: str) -> dict:
         save_file({k: sharding.plain(v).contiguous() for k, v in source.state_dict().items()}, path)
     dist.barrier()
     read, keys = safetensors_reader(path)
+    block_types = (Block, bnb.nn.Linear4bit) if kind == "nested" else (Block,)
     model = block_model(storage, "meta")
-    load_sharded(model, read, keys, block_types=(Block,), device=DEVICE)
+    load_sharded(model, read, keys, block_types=block_types, device=DEVICE)
     ref = block_model(storage, "cpu")
     ref.load_state_dict({k: read(k) for k in keys})
     ref = ref.to(DEVICE)
     x = torch.randn(4, 40, device=DEVICE)
     assert torch.equal(model(x), ref(x)), "sharded model built from the checkpoint differs"
+    if kind == "nested":
+        loaded = block_model(storage, "cpu")
+        loaded.load_state_dict({k: read(k) for k in keys})
+        sharded = shard_model(loaded.to(DEVICE), block_types=block_types)
+        assert torch.equal(sharded(x), ref(x)), "shard_model with nested block types differs"
     return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
