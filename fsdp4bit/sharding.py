@@ -274,8 +274,8 @@ def shard_model(
     cpu_offload: bool = False,
 ) -> nn.Module:
     """Apply FSDP2 the usual way: ``fully_shard`` each block (given types, or every module holding 4-bit
-    weights when none are given; nested blocks inner first), then the root. 4-bit weights must be quantized (``.to(device)``) first; every
-    weight is checked before anything is sharded."""
+    weights when none are given; nested blocks inner first), then the root. 4-bit weights must be quantized
+    (``.to(device)``) first; every weight is checked before anything is sharded."""
     from torch.distributed.fsdp import fully_shard
 
     check_shardable(model)
