@@ -18,7 +18,10 @@ CUDA the device is synchronized only before and after each timed loop. ``--clock
 ``time.thread_time`` instead, the CPU time of the calling thread: on a host shared with other work it leaves
 out the time the thread waits for a core (with ``--threads 1`` on the CPU, so the kernels run in that thread).
 
-    python bench/host_overhead.py [--device cuda] [--json bench/results/host_overhead_<device>.json]
+``--compile`` times both layers ``torch.compile``d (no bitsandbytes idiom case): the host time of a compiled
+graph's call, its guards and the operators it calls (on CUDA the fsdp4bit:: operators' C++ kernels).
+
+    python bench/host_overhead.py [--device cuda] [--compile] [--json bench/results/host_overhead_<device>.json]
 """
 
 from __future__ import annotations
@@ -112,6 +115,8 @@ def measure(args: argparse.Namespace) -> dict:
     device = args.device
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     plain, quant = layers(args.features, device, dtype, args.bias)
+    if args.compile:
+        plain, quant = torch.compile(plain), torch.compile(quant)
     result = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -123,18 +128,22 @@ def measure(args: argparse.Namespace) -> dict:
         "iters": args.iters,
         "repeats": args.repeats,
         "clock": args.clock,
+        "compiled": args.compile,
         "cases": [],
     }
     for rows in (args.rows, 1):
         x = torch.randn(rows, args.features, device=device, dtype=dtype)
         xg = x.clone().requires_grad_(True)
         grad = torch.randn(rows, args.features, device=device, dtype=dtype)
-        for name, fns in (
+        cases = [
             ("forward no_grad", (forward_no_grad(quant, x), forward_no_grad(plain, x))),
             ("matmul_4bit(W.t())", (matmul_transposed_no_grad(quant, x), forward_no_grad(plain, x))),
             ("forward grad", (forward_grad(quant, xg), forward_grad(plain, xg))),
             ("forward+backward", (forward_backward(quant, xg, grad), forward_backward(plain, xg, grad))),
-        ):
+        ]
+        if args.compile:  # the bitsandbytes idiom is an eager call
+            cases = [case for case in cases if case[0] != "matmul_4bit(W.t())"]
+        for name, fns in cases:
             q_us, p_us = (
                 us_per_call(fn, device, args.iters, args.warmup, args.repeats, CLOCKS[args.clock]) for fn in fns
             )
@@ -144,8 +153,9 @@ def measure(args: argparse.Namespace) -> dict:
 
 def print_table(result: dict) -> None:
     bias = " with bias" if result["bias"] else ""
+    compiled = ", compiled" if result["compiled"] else ""
     print(
-        f"device {result['device']} ({result['backend']}), torch {result['torch']}, {result['threads']} threads, "
+        f"device {result['device']} ({result['backend']}{compiled}), torch {result['torch']}, {result['threads']} threads, "
         f"{result['features']}x{result['features']} {result['dtype']}{bias}, {result['clock']} us per call "
         f"(best of {result['repeats']} x {result['iters']} calls)"
     )
@@ -166,6 +176,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed loops per case (the best is reported)")
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall", help="wall: perf_counter, cpu: thread_time")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    parser.add_argument("--compile", action="store_true", help="time both layers torch.compile'd")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
     if args.rows <= 16:

@@ -9,6 +9,11 @@ eager mode on plain tensors they run the op's implementation directly: the custo
 of microseconds of Python per call, which a GPU waits through whenever it is not already busy. Under
 torch.compile, a dispatch mode (FakeTensor, tracing), a functorch transform, for tensor subclasses, and
 whenever autograd must record the op, they call the ``torch.ops.fsdp4bit`` operator as before.
+
+For CUDA tensors, once the CUDA extension is loaded, ``matmul_4bit``, ``input_grad_4bit`` and ``dequantize_4bit``
+run kernels the extension registers with the dispatcher in C++ (``csrc/cuda/operators.cpp``; ``matmul_4bit``'s
+autograd too), so a compiled graph reaches the kernels with no Python layer. They defer to the Python bodies below
+for any argument their fast path does not take, so every path raises the same errors.
 """
 
 from __future__ import annotations
@@ -58,15 +63,20 @@ def check_rows(A: torch.Tensor) -> None:
         raise ValueError("A must have at least one dimension (its last holds the input features), got a 0-dim tensor")
 
 
+def _check_counts(stats: Sequence[Any]) -> None:
+    """check_stats_counts of ``stats``, an operator's arguments from absmax to shape."""
+    absmax, nested_absmax, _, _, blocksize, nested_blocksize, _, shape = stats
+    check_stats_counts(absmax, nested_absmax, shape, blocksize, nested_blocksize)
+
+
 def _check_matmul(A: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor, *stats: Any) -> None:
     """Every check of :func:`matmul_4bit`'s (and :func:`gemv_4bit`'s) arguments: the counts (first, as in the
     operators' bodies), ``check_matmul_args`` (the native path's), then a bias on A's device (which the native extension checks
     itself); ``stats`` run from absmax to shape."""
     check_rows(A)
-    absmax, nested_absmax, _, _, blocksize, nested_blocksize, _, shape = stats
-    check_stats_counts(absmax, nested_absmax, shape, blocksize, nested_blocksize)
+    _check_counts(stats)
     check_matmul_args(A, packed, bias, *stats)
-    check_shape(shape)
+    check_shape(stats[-1])
     if bias is not None and bias.device != A.device:
         raise ValueError(f"bias is on {bias.device}, A on {A.device}")
 
@@ -258,8 +268,7 @@ def dequantize_4bit(
     return _dequantize_4bit_op(*args)
 
 
-@torch.library.custom_op(f"{_LIB}::dequantize_4bit", mutates_args=())
-def _dequantize_4bit_op(
+def _dequantize_4bit_body(
     packed: torch.Tensor,
     absmax: torch.Tensor,
     nested_absmax: torch.Tensor | None,
@@ -276,6 +285,9 @@ def _dequantize_4bit_op(
     return _dequantize_4bit_impl(
         packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype
     )
+
+
+_dequantize_4bit_op = torch.library.custom_op(f"{_LIB}::dequantize_4bit", mutates_args=())(_dequantize_4bit_body)
 
 
 @_dequantize_4bit_op.register_fake
@@ -405,8 +417,7 @@ def matmul_4bit(
     return _matmul_4bit_op(*args)
 
 
-@torch.library.custom_op(f"{_LIB}::matmul_4bit", mutates_args=())
-def _matmul_4bit_op(
+def _matmul_4bit_body(
     A: torch.Tensor,
     bias: torch.Tensor | None,
     packed: torch.Tensor,
@@ -424,6 +435,9 @@ def _matmul_4bit_op(
     return _matmul_4bit_impl(
         A, bias, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape
     )
+
+
+_matmul_4bit_op = torch.library.custom_op(f"{_LIB}::matmul_4bit", mutates_args=())(_matmul_4bit_body)
 
 
 @_matmul_4bit_op.register_fake
@@ -490,13 +504,17 @@ torch.library.define(
 )
 
 
-@torch.library.impl(f"{_LIB}::input_grad_4bit", "default")
-def _input_grad_4bit_kernel(grad_out: torch.Tensor, packed: torch.Tensor, *stats: Any) -> torch.Tensor:
+def _input_grad_4bit_body(grad_out: torch.Tensor, packed: torch.Tensor, *stats: Any) -> torch.Tensor:
+    """``grad_out @ W``; see the input_grad_4bit operator."""
     _check_grad_out(grad_out, stats[-1])
+    _check_counts(stats)
     native = kernels.native_for(grad_out.device)
     if native is not None and native.device_type == "cuda":
         return native.input_grad_4bit(grad_out, packed, *stats)
     return grad_out @ _dequantize_4bit_impl(packed, *stats, grad_out.dtype)
+
+
+torch.library.impl(f"{_LIB}::input_grad_4bit", "default", func=_input_grad_4bit_body)
 
 
 @torch.library.register_fake(f"{_LIB}::input_grad_4bit")
@@ -537,3 +555,11 @@ class _Matmul4bitFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         return _matmul_backward(ctx, grad_out)
+
+
+# For CUDA tensors the extension registers these operators' kernels with the dispatcher in C++
+# (csrc/cuda/operators.cpp: no Python between a compiled graph and the kernels); they defer to these bodies for
+# arguments their fast path does not take, and under FSDP4BIT_NO_NATIVE.
+kernels.OPERATOR_IMPLS.update(
+    matmul_4bit=_matmul_4bit_body, input_grad_4bit=_input_grad_4bit_body, dequantize_4bit=_dequantize_4bit_body
+)

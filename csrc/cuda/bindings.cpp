@@ -10,6 +10,7 @@
 #include <optional>
 #include <tuple>
 
+#include "host_ops.h"
 #include "launch.h"
 
 namespace fsdp4bit {
@@ -131,6 +132,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_4bit(const at::Tensor& A
   return {packed, absmax, code_out};
 }
 
+}  // namespace
+
 at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
                            const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
                            int64_t blocksize, int64_t nested_blocksize, const at::Tensor& code, int64_t numel,
@@ -153,6 +156,8 @@ at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, c
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
+
+namespace {
 
 // the float type of A, checked to be a contiguous (M, K) CUDA tensor of float32, float16 or bfloat16
 FloatType check_matmul_a(const at::Tensor& A, int64_t K) {
@@ -253,8 +258,10 @@ std::vector<int64_t> with_last(const at::Tensor& t, int64_t last) {
   return sizes;
 }
 
-// A @ W.T + bias for the 4-bit W (N, K), the route of every CUDA matmul (NativeOps.gemv_4bit and the autograd node
-// below): the fused gemv for up to 8 rows (K % 32 == 0, packed 16-byte aligned), the fused GEMM where gemm_applies()
+}  // namespace
+
+// A @ W.T + bias for the 4-bit W (N, K), the route of every CUDA matmul (NativeOps.gemv_4bit and the matmul_4bit
+// operator's CUDA kernel, operators.cpp): the fused gemv for up to 8 rows (K % 32 == 0, packed 16-byte aligned), the fused GEMM where gemm_applies()
 // takes the call, else W dequantized in A's dtype and at::linear (F.linear; also every empty product). The bias (or
 // none) is cast to A's dtype.
 at::Tensor matmul_4bit_forward(const at::Tensor& A, const std::optional<at::Tensor>& bias, const at::Tensor& packed,
@@ -285,7 +292,7 @@ at::Tensor matmul_4bit_forward(const at::Tensor& A, const std::optional<at::Tens
 }
 
 // grad_out (.., N) @ W (N, K) for the 4-bit W, the input gradient of matmul_4bit_forward (NativeOps.input_grad_4bit
-// and the autograd node's backward): the transposed fused GEMM where gemm_applies() takes it and autograd is not
+// and the input_grad_4bit operator's CUDA kernel, operators.cpp): the transposed fused GEMM where gemm_applies() takes it and autograd is not
 // recording, else grad_out @ W dequantized in grad_out's dtype (differentiable in grad_out under create_graph)
 at::Tensor matmul_4bit_input_grad(const at::Tensor& g, const at::Tensor& packed, const at::Tensor& absmax,
                                   const std::optional<at::Tensor>& nested_absmax,
@@ -309,74 +316,7 @@ at::Tensor matmul_4bit_input_grad(const at::Tensor& g, const at::Tensor& packed,
   return at::matmul(g, W.view({N, K}));
 }
 
-// The eager autograd of matmul_4bit on CUDA as one C++ node (fsdp4bit.ops' _Matmul4bitFunction, without Python on
-// either pass): the forward above; the backward's input gradient through the transposed fused GEMM where it applies,
-// else grad_out @ W dequantized in grad_out's dtype (differentiable under create_graph), and the bias gradient as the
-// sum of grad_out's rows in the bias's dtype. The caller (NativeOps.matmul_4bit_autograd) checked every argument.
-class Matmul4bitFunction : public torch::autograd::Function<Matmul4bitFunction> {
-  static constexpr int kWeightParts = 7;
-  static constexpr const char* kWeightKeys[kWeightParts] = {"packed", "absmax", "nested_absmax", "nested_code",
-                                                            "offset", "code_cpu", "code_dev"};
-
- public:
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& A,
-                            const std::optional<at::Tensor>& bias, const at::Tensor& packed, const at::Tensor& absmax,
-                            const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
-                            const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t nested_blocksize,
-                            const at::Tensor& code_cpu, const at::Tensor& code_dev, int64_t N, int64_t K) {
-    // the frozen weight, for A's gradient only, as plain context data rather than saved variables (as the Python
-    // Function and bitsandbytes keep it): no version check, no saved-tensor hooks (save_on_cpu would copy it), and
-    // a weight quantized under inference mode (inference tensors, which save_for_backward refuses) still trains
-    // adapters
-    const at::Tensor weight[kWeightParts] = {packed, absmax, nested_absmax.value_or(at::Tensor()),
-                                             nested_code.value_or(at::Tensor()), offset.value_or(at::Tensor()),
-                                             code_cpu, code_dev};
-    for (int i = 0; i < kWeightParts && A.requires_grad(); ++i)
-      if (weight[i].defined()) ctx->saved_data[kWeightKeys[i]] = weight[i];
-    ctx->saved_data["blocksize"] = blocksize;
-    ctx->saved_data["nested_blocksize"] = nested_blocksize;
-    ctx->saved_data["N"] = N;
-    ctx->saved_data["K"] = K;
-    if (bias.has_value()) ctx->saved_data["bias_dtype"] = bias->scalar_type();
-    return matmul_4bit_forward(A, bias, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-                               code_cpu, code_dev, N, K);
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    std::vector<at::Tensor> saved(kWeightParts);
-    for (int i = 0; i < kWeightParts; ++i)
-      if (ctx->saved_data.count(kWeightKeys[i])) saved[i] = ctx->saved_data[kWeightKeys[i]].toTensor();
-    const at::Tensor &packed = saved[0], &absmax = saved[1], &code_cpu = saved[5], &code_dev = saved[6];
-    auto opt = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
-    const std::optional<at::Tensor> nested_absmax = opt(saved[2]), nested_code = opt(saved[3]), offset = opt(saved[4]);
-    const int64_t blocksize = ctx->saved_data["blocksize"].toInt();
-    const int64_t nested_blocksize = ctx->saved_data["nested_blocksize"].toInt();
-    const int64_t N = ctx->saved_data["N"].toInt(), K = ctx->saved_data["K"].toInt();
-    const at::Tensor& g = grads[0];
-    at::Tensor grad_A, grad_bias;
-    if (ctx->needs_input_grad(0))
-      grad_A = matmul_4bit_input_grad(g, packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                                      nested_blocksize, code_cpu, code_dev, N, K);
-    if (ctx->saved_data.count("bias_dtype") && ctx->needs_input_grad(1))
-      grad_bias = g.reshape({-1, N}).sum(0).to(ctx->saved_data["bias_dtype"].toScalarType());
-    torch::autograd::variable_list out(13);
-    out[0] = grad_A;
-    out[1] = grad_bias;
-    return out;
-  }
-};
-
-at::Tensor matmul_4bit_autograd(const at::Tensor& A, const std::optional<at::Tensor>& bias, const at::Tensor& packed,
-                                const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
-                                const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
-                                int64_t blocksize, int64_t nested_blocksize, const at::Tensor& code_cpu,
-                                const at::Tensor& code_dev, int64_t N, int64_t K) {
-  TORCH_CHECK_VALUE(N >= 1 && K >= 1 && A.dim() >= 1 && A.size(-1) == K && A.numel() > 0,
-                    "matmul_4bit_autograd needs a non-empty A of last dimension K = ", K, " and N >= 1");
-  return Matmul4bitFunction::apply(A, bias, packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                                   nested_blocksize, code_cpu, code_dev, N, K);
-}
+namespace {
 
 // whether gemm_4bit takes A of `dtype` ("float16" or "bfloat16"; "float32" never) of M rows and a 4-bit (N, K)
 // weight of `blocksize`, transposed or not, on device `device_index`
@@ -494,10 +434,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("offset"), py::arg("blocksize"), py::arg("nested_blocksize"), py::arg("code_cpu"),
         py::arg("code_dev"), py::arg("N"), py::arg("K"));
   m.def("matmul_4bit_autograd", &fsdp4bit::matmul_4bit_autograd,
-        "A @ W(N, K).T + bias with W 4-bit, differentiable in A and bias, as one C++ autograd node (eager CUDA)",
+        "A @ W(N, K).T + bias with W 4-bit, differentiable in A and bias: the matmul_4bit operator's CUDA autograd",
         py::arg("A"), py::arg("bias"), py::arg("packed"), py::arg("absmax"), py::arg("nested_absmax"),
         py::arg("nested_code"), py::arg("offset"), py::arg("blocksize"), py::arg("nested_blocksize"),
-        py::arg("code_cpu"), py::arg("code_dev"), py::arg("N"), py::arg("K"));
+        py::arg("quant_type"), py::arg("shape"));
+  m.def("register_operators", &fsdp4bit::register_operators,
+        "hand the operators' CUDA kernels the code tables ({quant_type: CPU float32 [16]}) and the Python "
+        "implementations they defer to ({operator name: callable})",
+        py::arg("codes"), py::arg("python_impls"));
   m.def("gemm_4bit_applies", &fsdp4bit::gemm_4bit_applies,
         "whether gemm_4bit takes (dtype, blocksize, M, N, K) on device_index (trans: A (M, N) @ W)", py::arg("dtype"),
         py::arg("blocksize"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("device_index"),

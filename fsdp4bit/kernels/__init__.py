@@ -20,9 +20,9 @@ import warnings
 import torch
 
 from ._build import BuildError, build_cpu, build_cuda
-from ._native import NativeOps
+from ._native import OPERATOR_IMPLS, NativeOps
 
-__all__ = ["NativeOps", "backend_name", "build_seconds", "native_for", "native_disabled"]
+__all__ = ["OPERATOR_IMPLS", "NativeOps", "backend_name", "build_seconds", "native_for", "native_disabled"]
 
 _BUILT: dict[str, NativeOps | None] = {}
 _LOCK = threading.Lock()

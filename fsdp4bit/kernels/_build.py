@@ -32,6 +32,7 @@ CUDA_SOURCES = tuple(
     CSRC / "cuda" / name
     for name in (
         "bindings.cpp",
+        "operators.cpp",
         "quantize.cu",
         "quantize_f32.cu",
         "quantize_f16.cu",
@@ -58,6 +59,7 @@ CUDA_HEADERS = tuple(
         "gemv.cuh",
         "gemv_lut.cuh",
         "gemv_row.cuh",
+        "host_ops.h",
         "gemv_tma.cuh",
         "quantize.cuh",
         "launch.h",

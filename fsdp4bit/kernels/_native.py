@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -17,6 +17,7 @@ import torch
 
 from ..codebooks import (
     BLOCKSIZES,
+    QUANT_TYPES,
     check_blocksize,
     check_float_dtype,
     check_quant_type,
@@ -30,6 +31,11 @@ from ..codebooks import (
 # it applies, else dequantize + cuBLAS).
 CPU_GEMV_MAX_ROWS = 16
 _GEMM_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+# The Python implementations of the fsdp4bit:: operators whose CUDA kernels the extension registers with the
+# dispatcher (csrc/cuda/operators.cpp), filled by fsdp4bit.ops: the CUDA kernels run them for arguments their fast
+# path does not take (so every path raises the same errors) and under FSDP4BIT_NO_NATIVE.
+OPERATOR_IMPLS: dict[str, Callable[..., torch.Tensor]] = {}
 
 
 @functools.cache
@@ -145,6 +151,8 @@ class NativeOps:
         self.ext = ext
         self.device_type = device_type
         self.build_seconds = build_seconds
+        if device_type == "cuda":  # the extension's operator kernels: the code tables, and where to defer
+            ext.register_operators({q: _tables(q)[2] for q in QUANT_TYPES}, dict(OPERATOR_IMPLS))
 
     def __repr__(self) -> str:
         return f"NativeOps({self.device_type!r})"
@@ -282,12 +290,13 @@ class NativeOps:
     def matmul_4bit_autograd(
         self, A: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor, *stats: Any
     ) -> torch.Tensor:
-        """``A @ W.T + bias``, differentiable in A and bias, as one autograd node in C++ (CUDA, eager): the route and
-        the gradients of ``fsdp4bit.ops``' eager matmul (the same kernels, so the same bits), without Python on the
-        forward's kernel choice or in the backward, which autograd runs on its own thread. ``stats`` are
-        :meth:`gemv_4bit`'s arguments from absmax to shape."""
-        flat_packed, _, _ = check_matmul_args(A, packed, bias, *stats)
-        return self.ext.matmul_4bit_autograd(A, bias, flat_packed, *self._state_args(flat_packed, *stats))
+        """``A @ W.T + bias``, differentiable in A and bias, as one autograd node in C++ (CUDA, eager): the
+        matmul_4bit operator's CUDA autograd kernel (csrc/cuda/operators.cpp), whose route and gradients are those of
+        ``fsdp4bit.ops``' eager matmul (the same kernels, so the same bits), without Python on the forward's kernel
+        choice or in the backward, which autograd runs on its own thread. ``stats`` are :meth:`gemv_4bit`'s
+        arguments from absmax to shape."""
+        flat_packed, N, K = check_matmul_args(A, packed, bias, *stats)
+        return self.ext.matmul_4bit_autograd(A, bias, flat_packed, *stats[:-1], [N, K])
 
     def gemv_4bit(
         self,

@@ -1,0 +1,181 @@
+"""The ``fsdp4bit::`` operators' C++ kernels on CUDA (``csrc/cuda/operators.cpp``).
+
+Once the CUDA extension is loaded, ``matmul_4bit`` (with its autograd), ``input_grad_4bit`` and ``dequantize_4bit``
+run kernels the extension registers with the dispatcher: a compiled graph or a direct ``torch.ops`` call reaches the
+kernels with no Python on the way. Arguments the fast path does not take go to the operators' Python bodies, so the
+errors are those of every other path, and ``FSDP4BIT_NO_NATIVE=1`` still selects the reference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fsdp4bit as bnb
+from fsdp4bit import functional as F
+from fsdp4bit import kernels, ops
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+fops = torch.ops.fsdp4bit
+
+
+@pytest.fixture(scope="module")
+def native():
+    if kernels.native_for("cuda") is None:
+        pytest.skip("native CUDA kernels unavailable")
+
+
+def _weight(nested: bool = True, shape: tuple[int, int] = (48, 256), device: str = "cuda"):
+    """(packed, the operators' statistics arguments from absmax to shape) of a random NF4 weight."""
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    packed, state = F.quantize_4bit(w.to(device), quant_type="nf4", compress_statistics=nested)
+    absmax, nested_absmax, nested_code, offset = state.absmax_tensors()
+    nested_bs = state.state2.blocksize if nested else 256
+    return packed.reshape(-1), (absmax, nested_absmax, nested_code, offset, 64, nested_bs, "nf4", list(shape))
+
+
+@pytest.fixture
+def python_calls(monkeypatch):
+    """Counts calls of the operators' Python bodies (each checks its arguments first)."""
+    calls = []
+    for name in ("check_stats_counts", "_check_grad_out"):
+        real = getattr(ops, name)
+
+        def spy(*args, _real=real, _name=name):
+            calls.append(_name)
+            return _real(*args)
+
+        monkeypatch.setattr(ops, name, spy)
+    return calls
+
+
+def test_cuda_kernels_are_registered_with_the_dispatcher(native):
+    for op in ("matmul_4bit", "input_grad_4bit", "dequantize_4bit"):
+        table = torch._C._dispatch_dump(f"fsdp4bit::{op}")
+        cuda = [line for line in table.splitlines() if line.startswith("CUDA:")]
+        assert cuda and "operators.cpp" in cuda[0], table
+    table = torch._C._dispatch_dump("fsdp4bit::matmul_4bit")
+    assert any(line.startswith("AutogradCUDA:") and "operators.cpp" in line for line in table.splitlines()), table
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_operators_run_no_python_and_match_the_eager_path(native, python_calls, nested):
+    """Forward (no grad, and recording autograd), backward and dequantize through torch.ops on CUDA: no Python
+    body runs, and the bits are those of the eager path (the same kernels)."""
+    packed, stats = _weight(nested)
+    x = torch.randn(20, 256, generator=torch.Generator().manual_seed(1)).to("cuda", torch.bfloat16)
+    bias = torch.randn(48, generator=torch.Generator().manual_seed(2)).to("cuda")
+    grad = torch.randn(20, 48, generator=torch.Generator().manual_seed(3)).to("cuda", torch.bfloat16)
+    results = []
+    for fn in (ops._Matmul4bitFunction.apply, fops.matmul_4bit):
+        xa, ba = x.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+        out = fn(xa, ba, packed, *stats)
+        out.backward(grad)
+        with torch.no_grad():
+            plain = fn(x, bias, packed, *stats)
+        results.append((out.detach(), plain, xa.grad, ba.grad))
+    start = len(python_calls)
+    W = fops.dequantize_4bit(packed, *stats, torch.bfloat16)
+    assert python_calls[:start] == [] and python_calls[start:] == []
+    for eager, op in zip(*results, strict=True):
+        assert eager.dtype == op.dtype and torch.equal(eager.view(torch.uint8), op.view(torch.uint8))
+    assert torch.equal(W, ops.dequantize_4bit(packed, *stats, torch.bfloat16))
+    assert results[1][3].dtype == torch.float32
+
+
+def test_compiled_steps_run_no_python_operator_bodies(native, python_calls):
+    """A compiled Linear4bit's forward and backward call the operators, which run their C++ kernels: after the first
+    (traced) step, no Python body runs."""
+    layer = bnb.nn.Linear4bit(256, 48, quant_type="nf4", compute_dtype=torch.bfloat16).to("cuda")
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(20, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grads = [torch.autograd.grad(compiled(x).float().sum(), x)[0] for _ in range(2)]
+    start = len(python_calls)
+    grads.append(torch.autograd.grad(compiled(x).float().sum(), x)[0])
+    assert python_calls[start:] == []
+    (eager,) = torch.autograd.grad(layer(x).float().sum(), x)
+    for grad in grads:
+        torch.testing.assert_close(grad, eager, rtol=1e-2, atol=1e-2)
+
+
+def test_no_native_sends_the_operators_to_the_reference(native, python_calls, monkeypatch):
+    packed, stats = _weight()
+    x = torch.randn(20, 256, device="cuda", requires_grad=True)
+    fast = fops.matmul_4bit(x, None, packed, *stats)
+    assert python_calls == []
+    monkeypatch.setenv("FSDP4BIT_NO_NATIVE", "1")
+    ref = fops.matmul_4bit(x, None, packed, *stats)
+    (grad,) = torch.autograd.grad(ref.sum(), x)
+    assert "check_stats_counts" in python_calls and "_check_grad_out" in python_calls
+    torch.testing.assert_close(ref, fast, rtol=1e-5, atol=1e-4)
+    W = ops.dequantize_4bit(packed, *stats, torch.float32)
+    torch.testing.assert_close(grad, W.sum(0).expand_as(x), rtol=1e-5, atol=1e-4)
+
+
+def _bad_calls(device: str):
+    """(name, call) of operator calls with one bad argument each, on ``device``."""
+    packed, (absmax, nested_absmax, nested_code, offset, bs, nbs, qt, shape) = _weight(device=device)
+    plain_packed, plain_stats = _weight(nested=False, device=device)
+    stats = (absmax, nested_absmax, nested_code, offset, bs, nbs, qt, shape)
+    x = torch.randn(3, 256, device=device)
+    g = torch.randn(3, 48, device=device)
+    return [
+        ("bias shape", lambda: fops.matmul_4bit(x, torch.randn(31, device=device), packed, *stats)),
+        ("A dtype", lambda: fops.matmul_4bit(x.double(), None, packed, *stats)),
+        ("A features", lambda: fops.matmul_4bit(x[:, :255], None, packed, *stats)),
+        ("blocksize counts", lambda: fops.matmul_4bit(x, None, packed, *stats[:4], 128, nbs, qt, shape)),
+        ("blocksize", lambda: fops.matmul_4bit(x, None, packed, *stats[:4], 48, nbs, qt, shape)),
+        ("nested blocksize", lambda: fops.matmul_4bit(x, None, packed, *stats[:5], 32, qt, shape)),
+        ("quant_type", lambda: fops.matmul_4bit(x, None, packed, *stats[:6], "nf5", shape)),
+        ("packed dtype", lambda: fops.matmul_4bit(x, None, packed.view(torch.int8), *stats)),
+        ("short packed", lambda: fops.matmul_4bit(x, None, packed[:-1], *stats)),
+        ("shape", lambda: fops.matmul_4bit(x, None, packed, *stats[:7], [48, 256, 1])),
+        ("nested without offset", lambda: fops.matmul_4bit(x, None, packed, *stats[:3], None, *stats[4:])),
+        ("absmax dtype", lambda: fops.matmul_4bit(x, None, plain_packed, plain_stats[0].half(), *plain_stats[1:])),
+        ("dequantize dtype", lambda: fops.dequantize_4bit(packed, *stats, torch.int32)),
+        ("dequantize shape", lambda: fops.dequantize_4bit(packed, *stats[:7], [48, -256], torch.float32)),
+        ("grad_out features", lambda: fops.input_grad_4bit(g[:, :47], packed, *stats)),
+        ("input_grad counts", lambda: fops.input_grad_4bit(g, packed, *stats[:4], 128, nbs, qt, shape)),
+    ]
+
+
+def _error(call) -> str:
+    with pytest.raises(Exception) as info:
+        call()
+    return f"{type(info.value).__name__}: {info.value}"
+
+
+def test_bad_arguments_raise_the_errors_of_the_python_bodies(native):
+    """The CUDA kernels hand every argument they do not take to the Python bodies: the same errors as on the CPU."""
+    for (name, on_cuda), (_, on_cpu) in zip(_bad_calls("cuda"), _bad_calls("cpu"), strict=True):
+        assert _error(on_cuda) == _error(on_cpu), name
+
+
+@pytest.mark.parametrize("rows", [0, 1, 8, 9])
+def test_every_route_through_the_autograd_kernel(native, rows):
+    """No rows (an empty product), the gemv rows (1 to 8) and dequantize + cuBLAS (9 and more at this size) go
+    through the C++ autograd kernel with the Python Function's results."""
+    shape = (48, 256)
+    packed, stats = _weight(nested=False, shape=shape)
+    x = torch.randn(rows, shape[1], device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(shape[0], device="cuda")
+    grad = torch.randn(rows, shape[0], device="cuda", dtype=torch.bfloat16)
+    results = []
+    for fn in (ops._Matmul4bitFunction.apply, fops.matmul_4bit):
+        xa, ba = x.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+        out = fn(xa, ba, packed, *stats)
+        out.backward(grad)
+        results.append((out.detach(), xa.grad, ba.grad))
+    for eager, op in zip(*results, strict=True):
+        assert eager.shape == op.shape and eager.dtype == op.dtype and torch.equal(eager, op)
+
+
+def test_create_graph_keeps_the_input_gradient_differentiable(native):
+    packed, stats = _weight()
+    x = torch.randn(20, 256, device="cuda", requires_grad=True)
+    g = torch.randn(20, 48, device="cuda", requires_grad=True)
+    (grad_x,) = torch.autograd.grad(fops.matmul_4bit(x, None, packed, *stats), x, g, create_graph=True)
+    assert grad_x.grad_fn is not None
+    (grad_g,) = torch.autograd.grad(grad_x.sum(), g)
+    W = ops.dequantize_4bit(packed, *stats, torch.float32)
+    torch.testing.assert_close(grad_g, W.sum(1).expand_as(g), rtol=1e-5, atol=1e-4)
