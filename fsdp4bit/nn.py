@@ -49,6 +49,13 @@ class _StorageMeta:
         self.sliced = SliceCache()
 
 
+# The names ``Params4bit.__tensor_flatten__`` gives its statistics tensors (after ``_data``), in QuantState order:
+# absmax, code, then the nested state's absmax and code and the offset.
+_INNER_STATS = ("_qs_absmax", "_qs_code", "_qs_nested_absmax", "_qs_nested_code", "_qs_offset")
+# What a copy of a Params4bit does not take from the original's __dict__ (its own data, metadata and statistics).
+_NOT_COPIED = frozenset(("_data", "_storage_meta", *_INNER_STATS))
+
+
 def _rebuild_params4bit(
     data: torch.Tensor, requires_grad: bool, attrs: dict[str, Any], quant_state: QuantState | None, row_start: int
 ) -> Params4bit:
@@ -125,6 +132,7 @@ class Params4bit(nn.Parameter):
         self.quant_storage = quant_storage
         self.bnb_quantized = bnb_quantized
         self.module = module
+        self._set_inner_stats(self.quant_state)
         return self
 
     @property
@@ -139,6 +147,7 @@ class Params4bit(nn.Parameter):
         shift = row_start - self.row_start
         meta.row0 += shift
         meta.state_rows = (meta.state_rows[0] + shift, meta.state_rows[1] + shift)
+        self._set_inner_stats(self.quant_state)
 
     @property
     def quant_state(self) -> QuantState | None:
@@ -160,12 +169,14 @@ class Params4bit(nn.Parameter):
         meta.sliced.clear()  # (a stale entry would never be hit; this frees what it holds)
         lo = self.row_start
         meta.state_rows = (lo, lo + self._data.numel())
+        self._set_inner_stats(self.quant_state)
 
     @classmethod
     def view_of(cls, data: torch.Tensor, like: Params4bit) -> Params4bit:
         """A Params4bit over ``data``, a view into ``like``'s storage, sharing its quantization metadata."""
         out = cls.wrap(data, like, None, 0)
         out._storage_meta = like._storage_meta
+        out._set_inner_stats(out.quant_state)
         return out
 
     @classmethod
@@ -197,6 +208,7 @@ class Params4bit(nn.Parameter):
     def __tensor_flatten__(self):
         names = ["_data"]
         state = self.quant_state
+        self._set_inner_stats(state)
         state_meta = None
         if state is not None:
             names += ["_qs_absmax", "_qs_code"]
@@ -243,32 +255,21 @@ class Params4bit(nn.Parameter):
         out.set_row_start(row_start)
         return out
 
-    # The inner tensors by name (``__tensor_flatten__``). A compiled module's call reads them outside its graph;
-    # traced as frames of their own they graph-broke at ``storage_offset()`` and recompiled for every weight.
-    @property
-    @torch.compiler.disable
-    def _qs_absmax(self) -> torch.Tensor:
-        return self.quant_state.absmax
-
-    @property
-    @torch.compiler.disable
-    def _qs_code(self) -> torch.Tensor:
-        return self.quant_state.code
-
-    @property
-    @torch.compiler.disable
-    def _qs_nested_absmax(self) -> torch.Tensor:
-        return self.quant_state.state2.absmax
-
-    @property
-    @torch.compiler.disable
-    def _qs_nested_code(self) -> torch.Tensor:
-        return self.quant_state.state2.code
-
-    @property
-    @torch.compiler.disable
-    def _qs_offset(self) -> torch.Tensor:
-        return self.quant_state.offset
+    # The statistics tensors by the names ``__tensor_flatten__`` gives them, as plain attributes: a compiled module's
+    # call reads them outside its graph several times (guards, graph inputs), where a property would run Python each
+    # time (traced by dynamo as frames of their own, they graph-broke and recompiled for every weight). Refreshed by
+    # every ``__tensor_flatten__`` (which dynamo's guards call before reading them), by the ``quant_state`` setter and
+    # by ``set_row_start``; never copied (``_attrs``).
+    def _set_inner_stats(self, state: QuantState | None) -> None:
+        nested = state.state2 if state is not None and state.nested else None
+        values = (
+            (None, None) if state is None else (state.absmax, state.code),
+            (None, None, None) if nested is None else (nested.absmax, nested.code, state.offset),
+        )
+        attrs = self.__dict__
+        for name, value in zip(_INNER_STATS, values[0] + values[1], strict=True):
+            if attrs.get(name, attrs) is not value:  # unchanged entries are not rewritten: dynamo tags dict versions
+                attrs[name] = value
 
     def data_ptr(self) -> int:
         return self._data.data_ptr()
@@ -280,7 +281,7 @@ class Params4bit(nn.Parameter):
     # -- copying and pickling: same __dict__ keys everywhere ------------------------------------------
 
     def _attrs(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_data", "_storage_meta")}
+        return {k: v for k, v in self.__dict__.items() if k not in _NOT_COPIED}
 
     def __reduce_ex__(self, protocol: int):
         return (_rebuild_params4bit, (self._data, self.requires_grad, self._attrs(), self.quant_state, self.row_start))

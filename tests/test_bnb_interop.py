@@ -19,7 +19,7 @@ def _codes(quant_type: str, packed: torch.Tensor, state) -> torch.Tensor:
     if state.nested:
         absmax = BF.dequantize_blockwise(state.absmax, state.state2) + state.offset
     code = BF.get_4bit_type(quant_type, device="cpu")
-    scale = absmax.repeat_interleave(state.blocksize)[: nib.numel()]
+    scale = absmax.cpu().repeat_interleave(state.blocksize)[: nib.numel()]
     return (code[nib] * scale).reshape(state.shape)
 
 
@@ -76,7 +76,12 @@ def test_quantize_matches_bitsandbytes(device, quant_type, blocksize, dtype, sha
     expected = BF.dequantize_4bit(theirs, their_state).reshape(-1).cpu()
     got = f4.functional.dequantize_4bit(theirs.reshape(ours.shape), ours_state).reshape(-1).cpu()
     live_values = live.repeat_interleave(blocksize)[: got.numel()]
-    assert torch.equal(got[live_values], expected[live_values])
+    formula = _codes(quant_type, theirs.cpu(), their_state).reshape(-1).to(dtype)
+    assert torch.equal(got[live_values], formula[live_values])
+    # bitsandbytes 0.50.2's CPU dequantize kernel breaks its own formula on some AVX-512 machines (from one block on,
+    # at several blocksizes; its values are then far from x): compared with its kernel only where the kernel keeps it
+    if device == "cuda" or torch.equal(expected[live_values], formula[live_values]):
+        assert torch.equal(got[live_values], expected[live_values])
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -54,3 +54,26 @@ def test_compiled_blocks_trace_once_without_graph_breaks(device, storage):
     assert counters["frames"]["total"] == 1, dict(counters["frames"])
     torch.testing.assert_close(y, y_eager, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(grad, grad_eager, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("device", get_available_devices())
+def test_compiled_blocks_follow_a_changed_quant_state(device):
+    """The statistics a compiled call passes to its graph are the weight's current ones: after the state's absmax is
+    replaced (a new tensor on the QuantState), and after a new QuantState is set on the weight, the compiled block
+    computes what the eager block computes (dynamo recompiles for each change: its guards see the state change)."""
+    skip_if_no_device(device)
+    torch.manual_seed(0)
+    block = Block(torch.bfloat16).to(device)
+    x = torch.randn(4, 64, dtype=torch.bfloat16, device=device)
+    torch.compiler.reset()
+    torch._dynamo.utils.counters.clear()
+    block.compile()  # block(x) runs compiled, block.forward(x) eagerly
+    with torch.no_grad():
+        block(x)
+        state = block.up.weight.quant_state
+        state.absmax = state.absmax * 2  # a nested absmax (uint8 codes): other codes, same shape
+        assert torch.equal(block(x), block.forward(x))
+        other = bnb.nn.Linear4bit(64, 128, bias=False, quant_type="nf4", quant_storage=torch.bfloat16).to(device)
+        block.up.weight.quant_state = other.weight.quant_state
+        assert torch.equal(block(x), block.forward(x))
+    assert dict(torch._dynamo.utils.counters["graph_break"]) == {}
