@@ -189,7 +189,9 @@ def test_blocksizes_must_match_the_absmax_counts(path):
     with raises(ValueError, "absmax has 64 entries but shape (32, 64) with blocksize 64 needs 32"):
         fops.dequantize_4bit(packed.reshape(-1), s.absmax, None, None, None, 64, 256, "nf4", [32, 64], torch.float32)
     with raises(ValueError, "absmax has 64 entries but shape (32, 64) with blocksize 64 needs 32"):
-        fops.input_grad_4bit(torch.randn(2, 32), packed.reshape(-1), s.absmax, None, None, None, 64, 256, "nf4", [32, 64])
+        fops.input_grad_4bit(
+            torch.randn(2, 32), packed.reshape(-1), s.absmax, None, None, None, 64, 256, "nf4", [32, 64]
+        )
     big = torch.randn(300 * 64, generator=torch.Generator().manual_seed(3))  # 300 blocks: 2 nested blocks
     packed_b, state_b = F.quantize_4bit(big, quant_type="nf4", compress_statistics=True)
     s = copy.deepcopy(state_b)
