@@ -268,7 +268,9 @@ class Params4bit(nn.Parameter):
         )
         attrs = self.__dict__
         for name, value in zip(_INNER_STATS, values[0] + values[1], strict=True):
-            if attrs.get(name, attrs) is not value:  # unchanged entries are not rewritten: dynamo tags dict versions
+            # an unchanged entry is not rewritten: rewriting all of them at every flatten made compiled FSDP steps
+            # slower on the GPU (session 29; a dict's writes are visible to dynamo's guards)
+            if attrs.get(name, attrs) is not value:
                 attrs[name] = value
 
     def data_ptr(self) -> int:
@@ -419,6 +421,7 @@ class Params4bit(nn.Parameter):
         )
         quantized = Params4bit.wrap(packed, self, quant_state=state, row_start=0)
         quantized.bnb_quantized = True
+        quantized._set_inner_stats(state)
         try:
             torch.utils.swap_tensors(self, quantized)
         except RuntimeError as err:
