@@ -143,6 +143,8 @@ def measure(args: argparse.Namespace) -> dict:
         ]
         if args.compile:  # the bitsandbytes idiom is an eager call
             cases = [case for case in cases if case[0] != "matmul_4bit(W.t())"]
+        if args.cases:  # a subset, each timed with less of the others' noise around it
+            cases = [case for case in cases if case[0] in args.cases]
         for name, fns in cases:
             q_us, p_us = (
                 us_per_call(fn, device, args.iters, args.warmup, args.repeats, CLOCKS[args.clock]) for fn in fns
@@ -177,6 +179,12 @@ def main() -> None:
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall", help="wall: perf_counter, cpu: thread_time")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     parser.add_argument("--compile", action="store_true", help="time both layers torch.compile'd")
+    parser.add_argument(
+        "--cases",
+        type=lambda text: text.split(","),
+        default=None,
+        help='comma-separated case names to time (e.g. "forward no_grad,forward+backward"; default: all)',
+    )
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
     if args.rows <= 16:
