@@ -261,9 +261,9 @@ std::vector<int64_t> with_last(const at::Tensor& t, int64_t last) {
 }  // namespace
 
 // A @ W.T + bias for the 4-bit W (N, K), the route of every CUDA matmul (NativeOps.gemv_4bit and the matmul_4bit
-// operator's CUDA kernel, operators.cpp): the fused gemv for up to 8 rows (K % 32 == 0, packed 16-byte aligned), the fused GEMM where gemm_applies()
-// takes the call, else W dequantized in A's dtype and at::linear (F.linear; also every empty product). The bias (or
-// none) is cast to A's dtype.
+// operator's CUDA kernel, operators.cpp): the fused gemv for up to 8 rows (K % 32 == 0, packed 16-byte aligned),
+// the fused GEMM where gemm_applies() takes the call, else W dequantized in A's dtype and at::linear (F.linear; also
+// every empty product). The bias (or none) is cast to A's dtype.
 at::Tensor matmul_4bit_forward(const at::Tensor& A, const std::optional<at::Tensor>& bias, const at::Tensor& packed,
                                const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
                                const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
@@ -292,8 +292,9 @@ at::Tensor matmul_4bit_forward(const at::Tensor& A, const std::optional<at::Tens
 }
 
 // grad_out (.., N) @ W (N, K) for the 4-bit W, the input gradient of matmul_4bit_forward (NativeOps.input_grad_4bit
-// and the input_grad_4bit operator's CUDA kernel, operators.cpp): the transposed fused GEMM where gemm_applies() takes it and autograd is not
-// recording, else grad_out @ W dequantized in grad_out's dtype (differentiable in grad_out under create_graph)
+// and the input_grad_4bit operator's CUDA kernel, operators.cpp): the transposed fused GEMM where gemm_applies()
+// takes it and autograd is not recording, else grad_out @ W dequantized in grad_out's dtype (differentiable in
+// grad_out under create_graph)
 at::Tensor matmul_4bit_input_grad(const at::Tensor& g, const at::Tensor& packed, const at::Tensor& absmax,
                                   const std::optional<at::Tensor>& nested_absmax,
                                   const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
