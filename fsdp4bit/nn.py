@@ -257,9 +257,10 @@ class Params4bit(nn.Parameter):
 
     # The statistics tensors by the names ``__tensor_flatten__`` gives them, as plain attributes: a compiled module's
     # call reads them outside its graph several times (guards, graph inputs), where a property would run Python each
-    # time (traced by dynamo as frames of their own, they graph-broke and recompiled for every weight). Refreshed by
-    # every ``__tensor_flatten__`` (which dynamo's guards call before reading them), by the ``quant_state`` setter and
-    # by ``set_row_start``; never copied (``_attrs``).
+    # time (traced by dynamo as frames of their own, they graph-broke and recompiled for every weight). Set when a
+    # Params4bit is made, shares another's metadata (``view_of``) or is quantized; refreshed by every
+    # ``__tensor_flatten__`` (which dynamo's guards call before reading them), by the ``quant_state`` setter and by
+    # ``set_row_start``; never copied (``_attrs``).
     def _set_inner_stats(self, state: QuantState | None) -> None:
         nested = state.state2 if state is not None and state.nested else None
         values = (
