@@ -19,7 +19,7 @@ CUDA the device is synchronized only before and after each timed loop. ``--clock
 out the time the thread waits for a core (with ``--threads 1`` on the CPU, so the kernels run in that thread).
 
 ``--compile`` times both layers ``torch.compile``d (no bitsandbytes idiom case): the host time of a compiled
-graph's call, its guards and the operators it calls (on CUDA the fsdp4bit:: operators' C++ kernels).
+graph's call, its guards and the operators it calls (the fsdp4bit:: operators' C++ kernels, CPU and CUDA).
 
     python bench/host_overhead.py [--device cuda] [--compile] [--json bench/results/host_overhead_<device>.json]
 """

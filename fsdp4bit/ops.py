@@ -10,10 +10,11 @@ of microseconds of Python per call, which a GPU waits through whenever it is not
 torch.compile, a dispatch mode (FakeTensor, tracing), a functorch transform, for tensor subclasses, and
 whenever autograd must record the op, they call the ``torch.ops.fsdp4bit`` operator as before.
 
-For CUDA tensors, once the CUDA extension is loaded, ``matmul_4bit``, ``input_grad_4bit`` and ``dequantize_4bit``
-run kernels the extension registers with the dispatcher in C++ (``csrc/cuda/operators.cpp``; ``matmul_4bit``'s
-autograd too), so a compiled graph reaches the kernels with no Python layer. They defer to the Python bodies below
-for any argument their fast path does not take, so every path raises the same errors.
+Once a device type's native extension is loaded (CPU or CUDA), ``matmul_4bit``, ``input_grad_4bit`` and
+``dequantize_4bit`` run kernels the extension registers with the dispatcher in C++ for that device type
+(``csrc/common/operators.h``; ``matmul_4bit``'s autograd too), so a compiled graph reaches the kernels with no Python
+layer. They defer to the Python bodies below for any argument their fast path does not take, so every path raises
+the same errors.
 """
 
 from __future__ import annotations
@@ -400,15 +401,15 @@ def matmul_4bit(
     9 to 1536 rows, large weights), else dequantize + one matmul.
 
     One opaque op (with its own autograd) so eager and compiled runs round identically; when no gradient
-    is needed the eager path runs the same implementation without the dispatcher, and when one is, on CUDA, the
-    extension's C++ autograd node with the same route and kernels (``NativeOps.matmul_4bit_autograd``), elsewhere
-    ``_Matmul4bitFunction``.
+    is needed the eager path runs the same implementation without the dispatcher, and when one is, the native
+    extension's C++ autograd node with the same route and kernels (``NativeOps.matmul_4bit_autograd``), on the
+    reference path ``_Matmul4bitFunction``.
     """
     args = (A, bias, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape)
     if _eager_direct(A, bias, packed, absmax, nested_absmax, nested_code, offset, plain=_PLAIN_OR_PARAMETER):
         if not _needs_grad(A, bias):
             return _matmul_4bit_impl(*args)
-        native = kernels.native_for(A.device) if A.is_cuda else None
+        native = kernels.native_for(A.device)
         if native is not None and native.has_matmul_autograd(A, shape):  # one C++ node: no Python in the backward
             return native.matmul_4bit_autograd(*args)
         return _Matmul4bitFunction.apply(*args)
@@ -480,7 +481,7 @@ def _backward_weight(ctx, grad_out, packed, absmax, nested_absmax, nested_code, 
 
 
 def _input_grad(ctx, grad_out, packed, absmax, nested_absmax, nested_code, offset) -> torch.Tensor:
-    """``grad_out @ W``: in eager mode on the CUDA kernels that ran the forward, the extension's route (the
+    """``grad_out @ W``: in eager mode on the native kernels that ran the forward, the extension's route (on CUDA the
     transposed fused GEMM where it applies), else ``grad_out`` times the dequantized W; traced (torch.compile), the
     input_grad_4bit operator."""
     stats = (absmax, nested_absmax, nested_code, offset, *ctx.meta)
@@ -490,7 +491,7 @@ def _input_grad(ctx, grad_out, packed, absmax, nested_absmax, nested_code, offse
     direct = _eager_direct(grad_out, packed, absmax, nested_absmax, nested_code, offset)
     if native is None and not direct:
         return _input_grad_4bit_op(grad_out, packed, *stats)
-    if native is not None and native.device_type == "cuda" and direct and kernels.native_for(packed.device) is native:
+    if native is not None and direct and kernels.native_for(packed.device) is native:
         return native.input_grad_4bit(grad_out, packed, *stats)
     return grad_out @ _backward_weight(ctx, grad_out, packed, absmax, nested_absmax, nested_code, offset)
 
@@ -507,9 +508,9 @@ torch.library.define(
 def _input_grad_4bit_body(grad_out: torch.Tensor, packed: torch.Tensor, *stats: Any) -> torch.Tensor:
     """``grad_out @ W``; see the input_grad_4bit operator."""
     _check_grad_out(grad_out, stats[-1])
-    _check_counts(stats)
+    _check_dequantize(packed, *stats, grad_out.dtype)
     native = kernels.native_for(grad_out.device)
-    if native is not None and native.device_type == "cuda":
+    if native is not None:
         return native.input_grad_4bit(grad_out, packed, *stats)
     return grad_out @ _dequantize_4bit_impl(packed, *stats, grad_out.dtype)
 
@@ -557,8 +558,8 @@ class _Matmul4bitFunction(torch.autograd.Function):
         return _matmul_backward(ctx, grad_out)
 
 
-# For CUDA tensors the extension registers these operators' kernels with the dispatcher in C++
-# (csrc/cuda/operators.cpp: no Python between a compiled graph and the kernels); they defer to these bodies for
+# Each native extension registers these operators' kernels for its device type with the dispatcher in C++
+# (csrc/common/operators.h: no Python between a compiled graph and the kernels); they defer to these bodies for
 # arguments their fast path does not take, and under FSDP4BIT_NO_NATIVE.
 kernels.OPERATOR_IMPLS.update(
     matmul_4bit=_matmul_4bit_body, input_grad_4bit=_input_grad_4bit_body, dequantize_4bit=_dequantize_4bit_body

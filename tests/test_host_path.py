@@ -196,13 +196,13 @@ def test_linear4bit_bits_match_op_and_formula(device, shape, bias, nested):
         no_grad_out = layer(x)
     xa = x.clone().requires_grad_(True)
     out = layer(xa)
-    # eager calls skip the dispatcher: on CUDA one C++ autograd node, elsewhere the Python autograd.Function
+    # eager calls skip the dispatcher: with native kernels one C++ autograd node, else the Python autograd.Function
     node = out.grad_fn.name()
     assert (
         ("CppNode" in node and "Matmul4bitFunction" in node)
-        if device == "cuda"
+        if kernels.native_for(device) is not None
         else node == "_Matmul4bitFunctionBackward"
-    )
+    ), node
     out.backward(grad)
     xo = x.clone().requires_grad_(True)
     bias_op = None if layer.bias is None else layer.bias.detach().clone().requires_grad_(bias == "trained")
@@ -235,17 +235,24 @@ def _recording(monkeypatch, obj, name: str) -> list:
 
 @pytest.mark.parametrize("rows", [1, 20])
 def test_backward_reuses_the_forward_checks(monkeypatch, rows):
-    """The backward dequantizes on the kernels whose forward checked the state, without checking it again."""
+    """The Python autograd.Function (the eager path's node where the C++ one does not serve, e.g. no rows) takes in
+    its backward the input-gradient route of the kernels whose forward checked the state, without checking it again;
+    the C++ node's backward runs no Python at all."""
     monkeypatch.delenv("FSDP4BIT_NO_NATIVE", raising=False)
     if kernels.native_for("cpu") is None:
         pytest.skip("native CPU kernels unavailable")
     param = _quantized("cpu")
+    state = param.quant_state
+    op_args = (F.packed_bytes(param), *state.absmax_tensors(), 64, state.state2.blocksize, "nf4", list(state.shape))
     x = torch.randn(rows, 256, requires_grad=True)
-    out = bnb.matmul_4bit(x, param, param.quant_state)
+    out = ops._Matmul4bitFunction.apply(x, None, *op_args)
+    node = bnb.matmul_4bit(x, param, state)
     checks = _recording(monkeypatch, _native, "_check_state")
-    dequantized = _recording(monkeypatch, kernels.NativeOps, "dequantize_4bit")
+    input_grads = _recording(monkeypatch, kernels.NativeOps, "input_grad_4bit")
+    node.backward(torch.ones_like(node))
+    assert checks == [] and input_grads == []
     out.backward(torch.ones_like(out))
-    assert checks == [] and dequantized == [{"state_checked": True}]
+    assert checks == [] and input_grads == [{}]
 
 
 def test_backward_honours_no_native_set_after_the_forward(monkeypatch):
@@ -342,8 +349,9 @@ def test_bad_inputs_still_raise():
         native.gemv_4bit(torch.randn(1, 256), packed, state.absmax.to("meta"), None, None, None, *meta, (48, 256))
     with pytest.raises(ValueError, match="A is on meta"):
         native.gemv_4bit(torch.randn(1, 256, device="meta"), packed, state.absmax, None, None, None, *meta, (48, 256))
-    with pytest.raises(RuntimeError, match="cannot reshape"):  # K = 0 still goes through reshape
-        native.gemv_4bit(torch.randn(1, 0), packed, state.absmax, None, None, None, *meta, (48, 0))
+    # no input features: a product of zeros, as on CUDA and the reference path (F.linear)
+    out = native.gemv_4bit(torch.randn(1, 0), packed, state.absmax, None, None, None, *meta, (48, 0))
+    assert torch.equal(out, torch.zeros(1, 48))
     code, offset = torch.zeros(256), torch.zeros(())
     with pytest.raises(ValueError, match="nested_absmax needs nested_code and offset"):
         native.dequantize_4bit(packed, state.absmax, state.absmax, None, None, *meta, (48, 256), torch.float32)

@@ -299,8 +299,8 @@ def test_gemv_bias_shape(native):
 
 def test_matmul_without_rows(native):
     """An A with no rows gives an empty (.., N) product in A's dtype, a float32 bias cast to it (on CUDA through the
-    extension's route, which dequantizes for it rather than launch a kernel on nothing); the input gradient's
-    route is the extension's, so the CPU ops refuse it by name."""
+    extension's route, which dequantizes for it rather than launch a kernel on nothing), and so does a gradient with
+    no rows through the input-gradient route."""
     ops, device = native
     packed, absmax = reference.quantize_4bit(torch.randn(40, 64, generator=_gen(64)), 64, "nf4")
     args = (packed.to(device), absmax.to(device), None, None, None, 64, 256, "nf4", (40, 64))
@@ -308,9 +308,8 @@ def test_matmul_without_rows(native):
         A = torch.zeros(shape, device=device, dtype=torch.bfloat16)
         out = ops.gemv_4bit(A, *args, torch.zeros(40, device=device))
         assert out.shape == (*shape[:-1], 40) and out.dtype == torch.bfloat16 and out.device == A.device
-    if device.type == "cpu":
-        with pytest.raises(ValueError, match="input_grad_4bit runs on CUDA only"):
-            ops.input_grad_4bit(torch.zeros(2, 40), *args)
+        grad = ops.input_grad_4bit(torch.zeros((*shape[:-1], 40), device=device, dtype=torch.bfloat16), *args)
+        assert grad.shape == shape and grad.dtype == torch.bfloat16 and grad.device == A.device
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

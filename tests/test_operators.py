@@ -1,9 +1,10 @@
-"""The ``fsdp4bit::`` operators' C++ kernels on CUDA (``csrc/cuda/operators.cpp``).
+"""The ``fsdp4bit::`` operators' C++ kernels (``csrc/common/operators.h``), on the CPU and on CUDA.
 
-Once the CUDA extension is loaded, ``matmul_4bit`` (with its autograd), ``input_grad_4bit`` and ``dequantize_4bit``
-run kernels the extension registers with the dispatcher: a compiled graph or a direct ``torch.ops`` call reaches the
-kernels with no Python on the way. Arguments the fast path does not take go to the operators' Python bodies, so the
-errors are those of every other path, and ``FSDP4BIT_NO_NATIVE=1`` still selects the reference.
+Once a device type's extension is loaded, ``matmul_4bit`` (with its autograd), ``input_grad_4bit`` and
+``dequantize_4bit`` run kernels the extension registers with the dispatcher for that device type: a compiled graph
+or a direct ``torch.ops`` call reaches the kernels with no Python on the way. Arguments the fast path does not take go
+to the operators' Python bodies, so the errors are those of the Python path, and ``FSDP4BIT_NO_NATIVE=1`` still
+selects the reference.
 """
 
 from __future__ import annotations
@@ -15,17 +16,20 @@ import fsdp4bit as bnb
 from fsdp4bit import functional as F
 from fsdp4bit import kernels, ops
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 fops = torch.ops.fsdp4bit
+_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.fixture(scope="module")
-def native():
-    if kernels.native_for("cuda") is None:
-        pytest.skip("native CUDA kernels unavailable")
+@pytest.fixture(params=_DEVICES)
+def device(request, monkeypatch) -> str:
+    """A device type whose native kernels are built (else a skip)."""
+    monkeypatch.delenv("FSDP4BIT_NO_NATIVE", raising=False)
+    if kernels.native_for(request.param) is None:
+        pytest.skip(f"native {request.param} kernels unavailable")
+    return request.param
 
 
-def _weight(nested: bool = True, shape: tuple[int, int] = (48, 256), device: str = "cuda"):
+def _weight(device: str, nested: bool = True, shape: tuple[int, int] = (48, 256)):
     """(packed, the operators' statistics arguments from absmax to shape) of a random NF4 weight."""
     w = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     packed, state = F.quantize_4bit(w.to(device), quant_type="nf4", compress_statistics=nested)
@@ -49,23 +53,24 @@ def python_calls(monkeypatch):
     return calls
 
 
-def test_cuda_kernels_are_registered_with_the_dispatcher(native):
+def test_kernels_are_registered_with_the_dispatcher(device):
+    key, source = device.upper(), f"{device}/operators.cpp"
     for op in ("matmul_4bit", "input_grad_4bit", "dequantize_4bit"):
         table = torch._C._dispatch_dump(f"fsdp4bit::{op}")
-        cuda = [line for line in table.splitlines() if line.startswith("CUDA:")]
-        assert cuda and "operators.cpp" in cuda[0], table
+        lines = [line for line in table.splitlines() if line.startswith(f"{key}:")]
+        assert lines and source in lines[0], table
     table = torch._C._dispatch_dump("fsdp4bit::matmul_4bit")
-    assert any(line.startswith("AutogradCUDA:") and "operators.cpp" in line for line in table.splitlines()), table
+    assert any(line.startswith(f"Autograd{key}:") and source in line for line in table.splitlines()), table
 
 
 @pytest.mark.parametrize("nested", [True, False])
-def test_operators_run_no_python_and_match_the_eager_path(native, python_calls, nested):
-    """Forward (no grad, and recording autograd), backward and dequantize through torch.ops on CUDA: no Python
-    body runs, and the bits are those of the eager path (the same kernels)."""
-    packed, stats = _weight(nested)
-    x = torch.randn(20, 256, generator=torch.Generator().manual_seed(1)).to("cuda", torch.bfloat16)
-    bias = torch.randn(48, generator=torch.Generator().manual_seed(2)).to("cuda")
-    grad = torch.randn(20, 48, generator=torch.Generator().manual_seed(3)).to("cuda", torch.bfloat16)
+def test_operators_run_no_python_and_match_the_eager_path(device, python_calls, nested):
+    """Forward (no grad, and recording autograd), backward and dequantize through torch.ops: no Python body runs,
+    and the bits are those of the eager path (the same kernels)."""
+    packed, stats = _weight(device, nested)
+    x = torch.randn(20, 256, generator=torch.Generator().manual_seed(1)).to(device, torch.bfloat16)
+    bias = torch.randn(48, generator=torch.Generator().manual_seed(2)).to(device)
+    grad = torch.randn(20, 48, generator=torch.Generator().manual_seed(3)).to(device, torch.bfloat16)
     results = []
     for fn in (ops._Matmul4bitFunction.apply, fops.matmul_4bit):
         xa, ba = x.clone().requires_grad_(True), bias.clone().requires_grad_(True)
@@ -83,12 +88,12 @@ def test_operators_run_no_python_and_match_the_eager_path(native, python_calls, 
     assert results[1][3].dtype == torch.float32
 
 
-def test_compiled_steps_run_no_python_operator_bodies(native, python_calls):
+def test_compiled_steps_run_no_python_operator_bodies(device, python_calls):
     """A compiled Linear4bit's forward and backward call the operators, which run their C++ kernels: after the first
     (traced) step, no Python body runs."""
-    layer = bnb.nn.Linear4bit(256, 48, quant_type="nf4", compute_dtype=torch.bfloat16).to("cuda")
+    layer = bnb.nn.Linear4bit(256, 48, quant_type="nf4", compute_dtype=torch.bfloat16).to(device)
     compiled = torch.compile(layer, fullgraph=True)
-    x = torch.randn(20, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(20, 256, device=device, dtype=torch.bfloat16, requires_grad=True)
     grads = [torch.autograd.grad(compiled(x).float().sum(), x)[0] for _ in range(2)]
     start = len(python_calls)
     grads.append(torch.autograd.grad(compiled(x).float().sum(), x)[0])
@@ -98,9 +103,9 @@ def test_compiled_steps_run_no_python_operator_bodies(native, python_calls):
         torch.testing.assert_close(grad, eager, rtol=1e-2, atol=1e-2)
 
 
-def test_no_native_sends_the_operators_to_the_reference(native, python_calls, monkeypatch):
-    packed, stats = _weight()
-    x = torch.randn(20, 256, device="cuda", requires_grad=True)
+def test_no_native_sends_the_operators_to_the_reference(device, python_calls, monkeypatch):
+    packed, stats = _weight(device)
+    x = torch.randn(20, 256, device=device, requires_grad=True)
     fast = fops.matmul_4bit(x, None, packed, *stats)
     assert python_calls == []
     monkeypatch.setenv("FSDP4BIT_NO_NATIVE", "1")
@@ -114,8 +119,8 @@ def test_no_native_sends_the_operators_to_the_reference(native, python_calls, mo
 
 def _bad_calls(device: str):
     """(name, call) of operator calls with one bad argument each, on ``device``."""
-    packed, (absmax, nested_absmax, nested_code, offset, bs, nbs, qt, shape) = _weight(device=device)
-    plain_packed, plain_stats = _weight(nested=False, device=device)
+    packed, (absmax, nested_absmax, nested_code, offset, bs, nbs, qt, shape) = _weight(device)
+    plain_packed, plain_stats = _weight(device, nested=False)
     stats = (absmax, nested_absmax, nested_code, offset, bs, nbs, qt, shape)
     x = torch.randn(3, 256, device=device)
     g = torch.randn(3, 48, device=device)
@@ -145,21 +150,25 @@ def _error(call) -> str:
     return f"{type(info.value).__name__}: {info.value}"
 
 
-def test_bad_arguments_raise_the_errors_of_the_python_bodies(native):
-    """The CUDA kernels hand every argument they do not take to the Python bodies: the same errors as on the CPU."""
-    for (name, on_cuda), (_, on_cpu) in zip(_bad_calls("cuda"), _bad_calls("cpu"), strict=True):
-        assert _error(on_cuda) == _error(on_cpu), name
+def test_bad_arguments_raise_the_errors_of_the_python_bodies(device, monkeypatch):
+    """The C++ kernels hand every argument they do not take to the Python bodies: the errors are those of the
+    Python path (FSDP4BIT_NO_NATIVE=1: the kernels defer every call to the bodies, which run the reference)."""
+    native = [_error(call) for _, call in _bad_calls(device)]
+    monkeypatch.setenv("FSDP4BIT_NO_NATIVE", "1")
+    python = [_error(call) for _, call in _bad_calls(device)]
+    for (name, _), on_native, on_python in zip(_bad_calls(device), native, python, strict=True):
+        assert on_native == on_python, name
 
 
-@pytest.mark.parametrize("rows", [0, 1, 8, 9])
-def test_every_route_through_the_autograd_kernel(native, rows):
-    """No rows (an empty product), the gemv rows (1 to 8) and dequantize + cuBLAS (9 and more at this size) go
-    through the C++ autograd kernel with the Python Function's results."""
+@pytest.mark.parametrize("rows", [0, 1, 8, 9, 16, 17])
+def test_every_route_through_the_autograd_kernel(device, rows):
+    """No rows (an empty product), the gemv rows (1 to 8 on CUDA, 1 to 16 on the CPU) and dequantize + a GEMM (more
+    rows, at this size) go through the C++ autograd kernel with the Python Function's results."""
     shape = (48, 256)
-    packed, stats = _weight(nested=False, shape=shape)
-    x = torch.randn(rows, shape[1], device="cuda", dtype=torch.bfloat16)
-    bias = torch.randn(shape[0], device="cuda")
-    grad = torch.randn(rows, shape[0], device="cuda", dtype=torch.bfloat16)
+    packed, stats = _weight(device, nested=False, shape=shape)
+    x = torch.randn(rows, shape[1], device=device, dtype=torch.bfloat16)
+    bias = torch.randn(shape[0], device=device)
+    grad = torch.randn(rows, shape[0], device=device, dtype=torch.bfloat16)
     results = []
     for fn in (ops._Matmul4bitFunction.apply, fops.matmul_4bit):
         xa, ba = x.clone().requires_grad_(True), bias.clone().requires_grad_(True)
@@ -170,10 +179,10 @@ def test_every_route_through_the_autograd_kernel(native, rows):
         assert eager.shape == op.shape and eager.dtype == op.dtype and torch.equal(eager, op)
 
 
-def test_create_graph_keeps_the_input_gradient_differentiable(native):
-    packed, stats = _weight()
-    x = torch.randn(20, 256, device="cuda", requires_grad=True)
-    g = torch.randn(20, 48, device="cuda", requires_grad=True)
+def test_create_graph_keeps_the_input_gradient_differentiable(device):
+    packed, stats = _weight(device)
+    x = torch.randn(20, 256, device=device, requires_grad=True)
+    g = torch.randn(20, 48, device=device, requires_grad=True)
     (grad_x,) = torch.autograd.grad(fops.matmul_4bit(x, None, packed, *stats), x, g, create_graph=True)
     assert grad_x.grad_fn is not None
     (grad_g,) = torch.autograd.grad(grad_x.sum(), g)

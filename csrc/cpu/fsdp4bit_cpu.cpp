@@ -21,6 +21,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "host_ops.h"
+
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define FSDP4BIT_AVX512 1
@@ -520,7 +522,11 @@ void check_packed(const torch::Tensor& packed, int64_t n) {
   TORCH_CHECK(packed.numel() >= (n + 1) / 2, "packed has ", packed.numel(), " bytes, need ", (n + 1) / 2);
 }
 
+}  // namespace
+
 // ---------------------------------------------------------------- entry points
+namespace fsdp4bit::cpu {
+
 // (packed, absmax, a fresh copy of `code`: the QuantState's own table, as the CUDA extension returns it)
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_4bit(const torch::Tensor& A, int64_t blocksize,
                                                                       const torch::Tensor& mids,
@@ -641,19 +647,94 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> double_qu
   return {offset, q, absmax, code.clone()};
 }
 
+namespace {
+
+// rows of A the fused gemv takes; more rows dequantize W once and call at::linear (a GEMM)
+constexpr int64_t kGemvMaxRows = 16;
+
+// A's rows as a contiguous, 16-byte aligned (rows, K) tensor for the fused gemv (a copy where A is not one, cheap
+// next to W)
+torch::Tensor gemv_rows(const torch::Tensor& A, int64_t K) {
+  torch::Tensor a = A.reshape({-1, K});
+  return a.is_contiguous() && reinterpret_cast<uintptr_t>(a.data_ptr()) % 16 == 0
+             ? a
+             : a.clone(at::MemoryFormat::Contiguous);
+}
+
+// t's sizes with the last one replaced by `last` (the shape of a product's rows of `last` features)
+std::vector<int64_t> with_last(const torch::Tensor& t, int64_t last) {
+  std::vector<int64_t> sizes(t.sizes().begin(), t.sizes().end());
+  sizes.back() = last;
+  return sizes;
+}
+
 }  // namespace
+
+// A @ W.T + bias for the 4-bit W (N, K), the route of every CPU matmul (NativeOps.gemv_4bit and the matmul_4bit
+// operator's CPU kernel, operators.cpp): the fused gemv for 1 to 16 rows, else W dequantized in A's dtype and
+// at::linear (F.linear; also K = 0). No rows: an empty product. The bias (or none) is cast to A's dtype.
+torch::Tensor matmul_4bit_forward(const torch::Tensor& A, const std::optional<torch::Tensor>& bias,
+                                  const torch::Tensor& packed, const torch::Tensor& absmax,
+                                  const std::optional<torch::Tensor>& nested_absmax,
+                                  const std::optional<torch::Tensor>& nested_code,
+                                  const std::optional<torch::Tensor>& offset, int64_t blocksize,
+                                  int64_t nested_blocksize, const torch::Tensor& code_cpu,
+                                  const torch::Tensor& code_dev, int64_t N, int64_t K) {
+  TORCH_CHECK_VALUE(A.dim() >= 1 && A.size(-1) == K && N >= 0 && K >= 0, "matmul_4bit needs A's last dimension K = ",
+                    K, " and N >= 0");
+  const std::optional<torch::Tensor> b =
+      bias.has_value() ? std::optional<torch::Tensor>(bias->to(A.scalar_type()).contiguous()) : std::nullopt;
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < A.dim(); ++d) rows *= A.size(d);
+  if (rows == 0) return torch::empty(with_last(A, N), A.options());
+  if (rows <= kGemvMaxRows && N > 0 && K > 0)
+    return gemv_4bit(gemv_rows(A, K), packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                     code_cpu, N, K, b)
+        .view(with_last(A, N));
+  const torch::Tensor W = dequantize_4bit(packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                          nested_blocksize, code_dev, N * K, A.scalar_type());
+  return at::linear(A, W.view({N, K}), b);
+}
+
+// grad_out (.., N) @ W (N, K) for the 4-bit W, the input gradient of matmul_4bit_forward (NativeOps.input_grad_4bit
+// and the input_grad_4bit operator's CPU kernel): grad_out @ W dequantized in grad_out's dtype (differentiable in
+// grad_out under create_graph)
+torch::Tensor matmul_4bit_input_grad(const torch::Tensor& g, const torch::Tensor& packed, const torch::Tensor& absmax,
+                                     const std::optional<torch::Tensor>& nested_absmax,
+                                     const std::optional<torch::Tensor>& nested_code,
+                                     const std::optional<torch::Tensor>& offset, int64_t blocksize,
+                                     int64_t nested_blocksize, const torch::Tensor& /*code_cpu*/,
+                                     const torch::Tensor& code_dev, int64_t N, int64_t K) {
+  TORCH_CHECK_VALUE(g.dim() >= 1 && g.size(-1) == N && N >= 0 && K >= 0, "matmul_4bit_input_grad needs grad_out's "
+                    "last dimension N = ", N, " and K >= 0");
+  const torch::Tensor W = dequantize_4bit(packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                          nested_blocksize, code_dev, N * K, g.scalar_type());
+  return at::matmul(g, W.view({N, K}));
+}
+
+}  // namespace fsdp4bit::cpu
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fsdp4bit CPU kernels (blockwise 4-bit quantize, dequantize, fused gemv)";
-  m.def("quantize_4bit", &quantize_4bit, "blockwise 4-bit quantize -> (packed uint8, float32 absmax, copy of code)");
-  m.def("dequantize_4bit", &dequantize_4bit, "blockwise 4-bit dequantize -> flat tensor of numel in dtype");
-  m.def("quantize_blockwise", &quantize_blockwise,
+  m.def("quantize_4bit", &fsdp4bit::cpu::quantize_4bit, "blockwise 4-bit quantize -> (packed uint8, float32 absmax, copy of code)");
+  m.def("dequantize_4bit", &fsdp4bit::cpu::dequantize_4bit, "blockwise 4-bit dequantize -> flat tensor of numel in dtype");
+  m.def("quantize_blockwise", &fsdp4bit::cpu::quantize_blockwise,
         "8-bit blockwise quantize of float32 A - offset against a 256-entry code -> (uint8 codes, float32 absmax)");
-  m.def("double_quant", &double_quant,
+  m.def("double_quant", &fsdp4bit::cpu::double_quant,
         "double quant of a float32 absmax -> (offset = mean, uint8 codes, float32 nested absmax, copy of code)");
-  m.def("gemv_4bit", &gemv_4bit,
+  m.def("gemv_4bit", &fsdp4bit::cpu::gemv_4bit,
         "A (M, K) @ W(N, K).T + bias with W 4-bit -> (M, N) in A's dtype, the bias added before the one rounding",
         py::arg("A"), py::arg("packed"), py::arg("absmax"), py::arg("nested_absmax"), py::arg("nested_code"),
         py::arg("offset"), py::arg("blocksize"), py::arg("nested_blocksize"), py::arg("code"), py::arg("N"),
         py::arg("K"), py::arg("bias") = py::none());
+  m.def("matmul_4bit", &fsdp4bit::cpu::matmul_4bit_forward,
+        "A @ W(N, K).T + bias with W 4-bit: the fused gemv (1 to 16 rows) or dequantize + F.linear",
+        py::arg("A"), py::arg("bias"), py::arg("packed"), py::arg("absmax"), py::arg("nested_absmax"),
+        py::arg("nested_code"), py::arg("offset"), py::arg("blocksize"), py::arg("nested_blocksize"),
+        py::arg("code_cpu"), py::arg("code_dev"), py::arg("N"), py::arg("K"));
+  m.def("matmul_4bit_input_grad", &fsdp4bit::cpu::matmul_4bit_input_grad,
+        "grad_out (.., N) @ W(N, K) with W 4-bit: dequantize + matmul", py::arg("grad_out"), py::arg("packed"),
+        py::arg("absmax"), py::arg("nested_absmax"), py::arg("nested_code"), py::arg("offset"), py::arg("blocksize"),
+        py::arg("nested_blocksize"), py::arg("code_cpu"), py::arg("code_dev"), py::arg("N"), py::arg("K"));
+  fsdp4bit::cpu::def_operator_bindings(m);
 }

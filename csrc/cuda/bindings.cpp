@@ -434,15 +434,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad_out"), py::arg("packed"), py::arg("absmax"), py::arg("nested_absmax"), py::arg("nested_code"),
         py::arg("offset"), py::arg("blocksize"), py::arg("nested_blocksize"), py::arg("code_cpu"),
         py::arg("code_dev"), py::arg("N"), py::arg("K"));
-  m.def("matmul_4bit_autograd", &fsdp4bit::matmul_4bit_autograd,
-        "A @ W(N, K).T + bias with W 4-bit, differentiable in A and bias: the matmul_4bit operator's CUDA autograd",
-        py::arg("A"), py::arg("bias"), py::arg("packed"), py::arg("absmax"), py::arg("nested_absmax"),
-        py::arg("nested_code"), py::arg("offset"), py::arg("blocksize"), py::arg("nested_blocksize"),
-        py::arg("quant_type"), py::arg("shape"));
-  m.def("register_operators", &fsdp4bit::register_operators,
-        "hand the operators' CUDA kernels the code tables ({quant_type: CPU float32 [16]}) and the Python "
-        "implementations they defer to ({operator name: callable})",
-        py::arg("codes"), py::arg("python_impls"));
+  fsdp4bit::def_operator_bindings(m);
   m.def("gemm_4bit_applies", &fsdp4bit::gemm_4bit_applies,
         "whether gemm_4bit takes (dtype, blocksize, M, N, K) on device_index (trans: A (M, N) @ W)", py::arg("dtype"),
         py::arg("blocksize"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("device_index"),

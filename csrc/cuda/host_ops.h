@@ -29,15 +29,8 @@ at::Tensor matmul_4bit_input_grad(const at::Tensor& g, const at::Tensor& packed,
                                   int64_t blocksize, int64_t nested_blocksize, const at::Tensor& code_cpu,
                                   const at::Tensor& code_dev, int64_t N, int64_t K);
 
-// operators.cpp: A @ W.T + bias, differentiable in A and bias (the matmul_4bit operator's CUDA autograd kernel)
-at::Tensor matmul_4bit_autograd(const at::Tensor& A, const std::optional<at::Tensor>& bias, const at::Tensor& packed,
-                                const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
-                                const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
-                                int64_t blocksize, int64_t nested_blocksize, const std::string& quant_type,
-                                const std::vector<int64_t>& shape);
-
-// operators.cpp: the code tables ({"nf4": CPU float32 [16], "fp4": ...}) and the Python implementations
-// ({"matmul_4bit": f, "input_grad_4bit": f, "dequantize_4bit": f}) the operators' CUDA kernels use
-void register_operators(const pybind11::dict& codes, const pybind11::dict& python_impls);
+// operators.cpp: defines the extension's entry points of the operators' kernels in m (matmul_4bit_autograd,
+// register_operators: csrc/common/operators.h)
+void def_operator_bindings(pybind11::module_& m);
 
 }  // namespace fsdp4bit

@@ -27,7 +27,8 @@ from types import ModuleType
 import torch
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
-CPU_SOURCES = (CSRC / "cpu" / "fsdp4bit_cpu.cpp",)
+CPU_SOURCES = (CSRC / "cpu" / "fsdp4bit_cpu.cpp", CSRC / "cpu" / "operators.cpp")
+CPU_HEADERS = (CSRC / "cpu" / "host_ops.h", CSRC / "common" / "operators.h")
 CUDA_SOURCES = tuple(
     CSRC / "cuda" / name
     for name in (
@@ -64,7 +65,7 @@ CUDA_HEADERS = tuple(
         "quantize.cuh",
         "launch.h",
     )
-)
+) + (CSRC / "common" / "operators.h",)
 
 # -ffp-contract=off: a fused multiply-add would round differently from the reference's separate ops.
 # No -std flag: cpp_extension passes the C++ standard torch itself was built with (C++20 for torch >= 2.10);
@@ -182,7 +183,9 @@ def cpu_build() -> tuple[list[str], list[str], str]:
     arch, target = _cpu_target()
     cflags = _CPU_CFLAGS + arch
     ldflags = ["-fopenmp", *_LDFLAGS]
-    key = _key(CPU_SOURCES, " ".join(cflags + ldflags), target, _compiler_version(os.environ.get("CXX", "c++")))
+    key = _key(
+        CPU_SOURCES + CPU_HEADERS, " ".join(cflags + ldflags), target, _compiler_version(os.environ.get("CXX", "c++"))
+    )
     return cflags, ldflags, key
 
 

@@ -26,15 +26,14 @@ from ..codebooks import (
     shared_4bit_code,
 )
 
-# The CPU's fused gemv serves up to this many rows of A; more rows dequantize + torch matmul. On CUDA the extension
-# routes each call itself (its matmul_4bit_forward: gemv up to kGemvMaxRows = 8 rows, then the fused 4-bit GEMM where
-# it applies, else dequantize + cuBLAS).
-CPU_GEMV_MAX_ROWS = 16
+# Each extension routes a matmul itself (its matmul_4bit_forward): on the CPU the fused gemv up to 16 rows, then
+# dequantize + F.linear; on CUDA the gemv up to 8 rows, then the fused 4-bit GEMM where it applies, else dequantize +
+# cuBLAS.
 _GEMM_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
-# The Python implementations of the fsdp4bit:: operators whose CUDA kernels the extension registers with the
-# dispatcher (csrc/cuda/operators.cpp), filled by fsdp4bit.ops: the CUDA kernels run them for arguments their fast
-# path does not take (so every path raises the same errors) and under FSDP4BIT_NO_NATIVE.
+# The Python implementations of the fsdp4bit:: operators whose kernels each extension registers with the dispatcher
+# (csrc/common/operators.h), filled by fsdp4bit.ops: the C++ kernels run them for arguments their fast path does not
+# take (so every path raises the same errors) and under FSDP4BIT_NO_NATIVE.
 OPERATOR_IMPLS: dict[str, Callable[..., torch.Tensor]] = {}
 
 
@@ -44,18 +43,6 @@ def _tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     mids, order = quantize_bounds(quant_type)
     enc = order.to(torch.uint8) if quant_type != "nf4" else torch.arange(16, dtype=torch.uint8)
     return mids.contiguous(), enc.contiguous(), get_4bit_code(quant_type, "cpu").contiguous()
-
-
-def _fused_args(A: torch.Tensor, flat_packed: torch.Tensor, *stats: Any) -> tuple:
-    """The CPU extension's gemv arguments up to K, for a 2-D A of at most CPU_GEMV_MAX_ROWS rows (copied to a
-    packed, 16-byte aligned tensor where it is not one, cheap next to W) and ``stats``, gemv_4bit's arguments from
-    absmax to shape."""
-    absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape = stats
-    if not A.is_contiguous() or A.data_ptr() % 16 != 0:
-        A = A.clone(memory_format=torch.contiguous_format)
-    _, _, code = _tables(quant_type)
-    args = (A, flat_packed, absmax.contiguous(), _opt(nested_absmax), _opt(nested_code), _opt(offset))
-    return (*args, int(blocksize), int(nested_blocksize), code, int(shape[0]), int(shape[1]))
 
 
 def _flat_bytes(packed: torch.Tensor) -> torch.Tensor:
@@ -151,8 +138,8 @@ class NativeOps:
         self.ext = ext
         self.device_type = device_type
         self.build_seconds = build_seconds
-        if device_type == "cuda":  # the extension's operator kernels: the code tables, and where to defer
-            ext.register_operators({q: _tables(q)[2] for q in QUANT_TYPES}, dict(OPERATOR_IMPLS))
+        # the extension's operator kernels: the code tables, and where to defer
+        ext.register_operators({q: _tables(q)[2] for q in QUANT_TYPES}, dict(OPERATOR_IMPLS))
 
     def __repr__(self) -> str:
         return f"NativeOps({self.device_type!r})"
@@ -274,24 +261,22 @@ class NativeOps:
         return (absmax.contiguous(), *opts, int(blocksize), int(nested_blocksize), code_cpu, code_dev, *nk)
 
     def input_grad_4bit(self, grad_out: torch.Tensor, packed: torch.Tensor, *stats: Any) -> torch.Tensor:
-        """``grad_out @ W`` for the 4-bit W (the input gradient of ``A @ W.T``), CUDA only, routed by the extension as
-        the autograd node's backward is: the transposed fused GEMM where :meth:`gemm_applies` takes it with
+        """``grad_out @ W`` for the 4-bit W (the input gradient of ``A @ W.T``), routed by the extension as the
+        autograd node's backward is: on CUDA the transposed fused GEMM where :meth:`gemm_applies` takes it with
         ``trans=True``, else grad_out times W dequantized. ``stats`` are :meth:`gemv_4bit`'s arguments from absmax
         to shape, a state the forward checked (the extension checks them again)."""
-        if self.device_type != "cuda":
-            raise ValueError(f"input_grad_4bit runs on CUDA only, not {self.device_type}")
         flat_packed = _flat_bytes(packed)
         return self.ext.matmul_4bit_input_grad(grad_out, flat_packed, *self._state_args(flat_packed, *stats))
 
     def has_matmul_autograd(self, A: torch.Tensor, shape: Sequence[int]) -> bool:
-        """Whether :meth:`matmul_4bit_autograd` serves ``A`` (CUDA, a non-empty A and weight)."""
-        return self.device_type == "cuda" and A.numel() > 0 and len(shape) == 2 and shape[0] > 0 and shape[1] > 0
+        """Whether :meth:`matmul_4bit_autograd` serves ``A`` (a non-empty A and weight)."""
+        return A.numel() > 0 and len(shape) == 2 and shape[0] > 0 and shape[1] > 0
 
     def matmul_4bit_autograd(
         self, A: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor, *stats: Any
     ) -> torch.Tensor:
-        """``A @ W.T + bias``, differentiable in A and bias, as one autograd node in C++ (CUDA, eager): the
-        matmul_4bit operator's CUDA autograd kernel (csrc/cuda/operators.cpp), whose route and gradients are those of
+        """``A @ W.T + bias``, differentiable in A and bias, as one autograd node in C++ (eager): the matmul_4bit
+        operator's autograd kernel (csrc/common/operators.h), whose route and gradients are those of
         ``fsdp4bit.ops``' eager matmul (the same kernels, so the same bits), without Python on the forward's kernel
         choice or in the backward, which autograd runs on its own thread. ``stats`` are :meth:`gemv_4bit`'s
         arguments from absmax to shape."""
@@ -313,35 +298,10 @@ class NativeOps:
         bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``A @ W.T + bias`` for the 4-bit W of ``shape`` (N, K) and a bias (cast to A's dtype) or None; float32
-        accumulation, output in A's dtype, the bias added before the one rounding. On CUDA the extension routes the
-        call (the fused gemv for up to 8 rows, the fused GEMM where :meth:`gemm_applies`, else dequantize +
-        F.linear), as the autograd node's forward does; on the CPU the fused gemv for up to 16 rows, else dequantize
-        + F.linear."""
+        accumulation, output in A's dtype, the bias added before the one rounding. The extension routes the call
+        as the autograd node's forward does: on CUDA the fused gemv for up to 8 rows, the fused GEMM where
+        :meth:`gemm_applies`, else dequantize + F.linear; on the CPU the fused gemv for up to 16 rows, else
+        dequantize + F.linear."""
         stats = (absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape)
         flat_packed, N, K = check_matmul_args(A, packed, bias, *stats)
-        if self.device_type == "cuda":
-            return self.ext.matmul_4bit(A, bias, flat_packed, *self._state_args(flat_packed, *stats))
-        if bias is not None:
-            bias = bias.to(A.dtype)
-        # a 2-D A is its own (M, K) view (K = 0 still goes through reshape, which rejects it)
-        two_d = A.dim() == 2 and K != 0
-        A2 = A if two_d else A.reshape(-1, K)
-        if A2.shape[0] == 0:
-            return A.new_empty((*A.shape[:-1], N))
-        if A2.shape[0] <= CPU_GEMV_MAX_ROWS:
-            out = self.ext.gemv_4bit(*_fused_args(A2, flat_packed, *stats), None if bias is None else bias.contiguous())
-            return out if two_d else out.view(*A.shape[:-1], N)
-        weight = self.dequantize_4bit(
-            flat_packed,
-            absmax,
-            nested_absmax,
-            nested_code,
-            offset,
-            blocksize,
-            nested_blocksize,
-            quant_type,
-            (N, K),
-            A.dtype,
-            state_checked=True,
-        )
-        return torch.nn.functional.linear(A, weight, bias)
+        return self.ext.matmul_4bit(A, bias, flat_packed, *self._state_args(flat_packed, *stats))
