@@ -4,7 +4,8 @@ The model is constructed on the meta device (Linear4bit layers included). For ea
 tensors are read one at a time from the checkpoint (safetensors file(s) or any key -> tensor callable),
 float weights of Linear4bit layers are quantized on the target device (bitsandbytes-format weights are
 taken as they are), and the block is sharded with FSDP2 before the next one is read. Peak memory per
-rank: one block's float tensors plus 1/W of the 4-bit model.
+rank: one block's float tensors plus 1/W of the 4-bit model. The QLoRA trainer (``fsdp4bit.train.model``) loads
+through :func:`materialize` too.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ Reader = Callable[[str], torch.Tensor]
 
 
 def safetensors_reader(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> tuple[Reader, set[str]]:
-    """A reader over one or more safetensors files (tensors are read lazily, one key at a time) and its keys."""
+    """A reader over one or more safetensors files (tensors are read lazily, one key at a time, to the CPU) and its
+    keys. Each file is opened once, on its first read, and stays open (memory-mapped) until the reader is dropped."""
     from safetensors import safe_open
 
     if isinstance(paths, (str, os.PathLike)):
@@ -33,10 +35,14 @@ def safetensors_reader(paths: str | os.PathLike | Iterable[str | os.PathLike]) -
         with safe_open(os.fspath(path), framework="pt") as f:
             for key in f.keys():
                 index[key] = os.fspath(path)
+    handles: dict[str, object] = {}
 
     def read(key: str) -> torch.Tensor:
-        with safe_open(index[key], framework="pt") as f:
-            return f.get_tensor(key)
+        path = index[key]
+        handle = handles.get(path)
+        if handle is None:
+            handle = handles[path] = safe_open(path, framework="pt", device="cpu")
+        return handle.get_tensor(key)
 
     return read, set(index)
 
@@ -56,8 +62,12 @@ def _read(key: str, read: Reader, keys: set[str], shape: tuple[int, ...] | None 
     return value
 
 
-def _load_linear4bit(layer: Linear4bit, prefix: str, read: Reader, keys: set[str], device: torch.device) -> None:
-    """Read, check and build the layer's weight and bias, then set both (the layer is unchanged if anything fails)."""
+def _load_linear4bit(
+    layer: Linear4bit, prefix: str, read: Reader, keys: set[str], device: torch.device, dtype: torch.dtype | None
+) -> None:
+    """Read, check and build the layer's weight and bias, then set both (the layer is unchanged if anything fails).
+    A float weight is cast to ``dtype`` (None: the template weight's float dtype, the one the layer was built in, else
+    float32) and quantized in the template weight's format."""
     prefix = checkpoint_name(prefix)
     weight_key = prefix + "weight"
     shape = (layer.out_features, layer.in_features)
@@ -72,10 +82,10 @@ def _load_linear4bit(layer: Linear4bit, prefix: str, read: Reader, keys: set[str
             )
     else:
         template = layer.weight
+        if dtype is None:
+            dtype = template.dtype if template.dtype.is_floating_point else torch.float32
         weight = Params4bit(
-            _read(weight_key, read, keys, shape).to(
-                template.dtype if template.dtype.is_floating_point else torch.float32
-            ),
+            _read(weight_key, read, keys, shape).to(dtype),
             requires_grad=False,
             blocksize=template.blocksize,
             compress_statistics=template.compress_statistics,
@@ -117,17 +127,22 @@ def materialize(
     device: torch.device,
     tied: TiedParams | None = None,
     missing_ok: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> None:
-    """Give every meta tensor of ``module`` (recursively) its checkpoint value on ``device`` (KeyError for a tensor
-    the checkpoint lacks, ValueError for one of another shape; with ``missing_ok`` a float parameter the checkpoint
-    lacks stays on meta for the caller to fill). A meta buffer the checkpoint lacks is an error too: non-persistent
-    buffers (rotary tables) are computed when a module is built and never saved, so build the model with real
-    buffers (``accelerate.init_empty_weights(include_buffers=False)``)."""
+    """Give every meta tensor of ``module`` (recursively) its checkpoint value on ``device``, and move its other
+    buffers there (KeyError for a tensor the checkpoint lacks, ValueError for one of another shape; with
+    ``missing_ok`` a parameter the checkpoint lacks, 4-bit weights included, stays on meta for the caller to fill or
+    report). Float parameters take their template's dtype; a float 4-bit weight is cast to ``dtype`` before it is
+    quantized (None: the dtype its layer was built in, else float32; never the ``quant_storage``). A meta buffer the
+    checkpoint lacks is an error too: non-persistent buffers (rotary tables) are computed when a module is built and
+    never saved, so build the model with real buffers (``accelerate.init_empty_weights(include_buffers=False)``)."""
     tied = TiedParams(module, prefix) if tied is None else tied
     if isinstance(module, Linear4bit) and module.weight.is_meta:
-        _load_linear4bit(module, prefix, read, keys, device)
+        weight_key = checkpoint_name(prefix) + "weight"
+        if not missing_ok or weight_key in keys:
+            _load_linear4bit(module, prefix, read, keys, device, dtype)
     for name, child in module.named_children():
-        materialize(child, f"{prefix}{name}.", read, keys, device, tied, missing_ok)
+        materialize(child, f"{prefix}{name}.", read, keys, device, tied, missing_ok, dtype)
     for name, param in list(module.named_parameters(recurse=False)):
         if param.is_meta:
             new = tied.loaded.get(id(param))
@@ -151,6 +166,8 @@ def materialize(
                 )
             value = _read(key, read, keys, tuple(buf.shape)).to(device)
             module.register_buffer(name, value, persistent=name not in module._non_persistent_buffers_set)
+        elif buf.device != device:
+            module.register_buffer(name, buf.to(device), persistent=name not in module._non_persistent_buffers_set)
 
 
 def _check_loaded(module: nn.Module, prefix: str) -> None:
@@ -169,6 +186,7 @@ def load_sharded(
     device: torch.device | str,
     shard: Callable[[nn.Module], None] | None = None,
     init: Callable[[nn.Module], object] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Materialize a meta-device ``model`` from a checkpoint one block at a time, sharding each block with
     ``shard`` (default: FSDP2 ``fully_shard``) as soon as it is loaded (nested blocks inner first), then the root.
@@ -176,7 +194,7 @@ def load_sharded(
     ``init`` fills, per block and before it is sharded, the parameters the checkpoint does not hold: LoRA adapters
     that peft attached on the meta device (pass the model peft wrapped in place, e.g. ``peft_model.base_model.model``,
     and ``init=fsdp4bit.train.lora.AdapterInit()`` made right after ``get_peft_model``). Without it every parameter
-    must come from the checkpoint.
+    must come from the checkpoint. ``dtype``: the float dtype 4-bit weights are quantized from (:func:`materialize`).
     """
     from torch.distributed.fsdp import fully_shard
 
@@ -192,7 +210,7 @@ def load_sharded(
     tied = TiedParams(model)
     units = [(m, f"{name}.") for name, m in units_bottom_up(model, lambda m: isinstance(m, block_types))]
     for module, prefix in [*units, (model, "")]:
-        materialize(module, prefix, read, keys, device, tied, missing_ok=init is not None)
+        materialize(module, prefix, read, keys, device, tied, missing_ok=init is not None, dtype=dtype)
         if init is not None:
             init(module)
             _check_loaded(module, prefix)

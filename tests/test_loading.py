@@ -102,3 +102,57 @@ def test_lora_attached_on_meta_loads_block_by_block():
     assert_same_parameters(got, want)
     ids = torch.randint(0, 32, (2, 5))
     assert torch.equal(got(ids), want(ids))
+
+
+class _Storage(nn.Module):
+    """One meta 4-bit layer of the given quant_storage (NF4, blocksize 64, double-quantized statistics)."""
+
+    def __init__(self, storage: torch.dtype) -> None:
+        super().__init__()
+        self.proj = Linear4bit(96, 64, bias=False, quant_type="nf4", quant_storage=storage, device="meta")
+
+
+def test_quantized_bytes_do_not_depend_on_the_storage_dtype():
+    """A float32 checkpoint weight is quantized in the dtype its layer was built in (float32 here) whatever the
+    layer's quant_storage (the bytes are the same in every storage dtype), and from its ``dtype`` cast when one is
+    given (the trainer's ``model.dtype``): the bytes and statistics equal a direct quantization of those values."""
+    from fsdp4bit.functional import packed_bytes, quantize_4bit
+
+    weight = torch.randn(64, 96, generator=torch.Generator().manual_seed(7)) * 3
+    state = {"proj.weight": weight}
+    for dtype in (None, torch.bfloat16):
+        source = weight if dtype is None else weight.to(dtype)
+        packed, want = quantize_4bit(source, blocksize=64, compress_statistics=True, quant_type="nf4")
+        for storage in (torch.uint8, torch.bfloat16, torch.float16, torch.float32):
+            model = _Storage(storage)
+            loading.materialize(model, "", state.__getitem__, set(state), torch.device("cpu"), dtype=dtype)
+            got = model.proj.weight
+            assert got.dtype == storage
+            assert torch.equal(packed_bytes(got), packed_bytes(packed)), (dtype, storage)
+            assert got.quant_state == want, (dtype, storage)
+
+
+def test_safetensors_reader_opens_each_file_once(tmp_path, monkeypatch):
+    """The reader lists each file's keys once and keeps each file open after its first read: a load of many tensors
+    does not reopen (and re-map) a file per tensor."""
+    import safetensors
+    from safetensors.torch import save_file
+
+    tensors = {f"t{i}": torch.full((3,), float(i)) for i in range(6)}
+    paths = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    save_file({k: tensors[k] for k in ("t0", "t1", "t2")}, paths[0])
+    save_file({k: tensors[k] for k in ("t3", "t4", "t5")}, paths[1])
+    opened: list[str] = []
+    real = safetensors.safe_open
+
+    def counting(path, *args, **kwargs):
+        opened.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors, "safe_open", counting)
+    read, keys = loading.safetensors_reader(paths)
+    assert keys == set(tensors)
+    for _ in range(2):
+        for key, value in tensors.items():
+            assert torch.equal(read(key), value)
+    assert sorted(opened) == sorted(map(str, paths * 2))

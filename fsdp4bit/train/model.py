@@ -2,8 +2,8 @@
 
 No rank ever holds the whole float model: the module tree is created without parameter storage
 (``accelerate.init_empty_weights``), every ``nn.Linear`` but the skipped ones becomes ``fsdp4bit.nn.Linear4bit``,
-and each block's float tensors are read from the safetensors file(s) one tensor at a time (``safe_open``) and
-quantized as they move to the device (``Params4bit.to(device)`` quantizes). Peak float memory is one tensor.
+and each block's tensors are read from the safetensors file(s) one tensor at a time and quantized as they move to
+the device, by the library's loader (``fsdp4bit.loading.materialize``). Peak float memory is one tensor.
 Each block is handed to the caller as soon as it is loaded (the trainer initialises its adapters and shards it
 there), so no rank holds the whole 4-bit model either. Sharding goes through :func:`shard`, the one place that
 calls FSDP2.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from fsdp4bit.loading import checkpoint_name
+from fsdp4bit.loading import TiedParams, materialize, safetensors_reader
 from fsdp4bit.nn import Linear4bit, Params4bit
 
 from .config import ModelConfig
@@ -61,7 +60,8 @@ def tensor_index(path: Path) -> dict[str, Path]:
 
 
 def replace_linears(model: nn.Module, cfg: ModelConfig) -> int:
-    """Swap every ``nn.Linear`` not named in ``cfg.skip_modules`` for a meta-device Linear4bit; returns the count."""
+    """Swap every ``nn.Linear`` not named in ``cfg.skip_modules`` for a meta-device Linear4bit in ``cfg``'s 4-bit
+    format (its template weight carries the blocksize the loader quantizes with); returns the count."""
     compute_dtype = dtype_of(cfg.compute_dtype) if cfg.compute_dtype else None
     targets = [
         (name, module)
@@ -80,26 +80,9 @@ def replace_linears(model: nn.Module, cfg: ModelConfig) -> int:
             quant_storage=dtype_of(cfg.quant_storage),
             device="meta",
         )
+        replacement.weight.blocksize = cfg.blocksize
         setattr(model.get_submodule(parent_name), child, replacement)
     return len(targets)
-
-
-class _TensorReader:
-    """Reads named tensors from a checkpoint's safetensors files, one tensor at a time (files opened lazily)."""
-
-    def __init__(self, index: dict[str, Path], stack: ExitStack) -> None:
-        self.index = index
-        self.stack = stack
-        self.handles: dict[Path, object] = {}
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.index
-
-    def get(self, name: str) -> torch.Tensor:
-        file = self.index[name]
-        if file not in self.handles:
-            self.handles[file] = self.stack.enter_context(safe_open(file, framework="pt", device="cpu"))
-        return self.handles[file].get_tensor(name)
 
 
 def quantized_weight(value: torch.Tensor, module: Linear4bit, cfg: ModelConfig, device: torch.device) -> Params4bit:
@@ -113,34 +96,6 @@ def quantized_weight(value: torch.Tensor, module: Linear4bit, cfg: ModelConfig, 
         quant_storage=dtype_of(cfg.quant_storage),
         module=module,
     ).to(device)
-
-
-def materialize(module: nn.Module, prefix: str, reader: _TensorReader, cfg: ModelConfig, device: torch.device) -> None:
-    """Load ``module``'s meta parameters from the checkpoint onto ``device`` (4-bit weights quantize on the way) and
-    move its buffers there. Parameters the checkpoint lacks stay on meta: tied weights are tied after loading,
-    adapters are initialised by the caller, anything else is reported by :func:`load_blocks`."""
-    dtype = dtype_of(cfg.dtype)
-    for sub_name, sub in module.named_modules():
-        for pname, param in list(sub._parameters.items()):
-            if param is None or not param.is_meta:
-                continue
-            full = checkpoint_name(".".join(p for p in (prefix, sub_name, pname) if p))
-            if full not in reader:
-                continue
-            value = reader.get(full)
-            if tuple(value.shape) != tuple(param.shape):
-                raise ValueError(
-                    f"checkpoint tensor {full} has shape {tuple(value.shape)}, model wants {tuple(param.shape)}"
-                )
-            value = value.to(dtype)
-            if isinstance(sub, Linear4bit) and pname == "weight":
-                new = quantized_weight(value, sub, cfg, device)
-            else:
-                new = nn.Parameter(value.to(device), requires_grad=False)
-            sub._parameters[pname] = new
-        for bname, buf in list(sub._buffers.items()):
-            if buf is not None and not buf.is_meta and buf.device != device:
-                sub._buffers[bname] = buf.to(device)
 
 
 def decoder_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -203,17 +158,17 @@ def load_blocks(
         if missing:
             raise ValueError(f"{path}: no tensor in the checkpoint for {missing[:5]} ({len(missing)} missing)")
 
-    with ExitStack() as stack:
-        reader = _TensorReader(tensor_index(path), stack)
-        for name, unit in [*decoder_blocks(model), *untied_embeddings(model)]:
-            materialize(unit, name, reader, cfg, device)
-            check_loaded(unit, name + ".")
-            finish(unit)
-        materialize(model, "", reader, cfg, device)
-        if getattr(model.config, "tie_word_embeddings", False):
-            model.get_output_embeddings().weight = model.get_input_embeddings().weight
-        check_loaded(model, "")
-        finish(model)
+    read, keys = safetensors_reader(sorted(set(tensor_index(path).values())))
+    tied, dtype = TiedParams(model), dtype_of(cfg.dtype)
+    for name, unit in [*decoder_blocks(model), *untied_embeddings(model)]:
+        materialize(unit, name + ".", read, keys, device, tied, missing_ok=True, dtype=dtype)
+        check_loaded(unit, name + ".")
+        finish(unit)
+    materialize(model, "", read, keys, device, tied, missing_ok=True, dtype=dtype)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    check_loaded(model, "")
+    finish(model)
 
 
 def count_4bit(model: nn.Module) -> tuple[int, int]:
