@@ -716,8 +716,10 @@ torch::Tensor matmul_4bit_input_grad(const torch::Tensor& g, const torch::Tensor
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fsdp4bit CPU kernels (blockwise 4-bit quantize, dequantize, fused gemv)";
-  m.def("quantize_4bit", &fsdp4bit::cpu::quantize_4bit, "blockwise 4-bit quantize -> (packed uint8, float32 absmax, copy of code)");
-  m.def("dequantize_4bit", &fsdp4bit::cpu::dequantize_4bit, "blockwise 4-bit dequantize -> flat tensor of numel in dtype");
+  m.def("quantize_4bit", &fsdp4bit::cpu::quantize_4bit,
+        "blockwise 4-bit quantize -> (packed uint8, float32 absmax, copy of code)");
+  m.def("dequantize_4bit", &fsdp4bit::cpu::dequantize_4bit,
+        "blockwise 4-bit dequantize -> flat tensor of numel in dtype");
   m.def("quantize_blockwise", &fsdp4bit::cpu::quantize_blockwise,
         "8-bit blockwise quantize of float32 A - offset against a 256-entry code -> (uint8 codes, float32 absmax)");
   m.def("double_quant", &fsdp4bit::cpu::double_quant,
