@@ -14,7 +14,8 @@ Once a device type's native extension is loaded (CPU or CUDA), ``matmul_4bit``, 
 ``dequantize_4bit`` run kernels the extension registers with the dispatcher in C++ for that device type
 (``csrc/common/operators.h``; ``matmul_4bit``'s autograd too), so a compiled graph reaches the kernels with no Python
 layer. They defer to the Python bodies below for any argument their fast path does not take, so every path raises
-the same errors.
+the same errors. There, the eager ``matmul_4bit`` and ``dequantize_4bit`` call the operator itself: through the
+dispatcher to those kernels costs less host time than the Python path.
 """
 
 from __future__ import annotations
@@ -115,6 +116,16 @@ def _eager_direct(*tensors: torch.Tensor | None, plain: tuple[type, ...] = _PLAI
         if t is not None and type(t) not in plain:
             return False
     return True
+
+
+def _has_operator_kernels(t: object) -> bool:
+    """True when an eager call on ``t``'s device reaches the operators' C++ kernels (the device's native extension is
+    loaded: it registered them) and should call the operator itself: the kernels check the arguments and route the
+    call faster than the Python path does (a few us less host time per call), and defer anything they do not take
+    to the Python bodies. Never while compiling (the trace records the operator as before)."""
+    return (
+        isinstance(t, torch.Tensor) and not torch.compiler.is_compiling() and kernels.native_for(t.device) is not None
+    )
 
 
 Quantized = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -264,6 +275,8 @@ def dequantize_4bit(
 ) -> torch.Tensor:
     """Dequantize packed uint8 bytes to a ``shape`` tensor of ``dtype`` (absmax double-quantized when nested_absmax is given)."""
     args = (packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype)
+    if _has_operator_kernels(packed):
+        return _DEQUANTIZE_4BIT(*args)
     if _eager_direct(packed, absmax, nested_absmax, nested_code, offset):
         return _dequantize_4bit_impl(*args)
     return _dequantize_4bit_op(*args)
@@ -289,6 +302,7 @@ def _dequantize_4bit_body(
 
 
 _dequantize_4bit_op = torch.library.custom_op(f"{_LIB}::dequantize_4bit", mutates_args=())(_dequantize_4bit_body)
+_DEQUANTIZE_4BIT = _dequantize_4bit_op._opoverload
 
 
 @_dequantize_4bit_op.register_fake
@@ -400,21 +414,20 @@ def matmul_4bit(
     """``A @ W.T + bias`` in A's dtype: gemv for a few rows, the fused 4-bit GEMM where it is faster (CUDA sm_90a,
     9 to 1536 rows, large weights), else dequantize + one matmul.
 
-    One opaque op (with its own autograd) so eager and compiled runs round identically; when no gradient
-    is needed the eager path runs the same implementation without the dispatcher, and when one is, the native
-    extension's C++ autograd node with the same route and kernels (``NativeOps.matmul_4bit_autograd``), on the
-    reference path ``_Matmul4bitFunction``.
+    One opaque op (with its own autograd) so eager and compiled runs round identically. Where the device's native
+    extension is loaded, an eager call goes straight to the operator, whose C++ kernels (the autograd node when a
+    gradient is needed) check and route it; on the reference path an eager call runs the implementation without the
+    dispatcher, through ``_Matmul4bitFunction`` when a gradient is needed.
     """
     args = (A, bias, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape)
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if _has_operator_kernels(A):
+        return _MATMUL_4BIT(*args)
     if _eager_direct(A, bias, packed, absmax, nested_absmax, nested_code, offset, plain=_PLAIN_OR_PARAMETER):
         if not _needs_grad(A, bias):
             return _matmul_4bit_impl(*args)
-        native = kernels.native_for(A.device)
-        if native is not None and native.has_matmul_autograd(A, shape):  # one C++ node: no Python in the backward
-            return native.matmul_4bit_autograd(*args)
         return _Matmul4bitFunction.apply(*args)
-    if bias is not None and not isinstance(bias, torch.Tensor):  # (a list is not a plain tensor: it lands here)
-        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
     return _matmul_4bit_op(*args)
 
 
@@ -439,6 +452,7 @@ def _matmul_4bit_body(
 
 
 _matmul_4bit_op = torch.library.custom_op(f"{_LIB}::matmul_4bit", mutates_args=())(_matmul_4bit_body)
+_MATMUL_4BIT = _matmul_4bit_op._opoverload
 
 
 @_matmul_4bit_op.register_fake

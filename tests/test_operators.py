@@ -103,6 +103,32 @@ def test_compiled_steps_run_no_python_operator_bodies(device, python_calls):
         torch.testing.assert_close(grad, eager, rtol=1e-2, atol=1e-2)
 
 
+def test_eager_calls_take_the_operators(device, python_calls, monkeypatch):
+    """On a native device an eager Linear4bit forward (without and with autograd), its backward and a functional
+    dequantize call the operators, whose C++ kernels check and route them: neither NativeOps' Python checks nor the
+    operators' Python bodies run."""
+    from fsdp4bit.kernels import _native
+
+    for name in ("check_matmul_args", "_check_state"):
+        real = getattr(_native, name)
+
+        def spy(*args, _real=real, _name=name):
+            python_calls.append(_name)
+            return _real(*args)
+
+        monkeypatch.setattr(_native, name, spy)
+    layer = bnb.nn.Linear4bit(256, 48, quant_type="nf4", compute_dtype=torch.bfloat16).to(device)
+    x = torch.randn(20, 256, device=device, dtype=torch.bfloat16, requires_grad=True)
+    with torch.no_grad():
+        plain = layer(x)
+    out = layer(x)
+    assert "CppNode" in out.grad_fn.name() and "Matmul4bitFunction" in out.grad_fn.name()
+    out.float().sum().backward()
+    W = F.dequantize_4bit(layer.weight, layer.weight.quant_state)
+    assert python_calls == []
+    assert torch.equal(plain, out.detach()) and x.grad is not None and W.shape == (48, 256)
+
+
 def test_no_native_sends_the_operators_to_the_reference(device, python_calls, monkeypatch):
     packed, stats = _weight(device)
     x = torch.randn(20, 256, device=device, requires_grad=True)

@@ -268,21 +268,6 @@ class NativeOps:
         flat_packed = _flat_bytes(packed)
         return self.ext.matmul_4bit_input_grad(grad_out, flat_packed, *self._state_args(flat_packed, *stats))
 
-    def has_matmul_autograd(self, A: torch.Tensor, shape: Sequence[int]) -> bool:
-        """Whether :meth:`matmul_4bit_autograd` serves ``A`` (a non-empty A and weight)."""
-        return A.numel() > 0 and len(shape) == 2 and shape[0] > 0 and shape[1] > 0
-
-    def matmul_4bit_autograd(
-        self, A: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor, *stats: Any
-    ) -> torch.Tensor:
-        """``A @ W.T + bias``, differentiable in A and bias, as one autograd node in C++ (eager): the matmul_4bit
-        operator's autograd kernel (csrc/common/operators.h), whose route and gradients are those of
-        ``fsdp4bit.ops``' eager matmul (the same kernels, so the same bits), without Python on the forward's kernel
-        choice or in the backward, which autograd runs on its own thread. ``stats`` are :meth:`gemv_4bit`'s
-        arguments from absmax to shape."""
-        flat_packed, N, K = check_matmul_args(A, packed, bias, *stats)
-        return self.ext.matmul_4bit_autograd(A, bias, flat_packed, *stats[:-1], [N, K])
-
     def gemv_4bit(
         self,
         A: torch.Tensor,
