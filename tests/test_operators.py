@@ -38,19 +38,23 @@ def _weight(device: str, nested: bool = True, shape: tuple[int, int] = (48, 256)
     return packed.reshape(-1), (absmax, nested_absmax, nested_code, offset, 64, nested_bs, "nf4", list(shape))
 
 
-@pytest.fixture
-def python_calls(monkeypatch):
-    """Counts calls of the operators' Python bodies (each checks its arguments first)."""
-    calls = []
-    for name in ("check_stats_counts", "_check_grad_out"):
-        real = getattr(ops, name)
+def _spy(monkeypatch, module, names: tuple[str, ...], calls: list[str]) -> list[str]:
+    """Replace each ``module.<name>`` by a wrapper that appends its name to ``calls``; returns ``calls``."""
+    for name in names:
+        real = getattr(module, name)
 
         def spy(*args, _real=real, _name=name):
             calls.append(_name)
             return _real(*args)
 
-        monkeypatch.setattr(ops, name, spy)
+        monkeypatch.setattr(module, name, spy)
     return calls
+
+
+@pytest.fixture
+def python_calls(monkeypatch):
+    """Counts calls of the operators' Python bodies (each checks its arguments first)."""
+    return _spy(monkeypatch, ops, ("check_stats_counts", "_check_grad_out"), [])
 
 
 def test_kernels_are_registered_with_the_dispatcher(device):
@@ -109,14 +113,7 @@ def test_eager_calls_take_the_operators(device, python_calls, monkeypatch):
     operators' Python bodies run."""
     from fsdp4bit.kernels import _native
 
-    for name in ("check_matmul_args", "_check_state"):
-        real = getattr(_native, name)
-
-        def spy(*args, _real=real, _name=name):
-            python_calls.append(_name)
-            return _real(*args)
-
-        monkeypatch.setattr(_native, name, spy)
+    _spy(monkeypatch, _native, ("check_matmul_args", "_check_state"), python_calls)
     layer = bnb.nn.Linear4bit(256, 48, quant_type="nf4", compute_dtype=torch.bfloat16).to(device)
     x = torch.randn(20, 256, device=device, dtype=torch.bfloat16, requires_grad=True)
     with torch.no_grad():
