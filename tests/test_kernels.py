@@ -517,10 +517,10 @@ def test_matmul_4bit_backward_takes_gemm(hopper_native):
 @pytest.mark.parametrize("rows", [(4,), (2, 12), (64,), (3, 700)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_matmul_autograd_node_matches_the_function(cuda_native, rows, dtype):
-    """Eager matmul_4bit recording autograd on CUDA is one C++ autograd node (NativeOps.matmul_4bit_autograd): its
+    """Eager matmul_4bit recording autograd on CUDA is one C++ autograd node (the operator's AutogradCUDA kernel): its
     output and its input and bias gradients equal those of the Python autograd.Function it replaced
-    (ops._Matmul4bitFunction, which other devices still take, and which on CUDA calls the extension's same forward
-    and input-gradient routes) bit for bit on every route (gemv for 4 rows; on sm_90a the fused GEMM and its
+    (ops._Matmul4bitFunction, which the reference path still takes, and which on CUDA calls the extension's same
+    forward and input-gradient routes) bit for bit on every route (gemv for 4 rows; on sm_90a the fused GEMM and its
     transposed backward for 24 and 64 rows; dequantize + cuBLAS for 2100), with a float32 bias on 16-bit A and a
     non-contiguous gradient."""
     import fsdp4bit

@@ -310,8 +310,8 @@ class Operators {
         .view(shape);
   }
 
-  // A @ W.T + bias, differentiable in A and bias: the autograd node when autograd records, else the operator
-  // (NativeOps.matmul_4bit_autograd, the eager path's entry)
+  // A @ W.T + bias, differentiable in A and bias: the autograd node when autograd records, else the operator (the
+  // autograd kernel's body, and the extension's matmul_4bit_autograd entry)
   static at::Tensor matmul_autograd(const at::Tensor& A, const OptTensor& bias, const at::Tensor& packed,
                                     const at::Tensor& absmax, const OptTensor& nested_absmax,
                                     const OptTensor& nested_code, const OptTensor& offset, int64_t blocksize,
@@ -365,8 +365,8 @@ class Operators {
     r.python_impls = impls;  // earlier ones stay allocated: a call in flight may hold one
   }
 
-  // the extension's Python entry points matmul_4bit_autograd (NativeOps.matmul_4bit_autograd) and
-  // register_operators (NativeOps.__init__)
+  // the extension's Python entry points matmul_4bit_autograd (the autograd node without the dispatcher in front:
+  // bench/host_layers.py) and register_operators (NativeOps.__init__)
   static void def_bindings(pybind11::module_& m) {
     namespace py = pybind11;
     m.def("matmul_4bit_autograd", &matmul_autograd,
