@@ -24,8 +24,11 @@ Reader = Callable[[str], torch.Tensor]
 
 
 def safetensors_reader(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> tuple[Reader, set[str]]:
-    """A reader over one or more safetensors files (tensors are read lazily, one key at a time, to the CPU) and its
-    keys. Each file is opened once, on its first read, and stays open (memory-mapped) until the reader is dropped."""
+    """A reader over one or more safetensors files (tensors are read lazily, one key at a time) and its keys.
+
+    Each read opens its file and closes it again: a file kept open stays memory-mapped, and every page a load has
+    read then stays resident until the reader is dropped (the trainer's loader did that: 794 MiB peak per rank
+    against 563 reopening, ``bench/trainer_load.py``, see NOTES), while reopening costs a header parse per tensor."""
     from safetensors import safe_open
 
     if isinstance(paths, (str, os.PathLike)):
@@ -35,14 +38,10 @@ def safetensors_reader(paths: str | os.PathLike | Iterable[str | os.PathLike]) -
         with safe_open(os.fspath(path), framework="pt") as f:
             for key in f.keys():
                 index[key] = os.fspath(path)
-    handles: dict[str, object] = {}
 
     def read(key: str) -> torch.Tensor:
-        path = index[key]
-        handle = handles.get(path)
-        if handle is None:
-            handle = handles[path] = safe_open(path, framework="pt", device="cpu")
-        return handle.get_tensor(key)
+        with safe_open(index[key], framework="pt") as f:
+            return f.get_tensor(key)
 
     return read, set(index)
 
