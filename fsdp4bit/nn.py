@@ -211,10 +211,10 @@ class Params4bit(nn.Parameter):
         self._set_inner_stats(state)
         state_meta = None
         if state is not None:
-            names += ["_qs_absmax", "_qs_code"]
+            names += _INNER_STATS[:2]
             nested = None
             if state.nested:
-                names += ["_qs_nested_absmax", "_qs_nested_code", "_qs_offset"]
+                names += _INNER_STATS[2:]
                 nested = (state.state2.blocksize, state.state2.dtype)
             state_meta = (tuple(state.shape), state.blocksize, state.quant_type, state.dtype, nested)
         attrs = (
@@ -422,7 +422,6 @@ class Params4bit(nn.Parameter):
         )
         quantized = Params4bit.wrap(packed, self, quant_state=state, row_start=0)
         quantized.bnb_quantized = True
-        quantized._set_inner_stats(state)
         try:
             torch.utils.swap_tensors(self, quantized)
         except RuntimeError as err:
