@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from safetensors import safe_open
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -46,17 +45,17 @@ def resolve_model_path(cfg: ModelConfig) -> Path:
     return path
 
 
-def tensor_index(path: Path) -> dict[str, Path]:
-    """Tensor name -> safetensors file, for a single-file or sharded (``*.index.json``) checkpoint."""
+def checkpoint_files(path: Path) -> list[Path]:
+    """The safetensors file(s) of a single-file or sharded (``*.index.json``) checkpoint (not opened here: the reader
+    lists their tensors)."""
     index_file = path / "model.safetensors.index.json"
     if index_file.is_file():
         weight_map = json.loads(index_file.read_text())["weight_map"]
-        return {name: path / file for name, file in weight_map.items()}
+        return [path / file for file in sorted(set(weight_map.values()))]
     single = path / "model.safetensors"
     if not single.is_file():
         raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
-    with safe_open(single, framework="pt") as fh:
-        return dict.fromkeys(fh.keys(), single)
+    return [single]
 
 
 def replace_linears(model: nn.Module, cfg: ModelConfig) -> int:
@@ -158,7 +157,7 @@ def load_blocks(
         if missing:
             raise ValueError(f"{path}: no tensor in the checkpoint for {missing[:5]} ({len(missing)} missing)")
 
-    read, keys = safetensors_reader(sorted(set(tensor_index(path).values())))
+    read, keys = safetensors_reader(checkpoint_files(path))
     tied, dtype = TiedParams(model), dtype_of(cfg.dtype)
     for name, unit in [*decoder_blocks(model), *untied_embeddings(model)]:
         materialize(unit, name + ".", read, keys, device, tied, missing_ok=True, dtype=dtype)
