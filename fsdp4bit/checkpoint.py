@@ -49,6 +49,15 @@ def _save_target_problem(path: str) -> str:
     return ""
 
 
+def _checkpoint_path(path: str | os.PathLike) -> str:
+    """``path`` absolute, normalized and with symbolic links resolved: "ckpt/" and "ckpt" name one checkpoint (and one
+    backup and temporary name), and a link to a checkpoint is written through, as ``torch.save`` writes through a link
+    to a file (renaming the link itself would move it, not the checkpoint)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    return os.path.realpath(os.fspath(path))
+
+
 def _parent(path: str) -> str:
     """The folder holding ``path`` (where save's temporary and backup folders live)."""
     return os.path.dirname(os.path.abspath(path)) or "."
@@ -83,7 +92,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     the previous checkpoint as it was and removes its temporary folder; a crash between the two renames that swap
     the folders leaves the old checkpoint at ``.NAME.old``, which :func:`load` reads and the next save restores."""
     _check_model(model)
-    path = os.fspath(path)
+    path = _checkpoint_path(path)
     parent = _parent(path)
     token = ["", ""]
     if _rank() == 0:
@@ -122,9 +131,10 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
 
 def load(model: nn.Module, path: str | os.PathLike) -> None:
     """Load a checkpoint written by :func:`save` (on any world size) into ``model`` in place. Entries the model lacks
-    are ignored; a missing entry, or one of another shape or 4-bit layout, raises ValueError before anything loads."""
+    are ignored; a missing entry, or one of another shape, dtype or 4-bit layout, raises ValueError before anything
+    loads."""
     _check_model(model)
-    path = os.fspath(path)
+    path = _checkpoint_path(path)
     if not os.path.isdir(path) and os.path.isdir(_backup(path)):
         path = _backup(path)  # a save crashed between its renames: the checkpoint it was replacing
     if not os.path.isdir(path):
@@ -133,36 +143,55 @@ def load(model: nn.Module, path: str | os.PathLike) -> None:
         raise FileNotFoundError(f"{path!r} holds no checkpoint (no .metadata file)")
     state = model.state_dict()
     saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-    _check_entries(state, saved, path)
+    missing = [key for key in state if key not in saved]
+    if missing:
+        raise ValueError(f"checkpoint {path!r} has no entries {missing}")
     blobs = {key: torch.empty(saved[key].size, dtype=torch.uint8) for key in state if _is_blob(key)}
-    if blobs:  # first the small JSON entries, at their saved lengths: their shapes must be the model's
+    if blobs:  # first the small JSON entries, at their saved lengths: their layouts must be the model's
         dcp.load(blobs, checkpoint_id=path)
         _check_layouts(state, blobs)
-        state.update(blobs)
+    _check_entries(state, saved)
+    state.update(blobs)
     dcp.load(state, checkpoint_id=path)
     model.load_state_dict(state)
 
 
-def _check_entries(state: dict, saved: dict, path: str) -> None:
-    """Every entry of ``state`` is in the checkpoint with the same shape (the JSON entries' lengths aside)."""
-    missing = [key for key in state if key not in saved]
-    if missing:
-        raise ValueError(f"checkpoint {path!r} has no entries {missing}")
+def _check_entries(state: dict, saved: dict) -> None:
+    """Every tensor of ``state`` has the checkpoint's shape and dtype (the JSON entries' lengths aside): DCP would
+    cast another dtype's values into the model's tensors, which rewrites packed 4-bit words."""
     for key, value in state.items():
+        if not isinstance(value, torch.Tensor) or _is_blob(key):
+            continue
         size = getattr(saved[key], "size", None)
-        if isinstance(value, torch.Tensor) and not _is_blob(key) and size is not None and size != value.shape:
+        if size is not None and size != value.shape:
             raise ValueError(f"checkpoint entry {key!r} has shape {tuple(size)}, the model's has {tuple(value.shape)}")
+        dtype = getattr(getattr(saved[key], "properties", None), "dtype", None)
+        if dtype is not None and dtype != value.dtype:
+            packed = any(other.startswith(f"{key}.quant_state.bitsandbytes__") for other in state)
+            hint = (
+                " (a 4-bit weight's dtype is its quant_storage: build the model with the checkpoint's)"
+                if packed
+                else ""
+            )
+            raise ValueError(f"checkpoint entry {key!r} has dtype {dtype}, the model's has {value.dtype}{hint}")
+
+
+# What a 4-bit weight's JSON entry says of its layout (its dtypes and the double-quant offset are values it loads)
+_LAYOUT_KEYS = ("quant_type", "blocksize", "shape", "nested_blocksize")
 
 
 def _check_layouts(state: dict, blobs: dict) -> None:
-    """The checkpoint's 4-bit weights have the model's shapes (the same byte count can hold another shape)."""
+    """The checkpoint's 4-bit weights have the model's layouts: shape (the same byte count can hold another shape),
+    quant type, blocksize and double quantization, so the statistics the model's state dict holds are the ones
+    the checkpoint has and ``load_state_dict`` cannot fail after DCP has written into the model."""
     for key, blob in blobs.items():
         ours, theirs = unpack_tensor_to_dict(plain(state[key]), key), unpack_tensor_to_dict(blob, key)
-        if ours.get("shape") != theirs.get("shape"):
-            raise ValueError(
-                f"checkpoint entry {key!r} describes a 4-bit weight of shape {theirs.get('shape')}, "
-                f"the model's is {ours.get('shape')}"
-            )
+        for field in _LAYOUT_KEYS:
+            if ours.get(field) != theirs.get(field):
+                raise ValueError(
+                    f"checkpoint entry {key!r} describes a 4-bit weight with {field} {theirs.get(field)!r}, the "
+                    f"model's has {ours.get(field)!r}"
+                )
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ import torch.distributed.checkpoint as dcp
 
 import fsdp4bit.functional as F
 from fsdp4bit import checkpoint
-from fsdp4bit.nn import Linear4bit
+from fsdp4bit.nn import Linear4bit, Params4bit
 
 
 def _layer(seed: int) -> Linear4bit:
@@ -79,3 +79,83 @@ def test_checkpoint_an_older_save_left_aside_comes_back(tmp_path, monkeypatch):
     (tmp_path / ".ckpt.tmp-4567").mkdir()  # an unfinished write
 
     _failed_save_keeps(old, path, monkeypatch)
+
+
+def test_a_trailing_slash_names_the_same_checkpoint(tmp_path, monkeypatch):
+    """ "one/" and "one" share one backup and temporary name, so an interrupted save of "one/" never lends its backup
+    to another folder's load or save."""
+    old, new = _layer(0), _layer(1)
+    checkpoint.save(old, f"{tmp_path}/one/")
+    rename = os.rename
+
+    def crash_before_the_new_folder_moves_in(src, dst):
+        if ".tmp-" in os.path.basename(src) and os.path.basename(dst) == "one":
+            raise KeyboardInterrupt
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", crash_before_the_new_folder_moves_in)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(new, f"{tmp_path}/one/")
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(FileNotFoundError, match="two"):
+        checkpoint.load(_layer(2), f"{tmp_path}/two/")
+    checkpoint.save(new, f"{tmp_path}/two/")
+    assert {".one.old", "two"} <= set(os.listdir(tmp_path))
+    loaded = _layer(2)
+    checkpoint.load(loaded, tmp_path / "one")
+    assert _same(loaded, old)
+
+
+def test_save_writes_through_a_link_to_a_checkpoint(tmp_path):
+    checkpoint.save(_layer(0), tmp_path / "step1")
+    os.symlink(tmp_path / "step1", tmp_path / "latest")
+    new = _layer(1)
+    for _ in range(2):  # the second save replaces what the first wrote through the link
+        checkpoint.save(new, tmp_path / "latest")
+    assert os.path.islink(tmp_path / "latest")
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step1"]
+    loaded = _layer(2)
+    checkpoint.load(loaded, tmp_path / "step1")
+    assert _same(loaded, new)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1).contiguous().view(torch.uint8)
+
+
+def _unchanged_after_failed_load(model: Linear4bit, path, match: str) -> None:
+    before = {key: _bytes(value).clone() for key, value in model.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        checkpoint.load(model, path)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        assert torch.equal(_bytes(after[key]), value), key
+
+
+def _built(blocksize: int = 64, compress_statistics: bool = True, quant_storage=torch.uint8) -> Linear4bit:
+    layer = Linear4bit(128, 16, compress_statistics=compress_statistics, quant_storage=quant_storage)
+    layer.weight = Params4bit(
+        layer.weight.data.clone(),
+        blocksize=blocksize,
+        compress_statistics=compress_statistics,
+        quant_storage=quant_storage,
+    )
+    return layer.to("cpu")
+
+
+@pytest.mark.parametrize(
+    ("saved", "model", "match"),
+    [
+        ({"quant_storage": torch.float16}, {"quant_storage": torch.bfloat16}, "dtype torch.float16, the model's has"),
+        ({}, {"compress_statistics": False}, "nested_blocksize 256, the model's has None"),
+        ({"blocksize": 128}, {}, "blocksize 128, the model's has 64"),
+    ],
+)
+def test_load_of_another_layout_raises_before_anything_loads(tmp_path, saved, model, match):
+    """DCP writes into the model's own tensors: an entry of another dtype (cast values: rewritten 4-bit words) or
+    another 4-bit layout must raise before it runs."""
+    torch.manual_seed(0)
+    checkpoint.save(_built(**saved), tmp_path / "ckpt")
+    torch.manual_seed(1)
+    _unchanged_after_failed_load(_built(**model), tmp_path / "ckpt", match)
