@@ -12,11 +12,11 @@ from torch.nn.modules.module import _EXTRA_STATE_KEY_SUFFIX
 
 from . import functional as F
 from .autograd import autocast_on, matmul_4bit
-from .codebooks import as_blocksize, check_float_dtype, check_quant_storage, check_quant_type
+from .codebooks import as_blocksize, check_flag, check_float_dtype, check_quant_storage, check_quant_type
 from .dsd import KeyPaths, statistics_on_every_rank
 from .quant_state import PACKED_KEY_PREFIX, QuantState
 from .sharding import as_like, is_sharded, load_sharded_entries, sharded_state_dict_entries
-from .tensor_ops import TENSOR_OPS, SliceCache, copy_state, plain, slice_state, unwrap_call
+from .tensor_ops import TENSOR_OPS, SliceCache, copy_state, plain, refuse_word_writes, slice_state, unwrap_call
 
 __all__ = ["Params4bit", "Linear4bit", "LinearNF4", "LinearFP4"]
 
@@ -111,6 +111,7 @@ class Params4bit(nn.Parameter):
         blocksize = as_blocksize(64 if blocksize is None else blocksize)
         check_quant_type(quant_type)
         check_quant_storage(quant_storage)
+        check_flag(compress_statistics, "compress_statistics")
         if data is None:
             data = torch.empty(0)
         if not isinstance(data, torch.Tensor):
@@ -201,6 +202,8 @@ class Params4bit(nn.Parameter):
         handler = TENSOR_OPS.get(func)
         if handler is not None:
             return handler(func, args, kwargs or {})
+        if func._schema.is_mutable:
+            refuse_word_writes(func, args, kwargs or {})
         return unwrap_call(func, args, kwargs or {})
 
     # -- torch.compile: the inner tensors are the packed data and the statistics ----------------------
@@ -276,6 +279,63 @@ class Params4bit(nn.Parameter):
 
     def data_ptr(self) -> int:
         return self._data.data_ptr()
+
+    # -- ``param.data = value`` and shared memory: the inner tensors are what hold the values ---------------------
+
+    def _get_data(self) -> Params4bit:
+        return torch._C.TensorBase.data.__get__(self, type(self))
+
+    def _set_data(self, value: torch.Tensor) -> None:
+        """``param.data = value``: a Params4bit's packed words and statistics, or float values for a weight not
+        quantized yet (quantized on its first ``.to(device)``). A quantized weight refuses plain tensors: they would
+        replace its words without their statistics. (torch's own setter changes only the wrapper's metadata.)"""
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"data must be a torch.Tensor, got {type(value).__name__}")
+        if not isinstance(value, Params4bit):
+            if self.bnb_quantized:
+                raise TypeError(
+                    f"cannot set .data of a quantized Params4bit to a plain {value.dtype} tensor of shape "
+                    f"{tuple(value.shape)}: it would replace the packed 4-bit words without their statistics (an "
+                    "in-place op the weight refuses, such as weight.data *= x, or weight.data -= delta with a delta "
+                    "cast to the storage dtype uint8, ends here too); assign a Params4bit (module.weight = "
+                    "Params4bit(...)), load a state dict, or merge a float delta with weight.data += delta"
+                )
+            if not value.is_floating_point():
+                raise TypeError(
+                    f"data of a Params4bit not quantized yet must be a floating-point tensor (the values to quantize), "
+                    f"got {value.dtype}"
+                )
+            value = Params4bit.wrap(value.detach(), self, None, 0)
+        torch._C.TensorBase.data.__set__(self, value)
+        self._data = value._data
+        self._storage_meta = value._storage_meta
+        for name in ("blocksize", "compress_statistics", "quant_type", "quant_storage", "bnb_quantized"):
+            setattr(self, name, getattr(value, name))
+        self._set_inner_stats(self.quant_state)
+
+    data = property(_get_data, _set_data, doc="The tensor's values without autograd history (see ``_set_data``).")
+
+    def share_memory_(self) -> Params4bit:
+        """Move the packed words and the statistics to shared memory (``Module.share_memory``); the wrapper itself
+        has no storage of its own to share."""
+        self._data.share_memory_()
+        state = self.quant_state
+        if state is not None:
+            for t in (state.absmax, state.code, state.offset):
+                if t is not None:
+                    t.share_memory_()
+            if state.nested:
+                state.state2.absmax.share_memory_()
+                state.state2.code.share_memory_()
+        return self
+
+    def is_shared(self) -> bool:
+        return self._data.is_shared()
+
+    def requires_grad_(self, requires_grad: bool = True) -> Params4bit:
+        """Only ``requires_grad_(False)``: a 4-bit weight is frozen (no gradient reaches its words)."""
+        _check_frozen(requires_grad)
+        return super().requires_grad_(False)
 
     def __repr__(self) -> str:
         kind = f"{self.quant_type}, quantized" if self.bnb_quantized else f"{self.quant_type}, not quantized yet"
@@ -510,6 +570,7 @@ class Linear4bit(nn.Linear):
                 raise ValueError(f"{name} must be at least 1 (a 4-bit weight cannot be empty), got {value}")
         check_quant_type(quant_type)
         check_quant_storage(quant_storage)
+        check_flag(compress_statistics, "compress_statistics")
         if compute_dtype is not None and compute_dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(
                 f"compute_dtype must be None, torch.float16, torch.bfloat16 or torch.float32, got {compute_dtype}"
@@ -649,12 +710,22 @@ class Linear4bit(nn.Linear):
             if errors:
                 error_msgs.extend(errors)
                 return
+            old = self.weight
             super()._load_from_state_dict(
                 state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
             )
+            if isinstance(old, Params4bit) and not isinstance(self.weight, Params4bit):
+                # load_state_dict(assign=True) put the checkpoint's tensor in a plain Parameter: it takes the
+                # weight's place and format (float values to quantize, or the quantized weight's own words)
+                self.weight = Params4bit.wrap(plain(self.weight), old, old.quant_state, old.row_start)
             return
+        assign = local_metadata.get("assign_to_params_buffers", False)
         if weight_key not in state_dict:
             missing_keys.append(weight_key)
+            if not errors:
+                self._load_bias(state_dict, bias_key, strict, missing_keys, assign)
+            else:
+                error_msgs.extend(errors)
             return
         if strict:
             unexpected_keys.extend(self._unexpected_keys(state_dict, prefix, qs_keys))
@@ -678,8 +749,12 @@ class Linear4bit(nn.Linear):
                 missing_keys.append(bias_key)
             return
         device = self.weight.device if self.weight.device.type != "meta" else state_dict[weight_key].device
+        data = state_dict[weight_key]
+        if not assign:  # the layer owns copies, as nn.Module's load copies into its own tensors
+            data = data.to(device, copy=True) if isinstance(data, torch.Tensor) else data
+            stats = {k: v.to(device, copy=True) if isinstance(v, torch.Tensor) else v for k, v in stats.items()}
         try:
-            weight = Params4bit.from_prequantized(state_dict[weight_key], stats, device=device)
+            weight = Params4bit.from_prequantized(data, stats, device=device)
         except (ValueError, TypeError) as err:
             errors.append(f"while loading 4-bit weight {weight_key}: {err}")
         else:
@@ -693,16 +768,27 @@ class Linear4bit(nn.Linear):
             error_msgs.extend(errors)
             return
         self.weight = weight
-        if self.bias is not None:
-            if bias_key in state_dict:
-                with torch.no_grad():
-                    bias = state_dict[bias_key]
-                    if self.bias.device.type == "meta":
-                        self.bias = nn.Parameter(bias.to(self.bias.dtype), requires_grad=self.bias.requires_grad)
-                    else:
-                        self.bias.copy_(bias)
-            elif strict:
-                missing_keys.append(bias_key)
+        # the layer's attributes describe the weight it now holds (the checkpoint's format may differ)
+        self.quant_type, self.compress_statistics = weight.quant_type, weight.compress_statistics
+        self.quant_storage = weight.quant_storage
+        self._load_bias(state_dict, bias_key, strict, missing_keys, assign)
+
+    def _load_bias(self, state_dict: dict, key: str, strict: bool, missing_keys: list[str], assign: bool) -> None:
+        """The checkpoint's bias into the layer's (checked by ``_bias_errors``): copied, or adopted in the layer's
+        dtype under ``assign`` or where the layer's is on the meta device."""
+        if self.bias is None:
+            return
+        if key not in state_dict:
+            if strict:
+                missing_keys.append(key)
+            return
+        with torch.no_grad():
+            bias = state_dict[key]
+            if self.bias.device.type == "meta" or assign:
+                bias = bias.to(self.bias.dtype, copy=not assign)
+                self.bias = nn.Parameter(bias, requires_grad=self.bias.requires_grad)
+            else:
+                self.bias.copy_(bias)
 
 
 class LinearNF4(Linear4bit):

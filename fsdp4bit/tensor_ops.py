@@ -225,9 +225,37 @@ def _to_copy(func, args, kwargs):
     return type(src).wrap(out, src, quant_state=state, row_start=src.row_start)
 
 
+def refuse_word_writes(func, args: tuple, kwargs: dict) -> None:
+    """An op without a handler here that writes into a quantized Params4bit (``zero_``, ``fill_``, ``normal_``, the
+    masked and index fills, clamps, ``out=``...) would treat its packed 4-bit words as numbers and corrupt them
+    silently: TypeError. A weight not quantized yet holds float values and takes any op."""
+    for i, arg in enumerate(func._schema.arguments):
+        info = arg.alias_info
+        if info is None or not info.is_write:
+            continue
+        value = args[i] if i < len(args) else kwargs.get(arg.name)
+        for v in value if isinstance(value, (list, tuple)) else (value,):
+            if _is_params4bit(v) and v.bnb_quantized:
+                raise TypeError(
+                    f"{func.overloadpacket.__name__} would write into the packed 4-bit words of a quantized Params4bit "
+                    "as if they were numbers, which corrupts them: dequantize (fsdp4bit.functional.dequantize_4bit), "
+                    "change the values and quantize again, or change the float values before the weight's first "
+                    ".to(device) quantizes them"
+                )
+
+
 @implements([aten.copy_.default])
 def _copy(func, args, kwargs):
+    """Copies between Params4bit keep the words and take the source's statistics; into a quantized weight only words
+    of its dtype are copied (a float source would be cast into the words, corrupting them: TypeError)."""
     dst, src = args[0], args[1]
+    if dst.bnb_quantized and (not isinstance(src, torch.Tensor) or plain(src).dtype != plain(dst).dtype):
+        got = f"a {plain(src).dtype} tensor" if isinstance(src, torch.Tensor) else repr(src)
+        raise TypeError(
+            f"copy_ into a quantized Params4bit takes only its packed words ({dst.dtype}), got {got}: a cast would "
+            "rewrite the 4-bit words as numbers; quantize the values (fsdp4bit.functional.quantize_4bit) and copy "
+            "the resulting Params4bit, or load a state dict"
+        )
     func(plain(dst), plain(src) if isinstance(src, torch.Tensor) else src, *args[2:], **kwargs)
     if _is_params4bit(src) and _is_params4bit(dst) and src.bnb_quantized:
         # The destination's allocation now holds src's words: it takes src's place and statistics.
@@ -267,6 +295,13 @@ def _in_place_arithmetic(func, args, kwargs):
     state = dst.quant_state
     other = args[1] if len(args) > 1 else None
     merge = func in (aten.add_.Tensor, aten.sub_.Tensor) and isinstance(other, torch.Tensor)
+    if merge and not _is_params4bit(other) and not other.is_floating_point() and state is not None:
+        # not a TypeError: Python's `weight.data -= delta` would turn that into an out-of-place op on the words
+        raise ValueError(
+            f"a delta merged into a 4-bit weight must be a float tensor, got {other.dtype}: cast to the weight's "
+            f"dtype ({dst.dtype}, its quant_storage) it has lost its values (peft's unmerge casts the delta so: build "
+            "the layer with a float quant_storage, e.g. torch.bfloat16, to unmerge adapters)"
+        )
     if not merge or _is_params4bit(other) or not other.is_floating_point():
         raise TypeError(
             f"{func.overloadpacket.__name__} on a quantized Params4bit would change its packed 4-bit words, not its values; only "
