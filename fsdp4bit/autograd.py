@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from .codebooks import NESTED_BLOCKSIZE
+from .codebooks import NESTED_BLOCKSIZE, check_quant_type
 from .functional import as_quant_state, check_out, check_packed_matches
 from .quant_state import QuantState
 
@@ -38,8 +38,13 @@ def matmul_4bit(
     packed = check_packed_matches(B, quant_state, "B")
     shape = list(quant_state.shape)
     ops.check_rows(A)
-    if len(shape) != 2 or A.shape[-1] != shape[1]:
+    if len(shape) != 2:
+        raise ValueError(f"matmul_4bit needs a 2-D (out_features, in_features) 4-bit weight, got shape {tuple(shape)}")
+    if A.shape[-1] != shape[1]:
         raise ValueError(f"A's last dim is {A.shape[-1]} but the 4-bit weight has shape {tuple(shape)}")
+    check_quant_type(quant_state.quant_type)
+    if bias is not None and isinstance(bias, torch.Tensor) and not bias.is_floating_point():
+        raise TypeError(f"bias must be a floating-point tensor, got {bias.dtype}")
     if out is not None:
         check_out(out, (*A.shape[:-1], shape[0]), A.dtype, A.device)
     absmax, nested_absmax, nested_code, offset = quant_state.absmax_tensors()

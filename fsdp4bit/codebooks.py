@@ -134,6 +134,36 @@ def check_quant_storage(quant_storage: object) -> None:
         raise ValueError(f"quant_storage must be one of {STORAGE_DTYPES}, got {quant_storage}")
 
 
+# The largest 8-bit blockwise blocksize: block counts (n + blocksize - 1) / blocksize stay far from int64 overflow
+MAX_BLOCKWISE_BLOCKSIZE = 2**31 - 1
+
+
+def check_blockwise_blocksize(blocksize: object) -> None:
+    """An 8-bit blockwise blocksize: a positive int up to MAX_BLOCKWISE_BLOCKSIZE (SymInts pass under tracing)."""
+    if isinstance(blocksize, bool) or not isinstance(blocksize, (int, torch.SymInt)):
+        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+    if isinstance(blocksize, int) and not 1 <= blocksize <= MAX_BLOCKWISE_BLOCKSIZE:
+        raise ValueError(f"blocksize must be a positive int up to 2**31 - 1, got {blocksize!r}")
+
+
+def check_blockwise_code(code: object, name: str = "code") -> None:
+    """An 8-bit blockwise code table: a 1-D floating-point tensor."""
+    if not isinstance(code, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor (a 1-D float table, e.g. get_dynamic_map()), got {type(code).__name__}"
+        )
+    if code.dim() != 1 or not code.is_floating_point():
+        raise ValueError(
+            f"{name} must be a 1-D floating-point table, got a {code.dtype} tensor of shape {tuple(code.shape)}"
+        )
+
+
+def check_flag(value: object, name: str) -> None:
+    """``value`` is a bool (a string such as "no" would be taken as true)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}")
+
+
 def check_float_dtype(dtype: object, name: str) -> None:
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"{name} must be one of {FLOAT_DTYPES}, got {dtype}")

@@ -12,6 +12,9 @@ from .codebooks import (
     STORAGE_DTYPES,
     as_blocksize,
     check_blocksize,
+    check_blockwise_blocksize,
+    check_blockwise_code,
+    check_flag,
     check_float_dtype,
     check_quant_storage,
     check_quant_type,
@@ -89,10 +92,14 @@ def quantize_blockwise(
     nested: bool = False,
 ) -> tuple[torch.Tensor, QuantState]:
     """8-bit blockwise quantization against ``code`` (default: the dynamic map), bitsandbytes' signature: returns
-    (uint8 codes of A's shape, QuantState). ``nested`` quantizes the absmax again, relative to its mean."""
+    (uint8 codes of A's shape, QuantState). ``nested`` quantizes the absmax again, relative to its mean. The
+    statistics never require grad."""
     _check_input(A)
+    A = A.detach()
+    check_flag(nested, "nested")
     if code is None:
         code = get_dynamic_map(A.device)
+    check_blockwise_code(code)
     q, amax = ops.quantize_blockwise(A.reshape(-1), code, blocksize)
     if nested:
         offset = reference.absmax_mean(amax)
@@ -132,8 +139,12 @@ def dequantize_blockwise(
     if not isinstance(A, torch.Tensor) or A.dtype != torch.uint8:
         raise TypeError(f"A must be a uint8 tensor of codes, got {A.dtype if isinstance(A, torch.Tensor) else type(A)}")
     blocksize = quant_state.blocksize
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
-        raise ValueError(f"quant_state.blocksize must be a positive int, got {blocksize!r}")
+    check_blockwise_blocksize(blocksize)
+    check_blockwise_code(quant_state.code, "quant_state.code")
+    if quant_state.code.numel() != 256:
+        raise ValueError(
+            f"quant_state.code must have 256 entries (an 8-bit blockwise state), got {quant_state.code.numel()}"
+        )
     nblocks = -(-A.numel() // blocksize)
     if quant_state.absmax.numel() != nblocks:
         raise ValueError(
@@ -161,8 +172,11 @@ def quantize_4bit(
     quant_type: str = "fp4",
     quant_storage: torch.dtype = torch.uint8,
 ) -> tuple[torch.Tensor, QuantState]:
-    """Quantize ``A`` blockwise to 4 bits: returns (packed [(ceil(n/2)/itemsize), 1] in quant_storage, QuantState)."""
+    """Quantize ``A`` blockwise to 4 bits: returns (packed [(ceil(n/2)/itemsize), 1] in quant_storage, QuantState).
+    The statistics never require grad (``A`` is read detached, as a frozen weight's values)."""
     _check_input(A)
+    A = A.detach()
+    check_flag(compress_statistics, "compress_statistics")
     blocksize = as_blocksize(64 if blocksize is None else blocksize)
     check_quant_type(quant_type)
     check_quant_storage(quant_storage)

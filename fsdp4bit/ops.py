@@ -28,6 +28,7 @@ import torch
 
 from . import kernels, reference
 from .codebooks import (
+    check_blockwise_blocksize,
     check_float_dtype,
     check_quant_type,
     check_shape,
@@ -86,8 +87,7 @@ def _check_matmul(A: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tens
 def _check_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> None:
     """What 8-bit blockwise quantization needs on every path: a positive int blocksize and the code on A's device
     (the native kernels check the same, and more: the reference takes any code table)."""
-    if isinstance(blocksize, bool) or not isinstance(blocksize, (int, torch.SymInt)) or blocksize < 1:
-        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+    check_blockwise_blocksize(blocksize)
     if code.device != A.device:
         raise ValueError(f"code is on {code.device}, A on {A.device}")
 

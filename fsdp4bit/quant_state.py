@@ -221,7 +221,7 @@ class QuantState:
                 raise ValueError(f"quant-state entry {k!r} must be a tensor, got {type(v).__name__}")
         check_quant_type(meta["quant_type"])
         check_blocksize(meta["blocksize"])
-        if meta["dtype"] not in _DTYPES:
+        if not isinstance(meta["dtype"], str) or meta["dtype"] not in _DTYPES:
             raise ValueError(f"quant-state dtype must be one of {sorted(_DTYPES)}, got {meta['dtype']!r}")
         shape = meta["shape"]
         if (
@@ -234,14 +234,16 @@ class QuantState:
             check_blocksize(meta["nested_blocksize"], "nested_blocksize")
         nested_absmax = tensors["nested_absmax"] if nested else None
         check_stats_counts(tensors["absmax"], nested_absmax, shape, meta["blocksize"], meta.get("nested_blocksize"))
-        if tensors["quant_map"].numel() != 16:
-            raise ValueError(f"quant_map must have 16 entries, got {tensors['quant_map'].numel()}")
+        for key, entries in (("quant_map", 16), ("nested_quant_map", 256)):
+            table = tensors.get(key)
+            if table is not None and (table.numel() != entries or table.dtype != torch.float32):
+                raise ValueError(
+                    f"{key} must be a float32 table of {entries} entries, got {table.dtype} with {table.numel()}"
+                )
         state2 = offset = None
         if nested:
-            if meta["nested_dtype"] not in _DTYPES:
+            if not isinstance(meta["nested_dtype"], str) or meta["nested_dtype"] not in _DTYPES:
                 raise ValueError(f"nested_dtype must be one of {sorted(_DTYPES)}, got {meta['nested_dtype']!r}")
-            if tensors["nested_quant_map"].numel() != 256:
-                raise ValueError(f"nested_quant_map must have 256 entries, got {tensors['nested_quant_map'].numel()}")
             if tensors["absmax"].dtype != torch.uint8:
                 raise ValueError(f"double-quantized absmax must be uint8, got {tensors['absmax'].dtype}")
             nested_offset = meta["nested_offset"]

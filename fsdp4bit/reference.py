@@ -74,7 +74,8 @@ def absmax_mean(absmax: torch.Tensor) -> torch.Tensor:
 def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
     """Inverse of :func:`quantize_blockwise`, in float32: code[q] * absmax[block]."""
     vals = code[q.reshape(-1).long()]
-    return vals * absmax.repeat_interleave(blocksize)[: vals.numel()]
+    # a blocksize past the value count means one block: repeating it blocksize times would allocate for nothing
+    return vals * absmax.repeat_interleave(min(blocksize, max(vals.numel(), 1)))[: vals.numel()]
 
 
 def absmax_float32(

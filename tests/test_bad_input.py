@@ -279,13 +279,20 @@ def test_checkpoint_load_of_another_shape_with_the_same_bytes_raises(tmp_path):
     before = _snapshot(target)
     with raises(
         ValueError,
-        "checkpoint entry 'weight.quant_state.bitsandbytes__nf4' describes a 4-bit weight of shape "
-        "[16, 64], the model's is [32, 32]",
+        "checkpoint entry 'weight.quant_state.bitsandbytes__nf4' describes a 4-bit weight with shape "
+        "[16, 64], the model's has [32, 32]",
     ):
         checkpoint.load(target, tmp_path / "ckpt")
     assert _unchanged(target, before)
-    with raises(ValueError, "checkpoint entry 'weight' has shape (512, 1), the model's has (1024, 1)"):
+    with raises(
+        ValueError,
+        "checkpoint entry 'weight.quant_state.bitsandbytes__nf4' describes a 4-bit weight with shape "
+        "[16, 64], the model's has [32, 64]",
+    ):
         checkpoint.load(_layer(bias=False), tmp_path / "ckpt")
+    checkpoint.save(_layer(out_features=16, bias=False, quant_storage=torch.float16), tmp_path / "ckpt16")
+    with raises(ValueError, "checkpoint entry 'weight' has shape (256, 1), the model's has (512, 1)"):
+        checkpoint.load(_layer(out_features=16, bias=False), tmp_path / "ckpt16")
 
 
 # ------------------------------------------------------------------------------ loading.materialize / load_sharded
@@ -542,3 +549,61 @@ def test_malformed_quant_state_fields_raise_clearly():
         F.dequantize_4bit(packed, s)
     s.shape = (32, 64)  # a plain tuple is a shape too
     assert torch.equal(F.dequantize_4bit(packed, s), F.dequantize_4bit(packed, state))
+
+
+def test_statistics_of_a_weight_that_requires_grad_are_plain(path):
+    """A Parameter (or any tensor requiring grad) quantizes as its values: no autograd history in the state."""
+    for A in (torch.nn.Parameter(torch.randn(32, 64)), torch.randn(32, 64, requires_grad=True)):
+        packed, state = F.quantize_4bit(A, quant_type="nf4", compress_statistics=True)
+        tensors = (packed, state.absmax, state.code, state.offset, state.state2.absmax, state.state2.code)
+        assert not any(t.requires_grad for t in tensors)
+        assert not F.dequantize_4bit(packed, state).requires_grad
+        copy.deepcopy(state)
+        q, bstate = F.quantize_blockwise(A)
+        assert not q.requires_grad and not bstate.absmax.requires_grad
+
+
+def test_blockwise_arguments_are_checked(path):
+    x = torch.linspace(-1, 1, 100)
+    with raises(ValueError, f"blocksize must be a positive int up to 2**31 - 1, got {2**63 - 1}"):
+        F.quantize_blockwise(x, blocksize=2**63 - 1)
+    with raises(TypeError, "code must be a torch.Tensor (a 1-D float table, e.g. get_dynamic_map()), got list"):
+        F.quantize_blockwise(x, code=[0.0] * 256)
+    with raises(ValueError, "code must be a 1-D floating-point table, got a torch.float32 tensor of shape (16, 16)"):
+        F.quantize_blockwise(x, code=F.get_dynamic_map().view(16, 16))
+    q, _ = F.quantize_blockwise(x, blocksize=64)
+    with raises(ValueError, "quant_state.code must have 256 entries (an 8-bit blockwise state), got 16"):
+        F.dequantize_blockwise(q, F.quantize_4bit(x)[1])
+    # one block: the reference repeats the one absmax per value, not per blocksize
+    values = F.dequantize_blockwise(q, absmax=torch.ones(1), blocksize=2**30)
+    assert torch.equal(values, F.get_dynamic_map()[q.long()])
+
+
+def test_matmul_state_fields_are_checked_before_the_operator(path):
+    _, packed, state = _weight()
+    s = copy.deepcopy(state)
+    s.quant_type = None
+    with raises(ValueError, "quant_type must be one of ('fp4', 'nf4'), got None"):
+        bnb.matmul_4bit(_x(4), packed, s)
+    packed3, state3 = F.quantize_4bit(torch.randn(2, 32, 64))
+    with raises(ValueError, "matmul_4bit needs a 2-D (out_features, in_features) 4-bit weight, got shape (2, 32, 64)"):
+        bnb.matmul_4bit(_x(4), packed3, state3)
+    with raises(TypeError, "bias must be a floating-point tensor, got torch.int64"):
+        bnb.matmul_4bit(_x(4), packed, state, bias=torch.zeros(32, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("key", ["dtype", "nested_dtype"])
+def test_from_dict_checks_dtype_names(key):
+    from fsdp4bit.quant_state import pack_dict_to_tensor, unpack_tensor_to_dict
+
+    _, _, state = _weight(nested=True)
+    d = state.as_dict(packed=True)
+    blob = "quant_state.bitsandbytes__nf4"
+    meta = unpack_tensor_to_dict(d[blob])
+    meta[key] = ["float32"]
+    label = "quant-state dtype" if key == "dtype" else "nested_dtype"
+    with raises(ValueError, f"{label} must be one of ['bfloat16', 'float16', 'float32'], got ['float32']"):
+        QuantState.from_dict({**d, blob: pack_dict_to_tensor(meta)}, "cpu")
+    d["quant_map"] = d["quant_map"].long()
+    with raises(ValueError, "quant_map must be a float32 table of 16 entries, got torch.int64 with 16"):
+        QuantState.from_dict(d, "cpu")

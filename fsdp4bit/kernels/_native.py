@@ -19,6 +19,7 @@ from ..codebooks import (
     BLOCKSIZES,
     QUANT_TYPES,
     check_blocksize,
+    check_blockwise_blocksize,
     check_float_dtype,
     check_quant_type,
     get_4bit_code,
@@ -154,8 +155,7 @@ class NativeOps:
         return self.ext.quantize_4bit(A.contiguous(), int(blocksize), mids, enc, code)
 
     def _check_blockwise(self, A: torch.Tensor, code: torch.Tensor, blocksize: int, offset: torch.Tensor | None):
-        if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize < 1:
-            raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+        check_blockwise_blocksize(blocksize)
         if A.dtype != torch.float32:
             raise TypeError(f"A must be float32, got {A.dtype}")
         if code.dtype != torch.float32 or code.numel() != 256:
