@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -86,26 +88,50 @@ def _recover(path: str) -> None:
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
+def _on_rank0(step: Callable[[], Any]) -> Any:
+    """``step()`` on rank 0 only, its result given to every rank. An exception there is raised on every rank (rank
+    0's own, a RuntimeError naming it elsewhere): the other ranks would otherwise wait for rank 0 at the next
+    collective until the process group timed out."""
+    result, error = None, None
+    if _rank() == 0:
+        try:
+            result = step()
+        except Exception as err:  # a KeyboardInterrupt stops the job anyway
+            error = err
+    message = None
+    if dist.is_initialized():
+        box = [result, None if error is None else f"{type(error).__name__}: {error}"]
+        dist.broadcast_object_list(box, src=0)
+        result, message = box
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RuntimeError(f"checkpoint: rank 0 failed: {message}")
+    return result
+
+
 def save(model: nn.Module, path: str | os.PathLike) -> None:
     """Write ``model``'s state with DCP into ``path`` atomically: a temporary folder renamed into place at the end.
-    An existing ``path`` must be a checkpoint folder (or an empty one), which is replaced. A failed write leaves
-    the previous checkpoint as it was and removes its temporary folder; a crash between the two renames that swap
-    the folders leaves the old checkpoint at ``.NAME.old``, which :func:`load` reads and the next save restores."""
+    An existing ``path`` must be a checkpoint folder (or an empty one), which is replaced; missing parent folders are
+    made. A failed write leaves the previous checkpoint as it was and removes its temporary folder; a crash between
+    the two renames that swap the folders leaves the old checkpoint at ``.NAME.old``, which :func:`load` reads and
+    the next save restores. What only rank 0 does (checks, folders, renames) raises on every rank if it fails."""
     _check_model(model)
     path = _checkpoint_path(path)
     parent = _parent(path)
-    token = ["", ""]
-    if _rank() == 0:
+
+    def prepare() -> tuple[str, str]:
+        os.makedirs(parent, exist_ok=True)
         _recover(path)
-        token = [uuid.uuid4().hex, _save_target_problem(path)]
-    if dist.is_initialized():
-        dist.broadcast_object_list(token, src=0)
-    if token[1]:
-        raise ValueError(token[1])
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{token[0]}")
-    if _rank() == 0:
-        os.makedirs(tmp, exist_ok=False)
-    _barrier()
+        problem = _save_target_problem(path)
+        tmp = "" if problem else os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+        if tmp:
+            os.makedirs(tmp, exist_ok=False)
+        return tmp, problem
+
+    tmp, problem = _on_rank0(prepare)
+    if problem:
+        raise ValueError(problem)
     try:
         dcp.save(model.state_dict(), checkpoint_id=tmp)
     except BaseException:  # DCP's CheckpointException is a BaseException: every rank raises it
@@ -113,7 +139,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     _barrier()
-    if _rank() == 0:
+
+    def swap_in() -> None:
         backup = None
         if os.path.exists(path):
             backup = _backup(path)
@@ -126,7 +153,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-    _barrier()
+
+    _on_rank0(swap_in)
 
 
 def load(model: nn.Module, path: str | os.PathLike) -> None:

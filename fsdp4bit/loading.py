@@ -91,7 +91,11 @@ def _load_linear4bit(
             quant_type=template.quant_type,
             quant_storage=template.quant_storage,
         ).to(device)
-    bias = None if layer.bias is None else _read(prefix + "bias", read, keys, tuple(layer.bias.shape)).to(device)
+    bias = (
+        None
+        if layer.bias is None
+        else _read(prefix + "bias", read, keys, tuple(layer.bias.shape)).to(device, layer.bias.dtype)
+    )
     layer.weight = weight
     if bias is not None:
         layer.bias = nn.Parameter(bias, requires_grad=layer.bias.requires_grad)

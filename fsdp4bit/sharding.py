@@ -51,8 +51,13 @@ def shard_layout(words: int, world: int, itemsize: int, blocksize: int, nblocks:
     return chunk, tuple(rows), tuple(blocks), max_blocks
 
 
+_NOT_QUANTIZED = "fully_shard needs quantized Params4bit weights: call .to(device) on the module first"
+
+
 def _layout_of(param, world: int) -> tuple:
     state = param.quant_state
+    if state is None:  # torch's fully_shard (e.g. through accelerate) does not check what shard_model checks
+        raise RuntimeError(_NOT_QUANTIZED)
     itemsize = param.dtype.itemsize
     nblocks = -(-state.numel // state.blocksize)
     return shard_layout(total_words(state, itemsize), world, itemsize, state.blocksize, nblocks)
@@ -62,7 +67,7 @@ def _padded_owned_absmax(param, world: int, rank: int, layout: tuple | None = No
     """This rank's owned absmax, checked against the block layout and zero-padded to the largest owned count."""
     state = param.quant_state
     if state is None:
-        raise RuntimeError("fully_shard needs quantized Params4bit weights: call .to(device) on the module first")
+        raise RuntimeError(_NOT_QUANTIZED)
     _, _, blocks, max_blocks = layout if layout is not None else _layout_of(param, world)
     lo, hi = blocks[rank]
     if state.absmax.numel() != hi - lo:
@@ -247,6 +252,35 @@ def _fsdp_options(mesh, mp_policy, reshard_after_forward: bool, cpu_offload: boo
     return options
 
 
+def _check_shard_args(model: object, mesh: object, mp_policy: object) -> None:
+    """TypeError for a model, mesh or policy that fully_shard would fail on later with an AttributeError."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if mesh is not None and not isinstance(mesh, DeviceMesh):
+        raise TypeError(
+            f"mesh must be a torch.distributed.device_mesh.DeviceMesh or None (the default: every rank), got "
+            f"{type(mesh).__name__}"
+        )
+    if mp_policy is not None and not isinstance(mp_policy, MixedPrecisionPolicy):
+        raise TypeError(
+            f"mp_policy must be a torch.distributed.fsdp.MixedPrecisionPolicy or None, got {type(mp_policy).__name__} "
+            f"{mp_policy!r}"
+        )
+
+
+def _block_types(block_types: object) -> tuple[type, ...] | None:
+    """``block_types`` as a tuple of module classes (a list or a single class is taken too), or None."""
+    if block_types is None:
+        return None
+    types = (block_types,) if isinstance(block_types, type) else block_types
+    if not isinstance(types, (tuple, list)) or not all(isinstance(t, type) for t in types):
+        raise TypeError(f"block_types must be a tuple of torch.nn.Module classes or None, got {block_types!r}")
+    return tuple(types)
+
+
 def shard_module(
     module: nn.Module,
     *,
@@ -259,6 +293,7 @@ def shard_module(
     lets a loader shard each block as soon as it is loaded."""
     from torch.distributed.fsdp import fully_shard
 
+    _check_shard_args(module, mesh, mp_policy)
     check_shardable(module)
     fully_shard(module, **_fsdp_options(mesh, mp_policy, reshard_after_forward, cpu_offload))
     return module
@@ -278,6 +313,8 @@ def shard_model(
     (``.to(device)``) first; every weight is checked before anything is sharded."""
     from torch.distributed.fsdp import fully_shard
 
+    _check_shard_args(model, mesh, mp_policy)
+    block_types = _block_types(block_types)
     check_shardable(model)
     is_unit = _is_4bit if block_types is None else (lambda m: isinstance(m, block_types))
     blocks = [m for _, m in units_bottom_up(model, is_unit)]
@@ -351,6 +388,20 @@ def sharded_state_dict_entries(weight) -> tuple[torch.Tensor, QuantState]:
     return packed, gather_quant_state(weight)
 
 
+def _words_in(packed: torch.Tensor, nbytes: int, dtype: torch.dtype, words: int) -> torch.Tensor:
+    """The ``nbytes`` packed bytes of ``packed`` (any storage dtype: the same bytes) as ``words`` words of ``dtype``,
+    zero-padded as quantize_4bit pads them (ValueError where ``packed`` holds another byte count)."""
+    raw = packed.reshape(-1).view(torch.uint8)
+    if not nbytes <= raw.numel() < nbytes + packed.element_size():
+        raise ValueError(
+            f"packed weight has {raw.numel()} bytes ({packed.numel()} {packed.dtype} words), a weight of "
+            f"{2 * nbytes - 1}-{2 * nbytes} values needs {nbytes} (padded to whole words)"
+        )
+    out = torch.zeros(words * dtype.itemsize, dtype=torch.uint8, device=packed.device)
+    out[:nbytes] = raw[:nbytes]
+    return out.view(dtype)
+
+
 def load_sharded_entries(weight, packed: torch.Tensor, full_state: QuantState) -> None:
     """Copy a checkpoint's packed words (DTensor or the whole plain tensor) and whole statistics into a shard."""
     local = weight._local_tensor
@@ -366,16 +417,18 @@ def load_sharded_entries(weight, packed: torch.Tensor, full_state: QuantState) -
         )
     _, rows, blocks, _ = _layout_of(local, world)
     target = plain(local)
+    if _is_dtensor(packed) and packed.dtype != target.dtype:
+        # another quant_storage shards the same bytes at other word boundaries: gather them (every rank loads the
+        # same entries with the same dtypes, so every rank takes this collective) and take this rank's bytes
+        packed = packed.full_tensor()
     with torch.no_grad():
         if _is_dtensor(packed):
             source = packed.to_local()
             if plain(source).untyped_storage().data_ptr() != target.untyped_storage().data_ptr():
-                target.copy_(plain(source).view(target.dtype).view(target.shape))
+                target.copy_(plain(source).view(target.shape))
         else:
             lo, hi = rows[rank]
-            flat = plain(packed).reshape(-1).view(target.dtype)
-            if flat.numel() != rows[-1][1]:
-                raise ValueError(f"packed weight has {flat.numel()} words, the model's needs {rows[-1][1]}")
+            flat = _words_in(plain(packed), (full_state.numel + 1) // 2, target.dtype, rows[-1][1])
             target.copy_(flat[lo:hi].view(target.shape))
         lo, hi = blocks[rank]
         state.absmax.copy_(full_state.absmax[lo:hi].to(state.absmax.device))

@@ -82,7 +82,7 @@ def test_checkpoint_an_older_save_left_aside_comes_back(tmp_path, monkeypatch):
 
 
 def test_a_trailing_slash_names_the_same_checkpoint(tmp_path, monkeypatch):
-    """ "one/" and "one" share one backup and temporary name, so an interrupted save of "one/" never lends its backup
+    """A path with a trailing slash and one without share one backup and temporary name, so an interrupted save of "one/" never lends its backup
     to another folder's load or save."""
     old, new = _layer(0), _layer(1)
     checkpoint.save(old, f"{tmp_path}/one/")

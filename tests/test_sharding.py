@@ -163,3 +163,26 @@ def test_sharding_refuses_an_unquantized_weight():
     for shard in (sharding.shard_model, sharding.shard_module):
         with pytest.raises(ValueError, match=r"^weight is a Params4bit that is not quantized yet: call \.to\(device\)"):
             shard(layer)
+
+
+def test_failures_raise_on_every_rank_and_other_storages_load():
+    """A cross-storage sharded load is bit-exact; a save failing on rank 0 alone, or torch's fully_shard of an
+    unquantized weight, raises on every rank (the subprocess timeout would catch a rank left waiting)."""
+    report = torchrun(2, "robustness")
+    assert report["save_raised"] in ("NotADirectoryError", "FileExistsError")
+
+
+def test_shard_model_checks_its_arguments():
+    """Before fully_shard (and any process group): what would fail later with an AttributeError is a TypeError."""
+    import fsdp4bit as bnb
+    from fsdp4bit import sharding
+
+    layer = bnb.nn.Linear4bit(8, 8, quant_type="nf4", quant_storage=torch.bfloat16).to("cpu")
+    with pytest.raises(TypeError, match="^model must be a torch.nn.Module, got NoneType$"):
+        sharding.shard_model(None)
+    with pytest.raises(TypeError, match="^mp_policy must be a torch.distributed.fsdp.MixedPrecisionPolicy or None"):
+        sharding.shard_model(layer, mp_policy="bf16")
+    with pytest.raises(TypeError, match="^mesh must be a torch.distributed.device_mesh.DeviceMesh or None"):
+        sharding.shard_module(layer, mesh="world")
+    with pytest.raises(TypeError, match="^block_types must be a tuple of torch.nn.Module classes or None"):
+        sharding.shard_model(layer, block_types=["Linear4bit"])

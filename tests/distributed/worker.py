@@ -407,6 +407,56 @@ def scenario_load_meta(path: str, kind: str) -> dict:
     return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def scenario_robustness() -> dict:
+    """What fails fails on every rank, and what may load loads: a sharded load_state_dict from another quant_storage
+    (the same bytes at other word boundaries) is bit-exact; a checkpoint save whose rank-0-only steps fail raises on
+    every rank instead of leaving the others in a collective; torch's own fully_shard of a weight not quantized yet
+    raises the library's message at the first forward."""
+    from torch.distributed.fsdp import fully_shard
+
+    from fsdp4bit import checkpoint
+
+    def model(storage: torch.dtype, seed: int) -> nn.Module:
+        return nn.Sequential(
+            make_layer(7, 13, storage, "nf4", True, 64, seed), make_layer(5, 7, storage, "fp4", False, 32, seed + 1)
+        )
+
+    x = torch.randn(3, 13, device=DEVICE)
+    pairs = [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)]
+    for source_storage, target_storage in pairs:
+        source, target = shard_model(model(source_storage, 1)), shard_model(model(target_storage, 5))
+        target.load_state_dict(source.state_dict())
+        assert torch.equal(target(x), source(x)), f"{source_storage} -> {target_storage}: outputs differ"
+        for key, values in (("0.weight", 7 * 13), ("1.weight", 5 * 7)):
+            full = checkpoint.full_state_dict(source)[key], checkpoint.full_state_dict(target)[key]
+            assert torch.equal(*(w.reshape(-1).view(torch.uint8)[: (values + 1) // 2] for w in full)), key
+
+    blocker = f"/tmp/fsdp4bit_robustness_{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}"
+    if dist.get_rank() == 0:
+        with open(blocker, "w") as f:
+            f.write("a file, not a folder")
+    dist.barrier()
+    try:
+        checkpoint.save(shard_model(model(torch.float32, 9)), f"{blocker}/sub/ckpt")
+    except (OSError, RuntimeError) as err:
+        raised = type(err).__name__
+    else:
+        raise AssertionError("a save under a file did not raise")
+    dist.barrier()
+    if dist.get_rank() == 0:
+        os.remove(blocker)
+
+    layer = bnb.nn.Linear4bit(13, 7, quant_type="nf4", quant_storage=torch.bfloat16)
+    fully_shard(layer)
+    try:
+        layer(x.cpu())
+    except RuntimeError as err:
+        assert "fully_shard needs quantized Params4bit weights" in str(err), err
+    else:
+        raise AssertionError("a forward of an unquantized sharded weight did not raise")
+    return {"save_raised": raised}
+
+
 def main() -> int:
     if DEVICE.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
