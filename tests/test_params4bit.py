@@ -11,6 +11,7 @@ import re
 
 import pytest
 import torch
+from helpers import get_available_devices, skip_if_no_device
 
 import fsdp4bit.functional as F
 from fsdp4bit.nn import Linear4bit, Params4bit
@@ -19,9 +20,11 @@ from fsdp4bit.tensor_ops import plain
 STORAGES = [torch.uint8, torch.float16, torch.bfloat16, torch.float32]
 
 
-def _quantized(quant_storage: torch.dtype = torch.uint8, seed: int = 0, bias: bool = True) -> Linear4bit:
+def _quantized(
+    quant_storage: torch.dtype = torch.uint8, seed: int = 0, bias: bool = True, device: str = "cpu"
+) -> Linear4bit:
     torch.manual_seed(seed)
-    return Linear4bit(64, 8, bias=bias, quant_type="nf4", quant_storage=quant_storage).to("cpu")
+    return Linear4bit(64, 8, bias=bias, quant_type="nf4", quant_storage=quant_storage).to(device)
 
 
 def _words(layer: Linear4bit) -> torch.Tensor:
@@ -40,17 +43,19 @@ def _values(layer: Linear4bit) -> torch.Tensor:
         lambda w: w.data.fill_(1.0),
         lambda w: w.data.clamp_(0, 3),
         lambda w: w.data.abs_(),
-        lambda w: w.data.masked_fill_(torch.ones(w.shape, dtype=torch.bool), 1.0),
+        lambda w: w.data.masked_fill_(torch.ones(w.shape, dtype=torch.bool, device=w.device), 1.0),
         lambda w: torch.nn.init.normal_(w),
         lambda w: torch.nn.init.uniform_(w),
         lambda w: torch.add(w, 1, out=w),
-        lambda w: w.data.copy_(torch.randn(w.shape, dtype=torch.float64)),
+        lambda w: w.data.copy_(torch.randn(w.shape, dtype=torch.float64, device=w.device)),
         lambda w: w.data.mul_(2),
     ],
     ids=["zero_", "fill_", "clamp_", "abs_", "masked_fill_", "normal_", "uniform_", "out=", "copy_float", "mul_"],
 )
-def test_writes_into_quantized_words_raise(quant_storage, op):
-    layer = _quantized(quant_storage)
+@pytest.mark.parametrize("device", get_available_devices())
+def test_writes_into_quantized_words_raise(device, quant_storage, op):
+    skip_if_no_device(device)
+    layer = _quantized(quant_storage, device=device)
     words = _words(layer)
     with torch.no_grad(), pytest.raises(TypeError, match="quantized Params4bit"):
         op(layer.weight)
@@ -137,11 +142,13 @@ def test_unmerge_of_a_delta_cast_to_uint8_storage_raises():
     assert torch.equal(_words(layer), words)
 
 
-def test_load_state_dict_copies_and_assign_adopts():
-    source = _quantized(seed=0)
-    x = torch.randn(2, 64)
+@pytest.mark.parametrize("device", get_available_devices())
+def test_load_state_dict_copies_and_assign_adopts(device):
+    skip_if_no_device(device)
+    source = _quantized(seed=0, device=device)
+    x = torch.randn(2, 64, device=device)
     copied, adopted = Linear4bit(64, 8, quant_type="nf4"), Linear4bit(64, 8, quant_type="nf4")
-    copied.load_state_dict(source.state_dict())
+    copied.to(device).load_state_dict(source.state_dict())
     adopted.load_state_dict(source.state_dict(), assign=True)
     assert copied.weight.data_ptr() != source.weight.data_ptr()
     assert copied.weight.absmax.data_ptr() != source.weight.absmax.data_ptr()
@@ -150,7 +157,7 @@ def test_load_state_dict_copies_and_assign_adopts():
     assert torch.equal(copied(x), source(x)) and torch.equal(adopted(x), source(x))
     y = source(x)
     with torch.no_grad():
-        copied.weight.data += 0.1 * torch.randn(8, 64)
+        copied.weight.data += 0.1 * torch.randn(8, 64, device=device)
     assert torch.equal(source(x), y)
 
 
