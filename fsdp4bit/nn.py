@@ -748,8 +748,11 @@ class Linear4bit(nn.Linear):
             elif self.bias is not None and strict:
                 missing_keys.append(bias_key)
             return
-        device = self.weight.device if self.weight.device.type != "meta" else state_dict[weight_key].device
         data = state_dict[weight_key]
+        # assign adopts the checkpoint's tensors where they are (as nn.Module's assign does); a load copies them to
+        # the layer's device (the checkpoint's for a layer on the meta device)
+        adopt_device = assign or self.weight.device.type == "meta"
+        device = getattr(data, "device", self.weight.device) if adopt_device else self.weight.device
         if not assign:  # the layer owns copies, as nn.Module's load copies into its own tensors
             data = data.to(device, copy=True) if isinstance(data, torch.Tensor) else data
             stats = {k: v.to(device, copy=True) if isinstance(v, torch.Tensor) else v for k, v in stats.items()}
