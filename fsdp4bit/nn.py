@@ -332,11 +332,6 @@ class Params4bit(nn.Parameter):
     def is_shared(self) -> bool:
         return self._data.is_shared()
 
-    def requires_grad_(self, requires_grad: bool = True) -> Params4bit:
-        """Only ``requires_grad_(False)``: a 4-bit weight is frozen (no gradient reaches its words)."""
-        _check_frozen(requires_grad)
-        return super().requires_grad_(False)
-
     def __repr__(self) -> str:
         kind = f"{self.quant_type}, quantized" if self.bnb_quantized else f"{self.quant_type}, not quantized yet"
         return f"Params4bit({kind}, shape={tuple(self.shape)}, dtype={self.dtype}, state={self.quant_state})"

@@ -211,6 +211,11 @@ def check_shardable(module: nn.Module) -> None:
     for name, param in module.named_parameters():
         if isinstance(param, Params4bit) and param.quant_state is None:
             raise ValueError(f"{name} is a Params4bit that is not quantized yet: call .to(device) before sharding it")
+        if isinstance(param, Params4bit) and param.requires_grad:
+            raise ValueError(
+                f"{name} is a Params4bit that requires grad: a 4-bit weight is frozen (no gradient reaches its words; "
+                "train adapters such as LoRA on top of it): call requires_grad_(False) on it before sharding"
+            )
         if isinstance(param, Params4bit) and not param.dtype.is_floating_point and not fsdp_supports_integer_params():
             raise ValueError(
                 f"{name} has quant_storage={param.dtype}, but this torch ({torch.__version__}) FSDP2 cannot shard "

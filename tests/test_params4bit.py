@@ -209,16 +209,6 @@ def test_share_memory_moves_words_and_statistics(quantize):
         assert torch.equal(layer(x), y)
 
 
-def test_the_weight_stays_frozen():
-    layer = _quantized(torch.float32)
-    with pytest.raises(ValueError, match="requires_grad must be False"):
-        layer.weight.requires_grad_(True)
-    with pytest.raises(ValueError, match="requires_grad must be False"):
-        layer.requires_grad_(True)
-    layer.requires_grad_(False)
-    assert not layer.weight.requires_grad
-
-
 @pytest.mark.parametrize("value", ["yes", 1, None])
 def test_compress_statistics_must_be_a_bool(value):
     message = re.escape(f"compress_statistics must be a bool (True or False), got {type(value).__name__} {value!r}")

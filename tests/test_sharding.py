@@ -186,3 +186,7 @@ def test_shard_model_checks_its_arguments():
         sharding.shard_module(layer, mesh="world")
     with pytest.raises(TypeError, match="^block_types must be a tuple of torch.nn.Module classes or None"):
         sharding.shard_model(layer, block_types=["Linear4bit"])
+    trainable = bnb.nn.Linear4bit(8, 8, quant_type="nf4", quant_storage=torch.float32).to("cpu")
+    trainable.requires_grad_(True)  # the words take no gradient: refused before FSDP2's cryptic view error
+    with pytest.raises(ValueError, match="^weight is a Params4bit that requires grad: a 4-bit weight is frozen"):
+        sharding.shard_model(trainable)
