@@ -120,18 +120,22 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     path = _checkpoint_path(path)
     parent = _parent(path)
 
+    def tmp_for(token: str) -> str:  # each rank's own spelling of the folder (its own view of the path)
+        return os.path.join(parent, f".{os.path.basename(path)}.tmp-{token}")
+
     def prepare() -> tuple[str, str]:
         os.makedirs(parent, exist_ok=True)
         _recover(path)
         problem = _save_target_problem(path)
-        tmp = "" if problem else os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
-        if tmp:
-            os.makedirs(tmp, exist_ok=False)
-        return tmp, problem
+        token = "" if problem else uuid.uuid4().hex
+        if token:
+            os.makedirs(tmp_for(token), exist_ok=False)
+        return token, problem
 
-    tmp, problem = _on_rank0(prepare)
+    token, problem = _on_rank0(prepare)
     if problem:
         raise ValueError(problem)
+    tmp = tmp_for(token)
     try:
         dcp.save(model.state_dict(), checkpoint_id=tmp)
     except BaseException:  # DCP's CheckpointException is a BaseException: every rank raises it
@@ -173,7 +177,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> None:
     saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     missing = [key for key in state if key not in saved]
     if missing:
-        raise ValueError(f"checkpoint {path!r} has no entries {missing}")
+        raise ValueError(f"checkpoint {path!r} has no entries {missing}{_format_hint(missing, saved)}")
     blobs = {key: torch.empty(saved[key].size, dtype=torch.uint8) for key in state if _is_blob(key)}
     if blobs:  # first the small JSON entries, at their saved lengths: their layouts must be the model's
         dcp.load(blobs, checkpoint_id=path)
@@ -185,8 +189,9 @@ def load(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 def _check_entries(state: dict, saved: dict) -> None:
-    """Every tensor of ``state`` has the checkpoint's shape and dtype (the JSON entries' lengths aside): DCP would
-    cast another dtype's values into the model's tensors, which rewrites packed 4-bit words."""
+    """Every tensor of ``state`` has the checkpoint's shape (the JSON entries' lengths aside), and every packed 4-bit
+    weight its dtype: DCP casts another dtype's values into the model's tensors, which is right for float parameters
+    and rewrites packed words."""
     for key, value in state.items():
         if not isinstance(value, torch.Tensor) or _is_blob(key):
             continue
@@ -194,18 +199,35 @@ def _check_entries(state: dict, saved: dict) -> None:
         if size is not None and size != value.shape:
             raise ValueError(f"checkpoint entry {key!r} has shape {tuple(size)}, the model's has {tuple(value.shape)}")
         dtype = getattr(getattr(saved[key], "properties", None), "dtype", None)
-        if dtype is not None and dtype != value.dtype:
-            packed = any(other.startswith(f"{key}.quant_state.bitsandbytes__") for other in state)
-            hint = (
-                " (a 4-bit weight's dtype is its quant_storage: build the model with the checkpoint's)"
-                if packed
-                else ""
+        packed = any(other.startswith(f"{key}.quant_state.bitsandbytes__") for other in state)
+        if packed and dtype is not None and dtype != value.dtype:
+            raise ValueError(
+                f"checkpoint entry {key!r} has dtype {dtype}, the model's has {value.dtype} (a 4-bit weight's dtype "
+                "is its quant_storage: build the model with the checkpoint's)"
             )
-            raise ValueError(f"checkpoint entry {key!r} has dtype {dtype}, the model's has {value.dtype}{hint}")
+
+
+def _format_hint(missing: list[str], saved: dict) -> str:
+    """Why a 4-bit weight's entries are missing, where the checkpoint holds that weight in another format."""
+    hints = []
+    for key in missing:
+        weight, blob, quant_type = key.partition(".quant_state.bitsandbytes__")
+        if blob:
+            theirs = [k.rsplit("__", 1)[1] for k in saved if k.startswith(weight + blob)]
+            if theirs:
+                hints.append(f"the checkpoint's 4-bit weight {weight!r} is {theirs[0]}, the model's {quant_type}")
+        elif key.endswith((".nested_absmax", ".nested_quant_map")):
+            weight = key.rsplit(".", 1)[0]
+            if weight + ".absmax" in saved:
+                hints.append(
+                    f"the checkpoint's 4-bit weight {weight!r} has no double quantization (compress_statistics=False), "
+                    "the model's has"
+                )
+    return f" ({'; '.join(dict.fromkeys(hints))})" if hints else ""
 
 
 # What a 4-bit weight's JSON entry says of its layout (its dtypes and the double-quant offset are values it loads)
-_LAYOUT_KEYS = ("quant_type", "blocksize", "shape", "nested_blocksize")
+_LAYOUT_KEYS = ("blocksize", "shape", "nested_blocksize")  # the quant type is in the entry's key
 
 
 def _check_layouts(state: dict, blobs: dict) -> None:
@@ -214,6 +236,12 @@ def _check_layouts(state: dict, blobs: dict) -> None:
     the checkpoint has and ``load_state_dict`` cannot fail after DCP has written into the model."""
     for key, blob in blobs.items():
         ours, theirs = unpack_tensor_to_dict(plain(state[key]), key), unpack_tensor_to_dict(blob, key)
+        if (ours.get("nested_blocksize") is None) != (theirs.get("nested_blocksize") is None):
+            raise ValueError(
+                f"checkpoint entry {key!r} describes a 4-bit weight with double quantization "
+                f"(compress_statistics={theirs.get('nested_blocksize') is not None}), the model's has "
+                f"compress_statistics={ours.get('nested_blocksize') is not None}"
+            )
         for field in _LAYOUT_KEYS:
             if ours.get(field) != theirs.get(field):
                 raise ValueError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 from typing import Any
 
 import torch
@@ -54,6 +55,14 @@ class _StorageMeta:
 _INNER_STATS = ("_qs_absmax", "_qs_code", "_qs_nested_absmax", "_qs_nested_code", "_qs_offset")
 # What a copy of a Params4bit does not take from the original's __dict__ (its own data, metadata and statistics).
 _NOT_COPIED = frozenset(("_data", "_storage_meta", *_INNER_STATS))
+
+
+def _own_copy(key: str, value: Any, device: torch.device) -> Any:
+    """A statistics entry the loading layer owns: tensors copied to ``device``; the packed JSON entry (decoded on the
+    host, never kept) as it is."""
+    if not isinstance(value, torch.Tensor) or key.split(".")[-1] not in _QS_SUFFIXES:
+        return value
+    return plain(value).to(device, copy=True)
 
 
 def _rebuild_params4bit(
@@ -295,10 +304,9 @@ class Params4bit(nn.Parameter):
             if self.bnb_quantized:
                 raise TypeError(
                     f"cannot set .data of a quantized Params4bit to a plain {value.dtype} tensor of shape "
-                    f"{tuple(value.shape)}: it would replace the packed 4-bit words without their statistics (an "
-                    "in-place op the weight refuses, such as weight.data *= x, or weight.data -= delta with a delta "
-                    "cast to the storage dtype uint8, ends here too); assign a Params4bit (module.weight = "
-                    "Params4bit(...)), load a state dict, or merge a float delta with weight.data += delta"
+                    f"{tuple(value.shape)}: it would replace the packed 4-bit words without their statistics (Python "
+                    "ends here too for an in-place op the weight refuses, e.g. weight.data *= x); assign a Params4bit, "
+                    "load a state dict, or merge a float delta with weight.data += delta"
                 )
             if not value.is_floating_point():
                 raise TypeError(
@@ -583,6 +591,16 @@ class Linear4bit(nn.Linear):
         self.quant_type = quant_type
         self.quant_storage = quant_storage
 
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialization, except of a quantized weight: its words are loaded, not initialized, and keep
+        their values (FSDP2's meta-device recipe calls this on every module after ``to_empty``); the bias is reset."""
+        weight = getattr(self, "weight", None)
+        if not (isinstance(weight, Params4bit) and weight.bnb_quantized):
+            super().reset_parameters()
+        elif self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)  # nn.Linear's bias bound (the words' shape is not the weight's)
+            nn.init.uniform_(self.bias, -bound, bound)
+
     @property
     def quant_state(self) -> QuantState | None:
         """The weight's quant state (bitsandbytes' ``Linear4bit.quant_state``); None before quantization."""
@@ -700,6 +718,7 @@ class Linear4bit(nn.Linear):
         if weight_key in state_dict and is_sharded(self.weight):
             stats = statistics_on_every_rank(self.weight, stats)
         errors = self._bias_errors(state_dict, bias_key)
+        assign = local_metadata.get("assign_to_params_buffers", False)
         if not stats:
             errors += self._plain_weight_errors(state_dict, weight_key)
             if errors:
@@ -714,62 +733,56 @@ class Linear4bit(nn.Linear):
                 # weight's place and format (float values to quantize, or the quantized weight's own words)
                 self.weight = Params4bit.wrap(plain(self.weight), old, old.quant_state, old.row_start)
             return
-        assign = local_metadata.get("assign_to_params_buffers", False)
         if weight_key not in state_dict:
             missing_keys.append(weight_key)
-            if not errors:
-                self._load_bias(state_dict, bias_key, strict, missing_keys, assign)
-            else:
-                error_msgs.extend(errors)
-            return
-        if strict:
+        elif strict:
             unexpected_keys.extend(self._unexpected_keys(state_dict, prefix, qs_keys))
-        if is_sharded(self.weight):
-            try:
-                full_state = QuantState.from_dict(stats, device=self.weight.device)
-            except (ValueError, TypeError) as err:
-                errors.append(f"while loading 4-bit weight {weight_key}: {err}")
-            if errors:
-                error_msgs.extend(errors)
-                return
-            try:
-                load_sharded_entries(self.weight, state_dict[weight_key], full_state)
-            except (ValueError, TypeError) as err:
-                error_msgs.append(f"while loading 4-bit weight {weight_key}: {err}")
-                return
-            if self.bias is not None and bias_key in state_dict:
-                with torch.no_grad():
-                    self.bias.copy_(as_like(state_dict[bias_key], self.bias))
-            elif self.bias is not None and strict:
-                missing_keys.append(bias_key)
-            return
-        data = state_dict[weight_key]
-        # assign adopts the checkpoint's tensors where they are (as nn.Module's assign does); a load copies them to
-        # the layer's device (the checkpoint's for a layer on the meta device)
-        adopt_device = assign or self.weight.device.type == "meta"
-        device = getattr(data, "device", self.weight.device) if adopt_device else self.weight.device
-        if not assign:  # the layer owns copies, as nn.Module's load copies into its own tensors
-            data = data.to(device, copy=True) if isinstance(data, torch.Tensor) else data
-            stats = {k: v.to(device, copy=True) if isinstance(v, torch.Tensor) else v for k, v in stats.items()}
-        try:
-            weight = Params4bit.from_prequantized(data, stats, device=device)
-        except (ValueError, TypeError) as err:
-            errors.append(f"while loading 4-bit weight {weight_key}: {err}")
-        else:
-            shape, expected = tuple(weight.quant_state.shape), (self.out_features, self.in_features)
-            if shape != expected:
-                errors.append(
-                    f"size mismatch for {weight_key}: the checkpoint holds a 4-bit weight of shape {shape}, "
-                    f"the shape in current model is {expected}."
-                )
+        if weight_key in state_dict and is_sharded(self.weight):
+            if not errors:  # load_sharded_entries checks everything before it writes into the shard
+                errors = self._load_sharded(weight_key, state_dict[weight_key], stats)
+        elif weight_key in state_dict:
+            weight, weight_errors = self._quantized_from(weight_key, state_dict[weight_key], stats, assign)
+            errors += weight_errors
+            if not errors:
+                self.weight = weight
+                # the layer's attributes describe the weight it now holds (the checkpoint's format may differ)
+                self.quant_type, self.compress_statistics = weight.quant_type, weight.compress_statistics
+                self.quant_storage = weight.quant_storage
         if errors:
             error_msgs.extend(errors)
             return
-        self.weight = weight
-        # the layer's attributes describe the weight it now holds (the checkpoint's format may differ)
-        self.quant_type, self.compress_statistics = weight.quant_type, weight.compress_statistics
-        self.quant_storage = weight.quant_storage
         self._load_bias(state_dict, bias_key, strict, missing_keys, assign)
+
+    def _load_sharded(self, key: str, packed: torch.Tensor, stats: dict) -> list[str]:
+        """A checkpoint's words and whole statistics into this layer's FSDP2 shard; what is wrong, else []."""
+        try:
+            load_sharded_entries(self.weight, packed, QuantState.from_dict(stats, device=self.weight.device))
+        except (ValueError, TypeError) as err:
+            return [f"while loading 4-bit weight {key}: {err}"]
+        return []
+
+    def _quantized_from(
+        self, key: str, data: torch.Tensor, stats: dict, assign: bool
+    ) -> tuple[Params4bit | None, list[str]]:
+        """(the checkpoint's 4-bit weight for this layer, what is wrong with it): copies, or under ``assign`` the
+        checkpoint's tensors where they are, as nn.Module's load and assign do."""
+        device = self.weight.device
+        if assign or device.type == "meta":
+            device = getattr(data, "device", device)
+        if not assign:  # the layer's own copies: a later in-place merge into it must not change the source
+            data = plain(data).to(device, copy=True) if isinstance(data, torch.Tensor) else data
+            stats = {k: _own_copy(k, v, device) for k, v in stats.items()}
+        try:
+            weight = Params4bit.from_prequantized(data, stats, device=device)
+        except (ValueError, TypeError) as err:
+            return None, [f"while loading 4-bit weight {key}: {err}"]
+        shape, expected = tuple(weight.quant_state.shape), (self.out_features, self.in_features)
+        if shape != expected:
+            return None, [
+                f"size mismatch for {key}: the checkpoint holds a 4-bit weight of shape {shape}, the shape in current "
+                f"model is {expected}."
+            ]
+        return weight, []
 
     def _load_bias(self, state_dict: dict, key: str, strict: bool, missing_keys: list[str], assign: bool) -> None:
         """The checkpoint's bias into the layer's (checked by ``_bias_errors``): copied, or adopted in the layer's
@@ -786,7 +799,7 @@ class Linear4bit(nn.Linear):
                 bias = bias.to(self.bias.dtype, copy=not assign)
                 self.bias = nn.Parameter(bias, requires_grad=self.bias.requires_grad)
             else:
-                self.bias.copy_(bias)
+                self.bias.copy_(as_like(bias, self.bias))  # a whole bias into a sharded one is distributed first
 
 
 class LinearNF4(Linear4bit):

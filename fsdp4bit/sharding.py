@@ -203,12 +203,26 @@ def _is_4bit(module: nn.Module) -> bool:
     return isinstance(getattr(module, "weight", None), Params4bit)
 
 
-def check_shardable(module: nn.Module) -> None:
-    """Raise ValueError for a 4-bit weight in ``module`` that FSDP2 cannot shard (not quantized yet, or integer
-    storage on a torch whose FSDP2 refuses integer parameters)."""
+def _mesh_device_type(mesh: Any) -> str:
+    """The device type fully_shard puts parameters on: the mesh's, else the current accelerator's, else the CPU."""
+    if mesh is not None:
+        return mesh.device_type
+    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    return "cpu" if accelerator is None else accelerator.type
+
+
+def check_shardable(module: nn.Module, device_type: str | None = None) -> None:
+    """Raise ValueError for a 4-bit weight in ``module`` that FSDP2 cannot shard: not quantized yet, requiring grad,
+    on another device type than ``device_type`` (FSDP2 would move it as a new Parameter that requires grad), or of
+    integer storage on a torch whose FSDP2 refuses integer parameters."""
     from .nn import Params4bit
 
     for name, param in module.named_parameters():
+        if isinstance(param, Params4bit) and device_type is not None and param.device.type not in (device_type, "meta"):
+            raise ValueError(
+                f"{name} is a 4-bit weight on {param.device}, and fully_shard puts parameters on {device_type}: move "
+                f"the model there first (model.to({device_type!r})), as FSDP2's own move would make it require grad"
+            )
         if isinstance(param, Params4bit) and param.quant_state is None:
             raise ValueError(f"{name} is a Params4bit that is not quantized yet: call .to(device) before sharding it")
         if isinstance(param, Params4bit) and param.requires_grad:
@@ -299,7 +313,7 @@ def shard_module(
     from torch.distributed.fsdp import fully_shard
 
     _check_shard_args(module, mesh, mp_policy)
-    check_shardable(module)
+    check_shardable(module, _mesh_device_type(mesh))
     fully_shard(module, **_fsdp_options(mesh, mp_policy, reshard_after_forward, cpu_offload))
     return module
 
@@ -320,7 +334,7 @@ def shard_model(
 
     _check_shard_args(model, mesh, mp_policy)
     block_types = _block_types(block_types)
-    check_shardable(model)
+    check_shardable(model, _mesh_device_type(mesh))
     is_unit = _is_4bit if block_types is None else (lambda m: isinstance(m, block_types))
     blocks = [m for _, m in units_bottom_up(model, is_unit)]
     options = _fsdp_options(mesh, mp_policy, reshard_after_forward, cpu_offload)
@@ -393,17 +407,19 @@ def sharded_state_dict_entries(weight) -> tuple[torch.Tensor, QuantState]:
     return packed, gather_quant_state(weight)
 
 
-def _words_in(packed: torch.Tensor, nbytes: int, dtype: torch.dtype, words: int) -> torch.Tensor:
-    """The ``nbytes`` packed bytes of ``packed`` (any storage dtype: the same bytes) as ``words`` words of ``dtype``,
-    zero-padded as quantize_4bit pads them (ValueError where ``packed`` holds another byte count)."""
+def _words_in(packed: torch.Tensor, nbytes: int, dtype: torch.dtype, words: tuple[int, int]) -> torch.Tensor:
+    """Words ``words`` (a [lo, hi) range) of ``dtype`` holding the ``nbytes`` packed bytes of ``packed`` (any storage
+    dtype: the same bytes), zero past them as quantize_4bit pads them (ValueError for another byte count)."""
     raw = packed.reshape(-1).view(torch.uint8)
     if not nbytes <= raw.numel() < nbytes + packed.element_size():
         raise ValueError(
             f"packed weight has {raw.numel()} bytes ({packed.numel()} {packed.dtype} words), a weight of "
             f"{2 * nbytes - 1}-{2 * nbytes} values needs {nbytes} (padded to whole words)"
         )
-    out = torch.zeros(words * dtype.itemsize, dtype=torch.uint8, device=packed.device)
-    out[:nbytes] = raw[:nbytes]
+    lo, hi = words[0] * dtype.itemsize, words[1] * dtype.itemsize
+    out = torch.zeros(hi - lo, dtype=torch.uint8, device=packed.device)
+    taken = raw[lo : min(hi, nbytes)]
+    out[: taken.numel()] = taken
     return out.view(dtype)
 
 
@@ -432,9 +448,8 @@ def load_sharded_entries(weight, packed: torch.Tensor, full_state: QuantState) -
             if plain(source).untyped_storage().data_ptr() != target.untyped_storage().data_ptr():
                 target.copy_(plain(source).view(target.shape))
         else:
-            lo, hi = rows[rank]
-            flat = _words_in(plain(packed), (full_state.numel + 1) // 2, target.dtype, rows[-1][1])
-            target.copy_(flat[lo:hi].view(target.shape))
+            words = _words_in(plain(packed), (full_state.numel + 1) // 2, target.dtype, rows[rank])
+            target.copy_(words.view(target.shape))
         lo, hi = blocks[rank]
         state.absmax.copy_(full_state.absmax[lo:hi].to(state.absmax.device))
         if state.nested:

@@ -3,8 +3,9 @@
 View-like ops (split, slice, view, as_strided, detach) and the allocation ops FSDP2 and DTensor use
 (new_zeros, new_empty, copy_, clone, _to_copy) return a Params4bit that keeps the quantization
 metadata; a slice of a quantized weight keeps the statistics of the blocks that start inside it
-(see ``sharding.owned_blocks``). Dtype conversions never touch packed bytes. Every other op runs on
-the inner tensor and returns plain tensors.
+(see ``sharding.owned_blocks``). Dtype conversions never touch packed bytes. In-place arithmetic is a LoRA merge
+or refused; any other op that would write into quantized words is refused (``refuse_word_writes``). Every other
+op runs on the inner tensor and returns plain tensors.
 """
 
 from __future__ import annotations
@@ -225,17 +226,18 @@ def _to_copy(func, args, kwargs):
     return type(src).wrap(out, src, quant_state=state, row_start=src.row_start)
 
 
-def refuse_word_writes(func, args: tuple, kwargs: dict) -> None:
+def refuse_word_writes(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> None:
     """An op without a handler here that writes into a quantized Params4bit (``zero_``, ``fill_``, ``normal_``, the
     masked and index fills, clamps, ``out=``...) would treat its packed 4-bit words as numbers and corrupt them
-    silently: TypeError. A weight not quantized yet holds float values and takes any op."""
+    silently: TypeError. A weight not quantized yet holds float values, and one on the meta device no values: they
+    take any op."""
     for i, arg in enumerate(func._schema.arguments):
         info = arg.alias_info
         if info is None or not info.is_write:
             continue
         value = args[i] if i < len(args) else kwargs.get(arg.name)
         for v in value if isinstance(value, (list, tuple)) else (value,):
-            if _is_params4bit(v) and v.bnb_quantized:
+            if _is_params4bit(v) and v.bnb_quantized and not v.is_meta:
                 raise TypeError(
                     f"{func.overloadpacket.__name__} would write into the packed 4-bit words of a quantized Params4bit "
                     "as if they were numbers, which corrupts them: dequantize (fsdp4bit.functional.dequantize_4bit), "
@@ -263,6 +265,8 @@ def _copy(func, args, kwargs):
         if state is not None and state is not dst.quant_state:
             dst.set_row_start(src.row_start)
             dst.quant_state = copy_state(state)
+            dst.blocksize, dst.quant_type = src.blocksize, src.quant_type
+            dst.compress_statistics = src.compress_statistics
     return dst
 
 
@@ -294,15 +298,17 @@ def _in_place_arithmetic(func, args, kwargs):
         return dst
     state = dst.quant_state
     other = args[1] if len(args) > 1 else None
-    merge = func in (aten.add_.Tensor, aten.sub_.Tensor) and isinstance(other, torch.Tensor)
-    if merge and not _is_params4bit(other) and not other.is_floating_point() and state is not None:
-        # not a TypeError: Python's `weight.data -= delta` would turn that into an out-of-place op on the words
+    merge = (
+        func in (aten.add_.Tensor, aten.sub_.Tensor) and isinstance(other, torch.Tensor) and not _is_params4bit(other)
+    )
+    if merge and not other.is_floating_point():
+        # a ValueError: Python turns the TypeError of `weight.data -= delta` into an out-of-place op on the words
         raise ValueError(
             f"a delta merged into a 4-bit weight must be a float tensor, got {other.dtype}: cast to the weight's "
             f"dtype ({dst.dtype}, its quant_storage) it has lost its values (peft's unmerge casts the delta so: build "
             "the layer with a float quant_storage, e.g. torch.bfloat16, to unmerge adapters)"
         )
-    if not merge or _is_params4bit(other) or not other.is_floating_point():
+    if not merge:
         raise TypeError(
             f"{func.overloadpacket.__name__} on a quantized Params4bit would change its packed 4-bit words, not its values; only "
             "weight += delta / weight -= delta with a float tensor of the weight's shape (a LoRA merge) is supported: "

@@ -133,13 +133,16 @@ def _unchanged_after_failed_load(model: Linear4bit, path, match: str) -> None:
         assert torch.equal(_bytes(after[key]), value), key
 
 
-def _built(blocksize: int = 64, compress_statistics: bool = True, quant_storage=torch.uint8) -> Linear4bit:
+def _built(
+    blocksize: int = 64, compress_statistics: bool = True, quant_storage=torch.uint8, quant_type: str = "nf4"
+) -> Linear4bit:
     layer = Linear4bit(128, 16, compress_statistics=compress_statistics, quant_storage=quant_storage)
     layer.weight = Params4bit(
         layer.weight.data.clone(),
         blocksize=blocksize,
         compress_statistics=compress_statistics,
         quant_storage=quant_storage,
+        quant_type=quant_type,
     )
     return layer.to("cpu")
 
@@ -148,7 +151,13 @@ def _built(blocksize: int = 64, compress_statistics: bool = True, quant_storage=
     ("saved", "model", "match"),
     [
         ({"quant_storage": torch.float16}, {"quant_storage": torch.bfloat16}, "dtype torch.float16, the model's has"),
-        ({}, {"compress_statistics": False}, "nested_blocksize 256, the model's has None"),
+        (
+            {},
+            {"compress_statistics": False},
+            r"\(compress_statistics=True\), the model's has compress_statistics=False",
+        ),
+        ({"compress_statistics": False}, {}, "'weight' has no double quantization \\(compress_statistics=False\\)"),
+        ({}, {"quant_type": "fp4"}, "the checkpoint's 4-bit weight 'weight' is nf4, the model's fp4"),
         ({"blocksize": 128}, {}, "blocksize 128, the model's has 64"),
     ],
 )
@@ -159,3 +168,25 @@ def test_load_of_another_layout_raises_before_anything_loads(tmp_path, saved, mo
     checkpoint.save(_built(**saved), tmp_path / "ckpt")
     torch.manual_seed(1)
     _unchanged_after_failed_load(_built(**model), tmp_path / "ckpt", match)
+
+
+def test_float_entries_of_another_dtype_load_cast():
+    """Only packed words refuse another dtype: float parameters load cast, as DCP loads them."""
+    import tempfile
+
+    torch.manual_seed(0)
+    source = torch.nn.Sequential(_built(), torch.nn.LayerNorm(16))
+    target = torch.nn.Sequential(_built(), torch.nn.LayerNorm(16)).to(torch.bfloat16)
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint.save(source, f"{folder}/ckpt")
+        checkpoint.load(target, f"{folder}/ckpt")
+    assert torch.equal(target[1].weight, source[1].weight.to(torch.bfloat16))
+    assert torch.equal(target[0].bias, source[0].bias.to(torch.bfloat16))
+    assert torch.equal(F.packed_bytes(target[0].weight), F.packed_bytes(source[0].weight))
+
+
+def test_load_state_dict_of_a_keep_vars_state_dict():
+    source, target = _built(), _built(blocksize=128)
+    target.load_state_dict(source.state_dict(keep_vars=True))
+    assert torch.equal(F.packed_bytes(target.weight), F.packed_bytes(source.weight))
+    assert target.weight.data_ptr() != source.weight.data_ptr()

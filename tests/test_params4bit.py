@@ -62,12 +62,18 @@ def test_writes_into_quantized_words_raise(device, quant_storage, op):
     assert torch.equal(_words(layer), words)
 
 
-def test_reset_parameters_of_a_quantized_layer_raises_and_keeps_its_words():
-    layer = _quantized(torch.bfloat16)
-    words = _words(layer)
-    with pytest.raises(TypeError, match="uniform_ would write into the packed 4-bit words"):
-        layer.reset_parameters()
-    assert torch.equal(_words(layer), words)
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_reset_parameters_of_a_quantized_layer_keeps_its_words(device):
+    """FSDP2's meta-device recipe (to_empty, then reset_parameters on every module) must not write the words."""
+    layer = _quantized(torch.bfloat16).to(device)
+    words = None if device == "meta" else _words(layer)
+    layer.reset_parameters()
+    assert layer.bias.abs().max() <= 1 / 8 if device == "cpu" else layer.bias.is_meta
+    if words is not None:
+        assert torch.equal(_words(layer), words)
+    if device == "meta":
+        with torch.no_grad():
+            torch.nn.init.uniform_(layer.weight)  # no values on the meta device: nothing to corrupt, no refusal
 
 
 def test_a_weight_not_quantized_yet_takes_any_op():
@@ -87,6 +93,11 @@ def test_words_of_the_same_dtype_copy_raw():
         target.weight.copy_(source.weight)
     assert torch.equal(_words(target), _words(source))
     assert torch.equal(_values(target), _values(source))
+    fp4 = Linear4bit(64, 8, quant_type="fp4", compress_statistics=False).to("cpu")
+    with torch.no_grad():
+        target.weight.copy_(fp4.weight)  # the words bring their statistics and format
+    assert (target.weight.quant_type, target.weight.compress_statistics) == ("fp4", False)
+    assert torch.equal(_values(target), _values(fp4))
 
 
 def test_data_of_a_weight_not_quantized_yet_is_what_gets_quantized():

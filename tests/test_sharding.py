@@ -190,3 +190,7 @@ def test_shard_model_checks_its_arguments():
     trainable.requires_grad_(True)  # the words take no gradient: refused before FSDP2's cryptic view error
     with pytest.raises(ValueError, match="^weight is a Params4bit that requires grad: a 4-bit weight is frozen"):
         sharding.shard_model(trainable)
+    # a CPU weight bound for an accelerator mesh: FSDP2 would move it as a new Parameter that requires grad
+    with pytest.raises(ValueError, match=r"^weight is a 4-bit weight on cpu, and fully_shard puts parameters on cuda"):
+        sharding.check_shardable(layer, "cuda")
+    sharding.check_shardable(layer, "cpu")
