@@ -218,23 +218,25 @@ def check_shardable(module: nn.Module, device_type: str | None = None) -> None:
     from .nn import Params4bit
 
     for name, param in module.named_parameters():
-        if isinstance(param, Params4bit) and device_type is not None and param.device.type not in (device_type, "meta"):
-            raise ValueError(
-                f"{name} is a 4-bit weight on {param.device}, and fully_shard puts parameters on {device_type}: move "
-                f"the model there first (model.to({device_type!r})), as FSDP2's own move would make it require grad"
-            )
-        if isinstance(param, Params4bit) and param.quant_state is None:
+        if not isinstance(param, Params4bit):
+            continue
+        if param.quant_state is None:
             raise ValueError(f"{name} is a Params4bit that is not quantized yet: call .to(device) before sharding it")
-        if isinstance(param, Params4bit) and param.requires_grad:
+        if param.requires_grad:
             raise ValueError(
                 f"{name} is a Params4bit that requires grad: a 4-bit weight is frozen (no gradient reaches its words; "
                 "train adapters such as LoRA on top of it): call requires_grad_(False) on it before sharding"
             )
-        if isinstance(param, Params4bit) and not param.dtype.is_floating_point and not fsdp_supports_integer_params():
+        if not param.dtype.is_floating_point and not fsdp_supports_integer_params():
             raise ValueError(
                 f"{name} has quant_storage={param.dtype}, but this torch ({torch.__version__}) FSDP2 cannot shard "
                 "integer parameters (it marks every shard requires_grad=True). Use quant_storage=torch.bfloat16 "
                 "(the packed bytes are identical) or torch >= 2.13."
+            )
+        if device_type is not None and param.device.type not in (device_type, "meta"):
+            raise ValueError(
+                f"{name} is a 4-bit weight on {param.device}, and fully_shard puts parameters on {device_type}: move "
+                f"the model there first (model.to({device_type!r})), as FSDP2's own move would make it require grad"
             )
 
 
