@@ -55,7 +55,14 @@ def test_wrong_type_names_the_field(data: dict, field: str) -> None:
         ({"train": {"steps": 0}}, "train.steps"),
         ({"train": {"lr": -1.0}}, "train.lr"),
         ({"model": {"blocksize": 96}}, "model.blocksize"),
+        ({"model": {"blocksize": 8192}}, "model.blocksize"),
         ({"debug": {"mode": "maybe"}}, "debug.mode"),
+        ({"train": {"lr": float("nan")}}, "train.lr"),
+        ({"train": {"weight_decay": float("inf")}}, "train.weight_decay"),
+        ({"train": {"min_lr_ratio": 5.0}}, "train.min_lr_ratio"),
+        ({"lora": {"dropout": 1.5}}, "lora.dropout"),
+        ({"data": {"seq_len": 1}}, "data.seq_len"),
+        ({"output": {"dir": ""}}, "output.dir"),
     ],
 )
 def test_bad_value_names_the_field(data: dict, field: str) -> None:

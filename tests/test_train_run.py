@@ -123,9 +123,15 @@ def test_resume_after_kill_matches(straight: Path, tmp_path: Path) -> None:
     (ckpts / ".tmp-step-00000008").mkdir()
     (ckpts / ".tmp-step-00000008" / "__0_0.distcp").write_bytes(b"partial")
     (ckpts / "step-00000099").mkdir()
-    changed = _run(["--set", "train.lr=1e-4"], out, torchrun=False)  # another schedule: refused, nothing written
+    config = (out / "config.toml").read_text()
+    # another schedule or base model: refused before anything is built or written
+    changed = _run(["--set", "train.lr=1e-4", "--set", "model.quant_type=fp4"], out, torchrun=False)
     assert changed.returncode != 0 and "train.lr=" in changed.stdout and "differ from the run" in changed.stdout
+    assert "model.quant_type='nf4' -> 'fp4'" in changed.stdout
+    fresh = _run(["--set", "checkpoint.resume=false"], out, torchrun=False)  # a new run beside the old checkpoints
+    assert fresh.returncode != 0 and "holds checkpoints of an earlier run" in fresh.stdout
     assert [r["step"] for r in _records(out, "train")] == [1, 2, 3, 4, 5, 6]
+    assert (out / "config.toml").read_text() == config
     resumed = _run([], out, torchrun=True)
     assert resumed.returncode == 0, resumed.stdout[-4000:]
     assert "resumed from" in resumed.stdout and "step 4" in resumed.stdout

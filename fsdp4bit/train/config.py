@@ -8,11 +8,14 @@ default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..codebooks import BLOCKSIZES
 
 try:
     import tomllib
@@ -271,6 +274,8 @@ def validate(cfg: Config) -> Config:
         for f in dataclasses.fields(sub):
             name = f"{section.name}.{f.name}"
             value = getattr(sub, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"config field {name!r} must be a finite number, got {value!r}")
             if name in _CHOICES and value not in _CHOICES[name]:
                 raise ValueError(f"config field {name!r} must be one of {list(_CHOICES[name])}, got {value!r}")
             if name in _POSITIVE and value <= 0:
@@ -279,8 +284,18 @@ def validate(cfg: Config) -> Config:
                 raise ValueError(f"config field {name!r} must be >= 0, got {value!r}")
     if len(cfg.train.betas) != 2 or not all(0 <= b < 1 for b in cfg.train.betas):
         raise ValueError(f"config field 'train.betas' must be two numbers in [0, 1), got {cfg.train.betas!r}")
-    if cfg.model.blocksize & (cfg.model.blocksize - 1):
-        raise ValueError(f"config field 'model.blocksize' must be a power of two, got {cfg.model.blocksize}")
+    if cfg.model.blocksize not in BLOCKSIZES:
+        raise ValueError(f"config field 'model.blocksize' must be one of {list(BLOCKSIZES)}, got {cfg.model.blocksize}")
+    if not cfg.lora.dropout < 1:
+        raise ValueError(f"config field 'lora.dropout' must be in [0, 1), got {cfg.lora.dropout}")
+    if not cfg.train.min_lr_ratio <= 1:
+        raise ValueError(f"config field 'train.min_lr_ratio' must be in [0, 1], got {cfg.train.min_lr_ratio}")
+    if cfg.data.seq_len < 2:
+        raise ValueError(
+            f"config field 'data.seq_len' must be at least 2 (a token and the next), got {cfg.data.seq_len}"
+        )
+    if not cfg.output.dir.strip():
+        raise ValueError("config field 'output.dir' must name a folder (an empty one would write into the current one)")
     if not cfg.data.train_files:
         raise ValueError("config field 'data.train_files' must name at least one file")
     if not 0 <= cfg.data.eval_fraction < 1:

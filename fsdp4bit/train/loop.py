@@ -30,6 +30,7 @@ from .optim import build_optimizer
 from .plot import plot_loss
 from .train_checkpoint import (
     Progress,
+    check_resumable,
     complete_checkpoints,
     load_checkpoint,
     remove_partial,
@@ -70,13 +71,36 @@ def run(cfg: Config) -> dict[str, Any]:
     return summary
 
 
+def _check_run_folder(cfg: Config, ckpt_root: Path) -> None:
+    """ValueError where the run would mix with the run folder's earlier run: a new run (``checkpoint.resume=false``)
+    beside its checkpoints (pruning keeps the newest steps, which may be the old run's), or a resume whose settings
+    differ from the newest checkpoint's."""
+    found = complete_checkpoints(ckpt_root)
+    if found and not cfg.checkpoint.resume:
+        raise ValueError(
+            f"{ckpt_root} holds checkpoints of an earlier run ({', '.join(p.name for _, p in found)}) and "
+            "checkpoint.resume=false starts a new one: resume it (checkpoint.resume=true), or give the new run "
+            "another output.dir (or remove those checkpoints)"
+        )
+    if found:
+        check_resumable(found[-1][1], resume_settings(cfg))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """``path`` holds ``text`` or what it held before, never a part (a temporary file renamed into place)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
     tcfg = cfg.train
     out_dir = Path(cfg.output.dir)
     ckpt_root = out_dir / "checkpoints"
+    _check_run_folder(cfg, ckpt_root)  # on every rank, before anything is written or built
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.toml").write_text(to_toml(cfg))
+        _write_atomically(out_dir / "config.toml", to_toml(cfg))
         remove_partial(ckpt_root)
     if info.debug:
         torch.use_deterministic_algorithms(True, warn_only=True)

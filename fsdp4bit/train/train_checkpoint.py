@@ -31,8 +31,21 @@ PROGRESS_FILE = "progress.json"
 
 
 # The settings a resumed run must share with the run that wrote the checkpoint: the restored optimizer and schedule
-# keep the old learning rates, and the data position counts micro-batches of the old size and sequence length.
+# keep the old learning rates, the data position counts micro-batches of the old size and sequence length, and the
+# restored adapters were trained on that base model (its weights, 4-bit format and blocks) with that LoRA setup.
 RESUME_SETTINGS = (
+    "model.path",
+    "model.num_layers",
+    "model.dtype",
+    "model.quant_type",
+    "model.blocksize",
+    "model.compress_statistics",
+    "model.skip_modules",
+    "lora.r",
+    "lora.alpha",
+    "lora.dropout",
+    "lora.target_modules",
+    "data.train_files",
     "train.steps",
     "train.lr",
     "train.min_lr_ratio",
@@ -151,6 +164,12 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
+
+def check_resumable(path: Path, settings: dict[str, Any]) -> None:
+    """ValueError before anything is built if the checkpoint at ``path`` was written with other ``settings``."""
+    saved = json.loads((path / PROGRESS_FILE).read_text()).get("settings")
+    check_resume_settings(saved, settings, path)
 
 
 def load_checkpoint(
