@@ -115,3 +115,22 @@ def test_resume_refuses_changed_settings() -> None:
         f"cannot resume from ck: train.lr={Config().train.lr!r} -> 0.0001, data.seq_len={Config().data.seq_len!r} -> 64 "
         "differ from the run that wrote it"
     )
+
+
+def test_override_of_a_str_field_keeps_its_text() -> None:
+    cfg = load_config(None, ["output.dir=123", "debug.mode=off", "model.dtype=bfloat16"])
+    assert (cfg.output.dir, cfg.debug.mode, cfg.model.dtype) == ("123", "off", "bfloat16")
+    assert load_config(None, ["train.steps=7"]).train.steps == 7  # other fields still parse as TOML
+
+
+def test_cli_reports_a_missing_input_before_any_work(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fsdp4bit.train", "--set", 'data.train_files=["nope.txt"]'],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "config error: data.train_files: data file not found: nope.txt" in proc.stderr
+    assert not any(tmp_path.iterdir())  # nothing written

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import load_config, to_toml
+from .config import Config, load_config, to_toml
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,11 +28,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_inputs(cfg: Config) -> None:
+    """FileNotFoundError naming the field for a data file or model folder that does not exist, before a process group
+    or model is set up (a config error, exit code 2)."""
+    from .data import resolve_data_file
+    from .model import resolve_model_path
+
+    for field in ("train_files", "eval_files"):
+        for name in getattr(cfg.data, field):
+            try:
+                resolve_data_file(name)
+            except FileNotFoundError as err:
+                raise FileNotFoundError(f"data.{field}: {err}") from None
+    if cfg.model.path:
+        resolve_model_path(cfg.model)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m fsdp4bit.train`` and the ``fsdp4bit-train`` console script."""
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        if not args.print_config:
+            check_inputs(cfg)
     except (ValueError, FileNotFoundError) as err:
         print(f"fsdp4bit-train: config error: {err}", file=sys.stderr)
         return 2

@@ -310,8 +310,15 @@ def from_dict(data: dict[str, Any]) -> Config:
     return validate(_build(Config, data, ""))
 
 
+def _is_str_field(section: str, key: str) -> bool:
+    """Whether ``section.key`` is a str field of the config (unknown names: False, reported later)."""
+    section_type = typing.get_type_hints(Config).get(section)
+    return dataclasses.is_dataclass(section_type) and typing.get_type_hints(section_type).get(key) is str
+
+
 def _parse_override(text: str) -> tuple[list[str], Any]:
-    """``section.field=value`` with value parsed as a TOML value (bare words are strings)."""
+    """``section.field=value`` with value parsed as a TOML value (bare words are strings, and so is the text of a
+    str field, e.g. output.dir=123)."""
     if "=" not in text:
         raise ValueError(f"--set expects section.field=value, got {text!r}")
     key, raw = text.split("=", 1)
@@ -322,6 +329,8 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
+    if _is_str_field(*parts) and not isinstance(value, str):
+        value = raw.strip()
     return parts, value
 
 
