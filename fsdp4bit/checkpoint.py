@@ -192,6 +192,7 @@ def _check_entries(state: dict, saved: dict) -> None:
     """Every tensor of ``state`` has the checkpoint's shape (the JSON entries' lengths aside), and every packed 4-bit
     weight its dtype: DCP casts another dtype's values into the model's tensors, which is right for float parameters
     and rewrites packed words."""
+    packed = {key.partition(".quant_state.bitsandbytes__")[0] for key in state if _is_blob(key)}  # 4-bit weights
     for key, value in state.items():
         if not isinstance(value, torch.Tensor) or _is_blob(key):
             continue
@@ -199,8 +200,7 @@ def _check_entries(state: dict, saved: dict) -> None:
         if size is not None and size != value.shape:
             raise ValueError(f"checkpoint entry {key!r} has shape {tuple(size)}, the model's has {tuple(value.shape)}")
         dtype = getattr(getattr(saved[key], "properties", None), "dtype", None)
-        packed = any(other.startswith(f"{key}.quant_state.bitsandbytes__") for other in state)
-        if packed and dtype is not None and dtype != value.dtype:
+        if key in packed and dtype is not None and dtype != value.dtype:
             raise ValueError(
                 f"checkpoint entry {key!r} has dtype {dtype}, the model's has {value.dtype} (a 4-bit weight's dtype "
                 "is its quant_storage: build the model with the checkpoint's)"

@@ -86,16 +86,17 @@ def test_overrides_and_roundtrip(tmp_path: Path) -> None:
         load_config(path, ["train.nope=1"])
 
 
+def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m fsdp4bit.train ARGS`` run in ``cwd``."""
+    return subprocess.run(
+        [sys.executable, "-m", "fsdp4bit.train", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
 def test_cli_reports_config_error(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text("[train]\nsteps = 'many'\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "fsdp4bit.train", "--config", str(path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = _cli(["--config", str(path)], REPO)
     assert proc.returncode == 2
     assert "'train.steps' must be int" in proc.stderr
 
@@ -124,13 +125,7 @@ def test_override_of_a_str_field_keeps_its_text() -> None:
 
 
 def test_cli_reports_a_missing_input_before_any_work(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "fsdp4bit.train", "--set", 'data.train_files=["nope.txt"]'],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = _cli(["--set", 'data.train_files=["nope.txt"]'], tmp_path)
     assert proc.returncode == 2
     assert "config error: data.train_files: data file not found: nope.txt" in proc.stderr
     assert not any(tmp_path.iterdir())  # nothing written
