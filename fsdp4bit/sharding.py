@@ -260,6 +260,66 @@ def units_bottom_up(model: nn.Module, is_unit: Callable[[nn.Module], bool]) -> l
     return units
 
 
+def _parameter_holders(model: nn.Module, units: list[nn.Module]) -> tuple[list[set[int]], dict[int, int]]:
+    """For each parameter held by more than one node, the nodes holding it (a unit's index in ``units``, -1 for the
+    root: the innermost node around each module that registers it), and each unit's enclosing node."""
+    index = {id(unit): i for i, unit in enumerate(units)}
+    holders: dict[int, set[int]] = {}
+    enclosing: dict[int, int] = {}
+
+    def visit(module: nn.Module, node: int) -> None:
+        inner = index.get(id(module), node)
+        if inner != node:
+            enclosing[inner] = node
+        for param in module._parameters.values():
+            if param is not None:
+                holders.setdefault(id(param), set()).add(inner)
+        for child in module.children():
+            visit(child, inner)
+
+    visit(model, -1)
+    return [held for held in holders.values() if len(held) > 1], enclosing
+
+
+def _encloses(outer: int, node: int, enclosing: dict[int, int]) -> bool:
+    """Whether node ``outer`` (-1: the root) lies around unit ``node``."""
+    while node != -1:
+        node = enclosing[node]
+        if node == outer:
+            return True
+    return False
+
+
+def shard_groups(model: nn.Module, units: list[nn.Module]) -> list[list[nn.Module]]:
+    """The ``fully_shard`` calls for ``units`` (bottom-up order), the root's left out: FSDP2 refuses a parameter in
+    two groups, so a unit sharing one with a module around it is left to that module's group, and units sharing
+    one with each other are sharded together, where the last of them stands."""
+    units = list(units)
+    while True:
+        shared, enclosing = _parameter_holders(model, units)
+        inner = {n for held in shared for n in held for o in held if n != -1 and _encloses(o, n, enclosing)}
+        if not inner:
+            break
+        units = [unit for i, unit in enumerate(units) if i not in inner]
+    group_of = list(range(len(units)))
+
+    def root(i: int) -> int:
+        while group_of[i] != i:
+            i = group_of[i]
+        return i
+
+    for held in shared:
+        first, *rest = sorted(held)
+        for other in rest:
+            group_of[root(other)] = root(first)
+    members: dict[int, list[nn.Module]] = {}
+    last: dict[int, int] = {}
+    for i, unit in enumerate(units):
+        members.setdefault(root(i), []).append(unit)
+        last[root(i)] = i
+    return [members[g] for g in sorted(members, key=last.__getitem__)]
+
+
 def _fsdp_options(mesh, mp_policy, reshard_after_forward: bool, cpu_offload: bool) -> dict[str, Any]:
     """``fully_shard`` keyword arguments for these settings."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
@@ -330,18 +390,19 @@ def shard_model(
     cpu_offload: bool = False,
 ) -> nn.Module:
     """Apply FSDP2 the usual way: ``fully_shard`` each block (given types, or every module holding 4-bit
-    weights when none are given; nested blocks inner first), then the root. 4-bit weights must be quantized
-    (``.to(device)``) first; every weight is checked before anything is sharded."""
+    weights when none are given; nested blocks inner first; blocks tied by a shared parameter together), then the
+    root. 4-bit weights must be quantized (``.to(device)``) first; every weight is checked before anything is
+    sharded."""
     from torch.distributed.fsdp import fully_shard
 
     _check_shard_args(model, mesh, mp_policy)
     block_types = _block_types(block_types)
     check_shardable(model, _mesh_device_type(mesh))
     is_unit = _is_4bit if block_types is None else (lambda m: isinstance(m, block_types))
-    blocks = [m for _, m in units_bottom_up(model, is_unit)]
+    groups = shard_groups(model, [m for _, m in units_bottom_up(model, is_unit)])
     options = _fsdp_options(mesh, mp_policy, reshard_after_forward, cpu_offload)
-    for block in [*blocks, model]:
-        fully_shard(block, **options)
+    for group in [*groups, [model]]:
+        fully_shard(group if len(group) > 1 else group[0], **options)
     return model
 
 

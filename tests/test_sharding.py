@@ -167,7 +167,8 @@ def test_sharding_refuses_an_unquantized_weight():
 
 def test_failures_raise_on_every_rank_and_other_storages_load():
     """A cross-storage sharded load is bit-exact; a save failing on rank 0 alone, or torch's fully_shard of an
-    unquantized weight, raises on every rank (the subprocess timeout would catch a rank left waiting)."""
+    unquantized weight, raises on every rank (the subprocess timeout would catch a rank left waiting); tied 4-bit
+    weights shard and give the unsharded outputs."""
     report = torchrun(2, "robustness")
     assert report["save_raised"] in ("NotADirectoryError", "FileExistsError")
 
@@ -194,3 +195,29 @@ def test_shard_model_checks_its_arguments():
     with pytest.raises(ValueError, match=r"^weight is a 4-bit weight on cpu, and fully_shard puts parameters on cuda"):
         sharding.check_shardable(layer, "cuda")
     sharding.check_shardable(layer, "cpu")
+
+
+def test_shard_groups_put_tied_units_together():
+    """FSDP2 refuses a parameter in two groups: units sharing one are sharded together (where the last of them
+    stands), and a unit sharing one with a module around it is left to that module."""
+    import fsdp4bit as bnb
+    from fsdp4bit.sharding import shard_groups, units_bottom_up
+
+    def layer() -> torch.nn.Module:
+        return bnb.nn.Linear4bit(8, 8, quant_type="nf4")
+
+    blocks = torch.nn.ModuleList(torch.nn.Sequential(layer(), layer()) for _ in range(3))
+    model = torch.nn.Sequential(blocks, layer())
+    blocks[2][0].weight = blocks[0][1].weight
+    layers = [m for _, m in units_bottom_up(model, lambda m: isinstance(m, bnb.nn.Linear4bit))]
+    assert shard_groups(model, layers) == [
+        [blocks[0][0]],
+        [blocks[1][0]],
+        [blocks[1][1]],
+        [blocks[0][1], blocks[2][0]],
+        [blocks[2][1]],
+        [model[1]],
+    ]
+    model[1].bias = blocks[1][1].bias  # shared with a root-level layer: the block is left to the root
+    sequential = [m for _, m in units_bottom_up(model, lambda m: isinstance(m, torch.nn.Sequential))]
+    assert shard_groups(model, sequential) == [[blocks[0], blocks[2]]]

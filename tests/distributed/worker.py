@@ -407,11 +407,26 @@ def scenario_load_meta(path: str, kind: str) -> dict:
     return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def tied_models() -> list[tuple[str, nn.Module, tuple | None]]:
+    """Models whose 4-bit weights are shared between modules, with the block types to shard them by: two layers of
+    two blocks (units of their own by default), and a block's layer with one of the root's."""
+    across = block_model(torch.bfloat16, "cpu", depth=2)
+    across[1].fc.weight = across[0].fc.weight
+    with_root = nn.Sequential(Block(40, torch.bfloat16), bnb.nn.Linear4bit(40, 40, quant_storage=torch.bfloat16))
+    with_root[1].weight = with_root[0].fc.weight
+    return [
+        ("across blocks", across.to(DEVICE), None),
+        ("block and root", copy.deepcopy(with_root).to(DEVICE), (Block,)),
+        ("block and root, default units", with_root.to(DEVICE), None),
+    ]
+
+
 def scenario_robustness() -> dict:
     """What fails fails on every rank, and what may load loads: a sharded load_state_dict from another quant_storage
     (the same bytes at other word boundaries) is bit-exact; a checkpoint save whose rank-0-only steps fail raises on
-    every rank instead of leaving the others in a collective; torch's own fully_shard of a weight not quantized yet
-    raises the library's message at the first forward."""
+    every rank instead of leaving the others in a collective; a 4-bit weight shared by two modules shards (in one
+    group); torch's own fully_shard of a weight not quantized yet raises the library's message at the first
+    forward."""
     from torch.distributed.fsdp import fully_shard
 
     from fsdp4bit import checkpoint
@@ -445,6 +460,12 @@ def scenario_robustness() -> dict:
     dist.barrier()
     if dist.get_rank() == 0:
         os.remove(blocker)
+
+    for name, tied, block_types in tied_models():
+        x = torch.randn(3, 40, device=DEVICE)
+        expected = tied(x)
+        sharded = shard_model(tied, block_types=block_types)
+        assert torch.equal(sharded(x), expected), f"{name}: a tied 4-bit weight's outputs differ after sharding"
 
     if DEVICE.type == "cpu":  # (on an accelerator fully_shard moves the weight there, which quantizes it)
         layer = bnb.nn.Linear4bit(13, 7, quant_type="nf4", quant_storage=torch.bfloat16)
