@@ -129,3 +129,80 @@ def test_cli_reports_a_missing_input_before_any_work(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "config error: data.train_files: data file not found: nope.txt" in proc.stderr
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def _taken(world: int, micro: int, steps: int, seqs, start=None) -> tuple[list[int], object]:
+    """The sequence ids every rank of a ``world``-rank run takes in ``steps`` micro-steps, in stream order, and
+    rank 0's batches at the end (each sequence is a row holding its id)."""
+    from fsdp4bit.train.data import RankBatches
+
+    ranks = [RankBatches(seqs, micro, r, world, seed=7) for r in range(world)]
+    if start is not None:
+        for batches in ranks:
+            batches.seek(start.position, start.stream)
+    taken = []
+    for _ in range(steps):
+        for batches in ranks:
+            taken += batches.next()[:, 0].tolist()
+    return taken, ranks[0]
+
+
+def test_data_order_is_the_old_micro_step_formula() -> None:
+    """Micro-step k of rank r takes the stream's sequences (k * world + r) * micro onwards, epoch by epoch (the rule
+    checkpoints written before the stream position was kept counted on)."""
+    import torch
+
+    from fsdp4bit.train.data import RankBatches, stream_of
+
+    seqs = torch.arange(23).view(23, 1).repeat(1, 4)
+    batches = RankBatches(seqs, 2, 1, 3, seed=7)
+    for k in range(9):
+        epoch, slot = divmod(k, 23 // 6)
+        order = torch.randperm(23, generator=torch.Generator().manual_seed(7 + epoch))
+        start = (slot * 3 + 1) * 2
+        assert torch.equal(batches.next(), seqs[order[start : start + 2]]), k
+        assert batches.stream == stream_of(k + 1, 23, 2, 3)
+
+
+def test_resume_on_another_world_size_goes_on_where_the_data_stopped() -> None:
+    """A run stopped after 5 micro-steps on 2 ranks and resumed on 3 (or 1) with another micro-batch size takes the
+    sequences the straight run would have taken next: none twice, none skipped, in the same order."""
+    import torch
+
+    seqs = torch.arange(40).view(40, 1).repeat(1, 4)
+    first, stopped = _taken(2, 3, 5, seqs)
+    assert stopped.stream == (0, 30)
+    for world, micro in ((3, 2), (1, 5)):
+        rest, _ = _taken(world, micro, 4, seqs, start=stopped)
+        straight, _ = _taken(1, 1, 70, seqs)
+        epoch_end = 30 + (40 - 30) // (world * micro) * world * micro
+        assert first + rest[: epoch_end - 30] == straight[:epoch_end], (world, micro)
+        assert sorted(straight[:40]) == list(range(40))
+    with pytest.raises(ValueError, match=r"^data stream position \(0, 41\) lies outside 40 training sequences$"):
+        stopped.seek(0, (0, 41))
+
+
+def test_resume_reads_old_checkpoints_data_position(capsys: pytest.CaptureFixture) -> None:
+    """A checkpoint written before the stream position was kept (micro-steps at its batch size and world size)
+    resumes at the same place on another world size, and the run says that a step now takes other sequences."""
+    import torch
+
+    from fsdp4bit.train.data import RankBatches
+    from fsdp4bit.train.distributed import DistInfo
+    from fsdp4bit.train.loop import _resume_data
+    from fsdp4bit.train.train_checkpoint import Progress
+
+    old_settings = {"train.micro_batch_size": 3, "train.grad_accum": 2, "train.lr": 1e-3}
+    progress = Progress(step=2, data_position=5, world_size=2, settings=old_settings)
+    cfg = Config()
+    cfg.train.micro_batch_size, cfg.train.grad_accum = 2, 2
+    batches = RankBatches(torch.zeros(40, 4), 2, 0, 3, seed=0)
+    _resume_data(progress, batches, cfg.train, DistInfo(0, 3, 0, torch.device("cpu"), None, True, False))
+    assert batches.stream == (0, 30) and batches.position == 5
+    assert "warning" not in capsys.readouterr().out  # the same 12 sequences per step: nothing to say
+    cfg.train.grad_accum = 3
+    _resume_data(progress, batches, cfg.train, DistInfo(0, 3, 0, torch.device("cpu"), None, True, False))
+    assert (
+        "warning: an optimizer step now takes 18 sequences (3 ranks x train.micro_batch_size 2 x train.grad_accum 3), "
+        "the checkpoint's run took 12" in capsys.readouterr().out
+    )

@@ -1,10 +1,10 @@
 """Text data: tokenise, pack into fixed-length sequences, and hand each rank its own micro-batches.
 
-The order of training sequences is a pure function of (seed, micro-step): epoch ``e`` is a permutation
-drawn from a generator seeded with ``seed + e``, and micro-step ``k`` of rank ``r`` takes the
-``micro_batch_size`` sequences at positions ``(k * world + r) * micro_batch_size`` of that stream. Ranks
-never see the same sequence in a step, and resuming needs only the micro-step counter (the "data position"
-saved in checkpoints).
+The order of training sequences is a pure function of the seed: epoch ``e`` is a permutation drawn from a
+generator seeded with ``seed + e``, and each micro-step takes the next ``micro_batch_size * world`` sequences of
+that stream, rank ``r`` the ``r``-th ``micro_batch_size`` of them (an epoch ends where a whole micro-step no longer
+fits). Ranks never see the same sequence in a step, and resuming needs only the stream position (epoch, offset)
+saved in checkpoints, on any world size: a run resumed on other ranks goes on where the old one stopped.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple
 
 
 class RankBatches:
-    """Deterministic micro-batches of one rank; ``position`` (micro-steps taken) is all that resuming needs."""
+    """Deterministic micro-batches of one rank. ``position`` counts the micro-steps taken; ``stream`` (epoch, offset
+    of the next micro-step in that epoch's order) is all that resuming needs."""
 
     def __init__(self, sequences: torch.Tensor, micro_batch_size: int, rank: int, world_size: int, seed: int) -> None:
         if len(sequences) < micro_batch_size * world_size:
@@ -79,6 +80,7 @@ class RankBatches:
         self.world = world_size
         self.seed = seed
         self.position = 0
+        self.stream = (0, 0)
         self._epoch = -1
         self._order = torch.empty(0, dtype=torch.long)
 
@@ -89,18 +91,34 @@ class RankBatches:
             self._epoch = epoch
         return self._order
 
-    def batch_at(self, position: int) -> torch.Tensor:
-        """The ``[micro_batch_size, seq_len]`` batch of this rank at micro-step ``position``."""
-        per_epoch = len(self.sequences) // (self.micro * self.world)
-        epoch, slot = divmod(position, per_epoch)
-        start = (slot * self.world + self.rank) * self.micro
-        return self.sequences[self._order_of(epoch)[start : start + self.micro]]
+    def seek(self, position: int, stream: tuple[int, int]) -> None:
+        """Continue from a checkpoint's micro-step count and stream position (of any world size)."""
+        epoch, offset = stream
+        if epoch < 0 or not 0 <= offset <= len(self.sequences):
+            raise ValueError(f"data stream position {stream} lies outside {len(self.sequences)} training sequences")
+        self.position, self.stream = position, (epoch, offset)
 
     def next(self) -> torch.Tensor:
-        """The batch at the current position, then advance."""
-        batch = self.batch_at(self.position)
+        """This rank's ``[micro_batch_size, seq_len]`` batch of the next micro-step, then advance."""
+        epoch, offset = self.stream
+        step = self.micro * self.world
+        if offset + step > len(self.sequences):
+            epoch, offset = epoch + 1, 0
+        start = offset + self.rank * self.micro
+        batch = self.sequences[self._order_of(epoch)[start : start + self.micro]]
         self.position += 1
+        self.stream = (epoch, offset + step)
         return batch
+
+
+def stream_of(position: int, n_sequences: int, micro_batch_size: int, world_size: int) -> tuple[int, int]:
+    """The stream position after ``position`` micro-steps on ``world_size`` ranks (checkpoints written before the
+    stream position was saved kept only the micro-step count)."""
+    step = micro_batch_size * world_size
+    epoch, slot = divmod(position, n_sequences // step)
+    if slot == 0 and epoch > 0:  # the end of the epoch: the next micro-step starts the next one
+        epoch, slot = epoch - 1, n_sequences // step
+    return epoch, slot * step
 
 
 def shard_for_rank(sequences: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:

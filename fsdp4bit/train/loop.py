@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from . import debug as dbg
 from .config import Config, to_toml
-from .data import RankBatches, build_datasets
+from .data import RankBatches, build_datasets, stream_of
 from .distributed import DistInfo, setup, teardown
 from .embedded import ensure_embedded_model
 from .evaluate import perplexity
@@ -84,6 +84,28 @@ def _check_run_folder(cfg: Config, ckpt_root: Path) -> None:
         )
     if found:
         check_resumable(found[-1][1], resume_settings(cfg))
+
+
+def _resume_data(progress: Progress, batches: RankBatches, tcfg: Any, info: DistInfo) -> None:
+    """Move ``batches`` to where the checkpoint's run stopped in the data (its stream position, or for checkpoints
+    written before that was kept, its micro-step count at its batch size and world size); say so where an optimizer
+    step now takes another number of sequences (another world size, micro-batch size or accumulation)."""
+    saved = progress.settings or {}
+    micro = saved.get("train.micro_batch_size", tcfg.micro_batch_size)
+    accum = saved.get("train.grad_accum", tcfg.grad_accum)
+    stream = progress.data_stream or stream_of(
+        progress.data_position, len(batches.sequences), micro, progress.world_size
+    )
+    batches.seek(progress.data_position, (stream[0], stream[1]))
+    was = progress.step_sequences or micro * accum * progress.world_size
+    now = tcfg.micro_batch_size * tcfg.grad_accum * info.world_size
+    if was != now:
+        _say(
+            info,
+            f"warning: an optimizer step now takes {now} sequences ({info.world_size} ranks x train.micro_batch_size "
+            f"{tcfg.micro_batch_size} x train.grad_accum {tcfg.grad_accum}), the checkpoint's run took {was}: the "
+            "data goes on where it stopped, with another global batch",
+        )
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -156,13 +178,8 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
     settings = resume_settings(cfg)
     if found:
         progress = load_checkpoint(found[-1][1], peft_model, optimizer, scheduler, settings)
-        if progress.world_size != info.world_size:
-            _say(
-                info,
-                f"warning: checkpoint was written by {progress.world_size} ranks, now {info.world_size}: "
-                "the data order differs from the uninterrupted run",
-            )
-        start_step, batches.position = progress.step, progress.data_position
+        _resume_data(progress, batches, tcfg, info)
+        start_step = progress.step
         metrics.truncate_after(start_step)
         _say(info, f"resumed from {found[-1][1]} (step {start_step})")
     else:
@@ -181,7 +198,8 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
         ppl_before = before[0]["ppl"] if before else None
 
     fsdp_root = model if isinstance(model, FSDPModule) else None
-    tokens_per_step = tcfg.micro_batch_size * tcfg.grad_accum * info.world_size * cfg.data.seq_len
+    step_sequences = tcfg.micro_batch_size * tcfg.grad_accum * info.world_size
+    tokens_per_step = step_sequences * cfg.data.seq_len
     throughput: list[float] = []
     train_peak = 0.0
     bar = tqdm(total=tcfg.steps, initial=start_step, desc="train", disable=not info.is_main, dynamic_ncols=True)
@@ -238,7 +256,7 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
         if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or done:
             save_checkpoint(
                 ckpt_root,
-                Progress(step + 1, batches.position, info.world_size, settings),
+                Progress(step + 1, batches.position, info.world_size, settings, list(batches.stream), step_sequences),
                 peft_model,
                 optimizer,
                 scheduler,

@@ -31,8 +31,10 @@ PROGRESS_FILE = "progress.json"
 
 
 # The settings a resumed run must share with the run that wrote the checkpoint: the restored optimizer and schedule
-# keep the old learning rates, the data position counts micro-batches of the old size and sequence length, and the
+# keep the old learning rates, the data position counts sequences of the old length in the old data, and the
 # restored adapters were trained on that base model (its weights, 4-bit format and blocks) with that LoRA setup.
+# The micro-batch size and gradient accumulation may change (with the world size: a run resumed on fewer ranks can
+# keep its global batch), as the data position is a place in the stream of sequences.
 RESUME_SETTINGS = (
     "model.path",
     "model.num_layers",
@@ -50,8 +52,6 @@ RESUME_SETTINGS = (
     "train.lr",
     "train.min_lr_ratio",
     "train.warmup_steps",
-    "train.micro_batch_size",
-    "train.grad_accum",
     "train.seed",
     "data.seq_len",
 )
@@ -76,20 +76,24 @@ def check_resume_settings(saved: dict[str, Any] | None, now: dict[str, Any], pat
     if changed:
         raise ValueError(
             f"cannot resume from {path}: {', '.join(changed)} differ from the run that wrote it (the restored "
-            "optimizer and schedule keep its learning rates, and its data position counts its batches); resume with "
+            "optimizer and schedule keep its learning rates, and its data position counts its sequences); resume with "
             "its settings, or start a new run (checkpoint.resume=false, or another output folder)"
         )
 
 
 @dataclass
 class Progress:
-    """Where training stands: optimizer steps done, micro-batches consumed, the world size that ran them and the
-    settings a resumed run must keep (:data:`RESUME_SETTINGS`; None in checkpoints written before they were kept)."""
+    """Where training stands: optimizer steps done, micro-batches consumed, the world size that ran them, the
+    settings a resumed run must keep (:data:`RESUME_SETTINGS`; None in checkpoints written before they were kept),
+    the data stream position (epoch, offset) and the sequences an optimizer step took (both None in checkpoints
+    written before they were kept)."""
 
     step: int
     data_position: int
     world_size: int
     settings: dict[str, Any] | None = None
+    data_stream: list[int] | None = None
+    step_sequences: int | None = None
 
 
 def _fsync_tree(path: Path) -> None:
