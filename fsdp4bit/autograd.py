@@ -43,7 +43,7 @@ def matmul_4bit(
     if A.shape[-1] != shape[1]:
         raise ValueError(f"A's last dim is {A.shape[-1]} but the 4-bit weight has shape {tuple(shape)}")
     check_quant_type(quant_state.quant_type)
-    if bias is not None and isinstance(bias, torch.Tensor) and not bias.is_floating_point():
+    if isinstance(bias, torch.Tensor) and not bias.is_floating_point():
         raise TypeError(f"bias must be a floating-point tensor, got {bias.dtype}")
     if out is not None:
         check_out(out, (*A.shape[:-1], shape[0]), A.dtype, A.device)

@@ -17,7 +17,17 @@ from .codebooks import as_blocksize, check_flag, check_float_dtype, check_quant_
 from .dsd import KeyPaths, statistics_on_every_rank
 from .quant_state import PACKED_KEY_PREFIX, QuantState
 from .sharding import as_like, is_sharded, load_sharded_entries, sharded_state_dict_entries
-from .tensor_ops import TENSOR_OPS, SliceCache, copy_state, plain, refuse_word_writes, slice_state, unwrap_call
+from .tensor_ops import (
+    FORMAT_ATTRS,
+    TENSOR_OPS,
+    SliceCache,
+    copy_format,
+    copy_state,
+    plain,
+    refuse_word_writes,
+    slice_state,
+    unwrap_call,
+)
 
 __all__ = ["Params4bit", "Linear4bit", "LinearNF4", "LinearFP4"]
 
@@ -196,12 +206,8 @@ class Params4bit(nn.Parameter):
             data,
             requires_grad=like.requires_grad,
             quant_state=quant_state,
-            blocksize=like.blocksize,
-            compress_statistics=like.compress_statistics,
-            quant_type=like.quant_type,
-            quant_storage=like.quant_storage,
             module=like.module,
-            bnb_quantized=like.bnb_quantized,
+            **{name: getattr(like, name) for name in FORMAT_ATTRS},
         )
         out.set_row_start(row_start)
         return out
@@ -317,8 +323,7 @@ class Params4bit(nn.Parameter):
         torch._C.TensorBase.data.__set__(self, value)
         self._data = value._data
         self._storage_meta = value._storage_meta
-        for name in ("blocksize", "compress_statistics", "quant_type", "quant_storage", "bnb_quantized"):
-            setattr(self, name, getattr(value, name))
+        copy_format(self, value)
         self._set_inner_stats(self.quant_state)
 
     data = property(_get_data, _set_data, doc="The tensor's values without autograd history (see ``_set_data``).")

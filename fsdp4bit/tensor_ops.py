@@ -58,6 +58,16 @@ def unwrap_call(func, args: tuple, kwargs: dict) -> Any:
 _PARAMS4BIT: list[type] = []  # nn.Params4bit, imported on first use (nn imports this module)
 
 
+# A Params4bit's format attributes: what a copy of its words or a wrapper over them must take along
+FORMAT_ATTRS = ("blocksize", "compress_statistics", "quant_type", "quant_storage", "bnb_quantized")
+
+
+def copy_format(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Give Params4bit ``dst`` the format attributes of ``src`` (whose words it now holds)."""
+    for name in FORMAT_ATTRS:
+        setattr(dst, name, getattr(src, name))
+
+
 def _is_params4bit(x: Any) -> bool:
     if not _PARAMS4BIT:
         from .nn import Params4bit
@@ -265,8 +275,7 @@ def _copy(func, args, kwargs):
         if state is not None and state is not dst.quant_state:
             dst.set_row_start(src.row_start)
             dst.quant_state = copy_state(state)
-            dst.blocksize, dst.quant_type = src.blocksize, src.quant_type
-            dst.compress_statistics = src.compress_statistics
+            copy_format(dst, src)
     return dst
 
 
