@@ -10,34 +10,71 @@ through :func:`materialize` too.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
+from .codebooks import check_float_dtype
 from .nn import Linear4bit, Params4bit
 from .quant_state import PACKED_KEY_PREFIX
-from .sharding import units_bottom_up
+from .sharding import as_block_types, units_bottom_up
 
 Reader = Callable[[str], torch.Tensor]
+
+
+def safetensors_files(path: str | os.PathLike) -> list[str]:
+    """The safetensors file(s) ``path`` names: the file itself, the files of a sharded checkpoint's index json
+    (``model.safetensors.index.json``, its ``weight_map``), or a Hugging Face folder's ``model.safetensors`` or index."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        for name in ("model.safetensors", "model.safetensors.index.json"):
+            if os.path.isfile(os.path.join(path, name)):
+                return safetensors_files(os.path.join(path, name))
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+    if not path.endswith(".json"):
+        return [path]
+    with open(path) as f:
+        weight_map = json.load(f).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{path} is not a safetensors index: it has no 'weight_map' object")
+    folder = os.path.dirname(path)
+    return [os.path.join(folder, name) for name in sorted(set(weight_map.values()))]
+
+
+def _paths(paths: object) -> list[str]:
+    """``paths`` (one path or an iterable of them) as a list of safetensors files (TypeError for anything else)."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    if isinstance(paths, (bytes, dict)) or not isinstance(paths, Iterable):
+        raise TypeError(f"paths must be a path (str or os.PathLike) or an iterable of paths, got {paths!r}")
+    out = []
+    for path in paths:
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"paths must hold str or os.PathLike paths, got {type(path).__name__} {path!r}")
+        out.extend(safetensors_files(path))
+    return out
 
 
 def safetensors_reader(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> tuple[Reader, set[str]]:
     """A reader over one or more safetensors files (tensors are read lazily, one key at a time) and its keys.
 
+    A path may be a file, a sharded checkpoint's index json or a Hugging Face model folder (:func:`safetensors_files`).
+    A key held by two files is an error (ValueError): which of its values the model should get is unknown.
     Each read opens its file and closes it again: a file kept open stays memory-mapped, and every page a load has
     read then stays resident until the reader is dropped (the trainer's loader did that: 794 MiB peak per rank
     against 563 reopening, ``bench/trainer_load.py``, see NOTES), while reopening costs a header parse per tensor."""
     from safetensors import safe_open
 
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
     index: dict[str, str] = {}
-    for path in paths:
-        with safe_open(os.fspath(path), framework="pt") as f:
+    for path in _paths(paths):
+        with safe_open(path, framework="pt") as f:
             for key in f.keys():
-                index[key] = os.fspath(path)
+                if key in index and index[key] != path:
+                    raise ValueError(f"checkpoint tensor {key!r} is in two files: {index[key]} and {path}")
+                index[key] = path
 
     def read(key: str) -> torch.Tensor:
         with safe_open(index[key], framework="pt") as f:
@@ -56,9 +93,19 @@ def _read(key: str, read: Reader, keys: set[str], shape: tuple[int, ...] | None 
     if key not in keys:
         raise KeyError(f"checkpoint has no tensor {key!r}")
     value = read(key)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"read({key!r}) must return a torch.Tensor, got {type(value).__name__}")
     if shape is not None and tuple(value.shape) != tuple(shape):
         raise ValueError(f"checkpoint tensor {key!r} has shape {tuple(value.shape)}, the model's has {tuple(shape)}")
     return value
+
+
+def _prequantized(key: str, data: torch.Tensor, stats: dict[str, torch.Tensor], device: torch.device) -> Params4bit:
+    """The checkpoint's 4-bit weight ``key`` from its words and statistics; an error names the key (a model has many)."""
+    try:
+        return Params4bit.from_prequantized(data, stats, device=device)
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"checkpoint tensor {key!r} is not a valid 4-bit weight: {err}") from err
 
 
 def _load_linear4bit(
@@ -72,8 +119,8 @@ def _load_linear4bit(
     shape = (layer.out_features, layer.in_features)
     stat_keys = [k for k in keys if k.startswith(weight_key + ".")]
     if stat_keys:
-        stats = {k[len(prefix) :]: read(k) for k in stat_keys}
-        weight = Params4bit.from_prequantized(_read(weight_key, read, keys), stats, device=device)
+        stats = {k[len(prefix) :]: _read(k, read, keys) for k in stat_keys}
+        weight = _prequantized(weight_key, _read(weight_key, read, keys), stats, device)
         if tuple(weight.quant_state.shape) != shape:
             raise ValueError(
                 f"checkpoint tensor {weight_key!r} is a 4-bit weight of shape {tuple(weight.quant_state.shape)}, "
@@ -97,6 +144,10 @@ def _load_linear4bit(
         else _read(prefix + "bias", read, keys, tuple(layer.bias.shape)).to(device, layer.bias.dtype)
     )
     layer.weight = weight
+    # the layer's attributes describe the weight it now holds (a 4-bit checkpoint's format may differ), as in
+    # Linear4bit's load_state_dict
+    layer.quant_type, layer.compress_statistics = weight.quant_type, weight.compress_statistics
+    layer.quant_storage = weight.quant_storage
     if bias is not None:
         layer.bias = nn.Parameter(bias, requires_grad=layer.bias.requires_grad)
 
@@ -139,6 +190,8 @@ def materialize(
     quantized (None: the dtype its layer was built in, else float32; never the ``quant_storage``). A meta buffer the
     checkpoint lacks is an error too: non-persistent buffers (rotary tables) are computed when a module is built and
     never saved, so build the model with real buffers (``accelerate.init_empty_weights(include_buffers=False)``)."""
+    if dtype is not None:
+        check_float_dtype(dtype, "dtype")
     tied = TiedParams(module, prefix) if tied is None else tied
     if isinstance(module, Linear4bit) and module.weight.is_meta:
         weight_key = checkpoint_name(prefix) + "weight"
@@ -167,7 +220,7 @@ def materialize(
                     "saved): build the model with real buffers, e.g. under "
                     "accelerate.init_empty_weights(include_buffers=False)"
                 )
-            value = _read(key, read, keys, tuple(buf.shape)).to(device)
+            value = _read(key, read, keys, tuple(buf.shape)).to(device, buf.dtype)  # as load_state_dict copies
             module.register_buffer(name, value, persistent=name not in module._non_persistent_buffers_set)
         elif buf.device != device:
             module.register_buffer(name, buf.to(device), persistent=name not in module._non_persistent_buffers_set)
@@ -178,6 +231,32 @@ def _check_loaded(module: nn.Module, prefix: str) -> None:
     for name, param in module.named_parameters():
         if param.is_meta:
             raise KeyError(f"checkpoint has no tensor {checkpoint_name(prefix + name)!r}")
+
+
+def _check_load_args(model: object, read: object, block_types: object, dtype: object) -> tuple[type, ...]:
+    """TypeError/ValueError for arguments ``load_sharded`` would fail on later with an unrelated message; the
+    block types as a tuple (a list or a single class is taken too, as in ``shard_model``)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(read):
+        raise TypeError(
+            f"read must be a callable key -> torch.Tensor (e.g. safetensors_reader's), got {type(read).__name__}"
+        )
+    if dtype is not None:
+        check_float_dtype(dtype, "dtype")
+    types = as_block_types(block_types)
+    if types is None:
+        raise TypeError("block_types must be a tuple of torch.nn.Module classes, got None")
+    return types
+
+
+def _tie_hf_weights(model: nn.Module) -> None:
+    """Tie a Hugging Face model's weights as ``from_pretrained`` does: built under ``accelerate.init_empty_weights``
+    (which re-registers every parameter) a tied model's output embedding is a separate meta parameter, which the
+    checkpoint (saved tied: one name) does not hold."""
+    config = getattr(model, "config", None)
+    if getattr(config, "tie_word_embeddings", False) and callable(getattr(model, "tie_weights", None)):
+        model.tie_weights()
 
 
 def load_sharded(
@@ -201,6 +280,7 @@ def load_sharded(
     """
     from torch.distributed.fsdp import fully_shard
 
+    block_types = _check_load_args(model, read, block_types, dtype)
     params = [param for _, param in model.named_parameters()]
     if params and not any(param.is_meta for param in params):
         raise ValueError(
@@ -208,6 +288,7 @@ def load_sharded(
             "parameters is on meta: build it under torch.device('meta'), or load a materialized model with "
             "load_state_dict"
         )
+    _tie_hf_weights(model)
     device = torch.device(device)
     shard = shard or fully_shard
     tied = TiedParams(model)

@@ -352,7 +352,7 @@ def _check_shard_args(model: object, mesh: object, mp_policy: object) -> None:
         )
 
 
-def _block_types(block_types: object) -> tuple[type, ...] | None:
+def as_block_types(block_types: object) -> tuple[type, ...] | None:
     """``block_types`` as a tuple of module classes (a list or a single class is taken too), or None."""
     if block_types is None:
         return None
@@ -396,7 +396,7 @@ def shard_model(
     from torch.distributed.fsdp import fully_shard
 
     _check_shard_args(model, mesh, mp_policy)
-    block_types = _block_types(block_types)
+    block_types = as_block_types(block_types)
     check_shardable(model, _mesh_device_type(mesh))
     is_unit = _is_4bit if block_types is None else (lambda m: isinstance(m, block_types))
     groups = shard_groups(model, [m for _, m in units_bottom_up(model, is_unit)])

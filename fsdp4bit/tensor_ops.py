@@ -266,7 +266,8 @@ def _copy(func, args, kwargs):
         raise TypeError(
             f"copy_ into a quantized Params4bit takes only its packed words ({dst.dtype}), got {got}: a cast would "
             "rewrite the 4-bit words as numbers; quantize the values (fsdp4bit.functional.quantize_4bit) and copy "
-            "the resulting Params4bit, or load a state dict"
+            "the resulting Params4bit, or load a state dict (one of another quant_storage through load_state_dict or "
+            "fsdp4bit.checkpoint.load: torch's set_model_state_dict copies the words as they are)"
         )
     func(plain(dst), plain(src) if isinstance(src, torch.Tensor) else src, *args[2:], **kwargs)
     if _is_params4bit(src) and _is_params4bit(dst) and src.bnb_quantized:
