@@ -158,3 +158,18 @@ def test_untied_embeddings_load_as_units_of_their_own(cfg, tmp_path) -> None:
     dtype = embed.weight.dtype
     assert torch.equal(embed.weight, tensors["model.embed_tokens.weight"].to(dtype))
     assert torch.equal(head.weight, tensors["lm_head.weight"].to(dtype))
+
+
+def test_replaced_linears_keep_the_models_bias_dtype() -> None:
+    """A bf16 model's biases stay bf16 in its Linear4bit (FSDP2 needs one dtype for a unit's trainable parameters,
+    and the loader casts each value to its template's dtype)."""
+    from fsdp4bit.train.config import ModelConfig
+    from fsdp4bit.train.model import replace_linears
+
+    with torch.device("meta"):
+        model = nn.Sequential(
+            nn.Linear(8, 16, dtype=torch.bfloat16), nn.Linear(16, 4, bias=False, dtype=torch.bfloat16)
+        )
+    assert replace_linears(model, ModelConfig()) == 2
+    assert isinstance(model[0], Linear4bit) and model[0].bias.dtype == torch.bfloat16 and model[0].bias.is_meta
+    assert model[1].bias is None

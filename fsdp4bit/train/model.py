@@ -60,7 +60,8 @@ def checkpoint_files(path: Path) -> list[Path]:
 
 def replace_linears(model: nn.Module, cfg: ModelConfig) -> int:
     """Swap every ``nn.Linear`` not named in ``cfg.skip_modules`` for a meta-device Linear4bit in ``cfg``'s 4-bit
-    format (its template weight carries the blocksize the loader quantizes with); returns the count."""
+    format (its template weight carries the blocksize the loader quantizes with, its bias the model's dtype);
+    returns the count."""
     compute_dtype = dtype_of(cfg.compute_dtype) if cfg.compute_dtype else None
     targets = [
         (name, module)
@@ -80,6 +81,8 @@ def replace_linears(model: nn.Module, cfg: ModelConfig) -> int:
             device="meta",
         )
         replacement.weight.blocksize = cfg.blocksize
+        if module.bias is not None:  # in the model's dtype (Linear4bit builds a float32 one)
+            replacement.bias = nn.Parameter(replacement.bias.to(module.bias.dtype), module.bias.requires_grad)
         setattr(model.get_submodule(parent_name), child, replacement)
     return len(targets)
 
