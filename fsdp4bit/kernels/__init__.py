@@ -13,6 +13,7 @@ them plainly (for timing one kernel on its own, or to rule it out when debugging
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import warnings
@@ -29,8 +30,38 @@ _LOCK = threading.Lock()
 
 
 def native_disabled() -> bool:
-    """True when ``FSDP4BIT_NO_NATIVE`` is set to anything but "" or "0": the reference path is forced."""
-    return os.environ.get("FSDP4BIT_NO_NATIVE", "") not in ("", "0")
+    """True when ``FSDP4BIT_NO_NATIVE`` is set to anything but "" or "0": the reference path is forced (the C++
+    operators read it the same way, csrc/common/operators.h); "false", "no" or "off" force it too, with a warning."""
+    value = os.environ.get("FSDP4BIT_NO_NATIVE", "")
+    if value in ("", "0"):
+        return False
+    if value.strip().lower() in _OFF_WORDS:
+        _warn_off_word(value)
+    return True
+
+
+_OFF_WORDS = ("", "0", "false", "no", "off", "n", "f")
+
+
+@functools.cache
+def _warn_off_word(value: str) -> None:
+    """Warn once per value: FSDP4BIT_NO_NATIVE="false" reads as set, so it forces the reference path."""
+    warnings.warn(
+        f"fsdp4bit: FSDP4BIT_NO_NATIVE={value!r} forces the plain-PyTorch reference path (any value but '' or '0' "
+        "does); unset it or set it to 0 for the native kernels",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def _short_reason(text: str, limit: int = 2000) -> str:
+    """``text`` cut to about ``limit`` characters: its first line and its end, where a failed build's compiler
+    errors are (ninja's command lines come first and filled the limit, for CUDA builds before any error)."""
+    text = text.strip()
+    if len(text) <= limit:
+        return text
+    first = text.splitlines()[0][:300]
+    return f"{first}\n...\n{text[-(limit - len(first)) :]}"
 
 
 def _build_native(device_type: str) -> NativeOps | None:
@@ -46,7 +77,7 @@ def _build_native(device_type: str) -> NativeOps | None:
         reason = str(exc) if isinstance(exc, BuildError) else f"{type(exc).__name__}: {exc}"
         warnings.warn(
             f"fsdp4bit: the native {device_type.upper()} kernels could not be built, so the plain-PyTorch "
-            f"reference (correct, slower) will run on {device_type}. Reason: {reason.strip()[:2000]}",
+            f"reference (correct, slower) will run on {device_type}. Reason: {_short_reason(reason)}",
             RuntimeWarning,
             stacklevel=3,
         )

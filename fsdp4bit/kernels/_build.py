@@ -7,16 +7,20 @@ in a folder keyed by a hash of the sources (and their paths), the flags, the tor
 the target (CPU feature flags or GPU archs), so a cache shared between different machines never hands out a
 binary built for another CPU. Concurrent builds (e.g. several ranks at once) are serialised by an OS file lock that
 dies with its process; torch's own lock file, which a killed build leaves behind and torch then waits on
-forever, is removed while that lock is held (see ``exclusive_build``).
+forever, is removed while that lock is held (see ``exclusive_build``). A cut-off cached library is removed
+before loading (ninja links it again); a cache folder this process cannot write is only read from.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import importlib.util
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -86,11 +90,17 @@ class BuildError(RuntimeError):
 
 
 def _cache_root() -> Path:
+    """The cache folder of all builds; BuildError where no home folder is known (HOME unset, no passwd entry)."""
     env = os.environ.get("FSDP4BIT_CACHE_DIR")
     if env:
-        return Path(env)
+        return Path(env).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "fsdp4bit"
+    if xdg:
+        return Path(xdg) / "fsdp4bit"
+    try:
+        return Path.home() / ".cache" / "fsdp4bit"
+    except RuntimeError as exc:  # Path.home(): "Could not determine home directory."
+        raise BuildError(f"no build cache folder ({exc}): set FSDP4BIT_CACHE_DIR to a writable folder") from exc
 
 
 def _cpu_target() -> tuple[list[str], str]:
@@ -111,8 +121,10 @@ def _cpu_target() -> tuple[list[str], str]:
 
 
 def _compiler_version(cmd: str) -> str:
+    """The first line of ``cmd --version``; "" where it fails (a compiler that does not run)."""
     try:
-        return subprocess.run([cmd, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[0]
+        proc = subprocess.run([cmd, "--version"], capture_output=True, text=True, timeout=30)
+        return proc.stdout.splitlines()[0] if proc.returncode == 0 else ""
     except (OSError, subprocess.SubprocessError, IndexError):
         return ""
 
@@ -120,6 +132,12 @@ def _compiler_version(cmd: str) -> str:
 def _key(sources: tuple[Path, ...], *parts: str) -> str:
     """Cache key of a build: the sources' bytes and paths (ninja rebuilds when a command names other paths, so
     two checkouts sharing one cache would rebuild each other's extension on every load), the flags, torch."""
+    missing = [str(src) for src in sources if not src.is_file()]
+    if missing:
+        raise BuildError(
+            f"the C++/CUDA sources are not installed ({missing[0]} is missing): install fsdp4bit from its "
+            "repository with `pip install -e .`, which keeps csrc/ next to the package"
+        )
     h = hashlib.sha256()
     for src in sources:
         h.update(str(src).encode())
@@ -127,6 +145,23 @@ def _key(sources: tuple[Path, ...], *parts: str) -> str:
     for part in (torch.__version__, sys.version, *parts):
         h.update(part.encode())
     return h.hexdigest()[:16]
+
+
+# flock's errors where the file system has no such locks (rather than a lock held elsewhere)
+_NO_FLOCK = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
+
+
+def _flock(fd: int) -> bool:
+    """Take an exclusive flock on ``fd`` (waiting for it); False where the file system has no flock."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as exc:
+        if exc.errno not in _NO_FLOCK:
+            raise
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -141,7 +176,9 @@ def exclusive_build(build_dir: Path) -> Iterator[None]:
         return
     build_dir.mkdir(parents=True, exist_ok=True)
     with open(build_dir / "fsdp4bit.flock", "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        if not _flock(handle.fileno()):
+            yield  # a file system without flock (Lustre without -o flock, some NFS mounts): torch's own lock only
+            return
         try:
             (build_dir / "lock").unlink(missing_ok=True)
             yield
@@ -154,12 +191,78 @@ def build_dir(name: str, key: str) -> Path:
     return _cache_root() / f"{name}_{key}"
 
 
+def library_path(name: str, key: str) -> Path:
+    """The built extension file that ``cpp_extension.load`` writes and imports for ``name`` and ``key``."""
+    from torch.utils.cpp_extension import LIB_EXT
+
+    return build_dir(name, key) / f"{name}_{key}{LIB_EXT}"
+
+
+def _elf_is_truncated(path: Path) -> bool:
+    """True when ``path`` is not an ELF file or is a 64-bit one shorter than its headers say (a cut-off copy, or a
+    link that ended early): loading one killed the process with SIGBUS, or failed in every later process."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+        size = os.fstat(f.fileno()).st_size
+        if len(head) < 64 or head[:4] != b"\x7fELF":
+            return True
+        if head[4] != 2 or head[5] not in (1, 2):  # 32-bit or unknown byte order: left to the loader
+            return False
+        order = "<" if head[5] == 1 else ">"
+        phoff, shoff = struct.unpack_from(order + "QQ", head, 0x20)
+        phentsize, phnum, shentsize, shnum = struct.unpack_from(order + "HHHH", head, 0x36)
+        if max(phoff + phnum * phentsize, shoff + shnum * shentsize) > size:
+            return True
+        f.seek(phoff)
+        table = f.read(phnum * phentsize) if phentsize >= 0x28 else b""
+    # each program header's segment: p_offset at +0x08, p_filesz at +0x20
+    ends = (
+        struct.unpack_from(order + "Q", table, i + 8)[0] + struct.unpack_from(order + "Q", table, i + 0x20)[0]
+        for i in range(0, len(table), phentsize)
+    )
+    return max(ends, default=0) > size
+
+
+def _drop_truncated(library: Path) -> None:
+    """Remove a truncated build of ``library`` (under the build lock) so ninja links it again."""
+    if sys.platform.startswith("linux") and library.is_file() and _elf_is_truncated(library):
+        library.unlink()
+
+
+def _writable(folder: Path) -> bool:
+    """Whether ``folder`` exists or can be made, and can be written to (a read-only cache may still hold a build)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
+
+
+def _load_prebuilt(library: Path) -> ModuleType:
+    """Import ``library`` from a cache folder this process cannot write (read-only file system, another owner):
+    its name carries the key of the sources, flags, torch, compiler and target, so it is this build."""
+    if not library.is_file() or (sys.platform.startswith("linux") and _elf_is_truncated(library)):
+        raise BuildError(
+            f"the build cache folder {library.parent} is not writable and holds no complete build of this "
+            "version: set FSDP4BIT_CACHE_DIR to a writable folder"
+        )
+    spec = importlib.util.spec_from_file_location(library.stem, library)
+    if spec is None or spec.loader is None:
+        raise BuildError(f"cannot import the built extension {library}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _load(name: str, sources: tuple[Path, ...], key: str, **kwargs) -> ModuleType:
     from torch.utils import cpp_extension
 
     folder = build_dir(name, key)
+    if not _writable(folder):
+        return _load_prebuilt(library_path(name, key))
     verbose = os.environ.get("FSDP4BIT_BUILD_VERBOSE") == "1"
     with exclusive_build(folder):
+        _drop_truncated(library_path(name, key))
         return cpp_extension.load(
             name=f"{name}_{key}",
             sources=[str(s) for s in sources],
@@ -194,6 +297,8 @@ def build_cpu() -> tuple[ModuleType, float]:
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         raise BuildError(f"no C++ compiler found ({cxx!r} is not on PATH): install g++ (e.g. `apt-get install g++`)")
+    if not _compiler_version(cxx):
+        raise BuildError(f"the C++ compiler {cxx!r} does not run (`{cxx} --version` failed): install g++ or set CXX")
     _check_ninja()
     cflags, ldflags, key = cpu_build()
     t0 = time.perf_counter()
