@@ -59,13 +59,15 @@ def packed_bytes(packed: torch.Tensor) -> torch.Tensor:
     return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
 
 
-def _check_input(A: object, name: str = "A") -> torch.Tensor:
+def _check_input(A: object, name: str = "A", empty_ok: bool = False) -> torch.Tensor:
+    """``A`` as a float16/bfloat16/float32 tensor (TypeError if not); empty only with ``empty_ok`` (a matmul's A of
+    no rows: an empty product), else ValueError."""
     if not isinstance(A, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(A).__name__}")
     if not A.is_floating_point():
         raise TypeError(f"{name} must be float16, bfloat16 or float32, got {A.dtype}")
     check_float_dtype(A.dtype, f"{name}.dtype")
-    if A.numel() == 0:
+    if A.numel() == 0 and not empty_ok:
         raise ValueError(f"{name} must not be empty (shape {tuple(A.shape)})")
     return A
 
@@ -329,11 +331,12 @@ def gemv_4bit(
     transposed_B: bool = False,
     state: QuantState | None = None,
 ) -> torch.Tensor:
-    """``A @ W.T`` where W is the 4-bit weight ``B`` (packed, either orientation) described by ``state``."""
+    """``A @ W.T`` where W is the 4-bit weight ``B`` (packed, either orientation) described by ``state``; A of no
+    rows gives an empty product, as in :func:`fsdp4bit.matmul_4bit`."""
     if state is None:
         raise ValueError("gemv_4bit needs state=, the QuantState returned by quantize_4bit")
     state = as_quant_state(state, "state")
-    _check_input(A)
+    _check_input(A, empty_ok=True)
     data = check_packed_matches(B, state, "B")
     if len(state.shape) != 2:
         raise ValueError(f"gemv_4bit needs a 2-D weight, quant_state.shape is {tuple(state.shape)}")
@@ -356,7 +359,7 @@ def gemv_4bit(
         state.quant_type,
         list(state.shape),
     )
-    if torch.is_grad_enabled() and A.requires_grad:  # the same kernels, through the op that has a backward
+    if (torch.is_grad_enabled() and A.requires_grad) or ops.has_tangent(A):  # through the differentiable op
         result = ops.matmul_4bit(A, None, data, *stats)
     else:
         result = ops.gemv_4bit(A, data, *stats)

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.autograd import forward_ad
 
 from . import kernels, reference
 from .codebooks import (
@@ -398,6 +399,22 @@ def _needs_grad(A: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and (A.requires_grad or (bias is not None and bias.requires_grad))
 
 
+def has_tangent(*tensors: torch.Tensor | None) -> bool:
+    """True when forward-mode AD is on and one of ``tensors`` carries a tangent: the kernels and the autograd node
+    have no forward derivative (the kernels would drop the tangent)."""
+    if forward_ad._current_level < 0:
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def _matmul_4bit_dual(A: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor, *stats: Any) -> torch.Tensor:
+    """:func:`matmul_4bit` as W dequantized in A's dtype and F.linear, both differentiable ops, for inputs with
+    forward-mode tangents; ``stats`` run from absmax to shape."""
+    _check_matmul(A, bias, packed, *stats)
+    W = dequantize_4bit(packed, *stats, A.dtype)
+    return torch.nn.functional.linear(A, W, None if bias is None else bias.to(A.dtype))
+
+
 def matmul_4bit(
     A: torch.Tensor,
     bias: torch.Tensor | None,
@@ -422,6 +439,8 @@ def matmul_4bit(
     args = (A, bias, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape)
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if has_tangent(A, bias):
+        return _matmul_4bit_dual(*args)
     if _has_operator_kernels(A):
         return _MATMUL_4BIT(*args)
     if _eager_direct(A, bias, packed, absmax, nested_absmax, nested_code, offset, plain=_PLAIN_OR_PARAMETER):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 
 import fsdp4bit as bnb
 from fsdp4bit import functional as F
@@ -259,3 +260,40 @@ def test_random_calls_match_the_python_function_and_the_reference(device, monkey
             if got is not None:
                 scale = want.abs().max().item() if want.numel() else 0.0
                 torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * scale, msg=str(case))
+
+
+@pytest.mark.parametrize("rows", [1, 20])
+def test_forward_mode_tangents_reach_the_output(device, rows):
+    """Forward-mode AD (a dual A or bias, torch.func.jvp) gives the output the tangent tA @ W.T + t_bias, against
+    float64: the kernels have no forward derivative and dropped it (a None tangent) or refused it."""
+    gen = torch.Generator().manual_seed(31)
+    packed, state = F.quantize_4bit(torch.randn(24, 64, generator=gen).to(device), quant_type="fp4", blocksize=32)
+    W = F.dequantize_4bit(packed, state).double()
+    x, t = (torch.randn(rows, 64, generator=gen).to(device) for _ in range(2))
+    bias, t_bias = (torch.randn(24, generator=gen).to(device) for _ in range(2))
+    want = t.double() @ W.T
+    with fwAD.dual_level():
+        for requires_grad in (False, True):
+            dual = fwAD.make_dual(x.clone().requires_grad_(requires_grad), t)
+            for out in (bnb.matmul_4bit(dual, packed.t(), state), F.gemv_4bit(dual, packed.t(), state=state)):
+                tangent = fwAD.unpack_dual(out).tangent
+                assert tangent is not None
+                torch.testing.assert_close(tangent.double(), want, rtol=1e-5, atol=1e-5)
+        out = bnb.matmul_4bit(x, packed.t(), state, bias=fwAD.make_dual(bias, t_bias))
+        assert torch.equal(fwAD.unpack_dual(out).tangent, t_bias.expand(rows, 24))
+    _, tangent = torch.func.jvp(lambda a: bnb.matmul_4bit(a, packed.t(), state), (x,), (t,))
+    torch.testing.assert_close(tangent.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lead", [(0,), (2, 0)])
+def test_gemv_of_no_rows_is_an_empty_product(device, lead):
+    """F.gemv_4bit of an A with no rows returns the empty product, as bnb.matmul_4bit does (it raised "A must not be
+    empty"), also into ``out=``."""
+    packed, state = F.quantize_4bit(torch.randn(24, 64).to(device), quant_type="nf4")
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(*lead, 64, device=device, dtype=dtype)
+        out = F.gemv_4bit(x, packed.t(), state=state)
+        assert out.shape == (*lead, 24) and out.dtype == dtype
+        assert out.shape == bnb.matmul_4bit(x, packed.t(), state).shape
+        buf = torch.empty(*lead, 24, device=device, dtype=dtype)
+        assert F.gemv_4bit(x, packed.t(), state=state, out=buf) is buf
