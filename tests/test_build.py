@@ -156,8 +156,8 @@ def test_compiler_that_does_not_run(cache, monkeypatch):
 
 
 def test_missing_sources_say_how_to_install(tmp_path):
-    """A non-editable install has no csrc/ next to the package: a BuildError saying so (was FileNotFoundError)."""
-    with pytest.raises(_build.BuildError, match=r"sources are not installed .*pip install -e \."):
+    """Sources missing (an install without them): a BuildError saying how to reinstall (was FileNotFoundError)."""
+    with pytest.raises(_build.BuildError, match=r"sources are not installed .*reinstall fsdp4bit"):
         _build._key((tmp_path / "csrc" / "cpu" / "fsdp4bit_cpu.cpp",), "flags")
 
 
@@ -271,3 +271,36 @@ def test_train_sh_refuses_bad_settings(tmp_path, fake_torchrun, env, message):
     and one line saying which setting is wrong, before torchrun starts."""
     proc = _train_sh(tmp_path, fake_torchrun, **env)
     assert proc.returncode == 2 and message in proc.stderr and proc.stdout == "", (proc.stdout, proc.stderr)
+
+
+def test_wheel_carries_the_kernel_sources(tmp_path):
+    """A non-editable install builds the kernels too: the wheel holds csrc/ as fsdp4bit/_csrc, byte for byte, and
+    _build reads that copy where it exists (built from a copy of the project: setuptools writes build/ in place)."""
+    import zipfile
+
+    pytest.importorskip("setuptools", reason="pip wheel --no-build-isolation needs setuptools in this environment")
+    repo = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    shutil.copytree(repo / "fsdp4bit", src / "fsdp4bit", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(repo / "csrc", src / "csrc")
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md"):
+        shutil.copy(repo / name, src / name)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        str(src),
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        "-w",
+        str(tmp_path),
+    ]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300, cwd=tmp_path)
+    (wheel,) = tmp_path.glob("fsdp4bit-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        packed = {name.removeprefix("fsdp4bit/_csrc/"): z.read(name) for name in z.namelist() if "/_csrc/" in name}
+    sources = {str(p.relative_to(repo / "csrc")): p.read_bytes() for p in (repo / "csrc").rglob("*") if p.is_file()}
+    assert packed == sources
+    assert {str(p.relative_to(_build.CSRC)) for p in _build.CPU_SOURCES} <= set(packed)

@@ -30,7 +30,9 @@ from types import ModuleType
 
 import torch
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+# the kernels' sources: csrc/ of a checkout (editable install), or the copy a wheel carries (setup.py)
+_PACKAGED_CSRC = Path(__file__).resolve().parents[1] / "_csrc"
+CSRC = _PACKAGED_CSRC if _PACKAGED_CSRC.is_dir() else Path(__file__).resolve().parents[2] / "csrc"
 CPU_SOURCES = (CSRC / "cpu" / "fsdp4bit_cpu.cpp", CSRC / "cpu" / "operators.cpp")
 CPU_HEADERS = (CSRC / "cpu" / "host_ops.h", CSRC / "common" / "operators.h")
 CUDA_SOURCES = tuple(
@@ -135,8 +137,8 @@ def _key(sources: tuple[Path, ...], *parts: str) -> str:
     missing = [str(src) for src in sources if not src.is_file()]
     if missing:
         raise BuildError(
-            f"the C++/CUDA sources are not installed ({missing[0]} is missing): install fsdp4bit from its "
-            "repository with `pip install -e .`, which keeps csrc/ next to the package"
+            f"the C++/CUDA sources are not installed ({missing[0]} is missing): reinstall fsdp4bit (a wheel "
+            "carries them in fsdp4bit/_csrc, an editable install `pip install -e .` reads csrc/ in the checkout)"
         )
     h = hashlib.sha256()
     for src in sources:
