@@ -283,6 +283,10 @@ def test_forward_mode_tangents_reach_the_output(device, rows):
         assert torch.equal(fwAD.unpack_dual(out).tangent, t_bias.expand(rows, 24))
     _, tangent = torch.func.jvp(lambda a: bnb.matmul_4bit(a, packed.t(), state), (x,), (t,))
     torch.testing.assert_close(tangent.double(), want, rtol=1e-5, atol=1e-5)
+    if kernels.native_for(device) is not None:  # the operator itself says so instead of dropping the tangent
+        args = (packed, *state.absmax_tensors(), 32, 256, "fp4", [24, 64])
+        with fwAD.dual_level(), pytest.raises(RuntimeError, match="has no forward-mode derivative, and an input"):
+            torch.ops.fsdp4bit.matmul_4bit(fwAD.make_dual(x, t), None, *args)
 
 
 @pytest.mark.parametrize("lead", [(0,), (2, 0)])

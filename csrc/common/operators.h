@@ -318,6 +318,11 @@ class Operators {
                                     int64_t nested_blocksize, const std::string& quant_type,
                                     const std::vector<int64_t>& shape) {
     using operators_detail::Matmul4bitFunction;
+    // the kernels have no forward derivative: a tangent would be dropped (fsdp4bit.matmul_4bit routes dual inputs
+    // through dequantize + F.linear)
+    TORCH_CHECK(!A._fw_grad(0).defined() && !(bias.has_value() && bias->_fw_grad(0).defined()),
+                "torch.ops.fsdp4bit.matmul_4bit has no forward-mode derivative, and an input carries a tangent: call "
+                "fsdp4bit.matmul_4bit (or Linear4bit), which takes dual inputs through dequantize_4bit + F.linear");
     const bool grad =
         at::GradMode::is_enabled() && (A.requires_grad() || (bias.has_value() && bias->requires_grad()));
     if (grad)
