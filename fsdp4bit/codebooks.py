@@ -52,6 +52,11 @@ def _on_device(kind: str, device: torch.device) -> torch.Tensor:
     return (_dynamic_map_cpu() if kind == "dynamic" else _code_cpu(kind)).to(device)
 
 
+def _device_or_cpu(device: torch.device | str | int | None) -> torch.device:
+    """``device`` as a torch.device, the CPU for None (not for any falsy value: 0 is the first accelerator)."""
+    return torch.device("cpu" if device is None else device)
+
+
 def shared_4bit_code(quant_type: str, device: torch.device | str) -> torch.Tensor:
     """The cached code table of ``quant_type`` on ``device``, not copied: for kernels to read, never to hand out."""
     check_quant_type(quant_type)
@@ -61,7 +66,7 @@ def shared_4bit_code(quant_type: str, device: torch.device | str) -> torch.Tenso
 def get_4bit_code(quant_type: str, device: torch.device | str | None = None) -> torch.Tensor:
     """A fresh float32 tensor of the 16 code values of ``quant_type`` (index = 4-bit code)."""
     check_quant_type(quant_type)
-    return _on_device(quant_type, torch.device(device or "cpu")).clone()
+    return _on_device(quant_type, _device_or_cpu(device)).clone()
 
 
 @functools.cache
@@ -98,7 +103,7 @@ def shared_dynamic_map(device: torch.device | str) -> torch.Tensor:
 
 def get_dynamic_map(device: torch.device | str | None = None) -> torch.Tensor:
     """A fresh float32 copy of the 256-entry dynamic map."""
-    return _on_device("dynamic", torch.device(device or "cpu")).clone()
+    return _on_device("dynamic", _device_or_cpu(device)).clone()
 
 
 def check_quant_type(quant_type: object) -> None:

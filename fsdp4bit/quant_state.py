@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import numbers
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from .codebooks import NESTED_BLOCKSIZE, QUANT_TYPES, check_blocksize, check_quant_type, check_stats_counts
+from .codebooks import NESTED_BLOCKSIZE, QUANT_TYPES, as_blocksize, check_quant_type, check_stats_counts
 
 PACKED_KEY_PREFIX = "quant_state.bitsandbytes__"
 _TENSOR_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
@@ -40,8 +41,13 @@ def pack_dict_to_tensor(values: dict[str, Any]) -> torch.Tensor:
 
 def unpack_tensor_to_dict(tensor: torch.Tensor, key: str = "quant_state") -> dict[str, Any]:
     """Decode :func:`pack_dict_to_tensor`; a broken blob raises ValueError naming ``key``."""
-    if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.uint8:
-        raise ValueError(f"{key!r} must be a uint8 tensor of UTF-8 JSON, got {type(tensor).__name__}")
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"{key!r} must be a 1-D uint8 tensor of UTF-8 JSON, got {type(tensor).__name__}")
+    if tensor.dtype != torch.uint8 or tensor.dim() != 1:
+        # tolist() of a 0-D tensor is one int (bytes(n) is n zero bytes) and of a 2-D one a list of lists
+        raise ValueError(
+            f"{key!r} must be a 1-D uint8 tensor of UTF-8 JSON, got a {tensor.dtype} tensor of shape {tuple(tensor.shape)}"
+        )
     try:
         values = json.loads(bytes(tensor.cpu().tolist()).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -53,6 +59,8 @@ def unpack_tensor_to_dict(tensor: torch.Tensor, key: str = "quant_state") -> dic
 
 def _as_size(shape: Any, name: str) -> torch.Size:
     """``shape`` as a torch.Size of non-negative ints (TypeError / ValueError naming ``name`` if it is not one)."""
+    if isinstance(shape, Iterator):  # read once: a generator checked after torch.Size consumed it passed anything
+        shape = tuple(shape)
     try:
         size = torch.Size(shape)
     except TypeError:
@@ -60,6 +68,46 @@ def _as_size(shape: Any, name: str) -> torch.Size:
     if any(isinstance(s, bool) or s < 0 for s in shape):
         raise ValueError(f"{name} must be a sequence of non-negative ints, got {shape!r}")
     return size
+
+
+def _strip_prefixes(qs_dict: dict[str, Any]) -> dict[str, Any]:
+    """Entries by their last dotted name ("weight.absmax" -> "absmax"); one name twice (two weights' entries) raises."""
+    stripped: dict[str, Any] = {}
+    seen: dict[str, str] = {}
+    for key, value in qs_dict.items():
+        name = key.split(".")[-1]
+        if name in seen:
+            raise ValueError(
+                f"quant-state entry {name!r} given twice, as {seen[name]!r} and {key!r} (one weight's only)"
+            )
+        seen[name], stripped[name] = key, value
+    return stripped
+
+
+def _json_shape(shape: Any) -> torch.Size:
+    """A state dict's shape entry (a list or tuple of non-negative ints, NumPy ints too) as a torch.Size of ints."""
+    if not isinstance(shape, (list, tuple)) or not all(
+        isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 0 for s in shape
+    ):
+        raise ValueError(f"quant-state shape must be a list of non-negative ints, got {shape!r}")
+    return torch.Size([int(s) for s in shape])
+
+
+def _check_absmax_dtypes(absmax: torch.Tensor, nested_absmax: torch.Tensor | None) -> None:
+    """bitsandbytes' statistics dtypes: float32 absmax, or uint8 codes with a float32 nested absmax (ValueError)."""
+    if nested_absmax is None:
+        if absmax.dtype != torch.float32:
+            raise ValueError(f"absmax must be float32 without double quantization, got {absmax.dtype}")
+        return
+    if absmax.dtype != torch.uint8:
+        raise ValueError(f"double-quantized absmax must be uint8, got {absmax.dtype}")
+    if nested_absmax.dtype != torch.float32:
+        raise ValueError(f"nested_absmax must be float32, got {nested_absmax.dtype}")
+
+
+def _moved(value: Any, device: torch.device | str) -> Any:
+    """``value`` on ``device`` if it is a tensor; a field not set (None) stays None."""
+    return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
 class QuantState:
@@ -181,7 +229,8 @@ class QuantState:
 
     @classmethod
     def from_dict(cls, qs_dict: dict[str, Any], device: torch.device | str | None) -> QuantState:
-        """Rebuild from a (possibly prefixed) state-dict slice in bitsandbytes' format; bad input raises ValueError."""
+        """Rebuild from a (possibly prefixed) state-dict slice in bitsandbytes' format; bad input raises ValueError.
+        ``device=None`` leaves the tensors where they are (the offset goes to the absmax's device)."""
         if not isinstance(qs_dict, dict):
             raise TypeError(f"qs_dict must be a dict of quant-state entries, got {type(qs_dict).__name__}")
         qs_dict = dict(qs_dict)
@@ -197,7 +246,10 @@ class QuantState:
             suffix = key.split("__")[-1]
             if meta.get("quant_type") != suffix:
                 raise ValueError(f"{key!r} names quant_type {suffix!r} but its JSON says {meta.get('quant_type')!r}")
-        stripped = {k.split(".")[-1]: v for k, v in qs_dict.items()}
+            extra = sorted(set(meta) - set(_JSON_KEYS))
+            if extra:
+                raise ValueError(f"{key!r} holds unexpected JSON fields {extra}; accepted: {sorted(_JSON_KEYS)}")
+        stripped = _strip_prefixes(qs_dict)
         unknown = sorted(set(stripped) - set(_TENSOR_KEYS) - set(_JSON_KEYS))
         if unknown:
             raise ValueError(f"unexpected quant-state keys {unknown}; accepted: {sorted(_TENSOR_KEYS + _JSON_KEYS)}")
@@ -207,7 +259,8 @@ class QuantState:
         for key in ("quant_type", "blocksize", "dtype", "shape"):
             if key not in meta:
                 raise ValueError(f"quant state is missing {key!r} (no packed 'quant_state.bitsandbytes__*' entry?)")
-        nested = "nested_absmax" in tensors or "nested_offset" in meta
+        # any nested entry makes the state double-quantized, so a partial one names what it lacks
+        nested = any(k.startswith("nested_") for k in (*tensors, *meta))
         if nested:
             required += ["nested_absmax", "nested_quant_map"]
             for key in ("nested_blocksize", "nested_dtype", "nested_offset"):
@@ -220,47 +273,40 @@ class QuantState:
             if not isinstance(v, torch.Tensor):
                 raise ValueError(f"quant-state entry {k!r} must be a tensor, got {type(v).__name__}")
         check_quant_type(meta["quant_type"])
-        check_blocksize(meta["blocksize"])
+        blocksize = as_blocksize(meta["blocksize"])
         if not isinstance(meta["dtype"], str) or meta["dtype"] not in _DTYPES:
             raise ValueError(f"quant-state dtype must be one of {sorted(_DTYPES)}, got {meta['dtype']!r}")
-        shape = meta["shape"]
-        if (
-            shape is None
-            or not isinstance(shape, (list, tuple))
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
-        ):
-            raise ValueError(f"quant-state shape must be a list of non-negative ints, got {shape!r}")
-        if nested:
-            check_blocksize(meta["nested_blocksize"], "nested_blocksize")
+        shape = _json_shape(meta["shape"])
+        nested_blocksize = as_blocksize(meta["nested_blocksize"], "nested_blocksize") if nested else None
         nested_absmax = tensors["nested_absmax"] if nested else None
-        check_stats_counts(tensors["absmax"], nested_absmax, shape, meta["blocksize"], meta.get("nested_blocksize"))
+        check_stats_counts(tensors["absmax"], nested_absmax, shape, blocksize, nested_blocksize)
         for key, entries in (("quant_map", 16), ("nested_quant_map", 256)):
             table = tensors.get(key)
             if table is not None and (table.numel() != entries or table.dtype != torch.float32):
                 raise ValueError(
                     f"{key} must be a float32 table of {entries} entries, got {table.dtype} with {table.numel()}"
                 )
+        _check_absmax_dtypes(tensors["absmax"], nested_absmax)
         state2 = offset = None
         if nested:
             if not isinstance(meta["nested_dtype"], str) or meta["nested_dtype"] not in _DTYPES:
                 raise ValueError(f"nested_dtype must be one of {sorted(_DTYPES)}, got {meta['nested_dtype']!r}")
-            if tensors["absmax"].dtype != torch.uint8:
-                raise ValueError(f"double-quantized absmax must be uint8, got {tensors['absmax'].dtype}")
             nested_offset = meta["nested_offset"]
-            if isinstance(nested_offset, bool) or not isinstance(nested_offset, (int, float)):
+            if isinstance(nested_offset, bool) or not isinstance(nested_offset, numbers.Real):
                 raise ValueError(f"nested_offset must be a number, got {nested_offset!r}")
-            offset = torch.tensor(float(nested_offset), dtype=torch.float32, device=device)
+            offset_device = tensors["absmax"].device if device is None else device
+            offset = torch.tensor(float(nested_offset), dtype=torch.float32, device=offset_device)
             state2 = cls(
                 absmax=tensors["nested_absmax"].to(device),
                 code=tensors["nested_quant_map"].to(device),
-                blocksize=meta["nested_blocksize"],
+                blocksize=nested_blocksize,
                 dtype=_DTYPES[meta["nested_dtype"]],
             )
         return cls(
             absmax=tensors["absmax"].to(device),
-            shape=torch.Size(shape),
+            shape=shape,
             code=tensors["quant_map"].to(device),
-            blocksize=meta["blocksize"],
+            blocksize=blocksize,
             quant_type=meta["quant_type"],
             dtype=_DTYPES[meta["dtype"]],
             offset=offset,
@@ -296,13 +342,16 @@ class QuantState:
         return out
 
     def to(self, device: torch.device | str) -> QuantState:
-        """Move every tensor to ``device`` in place (bitsandbytes semantics) and return self."""
-        self.code = self.code.to(device)
-        self.absmax = self.absmax.to(device)
+        """Move every tensor to ``device`` in place (bitsandbytes semantics) and return self; a dtype is refused, since
+        casting would turn the uint8 nested codes into floats and round the float32 code tables."""
+        if isinstance(device, torch.dtype):
+            raise TypeError(f"QuantState.to takes a device (the statistics keep their dtypes), got {device}")
+        self.code = _moved(self.code, device)
+        self.absmax = _moved(self.absmax, device)
         if self.nested:
-            self.offset = self.offset.to(device)
-            self.state2.absmax = self.state2.absmax.to(device)
-            self.state2.code = self.state2.code.to(device)
+            self.offset = _moved(self.offset, device)
+            self.state2.absmax = _moved(self.state2.absmax, device)
+            self.state2.code = _moved(self.state2.code, device)
         return self
 
     def __eq__(self, other: object) -> bool:
