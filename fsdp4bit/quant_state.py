@@ -35,8 +35,9 @@ def _same_bits(a: Any, b: Any) -> bool:
 
 
 def pack_dict_to_tensor(values: dict[str, Any]) -> torch.Tensor:
-    """JSON-encode non-tensor state into a uint8 tensor (how bitsandbytes keeps it safetensors-friendly)."""
-    return torch.tensor(list(json.dumps(values).encode("utf-8")), dtype=torch.uint8)
+    """JSON-encode non-tensor state into a uint8 tensor (how bitsandbytes keeps it safetensors-friendly), on the CPU
+    whatever the default device (under ``torch.device("meta")`` the bytes were lost)."""
+    return torch.tensor(list(json.dumps(values).encode("utf-8")), dtype=torch.uint8, device="cpu")
 
 
 def unpack_tensor_to_dict(tensor: torch.Tensor, key: str = "quant_state") -> dict[str, Any]:

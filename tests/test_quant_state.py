@@ -184,3 +184,13 @@ def test_bitsandbytes_states_load_bit_for_bit():
         assert sorted(mine) == sorted(d)
         assert all(bytes(mine[k].view(torch.uint8).tolist()) == bytes(d[k].view(torch.uint8).tolist()) for k in d)
         assert json.loads(bytes(mine[BLOB].tolist()))["shape"] == [3, 5, 33]
+
+
+def test_packed_json_keeps_its_bytes_under_another_default_device():
+    """as_dict(packed=True) under ``torch.device("meta")`` (a model built there, then saved) keeps the JSON bytes:
+    the blob is made on the CPU whatever the default device."""
+    _, state = F.quantize_4bit(torch.randn(8, 64), quant_type="nf4", compress_statistics=True)
+    want = state.as_dict(packed=True)["quant_state.bitsandbytes__nf4"]
+    with torch.device("meta"):
+        blob = state.as_dict(packed=True)["quant_state.bitsandbytes__nf4"]
+    assert blob.device.type == "cpu" and torch.equal(blob, want)
