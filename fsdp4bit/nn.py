@@ -13,7 +13,14 @@ from torch.nn.modules.module import _EXTRA_STATE_KEY_SUFFIX
 
 from . import functional as F
 from .autograd import autocast_on, matmul_4bit
-from .codebooks import as_blocksize, check_flag, check_float_dtype, check_quant_storage, check_quant_type
+from .codebooks import (
+    FLOAT_DTYPES,
+    as_blocksize,
+    check_flag,
+    check_float_dtype,
+    check_quant_storage,
+    check_quant_type,
+)
 from .dsd import KeyPaths, statistics_on_every_rank
 from .quant_state import PACKED_KEY_PREFIX, QuantState
 from .sharding import as_like, is_sharded, load_sharded_entries, sharded_state_dict_entries
@@ -471,9 +478,13 @@ class Params4bit(nn.Parameter):
     # -- device and dtype moves ---------------------------------------------------------------------------
 
     def _quantize(self, device: torch.device, dtype: torch.dtype | None = None) -> Params4bit:
-        """Quantize the float values in place: this very object becomes the packed weight."""
+        """Quantize the float values in place: this very object becomes the packed weight. Values of a quantizable
+        dtype are quantized as they are, whatever ``dtype`` a move asks for (bitsandbytes' rule: ``.to(device,
+        torch.bfloat16)`` of a float32 weight gives its words and a float32 state); others (float64) in ``dtype``."""
         if dtype is not None:
             check_float_dtype(dtype, "dtype")
+            if self._data.dtype in FLOAT_DTYPES:
+                dtype = None
         if self._data.is_meta:
             raise ValueError(
                 f"data is on the meta device (it holds no values) and cannot be quantized on {device}: give the "
