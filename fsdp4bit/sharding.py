@@ -514,6 +514,9 @@ def load_sharded_entries(weight, packed: torch.Tensor, full_state: QuantState) -
             words = _words_in(plain(packed), (full_state.numel + 1) // 2, target.dtype, rows[rank])
             target.copy_(words.view(target.shape))
         lo, hi = blocks[rank]
+        state.dtype = (
+            full_state.dtype
+        )  # the checkpoint's weight dtype (dequantize's default output), as load_state_dict
         state.absmax.copy_(full_state.absmax[lo:hi].to(state.absmax.device))
         if state.nested:
             state.offset.copy_(full_state.offset)

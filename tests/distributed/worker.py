@@ -41,13 +41,26 @@ def special_words(dtype: torch.dtype) -> torch.Tensor:
     return torch.arange(256, dtype=torch.int32).to(torch.uint8)
 
 
-def make_layer(out_f: int, in_f: int, storage: torch.dtype, quant_type: str, dq: bool, blocksize: int, seed: int):
+def make_layer(
+    out_f: int,
+    in_f: int,
+    storage: torch.dtype,
+    quant_type: str,
+    dq: bool,
+    blocksize: int,
+    seed: int,
+    dtype: torch.dtype = torch.float32,
+):
     torch.manual_seed(seed)
     layer = bnb.nn.Linear4bit(
         in_f, out_f, bias=True, quant_type=quant_type, compress_statistics=dq, quant_storage=storage
     )
     layer.weight = bnb.nn.Params4bit(
-        layer.weight.data, quant_type=quant_type, compress_statistics=dq, quant_storage=storage, blocksize=blocksize
+        layer.weight.data.to(dtype),
+        quant_type=quant_type,
+        compress_statistics=dq,
+        quant_storage=storage,
+        blocksize=blocksize,
     )
     return layer.to(DEVICE)
 
@@ -431,20 +444,25 @@ def scenario_robustness() -> dict:
 
     from fsdp4bit import checkpoint
 
-    def model(storage: torch.dtype, seed: int) -> nn.Module:
+    def model(storage: torch.dtype, seed: int, dtype: torch.dtype = torch.float32) -> nn.Module:
         return nn.Sequential(
-            make_layer(7, 13, storage, "nf4", True, 64, seed), make_layer(5, 7, storage, "fp4", False, 32, seed + 1)
+            make_layer(7, 13, storage, "nf4", True, 64, seed, dtype),
+            make_layer(5, 7, storage, "fp4", False, 32, seed + 1, dtype),
         )
 
     x = torch.randn(3, 13, device=DEVICE)
     pairs = [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)]
     for source_storage, target_storage in pairs:
-        source, target = shard_model(model(source_storage, 1)), shard_model(model(target_storage, 5))
+        source = shard_model(model(source_storage, 1, torch.bfloat16))
+        target = shard_model(model(target_storage, 5))
         target.load_state_dict(source.state_dict())
         assert torch.equal(target(x), source(x)), f"{source_storage} -> {target_storage}: outputs differ"
+        saved, loaded = checkpoint.full_state_dict(source), checkpoint.full_state_dict(target)
         for key, values in (("0.weight", 7 * 13), ("1.weight", 5 * 7)):
-            full = checkpoint.full_state_dict(source)[key], checkpoint.full_state_dict(target)[key]
+            full = saved[key], loaded[key]
             assert torch.equal(*(w.reshape(-1).view(torch.uint8)[: (values + 1) // 2] for w in full)), key
+        for key in ("0.weight.quant_state.bitsandbytes__nf4", "1.weight.quant_state.bitsandbytes__fp4"):
+            assert torch.equal(saved[key], loaded[key]), f"{key}: the loaded JSON (weight dtype...) differs"
 
     blocker = f"/tmp/fsdp4bit_robustness_{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}"
     if dist.get_rank() == 0:
