@@ -31,6 +31,7 @@ from .tensor_ops import (
     copy_format,
     copy_state,
     plain,
+    refuse_word_reads,
     refuse_word_writes,
     slice_state,
     unwrap_call,
@@ -226,6 +227,7 @@ class Params4bit(nn.Parameter):
             return handler(func, args, kwargs or {})
         if func._schema.is_mutable:
             refuse_word_writes(func, args, kwargs or {})
+        refuse_word_reads(func, args, kwargs or {})
         return unwrap_call(func, args, kwargs or {})
 
     # -- torch.compile: the inner tensors are the packed data and the statistics ----------------------

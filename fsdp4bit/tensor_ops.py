@@ -246,14 +246,80 @@ def refuse_word_writes(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -
         if info is None or not info.is_write:
             continue
         value = args[i] if i < len(args) else kwargs.get(arg.name)
+        if _quantized_words_in((value,), {}):
+            raise TypeError(
+                f"{func.overloadpacket.__name__} would write into the packed 4-bit words of a quantized Params4bit "
+                "as if they were numbers, which corrupts them: dequantize (fsdp4bit.functional.dequantize_4bit), "
+                "change the values and quantize again, or change the float values before the weight's first "
+                ".to(device) quantizes them"
+            )
+
+
+def _quantized_words_in(args: tuple, kwargs: dict) -> bool:
+    """Whether an argument (or a list's item) is a quantized Params4bit holding words (not on the meta device)."""
+    for value in (*args, *kwargs.values()):
         for v in value if isinstance(value, (list, tuple)) else (value,):
             if _is_params4bit(v) and v.bnb_quantized and not v.is_meta:
-                raise TypeError(
-                    f"{func.overloadpacket.__name__} would write into the packed 4-bit words of a quantized Params4bit "
-                    "as if they were numbers, which corrupts them: dequantize (fsdp4bit.functional.dequantize_4bit), "
-                    "change the values and quantize again, or change the float values before the weight's first "
-                    ".to(device) quantizes them"
-                )
+                return True
+    return False
+
+
+# ops that read their inputs as numbers: arithmetic, comparisons, math functions (pointwise), reductions, and these
+_UNTAGGED_READS = (
+    aten.mm,
+    aten.addmm,
+    aten.bmm,
+    aten.baddbmm,
+    aten.mv,
+    aten.addmv,
+    aten.dot,
+    aten.vdot,
+    aten.addr,
+    aten.allclose,
+    aten.isclose,
+)
+_BIT_OPS = (
+    aten.bitwise_and,
+    aten.bitwise_or,
+    aten.bitwise_xor,
+    aten.bitwise_not,
+    aten.bitwise_left_shift,
+    aten.bitwise_right_shift,
+)
+_READS_VALUES: dict[Any, bool] = {}
+
+
+def _reads_values(func: torch._ops.OpOverload) -> bool:
+    if func not in _READS_VALUES:
+        tagged = torch.Tag.pointwise in func.tags or torch.Tag.reduction in func.tags
+        packet = func.overloadpacket
+        _READS_VALUES[func] = (tagged and packet not in _BIT_OPS) or packet in _UNTAGGED_READS
+    return _READS_VALUES[func]
+
+
+def refuse_word_reads(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> None:
+    """An op without a handler here that reads a quantized Params4bit's values as numbers (arithmetic, comparisons,
+    ``isfinite``, reductions, matrix products) would compute on its packed 4-bit words and return meaningless numbers
+    (peft's ``safe_merge`` saw NaN in them, ``weight.data + delta`` mixed words and values): ValueError (a TypeError
+    raised under ``w + x`` becomes Python's "unsupported operand"). Bit operations, and weights not quantized yet or
+    on the meta device, are left alone."""
+    if _reads_values(func) and _quantized_words_in(args, kwargs):
+        raise ValueError(
+            f"{func.overloadpacket.__name__} would read the packed 4-bit words of a quantized Params4bit as numbers, "
+            "which gives meaningless values: dequantize first (fsdp4bit.functional.dequantize_4bit(weight.data, "
+            "weight.quant_state)), or compare words with torch.equal"
+        )
+
+
+@implements([aten.equal.default])
+def _equal(func, args, kwargs):
+    """torch.equal compares a quantized Params4bit's words bit for bit (as numbers, a word that reads as NaN differs
+    from itself); float values as numbers."""
+    words = _quantized_words_in(args[:2], {})
+    a, b = (plain(x) if _is_params4bit(x) else x for x in args[:2])
+    if not words or a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        return func(a, b)
+    return func(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
 @implements([aten.copy_.default])

@@ -62,6 +62,33 @@ def test_writes_into_quantized_words_raise(device, quant_storage, op):
     assert torch.equal(_words(layer), words)
 
 
+@pytest.mark.parametrize("quant_storage", STORAGES)
+@pytest.mark.parametrize("device", get_available_devices())
+def test_reads_of_quantized_words_as_numbers_raise(device, quant_storage):
+    """Arithmetic, comparisons, reductions and products on a quantized weight would compute on its packed words:
+    ValueError naming the op (peft's safe_merge saw NaN in float-stored words; DoRA's ``weight.data + delta`` mixed
+    words and values), also under operator syntax; torch.equal compares words bit for bit."""
+    skip_if_no_device(device)
+    layer = _quantized(quant_storage, device=device)
+    w, delta = layer.weight, torch.randn(8, 64, device=device)
+    ops = {
+        "add": lambda: w.data + delta,
+        "mul": lambda: w * 2,
+        "sum": lambda: w.sum(),
+        "linalg_vector_norm": lambda: w.norm(),
+        "allclose": lambda: torch.allclose(w, w),
+    }
+    if quant_storage.is_floating_point:
+        ops.update({"abs": lambda: torch.isfinite(w), "mm": lambda: torch.ones(2, 1, dtype=w.dtype, device=device) @ w})
+    for name, op in ops.items():
+        with pytest.raises(ValueError, match=f"^{name} would read the packed 4-bit words of a quantized Params4bit"):
+            op()
+    if quant_storage == torch.bfloat16:
+        plain(w).view(-1)[0] = float("nan")  # a word that reads as NaN: as numbers it differs from itself
+    assert torch.equal(w, w.clone())
+    assert not torch.equal(w, _quantized(quant_storage, seed=1, device=device).weight)
+
+
 @pytest.mark.parametrize("device", ["cpu", "meta"])
 def test_reset_parameters_of_a_quantized_layer_keeps_its_words(device):
     """FSDP2's meta-device recipe (to_empty, then reset_parameters on every module) must not write the words."""
@@ -126,7 +153,7 @@ def test_data_of_a_quantized_weight_refuses_a_plain_tensor():
     for value in (torch.randn(8, 64), plain(layer.weight).clone()):
         with pytest.raises(TypeError, match="without their statistics"):
             layer.weight.data = value
-    with torch.no_grad(), pytest.raises(TypeError, match="without their statistics"):
+    with torch.no_grad(), pytest.raises(ValueError, match="^mul would read the packed 4-bit words"):
         layer.weight.data *= 2  # __imul__ refuses, Python falls back to weight.data = weight.data * 2
     assert torch.equal(_words(layer), words)
 
