@@ -118,6 +118,22 @@ def test_resume_refuses_changed_settings() -> None:
     )
 
 
+def test_resume_refuses_another_held_out_split() -> None:
+    """Without eval_files the held-out fraction decides which sequences are trained on: a resume must keep it (with
+    eval_files the files may change: the training sequences stay)."""
+    from fsdp4bit.train.train_checkpoint import check_resume_settings, resume_settings
+
+    def cfg(eval_files: list[str], fraction: float) -> Config:
+        out = Config()
+        out.data.eval_files, out.data.eval_fraction = eval_files, fraction
+        return out
+
+    check_resume_settings(resume_settings(cfg(["a.txt"], 0.05)), resume_settings(cfg(["b.txt"], 0.2)), Path("ck"))
+    for before, after in ((cfg([], 0.05), cfg([], 0.1)), (cfg([], 0.05), cfg(["a.txt"], 0.05))):
+        with pytest.raises(ValueError, match=r"^cannot resume from ck: data\.held_out='data\.eval_fraction=0\.05' -> "):
+            check_resume_settings(resume_settings(before), resume_settings(after), Path("ck"))
+
+
 def test_override_of_a_str_field_keeps_its_text() -> None:
     cfg = load_config(None, ["output.dir=123", "debug.mode=off", "model.dtype=bfloat16"])
     assert (cfg.output.dir, cfg.debug.mode, cfg.model.dtype) == ("123", "off", "bfloat16")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import Config, load_config, to_toml
@@ -29,10 +30,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_inputs(cfg: Config) -> None:
-    """FileNotFoundError naming the field for a data file or model folder that does not exist, before a process group
-    or model is set up (a config error, exit code 2)."""
-    from .data import resolve_data_file
-    from .model import resolve_model_path
+    """Config errors naming the field, before a process group or the model is set up (exit code 2): a data file or
+    model folder that does not exist, an embedded model that cannot be converted into ``model.cache_dir``, data files
+    that are not UTF-8, hold no text, are listed twice, or give fewer sequences than one global micro-batch. The
+    datasets built here are kept, and the run takes them (``data.build_datasets``)."""
+    from .data import build_datasets, resolve_data_file
+    from .distributed import launched_by_launcher
+    from .model import load_tokenizer, resolve_model_path
 
     for field in ("train_files", "eval_files"):
         for name in getattr(cfg.data, field):
@@ -40,8 +44,15 @@ def check_inputs(cfg: Config) -> None:
                 resolve_data_file(name)
             except FileNotFoundError as err:
                 raise FileNotFoundError(f"data.{field}: {err}") from None
-    if cfg.model.path:
-        resolve_model_path(cfg.model)
+    resolve_model_path(cfg.model)  # converts the embedded model on first use
+    train, _ = build_datasets(cfg.data, load_tokenizer(cfg.model))
+    world = int(os.environ["WORLD_SIZE"]) if launched_by_launcher() else 1
+    if len(train) < cfg.train.micro_batch_size * world:
+        raise ValueError(
+            f"data.train_files give {len(train)} training sequences of data.seq_len={cfg.data.seq_len}, fewer than "
+            f"one global micro-batch (train.micro_batch_size={cfg.train.micro_batch_size} x {world} ranks): add "
+            "text or lower data.seq_len or train.micro_batch_size"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if not args.print_config:
             check_inputs(cfg)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         print(f"fsdp4bit-train: config error: {err}", file=sys.stderr)
         return 2
     if args.print_config:

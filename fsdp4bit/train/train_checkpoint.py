@@ -58,11 +58,14 @@ RESUME_SETTINGS = (
 
 
 def resume_settings(cfg: Any) -> dict[str, Any]:
-    """The values of :data:`RESUME_SETTINGS` in ``cfg`` (a run config), by dotted name."""
+    """The values of :data:`RESUME_SETTINGS` in ``cfg`` (a run config), by dotted name, and ``data.held_out``: where
+    the held-out text comes from (without ``data.eval_files``, the fraction decides which sequences are trained on)."""
     values = {}
     for name in RESUME_SETTINGS:
         section, field_name = name.split(".")
         values[name] = getattr(getattr(cfg, section), field_name)
+    data = cfg.data
+    values["data.held_out"] = "data.eval_files" if data.eval_files else f"data.eval_fraction={data.eval_fraction}"
     return values
 
 

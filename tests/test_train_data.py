@@ -1,0 +1,212 @@
+"""The trainer's inputs: the embedded model's first-run conversion (leftovers of a killed one, a cache that cannot take
+it) and the data files (encoding, empty, too short, listed twice, held-out split), each failing with a message
+naming the config field, before the model is built."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import SafetensorError
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from fsdp4bit.train import embedded
+from fsdp4bit.train.config import DataConfig, from_dict
+from fsdp4bit.train.data import build_datasets, tokenize_files
+
+REPO = Path(__file__).resolve().parents[1]
+CONVERTED = ("config.json", "model.safetensors", "tokenizer_config.json")  # what a converted folder holds
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    """A real fast tokenizer in a few lines: one token per word or punctuation run, ``</s>`` as EOS."""
+    model = Tokenizer(models.WordLevel(vocab={"[UNK]": 0, "</s>": 1}, unk_token="[UNK]"))
+    model.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=model, eos_token="</s>")
+
+
+def _words(path: Path, n: int) -> str:
+    """A file of ``n`` one-token words in paragraphs of ten (``n + 1`` tokens with the EOS)."""
+    path.write_text(
+        "\n\n".join(" ".join("w" * (i < n) for i in range(k, k + 10)).strip() for k in range(0, n, 10)) + "\n"
+    )
+    return str(path)
+
+
+# --- the embedded model's conversion --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_convert(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Conversion without the GGUF: writes the files a converted folder holds; returns the folders converted into."""
+    converted: list[Path] = []
+
+    def convert(target: Path) -> None:
+        for name in CONVERTED:
+            (target / name).write_text("{}")
+        converted.append(target)
+
+    monkeypatch.setattr(embedded, "_convert", convert)
+    monkeypatch.setattr(embedded, "gguf_location", lambda: (Path("."), "x.gguf"))
+    monkeypatch.delenv("FSDP4BIT_CACHE", raising=False)
+    return converted
+
+
+def test_a_killed_conversions_temporary_folder_is_removed(tmp_path: Path, fake_convert: list[Path]) -> None:
+    left = tmp_path / f".{embedded.CACHE_NAME}-killed"
+    left.mkdir()
+    (left / "model.safetensors").write_bytes(b"\0" * 1000)
+    final = embedded.ensure_embedded_model(str(tmp_path))
+    assert all((final / name).is_file() for name in CONVERTED) and not left.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [embedded.CACHE_NAME, f"{embedded.CACHE_NAME}.lock"]
+
+
+@pytest.mark.parametrize("missing", ["config.json", "model.safetensors"])
+def test_an_incomplete_cache_folder_is_converted_again(tmp_path: Path, fake_convert: list[Path], missing: str) -> None:
+    final = tmp_path / embedded.CACHE_NAME
+    final.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        if name != missing:
+            (final / name).write_text("old")
+    assert embedded.ensure_embedded_model(str(tmp_path)) == final
+    assert len(fake_convert) == 1 and all((final / name).read_text() == "{}" for name in CONVERTED)
+    assert embedded.ensure_embedded_model(str(tmp_path)) == final and len(fake_convert) == 1  # once only
+
+
+def test_a_cache_that_cannot_be_written_names_the_field(tmp_path: Path, fake_convert: list[Path]) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError, match=r"^model\.cache_dir .*file/cache: converting the embedded model into it"):
+        embedded.ensure_embedded_model(str(tmp_path / "file" / "cache"))
+
+
+def test_a_full_cache_names_the_field_and_leaves_nothing(
+    tmp_path: Path, fake_convert: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(target: Path) -> None:
+        (target / "model.safetensors").write_bytes(b"\0" * 100)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(embedded, "_convert", full)
+    monkeypatch.setenv("FSDP4BIT_CACHE", str(tmp_path))
+    with pytest.raises(OSError, match=r"^FSDP4BIT_CACHE .*No space left on device.*0\.55 GB"):
+        embedded.ensure_embedded_model("~/elsewhere")
+    assert [p.name for p in tmp_path.iterdir()] == [f"{embedded.CACHE_NAME}.lock"]
+
+
+# --- data files -------------------------------------------------------------------------------------------------
+
+
+def test_a_file_that_is_not_utf8_names_the_field(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("caf\u00e9 au lait\n".encode("latin1"))
+    cfg = DataConfig([_words(tmp_path / "a.txt", 100)], [str(path)], seq_len=8)
+    with pytest.raises(ValueError, match=r"^data\.eval_files: .*latin1\.txt is not UTF-8 text \(.* at byte 3\)"):
+        build_datasets(cfg, _tokenizer())
+
+
+@pytest.mark.parametrize("text", ["", " \n\n\t\n\n\n"])
+def test_a_file_without_text_names_the_field(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "empty.txt"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=r"^data\.train_files: .*empty\.txt holds no text"):
+        tokenize_files([str(path)], _tokenizer())
+
+
+def test_a_byte_order_mark_is_not_a_token(tmp_path: Path) -> None:
+    plain, marked = tmp_path / "plain.txt", tmp_path / "marked.txt"
+    plain.write_text("Hello there.\n")
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    tok = _tokenizer()
+    assert torch.equal(tokenize_files([str(marked)], tok), tokenize_files([str(plain)], tok))
+
+
+@pytest.mark.parametrize("field", ["train_files", "eval_files"])
+def test_text_shorter_than_a_sequence_names_the_field(tmp_path: Path, field: str) -> None:
+    files = {"train_files": [_words(tmp_path / "long.txt", 200)], "eval_files": [_words(tmp_path / "long2.txt", 200)]}
+    files[field] = [_words(tmp_path / "short.txt", 10)]
+    with pytest.raises(
+        ValueError, match=rf"^data\.{field} hold 11 tokens, too few for one sequence of data\.seq_len=64"
+    ):
+        build_datasets(DataConfig(**files, seq_len=64), _tokenizer())
+
+
+@pytest.mark.parametrize(
+    ("train", "evals", "message"),
+    [
+        (["a.txt", "a.txt"], [], r"data\.train_files: .*a\.txt is listed twice"),
+        (["a.txt"], ["b.txt", "a.txt"], r"data\.eval_files: .*a\.txt is listed in data\.train_files too"),
+    ],
+)
+def test_a_file_listed_twice_is_refused(tmp_path: Path, train: list, evals: list, message: str) -> None:
+    _words(tmp_path / "a.txt", 200)
+    _words(tmp_path / "b.txt", 200)
+    cfg = DataConfig([str(tmp_path / n) for n in train], [str(tmp_path / n) for n in evals], seq_len=8)
+    with pytest.raises(ValueError, match=message):
+        build_datasets(cfg, _tokenizer())
+
+
+def test_the_held_out_fraction(tmp_path: Path) -> None:
+    path = _words(tmp_path / "a.txt", 199)  # 200 tokens: 25 sequences of 8
+    train, held_out = build_datasets(DataConfig([path], [], eval_fraction=0.0, seq_len=8), _tokenizer())
+    assert (len(train), len(held_out)) == (25, 0)  # 0 holds out none (it held out one)
+    train, held_out = build_datasets(DataConfig([path], [], eval_fraction=0.1, seq_len=8), _tokenizer())
+    assert (len(train), len(held_out)) == (23, 2)
+    with pytest.raises(
+        ValueError, match=r"give 1 sequences .* data\.eval_fraction=0\.05 of them \(at least one\) leaves none"
+    ):
+        build_datasets(DataConfig([path], [], eval_fraction=0.05, seq_len=150), _tokenizer())
+    with pytest.raises(ValueError, match=r"'data\.eval_fraction' must be > 0 when data\.eval_files is empty"):
+        from_dict({"data": {"eval_files": [], "eval_fraction": 0.0}})
+    from_dict({"data": {"eval_files": [], "eval_fraction": 0.0}, "train": {"eval_before": False, "eval_after": False}})
+
+
+def test_datasets_are_built_once_per_process(tmp_path: Path) -> None:
+    path = Path(_words(tmp_path / "a.txt", 199))
+    cfg, tok = DataConfig([str(path)], [], seq_len=8), _tokenizer()
+    first = build_datasets(cfg, tok)
+    again = build_datasets(cfg, tok)  # the command line checks, then the run builds
+    assert again[0] is first[0] and again[1] is first[1]
+    path.write_text(path.read_text() * 2)
+    assert len(build_datasets(cfg, tok)[0]) > len(first[0])  # a changed file is read again
+
+
+def test_cli_checks_the_data_before_building_the_model(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    _tokenizer().save_pretrained(model)
+    (model / "config.json").write_text(json.dumps({"model_type": "llama"}))  # no weights: never built
+    train = _words(tmp_path / "train.txt", 199)  # 200 tokens: 3 sequences of 64, one held out
+    (tmp_path / "blank.txt").write_text("\n\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    out = tmp_path / "run"
+    cases = [
+        (["data.train_files=['blank.txt']"], r"data\.train_files: .*blank\.txt holds no text"),
+        (
+            ["train.micro_batch_size=3"],
+            r"give 2 training sequences of data\.seq_len=64, fewer than one global micro-batch",
+        ),
+    ]
+    for overrides, message in cases:
+        args = ["--set", f"model.path={model}", "--set", f"data.train_files=['{train}']", "--set", "data.seq_len=64"]
+        args += ["--set", "data.eval_files=[]", "--set", "data.eval_fraction=0.1", "--set", f"output.dir={out}"]
+        for text in overrides:
+            args += ["--set", text]
+        proc = subprocess.run(
+            [sys.executable, "-m", "fsdp4bit.train", *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "fsdp4bit-train: config error: " in proc.stderr, proc.stderr[-2000:]
+        assert re.search(message, proc.stderr), proc.stderr
+        assert not out.exists()
