@@ -20,7 +20,7 @@ from torch import nn
 from .codebooks import check_float_dtype
 from .nn import Linear4bit, Params4bit
 from .quant_state import PACKED_KEY_PREFIX
-from .sharding import as_block_types, units_bottom_up
+from .sharding import as_block_types, shard_groups, units_bottom_up
 
 Reader = Callable[[str], torch.Tensor]
 
@@ -109,47 +109,68 @@ def _prequantized(key: str, data: torch.Tensor, stats: dict[str, torch.Tensor], 
 
 
 def _load_linear4bit(
-    layer: Linear4bit, prefix: str, read: Reader, keys: set[str], device: torch.device, dtype: torch.dtype | None
+    layer: Linear4bit,
+    prefix: str,
+    read: Reader,
+    keys: set[str],
+    device: torch.device,
+    dtype: torch.dtype | None,
+    tied: TiedParams,
 ) -> None:
     """Read, check and build the layer's weight and bias, then set both (the layer is unchanged if anything fails).
     A float weight is cast to ``dtype`` (None: the template weight's float dtype, the one the layer was built in, else
-    float32) and quantized in the template weight's format."""
-    prefix = checkpoint_name(prefix)
-    weight_key = prefix + "weight"
+    float32) and quantized in the template weight's format. A weight or bias tied to one loaded before is that one
+    (``tied``), and one saved under a tied name only is read from there."""
+    template = layer.weight
+    weight = tied.loaded.get(id(template))
+    if weight is None:
+        weight = _read_linear4bit_weight(
+            layer, tied.key(template, checkpoint_name(prefix) + "weight", keys), read, keys, device, dtype
+        )
+    bias = None if layer.bias is None else tied.loaded.get(id(layer.bias))
+    if layer.bias is not None and bias is None:
+        key = tied.key(layer.bias, checkpoint_name(prefix) + "bias", keys)
+        value = _read(key, read, keys, tuple(layer.bias.shape)).to(device, layer.bias.dtype)
+        bias = nn.Parameter(value, requires_grad=layer.bias.requires_grad)
+    if layer.bias is not None:
+        tied.loaded[id(layer.bias)] = bias
+        layer.bias = bias
+    tied.loaded[id(template)] = weight
+    layer.weight = weight
+    # the layer's attributes describe the weight it now holds (a 4-bit checkpoint's format may differ), as in
+    # Linear4bit's load_state_dict
+    layer.quant_type, layer.compress_statistics = weight.quant_type, weight.compress_statistics
+    layer.quant_storage = weight.quant_storage
+
+
+def _read_linear4bit_weight(
+    layer: Linear4bit, weight_key: str, read: Reader, keys: set[str], device: torch.device, dtype: torch.dtype | None
+) -> Params4bit:
+    """The 4-bit weight saved at ``weight_key``: prequantized (with its statistics entries) or float, quantized in
+    the layer's template format."""
     shape = (layer.out_features, layer.in_features)
     stat_keys = [k for k in keys if k.startswith(weight_key + ".")]
     if stat_keys:
-        stats = {k[len(prefix) :]: _read(k, read, keys) for k in stat_keys}
+        owner = weight_key[: -len("weight")]
+        stats = {k[len(owner) :]: _read(k, read, keys) for k in stat_keys}
         weight = _prequantized(weight_key, _read(weight_key, read, keys), stats, device)
         if tuple(weight.quant_state.shape) != shape:
             raise ValueError(
                 f"checkpoint tensor {weight_key!r} is a 4-bit weight of shape {tuple(weight.quant_state.shape)}, "
                 f"the model's has {shape}"
             )
-    else:
-        template = layer.weight
-        if dtype is None:
-            dtype = template.dtype if template.dtype.is_floating_point else torch.float32
-        weight = Params4bit(
-            _read(weight_key, read, keys, shape).to(dtype),
-            requires_grad=False,
-            blocksize=template.blocksize,
-            compress_statistics=template.compress_statistics,
-            quant_type=template.quant_type,
-            quant_storage=template.quant_storage,
-        ).to(device)
-    bias = (
-        None
-        if layer.bias is None
-        else _read(prefix + "bias", read, keys, tuple(layer.bias.shape)).to(device, layer.bias.dtype)
-    )
-    layer.weight = weight
-    # the layer's attributes describe the weight it now holds (a 4-bit checkpoint's format may differ), as in
-    # Linear4bit's load_state_dict
-    layer.quant_type, layer.compress_statistics = weight.quant_type, weight.compress_statistics
-    layer.quant_storage = weight.quant_storage
-    if bias is not None:
-        layer.bias = nn.Parameter(bias, requires_grad=layer.bias.requires_grad)
+        return weight
+    template = layer.weight
+    if dtype is None:
+        dtype = template.dtype if template.dtype.is_floating_point else torch.float32
+    return Params4bit(
+        _read(weight_key, read, keys, shape).to(dtype),
+        requires_grad=False,
+        blocksize=template.blocksize,
+        compress_statistics=template.compress_statistics,
+        quant_type=template.quant_type,
+        quant_storage=template.quant_storage,
+    ).to(device)
 
 
 class TiedParams:
@@ -194,9 +215,9 @@ def materialize(
         check_float_dtype(dtype, "dtype")
     tied = TiedParams(module, prefix) if tied is None else tied
     if isinstance(module, Linear4bit) and module.weight.is_meta:
-        weight_key = checkpoint_name(prefix) + "weight"
-        if not missing_ok or weight_key in keys:
-            _load_linear4bit(module, prefix, read, keys, device, dtype)
+        weight_key = tied.key(module.weight, checkpoint_name(prefix) + "weight", keys)
+        if not missing_ok or weight_key in keys or id(module.weight) in tied.loaded:
+            _load_linear4bit(module, prefix, read, keys, device, dtype, tied)
     for name, child in module.named_children():
         materialize(child, f"{prefix}{name}.", read, keys, device, tied, missing_ok, dtype)
     for name, param in list(module.named_parameters(recurse=False)):
@@ -266,12 +287,14 @@ def load_sharded(
     *,
     block_types: tuple[type[nn.Module], ...],
     device: torch.device | str,
-    shard: Callable[[nn.Module], None] | None = None,
+    shard: Callable[[nn.Module | list[nn.Module]], object] | None = None,
     init: Callable[[nn.Module], object] | None = None,
     dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Materialize a meta-device ``model`` from a checkpoint one block at a time, sharding each block with
     ``shard`` (default: FSDP2 ``fully_shard``) as soon as it is loaded (nested blocks inner first), then the root.
+    Blocks sharing a parameter are loaded, then sharded together: ``shard`` gets them as a list (one FSDP group;
+    :func:`fsdp4bit.sharding.shard_groups`).
 
     ``init`` fills, per block and before it is sharded, the parameters the checkpoint does not hold: LoRA adapters
     that peft attached on the meta device (pass the model peft wrapped in place, e.g. ``peft_model.base_model.model``,
@@ -292,13 +315,16 @@ def load_sharded(
     device = torch.device(device)
     shard = shard or fully_shard
     tied = TiedParams(model)
-    units = [(m, f"{name}.") for name, m in units_bottom_up(model, lambda m: isinstance(m, block_types))]
-    for module, prefix in [*units, (model, "")]:
-        materialize(module, prefix, read, keys, device, tied, missing_ok=init is not None, dtype=dtype)
-        if init is not None:
-            init(module)
-            _check_loaded(module, prefix)
-        shard(module)
+    units = units_bottom_up(model, lambda m: isinstance(m, block_types))
+    prefixes = {id(m): f"{name}." for name, m in units}
+    for group in [*shard_groups(model, [m for _, m in units]), [model]]:
+        for module in group:
+            prefix = prefixes.get(id(module), "")
+            materialize(module, prefix, read, keys, device, tied, missing_ok=init is not None, dtype=dtype)
+            if init is not None:
+                init(module)
+                _check_loaded(module, prefix)
+        shard(group[0] if len(group) == 1 else group)
     return model
 
 

@@ -157,6 +157,8 @@ def post_all_gather(param, outputs: Sequence[torch.Tensor], metadata: Any, param
     world, (chunk, rows, blocks, max_blocks) = metadata
     total = rows[-1][1]
     device = outputs[0].device
+    if out is not None:  # a load since the first gather may have changed the shard's weight dtype
+        out.quant_state.dtype = param.quant_state.dtype
     if len(outputs) == 1:
         # World size 1: FSDP2 passes the packed words alone; this shard already owns every block.
         if out is not None:
@@ -291,9 +293,10 @@ def _encloses(outer: int, node: int, enclosing: dict[int, int]) -> bool:
 
 
 def shard_groups(model: nn.Module, units: list[nn.Module]) -> list[list[nn.Module]]:
-    """The ``fully_shard`` calls for ``units`` (bottom-up order), the root's left out: FSDP2 refuses a parameter in
-    two groups, so a unit sharing one with a module around it is left to that module's group, and units sharing
-    one with each other are sharded together, where the last of them stands."""
+    """The ``fully_shard`` calls for ``units`` (bottom-up order), the root's left out. FSDP2 refuses a parameter in
+    two groups, so a unit sharing one with a module around it is left to that module's group, and units sharing one
+    with each other are sharded together; a group comes before every unit around one of its members (an outer unit
+    sharded first would take the member's parameters), otherwise in the order of its last member."""
     units = list(units)
     while True:
         shared, enclosing = _parameter_holders(model, units)
@@ -312,12 +315,42 @@ def shard_groups(model: nn.Module, units: list[nn.Module]) -> list[list[nn.Modul
         first, *rest = sorted(held)
         for other in rest:
             group_of[root(other)] = root(first)
-    members: dict[int, list[nn.Module]] = {}
-    last: dict[int, int] = {}
-    for i, unit in enumerate(units):
-        members.setdefault(root(i), []).append(unit)
-        last[root(i)] = i
-    return [members[g] for g in sorted(members, key=last.__getitem__)]
+    members: dict[int, list[int]] = {}
+    for i in range(len(units)):
+        members.setdefault(root(i), []).append(i)
+    return [[units[i] for i in members[g]] for g in _inner_groups_first(members, root, enclosing)]
+
+
+def _inner_groups_first(members: dict[int, list[int]], group: Callable[[int], int], enclosing: dict[int, int]):
+    """The groups (``members``: group -> unit indices) ordered so that each comes before the groups of the units
+    around its members, ties broken by the last member's index (ValueError where units tied across nesting levels
+    make that impossible)."""
+    after: dict[int, set[int]] = {g: set() for g in members}  # g -> groups that must come after g
+    for g, indices in members.items():
+        for i in indices:
+            node = enclosing.get(i, -1)
+            while node != -1:
+                if group(node) != g:
+                    after[g].add(group(node))
+                node = enclosing.get(node, -1)
+    waiting = {g: sum(g in later for later in after.values()) for g in members}
+    order: list[int] = []
+    ready = [g for g in members if waiting[g] == 0]
+    while ready:
+        g = min(ready, key=lambda h: members[h][-1])
+        ready.remove(g)
+        order.append(g)
+        for later in after[g]:
+            waiting[later] -= 1
+            if waiting[later] == 0:
+                ready.append(later)
+    if len(order) != len(members):
+        raise ValueError(
+            "blocks share parameters across nesting levels in a cycle (a block tied to one inside another block tied "
+            "to one inside the first): no order of fully_shard calls gives each parameter one group; pass "
+            "block_types without the nested type"
+        )
+    return order
 
 
 def _fsdp_options(mesh, mp_policy, reshard_after_forward: bool, cpu_offload: bool) -> dict[str, Any]:
@@ -363,19 +396,20 @@ def as_block_types(block_types: object) -> tuple[type, ...] | None:
 
 
 def shard_module(
-    module: nn.Module,
+    module: nn.Module | list[nn.Module],
     *,
     mesh=None,
     mp_policy=None,
     reshard_after_forward: bool = True,
     cpu_offload: bool = False,
-) -> nn.Module:
-    """``fully_shard`` one module (a block, or the root once its blocks are sharded) after ``check_shardable``;
-    lets a loader shard each block as soon as it is loaded."""
+) -> nn.Module | list[nn.Module]:
+    """``fully_shard`` one module (a block, or the root once its blocks are sharded), or a list of modules sharing
+    parameters as one group, after ``check_shardable``; lets a loader shard each block as soon as it is loaded."""
     from torch.distributed.fsdp import fully_shard
 
-    _check_shard_args(module, mesh, mp_policy)
-    check_shardable(module, _mesh_device_type(mesh))
+    for one in module if isinstance(module, list) else [module]:
+        _check_shard_args(one, mesh, mp_policy)
+        check_shardable(one, _mesh_device_type(mesh))
     fully_shard(module, **_fsdp_options(mesh, mp_policy, reshard_after_forward, cpu_offload))
     return module
 
@@ -514,9 +548,8 @@ def load_sharded_entries(weight, packed: torch.Tensor, full_state: QuantState) -
             words = _words_in(plain(packed), (full_state.numel + 1) // 2, target.dtype, rows[rank])
             target.copy_(words.view(target.shape))
         lo, hi = blocks[rank]
-        state.dtype = (
-            full_state.dtype
-        )  # the checkpoint's weight dtype (dequantize's default output), as load_state_dict
+        # the checkpoint's weight dtype (dequantize's default output), as load_state_dict takes it
+        state.dtype = full_state.dtype
         state.absmax.copy_(full_state.absmax[lo:hi].to(state.absmax.device))
         if state.nested:
             state.offset.copy_(full_state.offset)

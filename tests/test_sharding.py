@@ -134,11 +134,13 @@ def test_hsdp_checkpoint_loads_on_other_mesh_shapes(tmp_path):
     torchrun(4, "dcp_load", fsdp, "bfloat16", "hsdp")
 
 
-@pytest.mark.parametrize("kind", ["float", "bnb", "nested"])
-@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize(
+    "kind, world", [(kind, world) for kind in ("float", "bnb", "nested") for world in (1, 2)] + [("tied", 2)]
+)
 def test_sharded_model_built_from_meta_device_checkpoint(tmp_path, kind, world):
     """Float and bitsandbytes-format checkpoints load block by block into a sharded 4-bit model; units nested in
-    units (each block and its 4-bit layer) are sharded inner first, by load_sharded and shard_model."""
+    units (each block and its 4-bit layer) are sharded inner first, by load_sharded and shard_model; blocks sharing
+    a 4-bit weight are loaded and sharded as one group."""
     torchrun(world, "load_meta", str(tmp_path / f"model_{kind}.safetensors"), kind)
 
 
@@ -221,3 +223,10 @@ def test_shard_groups_put_tied_units_together():
     model[1].bias = blocks[1][1].bias  # shared with a root-level layer: the block is left to the root
     sequential = [m for _, m in units_bottom_up(model, lambda m: isinstance(m, torch.nn.Sequential))]
     assert shard_groups(model, sequential) == [[blocks[0], blocks[2]]]
+    # a member inside another unit: the group comes first (the outer unit would take the member's parameters)
+    outer = torch.nn.Sequential(torch.nn.Sequential(layer()), layer())
+    model = torch.nn.Sequential(outer, torch.nn.Sequential(layer()))
+    model[1][0].weight = outer[0][0].weight
+    units = [m for _, m in units_bottom_up(model, lambda m: isinstance(m, torch.nn.Sequential))]
+    assert units == [outer[0], outer, model[1]]
+    assert shard_groups(model, units) == [[outer[0], model[1]], [outer]]

@@ -388,7 +388,7 @@ def scenario_load_meta(path: str, kind: str) -> dict:
     """A meta-device model is built block by block from a float or bitsandbytes-format safetensors file,
     sharded as it loads, and computes what the whole single-process model computes. ``nested``: a float file
     with units nested in units (each Block and the Linear4bit inside it), for ``load_sharded`` and
-    ``shard_model`` alike."""
+    ``shard_model`` alike; ``tied``: two blocks sharing their 4-bit weight (one group)."""
     import resource
 
     from safetensors.torch import save_file
@@ -396,19 +396,27 @@ def scenario_load_meta(path: str, kind: str) -> dict:
     from fsdp4bit.loading import load_sharded, safetensors_reader
 
     storage = torch.bfloat16
+
+    def build(device: str) -> nn.Module:
+        model = block_model(storage, device)
+        if kind == "tied":  # the third block's 4-bit weight is the first's (saved once, as save_pretrained does)
+            model[2].fc.weight = model[0].fc.weight
+        return model
+
     if dist.get_rank() == 0:
         torch.manual_seed(0)
-        source = block_model(storage, "cpu")
+        source = build("cpu")
         if kind == "bnb":
             source = source.to("cpu")
-        save_file({k: sharding.plain(v).contiguous() for k, v in source.state_dict().items()}, path)
+        entries = {k: sharding.plain(v).contiguous() for k, v in source.state_dict().items()}
+        save_file({k: v for k, v in entries.items() if not (kind == "tied" and k == "2.fc.weight")}, path)
     dist.barrier()
     read, keys = safetensors_reader(path)
     block_types = (Block, bnb.nn.Linear4bit) if kind == "nested" else (Block,)
-    model = block_model(storage, "meta")
+    model = build("meta")
     load_sharded(model, read, keys, block_types=block_types, device=DEVICE)
-    ref = block_model(storage, "cpu")
-    ref.load_state_dict({k: read(k) for k in keys})
+    ref = build("cpu")
+    ref.load_state_dict({k: read(k) for k in keys}, strict=kind != "tied")
     ref = ref.to(DEVICE)
     x = torch.randn(4, 40, device=DEVICE)
     assert torch.equal(model(x), ref(x)), "sharded model built from the checkpoint differs"
@@ -420,17 +428,33 @@ def scenario_load_meta(path: str, kind: str) -> dict:
     return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+class Outer(nn.Module):
+    """A block around a block (nested block types)."""
+
+    def __init__(self, dim: int, storage: torch.dtype) -> None:
+        super().__init__()
+        self.inner = Block(dim, storage)
+        self.fc = bnb.nn.Linear4bit(dim, dim, quant_type="nf4", quant_storage=storage)
+
+    def forward(self, x):
+        return self.fc(self.inner(x))
+
+
 def tied_models() -> list[tuple[str, nn.Module, tuple | None]]:
     """Models whose 4-bit weights are shared between modules, with the block types to shard them by: two layers of
-    two blocks (units of their own by default), and a block's layer with one of the root's."""
+    two blocks (units of their own by default), a block's layer with one of the root's, and a block inside another
+    block with a third block (their group must be sharded before the outer block)."""
     across = block_model(torch.bfloat16, "cpu", depth=2)
     across[1].fc.weight = across[0].fc.weight
     with_root = nn.Sequential(Block(40, torch.bfloat16), bnb.nn.Linear4bit(40, 40, quant_storage=torch.bfloat16))
     with_root[1].weight = with_root[0].fc.weight
+    nested = nn.Sequential(Outer(40, torch.bfloat16), Block(40, torch.bfloat16))
+    nested[1].fc.weight = nested[0].inner.fc.weight
     return [
         ("across blocks", across.to(DEVICE), None),
         ("block and root", copy.deepcopy(with_root).to(DEVICE), (Block,)),
         ("block and root, default units", with_root.to(DEVICE), None),
+        ("nested blocks", nested.to(DEVICE), (Outer, Block)),
     ]
 
 
@@ -455,8 +479,13 @@ def scenario_robustness() -> dict:
     for source_storage, target_storage in pairs:
         source = shard_model(model(source_storage, 1, torch.bfloat16))
         target = shard_model(model(target_storage, 5))
+        target(x)  # FSDP2 refills the unsharded weight of this first gather at later ones
         target.load_state_dict(source.state_dict())
+        seen = []
+        hook = target[0].register_forward_pre_hook(lambda m, args, seen=seen: seen.append(m.weight.quant_state.dtype))
         assert torch.equal(target(x), source(x)), f"{source_storage} -> {target_storage}: outputs differ"
+        hook.remove()
+        assert seen == [torch.bfloat16], f"the gathered weight's state kept dtype {seen} after the load"
         saved, loaded = checkpoint.full_state_dict(source), checkpoint.full_state_dict(target)
         for key, values in (("0.weight", 7 * 13), ("1.weight", 5 * 7)):
             full = saved[key], loaded[key]
