@@ -134,9 +134,14 @@ def test_file_system_without_flock_still_builds(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fcntl, "flock", no_flock)
     (tmp_path / "lock").write_text("")
-    with _build.exclusive_build(tmp_path):
+    with _build.exclusive_build(tmp_path) as locked:
         entered = True
-    assert entered and (tmp_path / "lock").exists()  # without the OS lock, torch's lock is not known stale
+    # without the OS lock, torch's lock is not known stale (nor is a short library: another process may be linking)
+    assert entered and not locked and (tmp_path / "lock").exists()
+    monkeypatch.undo()
+    with _build.exclusive_build(tmp_path) as locked:
+        assert locked and not (tmp_path / "lock").exists()
+    monkeypatch.setattr(fcntl, "flock", no_flock)
 
     def busy(fd, op):
         raise OSError(errno.EBADF, "Bad file descriptor")

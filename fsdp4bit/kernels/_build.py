@@ -167,23 +167,24 @@ def _flock(fd: int) -> bool:
 
 
 @contextlib.contextmanager
-def exclusive_build(build_dir: Path) -> Iterator[None]:
+def exclusive_build(build_dir: Path) -> Iterator[bool]:
     """Hold an exclusive OS lock on ``build_dir`` (released by the kernel if the process dies) and remove
     torch's ``lock`` file there: with the OS lock held no other fsdp4bit build runs in this folder, so that
-    file is left over from a killed build, and torch's ``cpp_extension.load`` would wait for it forever."""
+    file is left over from a killed build, and torch's ``cpp_extension.load`` would wait for it forever. Yields
+    whether the lock is held (False where there is no flock: another process may be building right now)."""
     try:
         import fcntl
     except ImportError:  # not POSIX: torch's own lock only
-        yield
+        yield False
         return
     build_dir.mkdir(parents=True, exist_ok=True)
     with open(build_dir / "fsdp4bit.flock", "a+") as handle:
         if not _flock(handle.fileno()):
-            yield  # a file system without flock (Lustre without -o flock, some NFS mounts): torch's own lock only
+            yield False  # a file system without flock (Lustre without -o flock, some NFS mounts): torch's lock only
             return
         try:
             (build_dir / "lock").unlink(missing_ok=True)
-            yield
+            yield True
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
@@ -263,8 +264,9 @@ def _load(name: str, sources: tuple[Path, ...], key: str, **kwargs) -> ModuleTyp
     if not _writable(folder):
         return _load_prebuilt(library_path(name, key))
     verbose = os.environ.get("FSDP4BIT_BUILD_VERBOSE") == "1"
-    with exclusive_build(folder):
-        _drop_truncated(library_path(name, key))
+    with exclusive_build(folder) as locked:
+        if locked:  # without the lock a short library may be one another process is linking right now
+            _drop_truncated(library_path(name, key))
         return cpp_extension.load(
             name=f"{name}_{key}",
             sources=[str(s) for s in sources],
