@@ -4,8 +4,10 @@ View-like ops (split, slice, view, as_strided, detach) and the allocation ops FS
 (new_zeros, new_empty, copy_, clone, _to_copy) return a Params4bit that keeps the quantization
 metadata; a slice of a quantized weight keeps the statistics of the blocks that start inside it
 (see ``sharding.owned_blocks``). Dtype conversions never touch packed bytes. In-place arithmetic is a LoRA merge
-or refused; any other op that would write into quantized words is refused (``refuse_word_writes``). Every other
-op runs on the inner tensor and returns plain tensors.
+or refused; any other op that would write into quantized words is refused (``refuse_word_writes``), and so is one
+that would read them as numbers (``refuse_word_reads``: arithmetic, comparisons, reductions, products);
+``torch.equal`` compares quantized words bit for bit. Every other op runs on the inner tensor and returns plain
+tensors.
 """
 
 from __future__ import annotations
@@ -305,9 +307,9 @@ def refuse_word_reads(func: torch._ops.OpOverload, args: tuple, kwargs: dict) ->
     on the meta device, are left alone."""
     if _reads_values(func) and _quantized_words_in(args, kwargs):
         raise ValueError(
-            f"{func.overloadpacket.__name__} would read the packed 4-bit words of a quantized Params4bit as numbers, "
-            "which gives meaningless values: dequantize first (fsdp4bit.functional.dequantize_4bit(weight.data, "
-            "weight.quant_state)), or compare words with torch.equal"
+            f"aten.{func.overloadpacket.__name__} (run by this call) would read the packed 4-bit words of a "
+            "quantized Params4bit as numbers, which gives meaningless values: dequantize first "
+            "(fsdp4bit.functional.dequantize_4bit(weight.data, weight.quant_state)), or compare words with torch.equal"
         )
 
 
@@ -325,8 +327,16 @@ def _equal(func, args, kwargs):
 @implements([aten.copy_.default])
 def _copy(func, args, kwargs):
     """Copies between Params4bit keep the words and take the source's statistics; into a quantized weight only words
-    of its dtype are copied (a float source would be cast into the words, corrupting them: TypeError)."""
+    of its dtype are copied (a float source would be cast into the words, corrupting them: TypeError), and a plain
+    tensor takes quantized words only in their dtype (ValueError)."""
     dst, src = args[0], args[1]
+    if not _is_params4bit(dst):  # a plain tensor takes the words as they are, never cast
+        if _quantized_words_in((src,), {}) and plain(src).dtype != dst.dtype:
+            raise ValueError(
+                f"copy_ of a quantized Params4bit's packed words ({plain(src).dtype}) into a {dst.dtype} tensor would "
+                "cast them as numbers: copy into a tensor of their dtype, or dequantize first"
+            )
+        return func(dst, plain(src), *args[2:], **kwargs)
     if dst.bnb_quantized and (not isinstance(src, torch.Tensor) or plain(src).dtype != plain(dst).dtype):
         got = f"a {plain(src).dtype} tensor" if isinstance(src, torch.Tensor) else repr(src)
         raise TypeError(

@@ -81,12 +81,25 @@ def test_reads_of_quantized_words_as_numbers_raise(device, quant_storage):
     if quant_storage.is_floating_point:
         ops.update({"abs": lambda: torch.isfinite(w), "mm": lambda: torch.ones(2, 1, dtype=w.dtype, device=device) @ w})
     for name, op in ops.items():
-        with pytest.raises(ValueError, match=f"^{name} would read the packed 4-bit words of a quantized Params4bit"):
+        with pytest.raises(
+            ValueError, match=rf"^aten\.{name} \(run by this call\) would read the packed 4-bit words of a quantized"
+        ):
             op()
     if quant_storage == torch.bfloat16:
         plain(w).view(-1)[0] = float("nan")  # a word that reads as NaN: as numbers it differs from itself
     assert torch.equal(w, w.clone())
     assert not torch.equal(w, _quantized(quant_storage, seed=1, device=device).weight)
+
+
+def test_plain_tensors_take_quantized_words_only_in_their_dtype():
+    """``plain.copy_(weight)`` (a staging copy out of a keep_vars state dict) copies the words bit for bit; into
+    another dtype it would cast them as numbers: ValueError (it raised AttributeError)."""
+    layer = _quantized(torch.bfloat16)
+    staged = torch.empty_like(plain(layer.weight))
+    staged.copy_(layer.weight)
+    assert torch.equal(staged.view(torch.uint8), _words(layer).view(staged.shape[0], -1))
+    with pytest.raises(ValueError, match=r"^copy_ of a quantized Params4bit's packed words \(torch.bfloat16\) into"):
+        torch.empty(staged.shape, dtype=torch.float32).copy_(layer.weight)
 
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])
@@ -153,7 +166,10 @@ def test_data_of_a_quantized_weight_refuses_a_plain_tensor():
     for value in (torch.randn(8, 64), plain(layer.weight).clone()):
         with pytest.raises(TypeError, match="without their statistics"):
             layer.weight.data = value
-    with torch.no_grad(), pytest.raises(ValueError, match="^mul would read the packed 4-bit words"):
+    with (
+        torch.no_grad(),
+        pytest.raises(ValueError, match=r"^aten\.mul \(run by this call\) would read the packed 4-bit words"),
+    ):
         layer.weight.data *= 2  # __imul__ refuses, Python falls back to weight.data = weight.data * 2
     assert torch.equal(_words(layer), words)
 
