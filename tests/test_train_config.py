@@ -222,3 +222,15 @@ def test_resume_reads_old_checkpoints_data_position(capsys: pytest.CaptureFixtur
         "warning: an optimizer step now takes 18 sequences (3 ranks x train.micro_batch_size 2 x train.grad_accum 3), "
         "the checkpoint's run took 12" in capsys.readouterr().out
     )
+    progress.data_sequences = 41  # the data changed since: the epochs' permutations differ
+    _resume_data(progress, batches, cfg.train, DistInfo(0, 3, 0, torch.device("cpu"), None, True, False))
+    assert "warning: the training data now packs into 40 sequences, the checkpoint's run had 41" in (
+        capsys.readouterr().out
+    )
+    with pytest.raises(ValueError, match="^the checkpoint's run took 6 sequences per micro-step .* now packs into 5:"):
+        _resume_data(
+            progress,
+            RankBatches(torch.zeros(5, 4), 1, 0, 1, seed=0),
+            cfg.train,
+            DistInfo(0, 1, 0, torch.device("cpu"), None, True, False),
+        )

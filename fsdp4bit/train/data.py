@@ -185,6 +185,11 @@ def stream_of(position: int, n_sequences: int, micro_batch_size: int, world_size
     """The stream position after ``position`` micro-steps on ``world_size`` ranks (checkpoints written before the
     stream position was saved kept only the micro-step count)."""
     step = micro_batch_size * world_size
+    if n_sequences < step:
+        raise ValueError(
+            f"the checkpoint's run took {step} sequences per micro-step ({world_size} ranks x {micro_batch_size}), "
+            f"and the training data now packs into {n_sequences}: a data file changed since"
+        )
     epoch, slot = divmod(position, n_sequences // step)
     if slot == 0 and epoch > 0:  # the end of the epoch: the next micro-step starts the next one
         epoch, slot = epoch - 1, n_sequences // step

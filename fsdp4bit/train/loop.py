@@ -97,6 +97,12 @@ def _resume_data(progress: Progress, batches: RankBatches, tcfg: Any, info: Dist
         progress.data_position, len(batches.sequences), micro, progress.world_size
     )
     batches.seek(progress.data_position, (stream[0], stream[1]))
+    if progress.data_sequences not in (None, len(batches.sequences)):
+        _say(
+            info,
+            f"warning: the training data now packs into {len(batches.sequences)} sequences, the checkpoint's run had "
+            f"{progress.data_sequences} (a data file changed): each epoch's order differs from the stopped run's",
+        )
     was = progress.step_sequences or micro * accum * progress.world_size
     now = tcfg.micro_batch_size * tcfg.grad_accum * info.world_size
     if was != now:
@@ -256,7 +262,15 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
         if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or done:
             save_checkpoint(
                 ckpt_root,
-                Progress(step + 1, batches.position, info.world_size, settings, list(batches.stream), step_sequences),
+                Progress(
+                    step + 1,
+                    batches.position,
+                    info.world_size,
+                    settings,
+                    list(batches.stream),
+                    step_sequences,
+                    len(train_seqs),
+                ),
                 peft_model,
                 optimizer,
                 scheduler,

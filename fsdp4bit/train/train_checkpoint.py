@@ -88,8 +88,8 @@ def check_resume_settings(saved: dict[str, Any] | None, now: dict[str, Any], pat
 class Progress:
     """Where training stands: optimizer steps done, micro-batches consumed, the world size that ran them, the
     settings a resumed run must keep (:data:`RESUME_SETTINGS`; None in checkpoints written before they were kept),
-    the data stream position (epoch, offset) and the sequences an optimizer step took (both None in checkpoints
-    written before they were kept)."""
+    the data stream position (epoch, offset), the sequences an optimizer step took and the training sequences there
+    were (these three None in checkpoints written before they were kept)."""
 
     step: int
     data_position: int
@@ -97,6 +97,7 @@ class Progress:
     settings: dict[str, Any] | None = None
     data_stream: list[int] | None = None
     step_sequences: int | None = None
+    data_sequences: int | None = None
 
 
 def _fsync_tree(path: Path) -> None:
