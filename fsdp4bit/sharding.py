@@ -321,7 +321,9 @@ def shard_groups(model: nn.Module, units: list[nn.Module]) -> list[list[nn.Modul
     return [[units[i] for i in members[g]] for g in _inner_groups_first(members, root, enclosing)]
 
 
-def _inner_groups_first(members: dict[int, list[int]], group: Callable[[int], int], enclosing: dict[int, int]):
+def _inner_groups_first(
+    members: dict[int, list[int]], group: Callable[[int], int], enclosing: dict[int, int]
+) -> list[int]:
     """The groups (``members``: group -> unit indices) ordered so that each comes before the groups of the units
     around its members, ties broken by the last member's index (ValueError where units tied across nesting levels
     make that impossible)."""
