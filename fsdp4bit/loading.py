@@ -136,11 +136,7 @@ def _load_linear4bit(
         tied.loaded[id(layer.bias)] = bias
         layer.bias = bias
     tied.loaded[id(template)] = weight
-    layer.weight = weight
-    # the layer's attributes describe the weight it now holds (a 4-bit checkpoint's format may differ), as in
-    # Linear4bit's load_state_dict
-    layer.quant_type, layer.compress_statistics = weight.quant_type, weight.compress_statistics
-    layer.quant_storage = weight.quant_storage
+    layer.hold(weight)
 
 
 def _read_linear4bit_weight(

@@ -609,6 +609,13 @@ class Linear4bit(nn.Linear):
         self.quant_type = quant_type
         self.quant_storage = quant_storage
 
+    def hold(self, weight: Params4bit) -> None:
+        """Take a loaded 4-bit ``weight``; the layer's format attributes then describe it (a checkpoint's format may
+        differ from the one the layer was built with)."""
+        self.weight = weight
+        self.quant_type, self.compress_statistics = weight.quant_type, weight.compress_statistics
+        self.quant_storage = weight.quant_storage
+
     def reset_parameters(self) -> None:
         """nn.Linear's initialization, except of a quantized weight: its words are loaded, not initialized, and keep
         their values (FSDP2's meta-device recipe calls this on every module after ``to_empty``); the bias is reset."""
@@ -762,10 +769,7 @@ class Linear4bit(nn.Linear):
             weight, weight_errors = self._quantized_from(weight_key, state_dict[weight_key], stats, assign)
             errors += weight_errors
             if not errors:
-                self.weight = weight
-                # the layer's attributes describe the weight it now holds (the checkpoint's format may differ)
-                self.quant_type, self.compress_statistics = weight.quant_type, weight.compress_statistics
-                self.quant_storage = weight.quant_storage
+                self.hold(weight)
         if errors:
             error_msgs.extend(errors)
             return
