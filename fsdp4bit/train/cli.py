@@ -34,7 +34,7 @@ def check_inputs(cfg: Config) -> None:
     model folder that does not exist, an embedded model that cannot be converted into ``model.cache_dir``, data files
     that are not UTF-8, hold no text, are listed twice, or give fewer sequences than one global micro-batch. The
     datasets built here are kept, and the run takes them (``data.build_datasets``)."""
-    from .data import build_datasets, resolve_data_file
+    from .data import RankBatches, build_datasets, resolve_data_file
     from .distributed import launched_by_launcher
     from .model import load_tokenizer, resolve_model_path
 
@@ -47,12 +47,7 @@ def check_inputs(cfg: Config) -> None:
     resolve_model_path(cfg.model)  # converts the embedded model on first use
     train, _ = build_datasets(cfg.data, load_tokenizer(cfg.model))
     world = int(os.environ["WORLD_SIZE"]) if launched_by_launcher() else 1
-    if len(train) < cfg.train.micro_batch_size * world:
-        raise ValueError(
-            f"data.train_files give {len(train)} training sequences of data.seq_len={cfg.data.seq_len}, fewer than "
-            f"one global micro-batch (train.micro_batch_size={cfg.train.micro_batch_size} x {world} ranks): add "
-            "text or lower data.seq_len or train.micro_batch_size"
-        )
+    RankBatches(train, cfg.train.micro_batch_size, 0, world, cfg.train.seed)  # its check: one global micro-batch
 
 
 def main(argv: list[str] | None = None) -> int:

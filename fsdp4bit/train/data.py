@@ -141,8 +141,9 @@ class RankBatches:
     def __init__(self, sequences: torch.Tensor, micro_batch_size: int, rank: int, world_size: int, seed: int) -> None:
         if len(sequences) < micro_batch_size * world_size:
             raise ValueError(
-                f"{len(sequences)} training sequences are fewer than one global micro-batch "
-                f"({micro_batch_size} x {world_size} ranks)"
+                f"data.train_files give {len(sequences)} training sequences of data.seq_len={sequences.shape[-1]}, "
+                f"fewer than one global micro-batch (train.micro_batch_size={micro_batch_size} x {world_size} ranks): "
+                "add text or lower data.seq_len or train.micro_batch_size"
             )
         self.sequences = sequences
         self.micro = micro_batch_size
