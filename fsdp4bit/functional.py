@@ -359,7 +359,7 @@ def gemv_4bit(
         state.quant_type,
         list(state.shape),
     )
-    if (torch.is_grad_enabled() and A.requires_grad) or ops.has_tangent(A):  # through the differentiable op
+    if (torch.is_grad_enabled() and A.requires_grad) or ops.needs_decomposition(A):  # through the differentiable op
         result = ops.matmul_4bit(A, None, data, *stats)
     else:
         result = ops.gemv_4bit(A, data, *stats)

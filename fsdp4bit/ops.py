@@ -407,9 +407,19 @@ def has_tangent(*tensors: torch.Tensor | None) -> bool:
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
-def _matmul_4bit_dual(A: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor, *stats: Any) -> torch.Tensor:
-    """:func:`matmul_4bit` as W dequantized in A's dtype and F.linear, both differentiable ops, for inputs with
-    forward-mode tangents; ``stats`` run from absmax to shape."""
+def needs_decomposition(*tensors: torch.Tensor | None) -> bool:
+    """True where matmul_4bit's own autograd cannot serve the call: an input with a forward-mode tangent, or a
+    torch.func transform (grad, vmap, jacrev, hessian...), which C++ autograd nodes do not run under."""
+    if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    return has_tangent(*tensors)
+
+
+def _matmul_4bit_decomposed(
+    A: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor, *stats: Any
+) -> torch.Tensor:
+    """:func:`matmul_4bit` as W dequantized in A's dtype and F.linear, ops that forward-mode AD and torch.func
+    transforms differentiate and batch; ``stats`` run from absmax to shape."""
     _check_matmul(A, bias, packed, *stats)
     W = dequantize_4bit(packed, *stats, A.dtype)
     return torch.nn.functional.linear(A, W, None if bias is None else bias.to(A.dtype))
@@ -439,8 +449,8 @@ def matmul_4bit(
     args = (A, bias, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape)
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-    if has_tangent(A, bias):
-        return _matmul_4bit_dual(*args)
+    if needs_decomposition(A, bias):
+        return _matmul_4bit_decomposed(*args)
     if _has_operator_kernels(A):
         return _MATMUL_4BIT(*args)
     if _eager_direct(A, bias, packed, absmax, nested_absmax, nested_code, offset, plain=_PLAIN_OR_PARAMETER):

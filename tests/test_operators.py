@@ -289,6 +289,67 @@ def test_forward_mode_tangents_reach_the_output(device, rows):
             torch.ops.fsdp4bit.matmul_4bit(fwAD.make_dual(x, t), None, *args)
 
 
+@pytest.mark.parametrize("rows", [1, 20])
+def test_torch_func_transforms_run_through_a_4bit_matmul(device, rows):
+    """torch.func's grad, vmap(grad), jacrev and hessian through matmul_4bit and F.gemv_4bit give the float64
+    derivatives of A @ W.T + bias; the operator's C++ autograd node raised "cannot use C++
+    torch::autograd::Function with functorch transforms"."""
+    gen = torch.Generator().manual_seed(37)
+    packed, state = F.quantize_4bit(torch.randn(24, 64, generator=gen).to(device), quant_type="nf4", blocksize=64)
+    W = F.dequantize_4bit(packed, state).double()
+    x = torch.randn(rows, 64, generator=gen).to(device)
+    bias = torch.randn(24, generator=gen).to(device)
+    tol = {"rtol": 1e-4, "atol": 1e-4}
+
+    for product in (
+        lambda a: bnb.matmul_4bit(a, packed.t(), state, bias=bias),
+        lambda a: F.gemv_4bit(a, packed.t(), state=state) + bias,
+    ):
+
+        def loss(a, product=product):
+            return product(a).pow(2).sum()
+
+        want = 2 * (x.double() @ W.T + bias.double()) @ W  # d loss / d x, row by row
+        torch.testing.assert_close(torch.func.grad(loss)(x).double(), want, **tol)
+        per_row = torch.func.vmap(torch.func.grad(lambda a: loss(a.unsqueeze(0))))(x)
+        torch.testing.assert_close(per_row.double(), want, **tol)
+        torch.testing.assert_close(torch.func.jacrev(product)(x[0]).double(), W, **tol)
+        torch.testing.assert_close(torch.func.hessian(loss)(x[0]).double(), 2 * W.T @ W, rtol=1e-4, atol=1e-3)
+
+
+class _LoraLinear4bit(torch.nn.Module):
+    """A 4-bit linear layer plus a rank-4 adapter: base(x) + up(down(x))."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__()
+        self.base = bnb.nn.Linear4bit(64, 32, bias=True, compute_dtype=torch.float32, quant_type="nf4").to(device)
+        self.down = torch.nn.Linear(64, 4, bias=False, device=device)
+        self.up = torch.nn.Linear(4, 32, bias=False, device=device)
+        torch.nn.init.normal_(self.up.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.up(self.down(x))
+
+
+def test_per_sample_adapter_gradients_through_a_4bit_layer(device):
+    """Per-sample gradients of a LoRA adapter on a 4-bit layer (torch.func.vmap(grad) over functional_call, as
+    differentially private finetuning computes them) equal each sample's own backward."""
+    torch.manual_seed(41)
+    model = _LoraLinear4bit(device)
+    adapter = {k: v.detach() for k, v in model.named_parameters() if not k.startswith("base")}
+
+    def loss(params, x):
+        return torch.func.functional_call(model, params, (x,)).pow(2).mean()
+
+    x = torch.randn(5, 3, 64, device=device)
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(adapter, x)
+    for i in range(x.shape[0]):
+        params = {k: v.clone().requires_grad_(True) for k, v in adapter.items()}
+        loss(params, x[i]).backward()
+        for name, p in params.items():
+            torch.testing.assert_close(per_sample[name][i], p.grad, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("lead", [(0,), (2, 0)])
 def test_gemv_of_no_rows_is_an_empty_product(device, lead):
     """F.gemv_4bit of an A with no rows returns the empty product, as bnb.matmul_4bit does (it raised "A must not be
