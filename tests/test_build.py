@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -122,6 +123,49 @@ def test_read_only_empty_cache_says_what_to_set(cache, monkeypatch):
     monkeypatch.setattr(os, "access", lambda path, mode, **kw: False)
     with pytest.raises(_build.BuildError, match="not writable.*set FSDP4BIT_CACHE_DIR to a writable folder"):
         _build._load("fsdp4bit_cpu", (), "k")
+
+
+def test_a_failed_build_is_not_repeated_by_the_processes_that_waited(cache, monkeypatch):
+    """Ranks that wait on the build lock while the build fails fall back with its reason instead of each building
+    again in turn (minutes per rank for the CUDA extension); a call made after the failure builds again."""
+    import threading
+
+    from torch.utils import cpp_extension
+
+    building, waiting = threading.Event(), threading.Event()
+    calls: list[str] = []
+
+    def failing_load(name, **kwargs):
+        calls.append(name)
+        building.set()
+        assert waiting.wait(10)
+        time.sleep(0.2)  # the other caller is blocked on the lock by now
+        raise RuntimeError("Error building extension 'fsdp4bit_cpu_k': error: 'x' was not declared")
+
+    monkeypatch.setattr(cpp_extension, "load", failing_load)
+    errors: dict[str, BaseException] = {}
+
+    def call(who: str) -> None:
+        try:
+            _build._load("fsdp4bit_cpu", (), "k")
+        except BaseException as exc:  # noqa: BLE001 - recorded for the assertions below
+            errors[who] = exc
+
+    first = threading.Thread(target=call, args=("first",))
+    first.start()
+    assert building.wait(10)
+    second = threading.Thread(target=call, args=("second",))
+    second.start()
+    waiting.set()
+    first.join(10)
+    second.join(10)
+    assert calls == ["fsdp4bit_cpu_k"]
+    assert isinstance(errors["first"], RuntimeError) and "was not declared" in str(errors["first"])
+    assert isinstance(errors["second"], _build.BuildError)
+    assert "failed in another process" in str(errors["second"]) and "was not declared" in str(errors["second"])
+
+    monkeypatch.setattr(cpp_extension, "load", lambda name, **kw: calls.append(name) or "loaded")
+    assert _build._load("fsdp4bit_cpu", (), "k") == "loaded" and len(calls) == 2
 
 
 def test_file_system_without_flock_still_builds(tmp_path, monkeypatch):

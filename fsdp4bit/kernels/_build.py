@@ -8,7 +8,8 @@ the target (CPU feature flags or GPU archs), so a cache shared between different
 binary built for another CPU. Concurrent builds (e.g. several ranks at once) are serialised by an OS file lock that
 dies with its process; torch's own lock file, which a killed build leaves behind and torch then waits on
 forever, is removed while that lock is held (see ``exclusive_build``). A cut-off cached library is removed
-before loading (ninja links it again); a cache folder this process cannot write is only read from.
+before loading (ninja links it again); a cache folder this process cannot write is only read from. A build that
+fails is recorded in its folder, so the processes that waited for it fail with its reason instead of building again.
 """
 
 from __future__ import annotations
@@ -257,6 +258,32 @@ def _load_prebuilt(library: Path) -> ModuleType:
     return module
 
 
+# a failed build's record in its folder: (time.time() of the failure, then its message)
+_FAILED = "fsdp4bit.failed"
+
+
+def _raise_if_failed_since(record: Path, since: float) -> None:
+    """BuildError with the recorded reason when a build in this folder failed after ``since`` (while this process
+    waited for the lock): the ranks of one launch then fall back together instead of each building again in turn
+    (minutes per rank for the CUDA extension). An older record is ignored: a later run builds again."""
+    try:
+        stamp, reason = record.read_text(errors="replace").split("\n", 1)
+        failed_at = float(stamp)
+    except (OSError, ValueError):
+        return
+    if failed_at >= since:
+        raise BuildError(f"the same build failed in another process {time.time() - failed_at:.0f} s ago: {reason}")
+
+
+def _record_failure(record: Path, exc: BaseException) -> None:
+    """Write the failure of the build in ``record``'s folder for the processes waiting on its lock."""
+    reason = str(exc) if isinstance(exc, BuildError) else f"{type(exc).__name__}: {exc}"
+    tmp = record.with_name(f"{record.name}.{os.getpid()}")
+    with contextlib.suppress(OSError):
+        tmp.write_text(f"{time.time()!r}\n{reason[-20000:]}")
+        os.replace(tmp, record)
+
+
 def _load(name: str, sources: tuple[Path, ...], key: str, **kwargs) -> ModuleType:
     from torch.utils import cpp_extension
 
@@ -264,16 +291,24 @@ def _load(name: str, sources: tuple[Path, ...], key: str, **kwargs) -> ModuleTyp
     if not _writable(folder):
         return _load_prebuilt(library_path(name, key))
     verbose = os.environ.get("FSDP4BIT_BUILD_VERBOSE") == "1"
+    record = folder / _FAILED
+    waiting_since = time.time()
     with exclusive_build(folder) as locked:
         if locked:  # without the lock a short library may be one another process is linking right now
+            _raise_if_failed_since(record, waiting_since)
             _drop_truncated(library_path(name, key))
-        return cpp_extension.load(
-            name=f"{name}_{key}",
-            sources=[str(s) for s in sources],
-            build_directory=str(folder),
-            verbose=verbose,
-            **kwargs,
-        )
+        try:
+            return cpp_extension.load(
+                name=f"{name}_{key}",
+                sources=[str(s) for s in sources],
+                build_directory=str(folder),
+                verbose=verbose,
+                **kwargs,
+            )
+        except Exception as exc:
+            if locked:
+                _record_failure(record, exc)
+            raise
 
 
 def _check_ninja() -> None:
