@@ -20,7 +20,7 @@ from torch import nn
 from .codebooks import check_float_dtype
 from .nn import Linear4bit, Params4bit
 from .quant_state import PACKED_KEY_PREFIX
-from .sharding import as_block_types, shard_groups, units_bottom_up
+from .sharding import as_block_types, fsdp_unit, shard_groups, units_bottom_up
 
 Reader = Callable[[str], torch.Tensor]
 
@@ -320,7 +320,7 @@ def load_sharded(
             if init is not None:
                 init(module)
                 _check_loaded(module, prefix)
-        shard(group[0] if len(group) == 1 else group)
+        shard(fsdp_unit(group))
     return model
 
 

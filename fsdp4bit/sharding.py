@@ -355,6 +355,12 @@ def _inner_groups_first(
     return order
 
 
+def fsdp_unit(group: list[nn.Module]) -> nn.Module | list[nn.Module]:
+    """What ``fully_shard`` takes for a group of :func:`shard_groups`: its module, or the modules sharing
+    parameters as a list (one FSDP group)."""
+    return group[0] if len(group) == 1 else group
+
+
 def _fsdp_options(mesh, mp_policy, reshard_after_forward: bool, cpu_offload: bool) -> dict[str, Any]:
     """``fully_shard`` keyword arguments for these settings."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
@@ -438,7 +444,7 @@ def shard_model(
     groups = shard_groups(model, [m for _, m in units_bottom_up(model, is_unit)])
     options = _fsdp_options(mesh, mp_policy, reshard_after_forward, cpu_offload)
     for group in [*groups, [model]]:
-        fully_shard(group if len(group) > 1 else group[0], **options)
+        fully_shard(fsdp_unit(group), **options)
     return model
 
 
