@@ -9,7 +9,14 @@ from typing import Any
 
 import torch
 
-from .codebooks import NESTED_BLOCKSIZE, QUANT_TYPES, as_blocksize, check_quant_type, check_stats_counts
+from .codebooks import (
+    NESTED_BLOCKSIZE,
+    QUANT_TYPES,
+    as_blocksize,
+    check_quant_type,
+    check_stats_counts,
+    get_4bit_code,
+)
 
 PACKED_KEY_PREFIX = "quant_state.bitsandbytes__"
 _TENSOR_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
@@ -104,6 +111,18 @@ def _check_absmax_dtypes(absmax: torch.Tensor, nested_absmax: torch.Tensor | Non
         raise ValueError(f"double-quantized absmax must be uint8, got {absmax.dtype}")
     if nested_absmax.dtype != torch.float32:
         raise ValueError(f"nested_absmax must be float32, got {nested_absmax.dtype}")
+
+
+def _check_quant_map(quant_map: torch.Tensor, quant_type: str) -> None:
+    """A saved quant_map must hold ``quant_type``'s code values (either sign of zero): the kernels decode by the
+    quant type, so another table (a corrupt or hand-edited checkpoint) would be ignored silently."""
+    if quant_map.is_meta:
+        return
+    if not torch.equal(quant_map.detach().cpu(), get_4bit_code(quant_type)):
+        raise ValueError(
+            f"quant_map does not hold the {quant_type} code table that quant_type names (the kernels decode by "
+            "quant_type): the checkpoint's quant_map or quant_type is corrupt"
+        )
 
 
 def _moved(value: Any, device: torch.device | str) -> Any:
@@ -287,6 +306,7 @@ class QuantState:
                 raise ValueError(
                     f"{key} must be a float32 table of {entries} entries, got {table.dtype} with {table.numel()}"
                 )
+        _check_quant_map(tensors["quant_map"], meta["quant_type"])
         _check_absmax_dtypes(tensors["absmax"], nested_absmax)
         state2 = offset = None
         if nested:

@@ -143,6 +143,31 @@ def test_from_dict_without_device_keeps_the_offset_with_the_statistics():
     assert loaded == state and _bits(loaded) == _bits(state)
 
 
+def test_a_quant_map_that_is_not_the_quant_types_table_is_refused():
+    """The kernels decode by quant_type, so a saved quant_map of another table (a corrupt or hand-edited checkpoint)
+    was ignored silently; bitsandbytes' FP4 table (+0.0 at index 8, fsdp4bit's has -0.0) and a meta one load."""
+    for quant_type, other in (("nf4", "fp4"), ("fp4", "nf4")):
+        d = _state(quant_type=quant_type).as_dict()
+        d["quant_map"] = get_4bit_code(other)
+        message = (
+            f"quant_map does not hold the {quant_type} code table that quant_type names (the kernels decode by "
+            "quant_type): the checkpoint's quant_map or quant_type is corrupt"
+        )
+        with raises(ValueError, message):
+            QuantState.from_dict(d, "cpu")
+        d["quant_map"] = get_4bit_code(quant_type)
+        d["quant_map"][3] = d["quant_map"][3].nextafter(torch.tensor(2.0))
+        with raises(ValueError, message):
+            QuantState.from_dict(d, "cpu")
+    d = _state(quant_type="fp4").as_dict()
+    d["quant_map"] = get_4bit_code("fp4")
+    assert d["quant_map"][8].signbit()
+    d["quant_map"][8] = 0.0
+    assert QuantState.from_dict(d, "cpu").quant_type == "fp4"
+    d["quant_map"] = torch.empty(16, device="meta")
+    assert QuantState.from_dict(d, None).code.is_meta
+
+
 def test_shape_that_is_a_generator_is_checked():
     with raises(ValueError, "shape must be a sequence of non-negative ints, got (2, -3)"):
         QuantState(torch.ones(1), shape=(s for s in (2, -3)))
