@@ -1,9 +1,13 @@
-"""Shared test helpers: devices to parametrize over, ids, buffer round-trips."""
+"""Shared test helpers: devices to parametrize over, ids, buffer round-trips, subprocess runs."""
 
 from __future__ import annotations
 
 import io
+import os
+import signal
+import subprocess
 
+import pytest
 import torch
 
 TRUE_FALSE = (True, False)
@@ -56,3 +60,18 @@ def assert_same_parameters(got: torch.nn.Module, want: torch.nn.Module) -> None:
         ref = want_params[name]
         assert value.dtype == ref.dtype and value.requires_grad == ref.requires_grad, name
         assert torch.equal(raw(value), raw(ref)), name
+
+
+def run_in_own_group(cmd: list[str], *, cwd, env: dict, timeout_s: float) -> subprocess.CompletedProcess:
+    """Run ``cmd`` (stdout and stderr together) in a process group of its own, so a timeout kills every process it
+    started (torchrun's workers included) and fails the test with the end of its output."""
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"run timed out after {timeout_s}s:\n{output[-4000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, output, "")

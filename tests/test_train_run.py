@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_in_own_group
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "cpu_tiny.toml"
@@ -40,16 +40,7 @@ def _run(args: list[str], out_dir: Path, *, torchrun: bool, extra: list[str] = (
         "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         "PYTHONFAULTHANDLER": "1",
     }
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"run timed out after {TIMEOUT_S}s:\n{output[-4000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, output, "")
+    return run_in_own_group(cmd, cwd=REPO, env=env, timeout_s=TIMEOUT_S)
 
 
 def _records(out_dir: Path, event: str) -> list[dict]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import signal
 import sys
@@ -206,7 +207,7 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
     fsdp_root = model if isinstance(model, FSDPModule) else None
     step_sequences = tcfg.micro_batch_size * tcfg.grad_accum * info.world_size
     tokens_per_step = step_sequences * cfg.data.seq_len
-    throughput: list[float] = []
+    step_seconds: list[float] = []
     train_peak = 0.0
     bar = tqdm(total=tcfg.steps, initial=start_step, desc="train", disable=not info.is_main, dynamic_ncols=True)
     peft_model.train()
@@ -227,17 +228,26 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
             dbg.check_step(peft_model, loss_sum, step + 1, info.device)
         grad_norm = _grad_norm(params, tcfg.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         if dist.is_initialized():
             dist.all_reduce(loss_sum)
         loss_value = loss_sum.item() / info.world_size
+        # Both values are global (all ranks' sum, the gradient norm over every shard), so every rank skips together.
+        skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
+        if skipped:
+            _say(
+                info,
+                f"warning: step {step + 1}: loss {loss_value} / gradient norm {grad_norm} is not finite; the "
+                "update is skipped (adapters and optimizer state unchanged, the schedule and data go on)",
+            )
+        else:
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
         if info.device.type == "cuda":
             torch.cuda.synchronize(info.device)
         seconds = time.perf_counter() - t_step
         tok_s = tokens_per_step / seconds
-        throughput.append(tok_s)
+        step_seconds.append(seconds)
         mem = peak_memory_mb(info.device) if info.device.type == "cuda" else current_memory_mb(info.device)
         train_peak = max(train_peak, mem)
         metrics.write(
@@ -249,6 +259,7 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
             tokens_per_s=tok_s,
             step_s=seconds,
             mem_mb_rank0=mem,
+            skipped=skipped,
         )
         bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:.0f}", mem=f"{mem:.0f}MB", refresh=False)
         bar.update(1)
@@ -256,7 +267,7 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
             _say(
                 info,
                 f"step {step + 1}/{tcfg.steps} loss {loss_value:.4f} lr {lr:.2e} grad_norm {grad_norm:.3f} "
-                f"{tok_s:.0f} tok/s peak mem {mem:.0f} MB",
+                f"{tok_s:.0f} tok/s peak mem {mem:.0f} MB" + (" (update skipped)" if skipped else ""),
             )
         done = step + 1 == tcfg.steps
         if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or done:
@@ -294,11 +305,19 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
         dbg.check_base_unchanged(fingerprint, peft_model)
     peak = gather_floats(peak_memory_mb(info.device))
     peak_train = gather_floats(train_peak)
-    steady = throughput[1:] or throughput
+    # Tokens over time of the steps after the first (compilation, first-touch allocations): a mean of the steps'
+    # rates would weigh a fast step as much as a slow one and overstate the throughput.
+    steady = step_seconds[1:] or step_seconds
+    skipped_steps = (
+        sum(1 for r in read_metrics(metrics.path) if r["event"] == "train" and r.get("skipped"))
+        if info.is_main
+        else None
+    )
     summary = {
         "ppl_before": ppl_before,
         "ppl_after": ppl_after,
-        "tokens_per_s": sum(steady) / len(steady) if steady else None,
+        "tokens_per_s": tokens_per_step * len(steady) / sum(steady) if steady else None,
+        "skipped_steps": skipped_steps,
         "peak_mem_mb_per_rank": [round(p, 1) for p in peak],
         "load_peak_mem_mb_per_rank": [round(p, 1) for p in load_peak],
         "train_peak_mem_mb_per_rank": [round(p, 1) for p in peak_train],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -53,18 +54,21 @@ class MetricsLog:
         self.start = time.time()
 
     def truncate_after(self, step: int) -> None:
-        """Drop train records with step > ``step`` (a killed run may have logged steps its checkpoint lacks)."""
+        """Drop train records with step > ``step`` (a killed run may have logged steps its checkpoint lacks), the
+        records of the end of a run, and a last line a killed run left half-written. The file is replaced atomically:
+        a run killed while resuming leaves the old file, never an empty or partial one."""
         if not self.enabled or not self.path.is_file():
             return
         kept = []
-        for line in self.path.read_text().splitlines():
-            record = json.loads(line)
+        for line, record in _parsed_lines(self.path):
             if record.get("event") == "train" and record["step"] > step:
                 continue
             if record.get("event") in ("eval", "summary") and record.get("when") == "after":
                 continue
             kept.append(line)
-        self.path.write_text("".join(k + "\n" for k in kept))
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(k + "\n" for k in kept))
+        os.replace(tmp, self.path)
 
     def reset(self) -> None:
         """Start an empty file (a fresh run)."""
@@ -81,6 +85,21 @@ class MetricsLog:
             fh.write(json.dumps(record) + "\n")
 
 
+def _parsed_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) of every record of a metrics file. A last line that is not JSON is what a run killed (or out
+    of disk space) while appending leaves, and is skipped; a bad line before it is an error naming the line."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append((line, json.loads(line)))
+        except json.JSONDecodeError as err:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}: line {i + 1} is not a JSON record ({err})") from None
+    return out
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """All records of a metrics file."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """All records of a metrics file (a half-written last line, left by a killed run, is skipped)."""
+    return [record for _, record in _parsed_lines(path)]

@@ -31,8 +31,10 @@ PROGRESS_FILE = "progress.json"
 
 
 # The settings a resumed run must share with the run that wrote the checkpoint: the restored optimizer and schedule
-# keep the old learning rates, the data position counts sequences of the old length in the old data, and the
-# restored adapters were trained on that base model (its weights, 4-bit format and blocks) with that LoRA setup.
+# keep the old learning rates, weight decay and betas (loading an optimizer's state restores its param groups'
+# hyperparameters, so a changed value would be ignored silently), the data position counts sequences of the old
+# length in the old data, and the restored adapters were trained on that base model (its weights, 4-bit format and
+# blocks) with that LoRA setup.
 # The micro-batch size and gradient accumulation may change (with the world size: a run resumed on fewer ranks can
 # keep its global batch), as the data position is a place in the stream of sequences.
 RESUME_SETTINGS = (
@@ -52,6 +54,8 @@ RESUME_SETTINGS = (
     "train.lr",
     "train.min_lr_ratio",
     "train.warmup_steps",
+    "train.weight_decay",
+    "train.betas",
     "train.seed",
     "data.seq_len",
 )
@@ -79,8 +83,9 @@ def check_resume_settings(saved: dict[str, Any] | None, now: dict[str, Any], pat
     if changed:
         raise ValueError(
             f"cannot resume from {path}: {', '.join(changed)} differ from the run that wrote it (the restored "
-            "optimizer and schedule keep its learning rates, and its data position counts its sequences); resume with "
-            "its settings, or start a new run (checkpoint.resume=false, or another output folder)"
+            "optimizer and schedule keep its learning rates, weight decay and betas, and its data position counts its "
+            "sequences); resume with its settings, or start a new run (checkpoint.resume=false, or another output "
+            "folder)"
         )
 
 
@@ -105,11 +110,7 @@ def _fsync_tree(path: Path) -> None:
         for name in files:
             with open(os.path.join(root, name), "rb") as fh:
                 os.fsync(fh.fileno())
-        fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_dir(Path(root))
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -160,18 +161,33 @@ def save_checkpoint(
     if is_main:
         (tmp / PROGRESS_FILE).write_text(json.dumps(progress.__dict__))
         _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
+        replaced = _retire(final) if final.exists() else None
         os.rename(tmp, final)
-        fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_dir(root)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
         for _, old in complete_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(_retire(old), ignore_errors=True)
     barrier()
     return final
+
+
+def _retire(path: Path) -> Path:
+    """Rename the checkpoint ``path`` to a ``.tmp-`` name (no longer complete; removed at the next start) and return
+    the new path: deleting it in place, a run killed mid-way would leave a folder that still looks complete (its
+    progress.json and .metadata) with some of its shards gone."""
+    doomed = path.with_name(f".tmp-{path.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.rename(path, doomed)
+    return doomed
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def check_resumable(path: Path, settings: dict[str, Any]) -> None:

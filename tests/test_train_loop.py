@@ -1,0 +1,394 @@
+"""The training loop's semantics: updates skipped on a non-finite loss or gradient norm, the
+summary's throughput, optimizer settings on resume, and what a run killed while resuming or pruning leaves.
+
+The end-to-end case runs ``fsdp4bit.train.loop.run`` in a plain ``python`` subprocess (world size 1) on the tiny CPU
+config, with a forward hook that turns one training step's logits into NaN.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import run_in_own_group
+
+from fsdp4bit.train import metrics as metrics_mod
+from fsdp4bit.train import train_checkpoint as tc
+from fsdp4bit.train.config import load_config
+from fsdp4bit.train.metrics import MetricsLog, read_metrics
+from fsdp4bit.train.optim import build_optimizer, lr_factor
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "cpu_tiny.toml"
+TIMEOUT_S = 300
+NAN_STEP = 2
+
+_NAN_RUN = """
+import sys
+from fsdp4bit.train import loop
+from fsdp4bit.train.config import load_config
+
+cfg = load_config(sys.argv[1], sys.argv[3:])
+nan_step = int(sys.argv[2])
+build_model = loop.build_model
+
+
+def build(model_cfg):
+    model = build_model(model_cfg)
+    calls = [0]
+
+    def hook(module, args, output):
+        if module.training:
+            calls[0] += 1
+            if calls[0] == nan_step:
+                return output * float("nan")
+        return None
+
+    model.lm_head.register_forward_hook(hook)
+    return model
+
+
+loop.build_model = build
+loop.run(cfg)
+"""
+
+
+def _run_python(args: list[str]) -> subprocess.CompletedProcess:
+    """``python *args`` in the repository, outside any launcher's environment."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "PYTHONFAULTHANDLER": "1",
+    }
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return run_in_own_group([sys.executable, *args], cwd=REPO, env=env, timeout_s=TIMEOUT_S)
+
+
+def _load_dcp(path: Path, tmp: Path) -> dict:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = tmp / f"{path.name}.pt"
+    dcp_to_torch_save(path, out)
+    return torch.load(out, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def nan_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 steps (1 sequence of 64 tokens each, a checkpoint after every step); step 2's logits are NaN."""
+    out = tmp_path_factory.mktemp("nan_run")
+    sets = {
+        "output.dir": f'"{out}"',
+        "train.steps": "4",
+        "train.micro_batch_size": "1",
+        "checkpoint.every": "1",
+        "checkpoint.keep": "4",
+        "train.eval_before": "false",
+        "train.eval_after": "false",
+        "debug.mode": '"off"',
+    }
+    args = [str(CONFIG), str(NAN_STEP)] + [f"{k}={v}" for k, v in sets.items()]
+    proc = _run_python(["-c", _NAN_RUN, *args])
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    (out / "stdout.txt").write_text(proc.stdout)
+    return out
+
+
+def _train_records(out: Path) -> list[dict]:
+    return [r for r in read_metrics(out / "metrics.jsonl") if r["event"] == "train"]
+
+
+def test_non_finite_step_is_skipped_and_training_goes_on(nan_run: Path, tmp_path: Path) -> None:
+    """A NaN loss used to reach AdamW through a NaN clipping factor: every adapter became NaN and every later loss
+    (and the saved adapter) NaN. The update is skipped: adapters and optimizer state stay as they were, the
+    schedule and the data go on."""
+    records = _train_records(nan_run)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert math.isnan(records[1]["loss"])
+    for r in records[2:]:
+        assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]), r
+    assert [r["skipped"] for r in records] == [False, True, False, False]
+    stdout = (nan_run / "stdout.txt").read_text()
+    assert f"warning: step {NAN_STEP}: loss nan" in stdout and "update is skipped" in stdout
+    cfg = load_config(CONFIG, ["train.steps=4"]).train
+    assert [r["lr"] for r in records] == pytest.approx([cfg.lr * lr_factor(s, cfg) for s in range(4)], rel=1e-12)
+    ckpts = nan_run / "checkpoints"
+    after_1 = _load_dcp(ckpts / "step-00000001", tmp_path)
+    after_2 = _load_dcp(ckpts / "step-00000002", tmp_path)
+    after_3 = _load_dcp(ckpts / "step-00000003", tmp_path)
+    assert after_1["adapters"].keys() == after_2["adapters"].keys()
+    for name, value in after_1["adapters"].items():
+        assert torch.equal(after_2["adapters"][name], value), name
+        assert torch.isfinite(after_3["adapters"][name]).all(), name
+    state_1, state_2 = after_1["optimizer"]["state"], after_2["optimizer"]["state"]
+    for name, entry in state_1.items():
+        for key, value in entry.items():
+            assert torch.equal(state_2[name][key], value), (name, key)
+    assert int(next(iter(after_3["optimizer"]["state"].values()))["step"]) == 2  # 2 real updates in 3 steps
+    assert after_2["scheduler"]["last_epoch"] == 2
+    from safetensors.torch import load_file
+
+    for name, value in load_file(nan_run / "adapter" / "adapter_model.safetensors").items():
+        assert torch.isfinite(value).all(), name
+    (summary,) = [r for r in read_metrics(nan_run / "metrics.jsonl") if r["event"] == "summary"]
+    assert summary["skipped_steps"] == 1
+
+
+def test_summary_throughput_is_tokens_over_time(nan_run: Path) -> None:
+    """The summary averaged the steps' rates (a fast step weighed as much as a slow one); it is the tokens of the
+    steps after the first over their time."""
+    records = _train_records(nan_run)
+    tokens_per_step = 1 * 1 * 1 * 64  # micro-batch x accumulation x world x seq_len
+    assert all(r["tokens_per_s"] == pytest.approx(tokens_per_step / r["step_s"], rel=1e-12) for r in records)
+    steady = [r["step_s"] for r in records[1:]]
+    (summary,) = [r for r in read_metrics(nan_run / "metrics.jsonl") if r["event"] == "summary"]
+    assert summary["tokens_per_s"] == pytest.approx(tokens_per_step * len(steady) / sum(steady), rel=1e-12)
+
+
+def test_resume_refuses_changed_weight_decay_and_betas() -> None:
+    """Loading the optimizer's state restores its param groups' weight decay and betas, so a resumed run's changed
+    values were ignored silently; a resume with other values is refused, naming them."""
+    saved = tc.resume_settings(load_config(CONFIG))
+    # what a resume would have done: the checkpoint's hyperparameters win over the config's
+    param = torch.nn.Parameter(torch.ones(3))
+    old_opt, _ = build_optimizer([param], load_config(CONFIG).train)
+    new_cfg = load_config(CONFIG, ["train.weight_decay=0.1", "train.betas=[0.9, 0.95]"])
+    new_opt, _ = build_optimizer([param], new_cfg.train)
+    new_opt.load_state_dict(old_opt.state_dict())
+    assert new_opt.param_groups[0]["weight_decay"] == 0.0 and new_opt.param_groups[0]["betas"] == (0.9, 0.999)
+    with pytest.raises(ValueError) as err:
+        tc.check_resume_settings(saved, tc.resume_settings(new_cfg), Path("ckpt"))
+    assert "train.weight_decay=0.0 -> 0.1" in str(err.value)
+    assert "train.betas=[0.9, 0.999] -> [0.9, 0.95]" in str(err.value)
+    # the same values (a float given as an int in TOML) resume
+    same = load_config(CONFIG, ["train.weight_decay=0", "train.betas=[0.9, 0.999]"])
+    tc.check_resume_settings(saved, tc.resume_settings(same), Path("ckpt"))
+
+
+def _metrics_file(path: Path) -> MetricsLog:
+    log = MetricsLog(path, True)
+    log.reset()
+    log.write("start", world_size=1)
+    for step in range(1, 5):
+        log.write("train", step=step, loss=1.0 / step)
+    log.write("eval", when="after", step=4, ppl=2.0, loss=0.7)
+    log.write("summary", when="after", steps=4)
+    return log
+
+
+def test_metrics_truncation_skips_a_half_written_last_line(tmp_path: Path) -> None:
+    """A run killed (or out of disk space) while appending a record left a partial line, and every resume failed
+    with a JSONDecodeError; the partial last line is dropped. A bad line before the last is an error naming it."""
+    log = _metrics_file(tmp_path / "metrics.jsonl")
+    with log.path.open("a") as fh:
+        fh.write('{"event": "train", "step": 5, "lo')
+    assert [r.get("step") for r in read_metrics(log.path)] == [None, 1, 2, 3, 4, 4, None]
+    log.truncate_after(2)
+    assert [(r["event"], r.get("step")) for r in read_metrics(log.path)] == [
+        ("start", None),
+        ("train", 1),
+        ("train", 2),
+    ]
+    log.write("train", step=3, loss=0.3)
+    assert [r.get("step") for r in read_metrics(log.path)] == [None, 1, 2, 3]
+    lines = log.path.read_text().splitlines()
+    log.path.write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not a JSON record"):
+        read_metrics(log.path)
+
+
+def test_metrics_truncation_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run killed while resuming (rewriting metrics.jsonl) left an empty or partial file: the start record, the
+    perplexity before and the earlier steps were lost. The file now holds the old records or the new ones."""
+    log = _metrics_file(tmp_path / "metrics.jsonl")
+    before = log.path.read_text()
+    real_write_text = Path.write_text
+
+    def killed_mid_write(self: Path, data: str, *args, **kwargs) -> int:
+        real_write_text(self, data[: len(data) // 3], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        log.truncate_after(2)
+    monkeypatch.undo()
+    assert log.path.read_text() == before
+    log.truncate_after(2)
+    assert [r.get("step") for r in read_metrics(log.path)] == [None, 1, 2]
+    assert metrics_mod.read_metrics is read_metrics
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lora_A = torch.nn.Linear(4, 2, bias=False)
+        self.base = torch.nn.Linear(4, 4)
+        self.base.requires_grad_(False)
+
+
+def test_pruning_killed_midway_leaves_no_incomplete_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pruning deleted an old checkpoint in place: a run killed mid-way left a folder that still counted as complete
+    (progress.json and .metadata present) with shards missing. It is renamed out of the way first, and the next
+    start removes the rest."""
+    torch.manual_seed(0)
+    model = _Tiny()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = build_optimizer(params, load_config(CONFIG).train)
+    root = tmp_path / "checkpoints"
+
+    def save(step: int) -> None:
+        model.lora_A.weight.grad = torch.full_like(model.lora_A.weight, float(step))
+        optimizer.step()
+        scheduler.step()
+        tc.save_checkpoint(root, tc.Progress(step, step, 1), model, optimizer, scheduler, 2, True)
+
+    save(1)
+    save(2)
+    real_rmtree = shutil.rmtree
+
+    def killed_mid_delete(path, *args, **kwargs) -> None:
+        shards = sorted(Path(path).glob("*.distcp")) if Path(path).is_dir() else []
+        if not shards:
+            return real_rmtree(path, *args, **kwargs)
+        shards[0].unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tc.shutil, "rmtree", killed_mid_delete)
+    with pytest.raises(KeyboardInterrupt):
+        save(3)
+    monkeypatch.undo()
+    assert [step for step, _ in tc.complete_checkpoints(root)] == [2, 3]
+    tc.remove_partial(root)
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000002", "step-00000003"]
+    want = model.lora_A.weight.detach().clone()
+    with torch.no_grad():
+        model.lora_A.weight.zero_()
+    progress = tc.load_checkpoint(root / "step-00000003", model, optimizer, scheduler, {})
+    assert progress.step == 3 and torch.equal(model.lora_A.weight, want)
+
+
+def _train_losses(out: Path) -> list[tuple[float, float]]:
+    return [(r["loss"], r["grad_norm"]) for r in _train_records(out)]
+
+
+def test_accumulation_over_ranks_matches_one_big_batch(tmp_path: Path) -> None:
+    """2 ranks x 1 sequence x 2 accumulated micro-batches take the same 4 sequences per step as 1 rank with one
+    micro-batch of 4 (the data stream is the same), so the logged loss (token mean over the step), the global
+    gradient norm and, through clipping to 0.5, the updates must match the big batch's."""
+    sets = [
+        "--set",
+        "train.steps=3",
+        "--set",
+        "checkpoint.every=0",
+        "--set",
+        "lora.dropout=0.0",
+        "--set",
+        "train.max_grad_norm=0.5",
+        "--set",
+        "train.eval_before=false",
+        "--set",
+        "train.eval_after=false",
+        "--set",
+        'debug.mode="off"',
+    ]
+    torchrun = [
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=localhost:0",
+    ]
+    runs = {}
+    for name, launcher, extra in (
+        ("big", [], ["--set", "train.micro_batch_size=4"]),
+        ("accum", torchrun, ["--set", "train.micro_batch_size=1", "--set", "train.grad_accum=2"]),
+    ):
+        out = tmp_path / name
+        cmd = [
+            *launcher,
+            "-m",
+            "fsdp4bit.train",
+            "--config",
+            str(CONFIG),
+            "--set",
+            f'output.dir="{out}"',
+            *sets,
+            *extra,
+        ]
+        proc = _run_python(cmd)
+        assert proc.returncode == 0, proc.stdout[-4000:]
+        runs[name] = _train_losses(out)
+    assert len(runs["big"]) == 3
+    for (loss, norm), (want_loss, want_norm) in zip(runs["accum"], runs["big"], strict=True):
+        assert loss == pytest.approx(want_loss, rel=1e-5)
+        assert norm == pytest.approx(want_norm, rel=1e-5)
+        assert norm > 0.5  # clipping acted on every step
+
+
+_CLIP = """
+import json, sys
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from fsdp4bit.train.loop import _grad_norm
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+
+
+def make():
+    torch.manual_seed(0)
+    # 7 x 5, 3 x 7 and 1 x 3 weights: shards of unequal size, one rank empty for the last
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3), torch.nn.Linear(3, 1))
+
+
+ref, model = make(), make()
+mesh = init_device_mesh("cpu", (world,))
+for layer in model:
+    fully_shard(layer, mesh=mesh)
+fully_shard(model, mesh=mesh)
+torch.manual_seed(1)
+x = torch.randn(4 * world, 5) * 10
+ref(x).pow(2).mean().backward()
+model(x[4 * rank : 4 * (rank + 1)]).pow(2).mean().backward()
+out = {"norm": _grad_norm(list(model.parameters()), 0.5), "ref_norm": _grad_norm(list(ref.parameters()), 0.5)}
+out["diff"] = max(
+    float((p.grad.full_tensor() - q.grad).abs().max() / q.grad.abs().max())
+    for p, q in zip(model.parameters(), ref.parameters())
+)
+out["clipped_norm"] = float(torch.cat([q.grad.flatten() for q in ref.parameters()]).norm())
+if rank == 0:
+    print("RESULT " + json.dumps(out))
+dist.destroy_process_group()
+"""
+
+
+def test_clipping_uses_the_global_norm_of_all_shards(tmp_path: Path) -> None:
+    """Under FSDP2 on 2 ranks, the logged gradient norm is the unsharded model's, and the clipped gradients are the
+    unsharded model's clipped gradients (not each shard clipped by its own norm)."""
+    script = tmp_path / "clip.py"
+    script.write_text(_CLIP)
+    proc = _run_python(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--rdzv_backend=c10d",
+            "--rdzv_endpoint=localhost:0",
+            str(script),
+        ]
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    result = json.loads(line.removeprefix("RESULT "))
+    assert result["ref_norm"] > 1  # clipping to 0.5 acts
+    assert result["norm"] == pytest.approx(result["ref_norm"], rel=1e-6)
+    assert result["clipped_norm"] == pytest.approx(0.5, rel=1e-4)
+    assert result["diff"] < 1e-5
