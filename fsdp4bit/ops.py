@@ -410,7 +410,9 @@ def has_tangent(*tensors: torch.Tensor | None) -> bool:
 def needs_decomposition(*tensors: torch.Tensor | None) -> bool:
     """True where matmul_4bit's own autograd cannot serve the call: an input with a forward-mode tangent, or a
     torch.func transform (grad, vmap, jacrev, hessian...), which C++ autograd nodes do not run under."""
-    if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
+    # _are_functorch_transforms_active, not peek_interpreter_stack: dynamo folds it to a constant while it traces a
+    # transform (torch.compile(torch.func.grad(f))), where the operator would meet GradTrackingTensors
+    if torch._C._are_functorch_transforms_active():
         return True
     return has_tangent(*tensors)
 
