@@ -201,8 +201,11 @@ class Params4bit(nn.Parameter):
 
     @classmethod
     def view_of(cls, data: torch.Tensor, like: Params4bit) -> Params4bit:
-        """A Params4bit over ``data``, a view into ``like``'s storage, sharing its quantization metadata."""
-        out = cls.wrap(data, like, None, 0)
+        """A Params4bit over ``data``, a view into ``like``'s storage, sharing its quantization metadata. A view of a
+        normal tensor is a normal tensor under ``torch.inference_mode`` too (autograd then shares its version
+        counter, which an inference tensor has none of), so the wrapper is made with inference mode off."""
+        with torch.inference_mode(torch.is_inference(like)):
+            out = cls.wrap(data, like, None, 0)
         out._storage_meta = like._storage_meta
         out._set_inner_stats(out.quant_state)
         return out
@@ -732,6 +735,9 @@ class Linear4bit(nn.Linear):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
+        # nn.Module's own pre-hooks first (FSDP2's puts a weight left unsharded by a forward back into its shard)
+        for hook in self._load_state_dict_pre_hooks.values():
+            hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         weight_key, bias_key = prefix + "weight", prefix + "bias"
         qs_keys = [
             k
@@ -749,10 +755,14 @@ class Linear4bit(nn.Linear):
             if errors:
                 error_msgs.extend(errors)
                 return
-            old = self.weight
-            super()._load_from_state_dict(
-                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-            )
+            old, hooks = self.weight, self._load_state_dict_pre_hooks
+            self._load_state_dict_pre_hooks = type(hooks)()  # they ran above
+            try:
+                super()._load_from_state_dict(
+                    state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+                )
+            finally:
+                self._load_state_dict_pre_hooks = hooks
             if isinstance(old, Params4bit) and not isinstance(self.weight, Params4bit):
                 # load_state_dict(assign=True) put the checkpoint's tensor in a plain Parameter: it takes the
                 # weight's place and format (float values to quantize, or the quantized weight's own words)

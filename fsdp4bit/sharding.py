@@ -14,6 +14,7 @@ rules out a second input (the statistics). Every rank pads its inputs to the sam
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import operator
 from collections.abc import Callable, Sequence
@@ -152,6 +153,14 @@ def _state_on(state: QuantState, device: torch.device) -> QuantState:
     return state if state.absmax.device == device else copy_state(state, device)
 
 
+def _keeping_version(t: torch.Tensor):
+    """A context that keeps ``t``'s version counter through an in-place write (none to keep for an inference
+    tensor)."""
+    if torch.is_inference(t):
+        return contextlib.nullcontext()
+    return torch.autograd._unsafe_preserve_version_counter(t)
+
+
 def post_all_gather(param, outputs: Sequence[torch.Tensor], metadata: Any, param_dtype, *, out=None):
     """Rebuild the full Params4bit from gathered words and absmax (refill ``out`` in place after the first time)."""
     world, (chunk, rows, blocks, max_blocks) = metadata
@@ -169,8 +178,9 @@ def post_all_gather(param, outputs: Sequence[torch.Tensor], metadata: Any, param
         index = _gather_index(blocks, max_blocks, absmax_out.device)
         if index is not None:
             target = out.quant_state.absmax
-            # A refill after resharding: autograd saved this tensor in the forward, keep its version.
-            with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(target):
+            # A refill after resharding: autograd saved this tensor in the forward, keep its version (an inference
+            # tensor, from a first gather under torch.inference_mode, has none)
+            with torch.no_grad(), _keeping_version(target):
                 torch.index_select(absmax_out, 0, index, out=target)
         return None
     # ``param`` is the resident shard: with CPU offload its state is on the host, the gathered data is not.
@@ -370,7 +380,9 @@ def _fsdp_options(mesh, mp_policy, reshard_after_forward: bool, cpu_offload: boo
         options["mesh"] = mesh
     options["mp_policy"] = mp_policy if mp_policy is not None else MixedPrecisionPolicy()
     if cpu_offload:
-        options["offload_policy"] = CPUOffloadPolicy()
+        # pinned host memory needs an accelerator: without one (a CPU mesh, gloo) torch's default pin_memory=True
+        # fails in fully_shard with "Cannot access accelerator device when none is available"
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.accelerator.is_available())
     return options
 
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
+import socket
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,3 +79,33 @@ def run_in_own_group(cmd: list[str], *, cwd, env: dict, timeout_s: float) -> sub
         output, _ = proc.communicate()
         pytest.fail(f"run timed out after {timeout_s}s:\n{output[-4000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, output, "")
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (for a launcher's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_worker(worker: Path, nproc: int, *args: str, device: str, timeout: int) -> dict:
+    """Run ``worker`` under torchrun on ``nproc`` processes (``device`` in FSDP4BIT_TEST_DEVICE); return rank 0's
+    ``REPORT`` json, fail with the output on error."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint=127.0.0.1:{free_port()}",
+        str(worker),
+        *args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FSDP4BIT_TEST_DEVICE": device, "PYTHONFAULTHANDLER": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    # the ranks' own errors (and PYTHONFAULTHANDLER's stacks) come first in stderr, torchrun's summary last
+    output = f"stdout (end):\n{proc.stdout[-2000:]}\nstderr (start):\n{proc.stderr[:5000]}"
+    assert proc.returncode == 0, output
+    reports = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
+    assert reports, output
+    return json.loads(reports[-1].removeprefix("REPORT "))

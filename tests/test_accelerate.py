@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_port
 
 pytest.importorskip("accelerate")
 WORKER = Path(__file__).parent / "distributed" / "accelerate_worker.py"
@@ -24,9 +24,7 @@ WORKER = Path(__file__).parent / "distributed" / "accelerate_worker.py"
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="accelerate runs FSDP2 only on 2+ accelerators")
 @pytest.mark.parametrize("storage", ["uint8", "bfloat16"])
 def test_accelerate_fsdp2_trains_4bit_model(storage, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [
         sys.executable,
         "-m",

@@ -6,26 +6,17 @@ subprocess timeout, so a failing collective can never hang the suite.
 
 from __future__ import annotations
 
-import json
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import torchrun_worker
 
 WORKER = Path(__file__).parent / "distributed" / "worker.py"
 # On a GPU machine the same scenarios run on CUDA with NCCL, for the world sizes its GPUs allow.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MAX_WORLD = torch.cuda.device_count() if DEVICE == "cuda" else 8
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def skip_unless_fsdp_shards(storage: str) -> None:
@@ -39,24 +30,7 @@ def torchrun(nproc: int, *args: str, timeout: int = 240) -> dict:
     """Run the worker on ``nproc`` processes; return rank 0's report, fail with the output on error."""
     if nproc > MAX_WORLD:
         pytest.skip(f"world size {nproc} needs {nproc} GPUs, {MAX_WORLD} here")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        "--rdzv_backend=c10d",
-        f"--rdzv_endpoint=127.0.0.1:{_free_port()}",
-        str(WORKER),
-        *args,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FSDP4BIT_TEST_DEVICE": DEVICE, "PYTHONFAULTHANDLER": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    # the ranks' own errors (and PYTHONFAULTHANDLER's stacks) come first in stderr, torchrun's summary last
-    output = f"stdout (end):\n{proc.stdout[-2000:]}\nstderr (start):\n{proc.stderr[:5000]}"
-    assert proc.returncode == 0, output
-    reports = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
-    assert reports, output
-    return json.loads(reports[-1].removeprefix("REPORT "))
+    return torchrun_worker(WORKER, nproc, *args, device=DEVICE, timeout=timeout)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -80,8 +54,6 @@ def test_allgather_is_bit_exact_for_every_storage_dtype(world):
 def test_lora_training_matches_single_process(world, storage, precision, reshard, ckpt):
     """AdamW steps on a 4-bit base + LoRA model under FSDP2 give the single-process losses and weights."""
     skip_unless_fsdp_shards(storage)
-    if reshard == "offload" and DEVICE == "cpu":
-        pytest.skip("FSDP2's CPUOffloadPolicy needs an accelerator (pinned host memory)")
     report = torchrun(world, "train", storage, precision, reshard, ckpt)
     assert len(report["losses"]) == len(report["reference"]) == 6
 

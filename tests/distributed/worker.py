@@ -526,12 +526,14 @@ def scenario_robustness() -> dict:
     return {"save_raised": raised}
 
 
-def main() -> int:
+def main(scenarios: dict | None = None) -> int:
+    """Run the scenario named on the command line (a ``scenario_<name>`` function of ``scenarios``, by default this
+    module's) with the arguments after it; rank 0 prints its report as one ``REPORT`` json line."""
     if DEVICE.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=90))
     scenario, *args = sys.argv[1:]
-    report = globals()[f"scenario_{scenario}"](*args)
+    report = (scenarios or globals())[f"scenario_{scenario}"](*args)
     if dist.get_rank() == 0:
         print("REPORT " + json.dumps({"scenario": scenario, "world": dist.get_world_size(), **report}))
     teardown()
