@@ -530,8 +530,10 @@ class Params4bit(nn.Parameter):
         if device is None or device == self.device:
             return self
         moved = self._data.to(device, non_blocking=non_blocking)
-        if not self.is_full:
-            # A shard (e.g. FSDP2 moving a CPU-offloaded shard to the GPU): leave the source's state where it is.
+        if not self.is_full or device.type == "meta":
+            # A shard (e.g. FSDP2 moving a CPU-offloaded shard to the GPU) leaves the source's state where it is; so
+            # does a move to meta (accelerate's offloading hooks make one of each weight): statistics moved there in
+            # place would leave the source, still holding its words, without values.
             return type(self).wrap(moved, self, copy_state(self.quant_state, moved.device), self.row_start)
         if self.quant_state is not None:
             self.quant_state.to(device)
@@ -644,6 +646,14 @@ class Linear4bit(nn.Linear):
         weight = self.weight
         state = getattr(weight, "quant_state", None)
         if state is None:
+            if getattr(weight, "bnb_quantized", False):
+                raise RuntimeError(
+                    "Linear4bit weight holds packed 4-bit words without their quant state (absmax...): it was rebuilt "
+                    "from its words alone, as accelerate's offloading does (cpu_offload, disk_offload, dispatch_model "
+                    "or a device_map placing 4-bit layers on 'cpu'/'disk' next to another execution device), which "
+                    "fsdp4bit does not support (nor does bitsandbytes): keep Linear4bit layers on their execution "
+                    "device, or load the weight with its statistics (load_state_dict)"
+                )
             raise RuntimeError(
                 "Linear4bit weight is not quantized: call .to(device) on the module first (it quantizes the weight)"
             )
@@ -655,6 +665,11 @@ class Linear4bit(nn.Linear):
             if not x.is_floating_point():
                 raise TypeError(f"x must be a floating-point tensor, got {inp_dtype}")
             x = x.to(self.compute_dtype)
+        elif self.compute_dtype is None and inp_dtype not in FLOAT_DTYPES and not autocast_on(x.device.type):
+            raise ValueError(
+                f"x is {inp_dtype} and this Linear4bit has no compute_dtype: it computes in one of "
+                f"{tuple(FLOAT_DTYPES)}; set the layer's compute_dtype (e.g. torch.float32) or cast x"
+            )
         if self.compute_dtype is not None and autocast_on(x.device.type):
             with torch.autocast(x.device.type, enabled=False):  # an explicit compute_dtype wins over autocast
                 out = matmul_4bit(x, weight, quant_state=state, bias=self.bias)
