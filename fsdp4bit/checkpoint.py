@@ -21,6 +21,15 @@ from .quant_state import unpack_tensor_to_dict
 from .tensor_ops import plain
 
 
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush folder ``path``'s entries (a rename into it) to disk, so a crash after it cannot undo the rename."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -152,11 +161,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         os.rename(tmp, path)
         if backup:
             shutil.rmtree(backup)
-        fd = os.open(parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(parent)
 
     _on_rank0(swap_in)
 

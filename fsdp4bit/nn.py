@@ -204,7 +204,11 @@ class Params4bit(nn.Parameter):
         """A Params4bit over ``data``, a view into ``like``'s storage, sharing its quantization metadata. A view of a
         normal tensor is a normal tensor under ``torch.inference_mode`` too (autograd then shares its version
         counter, which an inference tensor has none of), so the wrapper is made with inference mode off."""
-        with torch.inference_mode(torch.is_inference(like)):
+        if torch.is_inference_mode_enabled() and not torch.is_inference(like):
+            grad = torch.is_grad_enabled()  # inference_mode(False) turns grad mode on: keep the caller's
+            with torch.inference_mode(False), torch.set_grad_enabled(grad):
+                out = cls.wrap(data, like, None, 0)
+        else:
             out = cls.wrap(data, like, None, 0)
         out._storage_meta = like._storage_meta
         out._set_inner_stats(out.quant_state)
@@ -661,9 +665,9 @@ class Linear4bit(nn.Linear):
             inp_dtype = x.dtype
         except AttributeError:
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}") from None
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {inp_dtype}")
         if self.compute_dtype is not None and inp_dtype != self.compute_dtype:
-            if not x.is_floating_point():
-                raise TypeError(f"x must be a floating-point tensor, got {inp_dtype}")
             x = x.to(self.compute_dtype)
         elif self.compute_dtype is None and inp_dtype not in FLOAT_DTYPES and not autocast_on(x.device.type):
             raise ValueError(

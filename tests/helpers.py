@@ -66,19 +66,22 @@ def assert_same_parameters(got: torch.nn.Module, want: torch.nn.Module) -> None:
         assert torch.equal(raw(value), raw(ref)), name
 
 
-def run_in_own_group(cmd: list[str], *, cwd, env: dict, timeout_s: float) -> subprocess.CompletedProcess:
-    """Run ``cmd`` (stdout and stderr together) in a process group of its own, so a timeout kills every process it
-    started (torchrun's workers included) and fails the test with the end of its output."""
+def run_in_own_group(
+    cmd: list[str], *, cwd=None, env: dict, timeout_s: float, merge_stderr: bool = True
+) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in a process group of its own (stderr into stdout unless ``merge_stderr`` is False), so a timeout
+    kills every process it started (torchrun's workers included) and fails the test with the end of its output."""
+    stderr = subprocess.STDOUT if merge_stderr else subprocess.PIPE
     proc = subprocess.Popen(
-        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True
     )
     try:
-        output, _ = proc.communicate(timeout=timeout_s)
+        output, errors = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"run timed out after {timeout_s}s:\n{output[-4000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, output, "")
+        output, errors = proc.communicate()
+        pytest.fail(f"run timed out after {timeout_s}s:\n{output[-4000:]}\n{(errors or '')[:4000]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, output, errors or "")
 
 
 def free_port() -> int:
@@ -102,7 +105,7 @@ def torchrun_worker(worker: Path, nproc: int, *args: str, device: str, timeout: 
         *args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FSDP4BIT_TEST_DEVICE": device, "PYTHONFAULTHANDLER": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    proc = run_in_own_group(cmd, env=env, timeout_s=timeout, merge_stderr=False)
     # the ranks' own errors (and PYTHONFAULTHANDLER's stacks) come first in stderr, torchrun's summary last
     output = f"stdout (end):\n{proc.stdout[-2000:]}\nstderr (start):\n{proc.stderr[:5000]}"
     assert proc.returncode == 0, output

@@ -475,9 +475,11 @@ def test_requires_grad_is_refused_up_front_and_gemv_is_differentiable(path):
 
 
 def test_linear4bit_input_must_be_a_float_tensor():
+    """The same TypeError with or without a compute_dtype (without one an integer x was told to set it)."""
+    for compute_dtype in (torch.float16, None):
+        with raises(TypeError, "x must be a floating-point tensor, got torch.int64"):
+            _layer(compute_dtype=compute_dtype)(torch.randint(-3, 3, (2, 64)))
     layer = _layer(compute_dtype=torch.float16)
-    with raises(TypeError, "x must be a floating-point tensor, got torch.int64"):
-        layer(torch.randint(-3, 3, (2, 64)))
     with raises(TypeError, "x must be a torch.Tensor, got list"):
         layer(_x().tolist())
 

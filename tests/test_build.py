@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -132,37 +131,43 @@ def test_a_failed_build_is_not_repeated_by_the_processes_that_waited(cache, monk
 
     from torch.utils import cpp_extension
 
-    building, waiting = threading.Event(), threading.Event()
+    building, second_waits = threading.Event(), threading.Event()
     calls: list[str] = []
+    flock = _build._flock
+
+    def flock_noting_the_second(fd: int) -> bool:
+        if threading.current_thread().name == "second":
+            second_waits.set()  # it has read the record's state and now waits for the lock
+        return flock(fd)
 
     def failing_load(name, **kwargs):
         calls.append(name)
         building.set()
-        assert waiting.wait(10)
-        time.sleep(0.2)  # the other caller is blocked on the lock by now
+        assert second_waits.wait(10)
         raise RuntimeError("Error building extension 'fsdp4bit_cpu_k': error: 'x' was not declared")
 
+    monkeypatch.setattr(_build, "_flock", flock_noting_the_second)
     monkeypatch.setattr(cpp_extension, "load", failing_load)
     errors: dict[str, BaseException] = {}
 
-    def call(who: str) -> None:
+    def call() -> None:
         try:
             _build._load("fsdp4bit_cpu", (), "k")
         except BaseException as exc:  # noqa: BLE001 - recorded for the assertions below
-            errors[who] = exc
+            errors[threading.current_thread().name] = exc
 
-    first = threading.Thread(target=call, args=("first",))
+    first = threading.Thread(target=call, name="first")
     first.start()
     assert building.wait(10)
-    second = threading.Thread(target=call, args=("second",))
+    second = threading.Thread(target=call, name="second")
     second.start()
-    waiting.set()
     first.join(10)
     second.join(10)
     assert calls == ["fsdp4bit_cpu_k"]
     assert isinstance(errors["first"], RuntimeError) and "was not declared" in str(errors["first"])
     assert isinstance(errors["second"], _build.BuildError)
-    assert "failed in another process" in str(errors["second"]) and "was not declared" in str(errors["second"])
+    assert "failed in another process while this one waited" in str(errors["second"])
+    assert "was not declared" in str(errors["second"])
 
     monkeypatch.setattr(cpp_extension, "load", lambda name, **kw: calls.append(name) or "loaded")
     assert _build._load("fsdp4bit_cpu", (), "k") == "loaded" and len(calls) == 2

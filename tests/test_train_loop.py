@@ -19,7 +19,6 @@ import pytest
 import torch
 from helpers import run_in_own_group
 
-from fsdp4bit.train import metrics as metrics_mod
 from fsdp4bit.train import train_checkpoint as tc
 from fsdp4bit.train.config import load_config
 from fsdp4bit.train.metrics import MetricsLog, read_metrics
@@ -111,7 +110,9 @@ def test_non_finite_step_is_skipped_and_training_goes_on(nan_run: Path, tmp_path
     schedule and the data go on."""
     records = _train_records(nan_run)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
-    assert math.isnan(records[1]["loss"])
+    assert records[1]["loss"] is None  # NaN, written as null: every line is standard JSON
+    for line in (nan_run / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
     for r in records[2:]:
         assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]), r
     assert [r["skipped"] for r in records] == [False, True, False, False]
@@ -155,7 +156,7 @@ def test_summary_throughput_is_tokens_over_time(nan_run: Path) -> None:
 def test_resume_refuses_changed_weight_decay_and_betas() -> None:
     """Loading the optimizer's state restores its param groups' weight decay and betas, so a resumed run's changed
     values were ignored silently; a resume with other values is refused, naming them."""
-    saved = tc.resume_settings(load_config(CONFIG))
+    saved = json.loads(json.dumps(tc.resume_settings(load_config(CONFIG))))  # as progress.json holds them
     # what a resume would have done: the checkpoint's hyperparameters win over the config's
     param = torch.nn.Parameter(torch.ones(3))
     old_opt, _ = build_optimizer([param], load_config(CONFIG).train)
@@ -170,6 +171,18 @@ def test_resume_refuses_changed_weight_decay_and_betas() -> None:
     # the same values (a float given as an int in TOML) resume
     same = load_config(CONFIG, ["train.weight_decay=0", "train.betas=[0.9, 0.999]"])
     tc.check_resume_settings(saved, tc.resume_settings(same), Path("ckpt"))
+
+
+def test_saving_a_step_twice_keeps_the_new_checkpoint(tmp_path: Path) -> None:
+    """A save over an existing step folder (one a killed run left without its progress file) retired the old folder
+    to the new checkpoint's own .tmp- name: the new one was deleted and the old one put back."""
+    model = torch.nn.Linear(3, 2)
+    optimizer, scheduler = build_optimizer(list(model.parameters()), load_config(CONFIG).train)
+    for position in (111, 222):
+        tc.save_checkpoint(tmp_path, tc.Progress(5, position, 1), model, optimizer, scheduler, 2, True)
+    progress = json.loads((tmp_path / "step-00000005" / tc.PROGRESS_FILE).read_text())
+    assert progress["data_position"] == 222
+    assert [p.name for p in tmp_path.iterdir()] == ["step-00000005"]
 
 
 def _metrics_file(path: Path) -> MetricsLog:
@@ -222,7 +235,7 @@ def test_metrics_truncation_is_atomic(tmp_path: Path, monkeypatch: pytest.Monkey
     assert log.path.read_text() == before
     log.truncate_after(2)
     assert [r.get("step") for r in read_metrics(log.path)] == [None, 1, 2]
-    assert metrics_mod.read_metrics is read_metrics
+    assert not (log.path.parent / f".{log.path.name}.tmp").exists()
 
 
 class _Tiny(torch.nn.Module):

@@ -258,21 +258,34 @@ def _load_prebuilt(library: Path) -> ModuleType:
     return module
 
 
-# a failed build's record in its folder: (time.time() of the failure, then its message)
+# a failed build's record in its folder: the failure's message
 _FAILED = "fsdp4bit.failed"
 
 
-def _raise_if_failed_since(record: Path, since: float) -> None:
-    """BuildError with the recorded reason when a build in this folder failed after ``since`` (while this process
-    waited for the lock): the ranks of one launch then fall back together instead of each building again in turn
-    (minutes per rank for the CUDA extension). An older record is ignored: a later run builds again."""
+def _record_id(record: Path) -> tuple[int, int, int] | None:
+    """(inode, mtime_ns, size) of the failure record, None where there is none: a new record replaces the file
+    (os.replace), so a change of this id while a process waited means a build failed meanwhile (no clocks compared,
+    so a cache shared by hosts with skewed clocks is judged the same way)."""
     try:
-        stamp, reason = record.read_text(errors="replace").split("\n", 1)
-        failed_at = float(stamp)
-    except (OSError, ValueError):
+        st = record.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _raise_if_failed_while_waiting(record: Path, before: tuple[int, int, int] | None) -> None:
+    """BuildError with the recorded reason when a build in this folder failed while this process waited for the
+    lock (the record changed since ``before``): the ranks of one launch then fall back together instead of each
+    building again in turn (minutes per rank for the CUDA extension). An older record is ignored: a later run builds
+    again."""
+    now = _record_id(record)
+    if now is None or now == before:
         return
-    if failed_at >= since:
-        raise BuildError(f"the same build failed in another process {time.time() - failed_at:.0f} s ago: {reason}")
+    try:
+        reason = record.read_text(errors="replace")
+    except OSError:
+        return
+    raise BuildError(f"the same build failed in another process while this one waited for it: {reason}")
 
 
 def _record_failure(record: Path, exc: BaseException) -> None:
@@ -280,7 +293,7 @@ def _record_failure(record: Path, exc: BaseException) -> None:
     reason = str(exc) if isinstance(exc, BuildError) else f"{type(exc).__name__}: {exc}"
     tmp = record.with_name(f"{record.name}.{os.getpid()}")
     with contextlib.suppress(OSError):
-        tmp.write_text(f"{time.time()!r}\n{reason[-20000:]}")
+        tmp.write_text(reason[-20000:])
         os.replace(tmp, record)
 
 
@@ -292,10 +305,10 @@ def _load(name: str, sources: tuple[Path, ...], key: str, **kwargs) -> ModuleTyp
         return _load_prebuilt(library_path(name, key))
     verbose = os.environ.get("FSDP4BIT_BUILD_VERBOSE") == "1"
     record = folder / _FAILED
-    waiting_since = time.time()
+    before = _record_id(record)
     with exclusive_build(folder) as locked:
         if locked:  # without the lock a short library may be one another process is linking right now
-            _raise_if_failed_since(record, waiting_since)
+            _raise_if_failed_while_waiting(record, before)
             _drop_truncated(library_path(name, key))
         try:
             return cpp_extension.load(

@@ -25,7 +25,7 @@ from .distributed import DistInfo, setup, teardown
 from .embedded import ensure_embedded_model
 from .evaluate import perplexity
 from .lora import AdapterInit, attach_lora, save_adapter, trainable_parameters
-from .metrics import MetricsLog, current_memory_mb, gather_floats, peak_memory_mb, read_metrics
+from .metrics import MetricsLog, current_memory_mb, gather_floats, peak_memory_mb, read_metrics, write_atomically
 from .model import build_model, count_4bit, decoder_blocks, dtype_of, load_blocks, load_tokenizer, shard
 from .optim import build_optimizer
 from .plot import plot_loss
@@ -115,13 +115,6 @@ def _resume_data(progress: Progress, batches: RankBatches, tcfg: Any, info: Dist
         )
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """``path`` holds ``text`` or what it held before, never a part (a temporary file renamed into place)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
     tcfg = cfg.train
     out_dir = Path(cfg.output.dir)
@@ -129,7 +122,7 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
     _check_run_folder(cfg, ckpt_root)  # on every rank, before anything is written or built
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomically(out_dir / "config.toml", to_toml(cfg))
+        write_atomically(out_dir / "config.toml", to_toml(cfg))
         remove_partial(ckpt_root)
     if info.debug:
         torch.use_deterministic_algorithms(True, warn_only=True)

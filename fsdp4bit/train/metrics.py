@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import sys
@@ -45,6 +46,13 @@ def gather_floats(value: float) -> list[float]:
     return [float(v) for v in out]
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """``path`` holds ``text`` or what it held before, never a part (a temporary file renamed into place)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 class MetricsLog:
     """Append-only JSONL metrics file; only the main rank writes. On resume, records past the resumed step go."""
 
@@ -66,9 +74,7 @@ class MetricsLog:
             if record.get("event") in ("eval", "summary") and record.get("when") == "after":
                 continue
             kept.append(line)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
-        os.replace(tmp, self.path)
+        write_atomically(self.path, "".join(k + "\n" for k in kept))
 
     def reset(self) -> None:
         """Start an empty file (a fresh run)."""
@@ -77,12 +83,14 @@ class MetricsLog:
             self.path.write_text("")
 
     def write(self, event: str, **fields: Any) -> None:
-        """Append one record ``{"event": event, "time": seconds since start, **fields}``."""
+        """Append one record ``{"event": event, "time": seconds since start, **fields}``; a non-finite number (the
+        loss of a skipped step) is written as null, so every line is standard JSON (jq, pandas, JavaScript)."""
         if not self.enabled:
             return
         record = {"event": event, "time": round(time.time() - self.start, 3), **fields}
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with self.path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(json.dumps(record, allow_nan=False) + "\n")
 
 
 def _parsed_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:

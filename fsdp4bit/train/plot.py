@@ -18,9 +18,10 @@ def plot_loss(metrics_path: Path, out_path: Path) -> None:
     train = [r for r in records if r["event"] == "train"]
     evals = [r for r in records if r["event"] == "eval"]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    ax.plot([r["step"] for r in train], [_number(r["loss"]) for r in train], label="train loss")
     for record, color in zip(evals, ("tab:red", "tab:green"), strict=False):
-        ax.axhline(record["loss"], ls="--", color=color, label=f"held-out {record['when']} (ppl {record['ppl']:.1f})")
+        loss, ppl = _number(record["loss"]), _number(record["ppl"])
+        ax.axhline(loss, ls="--", color=color, label=f"held-out {record['when']} (ppl {ppl:.1f})")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title("QLoRA finetuning loss")
@@ -29,3 +30,8 @@ def plot_loss(metrics_path: Path, out_path: Path) -> None:
     fig.tight_layout()
     fig.savefig(out_path)
     plt.close(fig)
+
+
+def _number(value: float | None) -> float:
+    """A metrics value for plotting: null (a non-finite loss, e.g. a skipped step's) is NaN, a gap in the curve."""
+    return float("nan") if value is None else value

@@ -23,6 +23,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
+from fsdp4bit.checkpoint import fsync_dir
+
 from .distributed import barrier
 from .lora import trainable_parameters
 
@@ -110,7 +112,7 @@ def _fsync_tree(path: Path) -> None:
         for name in files:
             with open(os.path.join(root, name), "rb") as fh:
                 os.fsync(fh.fileno())
-        _fsync_dir(Path(root))
+        fsync_dir(Path(root))
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -163,7 +165,7 @@ def save_checkpoint(
         _fsync_tree(tmp)
         replaced = _retire(final) if final.exists() else None
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         if replaced is not None:
             shutil.rmtree(replaced, ignore_errors=True)
         for _, old in complete_checkpoints(root)[:-keep]:
@@ -176,18 +178,10 @@ def _retire(path: Path) -> Path:
     """Rename the checkpoint ``path`` to a ``.tmp-`` name (no longer complete; removed at the next start) and return
     the new path: deleting it in place, a run killed mid-way would leave a folder that still looks complete (its
     progress.json and .metadata) with some of its shards gone."""
-    doomed = path.with_name(f".tmp-{path.name}")
+    doomed = path.with_name(f".tmp-{path.name}.old")  # not the new checkpoint's own .tmp- name
     shutil.rmtree(doomed, ignore_errors=True)
     os.rename(path, doomed)
     return doomed
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def check_resumable(path: Path, settings: dict[str, Any]) -> None:
