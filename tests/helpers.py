@@ -112,3 +112,20 @@ def torchrun_worker(worker: Path, nproc: int, *args: str, device: str, timeout: 
     reports = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
     assert reports, output
     return json.loads(reports[-1].removeprefix("REPORT "))
+
+
+def repo_env(repo: Path) -> dict[str, str]:
+    """This environment for a child process that imports the checkout at ``repo`` (first on PYTHONPATH), with
+    Python's fault handler on so a crash prints its stack."""
+    return {
+        **os.environ,
+        "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "PYTHONFAULTHANDLER": "1",
+    }
+
+
+def metrics_records(out_dir: Path, event: str) -> list[dict]:
+    """The trainer's ``metrics.jsonl`` records of ``event`` in the run folder ``out_dir``."""
+    from fsdp4bit.train.metrics import read_metrics
+
+    return [r for r in read_metrics(out_dir / "metrics.jsonl") if r["event"] == event]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_in_own_group
+from helpers import metrics_records, repo_env, run_in_own_group
 
 from fsdp4bit.train import train_checkpoint as tc
 from fsdp4bit.train.config import load_config
@@ -61,11 +60,7 @@ loop.run(cfg)
 
 def _run_python(args: list[str]) -> subprocess.CompletedProcess:
     """``python *args`` in the repository, outside any launcher's environment."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        "PYTHONFAULTHANDLER": "1",
-    }
+    env = repo_env(REPO)
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     return run_in_own_group([sys.executable, *args], cwd=REPO, env=env, timeout_s=TIMEOUT_S)
@@ -100,15 +95,11 @@ def nan_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _train_records(out: Path) -> list[dict]:
-    return [r for r in read_metrics(out / "metrics.jsonl") if r["event"] == "train"]
-
-
 def test_non_finite_step_is_skipped_and_training_goes_on(nan_run: Path, tmp_path: Path) -> None:
     """A NaN loss used to reach AdamW through a NaN clipping factor: every adapter became NaN and every later loss
     (and the saved adapter) NaN. The update is skipped: adapters and optimizer state stay as they were, the
     schedule and the data go on."""
-    records = _train_records(nan_run)
+    records = metrics_records(nan_run, "train")
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert records[1]["loss"] is None  # NaN, written as null: every line is standard JSON
     for line in (nan_run / "metrics.jsonl").read_text().splitlines():
@@ -145,7 +136,7 @@ def test_non_finite_step_is_skipped_and_training_goes_on(nan_run: Path, tmp_path
 def test_summary_throughput_is_tokens_over_time(nan_run: Path) -> None:
     """The summary averaged the steps' rates (a fast step weighed as much as a slow one); it is the tokens of the
     steps after the first over their time."""
-    records = _train_records(nan_run)
+    records = metrics_records(nan_run, "train")
     tokens_per_step = 1 * 1 * 1 * 64  # micro-batch x accumulation x world x seq_len
     assert all(r["tokens_per_s"] == pytest.approx(tokens_per_step / r["step_s"], rel=1e-12) for r in records)
     steady = [r["step_s"] for r in records[1:]]
@@ -288,7 +279,7 @@ def test_pruning_killed_midway_leaves_no_incomplete_checkpoint(tmp_path: Path, m
 
 
 def _train_losses(out: Path) -> list[tuple[float, float]]:
-    return [(r["loss"], r["grad_norm"]) for r in _train_records(out)]
+    return [(r["loss"], r["grad_norm"]) for r in metrics_records(out, "train")]
 
 
 def test_accumulation_over_ranks_matches_one_big_batch(tmp_path: Path) -> None:

@@ -8,16 +8,14 @@ checkpoint (ignoring a half-written one) and reproduces the uninterrupted run's 
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_in_own_group
+from helpers import metrics_records, repo_env, run_in_own_group
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "cpu_tiny.toml"
@@ -35,17 +33,7 @@ def _run(args: list[str], out_dir: Path, *, torchrun: bool, extra: list[str] = (
             "--rdzv_endpoint=localhost:0",
         ]
     cmd += ["-m", "fsdp4bit.train", "--config", str(CONFIG), "--set", f'output.dir="{out_dir}"', *extra, *args]
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        "PYTHONFAULTHANDLER": "1",
-    }
-    return run_in_own_group(cmd, cwd=REPO, env=env, timeout_s=TIMEOUT_S)
-
-
-def _records(out_dir: Path, event: str) -> list[dict]:
-    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["event"] == event]
+    return run_in_own_group(cmd, cwd=REPO, env=repo_env(REPO), timeout_s=TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
@@ -59,19 +47,19 @@ def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_loss_finite_and_decreasing(straight: Path) -> None:
-    losses = [r["loss"] for r in _records(straight, "train")]
+    losses = [r["loss"] for r in metrics_records(straight, "train")]
     assert len(losses) == 8
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-2:]) < sum(losses[:2]), losses
 
 
 def test_metrics_and_plot_written(straight: Path) -> None:
-    (summary,) = _records(straight, "summary")
+    (summary,) = metrics_records(straight, "summary")
     assert summary["world_size"] == 2 and len(summary["peak_mem_mb_per_rank"]) == 2
     assert len(summary["load_peak_mem_mb_per_rank"]) == 2 and min(summary["load_peak_mem_mb_per_rank"]) > 0
     assert summary["ppl_after"] < summary["ppl_before"]
-    assert {r["when"] for r in _records(straight, "eval")} == {"before", "after"}
-    assert all(r["tokens_per_s"] > 0 for r in _records(straight, "train"))
+    assert {r["when"] for r in metrics_records(straight, "eval")} == {"before", "after"}
+    assert all(r["tokens_per_s"] > 0 for r in metrics_records(straight, "train"))
     assert (straight / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -107,7 +95,7 @@ def test_resume_after_kill_matches(straight: Path, tmp_path: Path) -> None:
     out = tmp_path / "resumed"
     killed = _run([], out, torchrun=True, extra=["--set", "debug.kill_after_step=6"])
     assert killed.returncode != 0
-    assert [r["step"] for r in _records(out, "train")] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in metrics_records(out, "train")] == [1, 2, 3, 4, 5, 6]
     ckpts = out / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000004"]
     # What a kill in the middle of a later save would leave: both must be ignored on resume.
@@ -121,19 +109,19 @@ def test_resume_after_kill_matches(straight: Path, tmp_path: Path) -> None:
     assert "model.quant_type='nf4' -> 'fp4'" in changed.stdout
     fresh = _run(["--set", "checkpoint.resume=false"], out, torchrun=False)  # a new run beside the old checkpoints
     assert fresh.returncode != 0 and "holds checkpoints of an earlier run" in fresh.stdout
-    assert [r["step"] for r in _records(out, "train")] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in metrics_records(out, "train")] == [1, 2, 3, 4, 5, 6]
     assert (out / "config.toml").read_text() == config
     resumed = _run([], out, torchrun=True)
     assert resumed.returncode == 0, resumed.stdout[-4000:]
     assert "resumed from" in resumed.stdout and "step 4" in resumed.stdout
     assert not (ckpts / ".tmp-step-00000008").exists()
-    want = {r["step"]: r["loss"] for r in _records(straight, "train")}
-    got = {r["step"]: r["loss"] for r in _records(out, "train")}
+    want = {r["step"]: r["loss"] for r in metrics_records(straight, "train")}
+    got = {r["step"]: r["loss"] for r in metrics_records(out, "train")}
     assert sorted(got) == list(range(1, 9))
     for step in range(1, 9):
         assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-5), (step, got[step], want[step])
-    ppl = {r["when"]: r["ppl"] for r in _records(out, "eval")}
-    want_ppl = {r["when"]: r["ppl"] for r in _records(straight, "eval")}
+    ppl = {r["when"]: r["ppl"] for r in metrics_records(out, "eval")}
+    want_ppl = {r["when"]: r["ppl"] for r in metrics_records(straight, "eval")}
     assert ppl["after"] == pytest.approx(want_ppl["after"], rel=1e-4)
 
 
@@ -142,6 +130,6 @@ def test_debug_mode_single_process(tmp_path: Path) -> None:
     proc = _run(["--set", "train.steps=3", "--set", "checkpoint.every=0"], out, torchrun=False)
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert "world size 1" in proc.stdout and "debug mode True" in proc.stdout
-    losses = [r["loss"] for r in _records(out, "train")]
+    losses = [r["loss"] for r in metrics_records(out, "train")]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
     assert (out / "adapter" / "adapter_model.safetensors").is_file()

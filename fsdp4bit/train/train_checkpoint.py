@@ -112,7 +112,7 @@ def _fsync_tree(path: Path) -> None:
         for name in files:
             with open(os.path.join(root, name), "rb") as fh:
                 os.fsync(fh.fileno())
-        fsync_dir(Path(root))
+        fsync_dir(root)
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
