@@ -79,9 +79,10 @@ def _backup(path: str) -> str:
     return os.path.join(_parent(path), f".{os.path.basename(path)}.old")
 
 
-def _recover(path: str) -> None:
-    """Finish a replacement a crash interrupted: the old checkpoint comes back if the new one never reached
-    ``path``, else its leftover copy goes; folders of unfinished writes to ``path`` go (one writer per path)."""
+def recover_folder(path: str) -> None:
+    """Finish a :func:`replace_folder` a crash interrupted: the old folder comes back if the new one never reached
+    ``path``, else its leftover copy goes; folders of unfinished writes to ``path`` (``.NAME.tmp-*``) go (one writer
+    per path)."""
     backup = _backup(path)
     if os.path.isdir(backup):
         if os.path.exists(path):
@@ -97,7 +98,7 @@ def _recover(path: str) -> None:
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
-def _on_rank0(step: Callable[[], Any]) -> Any:
+def on_rank0(step: Callable[[], Any]) -> Any:
     """``step()`` on rank 0 only, its result given to every rank. An exception there is raised on every rank (rank
     0's own, a RuntimeError naming it elsewhere): the other ranks would otherwise wait for rank 0 at the next
     collective until the process group timed out."""
@@ -115,7 +116,7 @@ def _on_rank0(step: Callable[[], Any]) -> Any:
     if error is not None:
         raise error
     if message is not None:
-        raise RuntimeError(f"checkpoint: rank 0 failed: {message}")
+        raise RuntimeError(f"rank 0 failed: {message}")
     return result
 
 
@@ -134,14 +135,14 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
 
     def prepare() -> tuple[str, str]:
         os.makedirs(parent, exist_ok=True)
-        _recover(path)
+        recover_folder(path)
         problem = _save_target_problem(path)
         token = "" if problem else uuid.uuid4().hex
         if token:
             os.makedirs(tmp_for(token), exist_ok=False)
         return token, problem
 
-    token, problem = _on_rank0(prepare)
+    token, problem = on_rank0(prepare)
     if problem:
         raise ValueError(problem)
     tmp = tmp_for(token)
@@ -153,17 +154,21 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         raise
     _barrier()
 
-    def swap_in() -> None:
-        backup = None
-        if os.path.exists(path):
-            backup = _backup(path)
-            os.rename(path, backup)
-        os.rename(tmp, path)
-        if backup:
-            shutil.rmtree(backup)
-        fsync_dir(parent)
+    on_rank0(lambda: replace_folder(tmp, path))
 
-    _on_rank0(swap_in)
+
+def replace_folder(tmp: str, path: str) -> None:
+    """Rename the complete folder ``tmp`` to ``path`` (same parent folder): an existing ``path`` is renamed to
+    ``.NAME.old`` first and deleted once ``tmp`` is in place, so a crash leaves one of the two whole, never neither
+    (deleting first, a crash between would leave nothing; :func:`recover_folder` finishes the swap)."""
+    backup = None
+    if os.path.exists(path):
+        backup = _backup(path)
+        os.rename(path, backup)
+    os.rename(tmp, path)
+    if backup:
+        shutil.rmtree(backup)
+    fsync_dir(_parent(path))
 
 
 def load(model: nn.Module, path: str | os.PathLike) -> None:

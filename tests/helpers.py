@@ -9,6 +9,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -67,14 +70,29 @@ def assert_same_parameters(got: torch.nn.Module, want: torch.nn.Module) -> None:
 
 
 def run_in_own_group(
-    cmd: list[str], *, cwd=None, env: dict, timeout_s: float, merge_stderr: bool = True
+    cmd: list[str],
+    *,
+    cwd=None,
+    env: dict,
+    timeout_s: float,
+    merge_stderr: bool = True,
+    signal_when: Callable[[int], bool] | None = None,
 ) -> subprocess.CompletedProcess:
     """Run ``cmd`` in a process group of its own (stderr into stdout unless ``merge_stderr`` is False), so a timeout
-    kills every process it started (torchrun's workers included) and fails the test with the end of its output."""
+    kills every process it started (torchrun's workers included) and fails the test with the end of its output.
+    ``signal_when(pid)`` (``pid``: the command's process, leader of its group) is polled from a thread while it runs,
+    until it returns True: a test's hook to signal the run at a point of its progress."""
     stderr = subprocess.STDOUT if merge_stderr else subprocess.PIPE
     proc = subprocess.Popen(
         cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True
     )
+    if signal_when is not None:
+
+        def poll() -> None:
+            while proc.poll() is None and not signal_when(proc.pid):
+                time.sleep(0.05)
+
+        threading.Thread(target=poll, daemon=True).start()
     try:
         output, errors = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:

@@ -63,6 +63,8 @@ def test_wrong_type_names_the_field(data: dict, field: str) -> None:
         ({"lora": {"dropout": 1.5}}, "lora.dropout"),
         ({"data": {"seq_len": 1}}, "data.seq_len"),
         ({"output": {"dir": ""}}, "output.dir"),
+        ({"checkpoint": {"save_on_signals": ["SIGKILL"]}}, "checkpoint.save_on_signals"),
+        ({"checkpoint": {"save_on_signals": "SIGTERM"}}, "checkpoint.save_on_signals"),
     ],
 )
 def test_bad_value_names_the_field(data: dict, field: str) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +24,7 @@ from fsdp4bit.train import train_checkpoint as tc
 from fsdp4bit.train.config import load_config
 from fsdp4bit.train.metrics import MetricsLog, read_metrics
 from fsdp4bit.train.optim import build_optimizer, lr_factor
+from fsdp4bit.train.preemption import StopSignals, exit_code, reduce_loss_and_stop
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "cpu_tiny.toml"
@@ -174,6 +177,127 @@ def test_saving_a_step_twice_keeps_the_new_checkpoint(tmp_path: Path) -> None:
     progress = json.loads((tmp_path / "step-00000005" / tc.PROGRESS_FILE).read_text())
     assert progress["data_position"] == 222
     assert [p.name for p in tmp_path.iterdir()] == ["step-00000005"]
+
+
+def _adamw_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> None:
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    optimizer.step()
+    scheduler.step()
+
+
+def test_a_checkpoint_before_any_update_leaves_the_optimizer_fresh(tmp_path: Path) -> None:
+    """Every step so far skipped: torch's state-dict API gave AdamW the state of a zero update (step 1), so the first
+    real update after such a checkpoint (saved, or loaded on resume) was larger than a fresh optimizer's."""
+    cfg = load_config(CONFIG).train
+
+    def fresh() -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+        return model, *build_optimizer(list(model.parameters()), cfg)
+
+    want, opt_w, sched_w = fresh()
+    _adamw_step(want, opt_w, sched_w)
+    saved, opt_s, sched_s = fresh()
+    path = tc.save_checkpoint(tmp_path, tc.Progress(1, 2, 1), saved, opt_s, sched_s, 2, True)
+    assert not opt_s.state
+    assert json.loads((path / tc.PROGRESS_FILE).read_text())["optimizer_stepped"] is False
+    _adamw_step(saved, opt_s, sched_s)
+    loaded, opt_l, sched_l = fresh()
+    tc.load_checkpoint(path, loaded, opt_l, sched_l, {})
+    assert not opt_l.state
+    _adamw_step(loaded, opt_l, sched_l)
+    for got in (saved, loaded):
+        for a, b in zip(got.parameters(), want.parameters(), strict=True):
+            assert torch.equal(a, b)
+    # after an update the state is kept, and saved
+    path = tc.save_checkpoint(tmp_path, tc.Progress(2, 4, 1), saved, opt_s, sched_s, 2, True)
+    assert json.loads((path / tc.PROGRESS_FILE).read_text())["optimizer_stepped"] is True
+    tc.load_checkpoint(path, loaded, opt_l, sched_l, {})
+    assert [s["step"].item() for s in opt_l.state.values()] == [1.0, 1.0]
+
+
+def test_stop_signals_are_recorded_once_and_handlers_restored() -> None:
+    before = signal.getsignal(signal.SIGUSR1)
+    with StopSignals(["SIGUSR1", "SIGUSR2"]) as stops:
+        assert stops.requested is None
+        os.kill(os.getpid(), signal.SIGUSR2)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stops.requested == "SIGUSR2"
+        loss, agreed = reduce_loss_and_stop(torch.tensor(1.25), stops.requested)
+        assert (loss, agreed) == (1.25, "SIGUSR2")
+    assert signal.getsignal(signal.SIGUSR1) is before
+    assert reduce_loss_and_stop(torch.tensor(2.0), None) == (2.0, None)
+    assert exit_code("SIGTERM") == 143
+    with pytest.raises(ValueError, match=r"^stop signals must be among \['SIGTERM', .*got 'SIGKILL'$"):
+        StopSignals(["SIGKILL"])
+
+
+def test_a_stopped_run_exits_with_the_signals_status(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the launcher (torchrun, a scheduler) reads: 128 + the signal's number, as if the signal had killed it."""
+    from fsdp4bit.train import cli, loop
+
+    monkeypatch.setattr(cli, "check_inputs", lambda cfg: None)
+    monkeypatch.setattr(loop, "run", lambda cfg: {"stopped_by": "SIGUSR1", "step": 3, "checkpoint": "x"})
+    assert cli.main(["--config", str(CONFIG)]) == 128 + signal.SIGUSR1
+    monkeypatch.setattr(loop, "run", lambda cfg: {"ppl_after": 1.0})
+    assert cli.main(["--config", str(CONFIG)]) == 0
+
+
+def test_adapter_save_interrupted_between_its_renames_keeps_the_old_adapter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """save_adapter deleted the old adapter/ before renaming the new one in: a kill between left no adapter. Now the
+    old one is renamed aside first, and the next save finishes the swap."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+
+    from fsdp4bit.train.lora import save_adapter
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+    model = get_peft_model(Tiny(), LoraConfig(r=2, target_modules=["proj"]))
+    out = tmp_path / "adapter"
+
+    def saved_b(folder: Path = out) -> torch.Tensor:
+        (value,) = [v for k, v in load_file(folder / "adapter_model.safetensors").items() if "lora_B" in k]
+        return value
+
+    def set_b(value: float) -> None:
+        with torch.no_grad():
+            model.base_model.model.proj.lora_B.default.weight.fill_(value)
+
+    set_b(1.0)
+    save_adapter(model, out)
+    set_b(2.0)
+    rename = os.rename
+
+    def crash_on_the_new_adapter(src, dst) -> None:
+        if Path(src).name.startswith(".adapter.tmp-"):
+            raise OSError("killed")
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", crash_on_the_new_adapter)
+    with pytest.raises(OSError, match="killed"):
+        save_adapter(model, out)
+    monkeypatch.setattr(os, "rename", rename)
+    assert not out.exists()
+    assert torch.equal(saved_b(tmp_path / ".adapter.old"), torch.ones(4, 2))
+    set_b(3.0)
+    save_adapter(model, out)
+    assert torch.equal(saved_b(), torch.full((4, 2), 3.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    # a link named as the adapter folder is written through (renaming the link itself left it unrecoverable)
+    link = tmp_path / "latest"
+    link.symlink_to(out)
+    for value in (4.0, 5.0):
+        set_b(value)
+        save_adapter(model, link)
+    assert link.is_symlink() and torch.equal(saved_b(), torch.full((4, 2), 5.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "latest"]
 
 
 def _metrics_file(path: Path) -> MetricsLog:

@@ -9,6 +9,8 @@ checkpoint (ignoring a half-written one) and reproduces the uninterrupted run's 
 from __future__ import annotations
 
 import math
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +24,9 @@ CONFIG = REPO / "configs" / "cpu_tiny.toml"
 TIMEOUT_S = 300
 
 
-def _run(args: list[str], out_dir: Path, *, torchrun: bool, extra: list[str] = ()) -> subprocess.CompletedProcess:
+def _run(
+    args: list[str], out_dir: Path, *, torchrun: bool, extra: list[str] = (), signal_when=None
+) -> subprocess.CompletedProcess:
     cmd = [sys.executable]
     if torchrun:
         cmd += [
@@ -33,7 +37,7 @@ def _run(args: list[str], out_dir: Path, *, torchrun: bool, extra: list[str] = (
             "--rdzv_endpoint=localhost:0",
         ]
     cmd += ["-m", "fsdp4bit.train", "--config", str(CONFIG), "--set", f'output.dir="{out_dir}"', *extra, *args]
-    return run_in_own_group(cmd, cwd=REPO, env=repo_env(REPO), timeout_s=TIMEOUT_S)
+    return run_in_own_group(cmd, cwd=REPO, env=repo_env(REPO), timeout_s=TIMEOUT_S, signal_when=signal_when)
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +127,107 @@ def test_resume_after_kill_matches(straight: Path, tmp_path: Path) -> None:
     ppl = {r["when"]: r["ppl"] for r in metrics_records(out, "eval")}
     want_ppl = {r["when"]: r["ppl"] for r in metrics_records(straight, "eval")}
     assert ppl["after"] == pytest.approx(want_ppl["after"], rel=1e-4)
+
+
+def _trained_steps(out_dir: Path) -> int:
+    """Steps the run in ``out_dir`` has logged so far (0 before its metrics file exists)."""
+    try:
+        return len(metrics_records(out_dir, "train"))
+    except (FileNotFoundError, ValueError, KeyError):
+        return 0
+
+
+def _worker_pid(launcher: int, local_rank: int) -> int | None:
+    """The pid of torchrun ``launcher``'s worker of ``local_rank`` (from /proc), None before it has started."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == launcher and f"LOCAL_RANK={local_rank}".encode() in env:
+            return int(entry.name)
+    return None
+
+
+def _signal_after(out_dir: Path, steps: int, signum: int, local_rank: int | None = None):
+    """A ``signal_when`` hook: once the run in ``out_dir`` has logged ``steps`` steps, ``signum`` to its whole process
+    group (as a scheduler signals a job), or to one torchrun worker only."""
+
+    def send(pid: int) -> bool:
+        if _trained_steps(out_dir) < steps:
+            return False
+        if local_rank is None:
+            os.killpg(pid, signum)
+            return True
+        worker = _worker_pid(pid, local_rank)
+        if worker is not None:
+            os.kill(worker, signum)
+        return worker is not None
+
+    return send
+
+
+def _assert_stopped(proc: subprocess.CompletedProcess, out: Path, signal_name: str, steps: int = 8) -> int:
+    """The run in ``out`` stopped on ``signal_name`` after a step it logged and saved; returns that step."""
+    (record,) = metrics_records(out, "stopped")
+    step = record["step"]
+    assert record["signal"] == signal_name and 1 <= step < steps, record
+    assert f"{signal_name} received: stopped after step {step}/{steps}" in proc.stdout, proc.stdout[-4000:]
+    assert [r["step"] for r in metrics_records(out, "train")] == list(range(1, step + 1))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step-{step:08d}"]
+    assert not (out / "adapter").exists()
+    return step
+
+
+def test_preemption_signal_saves_a_checkpoint_and_resumes(straight: Path, tmp_path: Path) -> None:
+    """A preemption notice between periodic checkpoints, as SLURM's ``--signal=USR1`` sends it to the job's processes:
+    ``launch/train.sh`` has torchrun forward SIGUSR1 (alone it would die of it and leave its workers), the ranks stop
+    after the step in flight and save it; the resumed run matches the uninterrupted one."""
+    out = tmp_path / "preempted"
+    args = ["--set", "checkpoint.every=0", "--set", 'checkpoint.save_on_signals=["SIGTERM", "SIGUSR1"]']
+    cmd = ["bash", "launch/train.sh", "--set", f'output.dir="{out}"', *args]
+    env = {**repo_env(REPO), "NGPU": "2", "CONFIG": str(CONFIG)}
+    env.pop("PET_SIGNALS_TO_HANDLE", None)
+    stopped = run_in_own_group(
+        cmd, cwd=REPO, env=env, timeout_s=TIMEOUT_S, signal_when=_signal_after(out, 2, signal.SIGUSR1)
+    )
+    assert stopped.returncode != 0  # torchrun, signalled itself, exits with 1
+    step = _assert_stopped(stopped, out, "SIGUSR1")
+    resumed = _run(args, out, torchrun=True)
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    assert "resumed from" in resumed.stdout and f"(step {step})" in resumed.stdout
+    assert [r["step"] for r in metrics_records(out, "stopped")] == [step]
+    want = {r["step"]: r["loss"] for r in metrics_records(straight, "train")}
+    got = {r["step"]: r["loss"] for r in metrics_records(out, "train")}
+    assert sorted(got) == list(range(1, 9))
+    for n in range(1, 9):
+        assert got[n] == pytest.approx(want[n], rel=1e-5, abs=1e-5), (n, got[n], want[n])
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").is_file(), reason="finds torchrun's workers in /proc")
+def test_a_signal_to_one_rank_stops_every_rank(tmp_path: Path) -> None:
+    """SIGUSR1 to worker 1 alone (torchrun not signalled): both ranks stop after the same step and save it, and
+    each exits with 128 + 10, which torchrun reports."""
+    out = tmp_path / "one_rank"
+    args = ["--set", "checkpoint.every=0", "--set", 'checkpoint.save_on_signals=["SIGTERM", "SIGUSR1"]']
+    args += ["--set", "train.eval_before=false", "--set", "train.eval_after=false"]
+    stopped = _run(args, out, torchrun=True, signal_when=_signal_after(out, 1, signal.SIGUSR1, local_rank=1))
+    assert stopped.returncode != 0
+    _assert_stopped(stopped, out, "SIGUSR1")
+    assert f"exitcode  : {128 + signal.SIGUSR1}" in stopped.stdout, stopped.stdout[-4000:]
+
+
+def test_a_stopped_single_process_run_exits_with_the_signals_status(tmp_path: Path) -> None:
+    """Plain python (debug mode): SIGTERM saves the step in flight and the process exits with 143, what a shell or
+    scheduler reads as "terminated by SIGTERM"."""
+    out = tmp_path / "single"
+    args = ["--set", "checkpoint.every=0", "--set", "train.eval_before=false", "--set", "train.eval_after=false"]
+    stopped = _run(args, out, torchrun=False, signal_when=_signal_after(out, 1, signal.SIGTERM))
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stdout[-4000:]
+    _assert_stopped(stopped, out, "SIGTERM")
 
 
 def test_debug_mode_single_process(tmp_path: Path) -> None:

@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         print(to_toml(cfg))
         return 0
     from .loop import run
+    from .preemption import exit_code
 
-    run(cfg)
-    return 0
+    summary = run(cfg)
+    return exit_code(summary["stopped_by"]) if "stopped_by" in summary else 0

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..codebooks import BLOCKSIZES
+from .preemption import STOP_SIGNALS
 
 try:
     import tomllib
@@ -137,6 +138,11 @@ class CheckpointConfig:
     """Keep the last K complete checkpoints."""
     resume: bool = True
     """Resume from the newest complete checkpoint in ``<output.dir>/checkpoints`` if there is one."""
+    save_on_signals: list[str] = field(default_factory=lambda: ["SIGTERM"])
+    """Signals that make the run save a checkpoint after the step in flight and exit with 128 + the signal's number:
+    a preemption notice (SLURM and Kubernetes send SIGTERM, then SIGKILL some 30 s later; SLURM's ``--signal`` can
+    send SIGUSR1 or SIGUSR2 earlier, which ``launch/train.sh`` has torchrun forward). Any of SIGTERM, SIGUSR1,
+    SIGUSR2, SIGHUP, SIGINT; [] keeps their default actions."""
 
 
 @dataclass
@@ -305,6 +311,11 @@ def validate(cfg: Config) -> Config:
         raise ValueError(
             "config field 'data.eval_fraction' must be > 0 when data.eval_files is empty and train.eval_before or "
             "train.eval_after is on (held-out perplexity needs held-out text)"
+        )
+    bad = [name for name in cfg.checkpoint.save_on_signals if name not in STOP_SIGNALS]
+    if bad:
+        raise ValueError(
+            f"config field 'checkpoint.save_on_signals' entries must be among {list(STOP_SIGNALS)}, got {bad[0]!r}"
         )
     if not cfg.lora.target_modules:
         raise ValueError("config field 'lora.target_modules' must name at least one module")

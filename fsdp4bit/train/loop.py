@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
@@ -29,6 +28,7 @@ from .metrics import MetricsLog, current_memory_mb, gather_floats, peak_memory_m
 from .model import build_model, count_4bit, decoder_blocks, dtype_of, load_blocks, load_tokenizer, shard
 from .optim import build_optimizer
 from .plot import plot_loss
+from .preemption import StopSignals, reduce_loss_and_stop
 from .train_checkpoint import (
     Progress,
     check_resumable,
@@ -57,7 +57,8 @@ def _grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
 
 
 def run(cfg: Config) -> dict[str, Any]:
-    """Run training as configured; returns the summary record (also written to metrics.jsonl on rank 0)."""
+    """Run training as configured; returns the summary record (also written to metrics.jsonl on rank 0), or for a run
+    stopped by one of ``checkpoint.save_on_signals`` {"stopped_by": signal name, "step", "checkpoint"}."""
     wall_start = time.time()
     if not cfg.model.path:
         ensure_embedded_model(cfg.model.cache_dir)  # before any collective: conversion may take a while
@@ -204,90 +205,99 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
     train_peak = 0.0
     bar = tqdm(total=tcfg.steps, initial=start_step, desc="train", disable=not info.is_main, dynamic_ncols=True)
     peft_model.train()
-    for step in range(start_step, tcfg.steps):
-        _reseed(tcfg.seed, step, info.rank)
-        t_step = time.perf_counter()
-        loss_sum = torch.zeros((), device=info.device)
-        for micro in range(tcfg.grad_accum):
-            if fsdp_root is not None:
-                fsdp_root.set_requires_gradient_sync(micro == tcfg.grad_accum - 1)
-            batch = batches.next().to(info.device)
-            anomaly = torch.autograd.detect_anomaly() if cfg.debug.detect_anomaly else contextlib.nullcontext()
-            with anomaly:
-                loss = peft_model(input_ids=batch, labels=batch).loss / tcfg.grad_accum
-                loss.backward()
-            loss_sum += loss.detach()
-        if info.debug:
-            dbg.check_step(peft_model, loss_sum, step + 1, info.device)
-        grad_norm = _grad_norm(params, tcfg.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        if dist.is_initialized():
-            dist.all_reduce(loss_sum)
-        loss_value = loss_sum.item() / info.world_size
-        # Both values are global (all ranks' sum, the gradient norm over every shard), so every rank skips together.
-        skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
-        if skipped:
-            _say(
-                info,
-                f"warning: step {step + 1}: loss {loss_value} / gradient norm {grad_norm} is not finite; the "
-                "update is skipped (adapters and optimizer state unchanged, the schedule and data go on)",
+    with StopSignals(cfg.checkpoint.save_on_signals) as stops:
+        for step in range(start_step, tcfg.steps):
+            _reseed(tcfg.seed, step, info.rank)
+            t_step = time.perf_counter()
+            loss_sum = torch.zeros((), device=info.device)
+            for micro in range(tcfg.grad_accum):
+                if fsdp_root is not None:
+                    fsdp_root.set_requires_gradient_sync(micro == tcfg.grad_accum - 1)
+                batch = batches.next().to(info.device)
+                anomaly = torch.autograd.detect_anomaly() if cfg.debug.detect_anomaly else contextlib.nullcontext()
+                with anomaly:
+                    loss = peft_model(input_ids=batch, labels=batch).loss / tcfg.grad_accum
+                    loss.backward()
+                loss_sum += loss.detach()
+            if info.debug:
+                dbg.check_step(peft_model, loss_sum, step + 1, info.device)
+            grad_norm = _grad_norm(params, tcfg.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            loss_total, stop_signal = reduce_loss_and_stop(loss_sum, stops.requested)
+            loss_value = loss_total / info.world_size
+            # Both values are global (all ranks' sum, the gradient norm over every shard), so every rank skips together.
+            skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
+            if skipped:
+                _say(
+                    info,
+                    f"warning: step {step + 1}: loss {loss_value} / gradient norm {grad_norm} is not finite; the "
+                    "update is skipped (adapters and optimizer state unchanged, the schedule and data go on)",
+                )
+            else:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if info.device.type == "cuda":
+                torch.cuda.synchronize(info.device)
+            seconds = time.perf_counter() - t_step
+            tok_s = tokens_per_step / seconds
+            step_seconds.append(seconds)
+            mem = peak_memory_mb(info.device) if info.device.type == "cuda" else current_memory_mb(info.device)
+            train_peak = max(train_peak, mem)
+            metrics.write(
+                "train",
+                step=step + 1,
+                loss=loss_value,
+                lr=lr,
+                grad_norm=grad_norm,
+                tokens_per_s=tok_s,
+                step_s=seconds,
+                mem_mb_rank0=mem,
+                skipped=skipped,
             )
-        else:
-            optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if info.device.type == "cuda":
-            torch.cuda.synchronize(info.device)
-        seconds = time.perf_counter() - t_step
-        tok_s = tokens_per_step / seconds
-        step_seconds.append(seconds)
-        mem = peak_memory_mb(info.device) if info.device.type == "cuda" else current_memory_mb(info.device)
-        train_peak = max(train_peak, mem)
-        metrics.write(
-            "train",
-            step=step + 1,
-            loss=loss_value,
-            lr=lr,
-            grad_norm=grad_norm,
-            tokens_per_s=tok_s,
-            step_s=seconds,
-            mem_mb_rank0=mem,
-            skipped=skipped,
-        )
-        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:.0f}", mem=f"{mem:.0f}MB", refresh=False)
-        bar.update(1)
-        if (step + 1) % tcfg.log_every == 0:
-            _say(
-                info,
-                f"step {step + 1}/{tcfg.steps} loss {loss_value:.4f} lr {lr:.2e} grad_norm {grad_norm:.3f} "
-                f"{tok_s:.0f} tok/s peak mem {mem:.0f} MB" + (" (update skipped)" if skipped else ""),
-            )
-        done = step + 1 == tcfg.steps
-        if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or done:
-            save_checkpoint(
-                ckpt_root,
-                Progress(
-                    step + 1,
-                    batches.position,
-                    info.world_size,
-                    settings,
-                    list(batches.stream),
-                    step_sequences,
-                    len(train_seqs),
-                ),
-                peft_model,
-                optimizer,
-                scheduler,
-                cfg.checkpoint.keep,
-                info.is_main,
-            )
-        if cfg.debug.kill_after_step and step + 1 == cfg.debug.kill_after_step:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
+            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:.0f}", mem=f"{mem:.0f}MB", refresh=False)
+            bar.update(1)
+            if (step + 1) % tcfg.log_every == 0:
+                _say(
+                    info,
+                    f"step {step + 1}/{tcfg.steps} loss {loss_value:.4f} lr {lr:.2e} grad_norm {grad_norm:.3f} "
+                    f"{tok_s:.0f} tok/s peak mem {mem:.0f} MB" + (" (update skipped)" if skipped else ""),
+                )
+            done = step + 1 == tcfg.steps
+            if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or done or stop_signal:
+                saved = save_checkpoint(
+                    ckpt_root,
+                    Progress(
+                        step + 1,
+                        batches.position,
+                        info.world_size,
+                        settings,
+                        list(batches.stream),
+                        step_sequences,
+                        len(train_seqs),
+                    ),
+                    peft_model,
+                    optimizer,
+                    scheduler,
+                    cfg.checkpoint.keep,
+                    info.is_main,
+                )
+            if cfg.debug.kill_after_step and step + 1 == cfg.debug.kill_after_step:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            if stop_signal and not done:
+                bar.close()
+                metrics.write("stopped", step=step + 1, signal=stop_signal, checkpoint=str(saved))
+                _say(
+                    info,
+                    f"{stop_signal} received: stopped after step {step + 1}/{tcfg.steps} with its checkpoint {saved}; "
+                    "run the same command to resume",
+                )
+                return {"stopped_by": stop_signal, "step": step + 1, "checkpoint": str(saved)}
     bar.close()
 
-    save_adapter(peft_model, out_dir / "adapter", info.is_main)
+    save_adapter(peft_model, out_dir / "adapter")
     ppl_after = loss_after = None
     if tcfg.eval_after:
         ppl_after, loss_after = perplexity(

@@ -10,7 +10,7 @@ with ``PeftModel.from_pretrained`` on a float (or bitsandbytes 4-bit) copy of th
 from __future__ import annotations
 
 import os
-import shutil
+import uuid
 from pathlib import Path
 
 import torch
@@ -19,6 +19,8 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
+
+from fsdp4bit.checkpoint import on_rank0, recover_folder, replace_folder
 
 from .config import LoraSection
 
@@ -104,18 +106,21 @@ def gather_full(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_adapter(model: PeftModel, out_dir: Path, is_main: bool) -> None:
-    """Write the adapters to ``out_dir`` in peft's format (collective; rank 0 writes, atomically)."""
+def save_adapter(model: PeftModel, out_dir: Path) -> None:
+    """Write the adapters to ``out_dir`` in peft's format (collective; rank 0 writes into a temporary folder swapped
+    in by :func:`fsdp4bit.checkpoint.replace_folder`, and a failure there raises on every rank). A link named
+    ``out_dir`` is written through, as the library's checkpoints are."""
     state = gather_full(model)
-    if not is_main:
-        return
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-    for path in tmp.iterdir():
-        with path.open("rb") as fh:
-            os.fsync(fh.fileno())
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.rename(tmp, out_dir)
+    out_dir = Path(os.path.realpath(out_dir))
+
+    def write() -> None:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        recover_folder(str(out_dir))
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex}")
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        for path in tmp.iterdir():
+            with path.open("rb") as fh:
+                os.fsync(fh.fileno())
+        replace_folder(str(tmp), str(out_dir))
+
+    on_rank0(write)

@@ -95,8 +95,9 @@ def check_resume_settings(saved: dict[str, Any] | None, now: dict[str, Any], pat
 class Progress:
     """Where training stands: optimizer steps done, micro-batches consumed, the world size that ran them, the
     settings a resumed run must keep (:data:`RESUME_SETTINGS`; None in checkpoints written before they were kept),
-    the data stream position (epoch, offset), the sequences an optimizer step took and the training sequences there
-    were (these three None in checkpoints written before they were kept)."""
+    the data stream position (epoch, offset), the sequences an optimizer step took, the training sequences there
+    were, and whether the optimizer had made an update (these four None in checkpoints written before they were
+    kept; :func:`save_checkpoint` fills the last)."""
 
     step: int
     data_position: int
@@ -105,6 +106,7 @@ class Progress:
     data_stream: list[int] | None = None
     step_sequences: int | None = None
     data_sequences: int | None = None
+    optimizer_stepped: bool | None = None
 
 
 def _fsync_tree(path: Path) -> None:
@@ -151,17 +153,23 @@ def save_checkpoint(
     keep: int,
     is_main: bool,
 ) -> Path:
-    """Write the checkpoint of ``progress.step`` atomically and prune to the newest ``keep`` (collective)."""
+    """Write the checkpoint of ``progress.step`` atomically and prune to the newest ``keep`` (collective). An
+    optimizer that has made no update yet (every step so far skipped) stays so: torch's state-dict API gives it
+    the state of a zero update (step 1, zero moments), which would shrink its first real update's bias correction;
+    that state is dropped again here, and on load (``optimizer_stepped`` false)."""
     final = root / f"step-{progress.step:08d}"
     tmp = root / f".tmp-step-{progress.step:08d}"
+    stepped = bool(optimizer.state)
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
     dcp.save(_state(model, optimizer, scheduler), checkpoint_id=tmp)
+    if not stepped:
+        optimizer.state.clear()
     barrier()
     if is_main:
-        (tmp / PROGRESS_FILE).write_text(json.dumps(progress.__dict__))
+        (tmp / PROGRESS_FILE).write_text(json.dumps({**progress.__dict__, "optimizer_stepped": stepped}))
         _fsync_tree(tmp)
         replaced = _retire(final) if final.exists() else None
         os.rename(tmp, final)
@@ -200,5 +208,7 @@ def load_checkpoint(
     state = _state(model, optimizer, scheduler)
     dcp.load(state, checkpoint_id=path)
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    if progress.optimizer_stepped is False:
+        optimizer.state.clear()
     scheduler.load_state_dict(state["scheduler"])
     return progress

@@ -1,0 +1,73 @@
+"""Stop signals (a scheduler's preemption notice, ``kill``): the training loop saves a checkpoint after the step in
+flight and exits, where the default action would kill the run and lose every step since its last checkpoint."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import warnings
+from types import FrameType, TracebackType
+
+import torch
+import torch.distributed as dist
+
+# The signals a run may take as "checkpoint, then stop". SIGINT is accepted for those who want Ctrl-C to save too;
+# by default it stops at once (KeyboardInterrupt), as an interactive user expects.
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGINT")
+
+
+class StopSignals:
+    """While entered, each named signal only records that a stop was asked (:attr:`requested`, the first one's
+    name); a repeated signal changes nothing (torchrun forwards its own SIGTERM to workers that got one already).
+    The previous handlers come back on exit. Outside the main thread Python cannot take signals: it warns and
+    leaves the default actions."""
+
+    def __init__(self, names: list[str] | tuple[str, ...]) -> None:
+        unknown = [n for n in names if n not in STOP_SIGNALS]
+        if unknown:
+            raise ValueError(f"stop signals must be among {list(STOP_SIGNALS)}, got {unknown[0]!r}")
+        self.names = list(dict.fromkeys(names))
+        self.requested: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested is None:
+            self.requested = signal.Signals(signum).name
+
+    def __enter__(self) -> StopSignals:
+        if self.names and threading.current_thread() is not threading.main_thread():
+            warnings.warn(
+                "fsdp4bit.train: not in the main thread, so stop signals keep their default action (no checkpoint "
+                "on " + ", ".join(self.names) + ")",
+                stacklevel=2,
+            )
+            return self
+        for name in self.names:
+            number = signal.Signals[name]
+            self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
+
+
+def reduce_loss_and_stop(loss_sum: torch.Tensor, requested: str | None) -> tuple[float, str | None]:
+    """(the loss summed over ranks, the stop signal agreed by every rank) in one all-reduce: a signal seen by any rank
+    stops all of them after the same step (the first of :data:`STOP_SIGNALS` where ranks saw different ones)."""
+    flags = [float(requested == name) for name in STOP_SIGNALS]
+    values = torch.cat([loss_sum.reshape(1).float(), torch.tensor(flags, device=loss_sum.device)])
+    if dist.is_initialized():
+        dist.all_reduce(values)
+    loss, *seen = values.tolist()
+    agreed = next((name for name, count in zip(STOP_SIGNALS, seen, strict=True) if count > 0), None)
+    return loss, agreed
+
+
+def exit_code(name: str) -> int:
+    """The status a shell gives a process killed by signal ``name`` (128 + its number): what a scheduler or
+    torchrun reads as "stopped by that signal"."""
+    return 128 + int(signal.Signals[name])
