@@ -64,6 +64,14 @@ def test_wrong_type_names_the_field(data: dict, field: str) -> None:
         ({"data": {"seq_len": 1}}, "data.seq_len"),
         ({"output": {"dir": ""}}, "output.dir"),
         ({"checkpoint": {"save_on_signals": ["SIGKILL"]}}, "checkpoint.save_on_signals"),
+        ({"train": {"eval_every": -1}}, "train.eval_every"),
+        (
+            {
+                "data": {"eval_files": [], "eval_fraction": 0.0},
+                "train": {"eval_after": False, "eval_before": False, "eval_every": 5},
+            },
+            "data.eval_fraction",
+        ),
         ({"checkpoint": {"save_on_signals": "SIGTERM"}}, "checkpoint.save_on_signals"),
     ],
 )

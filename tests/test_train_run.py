@@ -42,9 +42,9 @@ def _run(
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One uninterrupted 8-step run under torchrun with 2 processes."""
+    """One uninterrupted 8-step run under torchrun with 2 processes, held-out perplexity every 4 steps."""
     out = tmp_path_factory.mktemp("straight")
-    proc = _run([], out, torchrun=True)
+    proc = _run(["--set", "train.eval_every=4"], out, torchrun=True)
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert "held-out perplexity: before" in proc.stdout
     return out
@@ -62,7 +62,12 @@ def test_metrics_and_plot_written(straight: Path) -> None:
     assert summary["world_size"] == 2 and len(summary["peak_mem_mb_per_rank"]) == 2
     assert len(summary["load_peak_mem_mb_per_rank"]) == 2 and min(summary["load_peak_mem_mb_per_rank"]) > 0
     assert summary["ppl_after"] < summary["ppl_before"]
-    assert {r["when"] for r in metrics_records(straight, "eval")} == {"before", "after"}
+    # every 4 steps: step 4 (step 8's is the "after" one)
+    assert [(r["when"], r["step"]) for r in metrics_records(straight, "eval")] == [
+        ("before", 0),
+        ("step", 4),
+        ("after", 8),
+    ]
     assert all(r["tokens_per_s"] > 0 for r in metrics_records(straight, "train"))
     assert (straight / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -97,7 +102,7 @@ def test_adapter_loads_with_peft(straight: Path) -> None:
 
 def test_resume_after_kill_matches(straight: Path, tmp_path: Path) -> None:
     out = tmp_path / "resumed"
-    killed = _run([], out, torchrun=True, extra=["--set", "debug.kill_after_step=6"])
+    killed = _run(["--set", "train.eval_every=3"], out, torchrun=True, extra=["--set", "debug.kill_after_step=6"])
     assert killed.returncode != 0
     assert [r["step"] for r in metrics_records(out, "train")] == [1, 2, 3, 4, 5, 6]
     ckpts = out / "checkpoints"
@@ -115,9 +120,11 @@ def test_resume_after_kill_matches(straight: Path, tmp_path: Path) -> None:
     assert fresh.returncode != 0 and "holds checkpoints of an earlier run" in fresh.stdout
     assert [r["step"] for r in metrics_records(out, "train")] == [1, 2, 3, 4, 5, 6]
     assert (out / "config.toml").read_text() == config
-    resumed = _run([], out, torchrun=True)
+    resumed = _run(["--set", "train.eval_every=3"], out, torchrun=True)
     assert resumed.returncode == 0, resumed.stdout[-4000:]
     assert "resumed from" in resumed.stdout and "step 4" in resumed.stdout
+    # the killed run's evaluation at step 6 (after its step-4 checkpoint) was dropped and made again
+    assert [r["step"] for r in metrics_records(out, "eval") if r["when"] == "step"] == [3, 6]
     assert not (ckpts / ".tmp-step-00000008").exists()
     want = {r["step"]: r["loss"] for r in metrics_records(straight, "train")}
     got = {r["step"]: r["loss"] for r in metrics_records(out, "train")}

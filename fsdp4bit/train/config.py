@@ -84,7 +84,7 @@ class DataConfig:
     """Held-out UTF-8 text files for perplexity; empty = hold out the last ``eval_fraction`` of the train sequences."""
     eval_fraction: float = 0.05
     """Fraction of train sequences held out (at least one) when ``eval_files`` is empty; 0 holds out none, which
-    needs train.eval_before and train.eval_after off."""
+    needs train.eval_before, train.eval_after and train.eval_every off."""
     seq_len: int = 128
     """Tokens per packed sequence."""
     eval_max_sequences: int = 96
@@ -126,6 +126,10 @@ class TrainConfig:
     """Measure held-out perplexity before training."""
     eval_after: bool = True
     """Measure held-out perplexity after training."""
+    eval_every: int = 0
+    """Also measure it every N steps (0 = never), before that step's checkpoint: metrics records with
+    ``"when": "step"``, drawn on the loss plot. Not at the last step when eval_after measures it, nor at a step a
+    stop signal ends (the grace period before SIGKILL is short)."""
 
 
 @dataclass
@@ -231,6 +235,7 @@ _NON_NEGATIVE = {
     "train.weight_decay",
     "train.max_grad_norm",
     "checkpoint.every",
+    "train.eval_every",
     "debug.kill_after_step",
 }
 
@@ -307,10 +312,11 @@ def validate(cfg: Config) -> Config:
         raise ValueError("config field 'data.train_files' must name at least one file")
     if not 0 <= cfg.data.eval_fraction < 1:
         raise ValueError(f"config field 'data.eval_fraction' must be in [0, 1), got {cfg.data.eval_fraction}")
-    if not cfg.data.eval_files and cfg.data.eval_fraction == 0 and (cfg.train.eval_before or cfg.train.eval_after):
+    evaluates = cfg.train.eval_before or cfg.train.eval_after or cfg.train.eval_every > 0
+    if not cfg.data.eval_files and cfg.data.eval_fraction == 0 and evaluates:
         raise ValueError(
-            "config field 'data.eval_fraction' must be > 0 when data.eval_files is empty and train.eval_before or "
-            "train.eval_after is on (held-out perplexity needs held-out text)"
+            "config field 'data.eval_fraction' must be > 0 when data.eval_files is empty and train.eval_before, "
+            "train.eval_after or train.eval_every is on (held-out perplexity needs held-out text)"
         )
     bad = [name for name in cfg.checkpoint.save_on_signals if name not in STOP_SIGNALS]
     if bad:

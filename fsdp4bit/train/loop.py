@@ -264,6 +264,13 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
                     f"{tok_s:.0f} tok/s peak mem {mem:.0f} MB" + (" (update skipped)" if skipped else ""),
                 )
             done = step + 1 == tcfg.steps
+            due = tcfg.eval_every and (step + 1) % tcfg.eval_every == 0
+            if due and not stop_signal and not (done and tcfg.eval_after):
+                ppl, loss = perplexity(
+                    peft_model, eval_seqs, cfg.data.eval_batch_size, info.rank, info.world_size, info.device
+                )
+                metrics.write("eval", when="step", step=step + 1, ppl=ppl, loss=loss)
+                _say(info, f"step {step + 1}: held-out perplexity {ppl:.2f}")
             if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or done or stop_signal:
                 saved = save_checkpoint(
                     ckpt_root,

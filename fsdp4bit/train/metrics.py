@@ -62,14 +62,14 @@ class MetricsLog:
         self.start = time.time()
 
     def truncate_after(self, step: int) -> None:
-        """Drop train and stop records with step > ``step`` (a killed run may have logged steps its checkpoint lacks),
-        the records of the end of a run, and a last line a killed run left half-written. The file is replaced atomically:
+        """Drop train, stop and periodic eval records with step > ``step`` (a killed run may have logged steps its
+        checkpoint lacks), the records of the end of a run, and a last line a killed run left half-written. The file is replaced atomically:
         a run killed while resuming leaves the old file, never an empty or partial one."""
         if not self.enabled or not self.path.is_file():
             return
         kept = []
         for line, record in _parsed_lines(self.path):
-            if record.get("event") in ("train", "stopped") and record["step"] > step:
+            if record.get("event") in ("train", "stopped", "eval") and record.get("step", 0) > step:
                 continue
             if record.get("event") in ("eval", "summary") and record.get("when") == "after":
                 continue

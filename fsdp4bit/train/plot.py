@@ -8,7 +8,8 @@ from .metrics import read_metrics
 
 
 def plot_loss(metrics_path: Path, out_path: Path) -> None:
-    """Training loss per step, with the held-out loss before and after finetuning as dashed lines."""
+    """Training loss per step, the held-out loss before and after finetuning as dashed lines, and where it was also
+    measured every ``train.eval_every`` steps, the held-out curve through all of those points."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -16,9 +17,12 @@ def plot_loss(metrics_path: Path, out_path: Path) -> None:
 
     records = read_metrics(metrics_path)
     train = [r for r in records if r["event"] == "train"]
-    evals = [r for r in records if r["event"] == "eval"]
+    evals = [r for r in records if r["event"] == "eval" and r["when"] != "step"]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot([r["step"] for r in train], [_number(r["loss"]) for r in train], label="train loss")
+    if any(r["when"] == "step" for r in records if r["event"] == "eval"):
+        held_out = sorted((r["step"], _number(r["loss"])) for r in records if r["event"] == "eval")
+        ax.plot(*zip(*held_out, strict=True), "o-", color="tab:purple", label="held-out loss")
     for record, color in zip(evals, ("tab:red", "tab:green"), strict=False):
         loss, ppl = _number(record["loss"]), _number(record["ppl"])
         ax.axhline(loss, ls="--", color=color, label=f"held-out {record['when']} (ppl {ppl:.1f})")
