@@ -167,6 +167,86 @@ def test_the_held_out_fraction(tmp_path: Path) -> None:
     from_dict({"data": {"eval_files": [], "eval_fraction": 0.0}, "train": {"eval_before": False, "eval_after": False}})
 
 
+# --- JSON Lines examples ------------------------------------------------------------------------------------------
+
+_CHAT = (
+    "{% for m in messages %}{{ m.role }} : {{ m.content }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}assistant :{% endif %}"
+)
+
+
+def _vocab_tokenizer(chat: bool = True) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer that knows the test's words (one id each), with a small chat template."""
+    words = ["say", "hi", "hello", "there", "you", "user", "assistant", ":"]
+    model = Tokenizer(
+        models.WordLevel(vocab={"[UNK]": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}, unk_token="[UNK]")
+    )
+    model.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=model, eos_token="</s>")
+    tok.chat_template = _CHAT if chat else None
+    return tok
+
+
+def _jsonl(path: Path, *examples: object) -> str:
+    path.write_text("".join((e if isinstance(e, str) else json.dumps(e)) + "\n" for e in examples))
+    return str(path)
+
+
+def test_jsonl_examples_train_only_their_completions(tmp_path: Path) -> None:
+    tok = _vocab_tokenizer()
+    ids = tok.convert_tokens_to_ids
+    chat = [{"role": "user", "content": "say hi"}, {"role": "assistant", "content": "hello there"}]
+    path = _jsonl(
+        tmp_path / "sft.jsonl",
+        {"prompt": "say hi", "completion": "hello there"},
+        "",
+        {"text": "you say hi"},
+        {"messages": chat},
+    )
+    got = tokenize_files([path], tok)
+    prompt = ids(["say", "hi"])
+    text = ids(["you", "say", "hi", "</s>"])
+    chat_prompt = ids(["user", ":", "say", "hi", "</s>", "assistant", ":"])
+    answer = ids(["hello", "there", "</s>"])
+    want_ids = prompt + answer + text + chat_prompt + answer
+    want_labels = [-100] * 2 + answer + text + [-100] * 7 + answer
+    assert got.tolist() == [want_ids, want_labels]
+    train, _ = build_datasets(DataConfig([path], [], eval_fraction=0.0, seq_len=4), tok)
+    assert train.shape == (4, 2, 4)  # 17 tokens: 4 sequences, the last token dropped
+    assert train[:, 0].flatten().tolist() == want_ids[:16] and train[:, 1].flatten().tolist() == want_labels[:16]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("not json", r"line 2 is not JSON \("),
+        ("[1, 2]", r"line 2 is not a JSON object"),
+        (
+            {"prompt": "say hi"},
+            r"line 2: an example holds \"text\", \"prompt\" and \"completion\", or \"messages\", got keys \['prompt'\]",
+        ),
+        ({"text": 3}, r'line 2: "text" must be a string, got int'),
+        ({"messages": []}, r'line 2: "messages" must be a non-empty list'),
+        (
+            {"messages": [{"role": "user", "content": "hi"}]},
+            r"line 2: the last of \"messages\" must be the assistant's .* got role 'user'",
+        ),
+    ],
+)
+def test_a_bad_jsonl_example_names_the_field_and_line(tmp_path: Path, line: object, message: str) -> None:
+    path = _jsonl(tmp_path / "bad.jsonl", {"text": "hi"}, line)
+    with pytest.raises(ValueError, match=r"^data\.train_files: .*bad\.jsonl " + message):
+        tokenize_files([path], _vocab_tokenizer())
+
+
+def test_chat_examples_need_a_chat_template(tmp_path: Path) -> None:
+    path = _jsonl(tmp_path / "chat.jsonl", {"messages": [{"role": "assistant", "content": "hi"}]})
+    with pytest.raises(ValueError, match=r"line 1: \"messages\" need a chat template"):
+        tokenize_files([path], _vocab_tokenizer(chat=False))
+    with pytest.raises(ValueError, match=r"^data\.eval_files: .*empty\.jsonl holds no examples"):
+        tokenize_files([_jsonl(tmp_path / "empty.jsonl", "", " ")], _vocab_tokenizer(), "data.eval_files")
+
+
 def test_datasets_are_built_once_per_process(tmp_path: Path) -> None:
     path = Path(_words(tmp_path / "a.txt", 199))
     cfg, tok = DataConfig([str(path)], [], seq_len=8), _tokenizer()

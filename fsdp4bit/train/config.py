@@ -76,10 +76,13 @@ class LoraSection:
 
 @dataclass
 class DataConfig:
-    """Text files, tokenised and packed into fixed-length sequences."""
+    """Data files (plain text, or JSON Lines examples: see fsdp4bit.train.data), tokenised and packed into
+    fixed-length sequences."""
 
     train_files: list[str] = field(default_factory=lambda: ["data/shakespeare/train.txt"])
-    """UTF-8 text files to train on (relative paths resolve against the working directory, then the repo)."""
+    """UTF-8 files to train on: plain text, or ``*.jsonl`` examples (``text``; ``prompt`` + ``completion``;
+    ``messages``), where only completions are trained (relative paths resolve against the working directory, then
+    the repo)."""
     eval_files: list[str] = field(default_factory=lambda: ["data/shakespeare/hamlet.txt"])
     """Held-out UTF-8 text files for perplexity; empty = hold out the last ``eval_fraction`` of the train sequences."""
     eval_fraction: float = 0.05

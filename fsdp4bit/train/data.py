@@ -1,4 +1,10 @@
-"""Text data: tokenise, pack into fixed-length sequences, and hand each rank its own micro-batches.
+"""Training data: tokenise, pack into fixed-length sequences, and hand each rank its own micro-batches.
+
+A data file is plain text (every token trained) or, named ``*.jsonl``, one example per line: ``{"text": ...}``
+(every token trained), ``{"prompt": ..., "completion": ...}`` (the loss on the completion and the EOS after it:
+instruction tuning) or ``{"messages": [...]}`` (a chat rendered with the tokenizer's chat template, the loss on
+its last message, which must be the assistant's). Examples are packed one after another into sequences, as text is.
+A sequence is ``[2, seq_len]``: token ids, and labels (the id where the token is trained, else -100).
 
 The order of training sequences is a pure function of the seed: epoch ``e`` is a permutation drawn from a
 generator seeded with ``seed + e``, and each micro-step takes the next ``micro_batch_size * world`` sequences of
@@ -9,7 +15,9 @@ saved in checkpoints, on any world size: a run resumed on other ranks goes on wh
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -17,6 +25,8 @@ from transformers import PreTrainedTokenizerBase
 from .config import DataConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+IGNORE = -100
+"""The label of a token the loss skips (a prompt's), as torch's cross_entropy and Hugging Face models take it."""
 
 
 def resolve_data_file(name: str) -> Path:
@@ -44,30 +54,114 @@ def read_text(path: Path, field: str) -> str:
 def tokenize_files(
     files: list[str], tokenizer: PreTrainedTokenizerBase, field: str = "data.train_files"
 ) -> torch.Tensor:
-    """All files as one flat int64 token stream; paragraphs are encoded separately, each file ends with EOS.
-    A file without text is a ValueError naming ``field`` (the tokenizer fails on an empty batch)."""
+    """All files as one ``[2, L]`` int64 stream of token ids and labels. A text file's paragraphs are encoded
+    separately and the file ends with EOS; a ``.jsonl`` file's examples follow :func:`tokenize_example`. A file
+    without text is a ValueError naming ``field`` (the tokenizer fails on an empty batch)."""
     ids: list[int] = []
+    labels: list[int] = []
     for name in files:
         path = resolve_data_file(name)
+        if path.suffix == ".jsonl":
+            for line, example in _jsonl_examples(path, field):
+                try:
+                    got_ids, got_labels = tokenize_example(example, tokenizer)
+                except ValueError as err:
+                    raise ValueError(f"{field}: {path} line {line}: {err}") from None
+                ids += got_ids
+                labels += got_labels
+            continue
         paragraphs = [p + "\n\n" for p in read_text(path, field).split("\n\n") if p.strip()]
         if not paragraphs:
             raise ValueError(f"{field}: {path} holds no text (it is empty or only whitespace)")
+        start = len(ids)
         for chunk in tokenizer(paragraphs, add_special_tokens=False)["input_ids"]:
             ids.extend(chunk)
         if tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
-    return torch.tensor(ids, dtype=torch.long)
+        labels += ids[start:]
+    return torch.tensor([ids, labels], dtype=torch.long)
+
+
+def _jsonl_examples(path: Path, field: str) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) of every non-blank line of a JSON Lines file; ValueError naming ``field`` and the line
+    for a line that is not a JSON object, and for a file without examples."""
+    examples = []
+    for number, line in enumerate(read_text(path, field).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            example = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{field}: {path} line {number} is not JSON ({err.msg})") from None
+        if not isinstance(example, dict):
+            raise ValueError(f"{field}: {path} line {number} is not a JSON object")
+        examples.append((number, example))
+    if not examples:
+        raise ValueError(f"{field}: {path} holds no examples (it is empty or only whitespace)")
+    return examples
+
+
+def tokenize_example(example: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    """(ids, labels) of one JSON Lines example: ``text`` trains every token and ends with EOS; ``prompt`` and
+    ``completion`` (tokenised separately, so the boundary is exact) train the completion and the EOS after it;
+    ``messages`` are rendered with the tokenizer's chat template and train what the last (assistant) message adds
+    to the rendering of the ones before it (its end-of-turn tokens included; the template supplies them, so no EOS
+    is added). ValueError for any other shape."""
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    keys = set(example)
+
+    def encode(text: object, name: str) -> list[int]:
+        if not isinstance(text, str):
+            raise ValueError(f'"{name}" must be a string, got {type(text).__name__}')
+        return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    if keys == {"text"}:
+        ids = encode(example["text"], "text") + eos
+        return ids, list(ids)
+    if keys == {"prompt", "completion"}:
+        prompt, completion = encode(example["prompt"], "prompt"), encode(example["completion"], "completion") + eos
+        return prompt + completion, [IGNORE] * len(prompt) + completion
+    if keys == {"messages"}:
+        prompt_text, full_text = _chat_texts(example["messages"], tokenizer)
+        prompt, completion = encode(prompt_text, "messages"), encode(full_text[len(prompt_text) :], "messages")
+        return prompt + completion, [IGNORE] * len(prompt) + completion
+    raise ValueError(
+        f'an example holds "text", "prompt" and "completion", or "messages", got keys {sorted(keys)} (see '
+        "fsdp4bit/train/README.md, Data)"
+    )
+
+
+def _chat_texts(messages: object, tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
+    """(the chat before its last message with the assistant's generation prompt, the whole chat) as rendered by the
+    tokenizer's chat template; the first is a prefix of the second."""
+    if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)):
+        raise ValueError('"messages" must be a non-empty list of {"role": ..., "content": ...} objects')
+    if messages[-1].get("role") != "assistant":
+        raise ValueError(
+            f'the last of "messages" must be the assistant\'s (trained on), got role {messages[-1].get("role")!r}'
+        )
+    if not tokenizer.chat_template:
+        raise ValueError('"messages" need a chat template, and the tokenizer of model.path has none')
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError(
+            "the chat template renders the chat before its last message (with the generation prompt) as something "
+            "other than the start of the whole chat, so the assistant's part cannot be told apart"
+        )
+    return prompt, full
 
 
 def pack(tokens: torch.Tensor, seq_len: int, field: str = "data.train_files") -> torch.Tensor:
-    """``[n, seq_len]`` sequences cut from the stream of ``field``'s files (the remainder is dropped)."""
-    n = tokens.numel() // seq_len
+    """``[n, 2, seq_len]`` sequences (ids, labels) cut from the ``[2, L]`` stream of ``field``'s files (the remainder
+    is dropped)."""
+    n = tokens.shape[-1] // seq_len
     if n == 0:
         raise ValueError(
-            f"{field} hold {tokens.numel()} tokens, too few for one sequence of data.seq_len={seq_len}: add text "
+            f"{field} hold {tokens.shape[-1]} tokens, too few for one sequence of data.seq_len={seq_len}: add text "
             "or lower data.seq_len"
         )
-    return tokens[: n * seq_len].view(n, seq_len)
+    return tokens[:, : n * seq_len].reshape(2, n, seq_len).transpose(0, 1).contiguous()
 
 
 def check_distinct(cfg: DataConfig) -> None:
@@ -111,7 +205,7 @@ def _build_key(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple:
 
 
 def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train sequences, held-out sequences), each ``[n, seq_len]`` int64. The last result is kept: the command line
+    """(train sequences, held-out sequences), each ``[n, 2, seq_len]`` int64 (ids, labels). The last result is kept: the command line
     builds them to check the data before the model is built, and the run takes the same tensors."""
     key = _build_key(cfg, tokenizer)
     if key not in _BUILT:
@@ -131,6 +225,12 @@ def _build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[torch.T
     if cfg.eval_max_sequences and len(held_out) > cfg.eval_max_sequences:
         # Evenly spaced over the held-out text, not just its beginning (a play opens with its cast list).
         held_out = held_out[torch.linspace(0, len(held_out) - 1, cfg.eval_max_sequences).long()]
+    for name, sequences in (("data.train_files", train), ("held-out sequences", held_out)):
+        if len(sequences) and not (sequences[:, 1, 1:] != IGNORE).any():
+            raise ValueError(
+                f"{name} hold no trained token after the first of a sequence (every example's completion is empty "
+                "or every token is a prompt's): nothing to learn or score"
+            )
     return train, held_out
 
 
@@ -170,7 +270,7 @@ class RankBatches:
         self.position, self.stream = position, (epoch, offset)
 
     def next(self) -> torch.Tensor:
-        """This rank's ``[micro_batch_size, seq_len]`` batch of the next micro-step, then advance."""
+        """This rank's batch of the next micro-step (``micro_batch_size`` sequences), then advance."""
         epoch, offset = self.stream
         step = self.micro * self.world
         if offset + step > len(self.sequences):

@@ -1,4 +1,5 @@
-"""Held-out perplexity: exp(total token negative log-likelihood / total predicted tokens), over all ranks."""
+"""Held-out perplexity: exp(total negative log-likelihood / total trained tokens), over all ranks (a prompt's
+tokens are not scored, as they are not trained)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from .data import shard_for_rank
+from .loss import token_nll, trained_tokens
 
 
 @torch.no_grad()
@@ -32,14 +33,12 @@ def perplexity(
         counted = len(batch) > 0
         if not counted:
             batch = sequences[:1]
-        batch = batch.to(device)
-        logits = model(input_ids=batch).logits.float()
-        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        nll = token_nll(model, batch.to(device))
         if counted:
             totals[0] += nll.double()
-            totals[1] += batch[:, 1:].numel()
+            totals[1] += trained_tokens(batch)
     if dist.is_initialized():
         dist.all_reduce(totals)
     model.train(was_training)
-    loss = (totals[0] / totals[1]).item()
+    loss = (totals[0] / totals[1].clamp(min=1)).item()
     return math.exp(loss), loss

@@ -24,6 +24,7 @@ from .distributed import DistInfo, setup, teardown
 from .embedded import ensure_embedded_model
 from .evaluate import perplexity
 from .lora import AdapterInit, attach_lora, save_adapter, trainable_parameters
+from .loss import global_count, token_nll, trained_tokens
 from .metrics import MetricsLog, current_memory_mb, gather_floats, peak_memory_mb, read_metrics, write_atomically
 from .model import build_model, count_4bit, decoder_blocks, dtype_of, load_blocks, load_tokenizer, shard
 from .optim import build_optimizer
@@ -210,21 +211,23 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
             _reseed(tcfg.seed, step, info.rank)
             t_step = time.perf_counter()
             loss_sum = torch.zeros((), device=info.device)
-            for micro in range(tcfg.grad_accum):
+            micro_batches = [batches.next() for _ in range(tcfg.grad_accum)]
+            # The step's loss is the mean over every trained token of all its micro-batches on all ranks (prompt
+            # tokens are not trained, so counts differ between batches); FSDP averages gradients over the ranks.
+            tokens = max(global_count(sum(trained_tokens(b) for b in micro_batches), info.device), 1)
+            for micro, batch in enumerate(micro_batches):
                 if fsdp_root is not None:
                     fsdp_root.set_requires_gradient_sync(micro == tcfg.grad_accum - 1)
-                batch = batches.next().to(info.device)
                 anomaly = torch.autograd.detect_anomaly() if cfg.debug.detect_anomaly else contextlib.nullcontext()
                 with anomaly:
-                    loss = peft_model(input_ids=batch, labels=batch).loss / tcfg.grad_accum
-                    loss.backward()
-                loss_sum += loss.detach()
+                    nll = token_nll(peft_model, batch.to(info.device))
+                    (nll * (info.world_size / tokens)).backward()
+                loss_sum += nll.detach() / tokens
             if info.debug:
                 dbg.check_step(peft_model, loss_sum, step + 1, info.device)
             grad_norm = _grad_norm(params, tcfg.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
-            loss_total, stop_signal = reduce_loss_and_stop(loss_sum, stops.requested)
-            loss_value = loss_total / info.world_size
+            loss_value, stop_signal = reduce_loss_and_stop(loss_sum, stops.requested)
             # Both values are global (all ranks' sum, the gradient norm over every shard), so every rank skips together.
             skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
             if skipped:

@@ -1,0 +1,38 @@
+"""The language-modelling loss on packed sequences of (ids, labels): summed over trained tokens, so a step can
+weigh every trained token alike however they fall across micro-batches and ranks (prompt tokens are not trained)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .data import IGNORE
+
+
+def token_nll(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """The summed negative log-likelihood (float32) of ``batch``'s trained next tokens under ``model``: ``batch`` is
+    ``[b, 2, seq_len]`` (ids, labels), the logits at position ``i`` predict label ``i + 1``."""
+    ids, labels = batch[:, 0], batch[:, 1]
+    logits = model(input_ids=ids).logits
+    return F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
+    )
+
+
+def trained_tokens(batch: torch.Tensor) -> int:
+    """How many of ``batch``'s next tokens the loss counts (the divisor of :func:`token_nll`'s sum)."""
+    return int((batch[:, 1, 1:] != IGNORE).sum())
+
+
+def global_count(count: int, device: torch.device) -> int:
+    """``count`` summed over all ranks (collective; the count itself where there is no process group)."""
+    if not dist.is_initialized():
+        return count
+    total = torch.tensor(count, dtype=torch.long, device=device)
+    dist.all_reduce(total)
+    return int(total)
