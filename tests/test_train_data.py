@@ -170,8 +170,8 @@ def test_the_held_out_fraction(tmp_path: Path) -> None:
 # --- JSON Lines examples ------------------------------------------------------------------------------------------
 
 _CHAT = (
-    "{% for m in messages %}{{ m.role }} : {{ m.content }} </s> {% endfor %}"
-    "{% if add_generation_prompt %}assistant :{% endif %}"
+    "{% for m in messages %}{% if m.content == 'raise' %}{{ raise_exception('no raise') }}{% endif %}"
+    "{{ m.role }} : {{ m.content }} </s> {% endfor %}{% if add_generation_prompt %}assistant :{% endif %}"
 )
 
 
@@ -227,6 +227,12 @@ def test_jsonl_examples_train_only_their_completions(tmp_path: Path) -> None:
         ),
         ({"text": 3}, r'line 2: "text" must be a string, got int'),
         ({"messages": []}, r'line 2: "messages" must be a non-empty list'),
+        ({"messages": [{"role": "assistant", "content": 3}]}, r'line 2: message 0 of "messages" needs a string'),
+        (
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "raise"}]},
+            r"line 2: the tokenizer's chat template refuses it: TemplateError: no raise",
+        ),
+        ('{"text": "one\u2028two"}\n{"text": "hi"}\n[]', r"line 4 is not a JSON object"),
         (
             {"messages": [{"role": "user", "content": "hi"}]},
             r"line 2: the last of \"messages\" must be the assistant's .* got role 'user'",
@@ -237,6 +243,13 @@ def test_a_bad_jsonl_example_names_the_field_and_line(tmp_path: Path, line: obje
     path = _jsonl(tmp_path / "bad.jsonl", {"text": "hi"}, line)
     with pytest.raises(ValueError, match=r"^data\.train_files: .*bad\.jsonl " + message):
         tokenize_files([path], _vocab_tokenizer())
+
+
+def test_a_json_file_is_not_read_as_text(tmp_path: Path) -> None:
+    path = tmp_path / "examples.JSON"
+    path.write_text(json.dumps([{"text": "hi"}]))
+    with pytest.raises(ValueError, match=r"examples\.JSON is a \.json file: examples go one per line in a \.jsonl"):
+        tokenize_files([str(path)], _vocab_tokenizer())
 
 
 def test_chat_examples_need_a_chat_template(tmp_path: Path) -> None:

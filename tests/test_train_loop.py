@@ -406,6 +406,56 @@ def _train_losses(out: Path) -> list[tuple[float, float]]:
     return [(r["loss"], r["grad_norm"]) for r in metrics_records(out, "train")]
 
 
+def test_token_nll_is_hugging_faces_loss_on_trained_tokens() -> None:
+    """The loop's loss against the model's own: ``model(input_ids, labels=labels).loss`` with -100 on prompts is the
+    mean over trained next tokens, so token_nll / trained_tokens must equal it (an off-by-one in the shift would not)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fsdp4bit.train.loss import token_nll, trained_tokens
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    )
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 97, (3, 12))
+    labels = ids.clone()
+    labels[0, :5] = -100  # a prompt, then its completion
+    labels[1, 3:9] = -100  # a completion's end, a prompt, the next completion
+    labels[2, 1:] = -100  # nothing trained after the first token
+    batch = torch.stack([ids, labels], dim=1)
+    with torch.no_grad():
+        want = model(input_ids=ids, labels=labels).loss
+        got = token_nll(model, batch) / trained_tokens(batch)
+    assert trained_tokens(batch) == 7 + 5 + 0
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_step_without_trained_tokens_is_skipped(tmp_path: Path) -> None:
+    """Every sequence of a step is a long prompt's: the loss was 0/1 = 0 and AdamW still moved the adapters (momentum,
+    weight decay). The step is skipped with its loss written as null, like a non-finite one."""
+    from fsdp4bit.train.data import RankBatches, build_datasets
+    from fsdp4bit.train.model import load_tokenizer
+
+    data = tmp_path / "long_prompt.jsonl"
+    with data.open("w") as fh:
+        fh.write(json.dumps({"prompt": "Say", "completion": " hello there, and welcome."}) + "\n")
+        fh.write(json.dumps({"prompt": "word " * 1200, "completion": " done."}) + "\n")
+    sets = [f'output.dir="{tmp_path / "run"}"', f'data.train_files=["{data}"]', "train.steps=4"]
+    sets += ["checkpoint.every=0", "train.eval_before=false", "train.eval_after=false"]
+    cfg = load_config(CONFIG, sets)
+    train, _ = build_datasets(cfg.data, load_tokenizer(cfg.model))
+    batches = RankBatches(train, cfg.train.micro_batch_size, 0, 1, cfg.train.seed)
+    trained = [bool((batches.next()[:, 1, 1:] != -100).any()) for _ in range(4)]
+    assert not all(trained)
+    proc = _run_python(["-m", "fsdp4bit.train", "--config", str(CONFIG), *[a for x in sets for a in ("--set", x)]])
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    records = metrics_records(tmp_path / "run", "train")
+    assert [r["skipped"] for r in records] == [not t for t in trained]
+    assert [r["loss"] is None for r in records] == [not t for t in trained]
+    assert "its batches hold no trained token" in proc.stdout
+
+
 def _instruction_file(path: Path) -> str:
     """Prompt/completion examples whose prompts differ in length, so packed sequences hold different numbers of
     trained tokens."""

@@ -61,7 +61,9 @@ def tokenize_files(
     labels: list[int] = []
     for name in files:
         path = resolve_data_file(name)
-        if path.suffix == ".jsonl":
+        if path.suffix.lower() == ".json":
+            raise ValueError(f"{field}: {path} is a .json file: examples go one per line in a .jsonl file")
+        if path.suffix.lower() == ".jsonl":
             for line, example in _jsonl_examples(path, field):
                 try:
                     got_ids, got_labels = tokenize_example(example, tokenizer)
@@ -86,7 +88,8 @@ def _jsonl_examples(path: Path, field: str) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) of every non-blank line of a JSON Lines file; ValueError naming ``field`` and the line
     for a line that is not a JSON object, and for a file without examples."""
     examples = []
-    for number, line in enumerate(read_text(path, field).splitlines(), 1):
+    # "\n" only: JSON strings may hold U+2028 and the other breaks str.splitlines() also splits at
+    for number, line in enumerate(read_text(path, field).split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -136,14 +139,20 @@ def _chat_texts(messages: object, tokenizer: PreTrainedTokenizerBase) -> tuple[s
     tokenizer's chat template; the first is a prefix of the second."""
     if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)):
         raise ValueError('"messages" must be a non-empty list of {"role": ..., "content": ...} objects')
+    for i, message in enumerate(messages):
+        if not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+            raise ValueError(f'message {i} of "messages" needs a string "role" and a string "content"')
     if messages[-1].get("role") != "assistant":
         raise ValueError(
             f'the last of "messages" must be the assistant\'s (trained on), got role {messages[-1].get("role")!r}'
         )
     if not tokenizer.chat_template:
         raise ValueError('"messages" need a chat template, and the tokenizer of model.path has none')
-    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    try:
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception as err:  # the template's own checks raise jinja2's TemplateError (e.g. roles it refuses)
+        raise ValueError(f"the tokenizer's chat template refuses it: {type(err).__name__}: {err}") from None
     if not full.startswith(prompt):
         raise ValueError(
             "the chat template renders the chat before its last message (with the generation prompt) as something "

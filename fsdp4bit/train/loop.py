@@ -214,7 +214,8 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
             micro_batches = [batches.next() for _ in range(tcfg.grad_accum)]
             # The step's loss is the mean over every trained token of all its micro-batches on all ranks (prompt
             # tokens are not trained, so counts differ between batches); FSDP averages gradients over the ranks.
-            tokens = max(global_count(sum(trained_tokens(b) for b in micro_batches), info.device), 1)
+            trained = global_count(sum(trained_tokens(b) for b in micro_batches), info.device)
+            tokens = max(trained, 1)
             for micro, batch in enumerate(micro_batches):
                 if fsdp_root is not None:
                     fsdp_root.set_requires_gradient_sync(micro == tcfg.grad_accum - 1)
@@ -228,13 +229,20 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
             grad_norm = _grad_norm(params, tcfg.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             loss_value, stop_signal = reduce_loss_and_stop(loss_sum, stops.requested)
-            # Both values are global (all ranks' sum, the gradient norm over every shard), so every rank skips together.
+            # All three are global (all ranks' sums, the gradient norm over every shard), so every rank skips together.
+            if not trained:
+                loss_value = math.nan  # no token to learn from: a zero loss would be a false point on the curve
             skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
             if skipped:
+                why = (
+                    "its batches hold no trained token (every token of its sequences is a prompt's)"
+                    if not trained
+                    else f"loss {loss_value} / gradient norm {grad_norm} is not finite"
+                )
                 _say(
                     info,
-                    f"warning: step {step + 1}: loss {loss_value} / gradient norm {grad_norm} is not finite; the "
-                    "update is skipped (adapters and optimizer state unchanged, the schedule and data go on)",
+                    f"warning: step {step + 1}: {why}; the update is skipped (adapters and optimizer state "
+                    "unchanged, the schedule and data go on)",
                 )
             else:
                 optimizer.step()

@@ -16,11 +16,10 @@ def token_nll(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     ``[b, 2, seq_len]`` (ids, labels), the logits at position ``i`` predict label ``i + 1``."""
     ids, labels = batch[:, 0], batch[:, 1]
     logits = model(input_ids=ids).logits
+    # the labels shift, not the logits: a slice of the logits would be copied again to flatten it
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
     return F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-        labels[:, 1:].reshape(-1),
-        ignore_index=IGNORE,
-        reduction="sum",
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
     )
 
 
