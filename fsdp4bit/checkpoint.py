@@ -75,14 +75,32 @@ def _parent(path: str) -> str:
 
 
 def _backup(path: str) -> str:
-    """Where :func:`save` keeps the checkpoint it replaces until the new one is in place."""
+    """Where :func:`replace_folder` keeps the folder it replaces until the new one is in place."""
     return os.path.join(_parent(path), f".{os.path.basename(path)}.old")
 
 
-def recover_folder(path: str) -> None:
+def temp_folder(path: str | os.PathLike, token: str | None = None) -> str:
+    """The temporary folder a write to ``path`` fills before :func:`replace_folder` swaps it in: ``.NAME.tmp-TOKEN``
+    beside it (TOKEN a fresh random one unless given), a name :func:`recover_folder` knows to clear."""
+    path = os.fspath(path)
+    name = f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex if token is None else token}"
+    return os.path.join(_parent(path), name)
+
+
+def fsync_tree(path: str | os.PathLike) -> None:
+    """Flush every file and folder under ``path`` to disk (before a rename publishes it)."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_dir(root)
+
+
+def recover_folder(path: str | os.PathLike) -> None:
     """Finish a :func:`replace_folder` a crash interrupted: the old folder comes back if the new one never reached
     ``path``, else its leftover copy goes; folders of unfinished writes to ``path`` (``.NAME.tmp-*``) go (one writer
     per path)."""
+    path = os.fspath(path)
     backup = _backup(path)
     if os.path.isdir(backup):
         if os.path.exists(path):
@@ -90,7 +108,8 @@ def recover_folder(path: str) -> None:
         else:
             os.rename(backup, path)
     parent = _parent(path)
-    stale = sorted(name for name in os.listdir(parent) if name.startswith(f".{os.path.basename(path)}.tmp-"))
+    prefix = os.path.basename(temp_folder(path, ""))
+    stale = sorted(name for name in os.listdir(parent) if name.startswith(prefix))
     for name in stale:
         if name.endswith(".old") and not os.path.exists(path):  # where saves before session 25 kept it
             os.rename(os.path.join(parent, name), path)
@@ -130,22 +149,19 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     path = _checkpoint_path(path)
     parent = _parent(path)
 
-    def tmp_for(token: str) -> str:  # each rank's own spelling of the folder (its own view of the path)
-        return os.path.join(parent, f".{os.path.basename(path)}.tmp-{token}")
-
     def prepare() -> tuple[str, str]:
         os.makedirs(parent, exist_ok=True)
         recover_folder(path)
         problem = _save_target_problem(path)
         token = "" if problem else uuid.uuid4().hex
         if token:
-            os.makedirs(tmp_for(token), exist_ok=False)
+            os.makedirs(temp_folder(path, token), exist_ok=False)
         return token, problem
 
     token, problem = on_rank0(prepare)
     if problem:
         raise ValueError(problem)
-    tmp = tmp_for(token)
+    tmp = temp_folder(path, token)  # each rank's own spelling of the folder (its own view of the path)
     try:
         dcp.save(model.state_dict(), checkpoint_id=tmp)
     except BaseException:  # DCP's CheckpointException is a BaseException: every rank raises it
@@ -157,15 +173,24 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     on_rank0(lambda: replace_folder(tmp, path))
 
 
-def replace_folder(tmp: str, path: str) -> None:
-    """Rename the complete folder ``tmp`` to ``path`` (same parent folder): an existing ``path`` is renamed to
-    ``.NAME.old`` first and deleted once ``tmp`` is in place, so a crash leaves one of the two whole, never neither
-    (deleting first, a crash between would leave nothing; :func:`recover_folder` finishes the swap)."""
+def replace_folder(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Rename the complete folder ``tmp`` to ``path`` (``tmp`` beside it, as :func:`temp_folder` names it; a link
+    ``path`` is replaced through, not moved): an existing ``path`` is renamed to ``.NAME.old`` first and deleted once
+    ``tmp`` is in place, so a crash leaves one of the two whole, never neither (deleting first, a crash between would
+    leave nothing; :func:`recover_folder` finishes the swap, and a failed rename puts the old folder back)."""
+    tmp, path = os.fspath(tmp), os.path.realpath(os.fspath(path))
+    if not os.path.isdir(tmp) or os.path.realpath(_parent(tmp)) != _parent(path):
+        raise ValueError(f"tmp must be a folder beside {path!r} (a rename moves it into place), got {tmp!r}")
     backup = None
     if os.path.exists(path):
         backup = _backup(path)
         os.rename(path, backup)
-    os.rename(tmp, path)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        if backup:
+            os.rename(backup, path)
+        raise
     if backup:
         shutil.rmtree(backup)
     fsync_dir(_parent(path))

@@ -142,6 +142,12 @@ def repo_env(repo: Path) -> dict[str, str]:
     }
 
 
+def write_jsonl(path: Path, *examples: object) -> str:
+    """A JSON Lines data file at ``path``: each example a JSON object (dumped) or a raw line (str); returns the path."""
+    path.write_text("".join((e if isinstance(e, str) else json.dumps(e)) + "\n" for e in examples))
+    return str(path)
+
+
 def metrics_records(out_dir: Path, event: str) -> list[dict]:
     """The trainer's ``metrics.jsonl`` records of ``event`` in the run folder ``out_dir``."""
     from fsdp4bit.train.metrics import read_metrics

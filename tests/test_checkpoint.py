@@ -46,21 +46,29 @@ def test_failed_save_keeps_the_old_checkpoint_and_leaves_nothing_behind(tmp_path
     _failed_save_keeps(old, path, monkeypatch)
 
 
+def _save_with_failing_renames(model, path, monkeypatch, prefixes: tuple[str, ...], error: BaseException) -> None:
+    """``checkpoint.save(model, path)`` where every rename onto ``path`` of a folder whose name starts with one of
+    ``prefixes`` raises ``error``; the save raises it."""
+    rename, name = os.rename, os.path.basename(os.fspath(path).rstrip("/"))
+
+    def failing(src, dst):
+        if os.path.basename(src).startswith(prefixes) and os.path.basename(os.fspath(dst)) == name:
+            raise error
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", failing)
+    with pytest.raises(type(error)):
+        checkpoint.save(model, path)
+    monkeypatch.setattr(os, "rename", rename)
+
+
 def test_crash_between_the_renames_loses_nothing(tmp_path, monkeypatch):
     path = tmp_path / "ckpt"
     old, new = _layer(0), _layer(1)
     checkpoint.save(old, path)
-    rename = os.rename
-
-    def crash_before_the_new_folder_moves_in(src, dst):
-        if os.path.basename(src).startswith(".ckpt.tmp-") and os.fspath(dst) == os.fspath(path):
-            raise KeyboardInterrupt  # the old folder is already moved aside
-        rename(src, dst)
-
-    monkeypatch.setattr(os, "rename", crash_before_the_new_folder_moves_in)
-    with pytest.raises(KeyboardInterrupt):
-        checkpoint.save(new, path)
-    monkeypatch.setattr(os, "rename", rename)
+    # a kill once the old folder is moved aside: neither the new folder's move nor replace_folder's roll-back (which
+    # puts the old one back when the move fails) happens
+    _save_with_failing_renames(new, path, monkeypatch, (".ckpt.tmp-", ".ckpt.old"), KeyboardInterrupt())
     assert not path.exists() and (tmp_path / ".ckpt.old").is_dir()
     loaded = _layer(2)
     checkpoint.load(loaded, path)  # reads the checkpoint the save was replacing
@@ -69,6 +77,18 @@ def test_crash_between_the_renames_loses_nothing(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
     checkpoint.load(loaded, path)
     assert _same(loaded, new)
+
+
+def test_a_failed_move_puts_the_old_checkpoint_back(tmp_path, monkeypatch):
+    """replace_folder's second rename fails (e.g. EXDEV, EACCES): the folder it moved aside comes back at once."""
+    path = tmp_path / "ckpt"
+    old, new = _layer(0), _layer(1)
+    checkpoint.save(old, path)
+    _save_with_failing_renames(new, path, monkeypatch, (".ckpt.tmp-",), OSError("refused"))
+    assert not (tmp_path / ".ckpt.old").exists()
+    loaded = _layer(2)
+    checkpoint.load(loaded, path)
+    assert _same(loaded, old)
 
 
 def test_checkpoint_an_older_save_left_aside_comes_back(tmp_path, monkeypatch):
@@ -82,21 +102,11 @@ def test_checkpoint_an_older_save_left_aside_comes_back(tmp_path, monkeypatch):
 
 
 def test_a_trailing_slash_names_the_same_checkpoint(tmp_path, monkeypatch):
-    """A path with a trailing slash and one without share one backup and temporary name, so an interrupted save of "one/" never lends its backup
-    to another folder's load or save."""
+    """A path with a trailing slash and one without share one backup and temporary name, so an interrupted save of
+    "one/" never lends its backup to another folder's load or save."""
     old, new = _layer(0), _layer(1)
     checkpoint.save(old, f"{tmp_path}/one/")
-    rename = os.rename
-
-    def crash_before_the_new_folder_moves_in(src, dst):
-        if ".tmp-" in os.path.basename(src) and os.path.basename(dst) == "one":
-            raise KeyboardInterrupt
-        rename(src, dst)
-
-    monkeypatch.setattr(os, "rename", crash_before_the_new_folder_moves_in)
-    with pytest.raises(KeyboardInterrupt):
-        checkpoint.save(new, f"{tmp_path}/one/")
-    monkeypatch.setattr(os, "rename", rename)
+    _save_with_failing_renames(new, f"{tmp_path}/one/", monkeypatch, (".one.tmp-", ".one.old"), KeyboardInterrupt())
     with pytest.raises(FileNotFoundError, match="two"):
         checkpoint.load(_layer(2), f"{tmp_path}/two/")
     checkpoint.save(new, f"{tmp_path}/two/")

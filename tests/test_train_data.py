@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_jsonl
 from safetensors import SafetensorError
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -187,16 +188,11 @@ def _vocab_tokenizer(chat: bool = True) -> PreTrainedTokenizerFast:
     return tok
 
 
-def _jsonl(path: Path, *examples: object) -> str:
-    path.write_text("".join((e if isinstance(e, str) else json.dumps(e)) + "\n" for e in examples))
-    return str(path)
-
-
 def test_jsonl_examples_train_only_their_completions(tmp_path: Path) -> None:
     tok = _vocab_tokenizer()
     ids = tok.convert_tokens_to_ids
     chat = [{"role": "user", "content": "say hi"}, {"role": "assistant", "content": "hello there"}]
-    path = _jsonl(
+    path = write_jsonl(
         tmp_path / "sft.jsonl",
         {"prompt": "say hi", "completion": "hello there"},
         "",
@@ -240,7 +236,7 @@ def test_jsonl_examples_train_only_their_completions(tmp_path: Path) -> None:
     ],
 )
 def test_a_bad_jsonl_example_names_the_field_and_line(tmp_path: Path, line: object, message: str) -> None:
-    path = _jsonl(tmp_path / "bad.jsonl", {"text": "hi"}, line)
+    path = write_jsonl(tmp_path / "bad.jsonl", {"text": "hi"}, line)
     with pytest.raises(ValueError, match=r"^data\.train_files: .*bad\.jsonl " + message):
         tokenize_files([path], _vocab_tokenizer())
 
@@ -253,11 +249,11 @@ def test_a_json_file_is_not_read_as_text(tmp_path: Path) -> None:
 
 
 def test_chat_examples_need_a_chat_template(tmp_path: Path) -> None:
-    path = _jsonl(tmp_path / "chat.jsonl", {"messages": [{"role": "assistant", "content": "hi"}]})
+    path = write_jsonl(tmp_path / "chat.jsonl", {"messages": [{"role": "assistant", "content": "hi"}]})
     with pytest.raises(ValueError, match=r"line 1: \"messages\" need a chat template"):
         tokenize_files([path], _vocab_tokenizer(chat=False))
     with pytest.raises(ValueError, match=r"^data\.eval_files: .*empty\.jsonl holds no examples"):
-        tokenize_files([_jsonl(tmp_path / "empty.jsonl", "", " ")], _vocab_tokenizer(), "data.eval_files")
+        tokenize_files([write_jsonl(tmp_path / "empty.jsonl", "", " ")], _vocab_tokenizer(), "data.eval_files")
 
 
 def test_datasets_are_built_once_per_process(tmp_path: Path) -> None:

@@ -1,5 +1,7 @@
-"""The training loop's semantics: updates skipped on a non-finite loss or gradient norm, the
-summary's throughput, optimizer settings on resume, and what a run killed while resuming or pruning leaves.
+"""The training loop's semantics: updates skipped on a non-finite loss or gradient norm or without trained tokens,
+the summary's throughput, optimizer settings on resume, what a run killed while resuming, pruning or saving its
+adapter leaves, a fresh optimizer through a checkpoint, stop signals and the exit status, and the token-weighted loss
+(against Hugging Face's, and over ranks and accumulation with instruction data).
 
 The end-to-end case runs ``fsdp4bit.train.loop.run`` in a plain ``python`` subprocess (world size 1) on the tiny CPU
 config, with a forward hook that turns one training step's logits into NaN.
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import metrics_records, repo_env, run_in_own_group
+from helpers import metrics_records, repo_env, run_in_own_group, write_jsonl
 
 from fsdp4bit.train import train_checkpoint as tc
 from fsdp4bit.train.config import load_config
@@ -229,8 +231,12 @@ def test_stop_signals_are_recorded_once_and_handlers_restored() -> None:
     assert signal.getsignal(signal.SIGUSR1) is before
     assert reduce_loss_and_stop(torch.tensor(2.0), None) == (2.0, None)
     assert exit_code("SIGTERM") == 143
-    with pytest.raises(ValueError, match=r"^stop signals must be among \['SIGTERM', .*got 'SIGKILL'$"):
+    with pytest.raises(ValueError, match=r"^names entries must be among \['SIGTERM', .*got 'SIGKILL'$"):
         StopSignals(["SIGKILL"])
+    with pytest.raises(TypeError, match=r"^names must be a list of signal names, got str 'SIGTERM'$"):
+        StopSignals("SIGTERM")
+    with pytest.raises(ValueError, match=r"^name entries must be among"):
+        exit_code("TERM")
 
 
 def test_a_stopped_run_exits_with_the_signals_status(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -248,10 +254,11 @@ def test_adapter_save_interrupted_between_its_renames_keeps_the_old_adapter(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """save_adapter deleted the old adapter/ before renaming the new one in: a kill between left no adapter. Now the
-    old one is renamed aside first, and the next save finishes the swap."""
+    old one is renamed aside first: a failed rename puts it back, and after a kill the next save finishes the swap."""
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file
 
+    from fsdp4bit.checkpoint import replace_folder
     from fsdp4bit.train.lora import save_adapter
 
     class Tiny(torch.nn.Module):
@@ -284,8 +291,13 @@ def test_adapter_save_interrupted_between_its_renames_keeps_the_old_adapter(
     with pytest.raises(OSError, match="killed"):
         save_adapter(model, out)
     monkeypatch.setattr(os, "rename", rename)
-    assert not out.exists()
-    assert torch.equal(saved_b(tmp_path / ".adapter.old"), torch.ones(4, 2))
+    assert torch.equal(saved_b(), torch.ones(4, 2))
+    # what a kill between the two renames leaves: the old adapter aside, the new one complete beside it
+    (leftover,) = tmp_path.glob(".adapter.tmp-*")  # the failed save's, cleared by the next one
+    assert torch.equal(saved_b(leftover), torch.full((4, 2), 2.0))
+    os.rename(out, tmp_path / ".adapter.old")
+    with pytest.raises(ValueError, match=r"^tmp must be a folder beside .*adapter' \(a rename moves it into place\)"):
+        replace_folder(tmp_path / "elsewhere", out)
     set_b(3.0)
     save_adapter(model, out)
     assert torch.equal(saved_b(), torch.full((4, 2), 3.0))
@@ -408,10 +420,11 @@ def _train_losses(out: Path) -> list[tuple[float, float]]:
 
 def test_token_nll_is_hugging_faces_loss_on_trained_tokens() -> None:
     """The loop's loss against the model's own: ``model(input_ids, labels=labels).loss`` with -100 on prompts is the
-    mean over trained next tokens, so token_nll / trained_tokens must equal it (an off-by-one in the shift would not)."""
+    mean over trained next tokens, so token_nll / trained_tokens must equal it (an off-by-one shift would not)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fsdp4bit.train.loss import token_nll, trained_tokens
+    from fsdp4bit.train.data import trained_tokens
+    from fsdp4bit.train.loss import token_nll
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -434,36 +447,37 @@ def test_token_nll_is_hugging_faces_loss_on_trained_tokens() -> None:
 def test_a_step_without_trained_tokens_is_skipped(tmp_path: Path) -> None:
     """Every sequence of a step is a long prompt's: the loss was 0/1 = 0 and AdamW still moved the adapters (momentum,
     weight decay). The step is skipped with its loss written as null, like a non-finite one."""
-    from fsdp4bit.train.data import RankBatches, build_datasets
+    from fsdp4bit.train.data import RankBatches, build_datasets, trained_tokens
     from fsdp4bit.train.model import load_tokenizer
 
-    data = tmp_path / "long_prompt.jsonl"
-    with data.open("w") as fh:
-        fh.write(json.dumps({"prompt": "Say", "completion": " hello there, and welcome."}) + "\n")
-        fh.write(json.dumps({"prompt": "word " * 1200, "completion": " done."}) + "\n")
-    sets = [f'output.dir="{tmp_path / "run"}"', f'data.train_files=["{data}"]', "train.steps=4"]
+    data = write_jsonl(
+        tmp_path / "long_prompt.jsonl",
+        {"prompt": "Say", "completion": " hello there, and welcome."},
+        {"prompt": "word " * 1200, "completion": " done."},
+    )
+    sets = [f'output.dir="{tmp_path / "run"}"', f'data.train_files=["{data}"]', "train.steps=7"]
     sets += ["checkpoint.every=0", "train.eval_before=false", "train.eval_after=false"]
     cfg = load_config(CONFIG, sets)
     train, _ = build_datasets(cfg.data, load_tokenizer(cfg.model))
     batches = RankBatches(train, cfg.train.micro_batch_size, 0, 1, cfg.train.seed)
-    trained = [bool((batches.next()[:, 1, 1:] != -100).any()) for _ in range(4)]
-    assert not all(trained)
+    trained = [trained_tokens(batches.next()) > 0 for _ in range(7)]
+    assert any(trained) and not all(trained)  # (step 7 holds the short example's completion)
     proc = _run_python(["-m", "fsdp4bit.train", "--config", str(CONFIG), *[a for x in sets for a in ("--set", x)]])
     assert proc.returncode == 0, proc.stdout[-4000:]
     records = metrics_records(tmp_path / "run", "train")
     assert [r["skipped"] for r in records] == [not t for t in trained]
     assert [r["loss"] is None for r in records] == [not t for t in trained]
+    assert all(math.isfinite(r["loss"]) for r, t in zip(records, trained, strict=True) if t)
     assert "its batches hold no trained token" in proc.stdout
 
 
 def _instruction_file(path: Path) -> str:
     """Prompt/completion examples whose prompts differ in length, so packed sequences hold different numbers of
     trained tokens."""
-    with path.open("w") as fh:
-        for i in range(160):
-            prompt = f"Question {i}: what follows the word " + "very " * (i % 9) + "?"
-            fh.write(json.dumps({"prompt": prompt, "completion": f" The answer is {i * 7 % 13}."}) + "\n")
-    return str(path)
+    prompts = [f"Question {i}: what follows the word " + "very " * (i % 9) + "?" for i in range(160)]
+    return write_jsonl(
+        path, *({"prompt": p, "completion": f" The answer is {i * 7 % 13}."} for i, p in enumerate(prompts))
+    )
 
 
 @pytest.mark.parametrize("data", ["text", "instructions"])

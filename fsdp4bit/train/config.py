@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..codebooks import BLOCKSIZES
-from .preemption import STOP_SIGNALS
+from .preemption import check_signal_names
 
 try:
     import tomllib
@@ -84,7 +84,8 @@ class DataConfig:
     ``messages``), where only completions are trained (relative paths resolve against the working directory, then
     the repo)."""
     eval_files: list[str] = field(default_factory=lambda: ["data/shakespeare/hamlet.txt"])
-    """Held-out UTF-8 text files for perplexity; empty = hold out the last ``eval_fraction`` of the train sequences."""
+    """Held-out UTF-8 files for perplexity (text or ``*.jsonl``, like train_files); empty = hold out the last
+    ``eval_fraction`` of the train sequences."""
     eval_fraction: float = 0.05
     """Fraction of train sequences held out (at least one) when ``eval_files`` is empty; 0 holds out none, which
     needs train.eval_before, train.eval_after and train.eval_every off."""
@@ -321,11 +322,7 @@ def validate(cfg: Config) -> Config:
             "config field 'data.eval_fraction' must be > 0 when data.eval_files is empty and train.eval_before, "
             "train.eval_after or train.eval_every is on (held-out perplexity needs held-out text)"
         )
-    bad = [name for name in cfg.checkpoint.save_on_signals if name not in STOP_SIGNALS]
-    if bad:
-        raise ValueError(
-            f"config field 'checkpoint.save_on_signals' entries must be among {list(STOP_SIGNALS)}, got {bad[0]!r}"
-        )
+    check_signal_names(cfg.checkpoint.save_on_signals, "config field 'checkpoint.save_on_signals'")
     if not cfg.lora.target_modules:
         raise ValueError("config field 'lora.target_modules' must name at least one module")
     return cfg

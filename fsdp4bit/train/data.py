@@ -214,8 +214,8 @@ def _build_key(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple:
 
 
 def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train sequences, held-out sequences), each ``[n, 2, seq_len]`` int64 (ids, labels). The last result is kept: the command line
-    builds them to check the data before the model is built, and the run takes the same tensors."""
+    """(train sequences, held-out sequences), each ``[n, 2, seq_len]`` int64 (ids, labels). The last result is kept:
+    the command line builds them to check the data before the model is built, and the run takes the same tensors."""
     key = _build_key(cfg, tokenizer)
     if key not in _BUILT:
         _BUILT.clear()
@@ -234,13 +234,21 @@ def _build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[torch.T
     if cfg.eval_max_sequences and len(held_out) > cfg.eval_max_sequences:
         # Evenly spaced over the held-out text, not just its beginning (a play opens with its cast list).
         held_out = held_out[torch.linspace(0, len(held_out) - 1, cfg.eval_max_sequences).long()]
-    for name, sequences in (("data.train_files", train), ("held-out sequences", held_out)):
-        if len(sequences) and not (sequences[:, 1, 1:] != IGNORE).any():
+    held_out_field = (
+        "data.eval_files" if cfg.eval_files else f"data.eval_fraction={cfg.eval_fraction} of data.train_files"
+    )
+    for name, sequences in (("data.train_files", train), (held_out_field, held_out)):
+        if len(sequences) and not trained_tokens(sequences):
             raise ValueError(
-                f"{name} hold no trained token after the first of a sequence (every example's completion is empty "
-                "or every token is a prompt's): nothing to learn or score"
+                f"{name} hold no trained token after the first of a sequence (each sequence is all prompt, e.g. "
+                "prompts longer than data.seq_len): nothing to learn or score"
             )
     return train, held_out
+
+
+def trained_tokens(sequences: torch.Tensor) -> int:
+    """How many next tokens of ``[n, 2, seq_len]`` sequences the loss counts (labels not -100 after the first)."""
+    return int((sequences[:, 1, 1:] != IGNORE).sum())
 
 
 class RankBatches:

@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .data import shard_for_rank
-from .loss import token_nll, trained_tokens
+from .data import shard_for_rank, trained_tokens
+from .loss import token_nll
 
 
 @torch.no_grad()
@@ -40,5 +40,7 @@ def perplexity(
     if dist.is_initialized():
         dist.all_reduce(totals)
     model.train(was_training)
-    loss = (totals[0] / totals[1].clamp(min=1)).item()
+    if totals[1] == 0:
+        raise ValueError("sequences hold no trained token to score (every label is -100): perplexity is undefined")
+    loss = (totals[0] / totals[1]).item()
     return math.exp(loss), loss

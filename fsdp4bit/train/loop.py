@@ -19,12 +19,12 @@ from tqdm import tqdm
 
 from . import debug as dbg
 from .config import Config, to_toml
-from .data import RankBatches, build_datasets, stream_of
+from .data import RankBatches, build_datasets, stream_of, trained_tokens
 from .distributed import DistInfo, setup, teardown
 from .embedded import ensure_embedded_model
 from .evaluate import perplexity
 from .lora import AdapterInit, attach_lora, save_adapter, trainable_parameters
-from .loss import global_count, token_nll, trained_tokens
+from .loss import global_count, token_nll
 from .metrics import MetricsLog, current_memory_mb, gather_floats, peak_memory_mb, read_metrics, write_atomically
 from .model import build_model, count_4bit, decoder_blocks, dtype_of, load_blocks, load_tokenizer, shard
 from .optim import build_optimizer
@@ -188,12 +188,15 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
         metrics.reset()
         metrics.write("start", world_size=info.world_size, config=dataclasses.asdict(cfg))
 
+    def held_out(when: str, step: int) -> float:
+        """Held-out perplexity now (collective), recorded in the metrics as measured ``when`` at ``step``."""
+        ppl, loss = perplexity(peft_model, eval_seqs, cfg.data.eval_batch_size, info.rank, info.world_size, info.device)
+        metrics.write("eval", when=when, step=step, ppl=ppl, loss=loss)
+        return ppl
+
     ppl_before = None
     if tcfg.eval_before and not found:
-        ppl_before, loss_before = perplexity(
-            peft_model, eval_seqs, cfg.data.eval_batch_size, info.rank, info.world_size, info.device
-        )
-        metrics.write("eval", when="before", step=0, ppl=ppl_before, loss=loss_before)
+        ppl_before = held_out("before", 0)
         _say(info, f"held-out perplexity before finetuning: {ppl_before:.2f}")
     elif found and info.is_main:
         before = [r for r in read_metrics(metrics.path) if r["event"] == "eval" and r["when"] == "before"]
@@ -215,15 +218,15 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
             # The step's loss is the mean over every trained token of all its micro-batches on all ranks (prompt
             # tokens are not trained, so counts differ between batches); FSDP averages gradients over the ranks.
             trained = global_count(sum(trained_tokens(b) for b in micro_batches), info.device)
-            tokens = max(trained, 1)
+            divisor = max(trained, 1)
             for micro, batch in enumerate(micro_batches):
                 if fsdp_root is not None:
                     fsdp_root.set_requires_gradient_sync(micro == tcfg.grad_accum - 1)
                 anomaly = torch.autograd.detect_anomaly() if cfg.debug.detect_anomaly else contextlib.nullcontext()
                 with anomaly:
                     nll = token_nll(peft_model, batch.to(info.device))
-                    (nll * (info.world_size / tokens)).backward()
-                loss_sum += nll.detach() / tokens
+                    (nll * (info.world_size / divisor)).backward()
+                loss_sum += nll.detach() / divisor
             if info.debug:
                 dbg.check_step(peft_model, loss_sum, step + 1, info.device)
             grad_norm = _grad_norm(params, tcfg.max_grad_norm)
@@ -277,11 +280,7 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
             done = step + 1 == tcfg.steps
             due = tcfg.eval_every and (step + 1) % tcfg.eval_every == 0
             if due and not stop_signal and not (done and tcfg.eval_after):
-                ppl, loss = perplexity(
-                    peft_model, eval_seqs, cfg.data.eval_batch_size, info.rank, info.world_size, info.device
-                )
-                metrics.write("eval", when="step", step=step + 1, ppl=ppl, loss=loss)
-                _say(info, f"step {step + 1}: held-out perplexity {ppl:.2f}")
+                _say(info, f"step {step + 1}: held-out perplexity {held_out('step', step + 1):.2f}")
             if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or done or stop_signal:
                 saved = save_checkpoint(
                     ckpt_root,
@@ -304,8 +303,10 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os.kill(os.getpid(), signal.SIGKILL)
-            if stop_signal and not done:
+            if stop_signal:  # the last step too: the adapter save and evaluation may not fit before SIGKILL
                 bar.close()
+                if fingerprint is not None:
+                    dbg.check_base_unchanged(fingerprint, peft_model)
                 metrics.write("stopped", step=step + 1, signal=stop_signal, checkpoint=str(saved))
                 _say(
                     info,
@@ -316,12 +317,7 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
     bar.close()
 
     save_adapter(peft_model, out_dir / "adapter")
-    ppl_after = loss_after = None
-    if tcfg.eval_after:
-        ppl_after, loss_after = perplexity(
-            peft_model, eval_seqs, cfg.data.eval_batch_size, info.rank, info.world_size, info.device
-        )
-        metrics.write("eval", when="after", step=tcfg.steps, ppl=ppl_after, loss=loss_after)
+    ppl_after = held_out("after", tcfg.steps) if tcfg.eval_after else None
     if fingerprint is not None:
         dbg.check_base_unchanged(fingerprint, peft_model)
     peak = gather_floats(peak_memory_mb(info.device))

@@ -10,7 +10,6 @@ with ``PeftModel.from_pretrained`` on a float (or bitsandbytes 4-bit) copy of th
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
-from fsdp4bit.checkpoint import on_rank0, recover_folder, replace_folder
+from fsdp4bit.checkpoint import fsync_tree, on_rank0, recover_folder, replace_folder, temp_folder
 
 from .config import LoraSection
 
@@ -115,12 +114,10 @@ def save_adapter(model: PeftModel, out_dir: Path) -> None:
 
     def write() -> None:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        recover_folder(str(out_dir))
-        tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex}")
+        recover_folder(out_dir)
+        tmp = temp_folder(out_dir)
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        for path in tmp.iterdir():
-            with path.open("rb") as fh:
-                os.fsync(fh.fileno())
-        replace_folder(str(tmp), str(out_dir))
+        fsync_tree(tmp)
+        replace_folder(tmp, out_dir)
 
     on_rank0(write)

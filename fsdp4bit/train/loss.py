@@ -13,7 +13,8 @@ from .data import IGNORE
 
 def token_nll(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """The summed negative log-likelihood (float32) of ``batch``'s trained next tokens under ``model``: ``batch`` is
-    ``[b, 2, seq_len]`` (ids, labels), the logits at position ``i`` predict label ``i + 1``."""
+    ``[b, 2, seq_len]`` (ids, labels), the logits at position ``i`` predict label ``i + 1``; divide by
+    :func:`~fsdp4bit.train.data.trained_tokens` for the mean."""
     ids, labels = batch[:, 0], batch[:, 1]
     logits = model(input_ids=ids).logits
     # the labels shift, not the logits: a slice of the logits would be copied again to flatten it
@@ -21,11 +22,6 @@ def token_nll(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
     )
-
-
-def trained_tokens(batch: torch.Tensor) -> int:
-    """How many of ``batch``'s next tokens the loss counts (the divisor of :func:`token_nll`'s sum)."""
-    return int((batch[:, 1, 1:] != IGNORE).sum())
 
 
 def global_count(count: int, device: torch.device) -> int:

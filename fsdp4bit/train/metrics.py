@@ -62,9 +62,9 @@ class MetricsLog:
         self.start = time.time()
 
     def truncate_after(self, step: int) -> None:
-        """Drop train, stop and periodic eval records with step > ``step`` (a killed run may have logged steps its
-        checkpoint lacks), the records of the end of a run, and a last line a killed run left half-written. The file is replaced atomically:
-        a run killed while resuming leaves the old file, never an empty or partial one."""
+        """Drop "train", "stopped" and periodic "eval" records with step > ``step`` (a killed run may have logged steps
+        its checkpoint lacks), the records of the end of a run, and a last line a killed run left half-written. The
+        file is replaced atomically: a run killed while resuming leaves the old file, never an empty or partial one."""
         if not self.enabled or not self.path.is_file():
             return
         kept = []

@@ -16,6 +16,17 @@ import torch.distributed as dist
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGINT")
 
 
+def check_signal_names(names: object, what: str) -> list[str]:
+    """``names`` as a list of :data:`STOP_SIGNALS` names (TypeError for a non-list, ValueError naming ``what`` and
+    the accepted names for another entry)."""
+    if not isinstance(names, (list, tuple)):
+        raise TypeError(f"{what} must be a list of signal names, got {type(names).__name__} {names!r}")
+    bad = [n for n in names if n not in STOP_SIGNALS]
+    if bad:
+        raise ValueError(f"{what} entries must be among {list(STOP_SIGNALS)}, got {bad[0]!r}")
+    return list(names)
+
+
 class StopSignals:
     """While entered, each named signal only records that a stop was asked (:attr:`requested`, the first one's
     name); a repeated signal changes nothing (torchrun forwards its own SIGTERM to workers that got one already).
@@ -23,10 +34,7 @@ class StopSignals:
     leaves the default actions."""
 
     def __init__(self, names: list[str] | tuple[str, ...]) -> None:
-        unknown = [n for n in names if n not in STOP_SIGNALS]
-        if unknown:
-            raise ValueError(f"stop signals must be among {list(STOP_SIGNALS)}, got {unknown[0]!r}")
-        self.names = list(dict.fromkeys(names))
+        self.names = list(dict.fromkeys(check_signal_names(names, "names")))
         self.requested: str | None = None
         self._previous: dict[int, object] = {}
 
@@ -70,4 +78,4 @@ def reduce_loss_and_stop(loss_sum: torch.Tensor, requested: str | None) -> tuple
 def exit_code(name: str) -> int:
     """The status a shell gives a process killed by signal ``name`` (128 + its number): what a scheduler or
     torchrun reads as "stopped by that signal"."""
-    return 128 + int(signal.Signals[name])
+    return 128 + int(signal.Signals[check_signal_names([name], "name")[0]])

@@ -23,7 +23,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-from fsdp4bit.checkpoint import fsync_dir
+from fsdp4bit.checkpoint import fsync_dir, fsync_tree
 
 from .distributed import barrier
 from .lora import trainable_parameters
@@ -109,14 +109,6 @@ class Progress:
     optimizer_stepped: bool | None = None
 
 
-def _fsync_tree(path: Path) -> None:
-    for root, _, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as fh:
-                os.fsync(fh.fileno())
-        fsync_dir(root)
-
-
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     """(step, folder) of every complete checkpoint under ``root``, oldest first."""
     if not root.is_dir():
@@ -170,7 +162,7 @@ def save_checkpoint(
     barrier()
     if is_main:
         (tmp / PROGRESS_FILE).write_text(json.dumps({**progress.__dict__, "optimizer_stepped": stepped}))
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         replaced = _retire(final) if final.exists() else None
         os.rename(tmp, final)
         fsync_dir(root)
