@@ -132,8 +132,8 @@ class TrainConfig:
     """Measure held-out perplexity after training."""
     eval_every: int = 0
     """Also measure it every N steps (0 = never), before that step's checkpoint: metrics records with
-    ``"when": "step"``, drawn on the loss plot. Not at the last step when eval_after measures it, nor at a step a
-    stop signal ends (the grace period before SIGKILL is short)."""
+    ``"when": "step"``, drawn on the loss plot. Not at the last step when eval_after measures it; at a step a stop
+    signal ends, when the run resumes (the grace period before SIGKILL is short)."""
 
 
 @dataclass

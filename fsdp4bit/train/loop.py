@@ -175,13 +175,13 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
     metrics = MetricsLog(out_dir / "metrics.jsonl", info.is_main)
     fingerprint = dbg.base_fingerprint(peft_model) if info.debug else None
 
-    start_step = 0
+    start_step, eval_pending = 0, False
     found = complete_checkpoints(ckpt_root) if cfg.checkpoint.resume else []
     settings = resume_settings(cfg)
     if found:
         progress = load_checkpoint(found[-1][1], peft_model, optimizer, scheduler, settings)
         _resume_data(progress, batches, tcfg, info)
-        start_step = progress.step
+        start_step, eval_pending = progress.step, bool(progress.eval_pending)
         metrics.truncate_after(start_step)
         _say(info, f"resumed from {found[-1][1]} (step {start_step})")
     else:
@@ -198,6 +198,8 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
     if tcfg.eval_before and not found:
         ppl_before = held_out("before", 0)
         _say(info, f"held-out perplexity before finetuning: {ppl_before:.2f}")
+    if eval_pending:  # the stopped run skipped this step's evaluation to save in time
+        _say(info, f"step {start_step}: held-out perplexity {held_out('step', start_step):.2f}")
     elif found and info.is_main:
         before = [r for r in read_metrics(metrics.path) if r["event"] == "eval" and r["when"] == "before"]
         ppl_before = before[0]["ppl"] if before else None
@@ -278,8 +280,8 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
                     f"{tok_s:.0f} tok/s peak mem {mem:.0f} MB" + (" (update skipped)" if skipped else ""),
                 )
             done = step + 1 == tcfg.steps
-            due = tcfg.eval_every and (step + 1) % tcfg.eval_every == 0
-            if due and not stop_signal and not (done and tcfg.eval_after):
+            due = tcfg.eval_every and (step + 1) % tcfg.eval_every == 0 and not (done and tcfg.eval_after)
+            if due and not stop_signal:
                 _say(info, f"step {step + 1}: held-out perplexity {held_out('step', step + 1):.2f}")
             if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or done or stop_signal:
                 saved = save_checkpoint(
@@ -292,6 +294,7 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
                         list(batches.stream),
                         step_sequences,
                         len(train_seqs),
+                        eval_pending=bool(due and stop_signal),
                     ),
                     peft_model,
                     optimizer,

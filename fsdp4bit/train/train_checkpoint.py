@@ -96,8 +96,9 @@ class Progress:
     """Where training stands: optimizer steps done, micro-batches consumed, the world size that ran them, the
     settings a resumed run must keep (:data:`RESUME_SETTINGS`; None in checkpoints written before they were kept),
     the data stream position (epoch, offset), the sequences an optimizer step took, the training sequences there
-    were, and whether the optimizer had made an update (these four None in checkpoints written before they were
-    kept; :func:`save_checkpoint` fills the last)."""
+    were, whether the optimizer had made an update (:func:`save_checkpoint` fills it) and whether the step's held-out
+    evaluation is still to be made (a stop signal skipped it) (these five None in checkpoints written before they
+    were kept)."""
 
     step: int
     data_position: int
@@ -107,6 +108,7 @@ class Progress:
     step_sequences: int | None = None
     data_sequences: int | None = None
     optimizer_stepped: bool | None = None
+    eval_pending: bool | None = None
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
