@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerFast
 
 from fsdp4bit.train import embedded
 from fsdp4bit.train.config import DataConfig, from_dict
-from fsdp4bit.train.data import build_datasets, tokenize_files
+from fsdp4bit.train.data import build_datasets, sequences_of, tokenize_files
 
 REPO = Path(__file__).resolve().parents[1]
 CONVERTED = ("config.json", "model.safetensors", "tokenizer_config.json")  # what a converted folder holds
@@ -210,6 +210,31 @@ def test_jsonl_examples_train_only_their_completions(tmp_path: Path) -> None:
     train, _ = build_datasets(DataConfig([path], [], eval_fraction=0.0, seq_len=4), tok)
     assert train.shape == (4, 2, 4)  # 17 tokens: 4 sequences, the last token dropped
     assert train[:, 0].flatten().tolist() == want_ids[:16] and train[:, 1].flatten().tolist() == want_labels[:16]
+
+
+def test_without_packing_each_example_has_a_sequence_of_its_own(tmp_path: Path) -> None:
+    tok = _vocab_tokenizer()
+    ids = tok.convert_tokens_to_ids
+    text = tmp_path / "a.txt"
+    text.write_text("you say hi you say hi")
+    path = write_jsonl(
+        tmp_path / "sft.jsonl",
+        {"prompt": "say hi", "completion": "hello there"},
+        {"prompt": "say", "completion": "hi hi hi hi hi hi"},
+    )
+    with pytest.warns(UserWarning, match=r"^data\.train_files: 1 of 2 examples are longer than data\.seq_len=6 and"):
+        got = sequences_of([path, str(text)], tok, 6, packing=False)
+    eos = ids(["</s>"])
+    assert got.shape == (3, 2, 6)
+    assert got[0].tolist() == [
+        ids(["say", "hi", "hello", "there"]) + eos + eos,
+        [-100, -100, *ids(["hello", "there"]), *eos, -100],
+    ]
+    assert got[1].tolist() == [ids(["say"]) + ids(["hi"]) * 5, [-100] + ids(["hi"]) * 5]  # cut: its EOS is gone
+    assert got[2, 0].tolist() == ids(["you", "say", "hi", "you", "say", "hi"])  # text is packed (its EOS dropped)
+    assert got[2, 1].tolist() == got[2, 0].tolist()
+    packed = sequences_of([path, str(text)], tok, 6, packing=True)
+    assert packed.shape == (3, 2, 6) and packed[0, 0].tolist() == ids(["say", "hi", "hello", "there", "</s>", "say"])
 
 
 @pytest.mark.parametrize(

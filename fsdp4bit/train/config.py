@@ -91,6 +91,10 @@ class DataConfig:
     needs train.eval_before, train.eval_after and train.eval_every off."""
     seq_len: int = 128
     """Tokens per packed sequence."""
+    packing: bool = True
+    """Pack JSON Lines examples back to back into sequences (attention then crosses example boundaries inside a
+    sequence); false gives each example a sequence of its own, cut to seq_len and padded (no cross-example
+    attention, more padding). Text is packed either way."""
     eval_max_sequences: int = 96
     """At most this many held-out sequences are scored (0 = all), evenly spaced over the held-out text and split
     across ranks."""

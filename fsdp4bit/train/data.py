@@ -3,7 +3,8 @@
 A data file is plain text (every token trained) or, named ``*.jsonl``, one example per line: ``{"text": ...}``
 (every token trained), ``{"prompt": ..., "completion": ...}`` (the loss on the completion and the EOS after it:
 instruction tuning) or ``{"messages": [...]}`` (a chat rendered with the tokenizer's chat template, the loss on
-its last message, which must be the assistant's). Examples are packed one after another into sequences, as text is.
+its last message, which must be the assistant's). Examples are packed one after another into sequences, as text is,
+or with ``data.packing`` off each goes into a sequence of its own (padded), so none attends to another.
 A sequence is ``[2, seq_len]``: token ids, and labels (the id where the token is trained, else -100).
 
 The order of training sequences is a pure function of the seed: epoch ``e`` is a permutation drawn from a
@@ -16,6 +17,7 @@ saved in checkpoints, on any world size: a run resumed on other ranks goes on wh
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,17 @@ def tokenize_files(
     without text is a ValueError naming ``field`` (the tokenizer fails on an empty batch)."""
     ids: list[int] = []
     labels: list[int] = []
+    for got_ids, got_labels, _ in _segments(files, tokenizer, field):
+        ids += got_ids
+        labels += got_labels
+    return torch.tensor([ids, labels], dtype=torch.long)
+
+
+def _segments(
+    files: list[str], tokenizer: PreTrainedTokenizerBase, field: str
+) -> list[tuple[list[int], list[int], bool]]:
+    """(ids, labels, is an example) of each text file (one segment) and each JSON Lines example, in order."""
+    out = []
     for name in files:
         path = resolve_data_file(name)
         if path.suffix.lower() == ".json":
@@ -66,22 +79,46 @@ def tokenize_files(
         if path.suffix.lower() == ".jsonl":
             for line, example in _jsonl_examples(path, field):
                 try:
-                    got_ids, got_labels = tokenize_example(example, tokenizer)
+                    out.append((*tokenize_example(example, tokenizer), True))
                 except ValueError as err:
                     raise ValueError(f"{field}: {path} line {line}: {err}") from None
-                ids += got_ids
-                labels += got_labels
             continue
         paragraphs = [p + "\n\n" for p in read_text(path, field).split("\n\n") if p.strip()]
         if not paragraphs:
             raise ValueError(f"{field}: {path} holds no text (it is empty or only whitespace)")
-        start = len(ids)
-        for chunk in tokenizer(paragraphs, add_special_tokens=False)["input_ids"]:
-            ids.extend(chunk)
+        ids = [i for chunk in tokenizer(paragraphs, add_special_tokens=False)["input_ids"] for i in chunk]
         if tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
-        labels += ids[start:]
-    return torch.tensor([ids, labels], dtype=torch.long)
+        out.append((ids, list(ids), False))
+    return out
+
+
+def sequences_of(
+    files: list[str], tokenizer: PreTrainedTokenizerBase, seq_len: int, packing: bool, field: str = "data.train_files"
+) -> torch.Tensor:
+    """``[n, 2, seq_len]`` sequences of ``field``'s files: everything packed back to back (:func:`pack`), or with
+    ``packing`` off each JSON Lines example in a sequence of its own, cut to ``seq_len`` (with a warning saying how
+    many were) and padded on the right with the pad (else EOS) id labelled -100, so no example attends to another;
+    a text file is then packed on its own. Sequences keep the files' order (the held-out fraction is the last)."""
+    if packing:
+        return pack(tokenize_files(files, tokenizer, field), seq_len, field)
+    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    rows, cut, examples = [], 0, 0
+    for ids, labels, is_example in _segments(files, tokenizer, field):
+        if not is_example:
+            rows.extend(pack(torch.tensor([ids, labels]), seq_len, field).unbind(0))
+            continue
+        examples += 1
+        cut += len(ids) > seq_len
+        ids, labels = ids[:seq_len], labels[:seq_len]
+        fill = seq_len - len(ids)
+        rows.append(torch.tensor([ids + [pad] * fill, labels + [IGNORE] * fill], dtype=torch.long))
+    if cut:
+        warnings.warn(
+            f"{field}: {cut} of {examples} examples are longer than data.seq_len={seq_len} and were cut to it",
+            stacklevel=2,
+        )
+    return torch.stack(rows)
 
 
 def _jsonl_examples(path: Path, field: str) -> list[tuple[int, dict[str, Any]]]:
@@ -210,6 +247,7 @@ def _build_key(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple:
         st = path.stat()
         stats.append((str(path), st.st_size, st.st_mtime_ns))
     data = (tuple(cfg.train_files), tuple(cfg.eval_files), cfg.eval_fraction, cfg.seq_len, cfg.eval_max_sequences)
+    data += (cfg.packing,)
     return (*data, tokenizer.name_or_path, len(tokenizer), tuple(stats))
 
 
@@ -226,9 +264,9 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple
 def _build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[torch.Tensor, torch.Tensor]:
     """build_datasets without the kept result."""
     check_distinct(cfg)
-    train = pack(tokenize_files(cfg.train_files, tokenizer, "data.train_files"), cfg.seq_len, "data.train_files")
+    train = sequences_of(cfg.train_files, tokenizer, cfg.seq_len, cfg.packing, "data.train_files")
     if cfg.eval_files:
-        held_out = pack(tokenize_files(cfg.eval_files, tokenizer, "data.eval_files"), cfg.seq_len, "data.eval_files")
+        held_out = sequences_of(cfg.eval_files, tokenizer, cfg.seq_len, cfg.packing, "data.eval_files")
     else:
         train, held_out = _held_out_split(train, cfg)
     if cfg.eval_max_sequences and len(held_out) > cfg.eval_max_sequences:

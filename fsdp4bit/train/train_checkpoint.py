@@ -60,6 +60,7 @@ RESUME_SETTINGS = (
     "train.betas",
     "train.seed",
     "data.seq_len",
+    "data.packing",
 )
 
 
