@@ -238,15 +238,16 @@ def test_a_stopped_single_process_run_exits_with_the_signals_status(tmp_path: Pa
     scheduler reads as "terminated by SIGTERM". The stopped step's held-out evaluation (every step here), skipped to
     save in time, is made when the run resumes: the curve has no gap."""
     out = tmp_path / "single"
-    args = ["--set", "checkpoint.every=0", "--set", "train.eval_before=false", "--set", "train.eval_after=false"]
-    args += ["--set", "train.eval_every=1"]
+    args = ["--set", "checkpoint.every=0", "--set", "train.eval_after=false", "--set", "train.eval_every=1"]
     stopped = _run(args, out, torchrun=False, signal_when=_signal_after(out, 1, signal.SIGTERM))
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stdout[-4000:]
     step = _assert_stopped(stopped, out, "SIGTERM")
-    assert [r["step"] for r in metrics_records(out, "eval")] == list(range(1, step))
+    assert [r["step"] for r in metrics_records(out, "eval")] == list(range(step))  # 0: before training
     resumed = _run(args, out, torchrun=False)
     assert resumed.returncode == 0, resumed.stdout[-4000:]
-    assert [r["step"] for r in metrics_records(out, "eval")] == list(range(1, 9))
+    assert [r["step"] for r in metrics_records(out, "eval")] == list(range(9))
+    (summary,) = metrics_records(out, "summary")
+    assert summary["ppl_before"] == metrics_records(out, "eval")[0]["ppl"]  # the stopped run's, kept on resume
 
 
 def test_debug_mode_single_process(tmp_path: Path) -> None:

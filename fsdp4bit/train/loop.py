@@ -198,11 +198,11 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
     if tcfg.eval_before and not found:
         ppl_before = held_out("before", 0)
         _say(info, f"held-out perplexity before finetuning: {ppl_before:.2f}")
-    if eval_pending:  # the stopped run skipped this step's evaluation to save in time
-        _say(info, f"step {start_step}: held-out perplexity {held_out('step', start_step):.2f}")
     elif found and info.is_main:
         before = [r for r in read_metrics(metrics.path) if r["event"] == "eval" and r["when"] == "before"]
         ppl_before = before[0]["ppl"] if before else None
+    if eval_pending:  # the stopped run skipped this step's evaluation to save in time
+        _say(info, f"step {start_step}: held-out perplexity {held_out('step', start_step):.2f}")
 
     fsdp_root = model if isinstance(model, FSDPModule) else None
     step_sequences = tcfg.micro_batch_size * tcfg.grad_accum * info.world_size
