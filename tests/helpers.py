@@ -142,6 +142,23 @@ def repo_env(repo: Path) -> dict[str, str]:
     }
 
 
+def fail_renames(
+    monkeypatch: pytest.MonkeyPatch, prefixes: tuple[str, ...], error: BaseException, onto: str | None = None
+) -> Callable[[], None]:
+    """Make ``os.rename`` of a path whose name starts with one of ``prefixes`` (onto a path named ``onto``, if given)
+    raise ``error``, as a kill or a refused rename would; other renames run. Returns the undo."""
+    rename = os.rename
+
+    def failing(src, dst) -> None:
+        named = os.path.basename(os.fspath(src)).startswith(prefixes)
+        if named and (onto is None or os.path.basename(os.fspath(dst)) == onto):
+            raise error
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", failing)
+    return lambda: monkeypatch.setattr(os, "rename", rename)
+
+
 def write_jsonl(path: Path, *examples: object) -> str:
     """A JSON Lines data file at ``path``: each example a JSON object (dumped) or a raw line (str); returns the path."""
     path.write_text("".join((e if isinstance(e, str) else json.dumps(e)) + "\n" for e in examples))

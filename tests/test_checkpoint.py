@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from helpers import fail_renames
 
 import fsdp4bit.functional as F
 from fsdp4bit import checkpoint
@@ -49,17 +50,10 @@ def test_failed_save_keeps_the_old_checkpoint_and_leaves_nothing_behind(tmp_path
 def _save_with_failing_renames(model, path, monkeypatch, prefixes: tuple[str, ...], error: BaseException) -> None:
     """``checkpoint.save(model, path)`` where every rename onto ``path`` of a folder whose name starts with one of
     ``prefixes`` raises ``error``; the save raises it."""
-    rename, name = os.rename, os.path.basename(os.fspath(path).rstrip("/"))
-
-    def failing(src, dst):
-        if os.path.basename(src).startswith(prefixes) and os.path.basename(os.fspath(dst)) == name:
-            raise error
-        rename(src, dst)
-
-    monkeypatch.setattr(os, "rename", failing)
+    undo = fail_renames(monkeypatch, prefixes, error, onto=os.path.basename(os.fspath(path).rstrip("/")))
     with pytest.raises(type(error)):
         checkpoint.save(model, path)
-    monkeypatch.setattr(os, "rename", rename)
+    undo()
 
 
 def test_crash_between_the_renames_loses_nothing(tmp_path, monkeypatch):

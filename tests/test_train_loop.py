@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import metrics_records, repo_env, run_in_own_group, write_jsonl
+from helpers import fail_renames, metrics_records, repo_env, run_in_own_group, write_jsonl
 
 from fsdp4bit.train import train_checkpoint as tc
 from fsdp4bit.train.config import load_config
@@ -280,17 +280,10 @@ def test_adapter_save_interrupted_between_its_renames_keeps_the_old_adapter(
     set_b(1.0)
     save_adapter(model, out)
     set_b(2.0)
-    rename = os.rename
-
-    def crash_on_the_new_adapter(src, dst) -> None:
-        if Path(src).name.startswith(".adapter.tmp-"):
-            raise OSError("killed")
-        rename(src, dst)
-
-    monkeypatch.setattr(os, "rename", crash_on_the_new_adapter)
+    undo = fail_renames(monkeypatch, (".adapter.tmp-",), OSError("killed"))
     with pytest.raises(OSError, match="killed"):
         save_adapter(model, out)
-    monkeypatch.setattr(os, "rename", rename)
+    undo()
     assert torch.equal(saved_b(), torch.ones(4, 2))
     # what a kill between the two renames leaves: the old adapter aside, the new one complete beside it
     (leftover,) = tmp_path.glob(".adapter.tmp-*")  # the failed save's, cleared by the next one
