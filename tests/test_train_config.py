@@ -52,6 +52,7 @@ def test_wrong_type_names_the_field(data: dict, field: str) -> None:
     [
         ({"model": {"quant_type": "int4"}}, "model.quant_type"),
         ({"model": {"quant_storage": "int8"}}, "model.quant_storage"),
+        ({"model": {"attention": "flash_attention_2"}}, "model.attention"),
         ({"train": {"steps": 0}}, "train.steps"),
         ({"train": {"lr": -1.0}}, "train.lr"),
         ({"model": {"blocksize": 96}}, "model.blocksize"),
@@ -78,6 +79,14 @@ def test_wrong_type_names_the_field(data: dict, field: str) -> None:
 def test_bad_value_names_the_field(data: dict, field: str) -> None:
     with pytest.raises(ValueError, match=f"'{field}'"):
         from_dict(data)
+
+
+@pytest.mark.parametrize("attention", ["eager", "flex_attention"])
+def test_attention_setting_reaches_the_model(attention: str) -> None:
+    from fsdp4bit.train.model import build_model
+
+    cfg = load_config(REPO / "configs" / "cpu_tiny.toml", [f'model.attention="{attention}"'])
+    assert build_model(cfg.model).config._attn_implementation == attention
 
 
 def test_int_accepted_for_float() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_jsonl
+from helpers import skip_if_no_device, write_jsonl
 from safetensors import SafetensorError
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -205,11 +205,15 @@ def test_jsonl_examples_train_only_their_completions(tmp_path: Path) -> None:
     chat_prompt = ids(["user", ":", "say", "hi", "</s>", "assistant", ":"])
     answer = ids(["hello", "there", "</s>"])
     want_ids = prompt + answer + text + chat_prompt + answer
-    want_labels = [-100] * 2 + answer + text + [-100] * 7 + answer
-    assert got.tolist() == [want_ids, want_labels]
+    # a segment's first token is never trained: the text example's "you" would be predicted from the answer before
+    want_labels = [-100] * 2 + answer + [-100] + text[1:] + [-100] * 7 + answer
+    want_positions = [*range(5), *range(4), *range(10)]
+    assert got.tolist() == [want_ids, want_labels, want_positions]
     train, _ = build_datasets(DataConfig([path], [], eval_fraction=0.0, seq_len=4), tok)
-    assert train.shape == (4, 2, 4)  # 17 tokens: 4 sequences, the last token dropped
+    assert train.shape == (4, 3, 4)  # 19 tokens: 4 sequences, the last 3 tokens dropped
     assert train[:, 0].flatten().tolist() == want_ids[:16] and train[:, 1].flatten().tolist() == want_labels[:16]
+    # positions restart at each example and at each sequence (an example cut by it goes on from 0)
+    assert train[:, 2].tolist() == [[0, 1, 2, 3], [0, 0, 1, 2], [0, 0, 1, 2], [0, 1, 2, 3]]
 
 
 def test_without_packing_each_example_has_a_sequence_of_its_own(tmp_path: Path) -> None:
@@ -225,16 +229,62 @@ def test_without_packing_each_example_has_a_sequence_of_its_own(tmp_path: Path) 
     with pytest.warns(UserWarning, match=r"^data\.train_files: 1 of 2 examples are longer than data\.seq_len=6 and"):
         got = sequences_of([path, str(text)], tok, 6, packing=False)
     eos = ids(["</s>"])
-    assert got.shape == (3, 2, 6)
+    assert got.shape == (3, 3, 6)
     assert got[0].tolist() == [
         ids(["say", "hi", "hello", "there"]) + eos + eos,
         [-100, -100, *ids(["hello", "there"]), *eos, -100],
+        list(range(6)),  # the padding goes on counting: no second segment
     ]
-    assert got[1].tolist() == [ids(["say"]) + ids(["hi"]) * 5, [-100] + ids(["hi"]) * 5]  # cut: its EOS is gone
+    assert got[1].tolist() == [ids(["say"]) + ids(["hi"]) * 5, [-100] + ids(["hi"]) * 5, list(range(6))]  # cut
     assert got[2, 0].tolist() == ids(["you", "say", "hi", "you", "say", "hi"])  # text is packed (its EOS dropped)
-    assert got[2, 1].tolist() == got[2, 0].tolist()
+    assert got[2, 1].tolist() == [-100, *got[2, 0, 1:].tolist()] and got[2, 2].tolist() == list(range(6))
     packed = sequences_of([path, str(text)], tok, 6, packing=True)
-    assert packed.shape == (3, 2, 6) and packed[0, 0].tolist() == ids(["say", "hi", "hello", "there", "</s>", "say"])
+    assert packed.shape == (3, 3, 6) and packed[0, 0].tolist() == ids(["say", "hi", "hello", "there", "</s>", "say"])
+    assert packed[0, 2].tolist() == [0, 1, 2, 3, 4, 0]
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_examples_score_as_if_each_were_alone(tmp_path: Path, attention: str, device: str) -> None:
+    """Three examples packed into one sequence against each in a sequence of its own: the summed loss and every
+    trained token's count must agree, so no example sees another (attention across the boundaries, or the first
+    token of one predicted from the end of the one before, changes the packed loss)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fsdp4bit.train.data import trained_tokens
+    from fsdp4bit.train.loss import token_nll
+
+    skip_if_no_device(device)
+    tok = _vocab_tokenizer(chat=True)
+    chat = [{"role": "user", "content": "say hi"}, {"role": "assistant", "content": "hello there you"}]
+    path = write_jsonl(
+        tmp_path / "sft.jsonl",
+        {"prompt": "say hi you", "completion": "hello there"},
+        {"text": "you say hi there"},
+        {"messages": chat},
+    )
+    alone = sequences_of([path], tok, 16, packing=False)
+    length = tokenize_files([path], tok).shape[-1]
+    packed = sequences_of([path], tok, length, packing=True)
+    assert packed.shape == (1, 3, length) and trained_tokens(packed) == trained_tokens(alone) == 3 + 4 + 4
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        initializer_range=0.5,  # peaked attention: what a token attends to shows in the loss
+    )
+    config._attn_implementation = attention
+    model = LlamaForCausalLM(config).train().to(device)  # use_cache stays True: token_nll turns it off
+    packed, alone = packed.to(device), alone.to(device)
+    with torch.no_grad():
+        got = token_nll(model, packed)
+        want = token_nll(model, alone)
+        crossing = token_nll(model, packed[:, :2])  # positions counting on: one causal sequence
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(crossing, want, rtol=1e-2), (crossing, want)
 
 
 @pytest.mark.parametrize(

@@ -58,6 +58,10 @@ class ModelConfig:
     """Recompute each decoder block's activations in the backward (transformers' gradient checkpointing)."""
     compile: bool = False
     """``torch.compile`` each decoder block (per-block compilation, before sharding)."""
+    attention: str = "sdpa"
+    """Hugging Face attention implementation: sdpa, eager or flex_attention. Packed examples need a mask that keeps
+    them apart: sdpa then takes an explicit mask (no flash kernel), flex_attention a block mask that skips the
+    blocks between examples."""
 
 
 @dataclass
@@ -92,9 +96,9 @@ class DataConfig:
     seq_len: int = 128
     """Tokens per packed sequence."""
     packing: bool = True
-    """Pack JSON Lines examples back to back into sequences (attention then crosses example boundaries inside a
-    sequence); false gives each example a sequence of its own, cut to seq_len and padded (no cross-example
-    attention, more padding). Text is packed either way."""
+    """Pack JSON Lines examples back to back into sequences (position ids restart at each example, so none attends
+    to another); false gives each example a sequence of its own, cut to seq_len and padded (more padding, plain
+    causal attention). Text is packed either way."""
     eval_max_sequences: int = 96
     """At most this many held-out sequences are scored (0 = all), evenly spaced over the held-out text and split
     across ranks."""
@@ -214,6 +218,7 @@ _CHOICES = {
     "model.quant_type": ("nf4", "fp4"),
     "model.quant_storage": ("uint8", *DTYPES),
     "model.compute_dtype": ("", *DTYPES),
+    "model.attention": ("sdpa", "eager", "flex_attention"),
     "train.mixed_precision": ("", *DTYPES),
     "dist.backend": ("auto", "nccl", "gloo"),
     "dist.device": ("auto", "cuda", "cpu"),

@@ -4,8 +4,13 @@ A data file is plain text (every token trained) or, named ``*.jsonl``, one examp
 (every token trained), ``{"prompt": ..., "completion": ...}`` (the loss on the completion and the EOS after it:
 instruction tuning) or ``{"messages": [...]}`` (a chat rendered with the tokenizer's chat template, the loss on
 its last message, which must be the assistant's). Examples are packed one after another into sequences, as text is,
-or with ``data.packing`` off each goes into a sequence of its own (padded), so none attends to another.
-A sequence is ``[2, seq_len]``: token ids, and labels (the id where the token is trained, else -100).
+or with ``data.packing`` off each goes into a sequence of its own (padded).
+
+A sequence is ``[3, seq_len]``: token ids, labels (the id where the token is trained, else -100) and position ids.
+A segment (a text file, an example) starts at position 0, and so does every sequence. Hugging Face models read a
+restart of the positions as a packed-sequence boundary and mask attention across it (with no 2D attention mask and
+no KV cache), so a packed token attends to its own segment only, as if it were alone. A segment's first token is
+never trained: nothing of its own comes before it (the previous segment's last token would otherwise predict it).
 
 The order of training sequences is a pure function of the seed: epoch ``e`` is a permutation drawn from a
 generator seeded with ``seed + e``, and each micro-step takes the next ``micro_batch_size * world`` sequences of
@@ -56,21 +61,23 @@ def read_text(path: Path, field: str) -> str:
 def tokenize_files(
     files: list[str], tokenizer: PreTrainedTokenizerBase, field: str = "data.train_files"
 ) -> torch.Tensor:
-    """All files as one ``[2, L]`` int64 stream of token ids and labels. A text file's paragraphs are encoded
-    separately and the file ends with EOS; a ``.jsonl`` file's examples follow :func:`tokenize_example`. A file
-    without text is a ValueError naming ``field`` (the tokenizer fails on an empty batch)."""
-    ids: list[int] = []
-    labels: list[int] = []
-    for got_ids, got_labels, _ in _segments(files, tokenizer, field):
-        ids += got_ids
-        labels += got_labels
-    return torch.tensor([ids, labels], dtype=torch.long)
+    """All files as one ``[3, L]`` int64 stream of token ids, labels and each token's position in its segment (a
+    text file or an example; its first token untrained). A text file's paragraphs are encoded separately and the
+    file ends with EOS; a ``.jsonl`` file's examples follow :func:`tokenize_example`. A file without text is a
+    ValueError naming ``field`` (the tokenizer fails on an empty batch)."""
+    rows: list[list[int]] = [[], [], []]
+    for ids, labels, _ in _segments(files, tokenizer, field):
+        rows[0] += ids
+        rows[1] += labels
+        rows[2] += range(len(ids))
+    return torch.tensor(rows, dtype=torch.long)
 
 
 def _segments(
     files: list[str], tokenizer: PreTrainedTokenizerBase, field: str
 ) -> list[tuple[list[int], list[int], bool]]:
-    """(ids, labels, is an example) of each text file (one segment) and each JSON Lines example, in order."""
+    """(ids, labels, is an example) of each text file (one segment) and each JSON Lines example, in order; a
+    segment's first token is not trained."""
     out = []
     for name in files:
         path = resolve_data_file(name)
@@ -79,7 +86,8 @@ def _segments(
         if path.suffix.lower() == ".jsonl":
             for line, example in _jsonl_examples(path, field):
                 try:
-                    out.append((*tokenize_example(example, tokenizer), True))
+                    ids, labels = tokenize_example(example, tokenizer)
+                    out.append((ids, [IGNORE] * bool(labels) + labels[1:], True))
                 except ValueError as err:
                     raise ValueError(f"{field}: {path} line {line}: {err}") from None
             continue
@@ -89,30 +97,33 @@ def _segments(
         ids = [i for chunk in tokenizer(paragraphs, add_special_tokens=False)["input_ids"] for i in chunk]
         if tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
-        out.append((ids, list(ids), False))
+        out.append((ids, [IGNORE] + ids[1:], False))
     return out
 
 
 def sequences_of(
     files: list[str], tokenizer: PreTrainedTokenizerBase, seq_len: int, packing: bool, field: str = "data.train_files"
 ) -> torch.Tensor:
-    """``[n, 2, seq_len]`` sequences of ``field``'s files: everything packed back to back (:func:`pack`), or with
+    """``[n, 3, seq_len]`` sequences of ``field``'s files: everything packed back to back (:func:`pack`), or with
     ``packing`` off each JSON Lines example in a sequence of its own, cut to ``seq_len`` (with a warning saying how
-    many were) and padded on the right with the pad (else EOS) id labelled -100, so no example attends to another;
-    a text file is then packed on its own. Sequences keep the files' order (the held-out fraction is the last)."""
+    many were) and padded on the right with the pad (else EOS) id labelled -100 (the padding's positions go on
+    counting, so it is no boundary); a text file is then packed on its own. Sequences keep the files' order (the
+    held-out fraction is the last)."""
     if packing:
         return pack(tokenize_files(files, tokenizer, field), seq_len, field)
     pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
     rows, cut, examples = [], 0, 0
     for ids, labels, is_example in _segments(files, tokenizer, field):
         if not is_example:
-            rows.extend(pack(torch.tensor([ids, labels]), seq_len, field).unbind(0))
+            rows.extend(pack(torch.tensor([ids, labels, list(range(len(ids)))]), seq_len, field).unbind(0))
             continue
         examples += 1
         cut += len(ids) > seq_len
         ids, labels = ids[:seq_len], labels[:seq_len]
         fill = seq_len - len(ids)
-        rows.append(torch.tensor([ids + [pad] * fill, labels + [IGNORE] * fill], dtype=torch.long))
+        rows.append(
+            torch.tensor([ids + [pad] * fill, labels + [IGNORE] * fill, list(range(seq_len))], dtype=torch.long)
+        )
     if cut:
         warnings.warn(
             f"{field}: {cut} of {examples} examples are longer than data.seq_len={seq_len} and were cut to it",
@@ -199,15 +210,17 @@ def _chat_texts(messages: object, tokenizer: PreTrainedTokenizerBase) -> tuple[s
 
 
 def pack(tokens: torch.Tensor, seq_len: int, field: str = "data.train_files") -> torch.Tensor:
-    """``[n, 2, seq_len]`` sequences (ids, labels) cut from the ``[2, L]`` stream of ``field``'s files (the remainder
-    is dropped)."""
+    """``[n, 3, seq_len]`` sequences (ids, labels, positions) cut from the ``[3, L]`` stream of ``field``'s files
+    (the remainder is dropped). A segment cut by a sequence's start goes on from position 0 there."""
     n = tokens.shape[-1] // seq_len
     if n == 0:
         raise ValueError(
             f"{field} hold {tokens.shape[-1]} tokens, too few for one sequence of data.seq_len={seq_len}: add text "
             "or lower data.seq_len"
         )
-    return tokens[:, : n * seq_len].reshape(2, n, seq_len).transpose(0, 1).contiguous()
+    sequences = tokens[:, : n * seq_len].reshape(3, n, seq_len).transpose(0, 1).contiguous()
+    torch.minimum(sequences[:, 2], torch.arange(seq_len), out=sequences[:, 2])
+    return sequences
 
 
 def check_distinct(cfg: DataConfig) -> None:
@@ -252,7 +265,7 @@ def _build_key(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple:
 
 
 def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train sequences, held-out sequences), each ``[n, 2, seq_len]`` int64 (ids, labels). The last result is kept:
+    """(train sequences, held-out sequences), each ``[n, 3, seq_len]`` int64 (ids, labels, positions). The last result is kept:
     the command line builds them to check the data before the model is built, and the run takes the same tensors."""
     key = _build_key(cfg, tokenizer)
     if key not in _BUILT:
@@ -285,7 +298,7 @@ def _build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[torch.T
 
 
 def trained_tokens(sequences: torch.Tensor) -> int:
-    """How many next tokens of ``[n, 2, seq_len]`` sequences the loss counts (labels not -100 after the first)."""
+    """How many next tokens of ``[n, 3, seq_len]`` sequences the loss counts (labels not -100 after the first)."""
     return int((sequences[:, 1, 1:] != IGNORE).sum())
 
 

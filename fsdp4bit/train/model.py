@@ -120,7 +120,9 @@ def build_model(cfg: ModelConfig) -> PreTrainedModel:
             hf_config.layer_types = hf_config.layer_types[: hf_config.num_hidden_layers]
     hf_config.use_cache = False
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype_of(cfg.dtype))
+        model = AutoModelForCausalLM.from_config(
+            hf_config, dtype=dtype_of(cfg.dtype), attn_implementation=cfg.attention
+        )
     replace_linears(model, cfg)
     model.requires_grad_(False)
     return model
