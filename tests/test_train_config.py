@@ -89,6 +89,38 @@ def test_attention_setting_reaches_the_model(attention: str) -> None:
     assert build_model(cfg.model).config._attn_implementation == attention
 
 
+def test_attention_default_is_transformers_choice_and_a_refusal_names_the_field(tmp_path: Path) -> None:
+    """Gemma-2 has no sdpa attention: the empty default lets transformers pick (eager), as before the setting
+    existed; asking for sdpa is a ValueError naming model.attention."""
+    from transformers import AutoConfig
+
+    from fsdp4bit.train.model import build_model
+
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, head_dim=8)
+    AutoConfig.for_model("gemma2", vocab_size=97, num_key_value_heads=2, **sizes).save_pretrained(tmp_path)
+    cfg = load_config(REPO / "configs" / "cpu_tiny.toml", [f'model.path="{tmp_path}"'])
+    assert build_model(cfg.model).config._attn_implementation == "eager"
+    cfg.model.attention = "sdpa"
+    with pytest.raises(ValueError, match=r"^model\.attention='sdpa': .*Gemma2"):
+        build_model(cfg.model)
+
+
+def test_flex_attention_on_the_cpu_is_a_config_error() -> None:
+    proc = _cli(
+        [
+            "--config",
+            "configs/cpu_tiny.toml",
+            "--set",
+            'model.attention="flex_attention"',
+            "--set",
+            'dist.device="cpu"',
+        ],
+        REPO,
+    )
+    assert proc.returncode == 2
+    assert "config error: model.attention: flex_attention has no backward on the CPU" in proc.stderr
+
+
 def test_int_accepted_for_float() -> None:
     assert from_dict({"train": {"lr": 1}}).train.lr == 1.0
 

@@ -243,6 +243,14 @@ def test_without_packing_each_example_has_a_sequence_of_its_own(tmp_path: Path) 
     assert packed[0, 2].tolist() == [0, 1, 2, 3, 4, 0]
 
 
+def test_data_without_a_trained_token_is_refused(tmp_path: Path) -> None:
+    """One-token examples train nothing (a segment's first token is never trained): a config error, not a run whose
+    every step is skipped."""
+    path = write_jsonl(tmp_path / "one.jsonl", *[{"text": ""}] * 8)  # each example is its EOS alone
+    with pytest.raises(ValueError, match=r"^data\.train_files hold no trained token \(an example's first token"):
+        build_datasets(DataConfig([path], [], eval_fraction=0.0, seq_len=4), _vocab_tokenizer())
+
+
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_packed_examples_score_as_if_each_were_alone(tmp_path: Path, attention: str, device: str) -> None:

@@ -464,6 +464,61 @@ def test_a_step_without_trained_tokens_is_skipped(tmp_path: Path) -> None:
     assert "its batches hold no trained token" in proc.stdout
 
 
+@pytest.mark.parametrize(
+    ("family", "apart"),
+    [("llama", True), ("opt", False), ("bloom", False)],
+)
+def test_keeps_packed_segments_apart_tells_models_apart(family: str, apart: bool) -> None:
+    """Llama builds its causal mask from the position ids; OPT builds it without them and Bloom does not read them,
+    so their packed examples attend to each other whatever the positions say."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fsdp4bit.train.model import keeps_packed_segments_apart
+
+    sizes = {
+        "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+        "opt": dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32),
+        "bloom": dict(hidden_size=32, n_layer=2, n_head=4),
+    }[family]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, vocab_size=97, **sizes)).train()
+    assert keeps_packed_segments_apart(model, torch.device("cpu")) is apart
+    assert model.training  # put back as it was
+
+
+_PROBE_RUN = """
+import sys
+from fsdp4bit.train import loop
+from fsdp4bit.train.config import load_config
+
+def probe(model, device):
+    if sys.argv[2] == "refuse":
+        return False
+    raise AssertionError("probed a model though no sequence holds a packed boundary")
+
+loop.keeps_packed_segments_apart = probe
+loop.run(load_config(sys.argv[1], sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_packed_examples_need_a_model_that_keeps_them_apart(tmp_path: Path, packing: bool) -> None:
+    """A model that lets packed examples see each other is refused before training, naming data.packing; unpacked
+    examples never ask (each has a sequence of its own, so there is no boundary to keep)."""
+    data = _instruction_file(tmp_path / "sft.jsonl")
+    sets = [f'output.dir="{tmp_path / "run"}"', f'data.train_files=["{data}"]', "data.eval_files=[]"]
+    sets += ["train.steps=1", "checkpoint.every=0", "train.eval_before=false", "train.eval_after=false"]
+    sets += [f"data.packing={str(packing).lower()}"]
+    proc = _run_python(["-c", _PROBE_RUN, str(CONFIG), "refuse" if packing else "never", *sets])
+    if packing:
+        assert proc.returncode != 0
+        assert "ValueError: data.packing: the llama model does not keep packed examples apart" in proc.stdout
+        assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before anything was logged
+    else:
+        assert proc.returncode == 0, proc.stdout[-4000:]
+        assert len(metrics_records(tmp_path / "run", "train")) == 1
+
+
 def _instruction_file(path: Path) -> str:
     """Prompt/completion examples whose prompts differ in length, so packed sequences hold different numbers of
     trained tokens."""

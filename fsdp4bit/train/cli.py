@@ -33,8 +33,10 @@ def check_inputs(cfg: Config) -> None:
     """Config errors naming the field, before a process group or the model is set up (exit code 2): a data file or
     model folder that does not exist, an embedded model that cannot be converted into ``model.cache_dir``, data files
     that are not UTF-8, hold no text, are listed twice, hold a malformed JSON Lines example (named by its line) or no
-    trained token, or give fewer sequences than one global micro-batch. The
+    trained token, or give fewer sequences than one global micro-batch, and flex attention on the CPU. The
     datasets built here are kept, and the run takes them (``data.build_datasets``)."""
+    import torch
+
     from .data import RankBatches, build_datasets, resolve_data_file
     from .distributed import launched_by_launcher
     from .model import load_tokenizer, resolve_model_path
@@ -45,6 +47,11 @@ def check_inputs(cfg: Config) -> None:
                 resolve_data_file(name)
             except FileNotFoundError as err:
                 raise FileNotFoundError(f"data.{field}: {err}") from None
+    on_cpu = cfg.dist.device == "cpu" or (cfg.dist.device == "auto" and not torch.cuda.is_available())
+    if cfg.model.attention == "flex_attention" and on_cpu:
+        raise ValueError(
+            "model.attention: flex_attention has no backward on the CPU in torch; use sdpa or eager (or run on CUDA)"
+        )
     resolve_model_path(cfg.model)  # converts the embedded model on first use
     train, _ = build_datasets(cfg.data, load_tokenizer(cfg.model))
     world = int(os.environ["WORLD_SIZE"]) if launched_by_launcher() else 1

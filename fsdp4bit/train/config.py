@@ -58,10 +58,11 @@ class ModelConfig:
     """Recompute each decoder block's activations in the backward (transformers' gradient checkpointing)."""
     compile: bool = False
     """``torch.compile`` each decoder block (per-block compilation, before sharding)."""
-    attention: str = "sdpa"
-    """Hugging Face attention implementation: sdpa, eager or flex_attention. Packed examples need a mask that keeps
-    them apart: sdpa then takes an explicit mask (no flash kernel), flex_attention a block mask that skips the
-    blocks between examples."""
+    attention: str = ""
+    """Hugging Face attention implementation: empty = transformers' choice for the model (sdpa where it supports
+    it), or sdpa, eager, flex_attention (CUDA only: torch has no flex attention backward on the CPU). Packed
+    examples need a mask that keeps them apart: sdpa then takes an explicit mask (no flash kernel), flex_attention a
+    block mask that skips the blocks between examples."""
 
 
 @dataclass
@@ -218,7 +219,7 @@ _CHOICES = {
     "model.quant_type": ("nf4", "fp4"),
     "model.quant_storage": ("uint8", *DTYPES),
     "model.compute_dtype": ("", *DTYPES),
-    "model.attention": ("sdpa", "eager", "flex_attention"),
+    "model.attention": ("", "sdpa", "eager", "flex_attention"),
     "train.mixed_precision": ("", *DTYPES),
     "dist.backend": ("auto", "nccl", "gloo"),
     "dist.device": ("auto", "cuda", "cpu"),

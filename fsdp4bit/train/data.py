@@ -1,7 +1,7 @@
 """Training data: tokenise, pack into fixed-length sequences, and hand each rank its own micro-batches.
 
-A data file is plain text (every token trained) or, named ``*.jsonl``, one example per line: ``{"text": ...}``
-(every token trained), ``{"prompt": ..., "completion": ...}`` (the loss on the completion and the EOS after it:
+A data file is plain text (every token trained but its first) or, named ``*.jsonl``, one example per line:
+``{"text": ...}`` (every token trained but the first), ``{"prompt": ..., "completion": ...}`` (the loss on the completion and the EOS after it:
 instruction tuning) or ``{"messages": [...]}`` (a chat rendered with the tokenizer's chat template, the loss on
 its last message, which must be the assistant's). Examples are packed one after another into sequences, as text is,
 or with ``data.packing`` off each goes into a sequence of its own (padded).
@@ -153,7 +153,8 @@ def _jsonl_examples(path: Path, field: str) -> list[tuple[int, dict[str, Any]]]:
 
 
 def tokenize_example(example: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
-    """(ids, labels) of one JSON Lines example: ``text`` trains every token and ends with EOS; ``prompt`` and
+    """(ids, labels) of one JSON Lines example (before its first token is untrained: :func:`_segments`): ``text``
+    trains every token and ends with EOS; ``prompt`` and
     ``completion`` (tokenised separately, so the boundary is exact) train the completion and the EOS after it;
     ``messages`` are rendered with the tokenizer's chat template and train what the last (assistant) message adds
     to the rendering of the ones before it (its end-of-turn tokens included; the template supplies them, so no EOS
@@ -291,10 +292,15 @@ def _build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[torch.T
     for name, sequences in (("data.train_files", train), (held_out_field, held_out)):
         if len(sequences) and not trained_tokens(sequences):
             raise ValueError(
-                f"{name} hold no trained token after the first of a sequence (each sequence is all prompt, e.g. "
-                "prompts longer than data.seq_len): nothing to learn or score"
+                f"{name} hold no trained token (an example's first token is never trained: each example is all "
+                "prompt or a single token, or prompts are longer than data.seq_len): nothing to learn or score"
             )
     return train, held_out
+
+
+def holds_boundaries(sequences: torch.Tensor) -> bool:
+    """Whether a segment starts inside any of ``[n, 3, seq_len]`` sequences (a position 0 after the first token)."""
+    return bool((sequences[:, 2, 1:] == 0).any())
 
 
 def trained_tokens(sequences: torch.Tensor) -> int:

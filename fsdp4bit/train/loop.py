@@ -19,14 +19,23 @@ from tqdm import tqdm
 
 from . import debug as dbg
 from .config import Config, to_toml
-from .data import RankBatches, build_datasets, stream_of, trained_tokens
+from .data import RankBatches, build_datasets, holds_boundaries, stream_of, trained_tokens
 from .distributed import DistInfo, setup, teardown
 from .embedded import ensure_embedded_model
 from .evaluate import perplexity
 from .lora import AdapterInit, attach_lora, save_adapter, trainable_parameters
 from .loss import global_count, token_nll
 from .metrics import MetricsLog, current_memory_mb, gather_floats, peak_memory_mb, read_metrics, write_atomically
-from .model import build_model, count_4bit, decoder_blocks, dtype_of, load_blocks, load_tokenizer, shard
+from .model import (
+    build_model,
+    count_4bit,
+    decoder_blocks,
+    dtype_of,
+    keeps_packed_segments_apart,
+    load_blocks,
+    load_tokenizer,
+    shard,
+)
 from .optim import build_optimizer
 from .plot import plot_loss
 from .preemption import StopSignals, reduce_loss_and_stop
@@ -170,6 +179,13 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
         f"{len(train_seqs)} train / {len(eval_seqs)} held-out sequences of {cfg.data.seq_len} tokens; "
         f"peak memory per rank after loading (MB): {[round(p, 1) for p in load_peak]}",
     )
+    packed = holds_boundaries(train_seqs) or holds_boundaries(eval_seqs)
+    if packed and not keeps_packed_segments_apart(peft_model, info.device):
+        raise ValueError(
+            f"data.packing: the {model.config.model_type} model does not keep packed examples apart (its attention ignores "
+            "position ids that restart at each example), so they would attend to each other; set data.packing = false to "
+            "give each example a sequence of its own"
+        )
     optimizer, scheduler = build_optimizer(params, tcfg)
     batches = RankBatches(train_seqs, tcfg.micro_batch_size, info.rank, info.world_size, tcfg.seed)
     metrics = MetricsLog(out_dir / "metrics.jsonl", info.is_main)

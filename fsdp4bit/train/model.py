@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from accelerate import init_empty_weights
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -120,9 +121,13 @@ def build_model(cfg: ModelConfig) -> PreTrainedModel:
             hf_config.layer_types = hf_config.layer_types[: hf_config.num_hidden_layers]
     hf_config.use_cache = False
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(
-            hf_config, dtype=dtype_of(cfg.dtype), attn_implementation=cfg.attention
-        )
+        attention = {"attn_implementation": cfg.attention} if cfg.attention else {}
+        try:
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype_of(cfg.dtype), **attention)
+        except (ValueError, ImportError) as err:
+            if not cfg.attention:
+                raise
+            raise ValueError(f"model.attention={cfg.attention!r}: {err}") from None
     replace_linears(model, cfg)
     model.requires_grad_(False)
     return model
@@ -173,6 +178,32 @@ def load_blocks(
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     check_loaded(model, "")
     finish(model)
+
+
+@torch.no_grad()
+def keeps_packed_segments_apart(model: nn.Module, device: torch.device, length: int = 16) -> bool:
+    """Whether ``model`` keeps packed segments apart when their position ids restart (collective under FSDP: every
+    rank runs the same forward, and the answer is every rank's). Not every Hugging Face model does: some build
+    their causal mask without the position ids, some do not read them, and recurrent layers carry state across.
+
+    One forward of three rows over random ids: segment B after segment A with restarting positions, B alone at the
+    start, and B after A with positions counting on. B's logits after A must match B's alone far more closely than
+    those of the crossing row do."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randint(model.config.vocab_size, (2, length), generator=gen)
+    restart, counting = torch.arange(length).repeat(2), torch.arange(2 * length)
+    ids = torch.stack([torch.cat([a, b]), torch.cat([b, a]), torch.cat([a, b])]).to(device)
+    positions = torch.stack([restart, counting, counting]).to(device)
+    was_training = model.training
+    model.eval()
+    logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits.float()
+    model.train(was_training)
+    alone = logits[1, :length]
+    packed, crossing = (logits[0, length:] - alone).abs().max(), (logits[2, length:] - alone).abs().max()
+    apart = torch.tensor(int(packed <= 0.25 * crossing), device=device)
+    if dist.is_initialized():
+        dist.all_reduce(apart, op=dist.ReduceOp.MIN)
+    return bool(apart)
 
 
 def count_4bit(model: nn.Module) -> tuple[int, int]:
