@@ -1,10 +1,11 @@
 """Training data: tokenise, pack into fixed-length sequences, and hand each rank its own micro-batches.
 
 A data file is plain text (every token trained but its first) or, named ``*.jsonl``, one example per line:
-``{"text": ...}`` (every token trained but the first), ``{"prompt": ..., "completion": ...}`` (the loss on the completion and the EOS after it:
-instruction tuning) or ``{"messages": [...]}`` (a chat rendered with the tokenizer's chat template, the loss on
-its last message, which must be the assistant's). Examples are packed one after another into sequences, as text is,
-or with ``data.packing`` off each goes into a sequence of its own (padded).
+``{"text": ...}`` (every token trained but the first), ``{"prompt": ..., "completion": ...}`` (the loss on the
+completion and the EOS after it: instruction tuning) or ``{"messages": [...]}`` (a chat rendered with the
+tokenizer's chat template, the loss on its last message, which must be the assistant's). Examples are packed one
+after another into sequences, as text is, or with ``data.packing`` off each goes into a sequence of its own
+(padded).
 
 A sequence is ``[3, seq_len]``: token ids, labels (the id where the token is trained, else -100) and position ids.
 A segment (a text file, an example) starts at position 0, and so does every sequence. Hugging Face models read a
@@ -266,8 +267,9 @@ def _build_key(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple:
 
 
 def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train sequences, held-out sequences), each ``[n, 3, seq_len]`` int64 (ids, labels, positions). The last result is kept:
-    the command line builds them to check the data before the model is built, and the run takes the same tensors."""
+    """(train sequences, held-out sequences), each ``[n, 3, seq_len]`` int64 (ids, labels, positions). The last
+    result is kept: the command line builds them to check the data before the model is built, and the run takes the
+    same tensors."""
     key = _build_key(cfg, tokenizer)
     if key not in _BUILT:
         _BUILT.clear()

@@ -182,9 +182,9 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
     packed = holds_boundaries(train_seqs) or holds_boundaries(eval_seqs)
     if packed and not keeps_packed_segments_apart(peft_model, info.device):
         raise ValueError(
-            f"data.packing: the {model.config.model_type} model does not keep packed examples apart (its attention ignores "
-            "position ids that restart at each example), so they would attend to each other; set data.packing = false to "
-            "give each example a sequence of its own"
+            f"data.packing: the {model.config.model_type} model does not keep packed examples apart (its attention "
+            "ignores position ids that restart at each example), so they would attend to each other; set "
+            "data.packing = false to give each example a sequence of its own"
         )
     optimizer, scheduler = build_optimizer(params, tcfg)
     batches = RankBatches(train_seqs, tcfg.micro_batch_size, info.rank, info.world_size, tcfg.seed)
