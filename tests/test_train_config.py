@@ -251,7 +251,8 @@ def test_resume_on_another_world_size_goes_on_where_the_data_stopped() -> None:
 
 def test_resume_reads_old_checkpoints_data_position(capsys: pytest.CaptureFixture) -> None:
     """A checkpoint written before the stream position was kept (micro-steps at its batch size and world size)
-    resumes at the same place on another world size, and the run says that a step now takes other sequences."""
+    resumes at the same place on another world size, and the run says that a step now takes other sequences (and,
+    for packed examples, that they are now kept apart)."""
     import torch
 
     from fsdp4bit.train.data import RankBatches
@@ -278,6 +279,11 @@ def test_resume_reads_old_checkpoints_data_position(capsys: pytest.CaptureFixtur
     assert "warning: the training data now packs into 40 sequences, the checkpoint's run had 41" in (
         capsys.readouterr().out
     )
+    _resume_data(progress, batches, cfg.train, DistInfo(0, 3, 0, torch.device("cpu"), None, True, False), True)
+    assert "warning: the checkpoint's run let packed examples attend to each other" in capsys.readouterr().out
+    progress.segments_apart = True  # written since: nothing changed for its examples
+    _resume_data(progress, batches, cfg.train, DistInfo(0, 3, 0, torch.device("cpu"), None, True, False), True)
+    assert "attend to each other" not in capsys.readouterr().out
     with pytest.raises(ValueError, match="^the checkpoint's run took 6 sequences per micro-step .* now packs into 5:"):
         _resume_data(
             progress,

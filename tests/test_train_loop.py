@@ -117,6 +117,7 @@ def test_non_finite_step_is_skipped_and_training_goes_on(nan_run: Path, tmp_path
     cfg = load_config(CONFIG, ["train.steps=4"]).train
     assert [r["lr"] for r in records] == pytest.approx([cfg.lr * lr_factor(s, cfg) for s in range(4)], rel=1e-12)
     ckpts = nan_run / "checkpoints"
+    assert json.loads((ckpts / "step-00000001" / tc.PROGRESS_FILE).read_text())["segments_apart"] is True
     after_1 = _load_dcp(ckpts / "step-00000001", tmp_path)
     after_2 = _load_dcp(ckpts / "step-00000002", tmp_path)
     after_3 = _load_dcp(ckpts / "step-00000003", tmp_path)

@@ -98,10 +98,11 @@ def _check_run_folder(cfg: Config, ckpt_root: Path) -> None:
         check_resumable(found[-1][1], resume_settings(cfg))
 
 
-def _resume_data(progress: Progress, batches: RankBatches, tcfg: Any, info: DistInfo) -> None:
+def _resume_data(progress: Progress, batches: RankBatches, tcfg: Any, info: DistInfo, packed: bool = False) -> None:
     """Move ``batches`` to where the checkpoint's run stopped in the data (its stream position, or for checkpoints
     written before that was kept, its micro-step count at its batch size and world size); say so where an optimizer
-    step now takes another number of sequences (another world size, micro-batch size or accumulation)."""
+    step now takes another number of sequences (another world size, micro-batch size or accumulation), and where
+    the ``packed`` examples of a checkpoint written before they were kept apart are now trained apart."""
     saved = progress.settings or {}
     micro = saved.get("train.micro_batch_size", tcfg.micro_batch_size)
     accum = saved.get("train.grad_accum", tcfg.grad_accum)
@@ -114,6 +115,12 @@ def _resume_data(progress: Progress, batches: RankBatches, tcfg: Any, info: Dist
             info,
             f"warning: the training data now packs into {len(batches.sequences)} sequences, the checkpoint's run had "
             f"{progress.data_sequences} (a data file changed): each epoch's order differs from the stopped run's",
+        )
+    if packed and progress.segments_apart is None:
+        _say(
+            info,
+            "warning: the checkpoint's run let packed examples attend to each other and trained their first tokens "
+            "(it was written before examples were kept apart); this run keeps them apart from here on",
         )
     was = progress.step_sequences or micro * accum * progress.world_size
     now = tcfg.micro_batch_size * tcfg.grad_accum * info.world_size
@@ -196,7 +203,7 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
     settings = resume_settings(cfg)
     if found:
         progress = load_checkpoint(found[-1][1], peft_model, optimizer, scheduler, settings)
-        _resume_data(progress, batches, tcfg, info)
+        _resume_data(progress, batches, tcfg, info, packed)
         start_step, eval_pending = progress.step, bool(progress.eval_pending)
         metrics.truncate_after(start_step)
         _say(info, f"resumed from {found[-1][1]} (step {start_step})")
@@ -311,6 +318,7 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
                         step_sequences,
                         len(train_seqs),
                         eval_pending=bool(due and stop_signal),
+                        segments_apart=True,
                     ),
                     peft_model,
                     optimizer,

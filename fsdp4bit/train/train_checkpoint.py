@@ -97,9 +97,9 @@ class Progress:
     """Where training stands: optimizer steps done, micro-batches consumed, the world size that ran them, the
     settings a resumed run must keep (:data:`RESUME_SETTINGS`; None in checkpoints written before they were kept),
     the data stream position (epoch, offset), the sequences an optimizer step took, the training sequences there
-    were, whether the optimizer had made an update (:func:`save_checkpoint` fills it) and whether the step's held-out
-    evaluation is still to be made (a stop signal skipped it) (these five None in checkpoints written before they
-    were kept)."""
+    were, whether the optimizer had made an update (:func:`save_checkpoint` fills it), whether the step's held-out
+    evaluation is still to be made (a stop signal skipped it) and whether packed examples were kept apart (position
+    ids restarting at each, first tokens untrained) (these six None in checkpoints written before they were kept)."""
 
     step: int
     data_position: int
@@ -110,6 +110,7 @@ class Progress:
     data_sequences: int | None = None
     optimizer_stepped: bool | None = None
     eval_pending: bool | None = None
+    segments_apart: bool | None = None
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
