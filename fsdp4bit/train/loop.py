@@ -186,12 +186,14 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
         f"{len(train_seqs)} train / {len(eval_seqs)} held-out sequences of {cfg.data.seq_len} tokens; "
         f"peak memory per rank after loading (MB): {[round(p, 1) for p in load_peak]}",
     )
-    packed = holds_boundaries(train_seqs) or holds_boundaries(eval_seqs)
-    if packed and not keeps_packed_segments_apart(peft_model, info.device):
+    packed = holds_boundaries(train_seqs)
+    if (packed or holds_boundaries(eval_seqs)) and not keeps_packed_segments_apart(
+        peft_model, train_seqs[0, 0], info.device
+    ):
         raise ValueError(
-            f"data.packing: the {model.config.model_type} model does not keep packed examples apart (its attention "
-            "ignores position ids that restart at each example), so they would attend to each other; set "
-            "data.packing = false to give each example a sequence of its own"
+            f"data.packing: the {model.config.model_type} model does not keep packed examples apart (it ignores "
+            "position ids that restart at each example: its attention mask or recurrent state crosses them), so "
+            "they would see each other; set data.packing = false to give each example a sequence of its own"
         )
     optimizer, scheduler = build_optimizer(params, tcfg)
     batches = RankBatches(train_seqs, tcfg.micro_batch_size, info.rank, info.world_size, tcfg.seed)

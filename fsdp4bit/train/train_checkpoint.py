@@ -10,6 +10,7 @@ saving, because every step reseeds from (seed, step, rank).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -199,7 +200,9 @@ def load_checkpoint(
 ) -> Progress:
     """Restore adapters, optimizer and schedule in place from ``path``, after checking that the run's ``settings``
     (:func:`resume_settings`) are the checkpoint's; returns the saved progress (collective)."""
-    progress = Progress(**json.loads((path / PROGRESS_FILE).read_text()))
+    saved = json.loads((path / PROGRESS_FILE).read_text())
+    known = {f.name for f in dataclasses.fields(Progress)}  # a newer version's fields are not this one's to read
+    progress = Progress(**{key: value for key, value in saved.items() if key in known})
     check_resume_settings(progress.settings, settings, path)
     state = _state(model, optimizer, scheduler)
     dcp.load(state, checkpoint_id=path)
