@@ -290,7 +290,8 @@ def test_packed_examples_score_as_if_each_were_alone(tmp_path: Path, attention: 
     with torch.no_grad():
         got = token_nll(model, packed)
         want = token_nll(model, alone)
-        crossing = token_nll(model, packed[:, :2])  # positions counting on: one causal sequence
+        counting = torch.stack([packed[:, 0], packed[:, 1], torch.arange(length, device=device).expand(1, -1)], 1)
+        crossing = token_nll(model, counting)  # positions counting on: one causal sequence
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(crossing, want, rtol=1e-2), (crossing, want)
 

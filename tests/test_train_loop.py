@@ -442,7 +442,7 @@ def test_token_nll_is_hugging_faces_loss_on_trained_tokens() -> None:
     labels[0, :5] = -100  # a prompt, then its completion
     labels[1, 3:9] = -100  # a completion's end, a prompt, the next completion
     labels[2, 1:] = -100  # nothing trained after the first token
-    batch = torch.stack([ids, labels], dim=1)
+    batch = torch.stack([ids, labels, torch.arange(12).expand(3, -1)], dim=1)
     with torch.no_grad():
         want = model(input_ids=ids, labels=labels).loss
         got = token_nll(model, batch) / trained_tokens(batch)

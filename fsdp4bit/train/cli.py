@@ -35,10 +35,8 @@ def check_inputs(cfg: Config) -> None:
     that are not UTF-8, hold no text, are listed twice, hold a malformed JSON Lines example (named by its line) or no
     trained token, or give fewer sequences than one global micro-batch, and flex attention on the CPU. The
     datasets built here are kept, and the run takes them (``data.build_datasets``)."""
-    import torch
-
     from .data import RankBatches, build_datasets, resolve_data_file
-    from .distributed import launched_by_launcher
+    from .distributed import device_type, launched_by_launcher
     from .model import load_tokenizer, resolve_model_path
 
     for field in ("train_files", "eval_files"):
@@ -47,8 +45,7 @@ def check_inputs(cfg: Config) -> None:
                 resolve_data_file(name)
             except FileNotFoundError as err:
                 raise FileNotFoundError(f"data.{field}: {err}") from None
-    on_cpu = cfg.dist.device == "cpu" or (cfg.dist.device == "auto" and not torch.cuda.is_available())
-    if cfg.model.attention == "flex_attention" and on_cpu:
+    if cfg.model.attention == "flex_attention" and device_type(cfg.dist.device) == "cpu":
         raise ValueError(
             "model.attention: flex_attention has no backward on the CPU in torch; use sdpa or eager (or run on CUDA)"
         )

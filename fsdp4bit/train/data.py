@@ -66,8 +66,13 @@ def tokenize_files(
     text file or an example; its first token untrained). A text file's paragraphs are encoded separately and the
     file ends with EOS; a ``.jsonl`` file's examples follow :func:`tokenize_example`. A file without text is a
     ValueError naming ``field`` (the tokenizer fails on an empty batch)."""
+    return _stream(_segments(files, tokenizer, field))
+
+
+def _stream(segments: list[tuple[list[int], list[int], bool]]) -> torch.Tensor:
+    """The ``[3, L]`` int64 stream of ``segments`` (ids, labels, position in the segment), one after another."""
     rows: list[list[int]] = [[], [], []]
-    for ids, labels, _ in _segments(files, tokenizer, field):
+    for ids, labels, _ in segments:
         rows[0] += ids
         rows[1] += labels
         rows[2] += range(len(ids))
@@ -87,8 +92,7 @@ def _segments(
         if path.suffix.lower() == ".jsonl":
             for line, example in _jsonl_examples(path, field):
                 try:
-                    ids, labels = tokenize_example(example, tokenizer)
-                    out.append((ids, [IGNORE] * bool(labels) + labels[1:], True))
+                    out.append((*tokenize_example(example, tokenizer), True))
                 except ValueError as err:
                     raise ValueError(f"{field}: {path} line {line}: {err}") from None
             continue
@@ -98,8 +102,8 @@ def _segments(
         ids = [i for chunk in tokenizer(paragraphs, add_special_tokens=False)["input_ids"] for i in chunk]
         if tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
-        out.append((ids, [IGNORE] + ids[1:], False))
-    return out
+        out.append((ids, list(ids), False))
+    return [(ids, [IGNORE] * bool(labels) + labels[1:], is_example) for ids, labels, is_example in out]
 
 
 def sequences_of(
@@ -116,7 +120,7 @@ def sequences_of(
     rows, cut, examples = [], 0, 0
     for ids, labels, is_example in _segments(files, tokenizer, field):
         if not is_example:
-            rows.extend(pack(torch.tensor([ids, labels, list(range(len(ids)))]), seq_len, field).unbind(0))
+            rows.extend(pack(_stream([(ids, labels, is_example)]), seq_len, field).unbind(0))
             continue
         examples += 1
         cut += len(ids) > seq_len

@@ -47,6 +47,13 @@ def launched_by_launcher() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
+def device_type(setting: str) -> str:
+    """The device type ``dist.device`` names: ``auto`` is cuda where CUDA is available, else cpu."""
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return setting
+
+
 def setup(cfg: Config) -> DistInfo:
     """Initialise the process group (always with a timeout) and a 1-D device mesh over all ranks."""
     launched = launched_by_launcher()
@@ -57,9 +64,7 @@ def setup(cfg: Config) -> DistInfo:
     world_size = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
 
-    want = cfg.dist.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
+    want = device_type(cfg.dist.device)
     if want == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("dist.device = 'cuda' but CUDA is not available")
