@@ -4,6 +4,7 @@ naming the config field, before the model is built."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
@@ -20,7 +21,7 @@ from transformers import PreTrainedTokenizerFast
 
 from fsdp4bit.train import embedded
 from fsdp4bit.train.config import DataConfig, from_dict
-from fsdp4bit.train.data import build_datasets, sequences_of, tokenize_files
+from fsdp4bit.train.data import build_datasets, sequences_of, templates_render_today_as, tokenize_files
 
 REPO = Path(__file__).resolve().parents[1]
 CONVERTED = ("config.json", "model.safetensors", "tokenizer_config.json")  # what a converted folder holds
@@ -178,7 +179,7 @@ _CHAT = (
 
 def _vocab_tokenizer(chat: bool = True) -> PreTrainedTokenizerFast:
     """A word-level tokenizer that knows the test's words (one id each), with a small chat template."""
-    words = ["say", "hi", "hello", "there", "you", "user", "assistant", ":"]
+    words = ["say", "hi", "hello", "there", "you", "user", "assistant", ":", "today", "29", "Feb", "01", "Mar", "2024"]
     model = Tokenizer(
         models.WordLevel(vocab={"[UNK]": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}, unk_token="[UNK]")
     )
@@ -338,6 +339,54 @@ def test_chat_examples_need_a_chat_template(tmp_path: Path) -> None:
         tokenize_files([path], _vocab_tokenizer(chat=False))
     with pytest.raises(ValueError, match=r"^data\.eval_files: .*empty\.jsonl holds no examples"):
         tokenize_files([write_jsonl(tmp_path / "empty.jsonl", "", " ")], _vocab_tokenizer(), "data.eval_files")
+
+
+# Llama 3's templates write the day into every prompt ("Today Date: 26 Jul 2024"), read with strftime_now
+_DATED_CHAT = "today {{ strftime_now('%d %b %Y') }} </s> " + _CHAT
+
+
+def test_chat_templates_render_the_runs_day(tmp_path: Path) -> None:
+    """A template reading the clock made the same data other tokens on another day: a resume, or a rank started after
+    midnight, trained other sequences. build_datasets renders the day it is given, and only while building."""
+    tok = _vocab_tokenizer()
+    tok.chat_template = _DATED_CHAT
+    chat = [{"role": "user", "content": "say hi"}, {"role": "assistant", "content": "hello there"}]
+    cfg = DataConfig([write_jsonl(tmp_path / "chat.jsonl", {"messages": chat})], [], eval_fraction=0.0, seq_len=5)
+    leap, next_day = build_datasets(cfg, tok, "2024-02-29")[0], build_datasets(cfg, tok, "2024-03-01")[0]
+    assert leap[0, 0, :4].tolist() == tok.convert_tokens_to_ids(["today", "29", "Feb", "2024"])
+    assert next_day[0, 0, :4].tolist() == tok.convert_tokens_to_ids(["today", "01", "Mar", "2024"])
+    assert torch.equal(build_datasets(cfg, tok, "2024-02-29")[0], leap)
+    before = datetime.date.today()
+    rendered = tok.apply_chat_template(chat, tokenize=False)  # the clock's day again
+    assert rendered.startswith(tuple(f"today {day:%d %b %Y} " for day in (before, datetime.date.today())))
+    with templates_render_today_as("2024-02-29", tok):
+        assert tok.apply_chat_template(chat, tokenize=False).startswith("today 29 Feb 2024 </s> user")
+
+
+def test_a_resumed_run_renders_the_day_its_checkpoint_kept(tmp_path: Path) -> None:
+    """data.chat_date, else the newest checkpoint's day (a resume tokenises the chats the stopped run trained on),
+    else today. The day is written into each checkpoint: see test_train_loop's run stopped during an evaluation."""
+    from fsdp4bit.train.train_checkpoint import PROGRESS_FILE, chat_date_of_run
+
+    def today_either_side(cfg: object) -> bool:
+        before = datetime.date.today().isoformat()
+        return chat_date_of_run(cfg) in (before, datetime.date.today().isoformat())
+
+    cfg = from_dict({"output": {"dir": str(tmp_path)}})
+    assert today_either_side(cfg)
+    for step, kept in ((4, "2024-02-29"), (2, "2023-01-01")):
+        folder = tmp_path / "checkpoints" / f"step-{step:08d}"
+        folder.mkdir(parents=True)
+        (folder / PROGRESS_FILE).write_text(json.dumps({"step": step, "chat_date": kept}))
+        (folder / ".metadata").write_text("")
+    assert chat_date_of_run(cfg) == "2024-02-29"  # the newest
+    cfg.data.chat_date = "2025-12-31"
+    assert chat_date_of_run(cfg) == "2025-12-31"
+    cfg.data.chat_date, cfg.checkpoint.resume = "", False
+    assert today_either_side(cfg)
+    cfg.checkpoint.resume = True
+    (tmp_path / "checkpoints" / "step-00000004" / PROGRESS_FILE).write_text(json.dumps({"step": 4}))  # written before
+    assert today_either_side(cfg)
 
 
 def test_datasets_are_built_once_per_process(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from fsdp4bit.train import train_checkpoint as tc
 from fsdp4bit.train.config import load_config
 from fsdp4bit.train.metrics import MetricsLog, read_metrics
 from fsdp4bit.train.optim import build_optimizer, lr_factor
-from fsdp4bit.train.preemption import StopSignals, exit_code, reduce_loss_and_stop
+from fsdp4bit.train.preemption import StopSignals, agree_stop, exit_code, reduce_loss_and_stop
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "cpu_tiny.toml"
@@ -243,6 +243,7 @@ def test_stop_signals_are_recorded_once_and_handlers_restored() -> None:
         assert (loss, agreed) == (1.25, "SIGUSR2")
     assert signal.getsignal(signal.SIGUSR1) is before
     assert reduce_loss_and_stop(torch.tensor(2.0), None) == (2.0, None)
+    assert agree_stop("SIGUSR1", torch.device("cpu")) == "SIGUSR1" and agree_stop(None, torch.device("cpu")) is None
     assert exit_code("SIGTERM") == 143
     with pytest.raises(ValueError, match=r"^names entries must be among \['SIGTERM', .*got 'SIGKILL'$"):
         StopSignals(["SIGKILL"])
@@ -250,6 +251,55 @@ def test_stop_signals_are_recorded_once_and_handlers_restored() -> None:
         StopSignals("SIGTERM")
     with pytest.raises(ValueError, match=r"^name entries must be among"):
         exit_code("TERM")
+
+
+_EVAL_STOP_RUN = """
+import os, signal, sys
+from fsdp4bit.train import cli, evaluate
+
+token_nll, forwards = evaluate.token_nll, [0]
+
+
+def signalled_in_evaluation(model, batch):
+    forwards[0] += 1
+    print(f"held-out forward {forwards[0]}", flush=True)
+    if forwards[0] == 1 and os.environ.get("RANK", "0") == "1":
+        os.kill(os.getpid(), signal.SIGTERM)
+    return token_nll(model, batch)
+
+
+evaluate.token_nll = signalled_in_evaluation
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_stop_signal_during_an_evaluation_abandons_it_on_every_rank(tmp_path: Path) -> None:
+    """SIGTERM to rank 1 during step 2's held-out evaluation (2 batches per rank): it was acted on only after step 3,
+    by when a long evaluation and another step could have outlasted the grace period. The ranks agree after the
+    batch in flight, abandon the evaluation, save step 2 with the evaluation pending and exit 143; the resumed run
+    makes step 2's evaluation, then goes on."""
+    out = tmp_path / "run"
+    sets = [f'output.dir="{out}"', "train.steps=4", "train.eval_every=2", "checkpoint.every=0"]
+    sets += ["train.eval_before=false", "train.eval_after=false", 'debug.mode="off"']
+    args = ["--config", str(CONFIG), *[a for x in sets for a in ("--set", x)]]
+    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d"]
+    torchrun += ["--rdzv_endpoint=localhost:0"]
+    script = tmp_path / "signalled_in_evaluation.py"
+    script.write_text(_EVAL_STOP_RUN)
+    stopped = _run_python([*torchrun, str(script), *args])
+    assert f"exitcode  : {128 + signal.SIGTERM}" in stopped.stdout, stopped.stdout[-4000:]
+    assert "SIGTERM received: stopped after step 2/4" in stopped.stdout, stopped.stdout[-4000:]
+    assert stopped.stdout.count("held-out forward 1") == 2 and "held-out forward 2" not in stopped.stdout
+    assert [r["step"] for r in metrics_records(out, "train")] == [1, 2]
+    assert metrics_records(out, "eval") == []
+    assert [(r["step"], r["signal"]) for r in metrics_records(out, "stopped")] == [(2, "SIGTERM")]
+    progress = json.loads((out / "checkpoints" / "step-00000002" / tc.PROGRESS_FILE).read_text())
+    assert progress["eval_pending"] is True
+    assert progress["chat_date"] == metrics_records(out, "start")[0]["chat_date"]  # the day chats were rendered
+    resumed = _run_python([*torchrun, "-m", "fsdp4bit.train", *args])
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    assert [(r["step"], r["when"]) for r in metrics_records(out, "eval")] == [(2, "step"), (4, "step")]
+    assert [r["step"] for r in metrics_records(out, "train")] == [1, 2, 3, 4]
 
 
 def test_a_stopped_run_exits_with_the_signals_status(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -38,6 +38,7 @@ def check_inputs(cfg: Config) -> None:
     from .data import RankBatches, build_datasets, resolve_data_file
     from .distributed import device_type, launched_by_launcher
     from .model import load_tokenizer, resolve_model_path
+    from .train_checkpoint import chat_date_of_run
 
     for field in ("train_files", "eval_files"):
         for name in getattr(cfg.data, field):
@@ -50,7 +51,7 @@ def check_inputs(cfg: Config) -> None:
             "model.attention: flex_attention has no backward on the CPU in torch; use sdpa or eager (or run on CUDA)"
         )
     resolve_model_path(cfg.model)  # converts the embedded model on first use
-    train, _ = build_datasets(cfg.data, load_tokenizer(cfg.model))
+    train, _ = build_datasets(cfg.data, load_tokenizer(cfg.model), chat_date_of_run(cfg))
     world = int(os.environ["WORLD_SIZE"]) if launched_by_launcher() else 1
     RankBatches(train, cfg.train.micro_batch_size, 0, world, cfg.train.seed)  # its check: one global micro-batch
 

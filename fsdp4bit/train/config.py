@@ -8,6 +8,7 @@ default.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 import types
 import typing
@@ -105,6 +106,10 @@ class DataConfig:
     across ranks."""
     eval_batch_size: int = 4
     """Sequences per forward pass during evaluation, per rank."""
+    chat_date: str = ""
+    """The day chat templates render as today (their ``strftime_now``, e.g. Llama 3's "Today Date"), YYYY-MM-DD;
+    empty = the day the run first started, kept in its checkpoints, so every rank and every resume render the same
+    chats."""
 
 
 @dataclass
@@ -320,6 +325,11 @@ def validate(cfg: Config) -> Config:
         raise ValueError(
             f"config field 'data.seq_len' must be at least 2 (a token and the next), got {cfg.data.seq_len}"
         )
+    if cfg.data.chat_date and not _is_iso_date(cfg.data.chat_date):
+        raise ValueError(
+            "config field 'data.chat_date' must be a date as YYYY-MM-DD (or empty: the day the run first started), "
+            f"got {cfg.data.chat_date!r}"
+        )
     if not cfg.output.dir.strip():
         raise ValueError("config field 'output.dir' must name a folder (an empty one would write into the current one)")
     if not cfg.data.train_files:
@@ -336,6 +346,14 @@ def validate(cfg: Config) -> Config:
     if not cfg.lora.target_modules:
         raise ValueError("config field 'lora.target_modules' must name at least one module")
     return cfg
+
+
+def _is_iso_date(text: str) -> bool:
+    """Whether ``text`` is a calendar date written YYYY-MM-DD."""
+    try:
+        return len(text) == 10 and datetime.date.fromisoformat(text).isoformat() == text
+    except ValueError:
+        return False
 
 
 def from_dict(data: dict[str, Any]) -> Config:

@@ -22,13 +22,17 @@ saved in checkpoints, on any world size: a run resumed on other ranks goes on wh
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
+from transformers.utils import chat_template_utils
 
 from .config import DataConfig
 
@@ -270,15 +274,50 @@ def _build_key(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple:
     return (*data, tokenizer.name_or_path, len(tokenizer), tuple(stats))
 
 
-def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train sequences, held-out sequences), each ``[n, 3, seq_len]`` int64 (ids, labels, positions). The last
-    result is kept: the command line builds them to check the data before the model is built, and the run takes the
-    same tensors."""
-    key = _build_key(cfg, tokenizer)
+def build_datasets(
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, chat_date: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train sequences, held-out sequences), each ``[n, 3, seq_len]`` int64 (ids, labels, positions), chat
+    templates rendering ``chat_date`` (YYYY-MM-DD) as today (None: the clock's day). The last result is kept: the
+    command line builds them to check the data before the model is built, and the run takes the same tensors."""
+    key = (*_build_key(cfg, tokenizer), chat_date)
     if key not in _BUILT:
         _BUILT.clear()
-        _BUILT[key] = _build(cfg, tokenizer)
+        with contextlib.nullcontext() if chat_date is None else templates_render_today_as(chat_date, tokenizer):
+            _BUILT[key] = _build(cfg, tokenizer)
     return _BUILT[key]
+
+
+@contextlib.contextmanager
+def templates_render_today_as(day: str, tokenizer: PreTrainedTokenizerBase) -> Iterator[None]:
+    """Inside, chat templates' ``strftime_now`` gives ``day`` (YYYY-MM-DD) at midnight, not the clock's time.
+
+    transformers gives templates that function and reads the clock through its module's ``datetime`` name (render
+    arguments cannot replace it: they are reduced to plain data), so that name is swapped for the duration. Where a
+    transformers version reads the clock otherwise, ``tokenizer``'s template, if it reads the date, is warned about."""
+    date = datetime.date.fromisoformat(day)
+
+    class PinnedDatetime(datetime.datetime):
+        @classmethod
+        def now(cls, tz: datetime.tzinfo | None = None) -> datetime.datetime:
+            return cls(date.year, date.month, date.day, tzinfo=tz)
+
+    clock = getattr(chat_template_utils, "datetime", None)
+    if clock is not datetime.datetime:
+        if "strftime_now" in str(tokenizer.chat_template or ""):
+            warnings.warn(
+                "fsdp4bit.train: this transformers version does not read the clock where fsdp4bit pins it, so the "
+                "chat template renders today's date, not data.chat_date's day: a resume on another day may tokenise "
+                "the chats differently",
+                stacklevel=3,
+            )
+        yield
+        return
+    chat_template_utils.datetime = PinnedDatetime
+    try:
+        yield
+    finally:
+        chat_template_utils.datetime = clock
 
 
 def _build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[torch.Tensor, torch.Tensor]:

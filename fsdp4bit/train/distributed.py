@@ -89,6 +89,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def from_main(value: str) -> str:
+    """Rank 0's ``value`` on every rank (collective; ``value`` itself where there is no process group): for what
+    each rank would otherwise read from its own clock."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def teardown() -> None:
     """Finish collectives on every rank, then destroy the process group while the interpreter is fully alive.
 

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from . import debug as dbg
 from .config import Config, to_toml
 from .data import RankBatches, build_datasets, holds_boundaries, stream_of, trained_tokens
-from .distributed import DistInfo, setup, teardown
+from .distributed import DistInfo, from_main, setup, teardown
 from .embedded import ensure_embedded_model
 from .evaluate import perplexity
 from .lora import AdapterInit, attach_lora, save_adapter, trainable_parameters
@@ -38,10 +39,12 @@ from .model import (
 )
 from .optim import build_optimizer
 from .plot import plot_loss
-from .preemption import StopSignals, reduce_loss_and_stop
+from .preemption import StopRequested, StopSignals, agree_stop, reduce_loss_and_stop
 from .train_checkpoint import (
     Progress,
+    chat_date_of_run,
     check_resumable,
+    checkpoint_root,
     complete_checkpoints,
     load_checkpoint,
     remove_partial,
@@ -136,7 +139,7 @@ def _resume_data(progress: Progress, batches: RankBatches, tcfg: Any, info: Dist
 def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
     tcfg = cfg.train
     out_dir = Path(cfg.output.dir)
-    ckpt_root = out_dir / "checkpoints"
+    ckpt_root = checkpoint_root(cfg)
     _check_run_folder(cfg, ckpt_root)  # on every rank, before anything is written or built
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -149,7 +152,8 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
     torch.manual_seed(tcfg.seed)
     t0 = time.time()
     model = build_model(cfg.model)
-    train_seqs, eval_seqs = build_datasets(cfg.data, load_tokenizer(cfg.model))
+    chat_date = from_main(chat_date_of_run(cfg))  # ranks started either side of midnight render the same chats
+    train_seqs, eval_seqs = build_datasets(cfg.data, load_tokenizer(cfg.model), chat_date)
     peft_model = attach_lora(model, cfg.lora, tcfg.seed)
     init_adapters = AdapterInit()
     if cfg.model.activation_checkpointing:
@@ -211,11 +215,13 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
         _say(info, f"resumed from {found[-1][1]} (step {start_step})")
     else:
         metrics.reset()
-        metrics.write("start", world_size=info.world_size, config=dataclasses.asdict(cfg))
+        metrics.write("start", world_size=info.world_size, chat_date=chat_date, config=dataclasses.asdict(cfg))
 
-    def held_out(when: str, step: int) -> float:
+    def held_out(when: str, step: int, after_batch: Callable[[], None] | None = None) -> float:
         """Held-out perplexity now (collective), recorded in the metrics as measured ``when`` at ``step``."""
-        ppl, loss = perplexity(peft_model, eval_seqs, cfg.data.eval_batch_size, info.rank, info.world_size, info.device)
+        ppl, loss = perplexity(
+            peft_model, eval_seqs, cfg.data.eval_batch_size, info.rank, info.world_size, info.device, after_batch
+        )
         metrics.write("eval", when=when, step=step, ppl=ppl, loss=loss)
         return ppl
 
@@ -237,6 +243,14 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
     bar = tqdm(total=tcfg.steps, initial=start_step, desc="train", disable=not info.is_main, dynamic_ncols=True)
     peft_model.train()
     with StopSignals(cfg.checkpoint.save_on_signals) as stops:
+
+        def check_stop() -> None:
+            """After each held-out batch: the ranks agree whether a stop signal came (a long evaluation would
+            otherwise outlast the grace period before SIGKILL) and abandon the evaluation together."""
+            agreed = agree_stop(stops.requested, info.device)
+            if agreed:
+                raise StopRequested(agreed)
+
         for step in range(start_step, tcfg.steps):
             _reseed(tcfg.seed, step, info.rank)
             t_step = time.perf_counter()
@@ -307,7 +321,10 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
             done = step + 1 == tcfg.steps
             due = tcfg.eval_every and (step + 1) % tcfg.eval_every == 0 and not (done and tcfg.eval_after)
             if due and not stop_signal:
-                _say(info, f"step {step + 1}: held-out perplexity {held_out('step', step + 1):.2f}")
+                try:
+                    _say(info, f"step {step + 1}: held-out perplexity {held_out('step', step + 1, check_stop):.2f}")
+                except StopRequested as stop:  # the evaluation is made when the run resumes (eval_pending)
+                    stop_signal = stop.signal_name
             if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or done or stop_signal:
                 saved = save_checkpoint(
                     ckpt_root,
@@ -321,6 +338,7 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
                         len(train_seqs),
                         eval_pending=bool(due and stop_signal),
                         segments_apart=True,
+                        chat_date=chat_date,
                     ),
                     peft_model,
                     optimizer,

@@ -63,16 +63,40 @@ class StopSignals:
         self._previous.clear()
 
 
+class StopRequested(Exception):
+    """Raised where every rank agreed to stop inside a longer collective phase (a held-out evaluation): the loop
+    abandons the phase, saves the last finished step and stops on :attr:`signal_name`."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(f"{signal_name} received")
+        self.signal_name = signal_name
+
+
+def _reduce_with_stop_flags(values: list[torch.Tensor], requested: str | None, device: torch.device) -> list[float]:
+    """``values`` (scalars) summed over ranks, followed by one count per :data:`STOP_SIGNALS` name of the ranks that
+    saw it: a single all-reduce (collective)."""
+    flags = torch.tensor([float(requested == name) for name in STOP_SIGNALS], device=device)
+    packed = torch.cat([*(v.reshape(1).float() for v in values), flags])
+    if dist.is_initialized():
+        dist.all_reduce(packed)
+    return packed.tolist()
+
+
+def _agreed(counts: list[float]) -> str | None:
+    """The stop signal any rank saw (the first of :data:`STOP_SIGNALS` where ranks saw different ones)."""
+    return next((name for name, count in zip(STOP_SIGNALS, counts, strict=True) if count > 0), None)
+
+
 def reduce_loss_and_stop(loss_sum: torch.Tensor, requested: str | None) -> tuple[float, str | None]:
     """(the loss summed over ranks, the stop signal agreed by every rank) in one all-reduce: a signal seen by any rank
     stops all of them after the same step (the first of :data:`STOP_SIGNALS` where ranks saw different ones)."""
-    flags = [float(requested == name) for name in STOP_SIGNALS]
-    values = torch.cat([loss_sum.reshape(1).float(), torch.tensor(flags, device=loss_sum.device)])
-    if dist.is_initialized():
-        dist.all_reduce(values)
-    loss, *seen = values.tolist()
-    agreed = next((name for name, count in zip(STOP_SIGNALS, seen, strict=True) if count > 0), None)
-    return loss, agreed
+    loss, *seen = _reduce_with_stop_flags([loss_sum], requested, loss_sum.device)
+    return loss, _agreed(seen)
+
+
+def agree_stop(requested: str | None, device: torch.device) -> str | None:
+    """The stop signal any rank has seen, agreed by all (collective; ``requested`` where there is no process group)."""
+    return _agreed(_reduce_with_stop_flags([], requested, device))
 
 
 def exit_code(name: str) -> int:

@@ -11,6 +11,7 @@ saving, because every step reseeds from (seed, step, rank).
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 import re
@@ -99,8 +100,9 @@ class Progress:
     settings a resumed run must keep (:data:`RESUME_SETTINGS`; None in checkpoints written before they were kept),
     the data stream position (epoch, offset), the sequences an optimizer step took, the training sequences there
     were, whether the optimizer had made an update (:func:`save_checkpoint` fills it), whether the step's held-out
-    evaluation is still to be made (a stop signal skipped it) and whether packed examples were kept apart (position
-    ids restarting at each, first tokens untrained) (these six None in checkpoints written before they were kept)."""
+    evaluation is still to be made (a stop signal skipped it), whether packed examples were kept apart (position
+    ids restarting at each, first tokens untrained) and the day chat templates rendered as today (these seven None in
+    checkpoints written before they were kept)."""
 
     step: int
     data_position: int
@@ -112,6 +114,7 @@ class Progress:
     optimizer_stepped: bool | None = None
     eval_pending: bool | None = None
     segments_apart: bool | None = None
+    chat_date: str | None = None
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -124,6 +127,24 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
         if match and (path / PROGRESS_FILE).is_file() and (path / ".metadata").is_file():
             found.append((int(match.group(1)), path))
     return sorted(found)
+
+
+def checkpoint_root(cfg: Any) -> Path:
+    """The folder holding a run's checkpoints (``output.dir/checkpoints``)."""
+    return Path(cfg.output.dir) / "checkpoints"
+
+
+def chat_date_of_run(cfg: Any) -> str:
+    """The day the run's chat templates render as today (YYYY-MM-DD): ``data.chat_date``, else the one its newest
+    checkpoint kept (a resume: the stopped run's chats), else today."""
+    if cfg.data.chat_date:
+        return cfg.data.chat_date
+    found = complete_checkpoints(checkpoint_root(cfg)) if cfg.checkpoint.resume else []
+    if found:
+        kept = json.loads((found[-1][1] / PROGRESS_FILE).read_text()).get("chat_date")
+        if kept:
+            return kept
+    return datetime.date.today().isoformat()
 
 
 def remove_partial(root: Path) -> None:
