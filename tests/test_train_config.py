@@ -288,6 +288,18 @@ def test_resume_reads_old_checkpoints_data_position(capsys: pytest.CaptureFixtur
     progress.segments_apart = True  # written since: nothing changed for its examples
     _resume_data(progress, batches, cfg.train, DistInfo(0, 3, 0, torch.device("cpu"), None, True, False), True)
     assert "attend to each other" not in capsys.readouterr().out
+    # chats whose template writes the date: rendered on the checkpoint's day, or not (another data.chat_date, or
+    # a checkpoint written before the day was kept)
+    info = DistInfo(0, 3, 0, torch.device("cpu"), None, True, False)
+    progress.chat_date = "2024-02-29"
+    _resume_data(progress, batches, cfg.train, info, True, "2024-02-29")
+    assert "date" not in capsys.readouterr().out
+    for kept, said in (("2024-02-29", "rendered 2024-02-29"), (None, "rendered the day of each start")):
+        progress.chat_date = kept
+        _resume_data(progress, batches, cfg.train, info, True, "2025-01-01")
+        out = capsys.readouterr().out
+        assert "warning: the chat template writes today's date into prompts, now rendered as 2025-01-01" in out
+        assert f"the checkpoint's run {said}, so the chats' tokens differ" in out
     with pytest.raises(ValueError, match="^the checkpoint's run took 6 sequences per micro-step .* now packs into 5:"):
         _resume_data(
             progress,

@@ -361,6 +361,9 @@ def test_chat_templates_render_the_runs_day(tmp_path: Path) -> None:
     assert rendered.startswith(tuple(f"today {day:%d %b %Y} " for day in (before, datetime.date.today())))
     with templates_render_today_as("2024-02-29", tok):
         assert tok.apply_chat_template(chat, tokenize=False).startswith("today 29 Feb 2024 </s> user")
+        with templates_render_today_as("2024-03-01", tok):  # nested: the inner day
+            assert tok.apply_chat_template(chat, tokenize=False).startswith("today 01 Mar 2024 ")
+        assert tok.apply_chat_template(chat, tokenize=False).startswith("today 29 Feb 2024 ")
 
 
 def test_a_resumed_run_renders_the_day_its_checkpoint_kept(tmp_path: Path) -> None:
@@ -387,6 +390,9 @@ def test_a_resumed_run_renders_the_day_its_checkpoint_kept(tmp_path: Path) -> No
     cfg.checkpoint.resume = True
     (tmp_path / "checkpoints" / "step-00000004" / PROGRESS_FILE).write_text(json.dumps({"step": 4}))  # written before
     assert today_either_side(cfg)
+    (tmp_path / "checkpoints" / "step-00000004" / PROGRESS_FILE).write_text('{"step": 4,')
+    with pytest.raises(ValueError, match=r"^cannot read .*step-00000004/progress\.json: JSONDecodeError"):
+        chat_date_of_run(cfg)
 
 
 def test_datasets_are_built_once_per_process(tmp_path: Path) -> None:

@@ -257,13 +257,13 @@ _EVAL_STOP_RUN = """
 import os, signal, sys
 from fsdp4bit.train import cli, evaluate
 
-token_nll, forwards = evaluate.token_nll, [0]
+token_nll, forwards, signalled_at = evaluate.token_nll, [0], int(sys.argv.pop(1))
 
 
 def signalled_in_evaluation(model, batch):
     forwards[0] += 1
     print(f"held-out forward {forwards[0]}", flush=True)
-    if forwards[0] == 1 and os.environ.get("RANK", "0") == "1":
+    if forwards[0] == signalled_at and os.environ.get("RANK", "0") == "1":
         os.kill(os.getpid(), signal.SIGTERM)
     return token_nll(model, batch)
 
@@ -273,33 +273,66 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-def test_a_stop_signal_during_an_evaluation_abandons_it_on_every_rank(tmp_path: Path) -> None:
-    """SIGTERM to rank 1 during step 2's held-out evaluation (2 batches per rank): it was acted on only after step 3,
-    by when a long evaluation and another step could have outlasted the grace period. The ranks agree after the
-    batch in flight, abandon the evaluation, save step 2 with the evaluation pending and exit 143; the resumed run
-    makes step 2's evaluation, then goes on."""
+@pytest.mark.parametrize(("signalled_at", "reshard"), [(1, "true"), (2, "false")])
+def test_a_stop_signal_during_an_evaluation_stops_every_rank_after_it(
+    tmp_path: Path, signalled_at: int, reshard: str
+) -> None:
+    """SIGTERM to rank 1 during step 2's held-out evaluation (2 batches per rank) was acted on only after step 3, by
+    when a long evaluation and another step could have outlasted the grace period. In its first batch: the ranks
+    agree after it, abandon the evaluation, save step 2 with the evaluation pending and exit 143, and the resumed
+    run makes it. In its last batch: the evaluation is kept, and step 2 saved without one pending. With
+    dist.reshard_after_forward off the evaluation left parameters unsharded, and the save failed (KeyError)."""
     out = tmp_path / "run"
     sets = [f'output.dir="{out}"', "train.steps=4", "train.eval_every=2", "checkpoint.every=0"]
     sets += ["train.eval_before=false", "train.eval_after=false", 'debug.mode="off"']
+    sets += [f"dist.reshard_after_forward={reshard}"]
     args = ["--config", str(CONFIG), *[a for x in sets for a in ("--set", x)]]
     torchrun = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d"]
     torchrun += ["--rdzv_endpoint=localhost:0"]
     script = tmp_path / "signalled_in_evaluation.py"
     script.write_text(_EVAL_STOP_RUN)
-    stopped = _run_python([*torchrun, str(script), *args])
+    stopped = _run_python([*torchrun, str(script), str(signalled_at), *args])
     assert f"exitcode  : {128 + signal.SIGTERM}" in stopped.stdout, stopped.stdout[-4000:]
     assert "SIGTERM received: stopped after step 2/4" in stopped.stdout, stopped.stdout[-4000:]
-    assert stopped.stdout.count("held-out forward 1") == 2 and "held-out forward 2" not in stopped.stdout
+    abandoned = signalled_at == 1
+    assert stopped.stdout.count("held-out forward 2") == (0 if abandoned else 2), stopped.stdout[-4000:]
     assert [r["step"] for r in metrics_records(out, "train")] == [1, 2]
-    assert metrics_records(out, "eval") == []
+    assert [r["step"] for r in metrics_records(out, "eval")] == ([] if abandoned else [2])
     assert [(r["step"], r["signal"]) for r in metrics_records(out, "stopped")] == [(2, "SIGTERM")]
     progress = json.loads((out / "checkpoints" / "step-00000002" / tc.PROGRESS_FILE).read_text())
-    assert progress["eval_pending"] is True
+    assert progress["eval_pending"] is abandoned
     assert progress["chat_date"] == metrics_records(out, "start")[0]["chat_date"]  # the day chats were rendered
     resumed = _run_python([*torchrun, "-m", "fsdp4bit.train", *args])
     assert resumed.returncode == 0, resumed.stdout[-4000:]
     assert [(r["step"], r["when"]) for r in metrics_records(out, "eval")] == [(2, "step"), (4, "step")]
     assert [r["step"] for r in metrics_records(out, "train")] == [1, 2, 3, 4]
+
+
+def test_an_evaluation_checks_between_batches_and_restores_the_mode() -> None:
+    """The stop check runs between forwards (one fewer than the batches: a signal in the last one is the loop's to
+    see, keeping the finished evaluation), and an evaluation it abandons leaves the model in training mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fsdp4bit.train.evaluate import perplexity
+    from fsdp4bit.train.preemption import StopRequested
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
+    )
+    model = LlamaForCausalLM(config).train()
+    ids = torch.randint(0, 97, (5, 8))
+    sequences = torch.stack([ids, ids, torch.arange(8).expand(5, -1)], dim=1)
+    calls: list[bool] = []
+    ppl, _ = perplexity(model, sequences, 2, 0, 1, torch.device("cpu"), lambda: calls.append(model.training))
+    assert calls == [False, False] and model.training and math.isfinite(ppl)  # 3 batches
+
+    def stop() -> None:
+        raise StopRequested("SIGTERM")
+
+    with pytest.raises(StopRequested, match="SIGTERM received"):
+        perplexity(model, sequences, 2, 0, 1, torch.device("cpu"), stop)
+    assert model.training
 
 
 def test_a_stopped_run_exits_with_the_signals_status(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -377,6 +410,18 @@ def _metrics_file(path: Path) -> MetricsLog:
     log.write("eval", when="after", step=4, ppl=2.0, loss=0.7)
     log.write("summary", when="after", steps=4)
     return log
+
+
+def test_a_pending_evaluation_made_again_is_recorded_once(tmp_path: Path) -> None:
+    """A resume makes the evaluation a stop skipped; killed before its next checkpoint, the next resume from the same
+    one makes it again, and the record was kept twice. Other steps' evaluations are kept."""
+    log = _metrics_file(tmp_path / "metrics.jsonl")
+    for step in (2, 4):
+        log.write("eval", when="step", step=step, ppl=3.0, loss=1.1)
+    log.truncate_after(4)
+    assert [r["step"] for r in read_metrics(log.path) if r["event"] == "eval"] == [2, 4]
+    log.truncate_after(4, pending_eval=True)
+    assert [r["step"] for r in read_metrics(log.path) if r["event"] == "eval"] == [2]
 
 
 def test_metrics_truncation_skips_a_half_written_last_line(tmp_path: Path) -> None:

@@ -293,8 +293,9 @@ def templates_render_today_as(day: str, tokenizer: PreTrainedTokenizerBase) -> I
     """Inside, chat templates' ``strftime_now`` gives ``day`` (YYYY-MM-DD) at midnight, not the clock's time.
 
     transformers gives templates that function and reads the clock through its module's ``datetime`` name (render
-    arguments cannot replace it: they are reduced to plain data), so that name is swapped for the duration. Where a
-    transformers version reads the clock otherwise, ``tokenizer``'s template, if it reads the date, is warned about."""
+    arguments cannot replace it: they are reduced to plain data), so that name is swapped for the duration, for the
+    whole process (another thread rendering a template meanwhile sees the same day). Where a transformers version
+    reads the clock otherwise, ``tokenizer``'s template, if it reads the date, is warned about."""
     date = datetime.date.fromisoformat(day)
 
     class PinnedDatetime(datetime.datetime):
@@ -303,7 +304,7 @@ def templates_render_today_as(day: str, tokenizer: PreTrainedTokenizerBase) -> I
             return cls(date.year, date.month, date.day, tzinfo=tz)
 
     clock = getattr(chat_template_utils, "datetime", None)
-    if clock is not datetime.datetime:
+    if not (isinstance(clock, type) and issubclass(clock, datetime.datetime)):  # (a subclass: pinned already)
         if "strftime_now" in str(tokenizer.chat_template or ""):
             warnings.warn(
                 "fsdp4bit.train: this transformers version does not read the clock where fsdp4bit pins it, so the "

@@ -27,8 +27,8 @@ def perplexity(
     """(perplexity, mean loss) of ``model`` on ``sequences``; collective, every rank runs the same number of forwards.
 
     Under FSDP every forward all-gathers parameters, so a rank with fewer sequences still runs a forward on a
-    placeholder batch whose loss it does not count. ``after_batch`` runs after each forward on every rank (the
-    training loop's collective stop check, which may raise to abandon the evaluation; the model's mode is restored).
+    placeholder batch whose loss it does not count. ``after_batch`` runs between forwards on every rank (the training
+    loop's collective stop check, which may raise to abandon the evaluation; the model's mode is restored).
     """
     was_training = model.training
     model.eval()
@@ -46,7 +46,7 @@ def perplexity(
             if counted:
                 totals[0] += nll.double()
                 totals[1] += trained_tokens(batch)
-            if after_batch is not None:
+            if after_batch is not None and i < n_batches - 1:
                 after_batch()
     finally:
         model.train(was_training)

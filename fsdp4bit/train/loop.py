@@ -101,11 +101,20 @@ def _check_run_folder(cfg: Config, ckpt_root: Path) -> None:
         check_resumable(found[-1][1], resume_settings(cfg))
 
 
-def _resume_data(progress: Progress, batches: RankBatches, tcfg: Any, info: DistInfo, packed: bool = False) -> None:
+def _resume_data(
+    progress: Progress,
+    batches: RankBatches,
+    tcfg: Any,
+    info: DistInfo,
+    packed: bool = False,
+    dated_chats: str | None = None,
+) -> None:
     """Move ``batches`` to where the checkpoint's run stopped in the data (its stream position, or for checkpoints
     written before that was kept, its micro-step count at its batch size and world size); say so where an optimizer
-    step now takes another number of sequences (another world size, micro-batch size or accumulation), and where
-    the ``packed`` examples of a checkpoint written before they were kept apart are now trained apart."""
+    step now takes another number of sequences (another world size, micro-batch size or accumulation), where
+    the ``packed`` examples of a checkpoint written before they were kept apart are now trained apart, and where
+    chats whose template writes the date are rendered on another day than the checkpoint's (``dated_chats``: the
+    day now, None where the chat template does not read the clock)."""
     saved = progress.settings or {}
     micro = saved.get("train.micro_batch_size", tcfg.micro_batch_size)
     accum = saved.get("train.grad_accum", tcfg.grad_accum)
@@ -124,6 +133,13 @@ def _resume_data(progress: Progress, batches: RankBatches, tcfg: Any, info: Dist
             info,
             "warning: the checkpoint's run let packed examples attend to each other and trained their first tokens "
             "(it was written before examples were kept apart); this run keeps them apart from here on",
+        )
+    if dated_chats is not None and progress.chat_date != dated_chats:
+        _say(
+            info,
+            f"warning: the chat template writes today's date into prompts, now rendered as {dated_chats} "
+            f"(data.chat_date); the checkpoint's run rendered {progress.chat_date or 'the day of each start'}, so "
+            "the chats' tokens differ from those it trained on",
         )
     was = progress.step_sequences or micro * accum * progress.world_size
     now = tcfg.micro_batch_size * tcfg.grad_accum * info.world_size
@@ -152,8 +168,10 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
     torch.manual_seed(tcfg.seed)
     t0 = time.time()
     model = build_model(cfg.model)
-    chat_date = from_main(chat_date_of_run(cfg))  # ranks started either side of midnight render the same chats
-    train_seqs, eval_seqs = build_datasets(cfg.data, load_tokenizer(cfg.model), chat_date)
+    # rank 0's day: ranks started either side of midnight render the same chats
+    chat_date = from_main(chat_date_of_run(cfg) if info.is_main else "")
+    tokenizer = load_tokenizer(cfg.model)
+    train_seqs, eval_seqs = build_datasets(cfg.data, tokenizer, chat_date)
     peft_model = attach_lora(model, cfg.lora, tcfg.seed)
     init_adapters = AdapterInit()
     if cfg.model.activation_checkpointing:
@@ -209,9 +227,11 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
     settings = resume_settings(cfg)
     if found:
         progress = load_checkpoint(found[-1][1], peft_model, optimizer, scheduler, settings)
-        _resume_data(progress, batches, tcfg, info, packed)
+        reads_clock = "strftime_now" in str(tokenizer.chat_template or "")
+        has_examples = any(name.lower().endswith(".jsonl") for name in [*cfg.data.train_files, *cfg.data.eval_files])
+        _resume_data(progress, batches, tcfg, info, packed, chat_date if reads_clock and has_examples else None)
         start_step, eval_pending = progress.step, bool(progress.eval_pending)
-        metrics.truncate_after(start_step)
+        metrics.truncate_after(start_step, pending_eval=eval_pending)
         _say(info, f"resumed from {found[-1][1]} (step {start_step})")
     else:
         metrics.reset()
@@ -245,7 +265,7 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
     with StopSignals(cfg.checkpoint.save_on_signals) as stops:
 
         def check_stop() -> None:
-            """After each held-out batch: the ranks agree whether a stop signal came (a long evaluation would
+            """Between held-out batches: the ranks agree whether a stop signal came (a long evaluation would
             otherwise outlast the grace period before SIGKILL) and abandon the evaluation together."""
             agreed = agree_stop(stops.requested, info.device)
             if agreed:
@@ -320,11 +340,16 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
                 )
             done = step + 1 == tcfg.steps
             due = tcfg.eval_every and (step + 1) % tcfg.eval_every == 0 and not (done and tcfg.eval_after)
+            skipped_eval = bool(due and stop_signal)  # stopping in time comes first; the resumed run evaluates
             if due and not stop_signal:
                 try:
-                    _say(info, f"step {step + 1}: held-out perplexity {held_out('step', step + 1, check_stop):.2f}")
-                except StopRequested as stop:  # the evaluation is made when the run resumes (eval_pending)
-                    stop_signal = stop.signal_name
+                    ppl = held_out("step", step + 1, check_stop if stops.names else None)
+                except StopRequested as stop:
+                    stop_signal, skipped_eval = stop.signal_name, True
+                else:
+                    _say(info, f"step {step + 1}: held-out perplexity {ppl:.2f}")
+                    if stops.names:  # a signal during its last batch
+                        stop_signal = agree_stop(stops.requested, info.device)
             if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or done or stop_signal:
                 saved = save_checkpoint(
                     ckpt_root,
@@ -336,7 +361,7 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
                         list(batches.stream),
                         step_sequences,
                         len(train_seqs),
-                        eval_pending=bool(due and stop_signal),
+                        eval_pending=skipped_eval,
                         segments_apart=True,
                         chat_date=chat_date,
                     ),

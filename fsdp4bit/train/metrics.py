@@ -61,15 +61,24 @@ class MetricsLog:
         self.enabled = enabled
         self.start = time.time()
 
-    def truncate_after(self, step: int) -> None:
+    def truncate_after(self, step: int, pending_eval: bool = False) -> None:
         """Drop "train", "stopped" and periodic "eval" records with step > ``step`` (a killed run may have logged steps
-        its checkpoint lacks), the records of the end of a run, and a last line a killed run left half-written. The
-        file is replaced atomically: a run killed while resuming leaves the old file, never an empty or partial one."""
+        its checkpoint lacks), with ``pending_eval`` the periodic "eval" at ``step`` too (the resumed run makes it: an
+        earlier resume killed before its next checkpoint made it already), the records of the end of a run, and a
+        last line a killed run left half-written. The file is replaced atomically: a run killed while resuming
+        leaves the old file, never an empty or partial one."""
         if not self.enabled or not self.path.is_file():
             return
         kept = []
         for line, record in _parsed_lines(self.path):
             if record.get("event") in ("train", "stopped", "eval") and record.get("step", 0) > step:
+                continue
+            if (
+                pending_eval
+                and record.get("event") == "eval"
+                and record.get("when") == "step"
+                and record["step"] == step
+            ):
                 continue
             if record.get("event") in ("eval", "summary") and record.get("when") == "after":
                 continue

@@ -24,6 +24,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.fsdp import FSDPModule
 
 from fsdp4bit.checkpoint import fsync_dir, fsync_tree
 
@@ -136,15 +137,22 @@ def checkpoint_root(cfg: Any) -> Path:
 
 def chat_date_of_run(cfg: Any) -> str:
     """The day the run's chat templates render as today (YYYY-MM-DD): ``data.chat_date``, else the one its newest
-    checkpoint kept (a resume: the stopped run's chats), else today."""
+    checkpoint kept (a resume: the stopped run's chats), else today (this machine's local date)."""
     if cfg.data.chat_date:
         return cfg.data.chat_date
     found = complete_checkpoints(checkpoint_root(cfg)) if cfg.checkpoint.resume else []
-    if found:
-        kept = json.loads((found[-1][1] / PROGRESS_FILE).read_text()).get("chat_date")
-        if kept:
-            return kept
-    return datetime.date.today().isoformat()
+    kept = kept_chat_date(found[-1][1]) if found else None
+    return kept or datetime.date.today().isoformat()
+
+
+def kept_chat_date(path: Path) -> str | None:
+    """The day checkpoint ``path``'s run rendered chats on (None for checkpoints written before it was kept);
+    ValueError naming the file where it cannot be read."""
+    file = path / PROGRESS_FILE
+    try:
+        return json.loads(file.read_text()).get("chat_date")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ValueError(f"cannot read {file}: {type(err).__name__}: {err}") from None
 
 
 def remove_partial(root: Path) -> None:
@@ -155,6 +163,12 @@ def remove_partial(root: Path) -> None:
 
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
+    """What a checkpoint holds, with every FSDP2 unit sharded first: a forward without backward (a held-out
+    evaluation, the packing check) under ``dist.reshard_after_forward = false`` leaves parameters unsharded, and
+    torch's optimizer state-dict API then cannot map the optimizer's parameters (KeyError)."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
     return {
         "adapters": {name: p.detach() for name, p in trainable_parameters(model)},
         "optimizer": get_optimizer_state_dict(model, optimizer),
