@@ -326,11 +326,32 @@ def test_a_bad_jsonl_example_names_the_field_and_line(tmp_path: Path, line: obje
         tokenize_files([path], _vocab_tokenizer())
 
 
-def test_a_json_file_is_not_read_as_text(tmp_path: Path) -> None:
-    path = tmp_path / "examples.JSON"
-    path.write_text(json.dumps([{"text": "hi"}]))
-    with pytest.raises(ValueError, match=r"examples\.JSON is a \.json file: examples go one per line in a \.jsonl"):
-        tokenize_files([str(path)], _vocab_tokenizer())
+def test_a_json_file_holds_a_list_of_examples(tmp_path: Path) -> None:
+    """A ``.json`` file (Alpaca-style datasets, ``Dataset.to_json(lines=False)``) holds the examples as one list: the
+    same sequences as the same examples one per line. What is not a list of example objects is named."""
+    tok = _vocab_tokenizer()
+    examples = [
+        {"prompt": "say hi", "completion": "hello there"},
+        {"text": "you say hi"},
+        {"messages": [{"role": "user", "content": "say hi"}, {"role": "assistant", "content": "hello"}]},
+    ]
+    listed = tmp_path / "examples.JSON"
+    listed.write_text(json.dumps(examples, indent=2))
+    got = tokenize_files([str(listed)], tok)
+    assert torch.equal(got, tokenize_files([write_jsonl(tmp_path / "lines.jsonl", *examples)], tok))
+    assert got[1].ne(-100).any() and got[1].eq(-100).any()  # read as examples, not text
+    for content, message in (
+        ({"text": "hi"}, r"examples\.JSON holds a JSON dict, not a list of examples"),
+        ([{"text": "hi"}, ["hi"]], r"examples\.JSON example 2 is not a JSON object"),
+        ([{"text": "hi"}, {"txt": "hi"}], r"examples\.JSON example 2: an example holds \"text\""),
+        ([], r"examples\.JSON holds no examples"),
+    ):
+        listed.write_text(json.dumps(content))
+        with pytest.raises(ValueError, match=r"^data\.train_files: .*" + message):
+            tokenize_files([str(listed)], tok)
+    listed.write_text('[{"text": "hi"},\n{"text": }]')
+    with pytest.raises(ValueError, match=r"examples\.JSON is not JSON \(Expecting value, line 2\)"):
+        tokenize_files([str(listed)], tok)
 
 
 def test_chat_examples_need_a_chat_template(tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_inputs(cfg: Config) -> None:
     """Config errors naming the field, before a process group or the model is set up (exit code 2): a data file or
     model folder that does not exist, an embedded model that cannot be converted into ``model.cache_dir``, data files
-    that are not UTF-8, hold no text, are listed twice, hold a malformed JSON Lines example (named by its line) or no
+    that are not UTF-8, hold no text, are listed twice, hold a malformed example (named by its line or place) or no
     trained token, or give fewer sequences than one global micro-batch, and flex attention on the CPU. The
     datasets built here are kept, and the run takes them (``data.build_datasets``)."""
     from .data import RankBatches, build_datasets, resolve_data_file

@@ -82,15 +82,15 @@ class LoraSection:
 
 @dataclass
 class DataConfig:
-    """Data files (plain text, or JSON Lines examples: see fsdp4bit.train.data), tokenised and packed into
+    """Data files (plain text, or examples in JSON Lines or JSON: see fsdp4bit.train.data), tokenised and packed into
     fixed-length sequences."""
 
     train_files: list[str] = field(default_factory=lambda: ["data/shakespeare/train.txt"])
-    """UTF-8 files to train on: plain text, or ``*.jsonl`` examples (``text``; ``prompt`` + ``completion``;
-    ``messages``), where only completions are trained (relative paths resolve against the working directory, then
-    the repo)."""
+    """UTF-8 files to train on: plain text, or examples (``text``; ``prompt`` + ``completion``; ``messages``), one
+    per line in ``*.jsonl`` or a list in ``*.json``, where only completions are trained (relative paths resolve
+    against the working directory, then the repo)."""
     eval_files: list[str] = field(default_factory=lambda: ["data/shakespeare/hamlet.txt"])
-    """Held-out UTF-8 files for perplexity (text or ``*.jsonl``, like train_files); empty = hold out the last
+    """Held-out UTF-8 files for perplexity (text or examples, like train_files); empty = hold out the last
     ``eval_fraction`` of the train sequences."""
     eval_fraction: float = 0.05
     """Fraction of train sequences held out (at least one) when ``eval_files`` is empty; 0 holds out none, which
@@ -98,7 +98,7 @@ class DataConfig:
     seq_len: int = 128
     """Tokens per packed sequence."""
     packing: bool = True
-    """Pack JSON Lines examples back to back into sequences (position ids restart at each example, so none attends
+    """Pack examples back to back into sequences (position ids restart at each example, so none attends
     to another); false gives each example a sequence of its own, cut to seq_len and padded (more padding, plain
     causal attention). Text is packed either way."""
     eval_max_sequences: int = 96

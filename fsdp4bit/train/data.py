@@ -1,7 +1,7 @@
 """Training data: tokenise, pack into fixed-length sequences, and hand each rank its own micro-batches.
 
-A data file is plain text (every token trained but its first) or, named ``*.jsonl``, one example per line:
-``{"text": ...}`` (every token trained but the first), ``{"prompt": ..., "completion": ...}`` (the loss on the
+A data file is plain text (every token trained but its first) or examples, one per line in a ``*.jsonl`` file or
+as a list in a ``*.json`` file: ``{"text": ...}`` (every token trained but the first), ``{"prompt": ..., "completion": ...}`` (the loss on the
 completion and the EOS after it: instruction tuning) or ``{"messages": [...]}`` (a chat rendered with the
 tokenizer's chat template, the loss on its last message, which must be the assistant's). Examples are packed one
 after another into sequences, as text is, or with ``data.packing`` off each goes into a sequence of its own
@@ -68,7 +68,7 @@ def tokenize_files(
 ) -> torch.Tensor:
     """All files as one ``[3, L]`` int64 stream of token ids, labels and each token's position in its segment (a
     text file or an example; its first token untrained). A text file's paragraphs are encoded separately and the
-    file ends with EOS; a ``.jsonl`` file's examples follow :func:`tokenize_example`. A file without text is a
+    file ends with EOS; a ``.jsonl`` or ``.json`` file's examples follow :func:`tokenize_example`. A file without text is a
     ValueError naming ``field`` (the tokenizer fails on an empty batch)."""
     return _stream(_segments(files, tokenizer, field))
 
@@ -86,19 +86,17 @@ def _stream(segments: list[tuple[list[int], list[int], bool]]) -> torch.Tensor:
 def _segments(
     files: list[str], tokenizer: PreTrainedTokenizerBase, field: str
 ) -> list[tuple[list[int], list[int], bool]]:
-    """(ids, labels, is an example) of each text file (one segment) and each JSON Lines example, in order; a
+    """(ids, labels, is an example) of each text file (one segment) and each example, in order; a
     segment's first token is not trained."""
     out = []
     for name in files:
         path = resolve_data_file(name)
-        if path.suffix.lower() == ".json":
-            raise ValueError(f"{field}: {path} is a .json file: examples go one per line in a .jsonl file")
-        if path.suffix.lower() == ".jsonl":
-            for line, example in _jsonl_examples(path, field):
+        if holds_examples(path):
+            for where, example in _examples(path, field):
                 try:
                     out.append((*tokenize_example(example, tokenizer), True))
                 except ValueError as err:
-                    raise ValueError(f"{field}: {path} line {line}: {err}") from None
+                    raise ValueError(f"{field}: {path} {where}: {err}") from None
             continue
         paragraphs = [p + "\n\n" for p in read_text(path, field).split("\n\n") if p.strip()]
         if not paragraphs:
@@ -114,7 +112,7 @@ def sequences_of(
     files: list[str], tokenizer: PreTrainedTokenizerBase, seq_len: int, packing: bool, field: str = "data.train_files"
 ) -> torch.Tensor:
     """``[n, 3, seq_len]`` sequences of ``field``'s files: everything packed back to back (:func:`pack`), or with
-    ``packing`` off each JSON Lines example in a sequence of its own, cut to ``seq_len`` (with a warning saying how
+    ``packing`` off each example in a sequence of its own, cut to ``seq_len`` (with a warning saying how
     many were) and padded on the right with the pad (else EOS) id labelled -100 (the padding's positions go on
     counting, so it is no boundary); a text file is then packed on its own. Sequences keep the files' order (the
     held-out fraction is the last)."""
@@ -141,28 +139,50 @@ def sequences_of(
     return torch.stack(rows)
 
 
-def _jsonl_examples(path: Path, field: str) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) of every non-blank line of a JSON Lines file; ValueError naming ``field`` and the line
-    for a line that is not a JSON object, and for a file without examples."""
-    examples = []
-    # "\n" only: JSON strings may hold U+2028 and the other breaks str.splitlines() also splits at
-    for number, line in enumerate(read_text(path, field).split("\n"), 1):
-        if not line.strip():
-            continue
+def holds_examples(path: Path | str) -> bool:
+    """Whether a data file holds examples (``*.jsonl``: one per line; ``*.json``: a list of them), not text."""
+    return Path(path).suffix.lower() in (".jsonl", ".json")
+
+
+def _examples(path: Path, field: str) -> list[tuple[str, dict[str, Any]]]:
+    """(where, object) of every example of a ``.jsonl`` file (each non-blank line: "line 3") or a ``.json`` file (a
+    list of objects, as Alpaca-style datasets and ``Dataset.to_json(lines=False)`` write: "example 3", counted from
+    1); ValueError naming ``field`` and the place for anything that is not an example object, and for a file
+    without examples."""
+    text = read_text(path, field)
+    examples: list[tuple[str, object]] = []
+    if path.suffix.lower() == ".json":
         try:
-            example = json.loads(line)
+            items = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{field}: {path} line {number} is not JSON ({err.msg})") from None
+            raise ValueError(f"{field}: {path} is not JSON ({err.msg}, line {err.lineno})") from None
+        if not isinstance(items, list):
+            raise ValueError(
+                f"{field}: {path} holds a JSON {type(items).__name__}, not a list of examples (or write one example "
+                "per line in a .jsonl file)"
+            )
+        examples = [(f"example {i}", item) for i, item in enumerate(items, 1)]
+    else:
+        # "\n" only: JSON strings may hold U+2028 and the other breaks str.splitlines() also splits at
+        for number, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                examples.append((f"line {number}", json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{field}: {path} line {number} is not JSON ({err.msg})") from None
+    objects = []
+    for where, example in examples:
         if not isinstance(example, dict):
-            raise ValueError(f"{field}: {path} line {number} is not a JSON object")
-        examples.append((number, example))
-    if not examples:
-        raise ValueError(f"{field}: {path} holds no examples (it is empty or only whitespace)")
-    return examples
+            raise ValueError(f"{field}: {path} {where} is not a JSON object")
+        objects.append((where, example))
+    if not objects:
+        raise ValueError(f"{field}: {path} holds no examples (it is empty, only whitespace or an empty list)")
+    return objects
 
 
 def tokenize_example(example: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
-    """(ids, labels) of one JSON Lines example (before its first token is untrained: :func:`_segments`): ``text``
+    """(ids, labels) of one example object (before its first token is untrained: :func:`_segments`): ``text``
     trains every token and ends with EOS; ``prompt`` and
     ``completion`` (tokenised separately, so the boundary is exact) train the completion and the EOS after it;
     ``messages`` are rendered with the tokenizer's chat template and train what the last (assistant) message adds

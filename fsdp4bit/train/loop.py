@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from . import debug as dbg
 from .config import Config, to_toml
-from .data import RankBatches, build_datasets, holds_boundaries, stream_of, trained_tokens
+from .data import RankBatches, build_datasets, holds_boundaries, holds_examples, stream_of, trained_tokens
 from .distributed import DistInfo, from_main, setup, teardown
 from .embedded import ensure_embedded_model
 from .evaluate import perplexity
@@ -228,7 +228,7 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
     if found:
         progress = load_checkpoint(found[-1][1], peft_model, optimizer, scheduler, settings)
         reads_clock = "strftime_now" in str(tokenizer.chat_template or "")
-        has_examples = any(name.lower().endswith(".jsonl") for name in [*cfg.data.train_files, *cfg.data.eval_files])
+        has_examples = any(holds_examples(name) for name in [*cfg.data.train_files, *cfg.data.eval_files])
         _resume_data(progress, batches, tcfg, info, packed, chat_date if reads_clock and has_examples else None)
         start_step, eval_pending = progress.step, bool(progress.eval_pending)
         metrics.truncate_after(start_step, pending_eval=eval_pending)
