@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -171,6 +172,25 @@ def test_resume_refuses_changed_settings() -> None:
         f"cannot resume from ck: train.lr={Config().train.lr!r} -> 0.0001, data.seq_len={Config().data.seq_len!r} -> 64 "
         "differ from the run that wrote it"
     )
+
+
+def test_cli_refuses_a_resume_with_other_settings_before_any_work(tmp_path: Path) -> None:
+    """Each rank raised it with a traceback once its process group was up; the command line says it first (exit 2),
+    and so for a new run beside an earlier run's checkpoints."""
+    from fsdp4bit.train.train_checkpoint import PROGRESS_FILE, resume_settings
+
+    out = tmp_path / "run"
+    folder = out / "checkpoints" / "step-00000004"
+    folder.mkdir(parents=True)
+    saved = resume_settings(load_config(None, ["train.steps=4"]))
+    (folder / PROGRESS_FILE).write_text(json.dumps({"step": 4, "settings": saved}))
+    (folder / ".metadata").write_text("")
+    base = ["--set", f'output.dir="{out}"']
+    proc = _cli([*base, "--set", "train.steps=6"], REPO)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "config error: cannot resume from " in proc.stderr and "train.steps=4 -> 6 differ" in proc.stderr
+    proc = _cli([*base, "--set", "train.steps=4", "--set", "checkpoint.resume=false"], REPO)
+    assert proc.returncode == 2 and "holds checkpoints of an earlier run (step-00000004)" in proc.stderr
 
 
 def test_resume_refuses_another_held_out_split() -> None:

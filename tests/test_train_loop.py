@@ -308,6 +308,17 @@ def test_a_stop_signal_during_an_evaluation_stops_every_rank_after_it(
     assert [r["step"] for r in metrics_records(out, "train")] == [1, 2, 3, 4]
 
 
+def test_debug_mode_checks_the_base_after_a_final_evaluation_without_resharding(tmp_path: Path) -> None:
+    """Under dist.reshard_after_forward=false the held-out evaluation after training left the parameters gathered
+    (here bf16 copies under mixed precision), and debug mode's end check read those against the shards' sums it had
+    taken before: "frozen base parameters changed" on an unchanged base."""
+    sets = [f'output.dir="{tmp_path / "run"}"', "train.steps=1", "checkpoint.every=0", "train.eval_before=false"]
+    sets += ["dist.reshard_after_forward=false", 'train.mixed_precision="bfloat16"', 'debug.mode="on"']
+    proc = _run_python(["-m", "fsdp4bit.train", "--config", str(CONFIG), *[a for x in sets for a in ("--set", x)]])
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "held-out perplexity: before n/a -> after" in proc.stdout
+
+
 def test_an_evaluation_checks_between_batches_and_restores_the_mode() -> None:
     """The stop check runs between forwards (one fewer than the batches: a signal in the last one is the loop's to
     see, keeping the finished evaluation), and an evaluation it abandons leaves the model in training mode."""

@@ -33,12 +33,13 @@ def check_inputs(cfg: Config) -> None:
     """Config errors naming the field, before a process group or the model is set up (exit code 2): a data file or
     model folder that does not exist, an embedded model that cannot be converted into ``model.cache_dir``, data files
     that are not UTF-8, hold no text, are listed twice, hold a malformed example (named by its line or place) or no
-    trained token, or give fewer sequences than one global micro-batch, and flex attention on the CPU. The
+    trained token, or give fewer sequences than one global micro-batch, flex attention on the CPU, and a run folder
+    whose checkpoints the run would mix with (another run's, or settings a resume must keep). The
     datasets built here are kept, and the run takes them (``data.build_datasets``)."""
     from .data import RankBatches, build_datasets, resolve_data_file
     from .distributed import device_type, launched_by_launcher
     from .model import load_tokenizer, resolve_model_path
-    from .train_checkpoint import chat_date_of_run
+    from .train_checkpoint import chat_date_of_run, check_run_folder
 
     for field in ("train_files", "eval_files"):
         for name in getattr(cfg.data, field):
@@ -50,6 +51,7 @@ def check_inputs(cfg: Config) -> None:
         raise ValueError(
             "model.attention: flex_attention has no backward on the CPU in torch; use sdpa or eager (or run on CUDA)"
         )
+    check_run_folder(cfg)  # a resume with other settings, or a new run beside an earlier run's checkpoints
     resolve_model_path(cfg.model)  # converts the embedded model on first use
     train, _ = build_datasets(cfg.data, load_tokenizer(cfg.model), chat_date_of_run(cfg))
     world = int(os.environ["WORLD_SIZE"]) if launched_by_launcher() else 1

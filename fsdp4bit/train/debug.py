@@ -20,6 +20,7 @@ from fsdp4bit.functional import packed_bytes
 from fsdp4bit.nn import Linear4bit, Params4bit
 
 from .config import ModelConfig
+from .distributed import reshard_all
 from .lora import is_adapter
 
 
@@ -66,7 +67,9 @@ def check_step(model: nn.Module, loss: torch.Tensor, step: int, device: torch.de
 
 
 def base_fingerprint(model: nn.Module) -> dict[str, float]:
-    """Per frozen tensor, a float64 sum of its bytes/values (4-bit weights: packed bytes and absmax)."""
+    """Per frozen tensor, a float64 sum of its bytes/values (4-bit weights: packed bytes and absmax), over the rank's
+    shards (units left unsharded by a forward without backward are sharded first)."""
+    reshard_all(model)
     out = {}
     for name, param in model.named_parameters():
         if param.requires_grad:

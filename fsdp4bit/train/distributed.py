@@ -14,7 +14,9 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule
 
 from .config import Config
 
@@ -87,6 +89,16 @@ def barrier() -> None:
     """A barrier that works for gloo and nccl alike."""
     if dist.is_initialized():
         dist.barrier()
+
+
+def reshard_all(model: nn.Module) -> None:
+    """Shard every FSDP2 unit of ``model`` again (no-op for those that are): a forward without backward (a held-out
+    evaluation, the packing check) under ``dist.reshard_after_forward = false`` leaves parameters unsharded, where
+    torch's optimizer state-dict API cannot map them and a parameter reads as the gathered (or mixed-precision)
+    tensor, not the rank's shard."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def from_main(value: str) -> str:

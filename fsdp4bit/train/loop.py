@@ -43,7 +43,7 @@ from .preemption import StopRequested, StopSignals, agree_stop, reduce_loss_and_
 from .train_checkpoint import (
     Progress,
     chat_date_of_run,
-    check_resumable,
+    check_run_folder,
     checkpoint_root,
     complete_checkpoints,
     load_checkpoint,
@@ -84,21 +84,6 @@ def run(cfg: Config) -> dict[str, Any]:
         raise
     teardown()
     return summary
-
-
-def _check_run_folder(cfg: Config, ckpt_root: Path) -> None:
-    """ValueError where the run would mix with the run folder's earlier run: a new run (``checkpoint.resume=false``)
-    beside its checkpoints (pruning keeps the newest steps, which may be the old run's), or a resume whose settings
-    differ from the newest checkpoint's."""
-    found = complete_checkpoints(ckpt_root)
-    if found and not cfg.checkpoint.resume:
-        raise ValueError(
-            f"{ckpt_root} holds checkpoints of an earlier run ({', '.join(p.name for _, p in found)}) and "
-            "checkpoint.resume=false starts a new one: resume it (checkpoint.resume=true), or give the new run "
-            "another output.dir (or remove those checkpoints)"
-        )
-    if found:
-        check_resumable(found[-1][1], resume_settings(cfg))
 
 
 def _resume_data(
@@ -156,7 +141,7 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
     tcfg = cfg.train
     out_dir = Path(cfg.output.dir)
     ckpt_root = checkpoint_root(cfg)
-    _check_run_folder(cfg, ckpt_root)  # on every rank, before anything is written or built
+    check_run_folder(cfg)  # on every rank, before anything is written or built
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_atomically(out_dir / "config.toml", to_toml(cfg))

@@ -24,11 +24,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-from torch.distributed.fsdp import FSDPModule
 
 from fsdp4bit.checkpoint import fsync_dir, fsync_tree
 
-from .distributed import barrier
+from .distributed import barrier, reshard_all
 from .lora import trainable_parameters
 
 _NAME = re.compile(r"^step-(\d{8})$")
@@ -163,12 +162,9 @@ def remove_partial(root: Path) -> None:
 
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
-    """What a checkpoint holds, with every FSDP2 unit sharded first: a forward without backward (a held-out
-    evaluation, the packing check) under ``dist.reshard_after_forward = false`` leaves parameters unsharded, and
-    torch's optimizer state-dict API then cannot map the optimizer's parameters (KeyError)."""
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
+    """What a checkpoint holds, every FSDP2 unit sharded first (:func:`~.distributed.reshard_all`: torch's optimizer
+    state-dict API raised KeyError after an evaluation under ``dist.reshard_after_forward = false``)."""
+    reshard_all(model)
     return {
         "adapters": {name: p.detach() for name, p in trainable_parameters(model)},
         "optimizer": get_optimizer_state_dict(model, optimizer),
@@ -224,10 +220,22 @@ def _retire(path: Path) -> Path:
     return doomed
 
 
-def check_resumable(path: Path, settings: dict[str, Any]) -> None:
-    """ValueError before anything is built if the checkpoint at ``path`` was written with other ``settings``."""
-    saved = json.loads((path / PROGRESS_FILE).read_text()).get("settings")
-    check_resume_settings(saved, settings, path)
+def check_run_folder(cfg: Any) -> None:
+    """ValueError where the run would mix with the run folder's earlier run: a new run (``checkpoint.resume=false``)
+    beside its checkpoints (pruning keeps the newest steps, which may be the old run's), or a resume whose settings
+    (:func:`resume_settings`) differ from the newest checkpoint's. The command line checks it before any process
+    group starts (exit 2), and the run again."""
+    root = checkpoint_root(cfg)
+    found = complete_checkpoints(root)
+    if found and not cfg.checkpoint.resume:
+        raise ValueError(
+            f"{root} holds checkpoints of an earlier run ({', '.join(p.name for _, p in found)}) and "
+            "checkpoint.resume=false starts a new one: resume it (checkpoint.resume=true), or give the new run "
+            "another output.dir (or remove those checkpoints)"
+        )
+    if found:
+        saved = json.loads((found[-1][1] / PROGRESS_FILE).read_text()).get("settings")
+        check_resume_settings(saved, resume_settings(cfg), found[-1][1])
 
 
 def load_checkpoint(
