@@ -191,6 +191,11 @@ def test_cli_refuses_a_resume_with_other_settings_before_any_work(tmp_path: Path
     assert "config error: cannot resume from " in proc.stderr and "train.steps=4 -> 6 differ" in proc.stderr
     proc = _cli([*base, "--set", "train.steps=4", "--set", "checkpoint.resume=false"], REPO)
     assert proc.returncode == 2 and "holds checkpoints of an earlier run (step-00000004)" in proc.stderr
+    for content, message in (('{"step": 4,', "JSONDecodeError"), ("[4]", "it holds a JSON list, not an object")):
+        (folder / PROGRESS_FILE).write_text(content)
+        proc = _cli([*base, "--set", "train.steps=4"], REPO)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert f"config error: cannot read {folder / PROGRESS_FILE}: {message}" in proc.stderr
 
 
 def test_resume_refuses_another_held_out_split() -> None:

@@ -21,7 +21,14 @@ from transformers import PreTrainedTokenizerFast
 
 from fsdp4bit.train import embedded
 from fsdp4bit.train.config import DataConfig, from_dict
-from fsdp4bit.train.data import build_datasets, sequences_of, templates_render_today_as, tokenize_files
+from fsdp4bit.train.data import (
+    DayPin,
+    build_datasets,
+    rendered_dates,
+    sequences_of,
+    templates_render_today_as,
+    tokenize_files,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CONVERTED = ("config.json", "model.safetensors", "tokenizer_config.json")  # what a converted folder holds
@@ -327,21 +334,22 @@ def test_a_bad_jsonl_example_names_the_field_and_line(tmp_path: Path, line: obje
 
 
 def test_a_json_file_holds_a_list_of_examples(tmp_path: Path) -> None:
-    """A ``.json`` file (Alpaca-style datasets, ``Dataset.to_json(lines=False)``) holds the examples as one list: the
-    same sequences as the same examples one per line. What is not a list of example objects is named."""
+    """A ``.json`` file holds the examples as one list (Alpaca-style datasets, ``Dataset.to_json(lines=False)``), or
+    one per line (``Dataset.to_json``'s default): the same sequences as the same examples in a ``.jsonl`` file. What
+    is not an example object is named."""
     tok = _vocab_tokenizer()
     examples = [
         {"prompt": "say hi", "completion": "hello there"},
         {"text": "you say hi"},
         {"messages": [{"role": "user", "content": "say hi"}, {"role": "assistant", "content": "hello"}]},
     ]
+    want = tokenize_files([write_jsonl(tmp_path / "lines.jsonl", *examples)], tok)
+    assert want[1].ne(-100).any() and want[1].eq(-100).any()  # read as examples, not text
     listed = tmp_path / "examples.JSON"
-    listed.write_text(json.dumps(examples, indent=2))
-    got = tokenize_files([str(listed)], tok)
-    assert torch.equal(got, tokenize_files([write_jsonl(tmp_path / "lines.jsonl", *examples)], tok))
-    assert got[1].ne(-100).any() and got[1].eq(-100).any()  # read as examples, not text
+    for content in (json.dumps(examples, indent=2), "\n".join(json.dumps(e) for e in examples) + "\n"):
+        listed.write_text(content)
+        assert torch.equal(tokenize_files([str(listed)], tok), want)
     for content, message in (
-        ({"text": "hi"}, r"examples\.JSON holds a JSON dict, not a list of examples"),
         ([{"text": "hi"}, ["hi"]], r"examples\.JSON example 2 is not a JSON object"),
         ([{"text": "hi"}, {"txt": "hi"}], r"examples\.JSON example 2: an example holds \"text\""),
         ([], r"examples\.JSON holds no examples"),
@@ -349,8 +357,8 @@ def test_a_json_file_holds_a_list_of_examples(tmp_path: Path) -> None:
         listed.write_text(json.dumps(content))
         with pytest.raises(ValueError, match=r"^data\.train_files: .*" + message):
             tokenize_files([str(listed)], tok)
-    listed.write_text('[{"text": "hi"},\n{"text": }]')
-    with pytest.raises(ValueError, match=r"examples\.JSON is not JSON \(Expecting value, line 2\)"):
+    listed.write_text('[{"text": "hi"},\n {"text": }]')
+    with pytest.raises(ValueError, match=r"examples\.JSON is not JSON \(Expecting value, line 2 column 11\)"):
         tokenize_files([str(listed)], tok)
 
 
@@ -380,11 +388,18 @@ def test_chat_templates_render_the_runs_day(tmp_path: Path) -> None:
     before = datetime.date.today()
     rendered = tok.apply_chat_template(chat, tokenize=False)  # the clock's day again
     assert rendered.startswith(tuple(f"today {day:%d %b %Y} " for day in (before, datetime.date.today())))
-    with templates_render_today_as("2024-02-29", tok):
+    outer, inner = DayPin("2024-02-29"), DayPin("2024-03-01")
+    with templates_render_today_as(outer, tok):
         assert tok.apply_chat_template(chat, tokenize=False).startswith("today 29 Feb 2024 </s> user")
-        with templates_render_today_as("2024-03-01", tok):  # nested: the inner day
+        with templates_render_today_as(inner, tok):  # nested: the inner day
             assert tok.apply_chat_template(chat, tokenize=False).startswith("today 01 Mar 2024 ")
         assert tok.apply_chat_template(chat, tokenize=False).startswith("today 29 Feb 2024 ")
+    assert outer.read and inner.read
+    # whether the day changed what was built: a resume on another day says so only then
+    assert rendered_dates()
+    tok.chat_template = _CHAT
+    build_datasets(cfg, tok, "2024-02-29")
+    assert not rendered_dates()
 
 
 def test_a_resumed_run_renders_the_day_its_checkpoint_kept(tmp_path: Path) -> None:

@@ -108,8 +108,8 @@ class DataConfig:
     """Sequences per forward pass during evaluation, per rank."""
     chat_date: str = ""
     """The day chat templates render as today (their ``strftime_now``, e.g. Llama 3's "Today Date"), YYYY-MM-DD;
-    empty = the day the run first started, kept in its checkpoints, so every rank and every resume render the same
-    chats."""
+    empty = the day the run first started (rank 0's local date), kept in its checkpoints, so every rank and every
+    resume render the same chats."""
 
 
 @dataclass

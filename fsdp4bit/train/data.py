@@ -1,9 +1,10 @@
 """Training data: tokenise, pack into fixed-length sequences, and hand each rank its own micro-batches.
 
-A data file is plain text (every token trained but its first) or examples, one per line in a ``*.jsonl`` file or
-as a list in a ``*.json`` file: ``{"text": ...}`` (every token trained but the first), ``{"prompt": ..., "completion": ...}`` (the loss on the
-completion and the EOS after it: instruction tuning) or ``{"messages": [...]}`` (a chat rendered with the
-tokenizer's chat template, the loss on its last message, which must be the assistant's). Examples are packed one
+A data file is plain text (every token trained but its first) or examples, one per line in a ``*.jsonl`` file
+or as a list in a ``*.json`` file: ``{"text": ...}`` (every token trained but the first), ``{"prompt": ...,
+"completion": ...}`` (the loss on the completion and the EOS after it: instruction tuning) or ``{"messages":
+[...]}`` (a chat rendered with the tokenizer's chat template, the loss on its last message, which must be the
+assistant's). Examples are packed one
 after another into sequences, as text is, or with ``data.packing`` off each goes into a sequence of its own
 (padded).
 
@@ -27,6 +28,7 @@ import datetime
 import json
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +70,8 @@ def tokenize_files(
 ) -> torch.Tensor:
     """All files as one ``[3, L]`` int64 stream of token ids, labels and each token's position in its segment (a
     text file or an example; its first token untrained). A text file's paragraphs are encoded separately and the
-    file ends with EOS; a ``.jsonl`` or ``.json`` file's examples follow :func:`tokenize_example`. A file without text is a
-    ValueError naming ``field`` (the tokenizer fails on an empty batch)."""
+    file ends with EOS; a ``.jsonl`` or ``.json`` file's examples follow :func:`tokenize_example`. A file without
+    text is a ValueError naming ``field`` (the tokenizer fails on an empty batch)."""
     return _stream(_segments(files, tokenizer, field))
 
 
@@ -147,22 +149,17 @@ def holds_examples(path: Path | str) -> bool:
 def _examples(path: Path, field: str) -> list[tuple[str, dict[str, Any]]]:
     """(where, object) of every example of a ``.jsonl`` file (each non-blank line: "line 3") or a ``.json`` file (a
     list of objects, as Alpaca-style datasets and ``Dataset.to_json(lines=False)`` write: "example 3", counted from
-    1); ValueError naming ``field`` and the place for anything that is not an example object, and for a file
-    without examples."""
+    1; or, not starting with "[", JSON Lines, as ``Dataset.to_json`` writes by default); ValueError naming ``field``
+    and the place for anything that is not an example object, and for a file without examples."""
     text = read_text(path, field)
     examples: list[tuple[str, object]] = []
-    if path.suffix.lower() == ".json":
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
             items = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{field}: {path} is not JSON ({err.msg}, line {err.lineno})") from None
-        if not isinstance(items, list):
-            raise ValueError(
-                f"{field}: {path} holds a JSON {type(items).__name__}, not a list of examples (or write one example "
-                "per line in a .jsonl file)"
-            )
+            raise ValueError(f"{field}: {path} is not JSON ({err.msg}, line {err.lineno} column {err.colno})") from None
         examples = [(f"example {i}", item) for i, item in enumerate(items, 1)]
-    else:
+    else:  # JSON Lines (in a .json file too: what Dataset.to_json writes by default)
         # "\n" only: JSON strings may hold U+2028 and the other breaks str.splitlines() also splits at
         for number, line in enumerate(text.split("\n"), 1):
             if not line.strip():
@@ -279,11 +276,12 @@ def _held_out_split(train: torch.Tensor, cfg: DataConfig) -> tuple[torch.Tensor,
     return train[: len(train) - n_eval], train[len(train) - n_eval :]
 
 
-_BUILT: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_BUILT: dict[tuple, tuple[torch.Tensor, torch.Tensor, bool]] = {}
 
 
 def _build_key(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple:
-    """What build_datasets' result depends on: the data settings, the tokenizer, each file's size and mtime."""
+    """What build_datasets' result depends on: the data settings, the tokenizer (its chat template too), each file's
+    size and mtime."""
     stats = []
     for name in [*cfg.train_files, *cfg.eval_files]:
         path = resolve_data_file(name).resolve()
@@ -291,7 +289,7 @@ def _build_key(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple:
         stats.append((str(path), st.st_size, st.st_mtime_ns))
     data = (tuple(cfg.train_files), tuple(cfg.eval_files), cfg.eval_fraction, cfg.seq_len, cfg.eval_max_sequences)
     data += (cfg.packing,)
-    return (*data, tokenizer.name_or_path, len(tokenizer), tuple(stats))
+    return (*data, tokenizer.name_or_path, len(tokenizer), str(tokenizer.chat_template), tuple(stats))
 
 
 def build_datasets(
@@ -303,29 +301,47 @@ def build_datasets(
     key = (*_build_key(cfg, tokenizer), chat_date)
     if key not in _BUILT:
         _BUILT.clear()
-        with contextlib.nullcontext() if chat_date is None else templates_render_today_as(chat_date, tokenizer):
-            _BUILT[key] = _build(cfg, tokenizer)
-    return _BUILT[key]
+        pin = DayPin(chat_date)
+        with contextlib.nullcontext() if chat_date is None else templates_render_today_as(pin, tokenizer):
+            _BUILT[key] = (*_build(cfg, tokenizer), pin.read)
+    return _BUILT[key][:2]
+
+
+def rendered_dates() -> bool:
+    """Whether a chat template wrote today's date while the datasets kept last were built (only then does the day
+    change what is trained)."""
+    return any(dated for _, _, dated in _BUILT.values())
+
+
+@dataclass
+class DayPin:
+    """The day (YYYY-MM-DD) chat templates render as today, and whether one did."""
+
+    day: str | None
+    read: bool = False
 
 
 @contextlib.contextmanager
-def templates_render_today_as(day: str, tokenizer: PreTrainedTokenizerBase) -> Iterator[None]:
-    """Inside, chat templates' ``strftime_now`` gives ``day`` (YYYY-MM-DD) at midnight, not the clock's time.
+def templates_render_today_as(pin: DayPin, tokenizer: PreTrainedTokenizerBase) -> Iterator[None]:
+    """Inside, chat templates' ``strftime_now`` gives ``pin.day`` at midnight, not the clock's time, and sets
+    ``pin.read``.
 
     transformers gives templates that function and reads the clock through its module's ``datetime`` name (render
     arguments cannot replace it: they are reduced to plain data), so that name is swapped for the duration, for the
     whole process (another thread rendering a template meanwhile sees the same day). Where a transformers version
     reads the clock otherwise, ``tokenizer``'s template, if it reads the date, is warned about."""
-    date = datetime.date.fromisoformat(day)
+    date = datetime.date.fromisoformat(pin.day)
 
     class PinnedDatetime(datetime.datetime):
         @classmethod
         def now(cls, tz: datetime.tzinfo | None = None) -> datetime.datetime:
+            pin.read = True
             return cls(date.year, date.month, date.day, tzinfo=tz)
 
     clock = getattr(chat_template_utils, "datetime", None)
     if not (isinstance(clock, type) and issubclass(clock, datetime.datetime)):  # (a subclass: pinned already)
         if "strftime_now" in str(tokenizer.chat_template or ""):
+            pin.read = True
             warnings.warn(
                 "fsdp4bit.train: this transformers version does not read the clock where fsdp4bit pins it, so the "
                 "chat template renders today's date, not data.chat_date's day: a resume on another day may tokenise "

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from . import debug as dbg
 from .config import Config, to_toml
-from .data import RankBatches, build_datasets, holds_boundaries, holds_examples, stream_of, trained_tokens
+from .data import RankBatches, build_datasets, holds_boundaries, rendered_dates, stream_of, trained_tokens
 from .distributed import DistInfo, from_main, setup, teardown
 from .embedded import ensure_embedded_model
 from .evaluate import perplexity
@@ -99,7 +99,7 @@ def _resume_data(
     step now takes another number of sequences (another world size, micro-batch size or accumulation), where
     the ``packed`` examples of a checkpoint written before they were kept apart are now trained apart, and where
     chats whose template writes the date are rendered on another day than the checkpoint's (``dated_chats``: the
-    day now, None where the chat template does not read the clock)."""
+    day now, None where no chat template rendered a date)."""
     saved = progress.settings or {}
     micro = saved.get("train.micro_batch_size", tcfg.micro_batch_size)
     accum = saved.get("train.grad_accum", tcfg.grad_accum)
@@ -153,10 +153,10 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
     torch.manual_seed(tcfg.seed)
     t0 = time.time()
     model = build_model(cfg.model)
-    # rank 0's day: ranks started either side of midnight render the same chats
-    chat_date = from_main(chat_date_of_run(cfg) if info.is_main else "")
-    tokenizer = load_tokenizer(cfg.model)
-    train_seqs, eval_seqs = build_datasets(cfg.data, tokenizer, chat_date)
+    # rank 0's day: ranks started either side of midnight render the same chats (every rank reads the checkpoint,
+    # so an unreadable one fails every rank alike, not rank 0 alone with the others waiting in the broadcast)
+    chat_date = from_main(chat_date_of_run(cfg))
+    train_seqs, eval_seqs = build_datasets(cfg.data, load_tokenizer(cfg.model), chat_date)
     peft_model = attach_lora(model, cfg.lora, tcfg.seed)
     init_adapters = AdapterInit()
     if cfg.model.activation_checkpointing:
@@ -212,9 +212,7 @@ def _run(cfg: Config, info: DistInfo, wall_start: float) -> dict[str, Any]:
     settings = resume_settings(cfg)
     if found:
         progress = load_checkpoint(found[-1][1], peft_model, optimizer, scheduler, settings)
-        reads_clock = "strftime_now" in str(tokenizer.chat_template or "")
-        has_examples = any(holds_examples(name) for name in [*cfg.data.train_files, *cfg.data.eval_files])
-        _resume_data(progress, batches, tcfg, info, packed, chat_date if reads_clock and has_examples else None)
+        _resume_data(progress, batches, tcfg, info, packed, chat_date if rendered_dates() else None)
         start_step, eval_pending = progress.step, bool(progress.eval_pending)
         metrics.truncate_after(start_step, pending_eval=eval_pending)
         _say(info, f"resumed from {found[-1][1]} (step {start_step})")

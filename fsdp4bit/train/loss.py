@@ -14,9 +14,10 @@ from .data import IGNORE
 
 def token_nll(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """The summed negative log-likelihood (float32) of ``batch``'s trained next tokens under ``model``: ``batch`` is
-    ``[b, 3, seq_len]`` (ids, labels, positions), the logits at position ``i`` predict label ``i + 1``; divide by :func:`~fsdp4bit.train.data.trained_tokens` for the mean.
-    Position ids that restart mark packed segments, which Hugging Face models keep from attending to each other
-    when there is no KV cache (hence ``use_cache=False``) and no 2D attention mask."""
+    ``[b, 3, seq_len]`` (ids, labels, positions), the logits at position ``i`` predict label ``i + 1``; divide by
+    :func:`~fsdp4bit.train.data.trained_tokens` for the mean. Position ids that restart mark packed segments, which
+    Hugging Face models keep from attending to each other when there is no KV cache (hence ``use_cache=False``) and
+    no 2D attention mask."""
     ids, labels, positions = batch.unbind(1)
     logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits
     # the labels shift, not the logits: a slice of the logits would be copied again to flatten it

@@ -190,8 +190,8 @@ def keeps_packed_segments_apart(model: nn.Module, tokens: torch.Tensor, device: 
     least 2): B after A with restarting positions, B alone at the start, and B after A with positions counting on.
     A model that keeps them apart computes B after A exactly as B alone (0 difference in float32 and bf16 on CPU,
     and with sdpa in bf16 on CUDA, where measured); a leak, even a partial one through a recurrent layer, shows as
-    at least a percent of the crossing row's difference. The threshold is 0.1% of it (a floor at the logits' bf16 rounding let a tiny
-    BioGPT's 44% leak through)."""
+    at least a percent of the crossing row's difference. The threshold is 0.1% of it (a floor at the logits' bf16
+    rounding let a tiny BioGPT's 44% leak through)."""
     length = min(len(tokens) // 2, 16)  # a sequence's length would make three vocabulary-wide logit rows of it
     a, b = tokens[:length].cpu(), tokens[length : 2 * length].cpu()
     restart, counting = torch.arange(length).repeat(2), torch.arange(2 * length)

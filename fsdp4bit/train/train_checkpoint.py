@@ -145,13 +145,20 @@ def chat_date_of_run(cfg: Any) -> str:
 
 
 def kept_chat_date(path: Path) -> str | None:
-    """The day checkpoint ``path``'s run rendered chats on (None for checkpoints written before it was kept);
-    ValueError naming the file where it cannot be read."""
+    """The day checkpoint ``path``'s run rendered chats on (None for checkpoints written before it was kept)."""
+    return read_progress(path).get("chat_date")
+
+
+def read_progress(path: Path) -> dict[str, Any]:
+    """Checkpoint ``path``'s progress.json; ValueError naming the file where it cannot be read or holds no object."""
     file = path / PROGRESS_FILE
     try:
-        return json.loads(file.read_text()).get("chat_date")
-    except (OSError, ValueError, AttributeError) as err:
+        saved = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
         raise ValueError(f"cannot read {file}: {type(err).__name__}: {err}") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"cannot read {file}: it holds a JSON {type(saved).__name__}, not an object")
+    return saved
 
 
 def remove_partial(root: Path) -> None:
@@ -226,7 +233,10 @@ def check_run_folder(cfg: Any) -> None:
     (:func:`resume_settings`) differ from the newest checkpoint's. The command line checks it before any process
     group starts (exit 2), and the run again."""
     root = checkpoint_root(cfg)
-    found = complete_checkpoints(root)
+    try:
+        found = complete_checkpoints(root)
+    except OSError as err:
+        raise ValueError(f"output.dir: cannot list its checkpoints: {err}") from None
     if found and not cfg.checkpoint.resume:
         raise ValueError(
             f"{root} holds checkpoints of an earlier run ({', '.join(p.name for _, p in found)}) and "
@@ -234,8 +244,7 @@ def check_run_folder(cfg: Any) -> None:
             "another output.dir (or remove those checkpoints)"
         )
     if found:
-        saved = json.loads((found[-1][1] / PROGRESS_FILE).read_text()).get("settings")
-        check_resume_settings(saved, resume_settings(cfg), found[-1][1])
+        check_resume_settings(read_progress(found[-1][1]).get("settings"), resume_settings(cfg), found[-1][1])
 
 
 def load_checkpoint(
@@ -243,7 +252,7 @@ def load_checkpoint(
 ) -> Progress:
     """Restore adapters, optimizer and schedule in place from ``path``, after checking that the run's ``settings``
     (:func:`resume_settings`) are the checkpoint's; returns the saved progress (collective)."""
-    saved = json.loads((path / PROGRESS_FILE).read_text())
+    saved = read_progress(path)
     known = {f.name for f in dataclasses.fields(Progress)}  # a newer version's fields are not this one's to read
     progress = Progress(**{key: value for key, value in saved.items() if key in known})
     check_resume_settings(progress.settings, settings, path)
