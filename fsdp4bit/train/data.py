@@ -1,12 +1,11 @@
 """Training data: tokenise, pack into fixed-length sequences, and hand each rank its own micro-batches.
 
-A data file is plain text (every token trained but its first) or examples, one per line in a ``*.jsonl`` file
-or as a list in a ``*.json`` file: ``{"text": ...}`` (every token trained but the first), ``{"prompt": ...,
-"completion": ...}`` (the loss on the completion and the EOS after it: instruction tuning) or ``{"messages":
-[...]}`` (a chat rendered with the tokenizer's chat template, the loss on its last message, which must be the
-assistant's). Examples are packed one
-after another into sequences, as text is, or with ``data.packing`` off each goes into a sequence of its own
-(padded).
+A data file is plain text (every token trained but its first) or examples, one per line in a ``*.jsonl`` file, or in
+a ``*.json`` file as a list (or one per line too): ``{"text": ...}`` (every token trained but the first),
+``{"prompt": ..., "completion": ...}`` (the loss on the completion and the EOS after it: instruction tuning) or
+``{"messages": [...]}`` (a chat rendered with the tokenizer's chat template, the loss on its last message, which
+must be the assistant's). Examples are packed one after another into sequences, as text is, or with ``data.packing``
+off each goes into a sequence of its own (padded).
 
 A sequence is ``[3, seq_len]``: token ids, labels (the id where the token is trained, else -100) and position ids.
 A segment (a text file, an example) starts at position 0, and so does every sequence. Hugging Face models read a
@@ -142,7 +141,8 @@ def sequences_of(
 
 
 def holds_examples(path: Path | str) -> bool:
-    """Whether a data file holds examples (``*.jsonl``: one per line; ``*.json``: a list of them), not text."""
+    """Whether a data file holds examples (``*.jsonl``: one per line; ``*.json``: a list of them, or one per line),
+    not text."""
     return Path(path).suffix.lower() in (".jsonl", ".json")
 
 
