@@ -357,6 +357,9 @@ def test_a_json_file_holds_a_list_of_examples(tmp_path: Path) -> None:
         listed.write_text(json.dumps(content))
         with pytest.raises(ValueError, match=r"^data\.train_files: .*" + message):
             tokenize_files([str(listed)], tok)
+    listed.write_text(json.dumps({"train": examples}, indent=2))
+    with pytest.raises(ValueError, match=r"examples\.JSON holds one JSON object, not a list of examples nor one"):
+        tokenize_files([str(listed)], tok)
     listed.write_text('[{"text": "hi"},\n {"text": }]')
     with pytest.raises(ValueError, match=r"examples\.JSON is not JSON \(Expecting value, line 2 column 11\)"):
         tokenize_files([str(listed)], tok)

@@ -167,6 +167,10 @@ def _examples(path: Path, field: str) -> list[tuple[str, dict[str, Any]]]:
             try:
                 examples.append((f"line {number}", json.loads(line)))
             except json.JSONDecodeError as err:
+                if path.suffix.lower() == ".json" and _json_object(text):  # e.g. {"train": [...]}, pretty-printed
+                    raise ValueError(
+                        f"{field}: {path} holds one JSON object, not a list of examples nor one example per line"
+                    ) from None
                 raise ValueError(f"{field}: {path} line {number} is not JSON ({err.msg})") from None
     objects = []
     for where, example in examples:
@@ -176,6 +180,14 @@ def _examples(path: Path, field: str) -> list[tuple[str, dict[str, Any]]]:
     if not objects:
         raise ValueError(f"{field}: {path} holds no examples (it is empty, only whitespace or an empty list)")
     return objects
+
+
+def _json_object(text: str) -> bool:
+    """Whether ``text`` is one JSON object as a whole (a file that is no list of examples and no JSON Lines)."""
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def tokenize_example(example: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
