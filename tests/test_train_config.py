@@ -67,6 +67,7 @@ def test_wrong_type_names_the_field(data: dict, field: str) -> None:
         ({"output": {"dir": ""}}, "output.dir"),
         ({"checkpoint": {"save_on_signals": ["SIGKILL"]}}, "checkpoint.save_on_signals"),
         ({"train": {"eval_every": -1}}, "train.eval_every"),
+        ({"data": {"chat_loss": "all"}}, "data.chat_loss"),
         ({"data": {"chat_date": "2023-02-29"}}, "data.chat_date"),
         ({"data": {"chat_date": "2024-2-29"}}, "data.chat_date"),
         ({"data": {"chat_date": "20240229"}}, "data.chat_date"),

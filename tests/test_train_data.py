@@ -27,7 +27,9 @@ from fsdp4bit.train.data import (
     rendered_dates,
     sequences_of,
     templates_render_today_as,
+    tokenize_example,
     tokenize_files,
+    trained_tokens,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -222,6 +224,46 @@ def test_jsonl_examples_train_only_their_completions(tmp_path: Path) -> None:
     assert train[:, 0].flatten().tolist() == want_ids[:16] and train[:, 1].flatten().tolist() == want_labels[:16]
     # positions restart at each example and at each sequence (an example cut by it goes on from 0)
     assert train[:, 2].tolist() == [[0, 1, 2, 3], [0, 0, 1, 2], [0, 0, 1, 2], [0, 1, 2, 3]]
+
+
+def test_multi_turn_chats_train_the_last_or_every_assistant_message(tmp_path: Path) -> None:
+    """data.chat_loss: "last" trains the last assistant message (earlier ones are context), "assistant" every
+    assistant message after the first message; the ids are the same. A template that renders an earlier turn
+    otherwise once later messages follow cannot be cut at each turn, and says so."""
+    tok = _vocab_tokenizer()
+    ids = tok.convert_tokens_to_ids
+    chat = [
+        {"role": "user", "content": "say hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "you say hi"},
+        {"role": "assistant", "content": "hello there"},
+    ]
+    first, second = ids(["hello", "</s>"]), ids(["hello", "there", "</s>"])
+    want_ids = ids(["user", ":", "say", "hi", "</s>", "assistant", ":"]) + first
+    want_ids += ids(["user", ":", "you", "say", "hi", "</s>", "assistant", ":"]) + second
+    last = tokenize_example({"messages": chat}, tok)
+    every = tokenize_example({"messages": chat}, tok, "assistant")
+    assert last[0] == every[0] == want_ids
+    assert last[1] == [-100] * 17 + second
+    assert every[1] == [-100] * 7 + first + [-100] * 8 + second
+    # an assistant message first has nothing before it to prompt it: context
+    opening = [{"role": "assistant", "content": "hi"}, *chat]
+    assert tokenize_example({"messages": opening}, tok, "assistant")[1][:5] == [-100] * 5
+    path = write_jsonl(tmp_path / "chat.jsonl", {"messages": chat})
+    trained = [
+        trained_tokens(build_datasets(DataConfig([path], [], eval_fraction=0.0, seq_len=5, chat_loss=m), tok)[0])
+        for m in ("last", "assistant")
+    ]
+    assert trained == [3, 5]
+    # a template that shortens earlier answers once the chat goes on (as some drop earlier reasoning)
+    tok.chat_template = _CHAT.replace(
+        "{{ m.role }} : {{ m.content }} </s> ",
+        "{% if m.role == 'assistant' and not loop.last %}assistant : hi </s> "
+        "{% else %}{{ m.role }} : {{ m.content }} </s> {% endif %}",
+    )
+    assert tokenize_example({"messages": chat}, tok)[1][-3:] == second
+    with pytest.raises(ValueError, match=r"renders the chat before message 3 .* \(data\.chat_loss = \"last\" trains"):
+        tokenize_example({"messages": chat}, tok, "assistant")
 
 
 def test_without_packing_each_example_has_a_sequence_of_its_own(tmp_path: Path) -> None:

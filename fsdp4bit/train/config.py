@@ -25,6 +25,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, packaged as tomli
     import tomli as tomllib
 
 DTYPES = ("float32", "bfloat16", "float16")
+CHAT_LOSSES = ("last", "assistant")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -106,6 +107,9 @@ class DataConfig:
     across ranks."""
     eval_batch_size: int = 4
     """Sequences per forward pass during evaluation, per rank."""
+    chat_loss: str = "last"
+    """Which messages of a ``{"messages": [...]}`` example are trained: "last" (the last, which must be the
+    assistant's) or "assistant" (every assistant message after the first message: multi-turn chats)."""
     chat_date: str = ""
     """The day chat templates render as today (their ``strftime_now``, e.g. Llama 3's "Today Date"), YYYY-MM-DD;
     empty = the day the run first started (rank 0's local date), kept in its checkpoints, so every rank and every
@@ -324,6 +328,10 @@ def validate(cfg: Config) -> Config:
     if cfg.data.seq_len < 2:
         raise ValueError(
             f"config field 'data.seq_len' must be at least 2 (a token and the next), got {cfg.data.seq_len}"
+        )
+    if cfg.data.chat_loss not in CHAT_LOSSES:
+        raise ValueError(
+            f"config field 'data.chat_loss' must be one of {list(CHAT_LOSSES)}, got {cfg.data.chat_loss!r}"
         )
     if cfg.data.chat_date and not _is_iso_date(cfg.data.chat_date):
         raise ValueError(

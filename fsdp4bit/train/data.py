@@ -65,13 +65,13 @@ def read_text(path: Path, field: str) -> str:
 
 
 def tokenize_files(
-    files: list[str], tokenizer: PreTrainedTokenizerBase, field: str = "data.train_files"
+    files: list[str], tokenizer: PreTrainedTokenizerBase, field: str = "data.train_files", chat_loss: str = "last"
 ) -> torch.Tensor:
     """All files as one ``[3, L]`` int64 stream of token ids, labels and each token's position in its segment (a
     text file or an example; its first token untrained). A text file's paragraphs are encoded separately and the
     file ends with EOS; a ``.jsonl`` or ``.json`` file's examples follow :func:`tokenize_example`. A file without
     text is a ValueError naming ``field`` (the tokenizer fails on an empty batch)."""
-    return _stream(_segments(files, tokenizer, field))
+    return _stream(_segments(files, tokenizer, field, chat_loss))
 
 
 def _stream(segments: list[tuple[list[int], list[int], bool]]) -> torch.Tensor:
@@ -85,7 +85,7 @@ def _stream(segments: list[tuple[list[int], list[int], bool]]) -> torch.Tensor:
 
 
 def _segments(
-    files: list[str], tokenizer: PreTrainedTokenizerBase, field: str
+    files: list[str], tokenizer: PreTrainedTokenizerBase, field: str, chat_loss: str = "last"
 ) -> list[tuple[list[int], list[int], bool]]:
     """(ids, labels, is an example) of each text file (one segment) and each example, in order; a
     segment's first token is not trained."""
@@ -95,7 +95,7 @@ def _segments(
         if holds_examples(path):
             for where, example in _examples(path, field):
                 try:
-                    out.append((*tokenize_example(example, tokenizer), True))
+                    out.append((*tokenize_example(example, tokenizer, chat_loss), True))
                 except ValueError as err:
                     raise ValueError(f"{field}: {path} {where}: {err}") from None
             continue
@@ -110,7 +110,12 @@ def _segments(
 
 
 def sequences_of(
-    files: list[str], tokenizer: PreTrainedTokenizerBase, seq_len: int, packing: bool, field: str = "data.train_files"
+    files: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    seq_len: int,
+    packing: bool,
+    field: str = "data.train_files",
+    chat_loss: str = "last",
 ) -> torch.Tensor:
     """``[n, 3, seq_len]`` sequences of ``field``'s files: everything packed back to back (:func:`pack`), or with
     ``packing`` off each example in a sequence of its own, cut to ``seq_len`` (with a warning saying how
@@ -118,10 +123,10 @@ def sequences_of(
     counting, so it is no boundary); a text file is then packed on its own. Sequences keep the files' order (the
     held-out fraction is the last)."""
     if packing:
-        return pack(tokenize_files(files, tokenizer, field), seq_len, field)
+        return pack(tokenize_files(files, tokenizer, field, chat_loss), seq_len, field)
     pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
     rows, cut, examples = [], 0, 0
-    for ids, labels, is_example in _segments(files, tokenizer, field):
+    for ids, labels, is_example in _segments(files, tokenizer, field, chat_loss):
         if not is_example:
             rows.extend(pack(_stream([(ids, labels, is_example)]), seq_len, field).unbind(0))
             continue
@@ -190,13 +195,16 @@ def _json_object(text: str) -> bool:
         return False
 
 
-def tokenize_example(example: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+def tokenize_example(
+    example: dict[str, Any], tokenizer: PreTrainedTokenizerBase, chat_loss: str = "last"
+) -> tuple[list[int], list[int]]:
     """(ids, labels) of one example object (before its first token is untrained: :func:`_segments`): ``text``
     trains every token and ends with EOS; ``prompt`` and
     ``completion`` (tokenised separately, so the boundary is exact) train the completion and the EOS after it;
     ``messages`` are rendered with the tokenizer's chat template and train what the last (assistant) message adds
-    to the rendering of the ones before it (its end-of-turn tokens included; the template supplies them, so no EOS
-    is added). ValueError for any other shape."""
+    to the rendering of the ones before it, or with ``chat_loss = "assistant"`` what every assistant message adds
+    (its end-of-turn tokens included; the template supplies them, so no EOS is added). ValueError for any other
+    shape."""
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     keys = set(example)
 
@@ -212,18 +220,26 @@ def tokenize_example(example: dict[str, Any], tokenizer: PreTrainedTokenizerBase
         prompt, completion = encode(example["prompt"], "prompt"), encode(example["completion"], "completion") + eos
         return prompt + completion, [IGNORE] * len(prompt) + completion
     if keys == {"messages"}:
-        prompt_text, full_text = _chat_texts(example["messages"], tokenizer)
-        prompt, completion = encode(prompt_text, "messages"), encode(full_text[len(prompt_text) :], "messages")
-        return prompt + completion, [IGNORE] * len(prompt) + completion
+        ids, labels = [], []
+        for text, trained in _chat_pieces(example["messages"], tokenizer, chat_loss == "assistant"):
+            piece = encode(text, "messages")
+            ids += piece
+            labels += piece if trained else [IGNORE] * len(piece)
+        return ids, labels
     raise ValueError(
         f'an example holds "text", "prompt" and "completion", or "messages", got keys {sorted(keys)} (see '
         "fsdp4bit/train/README.md, Data)"
     )
 
 
-def _chat_texts(messages: object, tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
-    """(the chat before its last message with the assistant's generation prompt, the whole chat) as rendered by the
-    tokenizer's chat template; the first is a prefix of the second."""
+def _chat_pieces(
+    messages: object, tokenizer: PreTrainedTokenizerBase, every_assistant: bool = False
+) -> list[tuple[str, bool]]:
+    """The chat as rendered by the tokenizer's chat template, cut into (text, trained) pieces: the chat before its
+    last message with the assistant's generation prompt (not trained), then what the last message adds (trained);
+    with ``every_assistant``, so cut at every assistant message after the first message (what the chat before it
+    renders with the generation prompt, then what the message adds), which needs each rendering to be the start of
+    the next one."""
     if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)):
         raise ValueError('"messages" must be a non-empty list of {"role": ..., "content": ...} objects')
     for i, message in enumerate(messages):
@@ -235,17 +251,27 @@ def _chat_texts(messages: object, tokenizer: PreTrainedTokenizerBase) -> tuple[s
         )
     if not tokenizer.chat_template:
         raise ValueError('"messages" need a chat template, and the tokenizer of model.path has none')
-    try:
-        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(messages, tokenize=False)
-    except Exception as err:  # the template's own checks raise jinja2's TemplateError (e.g. roles it refuses)
-        raise ValueError(f"the tokenizer's chat template refuses it: {type(err).__name__}: {err}") from None
-    if not full.startswith(prompt):
-        raise ValueError(
-            "the chat template renders the chat before its last message (with the generation prompt) as something "
-            "other than the start of the whole chat, so the assistant's part cannot be told apart"
-        )
-    return prompt, full
+
+    def render(chat: list[dict], prompt: bool) -> str:
+        try:
+            return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=prompt)
+        except Exception as err:  # the template's own checks raise jinja2's TemplateError (e.g. roles it refuses)
+            raise ValueError(f"the tokenizer's chat template refuses it: {type(err).__name__}: {err}") from None
+
+    ends = [i for i, m in enumerate(messages) if i > 0 and m["role"] == "assistant"] if every_assistant else []
+    pieces, done = [], ""
+    for i in ends or [len(messages) - 1]:
+        prompt, full = render(messages[:i], True), render(messages[: i + 1], False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            what = "its last message" if not ends else f"message {i}"
+            raise ValueError(
+                f"the chat template renders the chat before {what} (with the generation prompt) as something other "
+                "than the start of the chat up to it, so the assistant's part cannot be told apart"
+                + (' (data.chat_loss = "last" trains the last message only)' if ends else "")
+            )
+        pieces += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
+        done = full
+    return pieces
 
 
 def pack(tokens: torch.Tensor, seq_len: int, field: str = "data.train_files") -> torch.Tensor:
@@ -300,7 +326,7 @@ def _build_key(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple:
         st = path.stat()
         stats.append((str(path), st.st_size, st.st_mtime_ns))
     data = (tuple(cfg.train_files), tuple(cfg.eval_files), cfg.eval_fraction, cfg.seq_len, cfg.eval_max_sequences)
-    data += (cfg.packing,)
+    data += (cfg.packing, cfg.chat_loss)
     return (*data, tokenizer.name_or_path, len(tokenizer), str(tokenizer.chat_template), tuple(stats))
 
 
@@ -372,9 +398,9 @@ def templates_render_today_as(pin: DayPin, tokenizer: PreTrainedTokenizerBase) -
 def _build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[torch.Tensor, torch.Tensor]:
     """build_datasets without the kept result."""
     check_distinct(cfg)
-    train = sequences_of(cfg.train_files, tokenizer, cfg.seq_len, cfg.packing, "data.train_files")
+    train = sequences_of(cfg.train_files, tokenizer, cfg.seq_len, cfg.packing, "data.train_files", cfg.chat_loss)
     if cfg.eval_files:
-        held_out = sequences_of(cfg.eval_files, tokenizer, cfg.seq_len, cfg.packing, "data.eval_files")
+        held_out = sequences_of(cfg.eval_files, tokenizer, cfg.seq_len, cfg.packing, "data.eval_files", cfg.chat_loss)
     else:
         train, held_out = _held_out_split(train, cfg)
     if cfg.eval_max_sequences and len(held_out) > cfg.eval_max_sequences:
