@@ -228,8 +228,10 @@ def test_jsonl_examples_train_only_their_completions(tmp_path: Path) -> None:
 
 def test_multi_turn_chats_train_the_last_or_every_assistant_message(tmp_path: Path) -> None:
     """data.chat_loss: "last" trains the last assistant message (earlier ones are context), "assistant" every
-    assistant message after the first message; the ids are the same. A template that renders an earlier turn
-    otherwise once later messages follow cannot be cut at each turn, and says so."""
+    assistant message after the first message (the ids are the same here; a byte-level tokenizer may merge
+    characters across a cut otherwise). A template that renders an earlier turn otherwise once later messages follow
+    cannot be cut at each turn, and says which message; one whose generation prompt is not how it renders the
+    answer's start cannot tell the answer apart in either mode."""
     tok = _vocab_tokenizer()
     ids = tok.convert_tokens_to_ids
     chat = [
@@ -262,8 +264,18 @@ def test_multi_turn_chats_train_the_last_or_every_assistant_message(tmp_path: Pa
         "{% else %}{{ m.role }} : {{ m.content }} </s> {% endif %}",
     )
     assert tokenize_example({"messages": chat}, tok)[1][-3:] == second
-    with pytest.raises(ValueError, match=r"renders the chat before message 3 .* \(data\.chat_loss = \"last\" trains"):
+    with pytest.raises(ValueError, match=r"renders message 1 otherwise once the chat goes on .* \"last\" trains"):
         tokenize_example({"messages": chat}, tok, "assistant")
+    # a finished chat ending with EOS (Phi-3): not after a turn the chat goes on from, so trained at the end only
+    tok.chat_template = _CHAT.replace("assistant :{% endif %}", "assistant :{% else %}{{ eos_token }}{% endif %}")
+    phi = tokenize_example({"messages": chat}, tok, "assistant")
+    assert phi[0] == want_ids + ids(["</s>"])
+    assert phi[1] == [-100] * 7 + first + [-100] * 8 + second + ids(["</s>"])
+    # a generation prompt that is not the start of the answer's rendering
+    tok.chat_template = _CHAT.replace("assistant :{% endif %}", "assistant ::{% endif %}")
+    for mode, message in (("last", 3), ("assistant", 1)):
+        with pytest.raises(ValueError, match=rf"renders the chat before message {message} \(with the generation"):
+            tokenize_example({"messages": chat}, tok, mode)
 
 
 def test_without_packing_each_example_has_a_sequence_of_its_own(tmp_path: Path) -> None:

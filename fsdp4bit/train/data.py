@@ -239,7 +239,7 @@ def _chat_pieces(
     last message with the assistant's generation prompt (not trained), then what the last message adds (trained);
     with ``every_assistant``, so cut at every assistant message after the first message (what the chat before it
     renders with the generation prompt, then what the message adds), which needs each rendering to be the start of
-    the next one."""
+    the next one (but for an EOS that a template writes after a finished chat only: it is trained at the end)."""
     if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)):
         raise ValueError('"messages" must be a non-empty list of {"role": ..., "content": ...} objects')
     for i, message in enumerate(messages):
@@ -259,18 +259,27 @@ def _chat_pieces(
             raise ValueError(f"the tokenizer's chat template refuses it: {type(err).__name__}: {err}") from None
 
     ends = [i for i, m in enumerate(messages) if i > 0 and m["role"] == "assistant"] if every_assistant else []
-    pieces, done = [], ""
+    eos = tokenizer.eos_token or ""
+    pieces, done, previous = [], "", 0
     for i in ends or [len(messages) - 1]:
         prompt, full = render(messages[:i], True), render(messages[: i + 1], False)
-        if not (prompt.startswith(done) and full.startswith(prompt)):
-            what = "its last message" if not ends else f"message {i}"
+        if eos and done.endswith(eos) and not prompt.startswith(done) and prompt.startswith(done[: -len(eos)]):
+            # a template that ends a finished chat with EOS (Phi-3) has none after a turn the chat goes on from
+            done = done[: -len(eos)]
+            pieces[-1] = (pieces[-1][0][: -len(eos)], True)
+        if not prompt.startswith(done):
             raise ValueError(
-                f"the chat template renders the chat before {what} (with the generation prompt) as something other "
-                "than the start of the chat up to it, so the assistant's part cannot be told apart"
-                + (' (data.chat_loss = "last" trains the last message only)' if ends else "")
+                f"the chat template renders message {previous} otherwise once the chat goes on (as templates that "
+                "drop or add parts of earlier answers do), so each assistant message cannot be cut out of the chat; "
+                'data.chat_loss = "last" trains the last message only'
+            )
+        if not full.startswith(prompt):
+            raise ValueError(
+                f"the chat template renders the chat before message {i} (with the generation prompt) as something "
+                "other than the start of the chat up to it, so the assistant's part cannot be told apart"
             )
         pieces += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
-        done = full
+        done, previous = full, i
     return pieces
 
 

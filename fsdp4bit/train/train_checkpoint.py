@@ -63,6 +63,7 @@ RESUME_SETTINGS = (
     "train.seed",
     "data.seq_len",
     "data.packing",
+    "data.chat_loss",
 )
 
 
