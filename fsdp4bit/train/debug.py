@@ -12,7 +12,6 @@ What debug mode adds to a run:
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -20,7 +19,7 @@ from fsdp4bit.functional import packed_bytes
 from fsdp4bit.nn import Linear4bit, Params4bit
 
 from .config import ModelConfig
-from .distributed import reshard_all
+from .distributed import any_rank, reshard_all
 from .lora import is_adapter
 
 
@@ -41,13 +40,6 @@ def check_quantized(model: nn.Module, cfg: ModelConfig) -> None:
             raise AssertionError(f"{name} is a Linear4bit whose weight was never quantized")
 
 
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
 def check_step(model: nn.Module, loss: torch.Tensor, step: int, device: torch.device) -> None:
     """Loss and adapter gradients finite; frozen parameters without gradients. Raises on every rank together."""
     problem = None
@@ -62,7 +54,7 @@ def check_step(model: nn.Module, loss: torch.Tensor, step: int, device: torch.de
                 problem = f"frozen parameter {name} received a gradient"
         elif grad is not None and not torch.isfinite(_local(grad)).all():
             problem = f"gradient of {name} has NaN/Inf"
-    if _any_rank(problem is not None, device):
+    if any_rank(problem is not None, device):
         raise FloatingPointError(f"debug check failed at step {step}: {problem or 'on another rank'}")
 
 

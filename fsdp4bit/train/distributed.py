@@ -91,6 +91,14 @@ def barrier() -> None:
         dist.barrier()
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on any rank (collective; ``flag`` itself where there is no process group)."""
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def reshard_all(model: nn.Module) -> None:
     """Shard every FSDP2 unit of ``model`` again (no-op for those that are): a forward without backward (a held-out
     evaluation, the packing check) under ``dist.reshard_after_forward = false`` leaves parameters unsharded, where

@@ -141,13 +141,8 @@ def chat_date_of_run(cfg: Any) -> str:
     if cfg.data.chat_date:
         return cfg.data.chat_date
     found = complete_checkpoints(checkpoint_root(cfg)) if cfg.checkpoint.resume else []
-    kept = kept_chat_date(found[-1][1]) if found else None
+    kept = read_progress(found[-1][1]).get("chat_date") if found else None  # None: written before it was kept
     return kept or datetime.date.today().isoformat()
-
-
-def kept_chat_date(path: Path) -> str | None:
-    """The day checkpoint ``path``'s run rendered chats on (None for checkpoints written before it was kept)."""
-    return read_progress(path).get("chat_date")
 
 
 def read_progress(path: Path) -> dict[str, Any]:
